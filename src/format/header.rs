@@ -1,0 +1,406 @@
+//! The per-file header: a fixed preamble and two rewritable slots.
+//!
+//! The preamble never changes after a file is created: magic, version, algorithm suite, block
+//! size, slot size, the random file id and the key commitment. The envelopes (which keys wrap
+//! the DEK, for which paths) change on rename, link and rewrap, so they live in two slots of
+//! fixed size. An update writes the slot *not* holding the newest valid generation, with the
+//! generation plus one; a torn write damages only that slot, and the reader falls back to the
+//! other. Each slot carries an unkeyed checksum (cheap torn-write detection before any KMS
+//! call) and an HMAC under a key derived from the DEK (authenticity: nobody without the DEK
+//! can forge a slot or raise its generation). Blocks start right after the two slots, so the
+//! header can be rewritten in place without touching the body. docs/FORMAT.md has the bytes.
+
+use sha2::{Digest, Sha256};
+
+use super::block::valid_block_size;
+use super::codec::{Reader, Writer};
+use super::envelope::Envelope;
+use super::kdf;
+use super::FormatError;
+use crate::secret::DerivedKey;
+
+pub const MAGIC: &[u8; 4] = b"KMFS";
+pub const VERSION: u16 = 1;
+/// AES-256-GCM blocks, HKDF-SHA256 key derivation, HMAC-SHA256 key commitment and slot MAC.
+pub const SUITE_AES256GCM_HKDF_SHA256: u16 = 1;
+pub const PREAMBLE_LEN: usize = 64;
+/// Bytes at the end of a slot: MAC (32) then checksum (16).
+pub const SLOT_TRAILER_LEN: usize = 48;
+/// Bytes at the start of a slot: generation (8) and body length (4).
+pub const SLOT_PREFIX_LEN: usize = 12;
+pub const SLOT_ALIGN: u32 = 512;
+/// Room left in a new slot for longer paths and more envelopes (renames, links, rewrap).
+pub const SLOT_HEADROOM: usize = 256;
+pub const MAX_SLOT_SIZE: u32 = 1 << 20;
+pub const MAX_ENVELOPES: usize = 256;
+const CHECKSUM_LABEL: &[u8] = b"kmsfs/v1 slot checksum";
+
+/// The fixed first 64 bytes of a file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Preamble {
+    pub suite: u16,
+    pub block_size: u32,
+    pub slot_size: u32,
+    pub file_id: [u8; 16],
+    pub commitment: [u8; 32],
+}
+
+impl Preamble {
+    pub fn encode(&self) -> [u8; PREAMBLE_LEN] {
+        let mut w = Writer::new();
+        w.bytes(MAGIC)
+            .u16(VERSION)
+            .u16(self.suite)
+            .u32(self.block_size)
+            .u32(self.slot_size)
+            .bytes(&self.file_id)
+            .bytes(&self.commitment);
+        w.into_bytes().try_into().expect("preamble is 64 bytes")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, FormatError> {
+        let bad = |s: &str| FormatError::InvalidHeader(s.into());
+        let mut r = Reader::new(bytes);
+        let magic: [u8; 4] = r.array().map_err(|_| bad("file shorter than a header"))?;
+        if &magic != MAGIC {
+            return Err(bad("bad magic (not a kmsfs file)"));
+        }
+        let version = r.u16().map_err(|_| bad("truncated"))?;
+        if version != VERSION {
+            return Err(FormatError::UnsupportedVersion { what: "header", version });
+        }
+        let suite = r.u16().map_err(|_| bad("truncated"))?;
+        if suite != SUITE_AES256GCM_HKDF_SHA256 {
+            return Err(bad(&format!("unknown algorithm suite {suite}")));
+        }
+        let block_size = r.u32().map_err(|_| bad("truncated"))?;
+        if !valid_block_size(block_size) {
+            return Err(bad(&format!("invalid block size {block_size}")));
+        }
+        let slot_size = r.u32().map_err(|_| bad("truncated"))?;
+        if !valid_slot_size(slot_size) {
+            return Err(bad(&format!("invalid slot size {slot_size}")));
+        }
+        let file_id = r.array().map_err(|_| bad("truncated"))?;
+        let commitment = r.array().map_err(|_| bad("truncated"))?;
+        Ok(Preamble { suite, block_size, slot_size, file_id, commitment })
+    }
+
+    /// Where the first block starts: after the preamble and both slots.
+    pub fn data_offset(&self) -> u64 {
+        PREAMBLE_LEN as u64 + 2 * self.slot_size as u64
+    }
+
+    /// Byte offset of slot 0 or 1.
+    pub fn slot_offset(&self, slot: usize) -> u64 {
+        PREAMBLE_LEN as u64 + slot as u64 * self.slot_size as u64
+    }
+}
+
+pub fn valid_slot_size(n: u32) -> bool {
+    n >= SLOT_ALIGN && n <= MAX_SLOT_SIZE && n % SLOT_ALIGN == 0
+}
+
+/// The slot size a new file gets for `envelopes`: room for them plus headroom, rounded up.
+pub fn slot_size_for(envelopes: &[Envelope]) -> u32 {
+    let need = SLOT_PREFIX_LEN + body_len(envelopes) + SLOT_TRAILER_LEN + SLOT_HEADROOM;
+    let size = (need as u32).div_ceil(SLOT_ALIGN) * SLOT_ALIGN;
+    size.min(MAX_SLOT_SIZE)
+}
+
+fn encode_body(envelopes: &[Envelope]) -> Vec<u8> {
+    let mut w = Writer::new();
+    w.u16(envelopes.len() as u16);
+    for e in envelopes {
+        e.encode(&mut w);
+    }
+    w.into_bytes()
+}
+
+fn body_len(envelopes: &[Envelope]) -> usize {
+    encode_body(envelopes).len()
+}
+
+/// What one slot holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotContent {
+    pub generation: u64,
+    pub envelopes: Vec<Envelope>,
+}
+
+/// One slot as read from disk, before its MAC is checked (that needs the DEK).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SlotState {
+    /// Never written (all zero bytes).
+    Empty,
+    /// Torn, corrupted or malformed; the reason is for logs and fsck.
+    Damaged(String),
+    /// Well-formed with a correct checksum; authentic only once `verify_mac` says so.
+    Sealed(SlotContent),
+}
+
+fn checksum(preamble: &[u8; PREAMBLE_LEN], slot_head: &[u8]) -> [u8; 16] {
+    let mut h = Sha256::new();
+    h.update(CHECKSUM_LABEL);
+    h.update(preamble);
+    h.update(slot_head);
+    h.finalize()[..16].try_into().expect("16 bytes")
+}
+
+/// Encodes `content` into a slot of `preamble.slot_size` bytes, MACed under `mac_key`.
+pub fn seal_slot(
+    preamble: &Preamble,
+    content: &SlotContent,
+    mac_key: &DerivedKey,
+) -> Result<Vec<u8>, FormatError> {
+    if content.generation == 0 {
+        return Err(FormatError::TooLarge("generation 0 is reserved for empty slots".into()));
+    }
+    if content.envelopes.is_empty() || content.envelopes.len() > MAX_ENVELOPES {
+        return Err(FormatError::TooLarge(format!(
+            "{} envelopes (1 to {MAX_ENVELOPES} allowed)",
+            content.envelopes.len()
+        )));
+    }
+    let body = encode_body(&content.envelopes);
+    let slot_size = preamble.slot_size as usize;
+    if SLOT_PREFIX_LEN + body.len() + SLOT_TRAILER_LEN > slot_size {
+        return Err(FormatError::TooLarge(format!(
+            "envelopes need {} bytes, the slot holds {}",
+            body.len(),
+            slot_size - SLOT_PREFIX_LEN - SLOT_TRAILER_LEN
+        )));
+    }
+    let pre = preamble.encode();
+    let mut slot = Vec::with_capacity(slot_size);
+    slot.extend_from_slice(&content.generation.to_be_bytes());
+    slot.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    slot.extend_from_slice(&body);
+    slot.resize(slot_size - SLOT_TRAILER_LEN, 0);
+    let mac = kdf::hmac(mac_key, &[&pre, &slot]);
+    slot.extend_from_slice(&mac);
+    let sum = checksum(&pre, &slot);
+    slot.extend_from_slice(&sum);
+    Ok(slot)
+}
+
+/// Reads one slot's structure and checksum (no key needed).
+pub fn read_slot(preamble: &Preamble, slot: &[u8]) -> SlotState {
+    let damaged = |s: &str| SlotState::Damaged(s.into());
+    if slot.len() != preamble.slot_size as usize {
+        return damaged("short slot");
+    }
+    if slot.iter().all(|&b| b == 0) {
+        return SlotState::Empty;
+    }
+    let pre = preamble.encode();
+    let (head, sum) = slot.split_at(slot.len() - 16);
+    if checksum(&pre, head) != sum {
+        return damaged("checksum mismatch (torn write or corruption)");
+    }
+    let mut r = Reader::new(&slot[..slot.len() - SLOT_TRAILER_LEN]);
+    let generation = r.u64().expect("slot is longer than its prefix");
+    if generation == 0 {
+        return damaged("generation 0 in a non-empty slot");
+    }
+    let body_len = r.u32().expect("slot is longer than its prefix") as usize;
+    let body = match r.take(body_len) {
+        Ok(b) => b,
+        Err(_) => return damaged("body length past the slot"),
+    };
+    if r.take(r.remaining()).expect("rest").iter().any(|&b| b != 0) {
+        return damaged("non-zero padding");
+    }
+    let bad = |s: &str| FormatError::InvalidHeader(s.to_string());
+    let mut br = Reader::new(body);
+    let parsed = (|| {
+        let count = br.u16().map_err(|_| bad("truncated envelope count"))? as usize;
+        if count == 0 || count > MAX_ENVELOPES {
+            return Err(bad("envelope count out of range"));
+        }
+        let mut envelopes = Vec::with_capacity(count);
+        for _ in 0..count {
+            let e = Envelope::decode(&mut br, &bad)?;
+            if envelopes.iter().any(|o: &Envelope| o.path == e.path && o.key.key_id == e.key.key_id) {
+                return Err(bad("duplicate envelope"));
+            }
+            envelopes.push(e);
+        }
+        if br.remaining() != 0 {
+            return Err(bad("trailing bytes after envelopes"));
+        }
+        Ok(envelopes)
+    })();
+    match parsed {
+        Ok(envelopes) => SlotState::Sealed(SlotContent { generation, envelopes }),
+        Err(e) => SlotState::Damaged(e.to_string()),
+    }
+}
+
+/// Checks a slot's MAC under the key derived from the file's DEK.
+pub fn verify_slot_mac(preamble: &Preamble, slot: &[u8], mac_key: &DerivedKey) -> bool {
+    if slot.len() != preamble.slot_size as usize {
+        return false;
+    }
+    let signed_len = slot.len() - SLOT_TRAILER_LEN;
+    let tag: [u8; 32] = slot[signed_len..signed_len + 32].try_into().expect("32 bytes");
+    kdf::hmac_verify(mac_key, &[&preamble.encode(), &slot[..signed_len]], &tag)
+}
+
+/// A parsed header region: the preamble, both slots raw and as read.
+#[derive(Debug, Clone)]
+pub struct Header {
+    pub preamble: Preamble,
+    pub raw_slots: [Vec<u8>; 2],
+    pub slots: [SlotState; 2],
+}
+
+impl Header {
+    /// Parses the header region (at least `data_offset` bytes; extra bytes are ignored).
+    /// A bad preamble is fatal; bad slots are recorded and left to the caller.
+    pub fn parse(bytes: &[u8]) -> Result<Header, FormatError> {
+        let preamble = Preamble::decode(bytes)?;
+        let end = preamble.data_offset() as usize;
+        if bytes.len() < end {
+            return Err(FormatError::InvalidHeader("file shorter than its header".into()));
+        }
+        let s = preamble.slot_size as usize;
+        let raw_slots = [
+            bytes[PREAMBLE_LEN..PREAMBLE_LEN + s].to_vec(),
+            bytes[PREAMBLE_LEN + s..end].to_vec(),
+        ];
+        let slots = [read_slot(&preamble, &raw_slots[0]), read_slot(&preamble, &raw_slots[1])];
+        Ok(Header { preamble, raw_slots, slots })
+    }
+
+    /// Sealed slots, newest generation first: the order a reader tries them in.
+    pub fn candidates(&self) -> Vec<(usize, &SlotContent)> {
+        let mut out: Vec<(usize, &SlotContent)> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| match s {
+                SlotState::Sealed(c) => Some((i, c)),
+                _ => None,
+            })
+            .collect();
+        out.sort_by(|a, b| b.1.generation.cmp(&a.1.generation));
+        out
+    }
+
+    pub fn verify_mac(&self, slot: usize, mac_key: &DerivedKey) -> bool {
+        verify_slot_mac(&self.preamble, &self.raw_slots[slot], mac_key)
+    }
+}
+
+/// Encodes a whole new header region: the preamble, `content` in slot 0, slot 1 empty.
+pub fn encode_new_header(
+    preamble: &Preamble,
+    content: &SlotContent,
+    mac_key: &DerivedKey,
+) -> Result<Vec<u8>, FormatError> {
+    let mut out = Vec::with_capacity(preamble.data_offset() as usize);
+    out.extend_from_slice(&preamble.encode());
+    out.extend_from_slice(&seal_slot(preamble, content, mac_key)?);
+    out.resize(preamble.data_offset() as usize, 0);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::context::CanonicalPath;
+    use crate::format::envelope::WrappedKey;
+    use std::path::Path;
+
+    fn envelope(path: &str) -> Envelope {
+        Envelope {
+            path: CanonicalPath::from_user(Path::new(path)).unwrap(),
+            key: WrappedKey { key_id: "local:abc".into(), blob: vec![1; 77] },
+        }
+    }
+
+    fn preamble(envs: &[Envelope]) -> Preamble {
+        Preamble {
+            suite: SUITE_AES256GCM_HKDF_SHA256,
+            block_size: 4096,
+            slot_size: slot_size_for(envs),
+            file_id: [4; 16],
+            commitment: [5; 32],
+        }
+    }
+
+    #[test]
+    fn header_round_trip() {
+        let envs = vec![envelope("a/b")];
+        let pre = preamble(&envs);
+        assert_eq!(pre.slot_size, 512);
+        let key = DerivedKey::new([1; 32]);
+        let content = SlotContent { generation: 1, envelopes: envs };
+        let bytes = encode_new_header(&pre, &content, &key).unwrap();
+        assert_eq!(bytes.len(), 64 + 1024);
+        let h = Header::parse(&bytes).unwrap();
+        assert_eq!(h.preamble, pre);
+        assert_eq!(h.slots[0], SlotState::Sealed(content));
+        assert_eq!(h.slots[1], SlotState::Empty);
+        assert!(h.verify_mac(0, &key));
+        assert!(!h.verify_mac(0, &DerivedKey::new([2; 32])));
+        assert_eq!(h.candidates().len(), 1);
+    }
+
+    #[test]
+    fn torn_slot_is_damaged_not_fatal() {
+        let envs = vec![envelope("a")];
+        let pre = preamble(&envs);
+        let key = DerivedKey::new([1; 32]);
+        let mut bytes =
+            encode_new_header(&pre, &SlotContent { generation: 1, envelopes: envs }, &key).unwrap();
+        bytes[64 + 20] ^= 1;
+        let h = Header::parse(&bytes).unwrap();
+        assert!(matches!(h.slots[0], SlotState::Damaged(_)));
+        assert!(h.candidates().is_empty());
+    }
+
+    #[test]
+    fn candidates_newest_first() {
+        let envs = vec![envelope("a")];
+        let pre = preamble(&envs);
+        let key = DerivedKey::new([1; 32]);
+        let mut bytes = encode_new_header(
+            &pre,
+            &SlotContent { generation: 4, envelopes: envs.clone() },
+            &key,
+        )
+        .unwrap();
+        let newer = seal_slot(&pre, &SlotContent { generation: 5, envelopes: envs }, &key).unwrap();
+        bytes[64 + 512..].copy_from_slice(&newer);
+        let h = Header::parse(&bytes).unwrap();
+        let order: Vec<usize> = h.candidates().iter().map(|c| c.0).collect();
+        assert_eq!(order, vec![1, 0]);
+    }
+
+    #[test]
+    fn preamble_rejects_garbage() {
+        assert!(Preamble::decode(b"KMFS").is_err());
+        let mut p = preamble(&[envelope("a")]).encode();
+        p[0] = b'X';
+        assert!(Preamble::decode(&p).is_err());
+        let mut p = preamble(&[envelope("a")]).encode();
+        p[5] = 9; // version
+        assert!(matches!(Preamble::decode(&p), Err(FormatError::UnsupportedVersion { .. })));
+        let mut p = preamble(&[envelope("a")]).encode();
+        p[10] = 0x77; // block size
+        assert!(Preamble::decode(&p).is_err());
+    }
+
+    #[test]
+    fn slot_too_small_is_refused() {
+        let envs: Vec<Envelope> = (0..20).map(|i| envelope(&format!("f{i}"))).collect();
+        let pre = preamble(&envs[..1]);
+        let key = DerivedKey::new([1; 32]);
+        assert!(matches!(
+            seal_slot(&pre, &SlotContent { generation: 1, envelopes: envs }, &key),
+            Err(FormatError::TooLarge(_))
+        ));
+    }
+}

@@ -1,0 +1,105 @@
+//! Keys derived from a data key with HKDF-SHA256.
+//!
+//! A file's DEK is never used directly: the block key, the key commitment and the header MAC
+//! key are each expanded from it with the file id as salt and a distinct label, so one header
+//! (one commitment) can never open to two different plaintexts, and a DEK moved to another
+//! file id derives nothing useful there.
+
+use hkdf::Hkdf;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use subtle_eq::ct_eq;
+
+use crate::secret::{DataKey, DerivedKey};
+
+pub const LABEL_CONTENT: &[u8] = b"kmsfs/v1 content key";
+pub const LABEL_COMMITMENT: &[u8] = b"kmsfs/v1 key commitment";
+pub const LABEL_HEADER_MAC: &[u8] = b"kmsfs/v1 header mac";
+pub const LABEL_CONFIG_MAC: &[u8] = b"kmsfs/v1 config mac";
+
+fn expand(dek: &DataKey, salt: &[u8], label: &[u8]) -> DerivedKey {
+    let hk = Hkdf::<Sha256>::new(Some(salt), dek.expose());
+    let mut out = [0u8; 32];
+    hk.expand(label, &mut out).expect("32 bytes is a valid HKDF-SHA256 length");
+    DerivedKey::new(out)
+}
+
+/// The AES-256-GCM key for a file's blocks.
+pub fn content_key(dek: &DataKey, file_id: &[u8; 16]) -> DerivedKey {
+    expand(dek, file_id, LABEL_CONTENT)
+}
+
+/// The key commitment stored in the header (public, but binds the DEK to the file id).
+pub fn commitment(dek: &DataKey, file_id: &[u8; 16]) -> [u8; 32] {
+    *expand(dek, file_id, LABEL_COMMITMENT).expose()
+}
+
+/// Whether `dek` is the key the header committed to (constant time).
+pub fn commitment_matches(dek: &DataKey, file_id: &[u8; 16], stored: &[u8; 32]) -> bool {
+    ct_eq(&commitment(dek, file_id), stored)
+}
+
+/// The key of the header slots' MAC.
+pub fn header_mac_key(dek: &DataKey, file_id: &[u8; 16]) -> DerivedKey {
+    expand(dek, file_id, LABEL_HEADER_MAC)
+}
+
+/// The key of the volume config's MAC, derived from the volume key.
+pub fn config_mac_key(volume_key: &DataKey, volume_id: &[u8; 16]) -> DerivedKey {
+    expand(volume_key, volume_id, LABEL_CONFIG_MAC)
+}
+
+/// HMAC-SHA256 over the concatenation of `parts`.
+pub fn hmac(key: &DerivedKey, parts: &[&[u8]]) -> [u8; 32] {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key.expose()).expect("any key length");
+    for p in parts {
+        mac.update(p);
+    }
+    mac.finalize().into_bytes().into()
+}
+
+/// Verifies an HMAC-SHA256 tag in constant time.
+pub fn hmac_verify(key: &DerivedKey, parts: &[&[u8]], tag: &[u8; 32]) -> bool {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key.expose()).expect("any key length");
+    for p in parts {
+        mac.update(p);
+    }
+    mac.verify_slice(tag).is_ok()
+}
+
+mod subtle_eq {
+    /// Constant-time equality of two 32-byte values.
+    pub fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+        let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+        std::hint::black_box(diff) == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_separate_keys() {
+        let dek = DataKey::from_bytes(&[1; 32]);
+        let id = [2; 16];
+        let a = *content_key(&dek, &id).expose();
+        let b = commitment(&dek, &id);
+        let c = *header_mac_key(&dek, &id).expose();
+        assert_ne!(a, b);
+        assert_ne!(a, c);
+        assert_ne!(b, c);
+        // The file id salts every derivation.
+        assert_ne!(a, *content_key(&dek, &[3; 16]).expose());
+        assert!(commitment_matches(&dek, &id, &b));
+        assert!(!commitment_matches(&DataKey::from_bytes(&[9; 32]), &id, &b));
+    }
+
+    #[test]
+    fn hmac_detects_change() {
+        let key = DerivedKey::new([5; 32]);
+        let tag = hmac(&key, &[b"ab", b"c"]);
+        assert!(hmac_verify(&key, &[b"a", b"bc"], &tag));
+        assert!(!hmac_verify(&key, &[b"abd"], &tag));
+    }
+}
