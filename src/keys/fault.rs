@@ -1,0 +1,161 @@
+//! A fault-injecting provider wrapper, for tests and benchmarks.
+//!
+//! It sits in front of any provider and, per call kind, adds latency, throttles or times out a
+//! share of calls (from a seeded generator, so a failing run can be replayed), denies access,
+//! plays dead, or fails the next N calls with a given error. It is how the suite exercises what
+//! a real KMS does under load without one, and how benchmarks model KMS round-trip latency.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::{KeyError, KeyErrorKind, KeyProvider, KmsOp};
+use crate::format::context::EncryptionContext;
+use crate::format::envelope::WrappedKey;
+use crate::secret::DataKey;
+
+/// What to do to calls of one kind.
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// Added before every call.
+    pub latency: Duration,
+    /// Calls out of 1000 answered with `Throttled`.
+    pub throttle_per_mille: u32,
+    /// Calls out of 1000 that hang for `timeout_after` and then fail with `Timeout`.
+    pub timeout_per_mille: u32,
+    pub timeout_after: Duration,
+    /// Every call fails with `AccessDenied`.
+    pub deny: bool,
+    /// Every call fails with `Unavailable` (the service is down).
+    pub unavailable: bool,
+    /// The next calls fail with these kinds, in order, before any other rule applies.
+    pub fail_next: VecDeque<KeyErrorKind>,
+}
+
+pub struct FaultyProvider {
+    inner: Arc<dyn KeyProvider>,
+    default: Mutex<Faults>,
+    per_op: Mutex<HashMap<KmsOp, Faults>>,
+    rng: Mutex<u64>,
+    calls: [AtomicU64; 4],
+}
+
+impl FaultyProvider {
+    pub fn new(inner: Arc<dyn KeyProvider>, seed: u64) -> Self {
+        FaultyProvider {
+            inner,
+            default: Mutex::new(Faults::default()),
+            per_op: Mutex::new(HashMap::new()),
+            rng: Mutex::new(seed | 1),
+            calls: Default::default(),
+        }
+    }
+
+    /// Sets the faults of one call kind, or of all kinds without their own (`None`).
+    pub fn set(&self, op: Option<KmsOp>, faults: Faults) {
+        match op {
+            Some(op) => {
+                self.per_op.lock().unwrap().insert(op, faults);
+            }
+            None => *self.default.lock().unwrap() = faults,
+        }
+    }
+
+    /// Clears every fault.
+    pub fn heal(&self) {
+        self.per_op.lock().unwrap().clear();
+        *self.default.lock().unwrap() = Faults::default();
+    }
+
+    /// Calls of `op` that reached this wrapper (including the ones it failed).
+    pub fn calls(&self, op: KmsOp) -> u64 {
+        self.calls[op as usize].load(Ordering::Relaxed)
+    }
+
+    fn roll(&self) -> u32 {
+        let mut s = self.rng.lock().unwrap();
+        // xorshift64*: deterministic for a seed, good enough to pick failures.
+        *s ^= *s >> 12;
+        *s ^= *s << 25;
+        *s ^= *s >> 27;
+        (s.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 33) as u32 % 1000
+    }
+
+    /// Applies the faults for `op`; `Err` means the call fails without reaching the provider.
+    fn inject(&self, op: KmsOp, key_id: &str) -> Result<(), KeyError> {
+        self.calls[op as usize].fetch_add(1, Ordering::Relaxed);
+        let (latency, outcome) = {
+            let mut per_op = self.per_op.lock().unwrap();
+            let mut default = self.default.lock().unwrap();
+            let f = per_op.get_mut(&op).unwrap_or(&mut default);
+            let outcome = if let Some(kind) = f.fail_next.pop_front() {
+                Some((kind, Duration::ZERO))
+            } else if f.deny {
+                Some((KeyErrorKind::AccessDenied, Duration::ZERO))
+            } else if f.unavailable {
+                Some((KeyErrorKind::Unavailable, Duration::ZERO))
+            } else {
+                let (throttle, timeout, after) =
+                    (f.throttle_per_mille, f.timeout_per_mille, f.timeout_after);
+                let roll = if throttle + timeout > 0 { self.roll() } else { 1000 };
+                if roll < throttle {
+                    Some((KeyErrorKind::Throttled, Duration::ZERO))
+                } else if roll < throttle + timeout {
+                    Some((KeyErrorKind::Timeout, after))
+                } else {
+                    None
+                }
+            };
+            (f.latency, outcome)
+        };
+        if !latency.is_zero() {
+            std::thread::sleep(latency);
+        }
+        match outcome {
+            None => Ok(()),
+            Some((kind, hang)) => {
+                if !hang.is_zero() {
+                    std::thread::sleep(hang);
+                }
+                Err(KeyError::new(kind, op, key_id, "injected fault"))
+            }
+        }
+    }
+}
+
+impl KeyProvider for FaultyProvider {
+    fn generate_data_key(
+        &self,
+        key_id: &str,
+        ctx: &EncryptionContext,
+    ) -> Result<(DataKey, WrappedKey), KeyError> {
+        self.inject(KmsOp::GenerateDataKey, key_id)?;
+        self.inner.generate_data_key(key_id, ctx)
+    }
+
+    fn encrypt(&self, key_id: &str, key: &DataKey, ctx: &EncryptionContext) -> Result<WrappedKey, KeyError> {
+        self.inject(KmsOp::Encrypt, key_id)?;
+        self.inner.encrypt(key_id, key, ctx)
+    }
+
+    fn decrypt(&self, wrapped: &WrappedKey, ctx: &EncryptionContext) -> Result<DataKey, KeyError> {
+        self.inject(KmsOp::Decrypt, &wrapped.key_id)?;
+        self.inner.decrypt(wrapped, ctx)
+    }
+
+    fn re_encrypt(
+        &self,
+        wrapped: &WrappedKey,
+        from_ctx: &EncryptionContext,
+        to_key_id: &str,
+        to_ctx: &EncryptionContext,
+    ) -> Result<WrappedKey, KeyError> {
+        self.inject(KmsOp::ReEncrypt, &wrapped.key_id)?;
+        self.inner.re_encrypt(wrapped, from_ctx, to_key_id, to_ctx)
+    }
+
+    fn holds(&self, key_id: &str) -> bool {
+        self.inner.holds(key_id)
+    }
+}

@@ -1,0 +1,469 @@
+//! A volume's trusted keys, and the one place kmsfs calls key providers from.
+//!
+//! The keyring holds the volume's trusted keys in preference order, each with the provider
+//! that serves it. It refuses any envelope under a key outside that set before a provider sees
+//! it (Decrypt always names a trusted key), generates new data keys under the first key and
+//! wraps them under the others, tries unwraps in preference order falling over on transient
+//! failures, and gives every call the same treatment: a concurrency limit, retries with
+//! full-jitter exponential backoff on throttling / timeouts / unavailability, an overall
+//! deadline so no caller blocks forever, statistics, and a debug log line per call (operation,
+//! key, context, latency; never key bytes).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+
+use super::cache::{CacheConfig, CacheKey, CacheStats, KeyCache};
+use super::{KeyError, KeyErrorKind, KeyProvider, KmsOp};
+use crate::format::context::EncryptionContext;
+use crate::format::envelope::WrappedKey;
+use crate::secret::DataKey;
+
+/// How transient failures are retried.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub max_attempts: u32,
+    pub base_delay: Duration,
+    pub max_delay: Duration,
+    /// No call (all attempts and pauses together) runs longer than this.
+    pub deadline: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 6,
+            base_delay: Duration::from_millis(50),
+            max_delay: Duration::from_secs(2),
+            deadline: Duration::from_secs(15),
+        }
+    }
+}
+
+pub const DEFAULT_CONCURRENCY: usize = 32;
+
+/// One trusted key and the provider that serves it.
+#[derive(Clone)]
+pub struct TrustedProvider {
+    pub key_id: String,
+    pub provider: Arc<dyn KeyProvider>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct OpStats {
+    /// Requests sent to the provider (each retry counts).
+    pub requests: u64,
+    pub failures: u64,
+    pub retries: u64,
+    pub total_latency_us: u64,
+}
+
+#[derive(Default)]
+struct OpCounters {
+    requests: AtomicU64,
+    failures: AtomicU64,
+    retries: AtomicU64,
+    latency_us: AtomicU64,
+}
+
+/// A counting semaphore bounding concurrent provider calls.
+struct Limiter {
+    free: Mutex<usize>,
+    released: Condvar,
+}
+
+impl Limiter {
+    fn acquire(&self, until: Instant) -> bool {
+        let mut free = self.free.lock().unwrap();
+        while *free == 0 {
+            let now = Instant::now();
+            if now >= until {
+                return false;
+            }
+            free = self.released.wait_timeout(free, until - now).unwrap().0;
+        }
+        *free -= 1;
+        true
+    }
+
+    fn release(&self) {
+        *self.free.lock().unwrap() += 1;
+        self.released.notify_one();
+    }
+}
+
+pub struct Keyring {
+    keys: Vec<TrustedProvider>,
+    cache: KeyCache,
+    retry: RetryPolicy,
+    limiter: Limiter,
+    ops: [OpCounters; 4],
+}
+
+impl Keyring {
+    pub fn new(
+        keys: Vec<TrustedProvider>,
+        cache: CacheConfig,
+        retry: RetryPolicy,
+        concurrency: usize,
+    ) -> std::io::Result<Self> {
+        assert!(!keys.is_empty(), "a keyring needs at least one trusted key");
+        Ok(Keyring {
+            keys,
+            cache: KeyCache::new(cache)?,
+            retry,
+            limiter: Limiter { free: Mutex::new(concurrency.max(1)), released: Condvar::new() },
+            ops: Default::default(),
+        })
+    }
+
+    pub fn key_ids(&self) -> impl Iterator<Item = &str> {
+        self.keys.iter().map(|k| k.key_id.as_str())
+    }
+
+    pub fn is_trusted(&self, key_id: &str) -> bool {
+        self.keys.iter().any(|k| k.key_id == key_id)
+    }
+
+    fn provider(&self, key_id: &str) -> Option<&Arc<dyn KeyProvider>> {
+        self.keys.iter().find(|k| k.key_id == key_id).map(|k| &k.provider)
+    }
+
+    /// Runs one provider call with the concurrency limit, retries and deadline.
+    fn call<T>(
+        &self,
+        op: KmsOp,
+        key_id: &str,
+        ctx: &EncryptionContext,
+        f: impl Fn() -> Result<T, KeyError>,
+    ) -> Result<T, KeyError> {
+        let started = Instant::now();
+        let until = started + self.retry.deadline;
+        let counters = &self.ops[op as usize];
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            if !self.limiter.acquire(until) {
+                return Err(KeyError::new(
+                    KeyErrorKind::Timeout,
+                    op,
+                    key_id,
+                    format!("no free KMS slot within {:?}", self.retry.deadline),
+                ));
+            }
+            let t0 = Instant::now();
+            let result = f();
+            self.limiter.release();
+            let took = t0.elapsed();
+            counters.requests.fetch_add(1, Ordering::Relaxed);
+            counters.latency_us.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+            tracing::debug!(
+                op = %op, key = key_id, context = %ctx.describe(), attempt,
+                latency_us = took.as_micros() as u64,
+                outcome = %result.as_ref().map_or_else(|e| e.kind.to_string(), |_| "ok".into()),
+                "kms call"
+            );
+            let err = match result {
+                Ok(v) => return Ok(v),
+                Err(e) => e,
+            };
+            counters.failures.fetch_add(1, Ordering::Relaxed);
+            if !err.kind.is_transient() || attempt >= self.retry.max_attempts {
+                return Err(with_attempts(err, attempt));
+            }
+            let ceiling = self.retry.base_delay.saturating_mul(1 << (attempt - 1).min(16));
+            let ceiling = ceiling.min(self.retry.max_delay);
+            let pause = rand::thread_rng().gen_range(Duration::ZERO..=ceiling);
+            if Instant::now() + pause >= until {
+                return Err(with_attempts(err, attempt));
+            }
+            counters.retries.fetch_add(1, Ordering::Relaxed);
+            std::thread::sleep(pause);
+        }
+    }
+
+    /// A new data key under the first trusted key, also wrapped under every other one.
+    pub fn generate(&self, ctx: &EncryptionContext) -> Result<(DataKey, Vec<WrappedKey>), KeyError> {
+        let primary = &self.keys[0];
+        let (dek, first) = self.call(KmsOp::GenerateDataKey, &primary.key_id, ctx, || {
+            primary.provider.generate_data_key(&primary.key_id, ctx)
+        })?;
+        let mut wrapped = vec![first];
+        for k in &self.keys[1..] {
+            wrapped.push(self.call(KmsOp::Encrypt, &k.key_id, ctx, || {
+                k.provider.encrypt(&k.key_id, &dek, ctx)
+            })?);
+        }
+        Ok((dek, wrapped))
+    }
+
+    /// Unwraps the data key from whichever of `candidates` works first, in the volume's key
+    /// preference order, through the cache. Candidates under untrusted keys are never sent.
+    pub fn unwrap(&self, candidates: &[&WrappedKey], ctx: &EncryptionContext) -> Result<DataKey, KeyError> {
+        let mut ordered: Vec<&WrappedKey> = Vec::new();
+        for k in &self.keys {
+            ordered.extend(candidates.iter().filter(|w| w.key_id == k.key_id));
+        }
+        if ordered.is_empty() {
+            let named = candidates.iter().map(|w| w.key_id.as_str()).collect::<Vec<_>>().join(", ");
+            return Err(KeyError::new(
+                KeyErrorKind::UntrustedKey,
+                KmsOp::Decrypt,
+                if named.is_empty() { "-" } else { &named },
+                "the volume does not trust this key",
+            ));
+        }
+        let mut first_err = None;
+        for w in ordered {
+            let provider = self.provider(&w.key_id).expect("ordered holds trusted keys only");
+            let fetched = self.cache.get_or_fetch(CacheKey::new(w, ctx), || {
+                self.call(KmsOp::Decrypt, &w.key_id, ctx, || provider.decrypt(w, ctx))
+            });
+            match fetched {
+                Ok(dek) => return Ok(dek),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_err.expect("at least one candidate was tried"))
+    }
+
+    /// Rewraps `wrapped` (made under `from_ctx`) for `to_ctx` under `to_key`. Within one
+    /// provider this is a `ReEncrypt` and the data key never enters kmsfs's memory; across
+    /// providers (local to KMS) it is a Decrypt then an Encrypt.
+    pub fn rewrap(
+        &self,
+        wrapped: &WrappedKey,
+        from_ctx: &EncryptionContext,
+        to_key: &str,
+        to_ctx: &EncryptionContext,
+    ) -> Result<WrappedKey, KeyError> {
+        let untrusted = |id: &str| {
+            KeyError::new(KeyErrorKind::UntrustedKey, KmsOp::ReEncrypt, id, "the volume does not trust this key")
+        };
+        let from = self.provider(&wrapped.key_id).ok_or_else(|| untrusted(&wrapped.key_id))?;
+        let to = self.provider(to_key).ok_or_else(|| untrusted(to_key))?;
+        if from.holds(to_key) {
+            return self.call(KmsOp::ReEncrypt, &wrapped.key_id, to_ctx, || {
+                from.re_encrypt(wrapped, from_ctx, to_key, to_ctx)
+            });
+        }
+        let dek = self.call(KmsOp::Decrypt, &wrapped.key_id, from_ctx, || from.decrypt(wrapped, from_ctx))?;
+        self.call(KmsOp::Encrypt, to_key, to_ctx, || to.encrypt(to_key, &dek, to_ctx))
+    }
+
+    pub fn op_stats(&self, op: KmsOp) -> OpStats {
+        let c = &self.ops[op as usize];
+        OpStats {
+            requests: c.requests.load(Ordering::Relaxed),
+            failures: c.failures.load(Ordering::Relaxed),
+            retries: c.retries.load(Ordering::Relaxed),
+            total_latency_us: c.latency_us.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn cache_stats(&self) -> CacheStats {
+        self.cache.stats()
+    }
+
+    pub fn cache(&self) -> &KeyCache {
+        &self.cache
+    }
+}
+
+fn with_attempts(mut err: KeyError, attempts: u32) -> KeyError {
+    if attempts > 1 {
+        err.detail = if err.detail.is_empty() {
+            format!("after {attempts} attempts")
+        } else {
+            format!("{}; after {attempts} attempts", err.detail)
+        };
+    }
+    err
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::context::CanonicalPath;
+    use crate::keys::fault::{Faults, FaultyProvider};
+    use crate::keys::local::{LocalKey, LocalProvider};
+    use std::collections::BTreeMap;
+    use std::path::Path;
+
+    fn ctx(path: &str) -> EncryptionContext {
+        EncryptionContext::for_file(
+            &[1; 16],
+            &CanonicalPath::from_user(Path::new(path)).unwrap(),
+            &BTreeMap::new(),
+        )
+    }
+
+    struct Setup {
+        _dir: tempfile::TempDir,
+        ids: Vec<String>,
+        faulty: Arc<FaultyProvider>,
+    }
+
+    fn setup(n: usize) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let keys: Vec<LocalKey> =
+            (0..n).map(|i| LocalKey::create(&dir.path().join(format!("k{i}"))).unwrap()).collect();
+        let ids = keys.iter().map(|k| k.id().to_string()).collect();
+        let faulty = Arc::new(FaultyProvider::new(Arc::new(LocalProvider::new(keys)), 7));
+        Setup { _dir: dir, ids, faulty }
+    }
+
+    fn fast_retry() -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: 5,
+            base_delay: Duration::from_millis(1),
+            max_delay: Duration::from_millis(10),
+            deadline: Duration::from_secs(5),
+        }
+    }
+
+    fn ring(s: &Setup, ids: &[&str], cache: CacheConfig) -> Keyring {
+        let keys = ids
+            .iter()
+            .map(|id| TrustedProvider { key_id: id.to_string(), provider: s.faulty.clone() })
+            .collect();
+        Keyring::new(keys, cache, fast_retry(), 4).unwrap()
+    }
+
+    #[test]
+    fn multi_key_generate_wraps_under_each_key() {
+        let s = setup(2);
+        let r = ring(&s, &[&s.ids[0], &s.ids[1]], CacheConfig::default());
+        let (dek, wrapped) = r.generate(&ctx("f")).unwrap();
+        assert_eq!(wrapped.len(), 2);
+        assert_eq!(wrapped[1].key_id, s.ids[1]);
+        // Either envelope alone opens the key.
+        for w in &wrapped {
+            let only_second = ring(&s, &[&w.key_id], CacheConfig::default());
+            assert_eq!(only_second.unwrap(&[w], &ctx("f")).unwrap().expose(), dek.expose());
+        }
+    }
+
+    #[test]
+    fn untrusted_key_is_never_sent() {
+        let s = setup(2);
+        let r_all = ring(&s, &[&s.ids[0], &s.ids[1]], CacheConfig::default());
+        let (_, wrapped) = r_all.generate(&ctx("f")).unwrap();
+        let r = ring(&s, &[&s.ids[0]], CacheConfig::default());
+        let before = s.faulty.calls(KmsOp::Decrypt);
+        let err = r.unwrap(&[&wrapped[1]], &ctx("f")).unwrap_err();
+        assert_eq!(err.kind, KeyErrorKind::UntrustedKey);
+        assert_eq!(s.faulty.calls(KmsOp::Decrypt), before);
+    }
+
+    #[test]
+    fn throttling_is_retried_then_succeeds() {
+        let s = setup(1);
+        let r = ring(&s, &[&s.ids[0]], CacheConfig::default());
+        s.faulty.set(
+            Some(KmsOp::GenerateDataKey),
+            Faults { fail_next: [KeyErrorKind::Throttled; 3].into(), ..Default::default() },
+        );
+        r.generate(&ctx("f")).unwrap();
+        let st = r.op_stats(KmsOp::GenerateDataKey);
+        assert_eq!((st.requests, st.failures, st.retries), (4, 3, 3));
+    }
+
+    #[test]
+    fn persistent_throttling_gives_up_with_the_right_error() {
+        let s = setup(1);
+        let r = ring(&s, &[&s.ids[0]], CacheConfig::default());
+        s.faulty.set(None, Faults { throttle_per_mille: 1000, ..Default::default() });
+        let err = r.generate(&ctx("f")).unwrap_err();
+        assert_eq!(err.kind, KeyErrorKind::Throttled);
+        assert!(err.to_string().contains("after 5 attempts"), "{err}");
+    }
+
+    #[test]
+    fn denial_is_not_retried() {
+        let s = setup(1);
+        let r = ring(&s, &[&s.ids[0]], CacheConfig::default());
+        s.faulty.set(None, Faults { deny: true, ..Default::default() });
+        assert_eq!(r.generate(&ctx("f")).unwrap_err().kind, KeyErrorKind::AccessDenied);
+        assert_eq!(r.op_stats(KmsOp::GenerateDataKey).requests, 1);
+    }
+
+    #[test]
+    fn deadline_bounds_a_hanging_service() {
+        let s = setup(1);
+        let keys = vec![TrustedProvider { key_id: s.ids[0].clone(), provider: s.faulty.clone() }];
+        let policy = RetryPolicy { deadline: Duration::from_millis(300), ..fast_retry() };
+        let r = Keyring::new(keys, CacheConfig::default(), policy, 4).unwrap();
+        s.faulty.set(
+            None,
+            Faults { timeout_per_mille: 1000, timeout_after: Duration::from_millis(100), ..Default::default() },
+        );
+        let t0 = Instant::now();
+        let err = r.generate(&ctx("f")).unwrap_err();
+        assert_eq!(err.kind, KeyErrorKind::Timeout);
+        assert!(t0.elapsed() < Duration::from_millis(600), "{:?}", t0.elapsed());
+    }
+
+    #[test]
+    fn unwrap_fails_over_to_the_next_key() {
+        let s = setup(2);
+        let r = ring(&s, &[&s.ids[0], &s.ids[1]], CacheConfig { max_entries: 0, ..Default::default() });
+        let (dek, wrapped) = r.generate(&ctx("f")).unwrap();
+        // Key 0's envelope is damaged: the keyring still opens the file through key 1.
+        let mut broken = wrapped[0].clone();
+        broken.blob[40] ^= 1;
+        let got = r.unwrap(&[&broken, &wrapped[1]], &ctx("f")).unwrap();
+        assert_eq!(got.expose(), dek.expose());
+    }
+
+    #[test]
+    fn cache_saves_decrypt_calls() {
+        let s = setup(1);
+        let r = ring(&s, &[&s.ids[0]], CacheConfig::default());
+        let (_, wrapped) = r.generate(&ctx("f")).unwrap();
+        for _ in 0..5 {
+            r.unwrap(&[&wrapped[0]], &ctx("f")).unwrap();
+        }
+        assert_eq!(r.op_stats(KmsOp::Decrypt).requests, 1);
+        assert_eq!(r.cache_stats().hits, 4);
+        // A different context is a different cache entry, and fails at the provider.
+        assert_eq!(r.unwrap(&[&wrapped[0]], &ctx("g")).unwrap_err().kind, KeyErrorKind::ContextMismatch);
+    }
+
+    #[test]
+    fn rewrap_within_a_provider_uses_re_encrypt() {
+        let s = setup(2);
+        let r = ring(&s, &[&s.ids[0], &s.ids[1]], CacheConfig::default());
+        let (dek, wrapped) = r.generate(&ctx("a")).unwrap();
+        let moved = r.rewrap(&wrapped[0], &ctx("a"), &s.ids[1], &ctx("b")).unwrap();
+        assert_eq!(s.faulty.calls(KmsOp::ReEncrypt), 1);
+        assert_eq!(r.unwrap(&[&moved], &ctx("b")).unwrap().expose(), dek.expose());
+    }
+
+    #[test]
+    fn concurrency_is_bounded() {
+        let s = setup(1);
+        let keys = vec![TrustedProvider { key_id: s.ids[0].clone(), provider: s.faulty.clone() }];
+        let r = Arc::new(
+            Keyring::new(keys, CacheConfig { max_entries: 0, ..Default::default() }, fast_retry(), 2)
+                .unwrap(),
+        );
+        s.faulty.set(None, Faults { latency: Duration::from_millis(50), ..Default::default() });
+        let t0 = Instant::now();
+        let threads: Vec<_> = (0..6)
+            .map(|i| {
+                let r = r.clone();
+                std::thread::spawn(move || r.generate(&ctx(&format!("f{i}"))).unwrap())
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        // 6 calls of 50 ms, 2 at a time: at least 3 rounds.
+        assert!(t0.elapsed() >= Duration::from_millis(145), "{:?}", t0.elapsed());
+    }
+}
