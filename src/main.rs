@@ -1,1 +1,38 @@
-fn main() {}
+use clap::Parser;
+use kmsfs::cli::{run, Cli};
+use kmsfs::error::EXIT_USAGE;
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .init();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion)
+                || e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            {
+                let _ = e.print();
+                std::process::exit(if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand { EXIT_USAGE } else { 0 });
+            }
+            // One line: clap's first sentence, without its usage block.
+            let rendered = e.render().to_string();
+            let head = rendered.split("\n\n").next().unwrap_or("invalid arguments");
+            let head = head.strip_prefix("error: ").unwrap_or(head);
+            let line = head.split_whitespace().collect::<Vec<_>>().join(" ");
+            eprintln!("kmsfs: {line} (see 'kmsfs --help')");
+            std::process::exit(EXIT_USAGE);
+        }
+    };
+    if let Err(e) = run(cli) {
+        eprintln!("kmsfs: {e}");
+        std::process::exit(e.exit_code());
+    }
+}

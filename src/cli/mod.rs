@@ -1,0 +1,83 @@
+//! The command line: one module per command, all sharing these definitions.
+//!
+//! Commands return [`crate::error::Error`]; `main` prints it as one line and exits with its
+//! code, so every command fails the same way.
+
+pub mod cat;
+pub mod import;
+pub mod info;
+pub mod init;
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::core::volume::{is_reserved_name, OpenOptions, Volume};
+use crate::error::{Error, Result};
+use crate::format::context::CanonicalPath;
+use crate::keys::spec::KeySpec;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kmsfs",
+    version,
+    about = "A directory encrypted at rest with AWS KMS envelope encryption",
+    long_about = "kmsfs keeps a directory encrypted at rest: every file has its own data key, \
+wrapped by a key-encryption key (AWS KMS or a local master key file) under an encryption \
+context naming the volume and the file's path."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a new volume in an empty backing directory
+    Init(init::InitArgs),
+    /// Show a volume's settings, or one file's header
+    Info(info::InfoArgs),
+    /// Decrypt one file to standard output
+    Cat(cat::CatArgs),
+    /// Encrypt standard input (or a file) into a new file of the volume
+    Import(import::ImportArgs),
+}
+
+/// Options shared by commands that open an existing volume.
+#[derive(Debug, Args)]
+pub struct VolumeArgs {
+    /// The backing directory (the ciphertext store)
+    pub backing: PathBuf,
+    /// Refuse the volume unless it trusts KEY (local:PATH also locates a moved key file)
+    #[arg(long = "key", value_name = "KEY")]
+    pub keys: Vec<String>,
+}
+
+impl VolumeArgs {
+    pub fn open(&self) -> Result<Volume> {
+        let pin = self.keys.iter().map(|k| KeySpec::parse(k).map_err(Error::Usage)).collect::<Result<_>>()?;
+        Volume::open(&self.backing, &OpenOptions { pin, ..Default::default() })
+    }
+}
+
+/// Parses a PATH argument (relative to the volume root) and refuses kmsfs's own names.
+pub fn volume_path(path: &Path) -> Result<CanonicalPath> {
+    let canonical = CanonicalPath::from_user(path).map_err(|e| Error::Usage(e.to_string()))?;
+    if canonical.is_root() {
+        return Err(Error::Usage(format!("'{}' names the volume root, not a file", path.display())));
+    }
+    let rel = canonical.to_relative_path();
+    if rel.iter().any(|c| is_reserved_name(c.as_encoded_bytes())) {
+        return Err(Error::Usage(format!("'{}' is a name kmsfs reserves for itself", path.display())));
+    }
+    Ok(canonical)
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Init(args) => init::run(args),
+        Command::Info(args) => info::run(args),
+        Command::Cat(args) => cat::run(args),
+        Command::Import(args) => import::run(args),
+    }
+}

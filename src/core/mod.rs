@@ -1,0 +1,12 @@
+//! The filesystem core: volumes and encrypted files on a backing directory.
+//!
+//! This layer joins the pure format to the key layer and to real files. It is what the CLI
+//! commands and the FUSE adapter call, and it is tested without `/dev/fuse`. It returns plain
+//! values and [`crate::error::Error`]; mapping errors to errno or exit codes happens once, at
+//! the edges.
+
+pub mod file;
+pub mod volume;
+
+pub use file::EncryptedFile;
+pub use volume::{InitOptions, OpenOptions, Volume};

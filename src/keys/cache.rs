@@ -63,7 +63,10 @@ pub struct CacheStats {
     pub evictions: u64,
     pub expirations: u64,
     pub entries: u64,
+    /// Key memory is locked (never swapped).
     pub locked: bool,
+    /// Key memory is excluded from core dumps.
+    pub excluded_from_dumps: bool,
 }
 
 struct Entry {
@@ -256,6 +259,7 @@ impl KeyCache {
             expirations: self.expirations.load(Ordering::Relaxed),
             entries: g.lru.as_ref().map_or(0, |l| l.len() as u64),
             locked: g.arena.is_locked(),
+            excluded_from_dumps: g.arena.is_excluded_from_dumps(),
         }
     }
 }

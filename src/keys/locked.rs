@@ -63,6 +63,7 @@ impl LockedArena {
     }
 
     /// The mapping's address, for tests that inspect /proc/self/smaps.
+    #[cfg(test)]
     pub fn address(&self) -> usize {
         self.ptr.as_ptr() as usize
     }

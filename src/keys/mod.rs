@@ -161,3 +161,43 @@ pub trait KeyProvider: Send + Sync {
     /// kmsfs's memory when source and destination share a provider).
     fn holds(&self, key_id: &str) -> bool;
 }
+
+/// Stands in for a trusted key that cannot be reached (a missing local key file), so calls
+/// under it fail with the reason instead of the key looking untrusted.
+pub struct UnavailableKey {
+    pub reason: String,
+}
+
+impl UnavailableKey {
+    fn fail<T>(&self, op: KmsOp, key_id: &str) -> Result<T, KeyError> {
+        Err(KeyError::new(KeyErrorKind::NotFound, op, key_id, self.reason.clone()))
+    }
+}
+
+impl KeyProvider for UnavailableKey {
+    fn generate_data_key(&self, key_id: &str, _: &EncryptionContext) -> Result<(DataKey, WrappedKey), KeyError> {
+        self.fail(KmsOp::GenerateDataKey, key_id)
+    }
+
+    fn encrypt(&self, key_id: &str, _: &DataKey, _: &EncryptionContext) -> Result<WrappedKey, KeyError> {
+        self.fail(KmsOp::Encrypt, key_id)
+    }
+
+    fn decrypt(&self, wrapped: &WrappedKey, _: &EncryptionContext) -> Result<DataKey, KeyError> {
+        self.fail(KmsOp::Decrypt, &wrapped.key_id)
+    }
+
+    fn re_encrypt(
+        &self,
+        wrapped: &WrappedKey,
+        _: &EncryptionContext,
+        _: &str,
+        _: &EncryptionContext,
+    ) -> Result<WrappedKey, KeyError> {
+        self.fail(KmsOp::ReEncrypt, &wrapped.key_id)
+    }
+
+    fn holds(&self, _: &str) -> bool {
+        false
+    }
+}

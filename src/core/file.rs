@@ -1,0 +1,417 @@
+//! One encrypted file on the backing store, read and written by plaintext offset.
+//!
+//! Creating a file asks the keyring for a data key bound to the file's path (one
+//! `GenerateDataKey`) and writes the header and a sealed empty final block at once, so every
+//! file on the store is complete and authenticated from its first byte. Opening reads the
+//! header, takes the newest slot whose envelope names the path being opened, unwraps the DEK
+//! under that path's context (through the key cache), checks the key commitment and the slot
+//! MAC, and keeps only the derived block cipher and MAC key; the DEK itself is dropped
+//! (zeroized) at once. A slot that fails any check is passed over for the other one.
+//!
+//! Reads and writes touch only the blocks they cover: whole blocks are sealed straight from
+//! the caller's data, edges are read, merged and resealed, and growing a file reseals its old
+//! final block (which loses its "last" flag) and fills any gap with sealed zeros.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::format::block::{BlockCipher, Layout, BLOCK_OVERHEAD, NONCE_LEN};
+use crate::format::context::CanonicalPath;
+use crate::format::envelope::Envelope;
+use crate::format::header::{
+    encode_new_header, seal_slot, slot_size_for, Header, Preamble, SlotContent, SlotState,
+    SUITE_AES256GCM_HKDF_SHA256,
+};
+use crate::format::{kdf, FormatError};
+use crate::secret::DerivedKey;
+
+use super::volume::Volume;
+
+/// Largest plaintext range sealed in one go when growing a file (bounds memory).
+const GROW_CHUNK: u64 = 1 << 20;
+
+pub struct EncryptedFile {
+    file: File,
+    path: CanonicalPath,
+    preamble: Preamble,
+    layout: Layout,
+    cipher: BlockCipher,
+    mac_key: DerivedKey,
+    active_slot: usize,
+    content: SlotContent,
+    size: u64,
+}
+
+impl std::fmt::Debug for EncryptedFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "EncryptedFile({}, {} bytes)", self.path, self.size)
+    }
+}
+
+fn random_nonces(count: usize) -> Vec<u8> {
+    let mut nonces = vec![0u8; count * NONCE_LEN];
+    getrandom::getrandom(&mut nonces).expect("the OS random number generator failed");
+    nonces
+}
+
+impl EncryptedFile {
+    /// Makes `file` (empty, opened read-write) the encrypted file for `path`.
+    pub fn create(volume: &Volume, path: &CanonicalPath, file: File) -> Result<Self> {
+        if path.is_root() {
+            return Err(Error::Usage("the volume root is a directory, not a file".into()));
+        }
+        let ctx = volume.file_context(path);
+        let (dek, wrapped) = volume.keyring().generate(&ctx).map_err(|e| Error::key(path, e))?;
+        let mut file_id = [0u8; 16];
+        getrandom::getrandom(&mut file_id).expect("the OS random number generator failed");
+        let envelopes: Vec<Envelope> =
+            wrapped.into_iter().map(|key| Envelope { path: path.clone(), key }).collect();
+        let preamble = Preamble {
+            suite: SUITE_AES256GCM_HKDF_SHA256,
+            block_size: volume.config().block_size,
+            slot_size: slot_size_for(&envelopes),
+            file_id,
+            commitment: kdf::commitment(&dek, &file_id),
+        };
+        let mac_key = kdf::header_mac_key(&dek, &file_id);
+        let content = SlotContent { generation: 1, envelopes };
+        let mut bytes =
+            encode_new_header(&preamble, &content, &mac_key).map_err(|e| Error::format(path, e))?;
+        let cipher = BlockCipher::new(&kdf::content_key(&dek, &file_id), file_id);
+        let nonce = random_nonces(1);
+        cipher.seal(0, true, nonce[..NONCE_LEN].try_into().expect("12"), &[], &mut bytes);
+        file.write_all_at(&bytes, 0).map_err(|e| Error::io(format!("cannot write {path}"), e))?;
+        let layout = Layout { data_offset: preamble.data_offset(), block_size: preamble.block_size };
+        Ok(EncryptedFile { file, path: path.clone(), preamble, layout, cipher, mac_key, active_slot: 0, content, size: 0 })
+    }
+
+    /// Opens the backing file of `path` and authenticates its header for that path.
+    pub fn open(volume: &Volume, path: &CanonicalPath, writable: bool) -> Result<Self> {
+        let backing = volume.backing_path(path);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(&backing)
+            .map_err(|e| Error::io(format!("cannot open {path}"), e))?;
+        Self::from_file(volume, path, file)
+    }
+
+    /// Authenticates an already open backing `file` as the file at `path`.
+    pub fn from_file(volume: &Volume, path: &CanonicalPath, file: File) -> Result<Self> {
+        let io = |e| Error::io(format!("cannot read {path}"), e);
+        let len = file.metadata().map_err(io)?.len();
+        let mut pre = vec![0u8; (len as usize).min(crate::format::header::PREAMBLE_LEN)];
+        file.read_exact_at(&mut pre, 0).map_err(io)?;
+        let preamble = Preamble::decode(&pre).map_err(|e| Error::format(path, e))?;
+        let mut head = vec![0u8; (preamble.data_offset()).min(len) as usize];
+        file.read_exact_at(&mut head, 0).map_err(io)?;
+        let header = Header::parse(&head).map_err(|e| Error::format(path, e))?;
+        let layout = Layout { data_offset: preamble.data_offset(), block_size: preamble.block_size };
+        let size = layout.plaintext_len(len).map_err(|e| Error::format(path, e))?;
+
+        let candidates = header.candidates();
+        if candidates.is_empty() {
+            let why: Vec<String> = header
+                .slots
+                .iter()
+                .enumerate()
+                .map(|(i, s)| match s {
+                    SlotState::Empty => format!("slot {i} empty"),
+                    SlotState::Damaged(r) => format!("slot {i}: {r}"),
+                    SlotState::Sealed(_) => unreachable!("sealed slots are candidates"),
+                })
+                .collect();
+            return Err(Error::format(path, FormatError::InvalidHeader(format!("no valid slot ({})", why.join("; ")))));
+        }
+        let ctx = volume.file_context(path);
+        let mut first_err = None;
+        for (slot, content) in &candidates {
+            let mine: Vec<_> = content.envelopes.iter().filter(|e| &e.path == path).map(|e| &e.key).collect();
+            let attempt = if mine.is_empty() {
+                let mut bound: Vec<&str> = content.envelopes.iter().map(|e| e.path.as_str()).collect();
+                bound.dedup();
+                Err(Error::Moved { path: path.to_string(), bound: bound.join(", ") })
+            } else {
+                volume.keyring().unwrap(&mine, &ctx).map_err(|e| Error::key(path, e)).and_then(|dek| {
+                    let id = &preamble.file_id;
+                    if !kdf::commitment_matches(&dek, id, &preamble.commitment) {
+                        return Err(Error::format(path, FormatError::CommitmentMismatch));
+                    }
+                    let mac_key = kdf::header_mac_key(&dek, id);
+                    if !header.verify_mac(*slot, &mac_key) {
+                        return Err(Error::format(path, FormatError::HeaderAuthFailed(format!("slot {slot} MAC mismatch"))));
+                    }
+                    Ok((BlockCipher::new(&kdf::content_key(&dek, id), *id), mac_key))
+                })
+            };
+            match attempt {
+                Ok((cipher, mac_key)) => {
+                    if *slot != candidates[0].0 || header.slots.iter().any(|s| matches!(s, SlotState::Damaged(_))) {
+                        tracing::warn!(path = %path, slot, "header slot damaged or stale; using the other slot");
+                    }
+                    return Ok(EncryptedFile {
+                        file,
+                        path: path.clone(),
+                        preamble: preamble.clone(),
+                        layout,
+                        cipher,
+                        mac_key,
+                        active_slot: *slot,
+                        content: (*content).clone(),
+                        size,
+                    });
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_err.expect("at least one candidate"))
+    }
+
+    pub fn path(&self) -> &CanonicalPath {
+        &self.path
+    }
+
+    /// Plaintext size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn envelopes(&self) -> &[Envelope] {
+        &self.content.envelopes
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.content.generation
+    }
+
+    pub fn preamble(&self) -> &Preamble {
+        &self.preamble
+    }
+
+    fn io_err(&self, what: &str, e: std::io::Error) -> Error {
+        Error::io(format!("cannot {what} {}", self.path), e)
+    }
+
+    fn final_block(&self, size: u64) -> u64 {
+        self.layout.block_count(size) - 1
+    }
+
+    /// Reads and opens block `index` of the current file into `out` (its plaintext length).
+    fn read_block(&self, index: u64, out: &mut [u8]) -> Result<usize> {
+        let plain = self.layout.block_plain_len(self.size, index);
+        let mut sealed = vec![0u8; plain + BLOCK_OVERHEAD];
+        self.file
+            .read_exact_at(&mut sealed, self.layout.block_offset(index))
+            .map_err(|e| self.io_err("read", e))?;
+        let last = index == self.final_block(self.size);
+        self.cipher.open(index, last, &sealed, out).map_err(|e| Error::format(&self.path, e))
+    }
+
+    /// Reads up to `buf.len()` bytes at `offset`; fewer only at end of file.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        if offset >= self.size || buf.is_empty() {
+            return Ok(0);
+        }
+        let end = (offset + buf.len() as u64).min(self.size);
+        let bs = self.layout.block_size as u64;
+        let (first, last) = (offset / bs, (end - 1) / bs);
+        let start = self.layout.block_offset(first);
+        let stop = self.layout.block_offset(last) + (self.layout.block_plain_len(self.size, last) + BLOCK_OVERHEAD) as u64;
+        let mut sealed = vec![0u8; (stop - start) as usize];
+        self.file.read_exact_at(&mut sealed, start).map_err(|e| self.io_err("read", e))?;
+        let final_block = self.final_block(self.size);
+        let mut scratch = vec![0u8; bs as usize];
+        let mut pos = 0usize;
+        for index in first..=last {
+            let plain = self.layout.block_plain_len(self.size, index);
+            let chunk = &sealed[pos..pos + plain + BLOCK_OVERHEAD];
+            pos += chunk.len();
+            let block_start = index * bs;
+            let from = offset.max(block_start);
+            let to = end.min(block_start + plain as u64);
+            let dst = &mut buf[(from - offset) as usize..(to - offset) as usize];
+            if from == block_start && to == block_start + plain as u64 {
+                self.cipher.open(index, index == final_block, chunk, dst)
+            } else {
+                let r = self.cipher.open(index, index == final_block, chunk, &mut scratch);
+                dst.copy_from_slice(&scratch[(from - block_start) as usize..(to - block_start) as usize]);
+                r
+            }
+            .map_err(|e| Error::format(&self.path, e))?;
+        }
+        Ok((end - offset) as usize)
+    }
+
+    /// Reads the whole file.
+    pub fn read_all(&self) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; self.size as usize];
+        let n = self.read_at(0, &mut out)?;
+        debug_assert_eq!(n, out.len());
+        Ok(out)
+    }
+
+    /// Writes `data` at `offset`, growing the file (with zeros in any gap) as needed.
+    pub fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        // A write far past the end first fills the gap in bounded chunks.
+        while offset > self.size + GROW_CHUNK {
+            let n = GROW_CHUNK as usize;
+            self.write_at(self.size, &vec![0u8; n])?;
+        }
+        let bs = self.layout.block_size as u64;
+        let old_size = self.size;
+        let end = offset + data.len() as u64;
+        let new_size = old_size.max(end);
+        let (old_final, new_final) = (self.final_block(old_size), self.final_block(new_size));
+        let mut first = offset / bs;
+        if new_final > old_final {
+            first = first.min(old_final);
+        }
+        let last = (end - 1) / bs;
+        let mut sealed = Vec::with_capacity(((last - first + 1) * self.layout.sealed_block_len()) as usize);
+        let nonces = random_nonces((last - first + 1) as usize);
+        let mut plain = vec![0u8; bs as usize];
+        for index in first..=last {
+            let block_start = index * bs;
+            let new_len = self.layout.block_plain_len(new_size, index);
+            let old_len = if index <= old_final { self.layout.block_plain_len(old_size, index) } else { 0 };
+            let covered_from = offset.max(block_start);
+            let covered_to = end.min(block_start + new_len as u64);
+            let fully_covered = covered_from == block_start && covered_to >= block_start + old_len as u64;
+            let buf = &mut plain[..new_len];
+            if old_len > 0 && !fully_covered {
+                let mut old = vec![0u8; bs as usize];
+                let n = self.read_block(index, &mut old)?;
+                buf[..n].copy_from_slice(&old[..n]);
+                buf[n..].fill(0);
+            } else {
+                buf.fill(0);
+            }
+            if covered_from < covered_to {
+                buf[(covered_from - block_start) as usize..(covered_to - block_start) as usize]
+                    .copy_from_slice(&data[(covered_from - offset) as usize..(covered_to - offset) as usize]);
+            }
+            let n = ((index - first) as usize) * NONCE_LEN;
+            let nonce = nonces[n..n + NONCE_LEN].try_into().expect("12");
+            self.cipher.seal(index, index == new_final, nonce, buf, &mut sealed);
+        }
+        self.file
+            .write_all_at(&sealed, self.layout.block_offset(first))
+            .map_err(|e| self.io_err("write", e))?;
+        self.size = new_size;
+        Ok(())
+    }
+
+    /// Truncates or extends (with zeros) to `new_size` bytes.
+    pub fn set_len(&mut self, new_size: u64) -> Result<()> {
+        if new_size > self.size {
+            while self.size < new_size {
+                let n = (new_size - self.size).min(GROW_CHUNK) as usize;
+                self.write_at(self.size, &vec![0u8; n])?;
+            }
+            return Ok(());
+        }
+        if new_size == self.size {
+            return Ok(());
+        }
+        // Reseal the new final block (cut short, flagged last), then drop what follows.
+        let index = self.final_block(new_size);
+        let mut block = vec![0u8; self.layout.block_size as usize];
+        self.read_block(index, &mut block)?;
+        let keep = self.layout.block_plain_len(new_size, index);
+        let mut sealed = Vec::with_capacity(keep + BLOCK_OVERHEAD);
+        let nonce = random_nonces(1);
+        self.cipher.seal(index, true, nonce[..NONCE_LEN].try_into().expect("12"), &block[..keep], &mut sealed);
+        self.file
+            .write_all_at(&sealed, self.layout.block_offset(index))
+            .map_err(|e| self.io_err("write", e))?;
+        self.file
+            .set_len(self.layout.backing_len(new_size))
+            .map_err(|e| self.io_err("truncate", e))?;
+        self.size = new_size;
+        Ok(())
+    }
+
+    /// Replaces the envelope set atomically: the new set goes to the slot not in use, with the
+    /// next generation, and is made durable before it counts.
+    pub fn replace_envelopes(&mut self, envelopes: Vec<Envelope>) -> Result<()> {
+        let target = 1 - self.active_slot;
+        let content = SlotContent { generation: self.content.generation + 1, envelopes };
+        let slot = seal_slot(&self.preamble, &content, &self.mac_key).map_err(|e| Error::format(&self.path, e))?;
+        self.file
+            .write_all_at(&slot, self.preamble.slot_offset(target))
+            .and_then(|_| self.file.sync_data())
+            .map_err(|e| self.io_err("write the header of", e))?;
+        self.active_slot = target;
+        self.content = content;
+        Ok(())
+    }
+
+    /// Makes written data durable (fdatasync of the backing file).
+    pub fn sync(&self) -> Result<()> {
+        self.file.sync_data().map_err(|e| self.io_err("sync", e))
+    }
+
+    /// Opens every block: a full integrity check (fsck --deep, cat).
+    pub fn verify_all(&self) -> Result<()> {
+        let chunk = 64 * self.layout.block_size as u64;
+        let mut buf = vec![0u8; chunk as usize];
+        let mut off = 0;
+        loop {
+            let n = self.read_at(off, &mut buf)?;
+            off += n as u64;
+            if n == 0 || off >= self.size {
+                // A zero-length file still has its final block to check.
+                if self.size == 0 {
+                    self.read_block(0, &mut buf)?;
+                }
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Writes `data` as the file at `path`, atomically: a temporary file in the same backing
+/// directory, fsynced, renamed over nothing (an existing file is refused), directory fsynced.
+pub fn write_new_file(volume: &Volume, path: &CanonicalPath, data: &mut dyn std::io::Read) -> Result<u64> {
+    let backing = volume.backing_path(path);
+    let dir = backing.parent().unwrap_or(Path::new("/"));
+    if backing.symlink_metadata().is_ok() {
+        return Err(Error::Refused(format!("{path} already exists")));
+    }
+    if !dir.is_dir() {
+        return Err(Error::Refused(format!("the parent directory of {path} does not exist")));
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix(".kmsfs-tmp-")
+        .tempfile_in(dir)
+        .map_err(|e| Error::io(format!("cannot create a file next to {path}"), e))?;
+    let file = tmp.as_file().try_clone().map_err(|e| Error::io("cannot clone a file handle", e))?;
+    let mut enc = EncryptedFile::create(volume, path, file)?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = match data.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Error::io("cannot read the input", e)),
+        };
+        enc.write_at(enc.size(), &buf[..n])?;
+    }
+    enc.sync()?;
+    let size = enc.size();
+    tmp.persist_noclobber(&backing).map_err(|e| match e.error.kind() {
+        std::io::ErrorKind::AlreadyExists => Error::Refused(format!("{path} already exists")),
+        _ => Error::io(format!("cannot create {path}"), e.error),
+    })?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(format!("cannot sync the directory of {path}"), e))?;
+    Ok(size)
+}

@@ -1,0 +1,429 @@
+//! A volume: a backing directory with an authenticated config and its keyring.
+//!
+//! `init` creates the config (generating the volume key under every trusted key) and refuses
+//! anything but an empty directory; `open` reads the config, reaches the trusted keys, checks
+//! any key the operator pinned, unwraps the volume key and only then trusts the config (its
+//! MAC). Both validate everything before changing anything on disk, and `init` removes what it
+//! created if a later step fails.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::format::block::{valid_block_size, DEFAULT_BLOCK_SIZE};
+use crate::format::codec::hex;
+use crate::format::config::{TrustedKey, UnverifiedConfig, VolumeConfig};
+use crate::format::context::{validate_static_pair, CanonicalPath, EncryptionContext};
+use crate::format::header::SUITE_AES256GCM_HKDF_SHA256;
+use crate::format::kdf;
+use crate::keys::cache::CacheConfig;
+use crate::keys::keyring::{Keyring, RetryPolicy, TrustedProvider, DEFAULT_CONCURRENCY};
+use crate::keys::local::{LocalKey, LocalProvider};
+use crate::keys::spec::KeySpec;
+use crate::keys::{KeyProvider, UnavailableKey};
+
+/// Directory at the backing root holding kmsfs's own files; hidden from the mount.
+pub const META_DIR: &str = ".kmsfs";
+pub const CONFIG_NAME: &str = "config";
+/// Names starting with this are kmsfs's own (config dir, temporary files) at every level.
+pub const RESERVED_PREFIX: &str = ".kmsfs";
+
+/// Wraps each provider a volume uses (tests inject faults or latency this way).
+pub type ProviderWrapper = Arc<dyn Fn(Arc<dyn KeyProvider>) -> Arc<dyn KeyProvider> + Send + Sync>;
+
+/// How a volume reaches and uses its keys.
+#[derive(Clone)]
+pub struct KeyOptions {
+    pub cache: CacheConfig,
+    pub retry: RetryPolicy,
+    pub concurrency: usize,
+    pub wrap_provider: Option<ProviderWrapper>,
+}
+
+impl Default for KeyOptions {
+    fn default() -> Self {
+        KeyOptions {
+            cache: CacheConfig::default(),
+            retry: RetryPolicy::default(),
+            concurrency: DEFAULT_CONCURRENCY,
+            wrap_provider: None,
+        }
+    }
+}
+
+pub struct InitOptions {
+    /// Trusted keys in preference order; empty means "create a local key file".
+    pub keys: Vec<KeySpec>,
+    pub context: BTreeMap<String, String>,
+    pub block_size: u32,
+    pub key_options: KeyOptions,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        InitOptions {
+            keys: Vec::new(),
+            context: BTreeMap::new(),
+            block_size: DEFAULT_BLOCK_SIZE,
+            key_options: KeyOptions::default(),
+        }
+    }
+}
+
+#[derive(Default, Clone)]
+pub struct OpenOptions {
+    /// Keys the operator expects (`--key`): the volume must trust each; a local one also says
+    /// where its key file is now.
+    pub pin: Vec<KeySpec>,
+    pub key_options: KeyOptions,
+}
+
+/// What `init` did, for the command to report.
+pub struct InitReport {
+    pub volume: Volume,
+    /// The local key file `init` created, if it created one.
+    pub created_key_files: Vec<PathBuf>,
+}
+
+pub struct Volume {
+    root: PathBuf,
+    config: VolumeConfig,
+    keyring: Keyring,
+}
+
+impl std::fmt::Debug for Volume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Volume({}, {})", self.root.display(), hex(&self.config.volume_id))
+    }
+}
+
+fn config_path(root: &Path) -> PathBuf {
+    root.join(META_DIR).join(CONFIG_NAME)
+}
+
+/// The user's configuration directory for kmsfs (`$XDG_CONFIG_HOME/kmsfs` or
+/// `~/.config/kmsfs`).
+pub fn user_config_dir() -> Result<PathBuf> {
+    let base = match std::env::var_os("XDG_CONFIG_HOME").filter(|v| !v.is_empty()) {
+        Some(dir) => PathBuf::from(dir),
+        None => match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+            Some(home) => PathBuf::from(home).join(".config"),
+            None => {
+                return Err(Error::Usage(
+                    "cannot find a config directory for the key file: set HOME or XDG_CONFIG_HOME, or pass --key local:PATH".into(),
+                ))
+            }
+        },
+    };
+    Ok(base.join("kmsfs"))
+}
+
+/// An absolute, symlink-resolved form of `path` even if its last components do not exist yet.
+fn resolve(path: &Path) -> std::io::Result<PathBuf> {
+    let abs = if path.is_absolute() { path.to_path_buf() } else { std::env::current_dir()?.join(path) };
+    let mut existing = abs.clone();
+    let mut rest = Vec::new();
+    while fs::symlink_metadata(&existing).is_err() {
+        match (existing.file_name().map(|n| n.to_os_string()), existing.parent()) {
+            (Some(name), Some(parent)) => {
+                rest.push(name);
+                existing = parent.to_path_buf();
+            }
+            _ => break,
+        }
+    }
+    let mut out = existing.canonicalize().unwrap_or(existing);
+    for name in rest.into_iter().rev() {
+        out.push(name);
+    }
+    Ok(out.components().filter(|c| !matches!(c, Component::CurDir)).collect())
+}
+
+fn check_backing_dir(root: &Path) -> Result<()> {
+    match fs::metadata(root) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(Error::Refused(format!("{} is not a directory", root.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(Error::Refused(format!("backing directory {} does not exist", root.display())))
+        }
+        Err(e) => Err(Error::io(format!("cannot access {}", root.display()), e)),
+    }
+}
+
+fn build_keyring(
+    config_keys: &[TrustedKey],
+    loaded: Vec<Result<LocalKey, String>>,
+    options: &KeyOptions,
+) -> Result<Keyring> {
+    let mut trusted = Vec::new();
+    for (t, key) in config_keys.iter().zip(loaded) {
+        let provider: Arc<dyn KeyProvider> = match key {
+            Ok(k) => Arc::new(LocalProvider::new([k])),
+            Err(reason) => Arc::new(UnavailableKey { reason }),
+        };
+        let provider = match &options.wrap_provider {
+            Some(wrap) => wrap(provider),
+            None => provider,
+        };
+        trusted.push(TrustedProvider { key_id: t.id.clone(), provider });
+    }
+    let keyring = Keyring::new(trusted, options.cache, options.retry, options.concurrency)
+        .map_err(|e| Error::io("cannot allocate the key cache", e))?;
+    if !keyring.cache_stats().locked && options.cache.max_entries > 0 {
+        tracing::warn!("could not mlock the key cache (raise RLIMIT_MEMLOCK); keys may be swapped");
+    }
+    Ok(keyring)
+}
+
+fn not_yet_kms(id: &str) -> Error {
+    Error::Usage(format!(
+        "key '{id}' is an AWS KMS key, and this build has only the local key provider (use local:PATH)"
+    ))
+}
+
+impl Volume {
+    /// Creates a new volume in the empty directory `root`.
+    pub fn init(root: &Path, options: InitOptions) -> Result<InitReport> {
+        check_backing_dir(root)?;
+        let mut entries = fs::read_dir(root).map_err(|e| Error::io(format!("cannot read {}", root.display()), e))?;
+        if entries.next().is_some() {
+            let what = if config_path(root).exists() { "is already a kmsfs volume" } else { "is not empty" };
+            return Err(Error::Refused(format!("{} {what}; init needs an empty directory", root.display())));
+        }
+        if !valid_block_size(options.block_size) {
+            return Err(Error::Usage(format!(
+                "invalid block size {}: use a power of two from 512 to 1048576",
+                options.block_size
+            )));
+        }
+        for (k, v) in &options.context {
+            validate_static_pair(k, v).map_err(|e| Error::Usage(format!("bad --context: {e}")))?;
+        }
+        let mut volume_id = [0u8; 16];
+        getrandom::getrandom(&mut volume_id).expect("the OS random number generator failed");
+        let root_abs = resolve(root).map_err(|e| Error::io("cannot resolve the backing directory", e))?;
+
+        // Decide every key file before touching anything.
+        let specs = if options.keys.is_empty() {
+            let dir = user_config_dir()?.join("keys");
+            vec![(KeySpec::Local(dir.join(format!("{}.key", hex(&volume_id)))), true)]
+        } else {
+            options.keys.iter().cloned().map(|k| (k, false)).collect()
+        };
+        let mut plan = Vec::new();
+        for (spec, default) in specs {
+            match spec {
+                KeySpec::Kms(id) => return Err(not_yet_kms(&id)),
+                KeySpec::Local(path) => {
+                    let abs = resolve(&path).map_err(|e| Error::io("cannot resolve the key path", e))?;
+                    if abs.starts_with(&root_abs) {
+                        return Err(Error::Usage(format!(
+                            "key file {} is inside the backing directory; keep keys outside what you store or back up",
+                            abs.display()
+                        )));
+                    }
+                    if plan.iter().any(|(p, _): &(PathBuf, bool)| *p == abs) {
+                        return Err(Error::Usage(format!("key {} is given twice", abs.display())));
+                    }
+                    let exists = abs.exists();
+                    if default && exists {
+                        return Err(Error::Refused(format!("key file {} already exists", abs.display())));
+                    }
+                    plan.push((abs, exists));
+                }
+            }
+        }
+        // Load existing keys first (a bad one must not leave new key files behind).
+        let mut loaded = Vec::new();
+        for (path, exists) in &plan {
+            if *exists {
+                loaded.push(Some(LocalKey::load(path).map_err(Error::KeyFile)?));
+            } else {
+                loaded.push(None);
+            }
+        }
+        let mut created = Vec::new();
+        let result = (|| {
+            let mut keys = Vec::new();
+            for ((path, _), key) in plan.iter().zip(loaded) {
+                let key = match key {
+                    Some(k) => k,
+                    None => {
+                        let k = LocalKey::create(path).map_err(Error::KeyFile)?;
+                        created.push(path.clone());
+                        k
+                    }
+                };
+                keys.push(key);
+            }
+            let trusted_keys: Vec<TrustedKey> = keys
+                .iter()
+                .map(|k| TrustedKey { id: k.id().to_string(), locator: format!("local:{}", k.path().display()) })
+                .collect();
+            for (i, t) in trusted_keys.iter().enumerate() {
+                if trusted_keys[..i].iter().any(|o| o.id == t.id) {
+                    return Err(Error::Usage(format!("key {} is given twice", t.id)));
+                }
+            }
+            let keyring = build_keyring(&trusted_keys, keys.into_iter().map(Ok).collect(), &options.key_options)?;
+            let ctx = EncryptionContext::for_volume_config(&volume_id, &options.context);
+            let (volume_key, volume_keys) =
+                keyring.generate(&ctx).map_err(|e| Error::key(root.display(), e))?;
+            let config = VolumeConfig {
+                volume_id,
+                suite: SUITE_AES256GCM_HKDF_SHA256,
+                block_size: options.block_size,
+                features: Vec::new(),
+                trusted_keys,
+                context: options.context.clone(),
+                volume_keys,
+            };
+            let bytes = config
+                .encode(&kdf::config_mac_key(&volume_key, &volume_id))
+                .map_err(|e| Error::format(root.display(), e))?;
+            write_config(root, &bytes)?;
+            Ok(Volume { root: root.to_path_buf(), config, keyring })
+        })();
+        match result {
+            Ok(volume) => Ok(InitReport { volume, created_key_files: created }),
+            Err(e) => {
+                for path in &created {
+                    let _ = fs::remove_file(path);
+                }
+                let _ = fs::remove_dir_all(root.join(META_DIR));
+                Err(e)
+            }
+        }
+    }
+
+    /// Opens an existing volume, authenticating its config.
+    pub fn open(root: &Path, options: &OpenOptions) -> Result<Volume> {
+        check_backing_dir(root)?;
+        let cfg_path = config_path(root);
+        let bytes = fs::read(&cfg_path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::Refused(format!(
+                "{} is not a kmsfs volume (no {META_DIR}/{CONFIG_NAME}); create one with 'kmsfs init'",
+                root.display()
+            )),
+            _ => Error::io(format!("cannot read {}", cfg_path.display()), e),
+        })?;
+        let shown = cfg_path.display().to_string();
+        let unverified = UnverifiedConfig::parse(&bytes).map_err(|e| Error::format(&shown, e))?;
+        let claimed = unverified.claimed();
+
+        // Pinned keys: the volume must trust each; local pins also locate key files.
+        let mut pinned_local: Vec<LocalKey> = Vec::new();
+        for pin in &options.pin {
+            match pin {
+                KeySpec::Local(path) => {
+                    let key = LocalKey::load(path).map_err(Error::KeyFile)?;
+                    if !claimed.is_trusted(key.id()) {
+                        return Err(Error::KeyPin(format!(
+                            "{} is not protected by the key in {} ({}); it trusts {}",
+                            root.display(),
+                            path.display(),
+                            key.id(),
+                            trusted_list(claimed)
+                        )));
+                    }
+                    pinned_local.push(key);
+                }
+                KeySpec::Kms(id) => return Err(not_yet_kms(id)),
+            }
+        }
+        let mut loaded = Vec::new();
+        for t in &claimed.trusted_keys {
+            if let Some(i) = pinned_local.iter().position(|k| k.id() == t.id) {
+                loaded.push(Ok(pinned_local.remove(i)));
+                continue;
+            }
+            let key = match KeySpec::parse(&t.locator) {
+                Ok(KeySpec::Local(path)) => LocalKey::load(&path).and_then(|k| {
+                    if k.id() == t.id {
+                        Ok(k)
+                    } else {
+                        Err(format!("key file {} holds {}, not {}", path.display(), k.id(), t.id))
+                    }
+                }),
+                Ok(KeySpec::Kms(id)) => return Err(not_yet_kms(&id)),
+                Err(e) => Err(e),
+            };
+            loaded.push(key);
+        }
+        if let Some(Err(first)) = loaded.iter().find(|k| k.is_err()).filter(|_| loaded.iter().all(|k| k.is_err())) {
+            return Err(Error::KeyFile(format!("{first} (pass --key local:PATH if it moved)")));
+        }
+        let keyring = build_keyring(&claimed.trusted_keys, loaded, &options.key_options)?;
+        let ctx = EncryptionContext::for_volume_config(&claimed.volume_id, &claimed.context);
+        let candidates: Vec<_> = claimed.volume_keys.iter().collect();
+        let volume_key = keyring.unwrap(&candidates, &ctx).map_err(|e| {
+            if e.kind.is_integrity() {
+                Error::format(&shown, crate::format::FormatError::ConfigAuthFailed)
+            } else {
+                Error::key(&shown, e)
+            }
+        })?;
+        let volume_id = claimed.volume_id;
+        let config = unverified
+            .verify(&kdf::config_mac_key(&volume_key, &volume_id))
+            .map_err(|e| Error::format(&shown, e))?;
+        Ok(Volume { root: root.to_path_buf(), config, keyring })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn config(&self) -> &VolumeConfig {
+        &self.config
+    }
+
+    pub fn keyring(&self) -> &Keyring {
+        &self.keyring
+    }
+
+    pub fn id_hex(&self) -> String {
+        hex(&self.config.volume_id)
+    }
+
+    /// The encryption context of the file at `path`.
+    pub fn file_context(&self, path: &CanonicalPath) -> EncryptionContext {
+        EncryptionContext::for_file(&self.config.volume_id, path, &self.config.context)
+    }
+
+    /// Where the file at `path` lives on the backing store.
+    pub fn backing_path(&self, path: &CanonicalPath) -> PathBuf {
+        self.root.join(path.to_relative_path())
+    }
+}
+
+fn trusted_list(config: &VolumeConfig) -> String {
+    config.trusted_keys.iter().map(|k| k.id.as_str()).collect::<Vec<_>>().join(", ")
+}
+
+/// Whether a backing-store name is kmsfs's own (never a user file).
+pub fn is_reserved_name(name: &[u8]) -> bool {
+    name.starts_with(RESERVED_PREFIX.as_bytes())
+}
+
+/// Writes the config atomically: temporary file, fsync, rename, fsync of the directory.
+fn write_config(root: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = root.join(META_DIR);
+    let io = |what: &str, e| Error::io(format!("{what} {}", dir.display()), e);
+    match fs::create_dir(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io("cannot create", e)),
+    }
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".config.tmp")
+        .tempfile_in(&dir)
+        .map_err(|e| io("cannot write in", e))?;
+    tmp.write_all(bytes).and_then(|_| tmp.as_file().sync_all()).map_err(|e| io("cannot write in", e))?;
+    tmp.persist(dir.join(CONFIG_NAME)).map_err(|e| io("cannot write in", e.error))?;
+    fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(|e| io("cannot sync", e))?;
+    Ok(())
+}

@@ -1,0 +1,297 @@
+//! SPEC §2, at the format and core layers: every attack on the backing store that can be
+//! made without a mount, each as a test named after the attack. The read must fail (and say
+//! why); nothing wrong is ever returned.
+
+mod common;
+
+use std::fs;
+
+use common::{path, pattern, TestVolume};
+use kmsfs::core::volume::OpenOptions;
+use kmsfs::core::{EncryptedFile, Volume};
+use kmsfs::error::Error;
+use kmsfs::format::FormatError;
+use kmsfs::keys::spec::KeySpec;
+use kmsfs::keys::KeyErrorKind;
+
+const BS: u32 = 512;
+
+fn three_block_file(v: &TestVolume, name: &str, seed: u8) -> Vec<u8> {
+    let data = pattern(2 * BS as usize + 100, seed);
+    v.write(name, &data);
+    data
+}
+
+fn assert_block_failure(result: Result<Vec<u8>, Error>, block: u64) {
+    match result {
+        Err(Error::Format { source: FormatError::DecryptionFailed(b), .. }) => assert_eq!(b, block),
+        other => panic!("expected authentication failure at block {block}, got {other:?}"),
+    }
+}
+
+#[test]
+fn read_learns_nothing_but_size() {
+    let v = TestVolume::new(BS);
+    let secret = b"the patient's diagnosis is confidential ".repeat(40);
+    v.write("record", &secret);
+    let raw = v.bytes("record");
+    assert!(raw.windows(16).all(|w| !secret.windows(16).any(|s| s == w)), "plaintext leaked");
+    let (offset, _) = v.geometry("record");
+    assert_eq!(raw.len(), offset + secret.len() + 4 * 28);
+}
+
+#[test]
+fn block_reordered() {
+    let v = TestVolume::new(BS);
+    three_block_file(&v, "f", 1);
+    let (off, sb) = v.geometry("f");
+    let mut raw = v.bytes("f");
+    let (b0, b1) = (raw[off..off + sb].to_vec(), raw[off + sb..off + 2 * sb].to_vec());
+    raw[off..off + sb].copy_from_slice(&b1);
+    raw[off + sb..off + 2 * sb].copy_from_slice(&b0);
+    v.put_bytes("f", &raw);
+    assert_block_failure(v.read("f"), 0);
+}
+
+#[test]
+fn block_duplicated() {
+    let v = TestVolume::new(BS);
+    three_block_file(&v, "f", 1);
+    let (off, sb) = v.geometry("f");
+    let mut raw = v.bytes("f");
+    let b0 = raw[off..off + sb].to_vec();
+    raw[off + sb..off + 2 * sb].copy_from_slice(&b0);
+    v.put_bytes("f", &raw);
+    assert_block_failure(v.read("f"), 1);
+}
+
+#[test]
+fn block_dropped() {
+    let v = TestVolume::new(BS);
+    three_block_file(&v, "f", 1);
+    let (off, sb) = v.geometry("f");
+    let mut raw = v.bytes("f");
+    raw.drain(off + sb..off + 2 * sb);
+    v.put_bytes("f", &raw);
+    assert_block_failure(v.read("f"), 1);
+}
+
+#[test]
+fn block_moved_between_files() {
+    let v = TestVolume::new(BS);
+    three_block_file(&v, "a", 1);
+    three_block_file(&v, "b", 2);
+    let (off, sb) = v.geometry("a");
+    let a = v.bytes("a");
+    let mut b = v.bytes("b");
+    b[off + sb..off + 2 * sb].copy_from_slice(&a[off + sb..off + 2 * sb]);
+    v.put_bytes("b", &b);
+    assert_block_failure(v.read("b"), 1);
+}
+
+#[test]
+fn truncated_at_block_boundary() {
+    let v = TestVolume::new(BS);
+    three_block_file(&v, "f", 1);
+    let (off, sb) = v.geometry("f");
+    let orig = v.bytes("f");
+    for keep in [2, 1] {
+        // Cut after `keep` whole blocks: a valid length, but the new last block was not
+        // sealed as the last one.
+        v.put_bytes("f", &orig[..off + keep * sb]);
+        assert_block_failure(v.read("f"), keep as u64 - 1);
+    }
+}
+
+#[test]
+fn truncated_to_header_only() {
+    let v = TestVolume::new(BS);
+    v.write("empty", b"");
+    let (off, _) = v.geometry("empty");
+    let raw = v.bytes("empty");
+    v.put_bytes("empty", &raw[..off]);
+    assert!(matches!(v.read("empty"), Err(Error::Format { source: FormatError::InvalidLength(_), .. })));
+}
+
+#[test]
+fn header_spliced_onto_other_body() {
+    let v = TestVolume::new(BS);
+    three_block_file(&v, "a", 1);
+    three_block_file(&v, "b", 2);
+    let (off, _) = v.geometry("a");
+    let mut a = v.bytes("a");
+    let b = v.bytes("b");
+    // a's header (valid for path /a) on b's body.
+    a.truncate(off);
+    a.extend_from_slice(&b[off..]);
+    v.put_bytes("a", &a);
+    assert_block_failure(v.read("a"), 0);
+}
+
+#[test]
+fn moved_file_is_a_context_mismatch() {
+    let v = TestVolume::new(BS);
+    v.write("a", b"data");
+    fs::rename(v.backing_file("a"), v.backing_file("b")).unwrap();
+    match v.read("b") {
+        Err(e @ Error::Moved { .. }) => assert!(e.to_string().contains("bound to /a"), "{e}"),
+        other => panic!("expected context mismatch, got {other:?}"),
+    }
+}
+
+#[test]
+fn moved_directory_is_a_context_mismatch() {
+    let v = TestVolume::new(BS);
+    fs::create_dir(v.backing_file("dir")).unwrap();
+    v.write("dir/f", b"data");
+    fs::rename(v.backing_file("dir"), v.backing_file("other")).unwrap();
+    assert!(matches!(v.read("other/f"), Err(Error::Moved { .. })));
+}
+
+#[test]
+fn swapped_files_fail() {
+    let v = TestVolume::new(BS);
+    v.write("a", b"alpha");
+    v.write("b", b"bravo");
+    let (a, b) = (v.bytes("a"), v.bytes("b"));
+    v.put_bytes("a", &b);
+    v.put_bytes("b", &a);
+    assert!(matches!(v.read("a"), Err(Error::Moved { .. })));
+    assert!(matches!(v.read("b"), Err(Error::Moved { .. })));
+}
+
+/// An attacker who rewrites the envelope's bound path (and fixes the unkeyed checksum) still
+/// fails: the key service refuses to unwrap under the new path's context.
+#[test]
+fn envelope_path_rewritten_is_refused_by_the_key_service() {
+    let v = TestVolume::new(BS);
+    v.write("aaaa", b"data");
+    let mut raw = v.bytes("aaaa");
+    let at = raw.windows(5).position(|w| w == b"/aaaa").unwrap();
+    raw[at..at + 5].copy_from_slice(b"/bbbb");
+    fix_slot_checksum(&mut raw, 0);
+    fs::write(v.backing_file("bbbb"), &raw).unwrap();
+    match v.read("bbbb") {
+        Err(Error::Key { source, .. }) => assert_eq!(source.kind, KeyErrorKind::ContextMismatch),
+        other => panic!("expected a key-service context mismatch, got {other:?}"),
+    }
+}
+
+#[test]
+fn file_copied_from_another_volume_fails() {
+    let keys = tempfile::tempdir().unwrap();
+    let shared_key = keys.path().join("shared.key");
+    let v1 = TestVolume::with_key(BS, Some(&shared_key));
+    let v2 = TestVolume::with_key(BS, Some(&shared_key));
+    v1.write("f", b"from volume one");
+    fs::copy(v1.backing_file("f"), v2.backing_file("f")).unwrap();
+    // Same key, same path: only the volume id in the context differs.
+    match v2.read("f") {
+        Err(Error::Key { source, .. }) => assert_eq!(source.kind, KeyErrorKind::ContextMismatch),
+        other => panic!("expected context mismatch, got {other:?}"),
+    }
+}
+
+#[test]
+fn file_under_an_untrusted_key_is_refused() {
+    let v = TestVolume::new(BS);
+    let rogue = TestVolume::new(BS);
+    rogue.write("f", b"attacker data");
+    fs::copy(rogue.backing_file("f"), v.backing_file("f")).unwrap();
+    match v.read("f") {
+        Err(Error::Key { source, .. }) => assert_eq!(source.kind, KeyErrorKind::UntrustedKey),
+        other => panic!("expected untrusted key, got {other:?}"),
+    }
+}
+
+#[test]
+fn commitment_edited_is_detected() {
+    let v = TestVolume::new(BS);
+    v.write("f", b"data");
+    let mut raw = v.bytes("f");
+    raw[40] ^= 0x80; // inside the commitment (bytes 32..64)
+    fix_slot_checksum(&mut raw, 0);
+    v.put_bytes("f", &raw);
+    assert!(matches!(v.read("f"), Err(Error::Format { source: FormatError::CommitmentMismatch, .. })));
+}
+
+#[test]
+fn slot_generation_forged_is_detected() {
+    let v = TestVolume::new(BS);
+    v.write("f", b"data");
+    let mut raw = v.bytes("f");
+    raw[64 + 7] = 9; // generation 1 -> 9
+    fix_slot_checksum(&mut raw, 0);
+    v.put_bytes("f", &raw);
+    assert!(matches!(v.read("f"), Err(Error::Format { source: FormatError::HeaderAuthFailed(_), .. })));
+}
+
+#[test]
+fn torn_newer_slot_falls_back_to_the_older_one() {
+    let v = TestVolume::new(BS);
+    v.write("f", b"data");
+    {
+        let vol = v.reopen().unwrap();
+        let mut f = EncryptedFile::open(&vol, &path("f"), true).unwrap();
+        let envs = f.envelopes().to_vec();
+        f.replace_envelopes(envs).unwrap();
+        assert_eq!(f.generation(), 2);
+    }
+    let mut raw = v.bytes("f");
+    let slot_size = u32::from_be_bytes(raw[12..16].try_into().unwrap()) as usize;
+    raw[64 + slot_size + 30] ^= 1; // tear slot 1 (generation 2)
+    v.put_bytes("f", &raw);
+    let vol = v.reopen().unwrap();
+    let f = EncryptedFile::open(&vol, &path("f"), false).unwrap();
+    assert_eq!(f.generation(), 1);
+    assert_eq!(f.read_all().unwrap(), b"data");
+}
+
+#[test]
+fn config_edited_is_detected_at_open() {
+    let v = TestVolume::new(BS);
+    let cfg = v.backing.join(".kmsfs/config");
+    let mut raw = fs::read(&cfg).unwrap();
+    raw[30] = 0x04; // block size 512 (0x0200) -> 1024: structurally valid, but not what was MACed
+    fs::write(&cfg, &raw).unwrap();
+    let err = v.reopen().unwrap_err();
+    assert!(matches!(err, Error::Format { source: FormatError::ConfigAuthFailed, .. }), "{err}");
+}
+
+#[test]
+fn config_pointed_at_another_key_is_caught_by_the_pin() {
+    // The attacker replaces the whole config with one made under their own key: the MAC is
+    // valid, so only pinning the expected key catches it.
+    let v = TestVolume::new(BS);
+    let rogue = TestVolume::new(BS);
+    fs::copy(rogue.backing.join(".kmsfs/config"), v.backing.join(".kmsfs/config")).unwrap();
+    let pinned = OpenOptions { pin: vec![KeySpec::Local(v.key_path.clone())], ..Default::default() };
+    let err = Volume::open(&v.backing, &pinned).unwrap_err();
+    assert!(matches!(err, Error::KeyPin(_)), "{err}");
+    assert!(err.to_string().contains("is not protected by the key"), "{err}");
+}
+
+#[test]
+fn every_failure_names_the_path_and_reason() {
+    let v = TestVolume::new(BS);
+    three_block_file(&v, "dir_file", 1);
+    let (off, sb) = v.geometry("dir_file");
+    let mut raw = v.bytes("dir_file");
+    raw[off + sb + 20] ^= 1;
+    v.put_bytes("dir_file", &raw);
+    let msg = v.read("dir_file").unwrap_err().to_string();
+    assert_eq!(msg, "/dir_file: authentication failed at block 1");
+}
+
+/// Recomputes slot `slot`'s unkeyed checksum, as an attacker who knows the format can.
+fn fix_slot_checksum(raw: &mut [u8], slot: usize) {
+    use sha2::{Digest, Sha256};
+    let slot_size = u32::from_be_bytes(raw[12..16].try_into().unwrap()) as usize;
+    let start = 64 + slot * slot_size;
+    let mut h = Sha256::new();
+    h.update(b"kmsfs/v1 slot checksum");
+    h.update(&raw[..64]);
+    h.update(&raw[start..start + slot_size - 16]);
+    let sum = h.finalize();
+    raw[start + slot_size - 16..start + slot_size].copy_from_slice(&sum[..16]);
+}
