@@ -1,0 +1,300 @@
+//! The command line as a user meets it: the happy path, and bad input for every command.
+//! Bad input must give exactly one line on stderr, a non-zero exit code, no panic, and
+//! change nothing on disk (the backing directory and the key directory are snapshotted).
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use sha2::{Digest, Sha256};
+
+struct Env {
+    dir: tempfile::TempDir,
+}
+
+struct Out {
+    code: i32,
+    stdout: Vec<u8>,
+    stderr: String,
+}
+
+impl Env {
+    fn new() -> Self {
+        let env = Env { dir: tempfile::tempdir().unwrap() };
+        fs::create_dir(env.backing()).unwrap();
+        env
+    }
+
+    fn backing(&self) -> PathBuf {
+        self.dir.path().join("backing")
+    }
+
+    fn config_home(&self) -> PathBuf {
+        self.dir.path().join("config")
+    }
+
+    fn p(&self, rel: &str) -> String {
+        self.dir.path().join(rel).display().to_string()
+    }
+
+    fn run(&self, args: &[&str], stdin: &[u8]) -> Out {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kmsfs"))
+            .args(args)
+            .env("XDG_CONFIG_HOME", self.config_home())
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // A command that fails early never reads its input.
+        let _ = child.stdin.take().unwrap().write_all(stdin);
+        let out = child.wait_with_output().unwrap();
+        Out {
+            code: out.status.code().expect("exited, not killed"),
+            stdout: out.stdout,
+            stderr: String::from_utf8(out.stderr).unwrap(),
+        }
+    }
+
+    /// A volume with one file, `hello.txt`.
+    fn volume(&self) -> &Self {
+        let b = self.backing().display().to_string();
+        let out = self.run(&["init", &b, "--block-size", "1K", "--context", "tenant=t1"], b"");
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        let out = self.run(&["import", &b, "hello.txt"], b"hello, kmsfs\n");
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        self
+    }
+
+    /// Every file and directory under the temp dir: type, mode, size, content hash, mtime.
+    fn snapshot(&self) -> BTreeMap<PathBuf, String> {
+        fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, String>) {
+            for entry in fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                let meta = fs::symlink_metadata(&path).unwrap();
+                let mut desc = format!("{:o} {} {}.{}", meta.mode(), meta.len(), meta.mtime(), meta.mtime_nsec());
+                if meta.is_dir() {
+                    walk(root, &path, out);
+                } else if meta.is_file() {
+                    desc += &format!(" {:x}", Sha256::digest(fs::read(&path).unwrap()));
+                }
+                out.insert(path.strip_prefix(root).unwrap().to_path_buf(), desc);
+            }
+        }
+        let mut out = BTreeMap::new();
+        walk(self.dir.path(), self.dir.path(), &mut out);
+        out
+    }
+
+    /// Runs a command that must fail cleanly, returning its one stderr line.
+    fn fails(&self, args: &[&str], code: i32) -> String {
+        let before = self.snapshot();
+        let out = self.run(args, b"some input");
+        assert_eq!(out.code, code, "{args:?}: stderr {}", out.stderr);
+        let lines: Vec<&str> = out.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{args:?}: stderr must be one line: {:?}", out.stderr);
+        assert!(lines[0].starts_with("kmsfs: "), "{:?}", lines[0]);
+        assert!(!out.stderr.contains("panicked") && !out.stderr.contains("RUST_BACKTRACE"));
+        assert_eq!(before, self.snapshot(), "{args:?} changed files on disk");
+        lines[0].to_string()
+    }
+}
+
+#[test]
+fn init_import_cat_info_happy_path() {
+    let env = Env::new();
+    let b = env.backing().display().to_string();
+    let out = env.run(&["init", &b], b"");
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let key_line = stdout.lines().find(|l| l.starts_with("created key file")).expect(&stdout);
+    let key_path = PathBuf::from(key_line.split_whitespace().nth(3).unwrap());
+    assert!(key_path.starts_with(env.config_home().join("kmsfs/keys")), "{key_path:?}");
+    assert_eq!(fs::metadata(&key_path).unwrap().mode() & 0o777, 0o600);
+    assert!(!key_path.starts_with(env.backing()));
+
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    assert_eq!(env.run(&["import", &b, "data.bin"], &data).code, 0);
+    let out = env.run(&["cat", &b, "data.bin"], b"");
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.stdout, data);
+
+    let out = env.run(&["info", &b], b"");
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("block size:  4096") && text.contains("config:      authenticated"), "{text}");
+    let out = env.run(&["info", &b, "data.bin", "--key", &format!("local:{}", key_path.display())], b"");
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("size:        100000 bytes in 25 blocks"), "{text}");
+    assert!(text.contains("bound to /data.bin") && text.contains("status:      authenticated"), "{text}");
+}
+
+#[test]
+fn info_and_cat_never_print_key_material() {
+    let env = Env::new();
+    env.volume();
+    let b = env.backing().display().to_string();
+    let key_file = fs::read_dir(env.config_home().join("kmsfs/keys")).unwrap().next().unwrap().unwrap().path();
+    let master = fs::read(key_file).unwrap();
+    let hex: String = master.iter().map(|x| format!("{x:02x}")).collect();
+    for args in [vec!["info", &b], vec!["info", &b, "hello.txt"], vec!["cat", &b, "hello.txt"]] {
+        let out = env.run(&args, b"");
+        let all = [out.stdout.clone(), out.stderr.into_bytes()].concat();
+        assert!(!all.windows(32).any(|w| w == master.as_slice()));
+        assert!(!String::from_utf8_lossy(&all).contains(&hex));
+    }
+}
+
+#[test]
+fn init_bad_input() {
+    let env = Env::new();
+    let b = env.backing().display().to_string();
+    let msg = env.fails(&["init", &env.p("missing")], 1);
+    assert!(msg.contains("does not exist"), "{msg}");
+    fs::write(env.dir.path().join("plainfile"), b"x").unwrap();
+    assert!(env.fails(&["init", &env.p("plainfile")], 1).contains("not a directory"));
+    assert!(env.fails(&["init", &b, "--context", "novalue"], 2).contains("expected KEY=VALUE"));
+    assert!(env.fails(&["init", &b, "--context", "kmsfs:path=x"], 2).contains("reserved prefix"));
+    assert!(env.fails(&["init", &b, "--block-size", "1000"], 2).contains("invalid block size"));
+    assert!(env.fails(&["init", &b, "--block-size", "big"], 2).contains("not a size"));
+    assert!(env.fails(&["init", &b, "--key", "mykey"], 2).contains("unrecognized key"));
+    let inside = format!("local:{}/../backing/k.key", b);
+    assert!(env.fails(&["init", &b, "--key", &inside], 2).contains("inside the backing directory"));
+    let loose = env.dir.path().join("loose.key");
+    fs::write(&loose, [7u8; 32]).unwrap();
+    fs::set_permissions(&loose, fs::Permissions::from_mode(0o644)).unwrap();
+    let msg = env.fails(&["init", &b, "--key", &format!("local:{}", loose.display())], 4);
+    assert!(msg.contains("readable by group or others"), "{msg}");
+    let empty = env.dir.path().join("empty.key");
+    fs::write(&empty, b"").unwrap();
+    fs::set_permissions(&empty, fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(env.fails(&["init", &b, "--key", &format!("local:{}", empty.display())], 4).contains("exactly 32 bytes"));
+    assert!(env.fails(&["init", &b, "--frobnicate"], 2).contains("--frobnicate"));
+    assert!(env.fails(&["init"], 2).contains("required"));
+    let msg = env.fails(&["init", &b, "--key", "alias/kmsfs"], 2);
+    assert!(msg.contains("AWS KMS key"), "{msg}");
+    fs::write(env.backing().join("existing"), b"x").unwrap();
+    assert!(env.fails(&["init", &b], 1).contains("is not empty"));
+}
+
+#[test]
+fn init_twice_is_refused() {
+    let env = Env::new();
+    env.volume();
+    let b = env.backing().display().to_string();
+    assert!(env.fails(&["init", &b], 1).contains("already a kmsfs volume"));
+}
+
+#[test]
+fn commands_on_something_that_is_not_a_volume() {
+    let env = Env::new();
+    let b = env.backing().display().to_string();
+    for cmd in ["info", "cat", "import"] {
+        let mut args = vec![cmd, b.as_str()];
+        if cmd != "info" {
+            args.push("f");
+        }
+        assert!(env.fails(&args, 1).contains("is not a kmsfs volume"));
+        let missing = env.p("missing");
+        args[1] = &missing;
+        assert!(env.fails(&args, 1).contains("does not exist"));
+    }
+    assert!(env.fails(&["bogus"], 2).contains("unrecognized subcommand"));
+}
+
+#[test]
+fn wrong_missing_or_damaged_keys() {
+    let env = Env::new();
+    env.volume();
+    let b = env.backing().display().to_string();
+    // A pinned key the volume does not trust.
+    let other = env.dir.path().join("other.key");
+    let other_env = Env::new();
+    let ob = other_env.backing().display().to_string();
+    assert_eq!(other_env.run(&["init", &ob, "--key", &format!("local:{}", other.display())], b"").code, 0);
+    let msg = env.fails(&["cat", &b, "hello.txt", "--key", &format!("local:{}", other.display())], 3);
+    assert!(msg.contains("is not protected by the key"), "{msg}");
+    // The key file went missing.
+    let keys = env.config_home().join("kmsfs/keys");
+    let key_file = fs::read_dir(&keys).unwrap().next().unwrap().unwrap().path();
+    let moved = env.dir.path().join("moved.key");
+    fs::rename(&key_file, &moved).unwrap();
+    let msg = env.fails(&["cat", &b, "hello.txt"], 4);
+    assert!(msg.contains("does not exist") && msg.contains("--key"), "{msg}");
+    // ...and --key says where it went.
+    let out = env.run(&["cat", &b, "hello.txt", "--key", &format!("local:{}", moved.display())], b"");
+    assert_eq!((out.code, out.stdout.as_slice()), (0, &b"hello, kmsfs\n"[..]), "{}", out.stderr);
+    // An empty key file where the key should be.
+    fs::write(&key_file, b"").unwrap();
+    fs::set_permissions(&key_file, fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(env.fails(&["info", &b], 4).contains("exactly 32 bytes"));
+    // A key file others can read.
+    fs::rename(&moved, &key_file).unwrap();
+    fs::set_permissions(&key_file, fs::Permissions::from_mode(0o644)).unwrap();
+    assert!(env.fails(&["info", &b], 4).contains("chmod 600"));
+}
+
+#[test]
+fn damaged_configs_are_refused() {
+    let env = Env::new();
+    env.volume();
+    let b = env.backing().display().to_string();
+    let cfg = env.backing().join(".kmsfs/config");
+    let good = fs::read(&cfg).unwrap();
+    // Truncated.
+    fs::write(&cfg, &good[..good.len() / 2]).unwrap();
+    assert!(env.fails(&["info", &b], 3).contains("invalid volume config"));
+    // Edited (the context value t1 -> t2).
+    let mut edited = good.clone();
+    let at = edited.windows(2).position(|w| w == b"t1").unwrap();
+    edited[at + 1] = b'2';
+    fs::write(&cfg, &edited).unwrap();
+    assert!(env.fails(&["cat", &b, "hello.txt"], 3).contains("authentication failed"));
+    // An unknown feature flag (feature count at offset 32).
+    let mut flagged = good[..32].to_vec();
+    flagged.extend_from_slice(&[0, 1, 0, 15]);
+    flagged.extend_from_slice(b"encrypted-names");
+    flagged.extend_from_slice(&good[34..]);
+    fs::write(&cfg, &flagged).unwrap();
+    let msg = env.fails(&["info", &b], 3);
+    assert!(msg.contains("unknown feature flag 'encrypted-names'"), "{msg}");
+    fs::write(&cfg, &good).unwrap();
+    assert_eq!(env.run(&["info", &b], b"").code, 0);
+}
+
+#[test]
+fn cat_and_import_bad_paths() {
+    let env = Env::new();
+    env.volume();
+    let b = env.backing().display().to_string();
+    assert!(env.fails(&["cat", &b, "nope.txt"], 1).contains("No such file"));
+    assert!(env.fails(&["cat", &b, "/"], 2).contains("volume root"));
+    assert!(env.fails(&["cat", &b, "a/../hello.txt"], 2).contains(".."));
+    assert!(env.fails(&["cat", &b, ".kmsfs/config"], 2).contains("reserves"));
+    assert!(env.fails(&["import", &b, "hello.txt"], 1).contains("already exists"));
+    assert!(env.fails(&["import", &b, "no/such/dir/f"], 1).contains("parent directory"));
+    assert!(env.fails(&["import", &b, "x", "--from", &env.p("missing")], 1).contains("cannot open"));
+}
+
+#[test]
+fn cat_of_tampered_or_moved_files_fails_with_the_reason() {
+    let env = Env::new();
+    env.volume();
+    let b = env.backing().display().to_string();
+    let f = env.backing().join("hello.txt");
+    let mut raw = fs::read(&f).unwrap();
+    let last = raw.len() - 1;
+    raw[last] ^= 1;
+    fs::write(&f, &raw).unwrap();
+    let msg = env.fails(&["cat", &b, "hello.txt"], 3);
+    assert_eq!(msg, "kmsfs: /hello.txt: authentication failed at block 0");
+    raw[last] ^= 1;
+    fs::write(&f, &raw).unwrap();
+    fs::rename(&f, env.backing().join("renamed.txt")).unwrap();
+    let msg = env.fails(&["cat", &b, "renamed.txt"], 3);
+    assert!(msg.contains("context mismatch") && msg.contains("bound to /hello.txt"), "{msg}");
+}
