@@ -48,15 +48,24 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn io(what: impl Into<String>, source: io::Error) -> Self {
-        Error::Io { what: what.into(), source }
+        Error::Io {
+            what: what.into(),
+            source,
+        }
     }
 
     pub fn format(path: impl std::fmt::Display, source: FormatError) -> Self {
-        Error::Format { path: path.to_string(), source }
+        Error::Format {
+            path: path.to_string(),
+            source,
+        }
     }
 
     pub fn key(path: impl std::fmt::Display, source: KeyError) -> Self {
-        Error::Key { path: path.to_string(), source }
+        Error::Key {
+            path: path.to_string(),
+            source,
+        }
     }
 
     /// The process exit code for this error.

@@ -24,7 +24,10 @@ fn three_block_file(v: &TestVolume, name: &str, seed: u8) -> Vec<u8> {
 
 fn assert_block_failure(result: Result<Vec<u8>, Error>, block: u64) {
     match result {
-        Err(Error::Format { source: FormatError::DecryptionFailed(b), .. }) => assert_eq!(b, block),
+        Err(Error::Format {
+            source: FormatError::DecryptionFailed(b),
+            ..
+        }) => assert_eq!(b, block),
         other => panic!("expected authentication failure at block {block}, got {other:?}"),
     }
 }
@@ -35,7 +38,10 @@ fn read_learns_nothing_but_size() {
     let secret = b"the patient's diagnosis is confidential ".repeat(40);
     v.write("record", &secret);
     let raw = v.bytes("record");
-    assert!(raw.windows(16).all(|w| !secret.windows(16).any(|s| s == w)), "plaintext leaked");
+    assert!(
+        raw.windows(16).all(|w| !secret.windows(16).any(|s| s == w)),
+        "plaintext leaked"
+    );
     let (offset, _) = v.geometry("record");
     assert_eq!(raw.len(), offset + secret.len() + 4 * 28);
 }
@@ -46,7 +52,10 @@ fn block_reordered() {
     three_block_file(&v, "f", 1);
     let (off, sb) = v.geometry("f");
     let mut raw = v.bytes("f");
-    let (b0, b1) = (raw[off..off + sb].to_vec(), raw[off + sb..off + 2 * sb].to_vec());
+    let (b0, b1) = (
+        raw[off..off + sb].to_vec(),
+        raw[off + sb..off + 2 * sb].to_vec(),
+    );
     raw[off..off + sb].copy_from_slice(&b1);
     raw[off + sb..off + 2 * sb].copy_from_slice(&b0);
     v.put_bytes("f", &raw);
@@ -110,7 +119,13 @@ fn truncated_to_header_only() {
     let (off, _) = v.geometry("empty");
     let raw = v.bytes("empty");
     v.put_bytes("empty", &raw[..off]);
-    assert!(matches!(v.read("empty"), Err(Error::Format { source: FormatError::InvalidLength(_), .. })));
+    assert!(matches!(
+        v.read("empty"),
+        Err(Error::Format {
+            source: FormatError::InvalidLength(_),
+            ..
+        })
+    ));
 }
 
 #[test]
@@ -212,7 +227,13 @@ fn commitment_edited_is_detected() {
     raw[40] ^= 0x80; // inside the commitment (bytes 32..64)
     fix_slot_checksum(&mut raw, 0);
     v.put_bytes("f", &raw);
-    assert!(matches!(v.read("f"), Err(Error::Format { source: FormatError::CommitmentMismatch, .. })));
+    assert!(matches!(
+        v.read("f"),
+        Err(Error::Format {
+            source: FormatError::CommitmentMismatch,
+            ..
+        })
+    ));
 }
 
 #[test]
@@ -223,7 +244,13 @@ fn slot_generation_forged_is_detected() {
     raw[64 + 7] = 9; // generation 1 -> 9
     fix_slot_checksum(&mut raw, 0);
     v.put_bytes("f", &raw);
-    assert!(matches!(v.read("f"), Err(Error::Format { source: FormatError::HeaderAuthFailed(_), .. })));
+    assert!(matches!(
+        v.read("f"),
+        Err(Error::Format {
+            source: FormatError::HeaderAuthFailed(_),
+            ..
+        })
+    ));
 }
 
 #[test]
@@ -255,7 +282,16 @@ fn config_edited_is_detected_at_open() {
     raw[30] = 0x04; // block size 512 (0x0200) -> 1024: structurally valid, but not what was MACed
     fs::write(&cfg, &raw).unwrap();
     let err = v.reopen().unwrap_err();
-    assert!(matches!(err, Error::Format { source: FormatError::ConfigAuthFailed, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::Format {
+                source: FormatError::ConfigAuthFailed,
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
 
 #[test]
@@ -264,11 +300,21 @@ fn config_pointed_at_another_key_is_caught_by_the_pin() {
     // valid, so only pinning the expected key catches it.
     let v = TestVolume::new(BS);
     let rogue = TestVolume::new(BS);
-    fs::copy(rogue.backing.join(".kmsfs/config"), v.backing.join(".kmsfs/config")).unwrap();
-    let pinned = OpenOptions { pin: vec![KeySpec::Local(v.key_path.clone())], ..Default::default() };
+    fs::copy(
+        rogue.backing.join(".kmsfs/config"),
+        v.backing.join(".kmsfs/config"),
+    )
+    .unwrap();
+    let pinned = OpenOptions {
+        pin: vec![KeySpec::Local(v.key_path.clone())],
+        ..Default::default()
+    };
     let err = Volume::open(&v.backing, &pinned).unwrap_err();
     assert!(matches!(err, Error::KeyPin(_)), "{err}");
-    assert!(err.to_string().contains("is not protected by the key"), "{err}");
+    assert!(
+        err.to_string().contains("is not protected by the key"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -285,13 +331,12 @@ fn every_failure_names_the_path_and_reason() {
 
 /// Recomputes slot `slot`'s unkeyed checksum, as an attacker who knows the format can.
 fn fix_slot_checksum(raw: &mut [u8], slot: usize) {
-    use sha2::{Digest, Sha256};
+    use kmsfs::format::header::slot_checksum;
     let slot_size = u32::from_be_bytes(raw[12..16].try_into().unwrap()) as usize;
     let start = 64 + slot * slot_size;
-    let mut h = Sha256::new();
-    h.update(b"kmsfs/v1 slot checksum");
-    h.update(&raw[..64]);
-    h.update(&raw[start..start + slot_size - 16]);
-    let sum = h.finalize();
-    raw[start + slot_size - 16..start + slot_size].copy_from_slice(&sum[..16]);
+    let sum = slot_checksum(
+        raw[..64].try_into().unwrap(),
+        &raw[start..start + slot_size - 16],
+    );
+    raw[start + slot_size - 16..start + slot_size].copy_from_slice(&sum);
 }

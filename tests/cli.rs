@@ -23,7 +23,9 @@ struct Out {
 
 impl Env {
     fn new() -> Self {
-        let env = Env { dir: tempfile::tempdir().unwrap() };
+        let env = Env {
+            dir: tempfile::tempdir().unwrap(),
+        };
         fs::create_dir(env.backing()).unwrap();
         env
     }
@@ -63,7 +65,10 @@ impl Env {
     /// A volume with one file, `hello.txt`.
     fn volume(&self) -> &Self {
         let b = self.backing().display().to_string();
-        let out = self.run(&["init", &b, "--block-size", "1K", "--context", "tenant=t1"], b"");
+        let out = self.run(
+            &["init", &b, "--block-size", "1K", "--context", "tenant=t1"],
+            b"",
+        );
         assert_eq!(out.code, 0, "{}", out.stderr);
         let out = self.run(&["import", &b, "hello.txt"], b"hello, kmsfs\n");
         assert_eq!(out.code, 0, "{}", out.stderr);
@@ -76,7 +81,13 @@ impl Env {
             for entry in fs::read_dir(dir).unwrap() {
                 let path = entry.unwrap().path();
                 let meta = fs::symlink_metadata(&path).unwrap();
-                let mut desc = format!("{:o} {} {}.{}", meta.mode(), meta.len(), meta.mtime(), meta.mtime_nsec());
+                let mut desc = format!(
+                    "{:o} {} {}.{}",
+                    meta.mode(),
+                    meta.len(),
+                    meta.mtime(),
+                    meta.mtime_nsec()
+                );
                 if meta.is_dir() {
                     walk(root, &path, out);
                 } else if meta.is_file() {
@@ -96,7 +107,12 @@ impl Env {
         let out = self.run(args, b"some input");
         assert_eq!(out.code, code, "{args:?}: stderr {}", out.stderr);
         let lines: Vec<&str> = out.stderr.lines().collect();
-        assert_eq!(lines.len(), 1, "{args:?}: stderr must be one line: {:?}", out.stderr);
+        assert_eq!(
+            lines.len(),
+            1,
+            "{args:?}: stderr must be one line: {:?}",
+            out.stderr
+        );
         assert!(lines[0].starts_with("kmsfs: "), "{:?}", lines[0]);
         assert!(!out.stderr.contains("panicked") && !out.stderr.contains("RUST_BACKTRACE"));
         assert_eq!(before, self.snapshot(), "{args:?} changed files on disk");
@@ -111,9 +127,15 @@ fn init_import_cat_info_happy_path() {
     let out = env.run(&["init", &b], b"");
     assert_eq!(out.code, 0, "{}", out.stderr);
     let stdout = String::from_utf8(out.stdout).unwrap();
-    let key_line = stdout.lines().find(|l| l.starts_with("created key file")).expect(&stdout);
+    let key_line = stdout
+        .lines()
+        .find(|l| l.starts_with("created key file"))
+        .expect(&stdout);
     let key_path = PathBuf::from(key_line.split_whitespace().nth(3).unwrap());
-    assert!(key_path.starts_with(env.config_home().join("kmsfs/keys")), "{key_path:?}");
+    assert!(
+        key_path.starts_with(env.config_home().join("kmsfs/keys")),
+        "{key_path:?}"
+    );
     assert_eq!(fs::metadata(&key_path).unwrap().mode() & 0o777, 0o600);
     assert!(!key_path.starts_with(env.backing()));
 
@@ -125,12 +147,30 @@ fn init_import_cat_info_happy_path() {
 
     let out = env.run(&["info", &b], b"");
     let text = String::from_utf8(out.stdout).unwrap();
-    assert!(text.contains("block size:  4096") && text.contains("config:      authenticated"), "{text}");
-    let out = env.run(&["info", &b, "data.bin", "--key", &format!("local:{}", key_path.display())], b"");
+    assert!(
+        text.contains("block size:  4096") && text.contains("config:      authenticated"),
+        "{text}"
+    );
+    let out = env.run(
+        &[
+            "info",
+            &b,
+            "data.bin",
+            "--key",
+            &format!("local:{}", key_path.display()),
+        ],
+        b"",
+    );
     assert_eq!(out.code, 0, "{}", out.stderr);
     let text = String::from_utf8(out.stdout).unwrap();
-    assert!(text.contains("size:        100000 bytes in 25 blocks"), "{text}");
-    assert!(text.contains("bound to /data.bin") && text.contains("status:      authenticated"), "{text}");
+    assert!(
+        text.contains("size:        100000 bytes in 25 blocks"),
+        "{text}"
+    );
+    assert!(
+        text.contains("bound to /data.bin") && text.contains("status:      authenticated"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -138,10 +178,19 @@ fn info_and_cat_never_print_key_material() {
     let env = Env::new();
     env.volume();
     let b = env.backing().display().to_string();
-    let key_file = fs::read_dir(env.config_home().join("kmsfs/keys")).unwrap().next().unwrap().unwrap().path();
+    let key_file = fs::read_dir(env.config_home().join("kmsfs/keys"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
     let master = fs::read(key_file).unwrap();
     let hex: String = master.iter().map(|x| format!("{x:02x}")).collect();
-    for args in [vec!["info", &b], vec!["info", &b, "hello.txt"], vec!["cat", &b, "hello.txt"]] {
+    for args in [
+        vec!["info", &b],
+        vec!["info", &b, "hello.txt"],
+        vec!["cat", &b, "hello.txt"],
+    ] {
         let out = env.run(&args, b"");
         let all = [out.stdout.clone(), out.stderr.into_bytes()].concat();
         assert!(!all.windows(32).any(|w| w == master.as_slice()));
@@ -156,24 +205,48 @@ fn init_bad_input() {
     let msg = env.fails(&["init", &env.p("missing")], 1);
     assert!(msg.contains("does not exist"), "{msg}");
     fs::write(env.dir.path().join("plainfile"), b"x").unwrap();
-    assert!(env.fails(&["init", &env.p("plainfile")], 1).contains("not a directory"));
-    assert!(env.fails(&["init", &b, "--context", "novalue"], 2).contains("expected KEY=VALUE"));
-    assert!(env.fails(&["init", &b, "--context", "kmsfs:path=x"], 2).contains("reserved prefix"));
-    assert!(env.fails(&["init", &b, "--block-size", "1000"], 2).contains("invalid block size"));
-    assert!(env.fails(&["init", &b, "--block-size", "big"], 2).contains("not a size"));
-    assert!(env.fails(&["init", &b, "--key", "mykey"], 2).contains("unrecognized key"));
+    assert!(env
+        .fails(&["init", &env.p("plainfile")], 1)
+        .contains("not a directory"));
+    assert!(env
+        .fails(&["init", &b, "--context", "novalue"], 2)
+        .contains("expected KEY=VALUE"));
+    assert!(env
+        .fails(&["init", &b, "--context", "kmsfs:path=x"], 2)
+        .contains("reserved prefix"));
+    assert!(env
+        .fails(&["init", &b, "--block-size", "1000"], 2)
+        .contains("invalid block size"));
+    assert!(env
+        .fails(&["init", &b, "--block-size", "big"], 2)
+        .contains("not a size"));
+    assert!(env
+        .fails(&["init", &b, "--key", "mykey"], 2)
+        .contains("unrecognized key"));
     let inside = format!("local:{}/../backing/k.key", b);
-    assert!(env.fails(&["init", &b, "--key", &inside], 2).contains("inside the backing directory"));
+    assert!(env
+        .fails(&["init", &b, "--key", &inside], 2)
+        .contains("inside the backing directory"));
     let loose = env.dir.path().join("loose.key");
     fs::write(&loose, [7u8; 32]).unwrap();
     fs::set_permissions(&loose, fs::Permissions::from_mode(0o644)).unwrap();
-    let msg = env.fails(&["init", &b, "--key", &format!("local:{}", loose.display())], 4);
+    let msg = env.fails(
+        &["init", &b, "--key", &format!("local:{}", loose.display())],
+        4,
+    );
     assert!(msg.contains("readable by group or others"), "{msg}");
     let empty = env.dir.path().join("empty.key");
     fs::write(&empty, b"").unwrap();
     fs::set_permissions(&empty, fs::Permissions::from_mode(0o600)).unwrap();
-    assert!(env.fails(&["init", &b, "--key", &format!("local:{}", empty.display())], 4).contains("exactly 32 bytes"));
-    assert!(env.fails(&["init", &b, "--frobnicate"], 2).contains("--frobnicate"));
+    assert!(env
+        .fails(
+            &["init", &b, "--key", &format!("local:{}", empty.display())],
+            4
+        )
+        .contains("exactly 32 bytes"));
+    assert!(env
+        .fails(&["init", &b, "--frobnicate"], 2)
+        .contains("--frobnicate"));
     assert!(env.fails(&["init"], 2).contains("required"));
     let msg = env.fails(&["init", &b, "--key", "alias/kmsfs"], 2);
     assert!(msg.contains("AWS KMS key"), "{msg}");
@@ -186,7 +259,9 @@ fn init_twice_is_refused() {
     let env = Env::new();
     env.volume();
     let b = env.backing().display().to_string();
-    assert!(env.fails(&["init", &b], 1).contains("already a kmsfs volume"));
+    assert!(env
+        .fails(&["init", &b], 1)
+        .contains("already a kmsfs volume"));
 }
 
 #[test]
@@ -215,8 +290,25 @@ fn wrong_missing_or_damaged_keys() {
     let other = env.dir.path().join("other.key");
     let other_env = Env::new();
     let ob = other_env.backing().display().to_string();
-    assert_eq!(other_env.run(&["init", &ob, "--key", &format!("local:{}", other.display())], b"").code, 0);
-    let msg = env.fails(&["cat", &b, "hello.txt", "--key", &format!("local:{}", other.display())], 3);
+    assert_eq!(
+        other_env
+            .run(
+                &["init", &ob, "--key", &format!("local:{}", other.display())],
+                b""
+            )
+            .code,
+        0
+    );
+    let msg = env.fails(
+        &[
+            "cat",
+            &b,
+            "hello.txt",
+            "--key",
+            &format!("local:{}", other.display()),
+        ],
+        3,
+    );
     assert!(msg.contains("is not protected by the key"), "{msg}");
     // The key file went missing.
     let keys = env.config_home().join("kmsfs/keys");
@@ -224,10 +316,27 @@ fn wrong_missing_or_damaged_keys() {
     let moved = env.dir.path().join("moved.key");
     fs::rename(&key_file, &moved).unwrap();
     let msg = env.fails(&["cat", &b, "hello.txt"], 4);
-    assert!(msg.contains("does not exist") && msg.contains("--key"), "{msg}");
+    assert!(
+        msg.contains("does not exist") && msg.contains("--key"),
+        "{msg}"
+    );
     // ...and --key says where it went.
-    let out = env.run(&["cat", &b, "hello.txt", "--key", &format!("local:{}", moved.display())], b"");
-    assert_eq!((out.code, out.stdout.as_slice()), (0, &b"hello, kmsfs\n"[..]), "{}", out.stderr);
+    let out = env.run(
+        &[
+            "cat",
+            &b,
+            "hello.txt",
+            "--key",
+            &format!("local:{}", moved.display()),
+        ],
+        b"",
+    );
+    assert_eq!(
+        (out.code, out.stdout.as_slice()),
+        (0, &b"hello, kmsfs\n"[..]),
+        "{}",
+        out.stderr
+    );
     // An empty key file where the key should be.
     fs::write(&key_file, b"").unwrap();
     fs::set_permissions(&key_file, fs::Permissions::from_mode(0o600)).unwrap();
@@ -247,13 +356,17 @@ fn damaged_configs_are_refused() {
     let good = fs::read(&cfg).unwrap();
     // Truncated.
     fs::write(&cfg, &good[..good.len() / 2]).unwrap();
-    assert!(env.fails(&["info", &b], 3).contains("invalid volume config"));
+    assert!(env
+        .fails(&["info", &b], 3)
+        .contains("invalid volume config"));
     // Edited (the context value t1 -> t2).
     let mut edited = good.clone();
     let at = edited.windows(2).position(|w| w == b"t1").unwrap();
     edited[at + 1] = b'2';
     fs::write(&cfg, &edited).unwrap();
-    assert!(env.fails(&["cat", &b, "hello.txt"], 3).contains("authentication failed"));
+    assert!(env
+        .fails(&["cat", &b, "hello.txt"], 3)
+        .contains("authentication failed"));
     // An unknown feature flag (feature count at offset 32).
     let mut flagged = good[..32].to_vec();
     flagged.extend_from_slice(&[0, 1, 0, 15]);
@@ -261,7 +374,10 @@ fn damaged_configs_are_refused() {
     flagged.extend_from_slice(&good[34..]);
     fs::write(&cfg, &flagged).unwrap();
     let msg = env.fails(&["info", &b], 3);
-    assert!(msg.contains("unknown feature flag 'encrypted-names'"), "{msg}");
+    assert!(
+        msg.contains("unknown feature flag 'encrypted-names'"),
+        "{msg}"
+    );
     fs::write(&cfg, &good).unwrap();
     assert_eq!(env.run(&["info", &b], b"").code, 0);
 }
@@ -271,13 +387,23 @@ fn cat_and_import_bad_paths() {
     let env = Env::new();
     env.volume();
     let b = env.backing().display().to_string();
-    assert!(env.fails(&["cat", &b, "nope.txt"], 1).contains("No such file"));
+    assert!(env
+        .fails(&["cat", &b, "nope.txt"], 1)
+        .contains("No such file"));
     assert!(env.fails(&["cat", &b, "/"], 2).contains("volume root"));
     assert!(env.fails(&["cat", &b, "a/../hello.txt"], 2).contains(".."));
-    assert!(env.fails(&["cat", &b, ".kmsfs/config"], 2).contains("reserves"));
-    assert!(env.fails(&["import", &b, "hello.txt"], 1).contains("already exists"));
-    assert!(env.fails(&["import", &b, "no/such/dir/f"], 1).contains("parent directory"));
-    assert!(env.fails(&["import", &b, "x", "--from", &env.p("missing")], 1).contains("cannot open"));
+    assert!(env
+        .fails(&["cat", &b, ".kmsfs/config"], 2)
+        .contains("reserves"));
+    assert!(env
+        .fails(&["import", &b, "hello.txt"], 1)
+        .contains("already exists"));
+    assert!(env
+        .fails(&["import", &b, "no/such/dir/f"], 1)
+        .contains("parent directory"));
+    assert!(env
+        .fails(&["import", &b, "x", "--from", &env.p("missing")], 1)
+        .contains("cannot open"));
 }
 
 #[test]
@@ -296,5 +422,8 @@ fn cat_of_tampered_or_moved_files_fails_with_the_reason() {
     fs::write(&f, &raw).unwrap();
     fs::rename(&f, env.backing().join("renamed.txt")).unwrap();
     let msg = env.fails(&["cat", &b, "renamed.txt"], 3);
-    assert!(msg.contains("context mismatch") && msg.contains("bound to /hello.txt"), "{msg}");
+    assert!(
+        msg.contains("context mismatch") && msg.contains("bound to /hello.txt"),
+        "{msg}"
+    );
 }

@@ -24,7 +24,10 @@ pub fn run(args: ImportArgs) -> Result<()> {
     let mut input: Box<dyn std::io::Read> = if args.from.as_os_str() == "-" {
         Box::new(std::io::stdin().lock())
     } else {
-        Box::new(std::fs::File::open(&args.from).map_err(|e| Error::io(format!("cannot open {}", args.from.display()), e))?)
+        Box::new(
+            std::fs::File::open(&args.from)
+                .map_err(|e| Error::io(format!("cannot open {}", args.from.display()), e))?,
+        )
     };
     let volume = args.volume.open()?;
     let size = write_new_file(&volume, &path, &mut input)?;

@@ -30,15 +30,24 @@ pub fn run(args: InfoArgs) -> Result<()> {
         }
         Some(path) => {
             let backing = volume.backing_path(&path);
-            let file = std::fs::File::open(&backing).map_err(|e| Error::io(format!("cannot open {path}"), e))?;
-            let len = file.metadata().map_err(|e| Error::io(format!("cannot stat {path}"), e))?.len();
+            let file = std::fs::File::open(&backing)
+                .map_err(|e| Error::io(format!("cannot open {path}"), e))?;
+            let len = file
+                .metadata()
+                .map_err(|e| Error::io(format!("cannot stat {path}"), e))?
+                .len();
             let mut pre = vec![0u8; (len as usize).min(PREAMBLE_LEN)];
-            file.read_exact_at(&mut pre, 0).map_err(|e| Error::io(format!("cannot read {path}"), e))?;
+            file.read_exact_at(&mut pre, 0)
+                .map_err(|e| Error::io(format!("cannot read {path}"), e))?;
             let preamble = Preamble::decode(&pre).map_err(|e| Error::format(&path, e))?;
             let mut head = vec![0u8; preamble.data_offset().min(len) as usize];
-            file.read_exact_at(&mut head, 0).map_err(|e| Error::io(format!("cannot read {path}"), e))?;
+            file.read_exact_at(&mut head, 0)
+                .map_err(|e| Error::io(format!("cannot read {path}"), e))?;
             let header = Header::parse(&head).map_err(|e| Error::format(&path, e))?;
-            let layout = Layout { data_offset: preamble.data_offset(), block_size: preamble.block_size };
+            let layout = Layout {
+                data_offset: preamble.data_offset(),
+                block_size: preamble.block_size,
+            };
             println!("path:        {path}");
             println!("backing:     {}", backing.display());
             match layout.plaintext_len(len) {
@@ -50,15 +59,27 @@ pub fn run(args: InfoArgs) -> Result<()> {
                 Err(e) => println!("size:        unknown: {e}"),
             }
             println!("file id:     {}", hex(&preamble.file_id));
-            println!("header:      {} bytes (two slots of {})", preamble.data_offset(), preamble.slot_size);
+            println!(
+                "header:      {} bytes (two slots of {})",
+                preamble.data_offset(),
+                preamble.slot_size
+            );
             for (i, slot) in header.slots.iter().enumerate() {
                 match slot {
                     SlotState::Empty => println!("slot {i}:      empty"),
                     SlotState::Damaged(why) => println!("slot {i}:      damaged: {why}"),
                     SlotState::Sealed(c) => {
-                        println!("slot {i}:      generation {}, {} envelope(s)", c.generation, c.envelopes.len());
+                        println!(
+                            "slot {i}:      generation {}, {} envelope(s)",
+                            c.generation,
+                            c.envelopes.len()
+                        );
                         for e in &c.envelopes {
-                            let here = if e.path == path { "" } else { "  (another path)" };
+                            let here = if e.path == path {
+                                ""
+                            } else {
+                                "  (another path)"
+                            };
                             println!("  key {} bound to {}{here}", e.key.key_id, e.path);
                         }
                     }
@@ -66,7 +87,10 @@ pub fn run(args: InfoArgs) -> Result<()> {
             }
             // Authenticate: unwrap through the keyring, check commitment and slot MAC.
             let opened = EncryptedFile::from_file(&volume, &path, file)?;
-            println!("status:      authenticated (slot generation {})", opened.generation());
+            println!(
+                "status:      authenticated (slot generation {})",
+                opened.generation()
+            );
             Ok(())
         }
     }
@@ -77,8 +101,15 @@ fn print_volume(volume: &Volume) {
     println!("volume:      {}", volume.id_hex());
     println!("backing:     {}", volume.root().display());
     println!("block size:  {}", c.block_size);
-    println!("suite:       {} (AES-256-GCM blocks, HKDF-SHA256, key commitment)", c.suite);
-    let features = if c.features.is_empty() { "none".to_string() } else { c.features.join(", ") };
+    println!(
+        "suite:       {} (AES-256-GCM blocks, HKDF-SHA256, key commitment)",
+        c.suite
+    );
+    let features = if c.features.is_empty() {
+        "none".to_string()
+    } else {
+        c.features.join(", ")
+    };
     println!("features:    {features}");
     println!("trusted keys (new files use the first):");
     for k in &c.trusted_keys {

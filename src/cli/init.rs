@@ -48,14 +48,20 @@ pub fn parse_context(pairs: &[String]) -> Result<BTreeMap<String, String>> {
             .split_once('=')
             .ok_or_else(|| Error::Usage(format!("bad --context '{pair}': expected KEY=VALUE")))?;
         if map.insert(k.to_string(), v.to_string()).is_some() {
-            return Err(Error::Usage(format!("bad --context: key '{k}' given twice")));
+            return Err(Error::Usage(format!(
+                "bad --context: key '{k}' given twice"
+            )));
         }
     }
     Ok(map)
 }
 
 pub fn run(args: InitArgs) -> Result<()> {
-    let keys = args.keys.iter().map(|k| KeySpec::parse(k).map_err(Error::Usage)).collect::<Result<Vec<_>>>()?;
+    let keys = args
+        .keys
+        .iter()
+        .map(|k| KeySpec::parse(k).map_err(Error::Usage))
+        .collect::<Result<Vec<_>>>()?;
     let options = InitOptions {
         keys,
         context: parse_context(&args.context)?,
@@ -64,7 +70,11 @@ pub fn run(args: InitArgs) -> Result<()> {
     };
     let report = Volume::init(&args.backing, options)?;
     let vol = &report.volume;
-    println!("initialized kmsfs volume {} in {}", vol.id_hex(), args.backing.display());
+    println!(
+        "initialized kmsfs volume {} in {}",
+        vol.id_hex(),
+        args.backing.display()
+    );
     println!("  block size: {}", vol.config().block_size);
     for k in &vol.config().trusted_keys {
         println!("  trusted key: {} ({})", k.id, k.locator);

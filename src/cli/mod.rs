@@ -55,8 +55,18 @@ pub struct VolumeArgs {
 
 impl VolumeArgs {
     pub fn open(&self) -> Result<Volume> {
-        let pin = self.keys.iter().map(|k| KeySpec::parse(k).map_err(Error::Usage)).collect::<Result<_>>()?;
-        Volume::open(&self.backing, &OpenOptions { pin, ..Default::default() })
+        let pin = self
+            .keys
+            .iter()
+            .map(|k| KeySpec::parse(k).map_err(Error::Usage))
+            .collect::<Result<_>>()?;
+        Volume::open(
+            &self.backing,
+            &OpenOptions {
+                pin,
+                ..Default::default()
+            },
+        )
     }
 }
 
@@ -64,11 +74,17 @@ impl VolumeArgs {
 pub fn volume_path(path: &Path) -> Result<CanonicalPath> {
     let canonical = CanonicalPath::from_user(path).map_err(|e| Error::Usage(e.to_string()))?;
     if canonical.is_root() {
-        return Err(Error::Usage(format!("'{}' names the volume root, not a file", path.display())));
+        return Err(Error::Usage(format!(
+            "'{}' names the volume root, not a file",
+            path.display()
+        )));
     }
     let rel = canonical.to_relative_path();
     if rel.iter().any(|c| is_reserved_name(c.as_encoded_bytes())) {
-        return Err(Error::Usage(format!("'{}' is a name kmsfs reserves for itself", path.display())));
+        return Err(Error::Usage(format!(
+            "'{}' is a name kmsfs reserves for itself",
+            path.display()
+        )));
     }
     Ok(canonical)
 }

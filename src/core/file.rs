@@ -60,14 +60,24 @@ impl EncryptedFile {
     /// Makes `file` (empty, opened read-write) the encrypted file for `path`.
     pub fn create(volume: &Volume, path: &CanonicalPath, file: File) -> Result<Self> {
         if path.is_root() {
-            return Err(Error::Usage("the volume root is a directory, not a file".into()));
+            return Err(Error::Usage(
+                "the volume root is a directory, not a file".into(),
+            ));
         }
         let ctx = volume.file_context(path);
-        let (dek, wrapped) = volume.keyring().generate(&ctx).map_err(|e| Error::key(path, e))?;
+        let (dek, wrapped) = volume
+            .keyring()
+            .generate(&ctx)
+            .map_err(|e| Error::key(path, e))?;
         let mut file_id = [0u8; 16];
         getrandom::getrandom(&mut file_id).expect("the OS random number generator failed");
-        let envelopes: Vec<Envelope> =
-            wrapped.into_iter().map(|key| Envelope { path: path.clone(), key }).collect();
+        let envelopes: Vec<Envelope> = wrapped
+            .into_iter()
+            .map(|key| Envelope {
+                path: path.clone(),
+                key,
+            })
+            .collect();
         let preamble = Preamble {
             suite: SUITE_AES256GCM_HKDF_SHA256,
             block_size: volume.config().block_size,
@@ -76,15 +86,38 @@ impl EncryptedFile {
             commitment: kdf::commitment(&dek, &file_id),
         };
         let mac_key = kdf::header_mac_key(&dek, &file_id);
-        let content = SlotContent { generation: 1, envelopes };
+        let content = SlotContent {
+            generation: 1,
+            envelopes,
+        };
         let mut bytes =
             encode_new_header(&preamble, &content, &mac_key).map_err(|e| Error::format(path, e))?;
         let cipher = BlockCipher::new(&kdf::content_key(&dek, &file_id), file_id);
         let nonce = random_nonces(1);
-        cipher.seal(0, true, nonce[..NONCE_LEN].try_into().expect("12"), &[], &mut bytes);
-        file.write_all_at(&bytes, 0).map_err(|e| Error::io(format!("cannot write {path}"), e))?;
-        let layout = Layout { data_offset: preamble.data_offset(), block_size: preamble.block_size };
-        Ok(EncryptedFile { file, path: path.clone(), preamble, layout, cipher, mac_key, active_slot: 0, content, size: 0 })
+        cipher.seal(
+            0,
+            true,
+            nonce[..NONCE_LEN].try_into().expect("12"),
+            &[],
+            &mut bytes,
+        );
+        file.write_all_at(&bytes, 0)
+            .map_err(|e| Error::io(format!("cannot write {path}"), e))?;
+        let layout = Layout {
+            data_offset: preamble.data_offset(),
+            block_size: preamble.block_size,
+        };
+        Ok(EncryptedFile {
+            file,
+            path: path.clone(),
+            preamble,
+            layout,
+            cipher,
+            mac_key,
+            active_slot: 0,
+            content,
+            size: 0,
+        })
     }
 
     /// Opens the backing file of `path` and authenticates its header for that path.
@@ -108,8 +141,13 @@ impl EncryptedFile {
         let mut head = vec![0u8; (preamble.data_offset()).min(len) as usize];
         file.read_exact_at(&mut head, 0).map_err(io)?;
         let header = Header::parse(&head).map_err(|e| Error::format(path, e))?;
-        let layout = Layout { data_offset: preamble.data_offset(), block_size: preamble.block_size };
-        let size = layout.plaintext_len(len).map_err(|e| Error::format(path, e))?;
+        let layout = Layout {
+            data_offset: preamble.data_offset(),
+            block_size: preamble.block_size,
+        };
+        let size = layout
+            .plaintext_len(len)
+            .map_err(|e| Error::format(path, e))?;
 
         let candidates = header.candidates();
         if candidates.is_empty() {
@@ -123,32 +161,56 @@ impl EncryptedFile {
                     SlotState::Sealed(_) => unreachable!("sealed slots are candidates"),
                 })
                 .collect();
-            return Err(Error::format(path, FormatError::InvalidHeader(format!("no valid slot ({})", why.join("; ")))));
+            return Err(Error::format(
+                path,
+                FormatError::InvalidHeader(format!("no valid slot ({})", why.join("; "))),
+            ));
         }
         let ctx = volume.file_context(path);
         let mut first_err = None;
         for (slot, content) in &candidates {
-            let mine: Vec<_> = content.envelopes.iter().filter(|e| &e.path == path).map(|e| &e.key).collect();
+            let mine: Vec<_> = content
+                .envelopes
+                .iter()
+                .filter(|e| &e.path == path)
+                .map(|e| &e.key)
+                .collect();
             let attempt = if mine.is_empty() {
-                let mut bound: Vec<&str> = content.envelopes.iter().map(|e| e.path.as_str()).collect();
+                let mut bound: Vec<&str> =
+                    content.envelopes.iter().map(|e| e.path.as_str()).collect();
                 bound.dedup();
-                Err(Error::Moved { path: path.to_string(), bound: bound.join(", ") })
-            } else {
-                volume.keyring().unwrap(&mine, &ctx).map_err(|e| Error::key(path, e)).and_then(|dek| {
-                    let id = &preamble.file_id;
-                    if !kdf::commitment_matches(&dek, id, &preamble.commitment) {
-                        return Err(Error::format(path, FormatError::CommitmentMismatch));
-                    }
-                    let mac_key = kdf::header_mac_key(&dek, id);
-                    if !header.verify_mac(*slot, &mac_key) {
-                        return Err(Error::format(path, FormatError::HeaderAuthFailed(format!("slot {slot} MAC mismatch"))));
-                    }
-                    Ok((BlockCipher::new(&kdf::content_key(&dek, id), *id), mac_key))
+                Err(Error::Moved {
+                    path: path.to_string(),
+                    bound: bound.join(", "),
                 })
+            } else {
+                volume
+                    .keyring()
+                    .unwrap(&mine, &ctx)
+                    .map_err(|e| Error::key(path, e))
+                    .and_then(|dek| {
+                        let id = &preamble.file_id;
+                        if !kdf::commitment_matches(&dek, id, &preamble.commitment) {
+                            return Err(Error::format(path, FormatError::CommitmentMismatch));
+                        }
+                        let mac_key = kdf::header_mac_key(&dek, id);
+                        if !header.verify_mac(*slot, &mac_key) {
+                            return Err(Error::format(
+                                path,
+                                FormatError::HeaderAuthFailed(format!("slot {slot} MAC mismatch")),
+                            ));
+                        }
+                        Ok((BlockCipher::new(&kdf::content_key(&dek, id), *id), mac_key))
+                    })
             };
             match attempt {
                 Ok((cipher, mac_key)) => {
-                    if *slot != candidates[0].0 || header.slots.iter().any(|s| matches!(s, SlotState::Damaged(_))) {
+                    if *slot != candidates[0].0
+                        || header
+                            .slots
+                            .iter()
+                            .any(|s| matches!(s, SlotState::Damaged(_)))
+                    {
                         tracing::warn!(path = %path, slot, "header slot damaged or stale; using the other slot");
                     }
                     return Ok(EncryptedFile {
@@ -208,7 +270,9 @@ impl EncryptedFile {
             .read_exact_at(&mut sealed, self.layout.block_offset(index))
             .map_err(|e| self.io_err("read", e))?;
         let last = index == self.final_block(self.size);
-        self.cipher.open(index, last, &sealed, out).map_err(|e| Error::format(&self.path, e))
+        self.cipher
+            .open(index, last, &sealed, out)
+            .map_err(|e| Error::format(&self.path, e))
     }
 
     /// Reads up to `buf.len()` bytes at `offset`; fewer only at end of file.
@@ -220,9 +284,12 @@ impl EncryptedFile {
         let bs = self.layout.block_size as u64;
         let (first, last) = (offset / bs, (end - 1) / bs);
         let start = self.layout.block_offset(first);
-        let stop = self.layout.block_offset(last) + (self.layout.block_plain_len(self.size, last) + BLOCK_OVERHEAD) as u64;
+        let stop = self.layout.block_offset(last)
+            + (self.layout.block_plain_len(self.size, last) + BLOCK_OVERHEAD) as u64;
         let mut sealed = vec![0u8; (stop - start) as usize];
-        self.file.read_exact_at(&mut sealed, start).map_err(|e| self.io_err("read", e))?;
+        self.file
+            .read_exact_at(&mut sealed, start)
+            .map_err(|e| self.io_err("read", e))?;
         let final_block = self.final_block(self.size);
         let mut scratch = vec![0u8; bs as usize];
         let mut pos = 0usize;
@@ -237,8 +304,12 @@ impl EncryptedFile {
             if from == block_start && to == block_start + plain as u64 {
                 self.cipher.open(index, index == final_block, chunk, dst)
             } else {
-                let r = self.cipher.open(index, index == final_block, chunk, &mut scratch);
-                dst.copy_from_slice(&scratch[(from - block_start) as usize..(to - block_start) as usize]);
+                let r = self
+                    .cipher
+                    .open(index, index == final_block, chunk, &mut scratch);
+                dst.copy_from_slice(
+                    &scratch[(from - block_start) as usize..(to - block_start) as usize],
+                );
                 r
             }
             .map_err(|e| Error::format(&self.path, e))?;
@@ -274,16 +345,22 @@ impl EncryptedFile {
             first = first.min(old_final);
         }
         let last = (end - 1) / bs;
-        let mut sealed = Vec::with_capacity(((last - first + 1) * self.layout.sealed_block_len()) as usize);
+        let mut sealed =
+            Vec::with_capacity(((last - first + 1) * self.layout.sealed_block_len()) as usize);
         let nonces = random_nonces((last - first + 1) as usize);
         let mut plain = vec![0u8; bs as usize];
         for index in first..=last {
             let block_start = index * bs;
             let new_len = self.layout.block_plain_len(new_size, index);
-            let old_len = if index <= old_final { self.layout.block_plain_len(old_size, index) } else { 0 };
+            let old_len = if index <= old_final {
+                self.layout.block_plain_len(old_size, index)
+            } else {
+                0
+            };
             let covered_from = offset.max(block_start);
             let covered_to = end.min(block_start + new_len as u64);
-            let fully_covered = covered_from == block_start && covered_to >= block_start + old_len as u64;
+            let fully_covered =
+                covered_from == block_start && covered_to >= block_start + old_len as u64;
             let buf = &mut plain[..new_len];
             if old_len > 0 && !fully_covered {
                 let mut old = vec![0u8; bs as usize];
@@ -295,11 +372,14 @@ impl EncryptedFile {
             }
             if covered_from < covered_to {
                 buf[(covered_from - block_start) as usize..(covered_to - block_start) as usize]
-                    .copy_from_slice(&data[(covered_from - offset) as usize..(covered_to - offset) as usize]);
+                    .copy_from_slice(
+                        &data[(covered_from - offset) as usize..(covered_to - offset) as usize],
+                    );
             }
             let n = ((index - first) as usize) * NONCE_LEN;
             let nonce = nonces[n..n + NONCE_LEN].try_into().expect("12");
-            self.cipher.seal(index, index == new_final, nonce, buf, &mut sealed);
+            self.cipher
+                .seal(index, index == new_final, nonce, buf, &mut sealed);
         }
         self.file
             .write_all_at(&sealed, self.layout.block_offset(first))
@@ -327,7 +407,13 @@ impl EncryptedFile {
         let keep = self.layout.block_plain_len(new_size, index);
         let mut sealed = Vec::with_capacity(keep + BLOCK_OVERHEAD);
         let nonce = random_nonces(1);
-        self.cipher.seal(index, true, nonce[..NONCE_LEN].try_into().expect("12"), &block[..keep], &mut sealed);
+        self.cipher.seal(
+            index,
+            true,
+            nonce[..NONCE_LEN].try_into().expect("12"),
+            &block[..keep],
+            &mut sealed,
+        );
         self.file
             .write_all_at(&sealed, self.layout.block_offset(index))
             .map_err(|e| self.io_err("write", e))?;
@@ -342,8 +428,12 @@ impl EncryptedFile {
     /// next generation, and is made durable before it counts.
     pub fn replace_envelopes(&mut self, envelopes: Vec<Envelope>) -> Result<()> {
         let target = 1 - self.active_slot;
-        let content = SlotContent { generation: self.content.generation + 1, envelopes };
-        let slot = seal_slot(&self.preamble, &content, &self.mac_key).map_err(|e| Error::format(&self.path, e))?;
+        let content = SlotContent {
+            generation: self.content.generation + 1,
+            envelopes,
+        };
+        let slot = seal_slot(&self.preamble, &content, &self.mac_key)
+            .map_err(|e| Error::format(&self.path, e))?;
         self.file
             .write_all_at(&slot, self.preamble.slot_offset(target))
             .and_then(|_| self.file.sync_data())
@@ -379,20 +469,29 @@ impl EncryptedFile {
 
 /// Writes `data` as the file at `path`, atomically: a temporary file in the same backing
 /// directory, fsynced, renamed over nothing (an existing file is refused), directory fsynced.
-pub fn write_new_file(volume: &Volume, path: &CanonicalPath, data: &mut dyn std::io::Read) -> Result<u64> {
+pub fn write_new_file(
+    volume: &Volume,
+    path: &CanonicalPath,
+    data: &mut dyn std::io::Read,
+) -> Result<u64> {
     let backing = volume.backing_path(path);
     let dir = backing.parent().unwrap_or(Path::new("/"));
     if backing.symlink_metadata().is_ok() {
         return Err(Error::Refused(format!("{path} already exists")));
     }
     if !dir.is_dir() {
-        return Err(Error::Refused(format!("the parent directory of {path} does not exist")));
+        return Err(Error::Refused(format!(
+            "the parent directory of {path} does not exist"
+        )));
     }
     let tmp = tempfile::Builder::new()
         .prefix(".kmsfs-tmp-")
         .tempfile_in(dir)
         .map_err(|e| Error::io(format!("cannot create a file next to {path}"), e))?;
-    let file = tmp.as_file().try_clone().map_err(|e| Error::io("cannot clone a file handle", e))?;
+    let file = tmp
+        .as_file()
+        .try_clone()
+        .map_err(|e| Error::io("cannot clone a file handle", e))?;
     let mut enc = EncryptedFile::create(volume, path, file)?;
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -406,10 +505,11 @@ pub fn write_new_file(volume: &Volume, path: &CanonicalPath, data: &mut dyn std:
     }
     enc.sync()?;
     let size = enc.size();
-    tmp.persist_noclobber(&backing).map_err(|e| match e.error.kind() {
-        std::io::ErrorKind::AlreadyExists => Error::Refused(format!("{path} already exists")),
-        _ => Error::io(format!("cannot create {path}"), e.error),
-    })?;
+    tmp.persist_noclobber(&backing)
+        .map_err(|e| match e.error.kind() {
+            std::io::ErrorKind::AlreadyExists => Error::Refused(format!("{path} already exists")),
+            _ => Error::io(format!("cannot create {path}"), e.error),
+        })?;
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| Error::io(format!("cannot sync the directory of {path}"), e))?;

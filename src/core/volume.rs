@@ -96,7 +96,12 @@ pub struct Volume {
 
 impl std::fmt::Debug for Volume {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Volume({}, {})", self.root.display(), hex(&self.config.volume_id))
+        write!(
+            f,
+            "Volume({}, {})",
+            self.root.display(),
+            hex(&self.config.volume_id)
+        )
     }
 }
 
@@ -123,11 +128,18 @@ pub fn user_config_dir() -> Result<PathBuf> {
 
 /// An absolute, symlink-resolved form of `path` even if its last components do not exist yet.
 fn resolve(path: &Path) -> std::io::Result<PathBuf> {
-    let abs = if path.is_absolute() { path.to_path_buf() } else { std::env::current_dir()?.join(path) };
+    let abs = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(path)
+    };
     let mut existing = abs.clone();
     let mut rest = Vec::new();
     while fs::symlink_metadata(&existing).is_err() {
-        match (existing.file_name().map(|n| n.to_os_string()), existing.parent()) {
+        match (
+            existing.file_name().map(|n| n.to_os_string()),
+            existing.parent(),
+        ) {
             (Some(name), Some(parent)) => {
                 rest.push(name);
                 existing = parent.to_path_buf();
@@ -139,16 +151,23 @@ fn resolve(path: &Path) -> std::io::Result<PathBuf> {
     for name in rest.into_iter().rev() {
         out.push(name);
     }
-    Ok(out.components().filter(|c| !matches!(c, Component::CurDir)).collect())
+    Ok(out
+        .components()
+        .filter(|c| !matches!(c, Component::CurDir))
+        .collect())
 }
 
 fn check_backing_dir(root: &Path) -> Result<()> {
     match fs::metadata(root) {
         Ok(m) if m.is_dir() => Ok(()),
-        Ok(_) => Err(Error::Refused(format!("{} is not a directory", root.display()))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            Err(Error::Refused(format!("backing directory {} does not exist", root.display())))
-        }
+        Ok(_) => Err(Error::Refused(format!(
+            "{} is not a directory",
+            root.display()
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::Refused(format!(
+            "backing directory {} does not exist",
+            root.display()
+        ))),
         Err(e) => Err(Error::io(format!("cannot access {}", root.display()), e)),
     }
 }
@@ -168,7 +187,10 @@ fn build_keyring(
             Some(wrap) => wrap(provider),
             None => provider,
         };
-        trusted.push(TrustedProvider { key_id: t.id.clone(), provider });
+        trusted.push(TrustedProvider {
+            key_id: t.id.clone(),
+            provider,
+        });
     }
     let keyring = Keyring::new(trusted, options.cache, options.retry, options.concurrency)
         .map_err(|e| Error::io("cannot allocate the key cache", e))?;
@@ -188,10 +210,18 @@ impl Volume {
     /// Creates a new volume in the empty directory `root`.
     pub fn init(root: &Path, options: InitOptions) -> Result<InitReport> {
         check_backing_dir(root)?;
-        let mut entries = fs::read_dir(root).map_err(|e| Error::io(format!("cannot read {}", root.display()), e))?;
+        let mut entries = fs::read_dir(root)
+            .map_err(|e| Error::io(format!("cannot read {}", root.display()), e))?;
         if entries.next().is_some() {
-            let what = if config_path(root).exists() { "is already a kmsfs volume" } else { "is not empty" };
-            return Err(Error::Refused(format!("{} {what}; init needs an empty directory", root.display())));
+            let what = if config_path(root).exists() {
+                "is already a kmsfs volume"
+            } else {
+                "is not empty"
+            };
+            return Err(Error::Refused(format!(
+                "{} {what}; init needs an empty directory",
+                root.display()
+            )));
         }
         if !valid_block_size(options.block_size) {
             return Err(Error::Usage(format!(
@@ -204,12 +234,16 @@ impl Volume {
         }
         let mut volume_id = [0u8; 16];
         getrandom::getrandom(&mut volume_id).expect("the OS random number generator failed");
-        let root_abs = resolve(root).map_err(|e| Error::io("cannot resolve the backing directory", e))?;
+        let root_abs =
+            resolve(root).map_err(|e| Error::io("cannot resolve the backing directory", e))?;
 
         // Decide every key file before touching anything.
         let specs = if options.keys.is_empty() {
             let dir = user_config_dir()?.join("keys");
-            vec![(KeySpec::Local(dir.join(format!("{}.key", hex(&volume_id)))), true)]
+            vec![(
+                KeySpec::Local(dir.join(format!("{}.key", hex(&volume_id)))),
+                true,
+            )]
         } else {
             options.keys.iter().cloned().map(|k| (k, false)).collect()
         };
@@ -218,7 +252,8 @@ impl Volume {
             match spec {
                 KeySpec::Kms(id) => return Err(not_yet_kms(&id)),
                 KeySpec::Local(path) => {
-                    let abs = resolve(&path).map_err(|e| Error::io("cannot resolve the key path", e))?;
+                    let abs =
+                        resolve(&path).map_err(|e| Error::io("cannot resolve the key path", e))?;
                     if abs.starts_with(&root_abs) {
                         return Err(Error::Usage(format!(
                             "key file {} is inside the backing directory; keep keys outside what you store or back up",
@@ -226,11 +261,17 @@ impl Volume {
                         )));
                     }
                     if plan.iter().any(|(p, _): &(PathBuf, bool)| *p == abs) {
-                        return Err(Error::Usage(format!("key {} is given twice", abs.display())));
+                        return Err(Error::Usage(format!(
+                            "key {} is given twice",
+                            abs.display()
+                        )));
                     }
                     let exists = abs.exists();
                     if default && exists {
-                        return Err(Error::Refused(format!("key file {} already exists", abs.display())));
+                        return Err(Error::Refused(format!(
+                            "key file {} already exists",
+                            abs.display()
+                        )));
                     }
                     plan.push((abs, exists));
                 }
@@ -261,17 +302,25 @@ impl Volume {
             }
             let trusted_keys: Vec<TrustedKey> = keys
                 .iter()
-                .map(|k| TrustedKey { id: k.id().to_string(), locator: format!("local:{}", k.path().display()) })
+                .map(|k| TrustedKey {
+                    id: k.id().to_string(),
+                    locator: format!("local:{}", k.path().display()),
+                })
                 .collect();
             for (i, t) in trusted_keys.iter().enumerate() {
                 if trusted_keys[..i].iter().any(|o| o.id == t.id) {
                     return Err(Error::Usage(format!("key {} is given twice", t.id)));
                 }
             }
-            let keyring = build_keyring(&trusted_keys, keys.into_iter().map(Ok).collect(), &options.key_options)?;
+            let keyring = build_keyring(
+                &trusted_keys,
+                keys.into_iter().map(Ok).collect(),
+                &options.key_options,
+            )?;
             let ctx = EncryptionContext::for_volume_config(&volume_id, &options.context);
-            let (volume_key, volume_keys) =
-                keyring.generate(&ctx).map_err(|e| Error::key(root.display(), e))?;
+            let (volume_key, volume_keys) = keyring
+                .generate(&ctx)
+                .map_err(|e| Error::key(root.display(), e))?;
             let config = VolumeConfig {
                 volume_id,
                 suite: SUITE_AES256GCM_HKDF_SHA256,
@@ -285,10 +334,17 @@ impl Volume {
                 .encode(&kdf::config_mac_key(&volume_key, &volume_id))
                 .map_err(|e| Error::format(root.display(), e))?;
             write_config(root, &bytes)?;
-            Ok(Volume { root: root.to_path_buf(), config, keyring })
+            Ok(Volume {
+                root: root.to_path_buf(),
+                config,
+                keyring,
+            })
         })();
         match result {
-            Ok(volume) => Ok(InitReport { volume, created_key_files: created }),
+            Ok(volume) => Ok(InitReport {
+                volume,
+                created_key_files: created,
+            }),
             Err(e) => {
                 for path in &created {
                     let _ = fs::remove_file(path);
@@ -345,7 +401,12 @@ impl Volume {
                     if k.id() == t.id {
                         Ok(k)
                     } else {
-                        Err(format!("key file {} holds {}, not {}", path.display(), k.id(), t.id))
+                        Err(format!(
+                            "key file {} holds {}, not {}",
+                            path.display(),
+                            k.id(),
+                            t.id
+                        ))
                     }
                 }),
                 Ok(KeySpec::Kms(id)) => return Err(not_yet_kms(&id)),
@@ -353,8 +414,14 @@ impl Volume {
             };
             loaded.push(key);
         }
-        if let Some(Err(first)) = loaded.iter().find(|k| k.is_err()).filter(|_| loaded.iter().all(|k| k.is_err())) {
-            return Err(Error::KeyFile(format!("{first} (pass --key local:PATH if it moved)")));
+        if let Some(Err(first)) = loaded
+            .iter()
+            .find(|k| k.is_err())
+            .filter(|_| loaded.iter().all(|k| k.is_err()))
+        {
+            return Err(Error::KeyFile(format!(
+                "{first} (pass --key local:PATH if it moved)"
+            )));
         }
         let keyring = build_keyring(&claimed.trusted_keys, loaded, &options.key_options)?;
         let ctx = EncryptionContext::for_volume_config(&claimed.volume_id, &claimed.context);
@@ -370,7 +437,11 @@ impl Volume {
         let config = unverified
             .verify(&kdf::config_mac_key(&volume_key, &volume_id))
             .map_err(|e| Error::format(&shown, e))?;
-        Ok(Volume { root: root.to_path_buf(), config, keyring })
+        Ok(Volume {
+            root: root.to_path_buf(),
+            config,
+            keyring,
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -401,7 +472,12 @@ impl Volume {
 }
 
 fn trusted_list(config: &VolumeConfig) -> String {
-    config.trusted_keys.iter().map(|k| k.id.as_str()).collect::<Vec<_>>().join(", ")
+    config
+        .trusted_keys
+        .iter()
+        .map(|k| k.id.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Whether a backing-store name is kmsfs's own (never a user file).
@@ -422,8 +498,13 @@ fn write_config(root: &Path, bytes: &[u8]) -> Result<()> {
         .prefix(".config.tmp")
         .tempfile_in(&dir)
         .map_err(|e| io("cannot write in", e))?;
-    tmp.write_all(bytes).and_then(|_| tmp.as_file().sync_all()).map_err(|e| io("cannot write in", e))?;
-    tmp.persist(dir.join(CONFIG_NAME)).map_err(|e| io("cannot write in", e.error))?;
-    fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(|e| io("cannot sync", e))?;
+    tmp.write_all(bytes)
+        .and_then(|_| tmp.as_file().sync_all())
+        .map_err(|e| io("cannot write in", e))?;
+    tmp.persist(dir.join(CONFIG_NAME))
+        .map_err(|e| io("cannot write in", e.error))?;
+    fs::File::open(&dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io("cannot sync", e))?;
     Ok(())
 }

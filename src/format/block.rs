@@ -62,7 +62,11 @@ impl BlockCipher {
         out.extend_from_slice(plaintext);
         let tag = self
             .aead
-            .encrypt_in_place_detached(Nonce::from_slice(nonce), &self.aad(index, last), &mut out[start..])
+            .encrypt_in_place_detached(
+                Nonce::from_slice(nonce),
+                &self.aad(index, last),
+                &mut out[start..],
+            )
             .expect("AES-GCM encrypts any block shorter than 64 GiB");
         out.extend_from_slice(&tag);
     }
@@ -179,7 +183,10 @@ mod tests {
         let mut sealed = Vec::new();
         c.seal(3, false, &[9; 12], b"hello", &mut sealed);
         let mut out = [0u8; 5];
-        assert_eq!(c.open(4, false, &sealed, &mut out), Err(FormatError::DecryptionFailed(4)));
+        assert_eq!(
+            c.open(4, false, &sealed, &mut out),
+            Err(FormatError::DecryptionFailed(4))
+        );
         assert_eq!(out, [0; 5], "no plaintext escapes a failed open");
     }
 
@@ -200,7 +207,10 @@ mod tests {
 
     #[test]
     fn layout_lengths() {
-        let l = Layout { data_offset: 100, block_size: 4096 };
+        let l = Layout {
+            data_offset: 100,
+            block_size: 4096,
+        };
         assert_eq!(l.backing_len(0), 128);
         assert_eq!(l.plaintext_len(128), Ok(0));
         assert_eq!(l.backing_len(4096), 100 + 4124);

@@ -103,7 +103,11 @@ impl VolumeConfig {
             return bad("no trusted keys".into());
         }
         for (i, k) in self.trusted_keys.iter().enumerate() {
-            if k.id.is_empty() || k.locator.is_empty() || k.id.len() > 2048 || k.locator.len() > 4096 {
+            if k.id.is_empty()
+                || k.locator.is_empty()
+                || k.id.len() > 2048
+                || k.locator.len() > 4096
+            {
                 return bad("empty or oversized trusted key".into());
             }
             if self.trusted_keys[..i].iter().any(|o| o.id == k.id) {
@@ -119,7 +123,10 @@ impl VolumeConfig {
         for k in &self.volume_keys {
             k.validate().map_err(FormatError::InvalidConfig)?;
             if !self.trusted_keys.iter().any(|t| t.id == k.key_id) {
-                return bad(format!("volume key wrapped under untrusted key {}", k.key_id));
+                return bad(format!(
+                    "volume key wrapped under untrusted key {}",
+                    k.key_id
+                ));
             }
         }
         Ok(())
@@ -153,13 +160,18 @@ impl UnverifiedConfig {
         }
         let version = r.u16().map_err(trunc)?;
         if version != VERSION {
-            return Err(FormatError::UnsupportedVersion { what: "volume config", version });
+            return Err(FormatError::UnsupportedVersion {
+                what: "volume config",
+                version,
+            });
         }
         let volume_id = r.array().map_err(trunc)?;
         let suite = r.u16().map_err(trunc)?;
         let block_size = r.u32().map_err(trunc)?;
         let utf8 = |b: &[u8]| {
-            std::str::from_utf8(b).map(str::to_string).map_err(|_| bad("field is not UTF-8"))
+            std::str::from_utf8(b)
+                .map(str::to_string)
+                .map_err(|_| bad("field is not UTF-8"))
         };
         let mut features = Vec::new();
         for _ in 0..r.u16().map_err(trunc)? {
@@ -176,7 +188,10 @@ impl UnverifiedConfig {
         for _ in 0..r.u16().map_err(trunc)? {
             let k = utf8(r.lp16().map_err(trunc)?)?;
             let v = utf8(r.lp16().map_err(trunc)?)?;
-            if last_key.as_ref().is_some_and(|l| l.as_bytes() >= k.as_bytes()) {
+            if last_key
+                .as_ref()
+                .is_some_and(|l| l.as_bytes() >= k.as_bytes())
+            {
                 return Err(bad("context pairs not in canonical order"));
             }
             last_key = Some(k.clone());
@@ -189,8 +204,15 @@ impl UnverifiedConfig {
         if r.remaining() != 0 {
             return Err(bad("trailing bytes"));
         }
-        let config =
-            VolumeConfig { volume_id, suite, block_size, features, trusted_keys, context, volume_keys };
+        let config = VolumeConfig {
+            volume_id,
+            suite,
+            block_size,
+            features,
+            trusted_keys,
+            context,
+            volume_keys,
+        };
         config.validate()?;
         Ok(UnverifiedConfig {
             config,
@@ -227,9 +249,15 @@ mod tests {
             suite: SUITE_AES256GCM_HKDF_SHA256,
             block_size: 4096,
             features: vec![],
-            trusted_keys: vec![TrustedKey { id: "local:aa".into(), locator: "local:/k".into() }],
+            trusted_keys: vec![TrustedKey {
+                id: "local:aa".into(),
+                locator: "local:/k".into(),
+            }],
             context,
-            volume_keys: vec![WrappedKey { key_id: "local:aa".into(), blob: vec![9; 77] }],
+            volume_keys: vec![WrappedKey {
+                key_id: "local:aa".into(),
+                blob: vec![9; 77],
+            }],
         }
     }
 
@@ -241,7 +269,10 @@ mod tests {
         assert_eq!(parsed.claimed(), &sample());
         assert_eq!(parsed.verify(&key).unwrap(), sample());
         let parsed = UnverifiedConfig::parse(&bytes).unwrap();
-        assert_eq!(parsed.verify(&DerivedKey::new([2; 32])), Err(FormatError::ConfigAuthFailed));
+        assert_eq!(
+            parsed.verify(&DerivedKey::new([2; 32])),
+            Err(FormatError::ConfigAuthFailed)
+        );
     }
 
     #[test]

@@ -50,7 +50,10 @@ impl EncryptionContext {
     }
 
     /// The context of the volume key that authenticates the config.
-    pub fn for_volume_config(volume_id: &[u8; 16], static_pairs: &BTreeMap<String, String>) -> Self {
+    pub fn for_volume_config(
+        volume_id: &[u8; 16],
+        static_pairs: &BTreeMap<String, String>,
+    ) -> Self {
         let mut map = static_pairs.clone();
         map.insert(CONTEXT_VOLUME.into(), super::codec::hex(volume_id));
         map.insert(CONTEXT_PURPOSE.into(), "volume-config".into());
@@ -200,7 +203,11 @@ impl CanonicalPath {
         if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') {
             return Err(FormatError::InvalidPath("bad file name".into()));
         }
-        let mut out = if self.is_root() { String::new() } else { self.0.clone() };
+        let mut out = if self.is_root() {
+            String::new()
+        } else {
+            self.0.clone()
+        };
         out.push('/');
         encode_component(name, &mut out);
         Self::check_len(out)
@@ -235,7 +242,10 @@ fn decode_component(comp: &str) -> Option<Vec<u8>> {
     while i < bytes.len() {
         if bytes[i] == b'%' {
             let hex = comp.get(i + 1..i + 3)?;
-            if !hex.bytes().all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b)) {
+            if !hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
+            {
                 return None;
             }
             out.push(u8::from_str_radix(hex, 16).ok()?);
@@ -292,7 +302,11 @@ mod tests {
 
     #[test]
     fn join_and_relative_path() {
-        let p = CanonicalPath::root().join(b"dir").unwrap().join(b"f\xff").unwrap();
+        let p = CanonicalPath::root()
+            .join(b"dir")
+            .unwrap()
+            .join(b"f\xff")
+            .unwrap();
         assert_eq!(p.as_str(), "/dir/f%FF");
         assert_eq!(p.to_relative_path().as_os_str().as_bytes(), b"dir/f\xff");
         assert!(p.join(b"..").is_err());

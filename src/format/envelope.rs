@@ -34,7 +34,10 @@ impl WrappedKey {
         w.lp16(self.key_id.as_bytes()).lp16(&self.blob);
     }
 
-    pub(crate) fn decode(r: &mut Reader, bad: &dyn Fn(&str) -> FormatError) -> Result<Self, FormatError> {
+    pub(crate) fn decode(
+        r: &mut Reader,
+        bad: &dyn Fn(&str) -> FormatError,
+    ) -> Result<Self, FormatError> {
         let key_id = r.lp16().map_err(|_| bad("truncated key id"))?;
         let key_id = std::str::from_utf8(key_id)
             .map_err(|_| bad("key id is not UTF-8"))?
@@ -69,7 +72,10 @@ impl Envelope {
         self.key.encode(w);
     }
 
-    pub(crate) fn decode(r: &mut Reader, bad: &dyn Fn(&str) -> FormatError) -> Result<Self, FormatError> {
+    pub(crate) fn decode(
+        r: &mut Reader,
+        bad: &dyn Fn(&str) -> FormatError,
+    ) -> Result<Self, FormatError> {
         let path = r.lp16().map_err(|_| bad("truncated envelope path"))?;
         let path = std::str::from_utf8(path).map_err(|_| bad("envelope path is not UTF-8"))?;
         let path = CanonicalPath::from_encoded(path).map_err(|e| bad(&e.to_string()))?;

@@ -67,7 +67,10 @@ impl Preamble {
         }
         let version = r.u16().map_err(|_| bad("truncated"))?;
         if version != VERSION {
-            return Err(FormatError::UnsupportedVersion { what: "header", version });
+            return Err(FormatError::UnsupportedVersion {
+                what: "header",
+                version,
+            });
         }
         let suite = r.u16().map_err(|_| bad("truncated"))?;
         if suite != SUITE_AES256GCM_HKDF_SHA256 {
@@ -83,7 +86,13 @@ impl Preamble {
         }
         let file_id = r.array().map_err(|_| bad("truncated"))?;
         let commitment = r.array().map_err(|_| bad("truncated"))?;
-        Ok(Preamble { suite, block_size, slot_size, file_id, commitment })
+        Ok(Preamble {
+            suite,
+            block_size,
+            slot_size,
+            file_id,
+            commitment,
+        })
     }
 
     /// Where the first block starts: after the preamble and both slots.
@@ -98,7 +107,7 @@ impl Preamble {
 }
 
 pub fn valid_slot_size(n: u32) -> bool {
-    n >= SLOT_ALIGN && n <= MAX_SLOT_SIZE && n % SLOT_ALIGN == 0
+    (SLOT_ALIGN..=MAX_SLOT_SIZE).contains(&n) && n % SLOT_ALIGN == 0
 }
 
 /// The slot size a new file gets for `envelopes`: room for them plus headroom, rounded up.
@@ -139,7 +148,10 @@ pub enum SlotState {
     Sealed(SlotContent),
 }
 
-fn checksum(preamble: &[u8; PREAMBLE_LEN], slot_head: &[u8]) -> [u8; 16] {
+/// The unkeyed checksum of a slot: SHA-256 over a label, the preamble and the slot's first
+/// `slot_size - 16` bytes, truncated to 16 bytes. Anyone can compute it (tests that play the
+/// attacker do); it only detects torn writes, the MAC is what authenticates.
+pub fn slot_checksum(preamble: &[u8; PREAMBLE_LEN], slot_head: &[u8]) -> [u8; 16] {
     let mut h = Sha256::new();
     h.update(CHECKSUM_LABEL);
     h.update(preamble);
@@ -154,7 +166,9 @@ pub fn seal_slot(
     mac_key: &DerivedKey,
 ) -> Result<Vec<u8>, FormatError> {
     if content.generation == 0 {
-        return Err(FormatError::TooLarge("generation 0 is reserved for empty slots".into()));
+        return Err(FormatError::TooLarge(
+            "generation 0 is reserved for empty slots".into(),
+        ));
     }
     if content.envelopes.is_empty() || content.envelopes.len() > MAX_ENVELOPES {
         return Err(FormatError::TooLarge(format!(
@@ -179,7 +193,7 @@ pub fn seal_slot(
     slot.resize(slot_size - SLOT_TRAILER_LEN, 0);
     let mac = kdf::hmac(mac_key, &[&pre, &slot]);
     slot.extend_from_slice(&mac);
-    let sum = checksum(&pre, &slot);
+    let sum = slot_checksum(&pre, &slot);
     slot.extend_from_slice(&sum);
     Ok(slot)
 }
@@ -195,7 +209,7 @@ pub fn read_slot(preamble: &Preamble, slot: &[u8]) -> SlotState {
     }
     let pre = preamble.encode();
     let (head, sum) = slot.split_at(slot.len() - 16);
-    if checksum(&pre, head) != sum {
+    if slot_checksum(&pre, head) != sum {
         return damaged("checksum mismatch (torn write or corruption)");
     }
     let mut r = Reader::new(&slot[..slot.len() - SLOT_TRAILER_LEN]);
@@ -221,7 +235,10 @@ pub fn read_slot(preamble: &Preamble, slot: &[u8]) -> SlotState {
         let mut envelopes = Vec::with_capacity(count);
         for _ in 0..count {
             let e = Envelope::decode(&mut br, &bad)?;
-            if envelopes.iter().any(|o: &Envelope| o.path == e.path && o.key.key_id == e.key.key_id) {
+            if envelopes
+                .iter()
+                .any(|o: &Envelope| o.path == e.path && o.key.key_id == e.key.key_id)
+            {
                 return Err(bad("duplicate envelope"));
             }
             envelopes.push(e);
@@ -232,7 +249,10 @@ pub fn read_slot(preamble: &Preamble, slot: &[u8]) -> SlotState {
         Ok(envelopes)
     })();
     match parsed {
-        Ok(envelopes) => SlotState::Sealed(SlotContent { generation, envelopes }),
+        Ok(envelopes) => SlotState::Sealed(SlotContent {
+            generation,
+            envelopes,
+        }),
         Err(e) => SlotState::Damaged(e.to_string()),
     }
 }
@@ -243,7 +263,9 @@ pub fn verify_slot_mac(preamble: &Preamble, slot: &[u8], mac_key: &DerivedKey) -
         return false;
     }
     let signed_len = slot.len() - SLOT_TRAILER_LEN;
-    let tag: [u8; 32] = slot[signed_len..signed_len + 32].try_into().expect("32 bytes");
+    let tag: [u8; 32] = slot[signed_len..signed_len + 32]
+        .try_into()
+        .expect("32 bytes");
     kdf::hmac_verify(mac_key, &[&preamble.encode(), &slot[..signed_len]], &tag)
 }
 
@@ -262,15 +284,24 @@ impl Header {
         let preamble = Preamble::decode(bytes)?;
         let end = preamble.data_offset() as usize;
         if bytes.len() < end {
-            return Err(FormatError::InvalidHeader("file shorter than its header".into()));
+            return Err(FormatError::InvalidHeader(
+                "file shorter than its header".into(),
+            ));
         }
         let s = preamble.slot_size as usize;
         let raw_slots = [
             bytes[PREAMBLE_LEN..PREAMBLE_LEN + s].to_vec(),
             bytes[PREAMBLE_LEN + s..end].to_vec(),
         ];
-        let slots = [read_slot(&preamble, &raw_slots[0]), read_slot(&preamble, &raw_slots[1])];
-        Ok(Header { preamble, raw_slots, slots })
+        let slots = [
+            read_slot(&preamble, &raw_slots[0]),
+            read_slot(&preamble, &raw_slots[1]),
+        ];
+        Ok(Header {
+            preamble,
+            raw_slots,
+            slots,
+        })
     }
 
     /// Sealed slots, newest generation first: the order a reader tries them in.
@@ -284,7 +315,7 @@ impl Header {
                 _ => None,
             })
             .collect();
-        out.sort_by(|a, b| b.1.generation.cmp(&a.1.generation));
+        out.sort_by_key(|c| std::cmp::Reverse(c.1.generation));
         out
     }
 
@@ -316,7 +347,10 @@ mod tests {
     fn envelope(path: &str) -> Envelope {
         Envelope {
             path: CanonicalPath::from_user(Path::new(path)).unwrap(),
-            key: WrappedKey { key_id: "local:abc".into(), blob: vec![1; 77] },
+            key: WrappedKey {
+                key_id: "local:abc".into(),
+                blob: vec![1; 77],
+            },
         }
     }
 
@@ -336,7 +370,10 @@ mod tests {
         let pre = preamble(&envs);
         assert_eq!(pre.slot_size, 512);
         let key = DerivedKey::new([1; 32]);
-        let content = SlotContent { generation: 1, envelopes: envs };
+        let content = SlotContent {
+            generation: 1,
+            envelopes: envs,
+        };
         let bytes = encode_new_header(&pre, &content, &key).unwrap();
         assert_eq!(bytes.len(), 64 + 1024);
         let h = Header::parse(&bytes).unwrap();
@@ -353,8 +390,15 @@ mod tests {
         let envs = vec![envelope("a")];
         let pre = preamble(&envs);
         let key = DerivedKey::new([1; 32]);
-        let mut bytes =
-            encode_new_header(&pre, &SlotContent { generation: 1, envelopes: envs }, &key).unwrap();
+        let mut bytes = encode_new_header(
+            &pre,
+            &SlotContent {
+                generation: 1,
+                envelopes: envs,
+            },
+            &key,
+        )
+        .unwrap();
         bytes[64 + 20] ^= 1;
         let h = Header::parse(&bytes).unwrap();
         assert!(matches!(h.slots[0], SlotState::Damaged(_)));
@@ -368,11 +412,22 @@ mod tests {
         let key = DerivedKey::new([1; 32]);
         let mut bytes = encode_new_header(
             &pre,
-            &SlotContent { generation: 4, envelopes: envs.clone() },
+            &SlotContent {
+                generation: 4,
+                envelopes: envs.clone(),
+            },
             &key,
         )
         .unwrap();
-        let newer = seal_slot(&pre, &SlotContent { generation: 5, envelopes: envs }, &key).unwrap();
+        let newer = seal_slot(
+            &pre,
+            &SlotContent {
+                generation: 5,
+                envelopes: envs,
+            },
+            &key,
+        )
+        .unwrap();
         bytes[64 + 512..].copy_from_slice(&newer);
         let h = Header::parse(&bytes).unwrap();
         let order: Vec<usize> = h.candidates().iter().map(|c| c.0).collect();
@@ -387,7 +442,10 @@ mod tests {
         assert!(Preamble::decode(&p).is_err());
         let mut p = preamble(&[envelope("a")]).encode();
         p[5] = 9; // version
-        assert!(matches!(Preamble::decode(&p), Err(FormatError::UnsupportedVersion { .. })));
+        assert!(matches!(
+            Preamble::decode(&p),
+            Err(FormatError::UnsupportedVersion { .. })
+        ));
         let mut p = preamble(&[envelope("a")]).encode();
         p[10] = 0x77; // block size
         assert!(Preamble::decode(&p).is_err());
@@ -399,7 +457,14 @@ mod tests {
         let pre = preamble(&envs[..1]);
         let key = DerivedKey::new([1; 32]);
         assert!(matches!(
-            seal_slot(&pre, &SlotContent { generation: 1, envelopes: envs }, &key),
+            seal_slot(
+                &pre,
+                &SlotContent {
+                    generation: 1,
+                    envelopes: envs
+                },
+                &key
+            ),
             Err(FormatError::TooLarge(_))
         ));
     }

@@ -20,7 +20,8 @@ pub const LABEL_CONFIG_MAC: &[u8] = b"kmsfs/v1 config mac";
 fn expand(dek: &DataKey, salt: &[u8], label: &[u8]) -> DerivedKey {
     let hk = Hkdf::<Sha256>::new(Some(salt), dek.expose());
     let mut out = [0u8; 32];
-    hk.expand(label, &mut out).expect("32 bytes is a valid HKDF-SHA256 length");
+    hk.expand(label, &mut out)
+        .expect("32 bytes is a valid HKDF-SHA256 length");
     DerivedKey::new(out)
 }
 

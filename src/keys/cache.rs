@@ -35,7 +35,10 @@ pub struct CacheConfig {
 
 impl Default for CacheConfig {
     fn default() -> Self {
-        CacheConfig { max_entries: DEFAULT_ENTRIES, ttl: DEFAULT_TTL }
+        CacheConfig {
+            max_entries: DEFAULT_ENTRIES,
+            ttl: DEFAULT_TTL,
+        }
     }
 }
 
@@ -84,7 +87,12 @@ struct Flight {
 
 impl Flight {
     fn finish(&self, result: &Result<DataKey, KeyError>) {
-        *self.result.lock().unwrap() = Some(result.as_ref().map(DataKey::duplicate).map_err(Clone::clone));
+        *self.result.lock().unwrap() = Some(
+            result
+                .as_ref()
+                .map(DataKey::duplicate)
+                .map_err(Clone::clone),
+        );
         self.done.notify_all();
     }
 
@@ -93,7 +101,11 @@ impl Flight {
         while r.is_none() {
             r = self.done.wait(r).unwrap();
         }
-        r.as_ref().unwrap().as_ref().map(DataKey::duplicate).map_err(Clone::clone)
+        r.as_ref()
+            .unwrap()
+            .as_ref()
+            .map(DataKey::duplicate)
+            .map_err(Clone::clone)
     }
 }
 
@@ -106,9 +118,14 @@ struct Inner {
 
 impl Inner {
     fn purge_expired(&mut self, now: Instant) -> u64 {
-        let Some(lru) = self.lru.as_mut() else { return 0 };
-        let expired: Vec<CacheKey> =
-            lru.iter().filter(|(_, e)| e.expires <= now).map(|(k, _)| *k).collect();
+        let Some(lru) = self.lru.as_mut() else {
+            return 0;
+        };
+        let expired: Vec<CacheKey> = lru
+            .iter()
+            .filter(|(_, e)| e.expires <= now)
+            .map(|(k, _)| *k)
+            .collect();
         for k in &expired {
             if let Some(e) = lru.pop(k) {
                 self.arena.release(e.slot);
@@ -140,7 +157,12 @@ struct FlightGuard<'a> {
 impl Drop for FlightGuard<'_> {
     fn drop(&mut self) {
         if self.armed {
-            self.cache.inner.lock().unwrap_or_else(|e| e.into_inner()).inflight.remove(&self.key);
+            self.cache
+                .inner
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .inflight
+                .remove(&self.key);
             self.flight.finish(&Err(KeyError::new(
                 KeyErrorKind::Unavailable,
                 KmsOp::Decrypt,
@@ -210,7 +232,12 @@ impl KeyCache {
             inner.inflight.insert(key, f.clone());
             f
         };
-        let mut guard = FlightGuard { cache: self, key, flight, armed: true };
+        let mut guard = FlightGuard {
+            cache: self,
+            key,
+            flight,
+            armed: true,
+        };
         let result = fetch();
         {
             let mut g = self.inner.lock().unwrap();
@@ -223,8 +250,17 @@ impl KeyCache {
                         self.evictions.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-                let slot = inner.arena.store(dek).expect("the arena has a slot per entry");
-                lru.put(key, Entry { slot, expires: Instant::now() + self.ttl });
+                let slot = inner
+                    .arena
+                    .store(dek)
+                    .expect("the arena has a slot per entry");
+                lru.put(
+                    key,
+                    Entry {
+                        slot,
+                        expires: Instant::now() + self.ttl,
+                    },
+                );
             }
         }
         guard.flight.finish(&result);
@@ -273,7 +309,10 @@ mod tests {
     use std::sync::Barrier;
 
     fn key(n: u8, path: &str) -> CacheKey {
-        let w = WrappedKey { key_id: "local:x".into(), blob: vec![n; 10] };
+        let w = WrappedKey {
+            key_id: "local:x".into(),
+            blob: vec![n; 10],
+        };
         let ctx = EncryptionContext::for_file(
             &[0; 16],
             &CanonicalPath::from_user(Path::new(path)).unwrap(),
@@ -296,8 +335,13 @@ mod tests {
     #[test]
     fn hit_after_miss() {
         let c = KeyCache::new(CacheConfig::default()).unwrap();
-        assert_eq!(c.get_or_fetch(key(1, "a"), || dek(1)).unwrap().expose(), &[1; 32]);
-        let got = c.get_or_fetch(key(1, "a"), || panic!("must be cached")).unwrap();
+        assert_eq!(
+            c.get_or_fetch(key(1, "a"), || dek(1)).unwrap().expose(),
+            &[1; 32]
+        );
+        let got = c
+            .get_or_fetch(key(1, "a"), || panic!("must be cached"))
+            .unwrap();
         assert_eq!(got.expose(), &[1; 32]);
         let s = c.stats();
         assert_eq!((s.hits, s.misses, s.entries), (1, 1, 1));
@@ -305,7 +349,11 @@ mod tests {
 
     #[test]
     fn bounded_by_entry_count() {
-        let c = KeyCache::new(CacheConfig { max_entries: 3, ttl: DEFAULT_TTL }).unwrap();
+        let c = KeyCache::new(CacheConfig {
+            max_entries: 3,
+            ttl: DEFAULT_TTL,
+        })
+        .unwrap();
         for i in 0..10u8 {
             c.get_or_fetch(key(i, "a"), || dek(i)).unwrap();
         }
@@ -313,7 +361,8 @@ mod tests {
         assert_eq!(s.entries, 3);
         assert_eq!(s.evictions, 7);
         // The oldest went first; the newest are still there.
-        c.get_or_fetch(key(9, "a"), || panic!("recent entry evicted")).unwrap();
+        c.get_or_fetch(key(9, "a"), || panic!("recent entry evicted"))
+            .unwrap();
         let mut fetched = false;
         c.get_or_fetch(key(0, "a"), || {
             fetched = true;
@@ -325,8 +374,11 @@ mod tests {
 
     #[test]
     fn entries_expire() {
-        let c = KeyCache::new(CacheConfig { max_entries: 10, ttl: Duration::from_millis(50) })
-            .unwrap();
+        let c = KeyCache::new(CacheConfig {
+            max_entries: 10,
+            ttl: Duration::from_millis(50),
+        })
+        .unwrap();
         c.get_or_fetch(key(1, "a"), || dek(1)).unwrap();
         std::thread::sleep(Duration::from_millis(80));
         c.purge_expired();
@@ -350,7 +402,11 @@ mod tests {
 
     #[test]
     fn disabled_cache_fetches_every_time() {
-        let c = KeyCache::new(CacheConfig { max_entries: 0, ttl: DEFAULT_TTL }).unwrap();
+        let c = KeyCache::new(CacheConfig {
+            max_entries: 0,
+            ttl: DEFAULT_TTL,
+        })
+        .unwrap();
         c.get_or_fetch(key(1, "a"), || dek(1)).unwrap();
         c.get_or_fetch(key(1, "a"), || dek(1)).unwrap();
         assert_eq!(c.stats().misses, 2);

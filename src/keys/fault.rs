@@ -98,7 +98,11 @@ impl FaultyProvider {
             } else {
                 let (throttle, timeout, after) =
                     (f.throttle_per_mille, f.timeout_per_mille, f.timeout_after);
-                let roll = if throttle + timeout > 0 { self.roll() } else { 1000 };
+                let roll = if throttle + timeout > 0 {
+                    self.roll()
+                } else {
+                    1000
+                };
                 if roll < throttle {
                     Some((KeyErrorKind::Throttled, Duration::ZERO))
                 } else if roll < throttle + timeout {
@@ -134,7 +138,12 @@ impl KeyProvider for FaultyProvider {
         self.inner.generate_data_key(key_id, ctx)
     }
 
-    fn encrypt(&self, key_id: &str, key: &DataKey, ctx: &EncryptionContext) -> Result<WrappedKey, KeyError> {
+    fn encrypt(
+        &self,
+        key_id: &str,
+        key: &DataKey,
+        ctx: &EncryptionContext,
+    ) -> Result<WrappedKey, KeyError> {
         self.inject(KmsOp::Encrypt, key_id)?;
         self.inner.encrypt(key_id, key, ctx)
     }

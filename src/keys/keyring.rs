@@ -114,7 +114,10 @@ impl Keyring {
             keys,
             cache: KeyCache::new(cache)?,
             retry,
-            limiter: Limiter { free: Mutex::new(concurrency.max(1)), released: Condvar::new() },
+            limiter: Limiter {
+                free: Mutex::new(concurrency.max(1)),
+                released: Condvar::new(),
+            },
             ops: Default::default(),
         })
     }
@@ -128,7 +131,10 @@ impl Keyring {
     }
 
     fn provider(&self, key_id: &str) -> Option<&Arc<dyn KeyProvider>> {
-        self.keys.iter().find(|k| k.key_id == key_id).map(|k| &k.provider)
+        self.keys
+            .iter()
+            .find(|k| k.key_id == key_id)
+            .map(|k| &k.provider)
     }
 
     /// Runs one provider call with the concurrency limit, retries and deadline.
@@ -158,7 +164,9 @@ impl Keyring {
             self.limiter.release();
             let took = t0.elapsed();
             counters.requests.fetch_add(1, Ordering::Relaxed);
-            counters.latency_us.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+            counters
+                .latency_us
+                .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
             tracing::debug!(
                 op = %op, key = key_id, context = %ctx.describe(), attempt,
                 latency_us = took.as_micros() as u64,
@@ -173,7 +181,10 @@ impl Keyring {
             if !err.kind.is_transient() || attempt >= self.retry.max_attempts {
                 return Err(with_attempts(err, attempt));
             }
-            let ceiling = self.retry.base_delay.saturating_mul(1 << (attempt - 1).min(16));
+            let ceiling = self
+                .retry
+                .base_delay
+                .saturating_mul(1 << (attempt - 1).min(16));
             let ceiling = ceiling.min(self.retry.max_delay);
             let pause = rand::thread_rng().gen_range(Duration::ZERO..=ceiling);
             if Instant::now() + pause >= until {
@@ -185,7 +196,10 @@ impl Keyring {
     }
 
     /// A new data key under the first trusted key, also wrapped under every other one.
-    pub fn generate(&self, ctx: &EncryptionContext) -> Result<(DataKey, Vec<WrappedKey>), KeyError> {
+    pub fn generate(
+        &self,
+        ctx: &EncryptionContext,
+    ) -> Result<(DataKey, Vec<WrappedKey>), KeyError> {
         let primary = &self.keys[0];
         let (dek, first) = self.call(KmsOp::GenerateDataKey, &primary.key_id, ctx, || {
             primary.provider.generate_data_key(&primary.key_id, ctx)
@@ -201,13 +215,21 @@ impl Keyring {
 
     /// Unwraps the data key from whichever of `candidates` works first, in the volume's key
     /// preference order, through the cache. Candidates under untrusted keys are never sent.
-    pub fn unwrap(&self, candidates: &[&WrappedKey], ctx: &EncryptionContext) -> Result<DataKey, KeyError> {
+    pub fn unwrap(
+        &self,
+        candidates: &[&WrappedKey],
+        ctx: &EncryptionContext,
+    ) -> Result<DataKey, KeyError> {
         let mut ordered: Vec<&WrappedKey> = Vec::new();
         for k in &self.keys {
             ordered.extend(candidates.iter().filter(|w| w.key_id == k.key_id));
         }
         if ordered.is_empty() {
-            let named = candidates.iter().map(|w| w.key_id.as_str()).collect::<Vec<_>>().join(", ");
+            let named = candidates
+                .iter()
+                .map(|w| w.key_id.as_str())
+                .collect::<Vec<_>>()
+                .join(", ");
             return Err(KeyError::new(
                 KeyErrorKind::UntrustedKey,
                 KmsOp::Decrypt,
@@ -217,7 +239,9 @@ impl Keyring {
         }
         let mut first_err = None;
         for w in ordered {
-            let provider = self.provider(&w.key_id).expect("ordered holds trusted keys only");
+            let provider = self
+                .provider(&w.key_id)
+                .expect("ordered holds trusted keys only");
             let fetched = self.cache.get_or_fetch(CacheKey::new(w, ctx), || {
                 self.call(KmsOp::Decrypt, &w.key_id, ctx, || provider.decrypt(w, ctx))
             });
@@ -242,17 +266,28 @@ impl Keyring {
         to_ctx: &EncryptionContext,
     ) -> Result<WrappedKey, KeyError> {
         let untrusted = |id: &str| {
-            KeyError::new(KeyErrorKind::UntrustedKey, KmsOp::ReEncrypt, id, "the volume does not trust this key")
+            KeyError::new(
+                KeyErrorKind::UntrustedKey,
+                KmsOp::ReEncrypt,
+                id,
+                "the volume does not trust this key",
+            )
         };
-        let from = self.provider(&wrapped.key_id).ok_or_else(|| untrusted(&wrapped.key_id))?;
+        let from = self
+            .provider(&wrapped.key_id)
+            .ok_or_else(|| untrusted(&wrapped.key_id))?;
         let to = self.provider(to_key).ok_or_else(|| untrusted(to_key))?;
         if from.holds(to_key) {
             return self.call(KmsOp::ReEncrypt, &wrapped.key_id, to_ctx, || {
                 from.re_encrypt(wrapped, from_ctx, to_key, to_ctx)
             });
         }
-        let dek = self.call(KmsOp::Decrypt, &wrapped.key_id, from_ctx, || from.decrypt(wrapped, from_ctx))?;
-        self.call(KmsOp::Encrypt, to_key, to_ctx, || to.encrypt(to_key, &dek, to_ctx))
+        let dek = self.call(KmsOp::Decrypt, &wrapped.key_id, from_ctx, || {
+            from.decrypt(wrapped, from_ctx)
+        })?;
+        self.call(KmsOp::Encrypt, to_key, to_ctx, || {
+            to.encrypt(to_key, &dek, to_ctx)
+        })
     }
 
     pub fn op_stats(&self, op: KmsOp) -> OpStats {
@@ -310,11 +345,16 @@ mod tests {
 
     fn setup(n: usize) -> Setup {
         let dir = tempfile::tempdir().unwrap();
-        let keys: Vec<LocalKey> =
-            (0..n).map(|i| LocalKey::create(&dir.path().join(format!("k{i}"))).unwrap()).collect();
+        let keys: Vec<LocalKey> = (0..n)
+            .map(|i| LocalKey::create(&dir.path().join(format!("k{i}"))).unwrap())
+            .collect();
         let ids = keys.iter().map(|k| k.id().to_string()).collect();
         let faulty = Arc::new(FaultyProvider::new(Arc::new(LocalProvider::new(keys)), 7));
-        Setup { _dir: dir, ids, faulty }
+        Setup {
+            _dir: dir,
+            ids,
+            faulty,
+        }
     }
 
     fn fast_retry() -> RetryPolicy {
@@ -329,7 +369,10 @@ mod tests {
     fn ring(s: &Setup, ids: &[&str], cache: CacheConfig) -> Keyring {
         let keys = ids
             .iter()
-            .map(|id| TrustedProvider { key_id: id.to_string(), provider: s.faulty.clone() })
+            .map(|id| TrustedProvider {
+                key_id: id.to_string(),
+                provider: s.faulty.clone(),
+            })
             .collect();
         Keyring::new(keys, cache, fast_retry(), 4).unwrap()
     }
@@ -344,7 +387,10 @@ mod tests {
         // Either envelope alone opens the key.
         for w in &wrapped {
             let only_second = ring(&s, &[&w.key_id], CacheConfig::default());
-            assert_eq!(only_second.unwrap(&[w], &ctx("f")).unwrap().expose(), dek.expose());
+            assert_eq!(
+                only_second.unwrap(&[w], &ctx("f")).unwrap().expose(),
+                dek.expose()
+            );
         }
     }
 
@@ -366,7 +412,10 @@ mod tests {
         let r = ring(&s, &[&s.ids[0]], CacheConfig::default());
         s.faulty.set(
             Some(KmsOp::GenerateDataKey),
-            Faults { fail_next: [KeyErrorKind::Throttled; 3].into(), ..Default::default() },
+            Faults {
+                fail_next: [KeyErrorKind::Throttled; 3].into(),
+                ..Default::default()
+            },
         );
         r.generate(&ctx("f")).unwrap();
         let st = r.op_stats(KmsOp::GenerateDataKey);
@@ -377,7 +426,13 @@ mod tests {
     fn persistent_throttling_gives_up_with_the_right_error() {
         let s = setup(1);
         let r = ring(&s, &[&s.ids[0]], CacheConfig::default());
-        s.faulty.set(None, Faults { throttle_per_mille: 1000, ..Default::default() });
+        s.faulty.set(
+            None,
+            Faults {
+                throttle_per_mille: 1000,
+                ..Default::default()
+            },
+        );
         let err = r.generate(&ctx("f")).unwrap_err();
         assert_eq!(err.kind, KeyErrorKind::Throttled);
         assert!(err.to_string().contains("after 5 attempts"), "{err}");
@@ -387,31 +442,61 @@ mod tests {
     fn denial_is_not_retried() {
         let s = setup(1);
         let r = ring(&s, &[&s.ids[0]], CacheConfig::default());
-        s.faulty.set(None, Faults { deny: true, ..Default::default() });
-        assert_eq!(r.generate(&ctx("f")).unwrap_err().kind, KeyErrorKind::AccessDenied);
+        s.faulty.set(
+            None,
+            Faults {
+                deny: true,
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            r.generate(&ctx("f")).unwrap_err().kind,
+            KeyErrorKind::AccessDenied
+        );
         assert_eq!(r.op_stats(KmsOp::GenerateDataKey).requests, 1);
     }
 
     #[test]
     fn deadline_bounds_a_hanging_service() {
         let s = setup(1);
-        let keys = vec![TrustedProvider { key_id: s.ids[0].clone(), provider: s.faulty.clone() }];
-        let policy = RetryPolicy { deadline: Duration::from_millis(300), ..fast_retry() };
+        let keys = vec![TrustedProvider {
+            key_id: s.ids[0].clone(),
+            provider: s.faulty.clone(),
+        }];
+        let policy = RetryPolicy {
+            deadline: Duration::from_millis(300),
+            ..fast_retry()
+        };
         let r = Keyring::new(keys, CacheConfig::default(), policy, 4).unwrap();
         s.faulty.set(
             None,
-            Faults { timeout_per_mille: 1000, timeout_after: Duration::from_millis(100), ..Default::default() },
+            Faults {
+                timeout_per_mille: 1000,
+                timeout_after: Duration::from_millis(100),
+                ..Default::default()
+            },
         );
         let t0 = Instant::now();
         let err = r.generate(&ctx("f")).unwrap_err();
         assert_eq!(err.kind, KeyErrorKind::Timeout);
-        assert!(t0.elapsed() < Duration::from_millis(600), "{:?}", t0.elapsed());
+        assert!(
+            t0.elapsed() < Duration::from_millis(600),
+            "{:?}",
+            t0.elapsed()
+        );
     }
 
     #[test]
     fn unwrap_fails_over_to_the_next_key() {
         let s = setup(2);
-        let r = ring(&s, &[&s.ids[0], &s.ids[1]], CacheConfig { max_entries: 0, ..Default::default() });
+        let r = ring(
+            &s,
+            &[&s.ids[0], &s.ids[1]],
+            CacheConfig {
+                max_entries: 0,
+                ..Default::default()
+            },
+        );
         let (dek, wrapped) = r.generate(&ctx("f")).unwrap();
         // Key 0's envelope is damaged: the keyring still opens the file through key 1.
         let mut broken = wrapped[0].clone();
@@ -431,7 +516,10 @@ mod tests {
         assert_eq!(r.op_stats(KmsOp::Decrypt).requests, 1);
         assert_eq!(r.cache_stats().hits, 4);
         // A different context is a different cache entry, and fails at the provider.
-        assert_eq!(r.unwrap(&[&wrapped[0]], &ctx("g")).unwrap_err().kind, KeyErrorKind::ContextMismatch);
+        assert_eq!(
+            r.unwrap(&[&wrapped[0]], &ctx("g")).unwrap_err().kind,
+            KeyErrorKind::ContextMismatch
+        );
     }
 
     #[test]
@@ -439,20 +527,42 @@ mod tests {
         let s = setup(2);
         let r = ring(&s, &[&s.ids[0], &s.ids[1]], CacheConfig::default());
         let (dek, wrapped) = r.generate(&ctx("a")).unwrap();
-        let moved = r.rewrap(&wrapped[0], &ctx("a"), &s.ids[1], &ctx("b")).unwrap();
+        let moved = r
+            .rewrap(&wrapped[0], &ctx("a"), &s.ids[1], &ctx("b"))
+            .unwrap();
         assert_eq!(s.faulty.calls(KmsOp::ReEncrypt), 1);
-        assert_eq!(r.unwrap(&[&moved], &ctx("b")).unwrap().expose(), dek.expose());
+        assert_eq!(
+            r.unwrap(&[&moved], &ctx("b")).unwrap().expose(),
+            dek.expose()
+        );
     }
 
     #[test]
     fn concurrency_is_bounded() {
         let s = setup(1);
-        let keys = vec![TrustedProvider { key_id: s.ids[0].clone(), provider: s.faulty.clone() }];
+        let keys = vec![TrustedProvider {
+            key_id: s.ids[0].clone(),
+            provider: s.faulty.clone(),
+        }];
         let r = Arc::new(
-            Keyring::new(keys, CacheConfig { max_entries: 0, ..Default::default() }, fast_retry(), 2)
-                .unwrap(),
+            Keyring::new(
+                keys,
+                CacheConfig {
+                    max_entries: 0,
+                    ..Default::default()
+                },
+                fast_retry(),
+                2,
+            )
+            .unwrap(),
         );
-        s.faulty.set(None, Faults { latency: Duration::from_millis(50), ..Default::default() });
+        s.faulty.set(
+            None,
+            Faults {
+                latency: Duration::from_millis(50),
+                ..Default::default()
+            },
+        );
         let t0 = Instant::now();
         let threads: Vec<_> = (0..6)
             .map(|i| {
@@ -464,6 +574,10 @@ mod tests {
             t.join().unwrap();
         }
         // 6 calls of 50 ms, 2 at a time: at least 3 rounds.
-        assert!(t0.elapsed() >= Duration::from_millis(145), "{:?}", t0.elapsed());
+        assert!(
+            t0.elapsed() >= Duration::from_millis(145),
+            "{:?}",
+            t0.elapsed()
+        );
     }
 }

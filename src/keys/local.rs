@@ -68,7 +68,10 @@ impl LocalKey {
             fs::read(path).map_err(|e| format!("cannot read key file {shown}: {e}"))?,
         );
         let master: &[u8; 32] = bytes.as_slice().try_into().map_err(|_| {
-            format!("key file {shown} must hold exactly 32 bytes, it holds {}", bytes.len())
+            format!(
+                "key file {shown} must hold exactly 32 bytes, it holds {}",
+                bytes.len()
+            )
         })?;
         Ok(Self::from_master(master, path))
     }
@@ -127,35 +130,68 @@ impl LocalKey {
         aad
     }
 
-    fn wrap(&self, op: KmsOp, key: &DataKey, ctx: &EncryptionContext) -> Result<WrappedKey, KeyError> {
+    fn wrap(
+        &self,
+        op: KmsOp,
+        key: &DataKey,
+        ctx: &EncryptionContext,
+    ) -> Result<WrappedKey, KeyError> {
         let mut nonce = [0u8; 12];
         getrandom::getrandom(&mut nonce).map_err(|e| {
-            KeyError::new(KeyErrorKind::Unavailable, op, &self.id, format!("no randomness: {e}"))
+            KeyError::new(
+                KeyErrorKind::Unavailable,
+                op,
+                &self.id,
+                format!("no randomness: {e}"),
+            )
         })?;
         let ct = self
             .wrap
-            .encrypt(Nonce::from_slice(&nonce), Payload { msg: key.expose(), aad: &self.aad(ctx) })
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: key.expose(),
+                    aad: &self.aad(ctx),
+                },
+            )
             .expect("AES-GCM encrypts 32 bytes");
         let mut blob = Vec::with_capacity(WRAPPED_LEN);
         blob.push(BLOB_VERSION);
         blob.extend_from_slice(&self.fingerprint);
         blob.extend_from_slice(&nonce);
         blob.extend_from_slice(&ct);
-        Ok(WrappedKey { key_id: self.id.clone(), blob })
+        Ok(WrappedKey {
+            key_id: self.id.clone(),
+            blob,
+        })
     }
 
-    fn unwrap(&self, op: KmsOp, wrapped: &WrappedKey, ctx: &EncryptionContext) -> Result<DataKey, KeyError> {
+    fn unwrap(
+        &self,
+        op: KmsOp,
+        wrapped: &WrappedKey,
+        ctx: &EncryptionContext,
+    ) -> Result<DataKey, KeyError> {
         let err = |kind, detail: &str| KeyError::new(kind, op, &self.id, detail);
         let b = &wrapped.blob;
         if b.len() != WRAPPED_LEN || b[0] != BLOB_VERSION {
             return Err(err(KeyErrorKind::ContextMismatch, "malformed wrapped key"));
         }
         if b[1..17] != self.fingerprint {
-            return Err(err(KeyErrorKind::IncorrectKey, "the wrapped key names another master key"));
+            return Err(err(
+                KeyErrorKind::IncorrectKey,
+                "the wrapped key names another master key",
+            ));
         }
         let plain = Zeroizing::new(
             self.wrap
-                .decrypt(Nonce::from_slice(&b[17..29]), Payload { msg: &b[29..], aad: &self.aad(ctx) })
+                .decrypt(
+                    Nonce::from_slice(&b[17..29]),
+                    Payload {
+                        msg: &b[29..],
+                        aad: &self.aad(ctx),
+                    },
+                )
                 .map_err(|_| {
                     err(
                         KeyErrorKind::ContextMismatch,
@@ -163,7 +199,8 @@ impl LocalKey {
                     )
                 })?,
         );
-        DataKey::from_slice(&plain).ok_or_else(|| err(KeyErrorKind::InvalidResponse, "bad key length"))
+        DataKey::from_slice(&plain)
+            .ok_or_else(|| err(KeyErrorKind::InvalidResponse, "bad key length"))
     }
 }
 
@@ -175,12 +212,19 @@ pub struct LocalProvider {
 
 impl LocalProvider {
     pub fn new(keys: impl IntoIterator<Item = LocalKey>) -> Self {
-        LocalProvider { keys: keys.into_iter().map(|k| (k.id.clone(), k)).collect() }
+        LocalProvider {
+            keys: keys.into_iter().map(|k| (k.id.clone(), k)).collect(),
+        }
     }
 
     fn key(&self, op: KmsOp, key_id: &str) -> Result<&LocalKey, KeyError> {
         self.keys.get(key_id).ok_or_else(|| {
-            KeyError::new(KeyErrorKind::NotFound, op, key_id, "no such local key file is loaded")
+            KeyError::new(
+                KeyErrorKind::NotFound,
+                op,
+                key_id,
+                "no such local key file is loaded",
+            )
         })
     }
 }
@@ -197,12 +241,19 @@ impl KeyProvider for LocalProvider {
         Ok((dek, wrapped))
     }
 
-    fn encrypt(&self, key_id: &str, dek: &DataKey, ctx: &EncryptionContext) -> Result<WrappedKey, KeyError> {
-        self.key(KmsOp::Encrypt, key_id)?.wrap(KmsOp::Encrypt, dek, ctx)
+    fn encrypt(
+        &self,
+        key_id: &str,
+        dek: &DataKey,
+        ctx: &EncryptionContext,
+    ) -> Result<WrappedKey, KeyError> {
+        self.key(KmsOp::Encrypt, key_id)?
+            .wrap(KmsOp::Encrypt, dek, ctx)
     }
 
     fn decrypt(&self, wrapped: &WrappedKey, ctx: &EncryptionContext) -> Result<DataKey, KeyError> {
-        self.key(KmsOp::Decrypt, &wrapped.key_id)?.unwrap(KmsOp::Decrypt, wrapped, ctx)
+        self.key(KmsOp::Decrypt, &wrapped.key_id)?
+            .unwrap(KmsOp::Decrypt, wrapped, ctx)
     }
 
     fn re_encrypt(
@@ -238,8 +289,10 @@ mod tests {
     }
 
     fn provider(dir: &Path, names: &[&str]) -> (LocalProvider, Vec<String>) {
-        let keys: Vec<LocalKey> =
-            names.iter().map(|n| LocalKey::create(&dir.join(n)).unwrap()).collect();
+        let keys: Vec<LocalKey> = names
+            .iter()
+            .map(|n| LocalKey::create(&dir.join(n)).unwrap())
+            .collect();
         let ids = keys.iter().map(|k| k.id().to_string()).collect();
         (LocalProvider::new(keys), ids)
     }
@@ -251,8 +304,14 @@ mod tests {
         let (dek, w) = p.generate_data_key(&ids[0], &ctx("f", 1)).unwrap();
         assert_eq!(w.blob.len(), WRAPPED_LEN);
         assert_eq!(p.decrypt(&w, &ctx("f", 1)).unwrap().expose(), dek.expose());
-        assert_eq!(p.decrypt(&w, &ctx("g", 1)).unwrap_err().kind, KeyErrorKind::ContextMismatch);
-        assert_eq!(p.decrypt(&w, &ctx("f", 2)).unwrap_err().kind, KeyErrorKind::ContextMismatch);
+        assert_eq!(
+            p.decrypt(&w, &ctx("g", 1)).unwrap_err().kind,
+            KeyErrorKind::ContextMismatch
+        );
+        assert_eq!(
+            p.decrypt(&w, &ctx("f", 2)).unwrap_err().kind,
+            KeyErrorKind::ContextMismatch
+        );
     }
 
     #[test]
@@ -288,9 +347,13 @@ mod tests {
             let path = dir.path().join(format!("k{len}"));
             fs::write(&path, vec![1u8; len]).unwrap();
             fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
-            assert!(LocalKey::load(&path).unwrap_err().contains("exactly 32 bytes"));
+            assert!(LocalKey::load(&path)
+                .unwrap_err()
+                .contains("exactly 32 bytes"));
         }
-        assert!(LocalKey::load(&dir.path().join("missing")).unwrap_err().contains("does not exist"));
+        assert!(LocalKey::load(&dir.path().join("missing"))
+            .unwrap_err()
+            .contains("does not exist"));
     }
 
     #[test]
@@ -299,7 +362,10 @@ mod tests {
         let (p, ids) = provider(dir.path(), &["a", "b"]);
         let (_, mut w) = p.generate_data_key(&ids[0], &ctx("f", 1)).unwrap();
         w.key_id = ids[1].clone(); // relabelled envelope
-        assert_eq!(p.decrypt(&w, &ctx("f", 1)).unwrap_err().kind, KeyErrorKind::IncorrectKey);
+        assert_eq!(
+            p.decrypt(&w, &ctx("f", 1)).unwrap_err().kind,
+            KeyErrorKind::IncorrectKey
+        );
     }
 
     #[test]
@@ -307,12 +373,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (p, ids) = provider(dir.path(), &["a", "b"]);
         let (dek, w) = p.generate_data_key(&ids[0], &ctx("old", 1)).unwrap();
-        let w2 = p.re_encrypt(&w, &ctx("old", 1), &ids[1], &ctx("new", 1)).unwrap();
+        let w2 = p
+            .re_encrypt(&w, &ctx("old", 1), &ids[1], &ctx("new", 1))
+            .unwrap();
         assert_eq!(w2.key_id, ids[1]);
-        assert_eq!(p.decrypt(&w2, &ctx("new", 1)).unwrap().expose(), dek.expose());
+        assert_eq!(
+            p.decrypt(&w2, &ctx("new", 1)).unwrap().expose(),
+            dek.expose()
+        );
         assert!(p.decrypt(&w2, &ctx("old", 1)).is_err());
         assert_eq!(
-            p.re_encrypt(&w, &ctx("wrong", 1), &ids[1], &ctx("new", 1)).unwrap_err().kind,
+            p.re_encrypt(&w, &ctx("wrong", 1), &ids[1], &ctx("new", 1))
+                .unwrap_err()
+                .kind,
             KeyErrorKind::ContextMismatch
         );
     }

@@ -33,8 +33,12 @@ pub enum KmsOp {
 }
 
 impl KmsOp {
-    pub const ALL: [KmsOp; 4] =
-        [KmsOp::GenerateDataKey, KmsOp::Encrypt, KmsOp::Decrypt, KmsOp::ReEncrypt];
+    pub const ALL: [KmsOp; 4] = [
+        KmsOp::GenerateDataKey,
+        KmsOp::Encrypt,
+        KmsOp::Decrypt,
+        KmsOp::ReEncrypt,
+    ];
 }
 
 impl fmt::Display for KmsOp {
@@ -66,7 +70,10 @@ pub enum KeyErrorKind {
 impl KeyErrorKind {
     /// Worth another attempt after a pause.
     pub fn is_transient(self) -> bool {
-        matches!(self, KeyErrorKind::Throttled | KeyErrorKind::Timeout | KeyErrorKind::Unavailable)
+        matches!(
+            self,
+            KeyErrorKind::Throttled | KeyErrorKind::Timeout | KeyErrorKind::Unavailable
+        )
     }
 
     /// The data is not authentic for where it was found (as opposed to a service problem).
@@ -110,7 +117,12 @@ pub struct KeyError {
 
 impl KeyError {
     pub fn new(kind: KeyErrorKind, op: KmsOp, key_id: &str, detail: impl Into<String>) -> Self {
-        KeyError { kind, op, key_id: key_id.to_string(), detail: detail.into() }
+        KeyError {
+            kind,
+            op,
+            key_id: key_id.to_string(),
+            detail: detail.into(),
+        }
     }
 }
 
@@ -170,16 +182,30 @@ pub struct UnavailableKey {
 
 impl UnavailableKey {
     fn fail<T>(&self, op: KmsOp, key_id: &str) -> Result<T, KeyError> {
-        Err(KeyError::new(KeyErrorKind::NotFound, op, key_id, self.reason.clone()))
+        Err(KeyError::new(
+            KeyErrorKind::NotFound,
+            op,
+            key_id,
+            self.reason.clone(),
+        ))
     }
 }
 
 impl KeyProvider for UnavailableKey {
-    fn generate_data_key(&self, key_id: &str, _: &EncryptionContext) -> Result<(DataKey, WrappedKey), KeyError> {
+    fn generate_data_key(
+        &self,
+        key_id: &str,
+        _: &EncryptionContext,
+    ) -> Result<(DataKey, WrappedKey), KeyError> {
         self.fail(KmsOp::GenerateDataKey, key_id)
     }
 
-    fn encrypt(&self, key_id: &str, _: &DataKey, _: &EncryptionContext) -> Result<WrappedKey, KeyError> {
+    fn encrypt(
+        &self,
+        key_id: &str,
+        _: &DataKey,
+        _: &EncryptionContext,
+    ) -> Result<WrappedKey, KeyError> {
         self.fail(KmsOp::Encrypt, key_id)
     }
 

@@ -15,7 +15,10 @@ impl KeySpec {
     pub fn parse(s: &str) -> Result<Self, String> {
         if let Some(path) = s.strip_prefix("local:") {
             if path.is_empty() {
-                return Err("'local:' needs a key file path, e.g. local:/root/.config/kmsfs/keys/vol.key".into());
+                return Err(
+                    "'local:' needs a key file path, e.g. local:/root/.config/kmsfs/keys/vol.key"
+                        .into(),
+                );
             }
             return Ok(KeySpec::Local(PathBuf::from(path)));
         }
@@ -45,7 +48,9 @@ fn is_key_uuid(s: &str) -> bool {
     let groups: Vec<&str> = s.split('-').collect();
     groups.len() == 5
         && groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12])
-        && groups.iter().all(|g| g.bytes().all(|b| b.is_ascii_hexdigit()))
+        && groups
+            .iter()
+            .all(|g| g.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 #[cfg(test)]
@@ -54,7 +59,10 @@ mod tests {
 
     #[test]
     fn parses_the_documented_forms() {
-        assert_eq!(KeySpec::parse("local:/k").unwrap(), KeySpec::Local("/k".into()));
+        assert_eq!(
+            KeySpec::parse("local:/k").unwrap(),
+            KeySpec::Local("/k".into())
+        );
         for kms in [
             "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab",
             "alias/kmsfs",

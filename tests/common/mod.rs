@@ -33,13 +33,24 @@ impl TestVolume {
         let dir = tempfile::tempdir().unwrap();
         let backing = dir.path().join("backing");
         fs::create_dir(&backing).unwrap();
-        let key_path = key.map(Path::to_path_buf).unwrap_or_else(|| dir.path().join("keys/master.key"));
+        let key_path = key
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| dir.path().join("keys/master.key"));
         let report = Volume::init(
             &backing,
-            InitOptions { keys: vec![KeySpec::Local(key_path.clone())], block_size, ..Default::default() },
+            InitOptions {
+                keys: vec![KeySpec::Local(key_path.clone())],
+                block_size,
+                ..Default::default()
+            },
         )
         .unwrap();
-        TestVolume { dir, backing, key_path, volume: report.volume }
+        TestVolume {
+            dir,
+            backing,
+            key_path,
+            volume: report.volume,
+        }
     }
 
     /// Opens the volume afresh (empty key cache), as a new process would.
@@ -78,5 +89,7 @@ impl TestVolume {
 
 /// Deterministic, non-repeating test content.
 pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| ((i * 31 + i / 251) as u8).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| ((i * 31 + i / 251) as u8).wrapping_add(seed))
+        .collect()
 }

@@ -1,0 +1,320 @@
+//! Regenerates the test vectors in tests/vectors/ (run: `cargo run --example make_vectors`).
+//!
+//! Each vector is a backing file made by the real code and then damaged the way the attack it
+//! is named after would damage it. Nonces and ids are random, so regenerating changes every
+//! byte; tests/vectors.rs checks the committed vectors, and docs/FORMAT.md quotes some bytes.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use kmsfs::core::file::write_new_file;
+use kmsfs::core::volume::{InitOptions, OpenOptions};
+use kmsfs::core::{EncryptedFile, Volume};
+use kmsfs::format::codec::hex;
+use kmsfs::format::context::CanonicalPath;
+use kmsfs::format::header::{slot_checksum, Preamble};
+use kmsfs::keys::spec::KeySpec;
+
+const BLOCK: u32 = 512;
+pub const MASTER: [u8; 32] = {
+    let mut k = [0u8; 32];
+    let mut i = 0;
+    while i < 32 {
+        k[i] = i as u8;
+        i += 1;
+    }
+    k
+};
+
+fn key_file(dir: &Path, name: &str, bytes: [u8; 32]) -> PathBuf {
+    let p = dir.join(name);
+    fs::write(&p, bytes).unwrap();
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
+    p
+}
+
+fn volume(root: &Path, key: &Path) -> Volume {
+    fs::create_dir_all(root).unwrap();
+    let mut context = std::collections::BTreeMap::new();
+    context.insert("tenant".to_string(), "vectors".to_string());
+    let opts = InitOptions {
+        keys: vec![KeySpec::Local(key.into())],
+        context,
+        block_size: BLOCK,
+        ..Default::default()
+    };
+    Volume::init(root, opts).unwrap().volume
+}
+
+fn p(name: &str) -> CanonicalPath {
+    CanonicalPath::from_user(Path::new(name)).unwrap()
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 31 + i / 251) as u8).collect()
+}
+
+struct Out {
+    vol: Volume,
+    root: PathBuf,
+    cases: Vec<String>,
+}
+
+impl Out {
+    fn file(&self, name: &str, data: &[u8]) -> Vec<u8> {
+        write_new_file(&self.vol, &p(name), &mut &data[..]).unwrap();
+        fs::read(self.root.join(name)).unwrap()
+    }
+
+    fn put(&self, name: &str, bytes: &[u8]) {
+        fs::write(self.root.join(name), bytes).unwrap();
+    }
+
+    fn case(&mut self, name: &str, expect: &str, detail: &str) {
+        let field = if expect == "ok" {
+            "plaintext_hex"
+        } else {
+            "error"
+        };
+        self.cases.push(format!(
+            "    {{\"name\": \"{name}\", \"expect\": \"{expect}\", \"{field}\": \"{detail}\"}}"
+        ));
+    }
+}
+
+fn fix_checksum(raw: &mut [u8], slot: usize) {
+    let pre = Preamble::decode(raw).unwrap();
+    let (size, start) = (pre.slot_size as usize, pre.slot_offset(slot) as usize);
+    let sum = slot_checksum(
+        raw[..64].try_into().unwrap(),
+        &raw[start..start + size - 16],
+    );
+    raw[start + size - 16..start + size].copy_from_slice(&sum);
+}
+
+fn main() {
+    let out_dir = PathBuf::from(
+        std::env::args()
+            .nth(1)
+            .unwrap_or_else(|| "tests/vectors".into()),
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let key = key_file(tmp.path(), "master.key", MASTER);
+    let mut other_key_bytes = MASTER;
+    other_key_bytes.iter_mut().for_each(|b| *b += 32);
+    let other_key = key_file(tmp.path(), "other.key", other_key_bytes);
+    let root = out_dir.join("volume");
+    let _ = fs::remove_dir_all(&out_dir);
+    fs::create_dir_all(&out_dir).unwrap();
+    let vol = volume(&root, &key);
+    let mut o = Out {
+        vol,
+        root: root.clone(),
+        cases: Vec::new(),
+    };
+    let small = b"hello, kmsfs\n".to_vec();
+    let multi = pattern(2 * BLOCK as usize + 276);
+    let sb = BLOCK as usize + 28;
+
+    o.file("good_empty", b"");
+    o.case("good_empty", "ok", "");
+    o.file("good_small", &small);
+    o.case("good_small", "ok", &hex(&small));
+    let good_multi = o.file("good_multiblock", &multi);
+    o.case("good_multiblock", "ok", &hex(&multi));
+    let off = Preamble::decode(&good_multi).unwrap().data_offset() as usize;
+
+    let mut raw = o.file("block_reordered", &multi);
+    let b0 = raw[off..off + sb].to_vec();
+    raw.copy_within(off + sb..off + 2 * sb, off);
+    raw[off + sb..off + 2 * sb].copy_from_slice(&b0);
+    o.put("block_reordered", &raw);
+    o.case(
+        "block_reordered",
+        "error",
+        "authentication failed at block 0",
+    );
+
+    let mut raw = o.file("block_duplicated", &multi);
+    raw.copy_within(off..off + sb, off + sb);
+    o.put("block_duplicated", &raw);
+    o.case(
+        "block_duplicated",
+        "error",
+        "authentication failed at block 1",
+    );
+
+    let mut raw = o.file("block_dropped", &multi);
+    raw.drain(off + sb..off + 2 * sb);
+    o.put("block_dropped", &raw);
+    o.case("block_dropped", "error", "authentication failed at block 1");
+
+    let mut raw = o.file("block_from_other_file", &multi);
+    raw[off + sb..off + 2 * sb].copy_from_slice(&good_multi[off + sb..off + 2 * sb]);
+    o.put("block_from_other_file", &raw);
+    o.case(
+        "block_from_other_file",
+        "error",
+        "authentication failed at block 1",
+    );
+
+    let raw = o.file("truncated_at_block_boundary", &multi);
+    o.put("truncated_at_block_boundary", &raw[..off + 2 * sb]);
+    o.case(
+        "truncated_at_block_boundary",
+        "error",
+        "authentication failed at block 1",
+    );
+
+    let raw = o.file("truncated_inside_block", &multi);
+    o.put("truncated_inside_block", &raw[..raw.len() - 10]);
+    o.case(
+        "truncated_inside_block",
+        "error",
+        "authentication failed at block 2",
+    );
+
+    let raw = o.file("truncated_to_header", b"");
+    o.put("truncated_to_header", &raw[..off]);
+    o.case("truncated_to_header", "error", "invalid ciphertext length");
+
+    let mut raw = o.file("bit_flip_in_block", &multi);
+    raw[off + sb + 100] ^= 0x04;
+    o.put("bit_flip_in_block", &raw);
+    o.case(
+        "bit_flip_in_block",
+        "error",
+        "authentication failed at block 1",
+    );
+
+    let mut raw = o.file("header_from_other_file", &multi);
+    raw.truncate(off);
+    raw.extend_from_slice(&good_multi[off..]);
+    o.put("header_from_other_file", &raw);
+    o.case(
+        "header_from_other_file",
+        "error",
+        "authentication failed at block 0",
+    );
+
+    let mut raw = o.file("bad_commitment", &small);
+    raw[40] ^= 0x80;
+    fix_checksum(&mut raw, 0);
+    o.put("bad_commitment", &raw);
+    o.case("bad_commitment", "error", "key commitment mismatch");
+
+    let mut raw = o.file("slot_generation_forged", &small);
+    raw[64 + 7] = 9;
+    fix_checksum(&mut raw, 0);
+    o.put("slot_generation_forged", &raw);
+    o.case(
+        "slot_generation_forged",
+        "error",
+        "header authentication failed",
+    );
+
+    for (name, tear_both) in [("torn_slot_falls_back", false), ("both_slots_torn", true)] {
+        o.file(name, &small);
+        let mut f = EncryptedFile::open(&o.vol, &p(name), true).unwrap();
+        let envs = f.envelopes().to_vec();
+        f.replace_envelopes(envs).unwrap();
+        drop(f);
+        let mut raw = fs::read(root.join(name)).unwrap();
+        let pre = Preamble::decode(&raw).unwrap();
+        raw[pre.slot_offset(1) as usize + 20] ^= 1;
+        if tear_both {
+            raw[pre.slot_offset(0) as usize + 20] ^= 1;
+        }
+        o.put(name, &raw);
+    }
+    o.case("torn_slot_falls_back", "ok", &hex(&small));
+    o.case("both_slots_torn", "error", "no valid slot");
+
+    o.file("original_name", &small);
+    fs::rename(root.join("original_name"), root.join("moved_file")).unwrap();
+    o.case("moved_file", "error", "bound to /original_name");
+
+    let name = "envelope_path_rewritten";
+    let decoy = "x".repeat(name.len());
+    let mut raw = o.file(&decoy, &small);
+    let at = raw
+        .windows(decoy.len())
+        .position(|w| w == decoy.as_bytes())
+        .unwrap();
+    raw[at..at + name.len()].copy_from_slice(name.as_bytes());
+    fix_checksum(&mut raw, 0);
+    fs::remove_file(root.join(&decoy)).unwrap();
+    o.put(name, &raw);
+    o.case(name, "error", "context mismatch: Decrypt");
+
+    // Same master key, another volume id.
+    let other_vol = volume(&tmp.path().join("other_volume"), &key);
+    write_new_file(&other_vol, &p("copied_from_other_volume"), &mut &small[..]).unwrap();
+    fs::copy(
+        tmp.path().join("other_volume/copied_from_other_volume"),
+        root.join("copied_from_other_volume"),
+    )
+    .unwrap();
+    o.case(
+        "copied_from_other_volume",
+        "error",
+        "context mismatch: Decrypt",
+    );
+
+    let rogue = volume(&tmp.path().join("rogue"), &other_key);
+    write_new_file(&rogue, &p("untrusted_key"), &mut &small[..]).unwrap();
+    fs::copy(
+        tmp.path().join("rogue/untrusted_key"),
+        root.join("untrusted_key"),
+    )
+    .unwrap();
+    o.case("untrusted_key", "error", "untrusted key: Decrypt");
+
+    // Config vectors.
+    let configs = out_dir.join("configs");
+    fs::create_dir_all(&configs).unwrap();
+    let good_cfg = fs::read(root.join(".kmsfs/config")).unwrap();
+    let mut edited = good_cfg.clone();
+    edited[30] = 0x04; // block size 512 -> 1024
+    fs::write(configs.join("config_edited"), &edited).unwrap();
+    fs::write(
+        configs.join("config_truncated"),
+        &good_cfg[..good_cfg.len() - 1],
+    )
+    .unwrap();
+    let mut flagged = good_cfg[..32].to_vec();
+    flagged.extend_from_slice(&[0, 1, 0, 15]);
+    flagged.extend_from_slice(b"encrypted-names");
+    flagged.extend_from_slice(&good_cfg[34..]);
+    fs::write(configs.join("config_unknown_feature"), &flagged).unwrap();
+    fs::copy(
+        tmp.path().join("rogue/.kmsfs/config"),
+        configs.join("config_under_other_key"),
+    )
+    .unwrap();
+
+    // Check every vector opens (or fails) as the manifest says before writing it.
+    let reopened = Volume::open(
+        &root,
+        &OpenOptions {
+            pin: vec![KeySpec::Local(key.clone())],
+            ..Default::default()
+        },
+    );
+    assert!(reopened.is_ok());
+    let manifest = format!(
+        "{{\n  \"master_key_hex\": \"{}\",\n  \"other_key_hex\": \"{}\",\n  \"block_size\": {BLOCK},\n  \"files\": [\n{}\n  ],\n  \"configs\": [\n    {{\"name\": \"config_edited\", \"error\": \"volume config authentication failed\"}},\n    {{\"name\": \"config_truncated\", \"error\": \"invalid volume config: truncated\"}},\n    {{\"name\": \"config_unknown_feature\", \"error\": \"unknown feature flag 'encrypted-names'\"}},\n    {{\"name\": \"config_under_other_key\", \"error\": \"is not protected by the key\"}}\n  ]\n}}\n",
+        hex(&MASTER),
+        hex(&other_key_bytes),
+        o.cases.join(",\n")
+    );
+    fs::write(out_dir.join("manifest.json"), manifest).unwrap();
+    // The config records where the key file was; point it nowhere useful on purpose: tests
+    // pin the key with --key local:PATH, as an operator whose key file moved would.
+    println!(
+        "wrote {} file vectors to {}",
+        o.cases.len(),
+        out_dir.display()
+    );
+}
