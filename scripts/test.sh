@@ -34,9 +34,14 @@ say "cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
 
 say "cargo test"
-cargo test --all-targets --locked
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --all-targets --locked 2>&1 | tee "$log"
+passed=$(grep -oE 'test result: [a-zA-Z]+\. [0-9]+ passed' "$log" | awk '{s += $4} END {print s + 0}')
+failed=$(grep -oE '[0-9]+ failed;' "$log" | awk '{s += $1} END {print s + 0}')
 
 say "README demo (scripts/demo.sh)"
 KMSFS_DEMO_QUIET=1 scripts/demo.sh
 
 say "all tests passed"
+echo "cargo tests: $passed passed, $failed failed"
