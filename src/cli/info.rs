@@ -1,16 +1,16 @@
 //! `kmsfs info`: a volume's settings, or what one file's header says. Never key material.
 
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
 use clap::Args;
 
 use super::{volume_path, VolumeArgs};
+use crate::core::file::read_header;
 use crate::core::{EncryptedFile, Volume};
 use crate::error::{Error, Result};
 use crate::format::block::Layout;
 use crate::format::codec::hex;
-use crate::format::header::{Header, Preamble, SlotState, PREAMBLE_LEN};
+use crate::format::header::SlotState;
 
 #[derive(Debug, Args)]
 pub struct InfoArgs {
@@ -32,18 +32,8 @@ pub fn run(args: InfoArgs) -> Result<()> {
             let backing = volume.backing_path(&path);
             let file = std::fs::File::open(&backing)
                 .map_err(|e| Error::io(format!("cannot open {path}"), e))?;
-            let len = file
-                .metadata()
-                .map_err(|e| Error::io(format!("cannot stat {path}"), e))?
-                .len();
-            let mut pre = vec![0u8; (len as usize).min(PREAMBLE_LEN)];
-            file.read_exact_at(&mut pre, 0)
-                .map_err(|e| Error::io(format!("cannot read {path}"), e))?;
-            let preamble = Preamble::decode(&pre).map_err(|e| Error::format(&path, e))?;
-            let mut head = vec![0u8; preamble.data_offset().min(len) as usize];
-            file.read_exact_at(&mut head, 0)
-                .map_err(|e| Error::io(format!("cannot read {path}"), e))?;
-            let header = Header::parse(&head).map_err(|e| Error::format(&path, e))?;
+            let (header, len) = read_header(&file, &path)?;
+            let preamble = &header.preamble;
             let layout = Layout {
                 data_offset: preamble.data_offset(),
                 block_size: preamble.block_size,

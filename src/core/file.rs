@@ -133,14 +133,8 @@ impl EncryptedFile {
 
     /// Authenticates an already open backing `file` as the file at `path`.
     pub fn from_file(volume: &Volume, path: &CanonicalPath, file: File) -> Result<Self> {
-        let io = |e| Error::io(format!("cannot read {path}"), e);
-        let len = file.metadata().map_err(io)?.len();
-        let mut pre = vec![0u8; (len as usize).min(crate::format::header::PREAMBLE_LEN)];
-        file.read_exact_at(&mut pre, 0).map_err(io)?;
-        let preamble = Preamble::decode(&pre).map_err(|e| Error::format(path, e))?;
-        let mut head = vec![0u8; (preamble.data_offset()).min(len) as usize];
-        file.read_exact_at(&mut head, 0).map_err(io)?;
-        let header = Header::parse(&head).map_err(|e| Error::format(path, e))?;
+        let (header, len) = read_header(&file, path)?;
+        let preamble = header.preamble.clone();
         let layout = Layout {
             data_offset: preamble.data_offset(),
             block_size: preamble.block_size,
@@ -465,6 +459,20 @@ impl EncryptedFile {
             }
         }
     }
+}
+
+/// Reads and parses the header region of a backing file (no key needed); also returns the
+/// file's length.
+pub fn read_header(file: &File, path: &CanonicalPath) -> Result<(Header, u64)> {
+    let io = |e| Error::io(format!("cannot read {path}"), e);
+    let len = file.metadata().map_err(io)?.len();
+    let mut pre = vec![0u8; (len as usize).min(crate::format::header::PREAMBLE_LEN)];
+    file.read_exact_at(&mut pre, 0).map_err(io)?;
+    let preamble = Preamble::decode(&pre).map_err(|e| Error::format(path, e))?;
+    let mut head = vec![0u8; preamble.data_offset().min(len) as usize];
+    file.read_exact_at(&mut head, 0).map_err(io)?;
+    let header = Header::parse(&head).map_err(|e| Error::format(path, e))?;
+    Ok((header, len))
 }
 
 /// Writes `data` as the file at `path`, atomically: a temporary file in the same backing
