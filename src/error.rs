@@ -33,6 +33,9 @@ pub enum Error {
     /// A key call failed (context mismatch, untrusted key, denied, throttled, ...).
     #[error("{path}: {source}")]
     Key { path: String, source: KeyError },
+    /// A key call not about one file (resolving a key at init, pinning).
+    #[error("{0}")]
+    KeyService(KeyError),
     /// The file's envelopes are bound to other paths: it was moved or copied on the store.
     #[error("{path}: context mismatch: the file is bound to {bound} (moved or copied on the backing store?)")]
     Moved { path: String, bound: String },
@@ -75,7 +78,8 @@ impl Error {
             Error::Refused(_) | Error::Io { .. } => EXIT_ERROR,
             Error::Format { .. } | Error::Moved { .. } | Error::KeyPin(_) => EXIT_INTEGRITY,
             Error::Key { source, .. } if source.kind.is_integrity() => EXIT_INTEGRITY,
-            Error::Key { .. } | Error::KeyFile(_) => EXIT_KEYS,
+            Error::KeyService(e) if e.kind.is_integrity() => EXIT_INTEGRITY,
+            Error::Key { .. } | Error::KeyService(_) | Error::KeyFile(_) => EXIT_KEYS,
         }
     }
 

@@ -47,6 +47,15 @@ impl Env {
             .args(args)
             .env("XDG_CONFIG_HOME", self.config_home())
             .env_remove("RUST_LOG")
+            // AWS settings that keep every request on this machine: no instance metadata
+            // probe, and a KMS endpoint on a loopback port nothing listens on.
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_ENDPOINT_URL_KMS", "http://127.0.0.1:9")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env_remove("AWS_PROFILE")
+            .env_remove("KMSFS_KMS_ENDPOINTS")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -248,8 +257,13 @@ fn init_bad_input() {
         .fails(&["init", &b, "--frobnicate"], 2)
         .contains("--frobnicate"));
     assert!(env.fails(&["init"], 2).contains("required"));
-    let msg = env.fails(&["init", &b, "--key", "alias/kmsfs"], 2);
-    assert!(msg.contains("AWS KMS key"), "{msg}");
+    // KMS unreachable: one line naming the call and the key, exit 4, nothing created.
+    let msg = env.fails(&["init", &b, "--key", "alias/kmsfs"], 4);
+    assert!(
+        msg.contains("cannot reach the KMS endpoint")
+            && msg.contains("DescribeKey with key alias/kmsfs"),
+        "{msg}"
+    );
     fs::write(env.backing().join("existing"), b"x").unwrap();
     assert!(env.fails(&["init", &b], 1).contains("is not empty"));
 }

@@ -14,8 +14,8 @@ use crate::keys::spec::KeySpec;
 pub struct InitArgs {
     /// The backing directory: must exist and be empty
     pub backing: PathBuf,
-    /// A key to trust, in preference order (local:PATH; created if missing). Default: a new
-    /// local key file under the user's config directory
+    /// A key to trust, in preference order: a KMS key id, ARN or alias/NAME, or local:PATH
+    /// (created if missing). Default: a new local key file under the user's config directory
     #[arg(long = "key", value_name = "KEY")]
     pub keys: Vec<String>,
     /// A static encryption context pair bound into every key wrap (repeatable)
@@ -66,7 +66,7 @@ pub fn run(args: InitArgs) -> Result<()> {
         keys,
         context: parse_context(&args.context)?,
         block_size: args.block_size,
-        ..Default::default()
+        key_options: super::key_options()?,
     };
     let report = Volume::init(&args.backing, options)?;
     let vol = &report.volume;

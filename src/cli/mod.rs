@@ -12,9 +12,10 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::core::volume::{is_reserved_name, OpenOptions, Volume};
+use crate::core::volume::{is_reserved_name, KeyOptions, OpenOptions, Volume};
 use crate::error::{Error, Result};
 use crate::format::context::CanonicalPath;
+use crate::keys::aws::AwsOptions;
 use crate::keys::spec::KeySpec;
 
 #[derive(Debug, Parser)]
@@ -64,10 +65,19 @@ impl VolumeArgs {
             &self.backing,
             &OpenOptions {
                 pin,
-                ..Default::default()
+                key_options: key_options()?,
             },
         )
     }
+}
+
+/// Key options from the environment (AWS endpoint overrides and timeouts).
+pub fn key_options() -> Result<KeyOptions> {
+    let aws = AwsOptions::from_env().map_err(Error::Usage)?;
+    Ok(KeyOptions {
+        aws,
+        ..Default::default()
+    })
 }
 
 /// Parses a PATH argument (relative to the volume root) and refuses kmsfs's own names.

@@ -11,6 +11,7 @@ use std::fs;
 use std::io::Write;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::format::block::{valid_block_size, DEFAULT_BLOCK_SIZE};
@@ -19,8 +20,11 @@ use crate::format::config::{TrustedKey, UnverifiedConfig, VolumeConfig};
 use crate::format::context::{validate_static_pair, CanonicalPath, EncryptionContext};
 use crate::format::header::SUITE_AES256GCM_HKDF_SHA256;
 use crate::format::kdf;
+use crate::keys::aws::{AwsKmsProvider, AwsOptions};
 use crate::keys::cache::CacheConfig;
-use crate::keys::keyring::{Keyring, RetryPolicy, TrustedProvider, DEFAULT_CONCURRENCY};
+use crate::keys::keyring::{
+    with_retries, Keyring, RetryPolicy, TrustedProvider, DEFAULT_CONCURRENCY,
+};
 use crate::keys::local::{LocalKey, LocalProvider};
 use crate::keys::spec::KeySpec;
 use crate::keys::{KeyProvider, UnavailableKey};
@@ -41,6 +45,7 @@ pub struct KeyOptions {
     pub retry: RetryPolicy,
     pub concurrency: usize,
     pub wrap_provider: Option<ProviderWrapper>,
+    pub aws: AwsOptions,
 }
 
 impl Default for KeyOptions {
@@ -50,6 +55,7 @@ impl Default for KeyOptions {
             retry: RetryPolicy::default(),
             concurrency: DEFAULT_CONCURRENCY,
             wrap_provider: None,
+            aws: AwsOptions::default(),
         }
     }
 }
@@ -172,38 +178,69 @@ fn check_backing_dir(root: &Path) -> Result<()> {
     }
 }
 
-fn build_keyring(
-    config_keys: &[TrustedKey],
-    loaded: Vec<Result<LocalKey, String>>,
-    options: &KeyOptions,
-) -> Result<Keyring> {
-    let mut trusted = Vec::new();
-    for (t, key) in config_keys.iter().zip(loaded) {
-        let provider: Arc<dyn KeyProvider> = match key {
-            Ok(k) => Arc::new(LocalProvider::new([k])),
-            Err(reason) => Arc::new(UnavailableKey { reason }),
-        };
-        let provider = match &options.wrap_provider {
-            Some(wrap) => wrap(provider),
-            None => provider,
-        };
-        trusted.push(TrustedProvider {
-            key_id: t.id.clone(),
-            provider,
-        });
-    }
-    let keyring = Keyring::new(trusted, options.cache, options.retry, options.concurrency)
-        .map_err(|e| Error::io("cannot allocate the key cache", e))?;
-    if !keyring.cache_stats().locked && options.cache.max_entries > 0 {
-        tracing::warn!("could not mlock the key cache (raise RLIMIT_MEMLOCK); keys may be swapped");
-    }
-    Ok(keyring)
+/// Builds the providers a volume's keys need: local key files directly, and one shared AWS
+/// KMS provider (created only if a KMS key is used) for every KMS key.
+struct Providers<'a> {
+    options: &'a KeyOptions,
+    aws: Option<Arc<AwsKmsProvider>>,
 }
 
-fn not_yet_kms(id: &str) -> Error {
-    Error::Usage(format!(
-        "key '{id}' is an AWS KMS key, and this build has only the local key provider (use local:PATH)"
-    ))
+impl<'a> Providers<'a> {
+    fn new(options: &'a KeyOptions) -> Self {
+        Providers { options, aws: None }
+    }
+
+    fn aws(&mut self) -> Result<Arc<AwsKmsProvider>> {
+        if self.aws.is_none() {
+            let provider = AwsKmsProvider::new(self.options.aws.clone()).map_err(Error::Refused)?;
+            self.aws = Some(Arc::new(provider));
+        }
+        Ok(self.aws.clone().expect("just set"))
+    }
+
+    /// The ARN of a KMS key named any way KMS accepts.
+    fn describe(&mut self, key: &str) -> Result<String> {
+        let aws = self.aws()?;
+        let policy = self.options.retry;
+        with_retries(&policy, Instant::now() + policy.deadline, |_| {
+            aws.describe(key)
+        })
+        .map_err(Error::KeyService)
+    }
+
+    fn wrap(&self, provider: Arc<dyn KeyProvider>) -> Arc<dyn KeyProvider> {
+        match &self.options.wrap_provider {
+            Some(wrap) => wrap(provider),
+            None => provider,
+        }
+    }
+
+    fn keyring(&self, keys: Vec<(String, Arc<dyn KeyProvider>)>) -> Result<Keyring> {
+        let trusted = keys
+            .into_iter()
+            .map(|(key_id, provider)| TrustedProvider {
+                key_id,
+                provider: self.wrap(provider),
+            })
+            .collect();
+        let o = self.options;
+        let keyring = Keyring::new(trusted, o.cache, o.retry, o.concurrency)
+            .map_err(|e| Error::io("cannot allocate the key cache", e))?;
+        if !keyring.cache_stats().locked && o.cache.max_entries > 0 {
+            tracing::warn!(
+                "could not mlock the key cache (raise RLIMIT_MEMLOCK); keys may be swapped"
+            );
+        }
+        Ok(keyring)
+    }
+}
+
+/// A key `init` will trust, once decided.
+enum Planned {
+    /// A local key file, and whether it already exists.
+    Local(PathBuf, bool),
+    /// A KMS key: its ARN and how the user named it.
+    Kms { arn: String, locator: String },
 }
 
 impl Volume {
@@ -236,8 +273,9 @@ impl Volume {
         getrandom::getrandom(&mut volume_id).expect("the OS random number generator failed");
         let root_abs =
             resolve(root).map_err(|e| Error::io("cannot resolve the backing directory", e))?;
+        let mut providers = Providers::new(&options.key_options);
 
-        // Decide every key file before touching anything.
+        // Decide every key before touching anything.
         let specs = if options.keys.is_empty() {
             let dir = user_config_dir()?.join("keys");
             vec![(
@@ -250,19 +288,16 @@ impl Volume {
         let mut plan = Vec::new();
         for (spec, default) in specs {
             match spec {
-                KeySpec::Kms(id) => return Err(not_yet_kms(&id)),
+                KeySpec::Kms(id) => {
+                    let arn = providers.describe(&id)?;
+                    plan.push(Planned::Kms { arn, locator: id });
+                }
                 KeySpec::Local(path) => {
                     let abs =
                         resolve(&path).map_err(|e| Error::io("cannot resolve the key path", e))?;
                     if abs.starts_with(&root_abs) {
                         return Err(Error::Usage(format!(
                             "key file {} is inside the backing directory; keep keys outside what you store or back up",
-                            abs.display()
-                        )));
-                    }
-                    if plan.iter().any(|(p, _): &(PathBuf, bool)| *p == abs) {
-                        return Err(Error::Usage(format!(
-                            "key {} is given twice",
                             abs.display()
                         )));
                     }
@@ -273,50 +308,54 @@ impl Volume {
                             abs.display()
                         )));
                     }
-                    plan.push((abs, exists));
+                    plan.push(Planned::Local(abs, exists));
                 }
             }
         }
-        // Load existing keys first (a bad one must not leave new key files behind).
+        // Load existing key files first (a bad one must not leave new key files behind).
         let mut loaded = Vec::new();
-        for (path, exists) in &plan {
-            if *exists {
-                loaded.push(Some(LocalKey::load(path).map_err(Error::KeyFile)?));
-            } else {
-                loaded.push(None);
-            }
+        for planned in &plan {
+            loaded.push(match planned {
+                Planned::Local(path, true) => Some(LocalKey::load(path).map_err(Error::KeyFile)?),
+                _ => None,
+            });
         }
         let mut created = Vec::new();
         let result = (|| {
-            let mut keys = Vec::new();
-            for ((path, _), key) in plan.iter().zip(loaded) {
-                let key = match key {
-                    Some(k) => k,
-                    None => {
-                        let k = LocalKey::create(path).map_err(Error::KeyFile)?;
-                        created.push(path.clone());
-                        k
+            let mut trusted_keys = Vec::new();
+            let mut keys: Vec<(String, Arc<dyn KeyProvider>)> = Vec::new();
+            for (planned, key) in plan.iter().zip(loaded) {
+                let (trusted, provider): (TrustedKey, Arc<dyn KeyProvider>) = match planned {
+                    Planned::Kms { arn, locator } => (
+                        TrustedKey {
+                            id: arn.clone(),
+                            locator: locator.clone(),
+                        },
+                        providers.aws()?,
+                    ),
+                    Planned::Local(path, _) => {
+                        let key = match key {
+                            Some(k) => k,
+                            None => {
+                                let k = LocalKey::create(path).map_err(Error::KeyFile)?;
+                                created.push(path.clone());
+                                k
+                            }
+                        };
+                        let trusted = TrustedKey {
+                            id: key.id().to_string(),
+                            locator: format!("local:{}", key.path().display()),
+                        };
+                        (trusted, Arc::new(LocalProvider::new([key])))
                     }
                 };
-                keys.push(key);
-            }
-            let trusted_keys: Vec<TrustedKey> = keys
-                .iter()
-                .map(|k| TrustedKey {
-                    id: k.id().to_string(),
-                    locator: format!("local:{}", k.path().display()),
-                })
-                .collect();
-            for (i, t) in trusted_keys.iter().enumerate() {
-                if trusted_keys[..i].iter().any(|o| o.id == t.id) {
-                    return Err(Error::Usage(format!("key {} is given twice", t.id)));
+                if trusted_keys.iter().any(|t: &TrustedKey| t.id == trusted.id) {
+                    return Err(Error::Usage(format!("key {} is given twice", trusted.id)));
                 }
+                keys.push((trusted.id.clone(), provider));
+                trusted_keys.push(trusted);
             }
-            let keyring = build_keyring(
-                &trusted_keys,
-                keys.into_iter().map(Ok).collect(),
-                &options.key_options,
-            )?;
+            let keyring = providers.keyring(keys)?;
             let ctx = EncryptionContext::for_volume_config(&volume_id, &options.context);
             let (volume_key, volume_keys) = keyring
                 .generate(&ctx)
@@ -369,6 +408,14 @@ impl Volume {
         let shown = cfg_path.display().to_string();
         let unverified = UnverifiedConfig::parse(&bytes).map_err(|e| Error::format(&shown, e))?;
         let claimed = unverified.claimed();
+        let mut providers = Providers::new(&options.key_options);
+        let not_trusted = |what: &str, id: &str| {
+            Error::KeyPin(format!(
+                "{} is not protected by the key {what} ({id}); it trusts {}",
+                root.display(),
+                trusted_list(claimed)
+            ))
+        };
 
         // Pinned keys: the volume must trust each; local pins also locate key files.
         let mut pinned_local: Vec<LocalKey> = Vec::new();
@@ -377,53 +424,67 @@ impl Volume {
                 KeySpec::Local(path) => {
                     let key = LocalKey::load(path).map_err(Error::KeyFile)?;
                     if !claimed.is_trusted(key.id()) {
-                        return Err(Error::KeyPin(format!(
-                            "{} is not protected by the key in {} ({}); it trusts {}",
-                            root.display(),
-                            path.display(),
-                            key.id(),
-                            trusted_list(claimed)
-                        )));
+                        return Err(not_trusted(&format!("in {}", path.display()), key.id()));
                     }
                     pinned_local.push(key);
                 }
-                KeySpec::Kms(id) => return Err(not_yet_kms(id)),
-            }
-        }
-        let mut loaded = Vec::new();
-        for t in &claimed.trusted_keys {
-            if let Some(i) = pinned_local.iter().position(|k| k.id() == t.id) {
-                loaded.push(Ok(pinned_local.remove(i)));
-                continue;
-            }
-            let key = match KeySpec::parse(&t.locator) {
-                Ok(KeySpec::Local(path)) => LocalKey::load(&path).and_then(|k| {
-                    if k.id() == t.id {
-                        Ok(k)
-                    } else {
-                        Err(format!(
-                            "key file {} holds {}, not {}",
-                            path.display(),
-                            k.id(),
-                            t.id
-                        ))
+                KeySpec::Kms(name) => {
+                    let named = claimed
+                        .trusted_keys
+                        .iter()
+                        .any(|t| &t.id == name || &t.locator == name);
+                    if !named {
+                        let arn = providers.describe(name)?;
+                        if !claimed.is_trusted(&arn) {
+                            return Err(not_trusted(name, &arn));
+                        }
                     }
-                }),
-                Ok(KeySpec::Kms(id)) => return Err(not_yet_kms(&id)),
-                Err(e) => Err(e),
-            };
-            loaded.push(key);
+                }
+            }
         }
-        if let Some(Err(first)) = loaded
-            .iter()
-            .find(|k| k.is_err())
-            .filter(|_| loaded.iter().all(|k| k.is_err()))
-        {
+        let mut keys: Vec<(String, Arc<dyn KeyProvider>)> = Vec::new();
+        let mut unreachable = Vec::new();
+        for t in &claimed.trusted_keys {
+            let provider: Arc<dyn KeyProvider> = match KeySpec::parse(&t.locator) {
+                Ok(KeySpec::Kms(_)) => providers.aws()?,
+                Ok(KeySpec::Local(path)) => {
+                    let key = match pinned_local.iter().position(|k| k.id() == t.id) {
+                        Some(i) => Ok(pinned_local.remove(i)),
+                        None => LocalKey::load(&path).and_then(|k| {
+                            if k.id() == t.id {
+                                Ok(k)
+                            } else {
+                                Err(format!(
+                                    "key file {} holds {}, not {}",
+                                    path.display(),
+                                    k.id(),
+                                    t.id
+                                ))
+                            }
+                        }),
+                    };
+                    match key {
+                        Ok(k) => Arc::new(LocalProvider::new([k])),
+                        Err(reason) => {
+                            unreachable.push(reason.clone());
+                            Arc::new(UnavailableKey { reason })
+                        }
+                    }
+                }
+                Err(reason) => {
+                    unreachable.push(reason.clone());
+                    Arc::new(UnavailableKey { reason })
+                }
+            };
+            keys.push((t.id.clone(), provider));
+        }
+        if unreachable.len() == claimed.trusted_keys.len() {
             return Err(Error::KeyFile(format!(
-                "{first} (pass --key local:PATH if it moved)"
+                "{} (pass --key local:PATH if it moved)",
+                unreachable[0]
             )));
         }
-        let keyring = build_keyring(&claimed.trusted_keys, loaded, &options.key_options)?;
+        let keyring = providers.keyring(keys)?;
         let ctx = EncryptionContext::for_volume_config(&claimed.volume_id, &claimed.context);
         let candidates: Vec<_> = claimed.volume_keys.iter().collect();
         let volume_key = keyring.unwrap(&candidates, &ctx).map_err(|e| {

@@ -107,7 +107,7 @@ impl Preamble {
 }
 
 pub fn valid_slot_size(n: u32) -> bool {
-    (SLOT_ALIGN..=MAX_SLOT_SIZE).contains(&n) && n % SLOT_ALIGN == 0
+    (SLOT_ALIGN..=MAX_SLOT_SIZE).contains(&n) && n.is_multiple_of(SLOT_ALIGN)
 }
 
 /// The slot size a new file gets for `envelopes`: room for them plus headroom, rounded up.

@@ -38,7 +38,7 @@ pub struct FaultyProvider {
     default: Mutex<Faults>,
     per_op: Mutex<HashMap<KmsOp, Faults>>,
     rng: Mutex<u64>,
-    calls: [AtomicU64; 4],
+    calls: [AtomicU64; 5],
 }
 
 impl FaultyProvider {
@@ -164,7 +164,7 @@ impl KeyProvider for FaultyProvider {
         self.inner.re_encrypt(wrapped, from_ctx, to_key_id, to_ctx)
     }
 
-    fn holds(&self, key_id: &str) -> bool {
-        self.inner.holds(key_id)
+    fn can_re_encrypt(&self, from_key: &str, to_key: &str) -> bool {
+        self.inner.can_re_encrypt(from_key, to_key)
     }
 }

@@ -99,7 +99,7 @@ pub struct Keyring {
     cache: KeyCache,
     retry: RetryPolicy,
     limiter: Limiter,
-    ops: [OpCounters; 4],
+    ops: [OpCounters; 5],
 }
 
 impl Keyring {
@@ -145,12 +145,24 @@ impl Keyring {
         ctx: &EncryptionContext,
         f: impl Fn() -> Result<T, KeyError>,
     ) -> Result<T, KeyError> {
-        let started = Instant::now();
-        let until = started + self.retry.deadline;
+        self.call_with(self.retry.max_attempts, op, key_id, ctx, f)
+    }
+
+    fn call_with<T>(
+        &self,
+        max_attempts: u32,
+        op: KmsOp,
+        key_id: &str,
+        ctx: &EncryptionContext,
+        f: impl Fn() -> Result<T, KeyError>,
+    ) -> Result<T, KeyError> {
+        let policy = RetryPolicy {
+            max_attempts,
+            ..self.retry
+        };
+        let until = Instant::now() + self.retry.deadline;
         let counters = &self.ops[op as usize];
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
+        let attempt = |n: u32| {
             if !self.limiter.acquire(until) {
                 return Err(KeyError::new(
                     KeyErrorKind::Timeout,
@@ -167,32 +179,21 @@ impl Keyring {
             counters
                 .latency_us
                 .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+            if n > 1 {
+                counters.retries.fetch_add(1, Ordering::Relaxed);
+            }
+            if result.is_err() {
+                counters.failures.fetch_add(1, Ordering::Relaxed);
+            }
             tracing::debug!(
-                op = %op, key = key_id, context = %ctx.describe(), attempt,
+                op = %op, key = key_id, context = %ctx.describe(), attempt = n,
                 latency_us = took.as_micros() as u64,
                 outcome = %result.as_ref().map_or_else(|e| e.kind.to_string(), |_| "ok".into()),
                 "kms call"
             );
-            let err = match result {
-                Ok(v) => return Ok(v),
-                Err(e) => e,
-            };
-            counters.failures.fetch_add(1, Ordering::Relaxed);
-            if !err.kind.is_transient() || attempt >= self.retry.max_attempts {
-                return Err(with_attempts(err, attempt));
-            }
-            let ceiling = self
-                .retry
-                .base_delay
-                .saturating_mul(1 << (attempt - 1).min(16));
-            let ceiling = ceiling.min(self.retry.max_delay);
-            let pause = rand::thread_rng().gen_range(Duration::ZERO..=ceiling);
-            if Instant::now() + pause >= until {
-                return Err(with_attempts(err, attempt));
-            }
-            counters.retries.fetch_add(1, Ordering::Relaxed);
-            std::thread::sleep(pause);
-        }
+            result
+        };
+        with_retries(&policy, until, attempt)
     }
 
     /// A new data key under the first trusted key, also wrapped under every other one.
@@ -237,19 +238,39 @@ impl Keyring {
                 "the volume does not trust this key",
             ));
         }
-        let mut first_err = None;
-        for w in ordered {
-            let provider = self
-                .provider(&w.key_id)
-                .expect("ordered holds trusted keys only");
-            let fetched = self.cache.get_or_fetch(CacheKey::new(w, ctx), || {
-                self.call(KmsOp::Decrypt, &w.key_id, ctx, || provider.decrypt(w, ctx))
-            });
-            match fetched {
-                Ok(dek) => return Ok(dek),
-                Err(e) => {
-                    first_err.get_or_insert(e);
+        // With several keys, a first pass gives each one attempt, so an unreachable region
+        // fails over at once; only if every key failed transiently do they get retries.
+        let passes: &[u32] = if ordered.len() > 1 {
+            &[1, u32::MAX]
+        } else {
+            &[u32::MAX]
+        };
+        let mut first_err: Option<KeyError> = None;
+        for &attempts in passes {
+            let attempts = attempts.min(self.retry.max_attempts);
+            for w in &ordered {
+                let provider = self
+                    .provider(&w.key_id)
+                    .expect("ordered holds trusted keys only");
+                let fetched = self.cache.get_or_fetch(CacheKey::new(w, ctx), || {
+                    self.call_with(attempts, KmsOp::Decrypt, &w.key_id, ctx, || {
+                        provider.decrypt(w, ctx)
+                    })
+                });
+                match fetched {
+                    Ok(dek) => return Ok(dek),
+                    Err(e) => {
+                        if first_err
+                            .as_ref()
+                            .is_none_or(|f| f.kind.is_transient() && !e.kind.is_transient())
+                        {
+                            first_err = Some(e);
+                        }
+                    }
                 }
+            }
+            if first_err.as_ref().is_some_and(|e| !e.kind.is_transient()) {
+                break;
             }
         }
         Err(first_err.expect("at least one candidate was tried"))
@@ -277,7 +298,7 @@ impl Keyring {
             .provider(&wrapped.key_id)
             .ok_or_else(|| untrusted(&wrapped.key_id))?;
         let to = self.provider(to_key).ok_or_else(|| untrusted(to_key))?;
-        if from.holds(to_key) {
+        if from.can_re_encrypt(&wrapped.key_id, to_key) {
             return self.call(KmsOp::ReEncrypt, &wrapped.key_id, to_ctx, || {
                 from.re_encrypt(wrapped, from_ctx, to_key, to_ctx)
             });
@@ -306,6 +327,37 @@ impl Keyring {
 
     pub fn cache(&self) -> &KeyCache {
         &self.cache
+    }
+}
+
+/// Runs `attempt(1)`, `attempt(2)`, ... while it fails transiently, pausing between attempts
+/// for a random time up to an exponentially growing ceiling (full jitter), until
+/// `policy.max_attempts` or the deadline `until`. Every caller of a key service goes through
+/// this, inside the keyring or not (DescribeKey at init).
+pub fn with_retries<T>(
+    policy: &RetryPolicy,
+    until: Instant,
+    mut attempt: impl FnMut(u32) -> Result<T, KeyError>,
+) -> Result<T, KeyError> {
+    let mut n = 0;
+    loop {
+        n += 1;
+        let err = match attempt(n) {
+            Ok(v) => return Ok(v),
+            Err(e) => e,
+        };
+        if !err.kind.is_transient() || n >= policy.max_attempts {
+            return Err(with_attempts(err, n));
+        }
+        let ceiling = policy
+            .base_delay
+            .saturating_mul(1 << (n - 1).min(16))
+            .min(policy.max_delay);
+        let pause = rand::thread_rng().gen_range(Duration::ZERO..=ceiling);
+        if Instant::now() + pause >= until {
+            return Err(with_attempts(err, n));
+        }
+        std::thread::sleep(pause);
     }
 }
 

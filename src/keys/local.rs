@@ -269,8 +269,8 @@ impl KeyProvider for LocalProvider {
         to.wrap(KmsOp::ReEncrypt, &dek, to_ctx)
     }
 
-    fn holds(&self, key_id: &str) -> bool {
-        self.keys.contains_key(key_id)
+    fn can_re_encrypt(&self, from_key: &str, to_key: &str) -> bool {
+        self.keys.contains_key(from_key) && self.keys.contains_key(to_key)
     }
 }
 

@@ -10,6 +10,7 @@
 //! Errors keep the distinctions an operator acts on (context mismatch, untrusted key, access
 //! denied, throttled, unavailable) and never carry key material.
 
+pub mod aws;
 pub mod cache;
 pub mod fault;
 pub mod keyring;
@@ -30,14 +31,17 @@ pub enum KmsOp {
     Encrypt,
     Decrypt,
     ReEncrypt,
+    /// Resolving an alias or key id to its ARN (init, and pinning with `--key`).
+    DescribeKey,
 }
 
 impl KmsOp {
-    pub const ALL: [KmsOp; 4] = [
+    pub const ALL: [KmsOp; 5] = [
         KmsOp::GenerateDataKey,
         KmsOp::Encrypt,
         KmsOp::Decrypt,
         KmsOp::ReEncrypt,
+        KmsOp::DescribeKey,
     ];
 }
 
@@ -169,9 +173,9 @@ pub trait KeyProvider: Send + Sync {
         to_ctx: &EncryptionContext,
     ) -> Result<WrappedKey, KeyError>;
 
-    /// Whether this provider can serve `key_id` (used to rewrap without a round trip through
-    /// kmsfs's memory when source and destination share a provider).
-    fn holds(&self, key_id: &str) -> bool;
+    /// Whether `re_encrypt` can move a key wrapped under `from_key` to `to_key` inside the
+    /// provider (without the data key passing through kmsfs's memory).
+    fn can_re_encrypt(&self, from_key: &str, to_key: &str) -> bool;
 }
 
 /// Stands in for a trusted key that cannot be reached (a missing local key file), so calls
@@ -223,7 +227,7 @@ impl KeyProvider for UnavailableKey {
         self.fail(KmsOp::ReEncrypt, &wrapped.key_id)
     }
 
-    fn holds(&self, _: &str) -> bool {
+    fn can_re_encrypt(&self, _: &str, _: &str) -> bool {
         false
     }
 }
