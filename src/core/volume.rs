@@ -88,6 +88,7 @@ pub struct OpenOptions {
 }
 
 /// What `init` did, for the command to report.
+#[derive(Debug)]
 pub struct InitReport {
     pub volume: Volume,
     /// The local key file `init` created, if it created one.

@@ -2,6 +2,9 @@
 //! outside the backing directory, and byte-level surgery on backing files.
 #![allow(dead_code)]
 
+pub mod moto;
+pub mod stand_in;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 
