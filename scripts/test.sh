@@ -27,6 +27,21 @@ if ! command -v man >/dev/null 2>&1; then
     fi
 fi
 
+# moto's KMS-compatible server, which the AWS KMS tests start on loopback ports.
+if ! command -v moto_server >/dev/null 2>&1; then
+    say "installing moto[server] from PyPI"
+    python3 -m pip install --quiet "moto[server]" ||
+        python3 -m pip install --quiet --break-system-packages "moto[server]" || {
+        echo "scripts/test.sh: cannot install moto[server] (pip install 'moto[server]')" >&2
+        exit 1
+    }
+    hash -r
+    command -v moto_server >/dev/null 2>&1 || {
+        echo "scripts/test.sh: moto_server is not on PATH after installing moto[server]" >&2
+        exit 1
+    }
+fi
+
 say "cargo fmt --check"
 cargo fmt --all --check
 
