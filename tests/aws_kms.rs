@@ -492,10 +492,11 @@ fn cli_init_import_cat_with_a_kms_key_arn() {
     let backing = dir.path().join("backing");
     std::fs::create_dir(&backing).unwrap();
     let b = backing.display().to_string();
-    let run = |args: &[&str], stdin: &[u8]| {
+    let run_with_log = |args: &[&str], stdin: &[u8], log: &str| {
         use std::io::Write;
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kmsfs"))
             .args(args)
+            .env("RUST_LOG", log)
             .env("AWS_ENDPOINT_URL_KMS", &moto.endpoint)
             .env("AWS_REGION", EAST)
             .env("AWS_ACCESS_KEY_ID", "testing")
@@ -511,6 +512,7 @@ fn cli_init_import_cat_with_a_kms_key_arn() {
         let _ = child.stdin.take().unwrap().write_all(stdin);
         child.wait_with_output().unwrap()
     };
+    let run = |args: &[&str], stdin: &[u8]| run_with_log(args, stdin, "warn");
     let out = run(
         &[
             "init",
@@ -541,6 +543,18 @@ fn cli_init_import_cat_with_a_kms_key_arn() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(out.stdout, data);
+    // Even at trace level, the logs carry no key material: kmsfs logs each call's operation,
+    // key, context and latency, and the SDK redacts plaintext (no raw KMS bodies).
+    let out = run_with_log(&["cat", &b, "record.txt"], b"", "trace");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("kms call") && log.contains("kmsfs:path=/record.txt"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("\"Plaintext\"") && !log.contains("\"CiphertextBlob\""),
+        "{log}"
+    );
     let out = run(&["info", &b, "record.txt"], b"");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
