@@ -60,6 +60,16 @@ fn key_options(endpoints: &[(&str, &str)]) -> KeyOptions {
     }
 }
 
+fn open(dir: &Path, key_options: KeyOptions) -> Result<Volume, Error> {
+    Volume::open(
+        dir,
+        &OpenOptions {
+            pin: vec![],
+            key_options,
+        },
+    )
+}
+
 fn keyring(p: &Arc<AwsKmsProvider>, keys: &[&str]) -> Keyring {
     let trusted = keys
         .iter()
@@ -264,14 +274,7 @@ fn two_region_volume_reads_through_either_key() {
     for (down, up, up_endpoint) in [(EAST, WEST, &west.endpoint), (WEST, EAST, &east.endpoint)] {
         let options = key_options(&[(down, &dead), (up, up_endpoint)]);
         let t0 = Instant::now();
-        let vol = Volume::open(
-            dir.path(),
-            &OpenOptions {
-                pin: vec![],
-                key_options: options,
-            },
-        )
-        .unwrap();
+        let vol = open(dir.path(), options).unwrap();
         let data = EncryptedFile::open(&vol, &path("f"), false)
             .unwrap()
             .read_all()
@@ -325,14 +328,7 @@ fn failed_key_generation_changes_nothing_on_disk() {
         })),
         ..options
     };
-    let vol = Volume::open(
-        dir.path(),
-        &OpenOptions {
-            pin: vec![],
-            key_options: options,
-        },
-    )
-    .unwrap();
+    let vol = open(dir.path(), options).unwrap();
     let before: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name())

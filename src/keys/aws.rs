@@ -17,6 +17,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use aws_sdk_kms::config::http::HttpResponse;
 use aws_sdk_kms::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::types::DataKeySpec;
@@ -100,7 +101,7 @@ fn map_err<E>(
     op: KmsOp,
     key_id: &str,
     ctx: Option<&EncryptionContext>,
-    err: SdkError<E, aws_sdk_kms::config::http::HttpResponse>,
+    err: SdkError<E, HttpResponse>,
 ) -> KeyError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
@@ -287,15 +288,28 @@ impl AwsKmsProvider {
         Ok(client)
     }
 
+    /// Runs one request to completion on the provider's runtime, mapping its failure.
+    fn send<T, E>(
+        &self,
+        op: KmsOp,
+        key_id: &str,
+        ctx: Option<&EncryptionContext>,
+        request: impl std::future::Future<Output = Result<T, SdkError<E, HttpResponse>>>,
+    ) -> Result<T, KeyError>
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        self.runtime
+            .block_on(request)
+            .map_err(|e| map_err(op, key_id, ctx, e))
+    }
+
     /// The ARN of a key named by id, alias or ARN (DescribeKey), refusing keys that cannot
-    /// encrypt (disabled, pending deletion, or not symmetric).
+    /// encrypt (disabled or pending deletion).
     pub fn describe(&self, key: &str) -> Result<String, KeyError> {
         let op = KmsOp::DescribeKey;
         let client = self.client(op, key)?;
-        let out = self
-            .runtime
-            .block_on(client.describe_key().key_id(key).send())
-            .map_err(|e| map_err(op, key, None, e))?;
+        let out = self.send(op, key, None, client.describe_key().key_id(key).send())?;
         let meta = out.key_metadata().ok_or_else(|| {
             KeyError::new(KeyErrorKind::InvalidResponse, op, key, "no key metadata")
         })?;
@@ -327,10 +341,7 @@ impl KeyProvider for AwsKmsProvider {
             .key_spec(DataKeySpec::Aes256)
             .set_encryption_context(Some(context_map(ctx)))
             .send();
-        let out = self
-            .runtime
-            .block_on(request)
-            .map_err(|e| map_err(op, key_id, Some(ctx), e))?;
+        let out = self.send(op, key_id, Some(ctx), request)?;
         check_key(op, key_id, out.key_id())?;
         let mut out = out;
         let dek = take_key(op, key_id, out.plaintext.take())?;
@@ -352,10 +363,7 @@ impl KeyProvider for AwsKmsProvider {
             .plaintext(Blob::new(key.expose().to_vec()))
             .set_encryption_context(Some(context_map(ctx)))
             .send();
-        let mut out = self
-            .runtime
-            .block_on(request)
-            .map_err(|e| map_err(op, key_id, Some(ctx), e))?;
+        let mut out = self.send(op, key_id, Some(ctx), request)?;
         check_key(op, key_id, out.key_id())?;
         take_blob(op, key_id, out.ciphertext_blob.take())
     }
@@ -370,10 +378,7 @@ impl KeyProvider for AwsKmsProvider {
             .ciphertext_blob(Blob::new(wrapped.blob.clone()))
             .set_encryption_context(Some(context_map(ctx)))
             .send();
-        let mut out = self
-            .runtime
-            .block_on(request)
-            .map_err(|e| map_err(op, key_id, Some(ctx), e))?;
+        let mut out = self.send(op, key_id, Some(ctx), request)?;
         check_key(op, key_id, out.key_id())?;
         take_key(op, key_id, out.plaintext.take())
     }
@@ -396,10 +401,7 @@ impl KeyProvider for AwsKmsProvider {
             .destination_key_id(to_key_id)
             .set_destination_encryption_context(Some(context_map(to_ctx)))
             .send();
-        let mut out = self
-            .runtime
-            .block_on(request)
-            .map_err(|e| map_err(op, key_id, Some(from_ctx), e))?;
+        let mut out = self.send(op, key_id, Some(from_ctx), request)?;
         check_key(op, to_key_id, out.key_id())?;
         take_blob(op, to_key_id, out.ciphertext_blob.take())
     }
