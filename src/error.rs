@@ -42,6 +42,9 @@ pub enum Error {
     /// The volume is not protected by the key the operator pinned with `--key`.
     #[error("{0}")]
     KeyPin(String),
+    /// The mount daemon failed before detaching; its exit code and message.
+    #[error("{message}")]
+    Daemon { code: i32, message: String },
     /// A local key file is missing, unreadable or unsafe.
     #[error("{0}")]
     KeyFile(String),
@@ -75,6 +78,7 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Usage(_) => EXIT_USAGE,
+            Error::Daemon { code, .. } => *code,
             Error::Refused(_) | Error::Io { .. } => EXIT_ERROR,
             Error::Format { .. } | Error::Moved { .. } | Error::KeyPin(_) => EXIT_INTEGRITY,
             Error::Key { source, .. } if source.kind.is_integrity() => EXIT_INTEGRITY,
@@ -87,4 +91,32 @@ impl Error {
     pub fn is_integrity(&self) -> bool {
         self.exit_code() == EXIT_INTEGRITY
     }
+}
+
+impl Error {
+    /// The errno a FUSE reply carries for this error: integrity failures and key-service
+    /// failures are EIO (SPEC §2, §7) except a refusal by policy, which is EACCES; I/O errors
+    /// keep their own errno.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            Error::Usage(_) => libc::EINVAL,
+            Error::Refused(_) => libc::EPERM,
+            Error::Key { source, .. } | Error::KeyService(source)
+                if source.kind == crate::keys::KeyErrorKind::AccessDenied =>
+            {
+                libc::EACCES
+            }
+            Error::Format {
+                source: crate::format::FormatError::TooLarge(_),
+                ..
+            } => libc::EMLINK,
+            _ => libc::EIO,
+        }
+    }
+}
+
+/// An error with just an errno (from a syscall on the backing store).
+pub fn os(what: impl Into<String>, errno: i32) -> Error {
+    Error::io(what, io::Error::from_raw_os_error(errno))
 }

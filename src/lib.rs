@@ -17,5 +17,6 @@ pub mod cli;
 pub mod core;
 pub mod error;
 pub mod format;
+pub mod fuse;
 pub mod keys;
 pub mod secret;

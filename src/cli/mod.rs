@@ -7,6 +7,7 @@ pub mod cat;
 pub mod import;
 pub mod info;
 pub mod init;
+pub mod mount;
 
 use std::path::{Path, PathBuf};
 
@@ -42,6 +43,10 @@ pub enum Command {
     Cat(cat::CatArgs),
     /// Encrypt standard input (or a file) into a new file of the volume
     Import(import::ImportArgs),
+    /// Mount the plaintext view of a volume (FUSE)
+    Mount(mount::MountArgs),
+    /// Unmount a kmsfs mount
+    Umount(mount::UmountArgs),
 }
 
 /// Options shared by commands that open an existing volume.
@@ -105,5 +110,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Info(args) => info::run(args),
         Command::Cat(args) => cat::run(args),
         Command::Import(args) => import::run(args),
+        Command::Mount(args) => mount::run(args),
+        Command::Umount(args) => mount::umount(args),
     }
 }

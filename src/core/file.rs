@@ -231,6 +231,16 @@ impl EncryptedFile {
         &self.path
     }
 
+    /// Records that the file now lives at `path` (after a rename rebound it).
+    pub fn set_path(&mut self, path: CanonicalPath) {
+        self.path = path;
+    }
+
+    /// The backing file (for metadata and locks).
+    pub fn backing_file(&self) -> &File {
+        &self.file
+    }
+
     /// Plaintext size in bytes.
     pub fn size(&self) -> u64 {
         self.size

@@ -6,6 +6,7 @@
 //! the edges.
 
 pub mod file;
+pub mod fs;
 pub mod volume;
 
 pub use file::EncryptedFile;

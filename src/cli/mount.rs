@@ -1,0 +1,337 @@
+//! `kmsfs mount` and `kmsfs umount`.
+//!
+//! Everything that can fail is checked before the daemon detaches (mountpoint, volume, keys,
+//! the FUSE mount itself), and a failure is one line and a non-zero exit from the command the
+//! user ran. To daemonize, the process forks before any thread exists (the AWS client starts
+//! threads); the child mounts and reports "ok" or the error through a pipe, and the parent
+//! exits with that result. SIGINT, SIGTERM and SIGHUP unmount cleanly.
+
+use std::ffi::CString;
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+
+use super::VolumeArgs;
+use crate::core::fs::KmsFs;
+use crate::core::volume::{OpenOptions, Volume};
+use crate::error::{Error, Result};
+use crate::fuse::FuseFs;
+use crate::keys::cache::{CacheConfig, DEFAULT_ENTRIES};
+use crate::keys::keyring::DEFAULT_CONCURRENCY;
+use crate::keys::spec::KeySpec;
+
+#[derive(Debug, Args)]
+pub struct MountArgs {
+    #[command(flatten)]
+    pub volume: VolumeArgs,
+    /// An empty directory to mount the plaintext view on
+    pub mountpoint: PathBuf,
+    /// Mount read-only: no writes to the backing store, only Decrypt calls
+    #[arg(long)]
+    pub read_only: bool,
+    /// Stay in the foreground instead of detaching
+    #[arg(long)]
+    pub foreground: bool,
+    /// Let users other than the one mounting use the mount (permissions still apply)
+    #[arg(long)]
+    pub allow_other: bool,
+    /// Most plaintext data keys kept in the key cache
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_ENTRIES)]
+    pub key_cache_entries: usize,
+    /// How long a cached data key stays (e.g. 300s, 5m, 1h)
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
+    pub key_cache_ttl: Duration,
+    /// Most key-service calls in flight at once
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_CONCURRENCY)]
+    pub kms_concurrency: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct UmountArgs {
+    /// Where a kmsfs volume is mounted
+    pub mountpoint: PathBuf,
+}
+
+pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
+    let bad = || format!("'{s}' is not a duration (e.g. 90s, 5m, 1h)");
+    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return Err(bad()),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+/// Whether `path` is a mount point now (listed in /proc/self/mountinfo).
+fn is_mounted(path: &Path) -> bool {
+    let Ok(canon) = path.canonicalize() else {
+        return false;
+    };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    info.lines().any(|l| {
+        l.split(' ')
+            .nth(4)
+            .is_some_and(|m| unescape_mountinfo(m) == canon.as_os_str().as_bytes())
+    })
+}
+
+fn unescape_mountinfo(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push(u8::from_str_radix(&s[i + 1..i + 4], 8).unwrap_or(b'?'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+fn check_mountpoint(args: &MountArgs) -> Result<()> {
+    let mp = &args.mountpoint;
+    match std::fs::metadata(mp) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(Error::Refused(format!(
+                "mountpoint {} is not a directory",
+                mp.display()
+            )))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::Refused(format!(
+                "mountpoint {} does not exist",
+                mp.display()
+            )))
+        }
+        Err(e) => return Err(Error::io(format!("cannot access {}", mp.display()), e)),
+    }
+    if is_mounted(mp) {
+        return Err(Error::Refused(format!(
+            "{} is already a mount point (busy)",
+            mp.display()
+        )));
+    }
+    if let (Ok(m), Ok(b)) = (mp.canonicalize(), args.volume.backing.canonicalize()) {
+        if m.starts_with(&b) || b.starts_with(&m) {
+            return Err(Error::Usage(
+                "the mountpoint and the backing directory must not contain each other".into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn signal_set() -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset initialize and fill a zeroed set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+        set
+    }
+}
+
+/// Mounts and serves until unmounted; `ready` is called once the mount is live.
+fn serve(args: &MountArgs, ready: impl FnOnce()) -> Result<()> {
+    // Signals go to one waiting thread only: block them before any thread starts.
+    let set = signal_set();
+    // SAFETY: set is initialized; this thread's mask is inherited by threads spawned later.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    // The daemon holds plaintext keys: no core dumps, no ptrace by other users.
+    // SAFETY: prctl with PR_SET_DUMPABLE has no memory-safety preconditions.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+
+    check_mountpoint(args)?;
+    let pin = args
+        .volume
+        .keys
+        .iter()
+        .map(|k| KeySpec::parse(k).map_err(Error::Usage))
+        .collect::<Result<_>>()?;
+    let mut key_options = super::key_options()?;
+    key_options.cache = CacheConfig {
+        max_entries: args.key_cache_entries,
+        ttl: args.key_cache_ttl,
+    };
+    key_options.concurrency = args.kms_concurrency.max(1);
+    let volume = Volume::open(&args.volume.backing, &OpenOptions { pin, key_options })?;
+    let backing = args
+        .volume
+        .backing
+        .canonicalize()
+        .unwrap_or_else(|_| args.volume.backing.clone());
+    let core = Arc::new(KmsFs::new(volume, args.read_only)?);
+
+    let mut options = vec![
+        fuser::MountOption::FSName(format!("kmsfs:{}", backing.display())),
+        fuser::MountOption::Subtype("kmsfs".into()),
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::NoDev,
+        fuser::MountOption::NoSuid,
+    ];
+    if args.read_only {
+        options.push(fuser::MountOption::RO);
+    }
+    let mut config = fuser::Config::default();
+    config.mount_options = options;
+    config.acl = if args.allow_other {
+        fuser::SessionACL::All
+    } else {
+        fuser::SessionACL::Owner
+    };
+    config.n_threads = Some(4);
+    config.clone_fd = true;
+    let mut session = fuser::Session::new(FuseFs::new(core.clone()), &args.mountpoint, &config)
+        .map_err(|e| Error::io(format!("cannot mount on {}", args.mountpoint.display()), e))?;
+    let mut unmounter = session.unmount_callable();
+    std::thread::Builder::new()
+        .name("kmsfs-signals".into())
+        .spawn(move || {
+            let mut sig = 0;
+            // SAFETY: set is a valid, initialized signal set; sig is an out-parameter.
+            unsafe { libc::sigwait(&set, &mut sig) };
+            tracing::info!("signal {sig}: unmounting");
+            if let Err(e) = unmounter.unmount() {
+                tracing::error!("unmount failed: {e}");
+            }
+        })
+        .map_err(|e| Error::io("cannot start the signal thread", e))?;
+    // Drop expired keys from the cache even when nothing asks for them.
+    let purger = core.clone();
+    let ttl = args.key_cache_ttl;
+    std::thread::Builder::new()
+        .name("kmsfs-cache".into())
+        .spawn(move || loop {
+            std::thread::sleep((ttl / 4).max(Duration::from_secs(1)));
+            purger.volume().keyring().cache().purge_expired();
+        })
+        .map_err(|e| Error::io("cannot start the cache thread", e))?;
+    ready();
+    session
+        .run()
+        .map_err(|e| Error::io("the FUSE session failed", e))
+}
+
+pub fn run(args: MountArgs) -> Result<()> {
+    if args.foreground {
+        return serve(&args, || {
+            tracing::info!(
+                "mounted {} on {}",
+                args.volume.backing.display(),
+                args.mountpoint.display()
+            )
+        });
+    }
+    let mut fds = [0; 2];
+    // SAFETY: fds is a two-element array for pipe(2).
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(Error::io(
+            "cannot create a pipe",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: the fds were just created and are owned here.
+    let (read_end, write_end) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: no other thread exists yet (checked: the AWS runtime and every worker start
+    // after this point), so the child is a faithful copy.
+    match unsafe { libc::fork() } {
+        -1 => Err(Error::io("cannot fork", std::io::Error::last_os_error())),
+        0 => {
+            drop(read_end);
+            // SAFETY: setsid in the fresh child.
+            unsafe { libc::setsid() };
+            let status = std::cell::RefCell::new(Some(std::fs::File::from(write_end)));
+            let result = serve(&args, || {
+                // Closing the pipe releases the parent.
+                if let Some(mut pipe) = status.borrow_mut().take() {
+                    let _ = pipe.write_all(b"ok\n");
+                }
+                detach_stdio();
+            });
+            if let (Err(e), Some(mut pipe)) = (&result, status.borrow_mut().take()) {
+                let _ = writeln!(pipe, "{} {}", e.exit_code(), e);
+            }
+            std::process::exit(if result.is_ok() { 0 } else { 1 });
+        }
+        _child => {
+            drop(write_end);
+            let mut answer = String::new();
+            let _ = std::fs::File::from(read_end).read_to_string(&mut answer);
+            if answer.starts_with("ok") {
+                return Ok(());
+            }
+            let (code, msg) = answer
+                .trim_end()
+                .split_once(' ')
+                .unwrap_or(("1", "the mount daemon exited"));
+            Err(Error::Daemon {
+                code: code.parse().unwrap_or(1),
+                message: msg.to_string(),
+            })
+        }
+    }
+}
+
+fn detach_stdio() {
+    let null = CString::new("/dev/null").expect("no NUL");
+    // SAFETY: open/dup2/close on fds this process owns.
+    unsafe {
+        let fd = libc::open(null.as_ptr(), libc::O_RDWR);
+        if fd >= 0 {
+            for target in 0..3 {
+                libc::dup2(fd, target);
+            }
+            if fd > 2 {
+                libc::close(fd);
+            }
+        }
+    }
+}
+
+pub fn umount(args: UmountArgs) -> Result<()> {
+    let mp = &args.mountpoint;
+    if !is_mounted(mp) {
+        return Err(Error::Refused(format!("{} is not mounted", mp.display())));
+    }
+    let c = CString::new(mp.as_os_str().as_bytes())
+        .map_err(|_| Error::Usage("path with NUL".into()))?;
+    // SAFETY: geteuid has no preconditions; umount2 gets a valid path.
+    if unsafe { libc::geteuid() } == 0 && unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
+        return Ok(());
+    }
+    for tool in ["fusermount3", "fusermount"] {
+        if let Ok(status) = std::process::Command::new(tool).arg("-u").arg(mp).status() {
+            if status.success() {
+                return Ok(());
+            }
+            return Err(Error::Refused(format!(
+                "{tool} -u {} failed (busy?)",
+                mp.display()
+            )));
+        }
+    }
+    Err(Error::io(
+        format!("cannot unmount {}", mp.display()),
+        std::io::Error::last_os_error(),
+    ))
+}

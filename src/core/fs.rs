@@ -1,0 +1,1021 @@
+//! The filesystem core behind the mount: POSIX operations on a volume, in plain Rust values.
+//!
+//! The backing store mirrors the plaintext tree: one backing file per file, plain directories,
+//! symlinks and fifos as themselves. Inode numbers are the backing store's own (the backing
+//! root's is swapped with 1, which FUSE reserves for the root), so hard links share an inode
+//! and `stat` is stable across remounts. The core keeps, per inode it has handed out, the
+//! paths it is known by; operations on an inode use one of them.
+//!
+//! An open file is one [`EncryptedFile`] per inode, shared by every handle (so two handles
+//! never disagree about the size), behind a read-write lock: reads run in parallel, writes
+//! one at a time. Its content key lives only as long as some handle has the file open.
+//!
+//! Names and keys move together: a file's data key is bound to its path, so `rename` and
+//! `link` first add an envelope for the new path (a `ReEncrypt`, the data key never leaves the
+//! key service), then change the name on the backing store, then drop envelopes of names that
+//! are gone. A crash between steps leaves the file readable at whichever path it ended at.
+//! Renaming a directory does the same for every file beneath it, in parallel. Namespace
+//! changes are serialized by one lock; data I/O is not.
+
+use std::collections::HashMap;
+use std::ffi::{CString, OsStr, OsString};
+use std::fs::{self, File};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::SystemTime;
+
+use crate::error::{os, Error, Result};
+use crate::format::context::CanonicalPath;
+use crate::format::envelope::Envelope;
+use crate::format::header::Preamble;
+
+use super::file::EncryptedFile;
+use super::volume::{is_reserved_name, Volume};
+
+pub const ROOT_INO: u64 = 1;
+/// Most names one file can have: each costs an envelope per trusted key in its header.
+pub const MAX_LINKS: usize = 32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDevice,
+    BlockDevice,
+}
+
+/// What `stat` reports for an inode.
+#[derive(Debug, Clone)]
+pub struct Attr {
+    pub ino: u64,
+    /// Plaintext size for files.
+    pub size: u64,
+    pub blocks: u64,
+    pub atime: SystemTime,
+    pub mtime: SystemTime,
+    pub ctime: SystemTime,
+    pub kind: Kind,
+    pub perm: u16,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u32,
+    pub blksize: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct DirEntry {
+    pub ino: u64,
+    pub kind: Kind,
+    pub name: OsString,
+}
+
+/// Who asks (for ownership of what they create).
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+    pub umask: u32,
+}
+
+struct OpenNode {
+    file: RwLock<EncryptedFile>,
+}
+
+struct Handle {
+    node: Arc<OpenNode>,
+    ino: u64,
+    writable: bool,
+    append: bool,
+}
+
+#[derive(Default)]
+struct Node {
+    paths: Vec<CanonicalPath>,
+    lookups: u64,
+}
+
+pub struct KmsFs {
+    volume: Volume,
+    read_only: bool,
+    root_backing_ino: u64,
+    nodes: Mutex<HashMap<u64, Node>>,
+    open: Mutex<HashMap<u64, std::sync::Weak<OpenNode>>>,
+    handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    next_fh: AtomicU64,
+    namespace: Mutex<()>,
+}
+
+fn kind_of(ft: fs::FileType) -> Kind {
+    if ft.is_dir() {
+        Kind::Dir
+    } else if ft.is_symlink() {
+        Kind::Symlink
+    } else if ft.is_fifo() {
+        Kind::Fifo
+    } else if ft.is_socket() {
+        Kind::Socket
+    } else if ft.is_char_device() {
+        Kind::CharDevice
+    } else if ft.is_block_device() {
+        Kind::BlockDevice
+    } else {
+        Kind::File
+    }
+}
+
+fn io_err(what: &str, path: &CanonicalPath, e: std::io::Error) -> Error {
+    Error::io(format!("{what} {path}"), e)
+}
+
+fn cstr(p: &Path) -> Result<CString> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| os("path with NUL", libc::EINVAL))
+}
+
+fn check_errno(r: libc::c_int, what: &str) -> Result<()> {
+    if r < 0 {
+        Err(Error::io(what, std::io::Error::last_os_error()))
+    } else {
+        Ok(())
+    }
+}
+
+impl KmsFs {
+    pub fn new(volume: Volume, read_only: bool) -> Result<Self> {
+        let root_meta = fs::metadata(volume.root())
+            .map_err(|e| Error::io(format!("cannot stat {}", volume.root().display()), e))?;
+        let mut nodes = HashMap::new();
+        nodes.insert(
+            ROOT_INO,
+            Node {
+                paths: vec![CanonicalPath::root()],
+                lookups: 1,
+            },
+        );
+        Ok(KmsFs {
+            volume,
+            read_only,
+            root_backing_ino: root_meta.ino(),
+            nodes: Mutex::new(nodes),
+            open: Mutex::new(HashMap::new()),
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            namespace: Mutex::new(()),
+        })
+    }
+
+    pub fn volume(&self) -> &Volume {
+        &self.volume
+    }
+
+    /// The FUSE inode of a backing inode (the backing root and inode 1 trade places).
+    fn ino_of(&self, backing_ino: u64) -> u64 {
+        if backing_ino == self.root_backing_ino {
+            ROOT_INO
+        } else if backing_ino == ROOT_INO {
+            self.root_backing_ino
+        } else {
+            backing_ino
+        }
+    }
+
+    fn path_of(&self, ino: u64) -> Result<CanonicalPath> {
+        let nodes = self.nodes.lock().unwrap();
+        nodes
+            .get(&ino)
+            .and_then(|n| n.paths.first().cloned())
+            .ok_or_else(|| os(format!("inode {ino}"), libc::ESTALE))
+    }
+
+    fn backing(&self, path: &CanonicalPath) -> PathBuf {
+        self.volume.backing_path(path)
+    }
+
+    fn child(&self, parent: u64, name: &OsStr) -> Result<CanonicalPath> {
+        if is_reserved_name(name.as_bytes()) {
+            return Err(os(format!("{name:?} is reserved"), libc::EPERM));
+        }
+        self.path_of(parent)?
+            .join(name.as_bytes())
+            .map_err(|_| os(format!("bad name {name:?}"), libc::EINVAL))
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            Err(os("read-only mount", libc::EROFS))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Remembers that `ino` is reachable at `path` and counts one kernel lookup.
+    fn remember(&self, ino: u64, path: &CanonicalPath) {
+        let mut nodes = self.nodes.lock().unwrap();
+        let node = nodes.entry(ino).or_default();
+        if !node.paths.contains(path) {
+            node.paths.push(path.clone());
+        }
+        node.lookups += 1;
+    }
+
+    fn forget_path(&self, path: &CanonicalPath) {
+        let mut nodes = self.nodes.lock().unwrap();
+        for node in nodes.values_mut() {
+            node.paths.retain(|p| p != path);
+        }
+    }
+
+    /// Every known path equal to `from` or beneath it moves beneath `to`.
+    fn move_paths(&self, from: &CanonicalPath, to: &CanonicalPath) {
+        let prefix = format!("{}/", from.as_str());
+        let mut nodes = self.nodes.lock().unwrap();
+        for node in nodes.values_mut() {
+            for p in node.paths.iter_mut() {
+                if p == from {
+                    *p = to.clone();
+                } else if let Some(rest) = p.as_str().strip_prefix(&prefix) {
+                    let moved = format!("{}/{rest}", to.as_str());
+                    *p = CanonicalPath::from_encoded(&moved)
+                        .expect("joined canonical paths are canonical");
+                }
+            }
+        }
+    }
+
+    pub fn forget(&self, ino: u64, n: u64) {
+        if ino == ROOT_INO {
+            return;
+        }
+        let mut nodes = self.nodes.lock().unwrap();
+        if let Some(node) = nodes.get_mut(&ino) {
+            node.lookups = node.lookups.saturating_sub(n);
+            if node.lookups == 0 {
+                nodes.remove(&ino);
+            }
+        }
+    }
+
+    /// The plaintext size of a regular file: from its open instance, else from its preamble
+    /// and length (one 64-byte read, no key).
+    fn plaintext_size(&self, ino: u64, backing: &Path, len: u64) -> Result<u64> {
+        if let Some(node) = self
+            .open
+            .lock()
+            .unwrap()
+            .get(&ino)
+            .and_then(|w| w.upgrade())
+        {
+            return Ok(node.file.read().unwrap().size());
+        }
+        let file = File::open(backing)
+            .map_err(|e| Error::io(format!("cannot open {}", backing.display()), e))?;
+        let mut pre = [0u8; crate::format::header::PREAMBLE_LEN];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut pre, 0).map_err(|_| {
+            os(
+                format!("{}: shorter than a header", backing.display()),
+                libc::EIO,
+            )
+        })?;
+        let pre = Preamble::decode(&pre).map_err(|e| Error::format(backing.display(), e))?;
+        let layout = crate::format::block::Layout {
+            data_offset: pre.data_offset(),
+            block_size: pre.block_size,
+        };
+        layout
+            .plaintext_len(len)
+            .map_err(|e| Error::format(backing.display(), e))
+    }
+
+    fn attr_from(&self, path: &CanonicalPath, meta: &fs::Metadata) -> Result<Attr> {
+        let ino = self.ino_of(meta.ino());
+        let kind = kind_of(meta.file_type());
+        let size = if kind == Kind::File {
+            self.plaintext_size(ino, &self.backing(path), meta.len())?
+        } else {
+            meta.len()
+        };
+        let time = |s: i64, ns: i64| {
+            if s >= 0 {
+                SystemTime::UNIX_EPOCH + std::time::Duration::new(s as u64, ns as u32)
+            } else {
+                SystemTime::UNIX_EPOCH
+            }
+        };
+        Ok(Attr {
+            ino,
+            size,
+            blocks: meta.blocks(),
+            atime: time(meta.atime(), meta.atime_nsec()),
+            mtime: time(meta.mtime(), meta.mtime_nsec()),
+            ctime: time(meta.ctime(), meta.ctime_nsec()),
+            kind,
+            perm: (meta.mode() & 0o7777) as u16,
+            nlink: meta.nlink() as u32,
+            uid: meta.uid(),
+            gid: meta.gid(),
+            rdev: meta.rdev() as u32,
+            blksize: self.volume.config().block_size,
+        })
+    }
+
+    fn stat_path(&self, path: &CanonicalPath) -> Result<Attr> {
+        let meta =
+            fs::symlink_metadata(self.backing(path)).map_err(|e| io_err("cannot stat", path, e))?;
+        self.attr_from(path, &meta)
+    }
+
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr> {
+        let path = self
+            .child(parent, name)
+            .map_err(|_| os("no such name", libc::ENOENT))?;
+        let attr = self.stat_path(&path)?;
+        self.remember(attr.ino, &path);
+        Ok(attr)
+    }
+
+    pub fn getattr(&self, ino: u64) -> Result<Attr> {
+        self.stat_path(&self.path_of(ino)?)
+    }
+
+    /// Hands out the attributes of a newly created entry (and counts the kernel's lookup).
+    fn created(&self, path: &CanonicalPath, caller: Caller) -> Result<Attr> {
+        let backing = self.backing(path);
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            let c = cstr(&backing)?;
+            // SAFETY: c is a valid NUL-terminated path.
+            check_errno(
+                unsafe { libc::lchown(c.as_ptr(), caller.uid, caller.gid) },
+                "lchown",
+            )?;
+        }
+        let attr = self.stat_path(path)?;
+        self.remember(attr.ino, path);
+        Ok(attr)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn setattr(
+        &self,
+        ino: u64,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<SystemTime>,
+        mtime: Option<SystemTime>,
+        atime_now: bool,
+        mtime_now: bool,
+        fh: Option<u64>,
+    ) -> Result<Attr> {
+        self.check_writable()?;
+        let path = self.path_of(ino)?;
+        let backing = self.backing(&path);
+        if let Some(size) = size {
+            match fh.and_then(|fh| self.handles.lock().unwrap().get(&fh).cloned()) {
+                Some(h) => h.node.file.write().unwrap().set_len(size)?,
+                None => self.with_file(ino, &path, |f| f.set_len(size))?,
+            }
+        }
+        if let Some(mode) = mode {
+            fs::set_permissions(&backing, fs::Permissions::from_mode(mode & 0o7777))
+                .map_err(|e| io_err("cannot chmod", &path, e))?;
+        }
+        if uid.is_some() || gid.is_some() {
+            let c = cstr(&backing)?;
+            let (u, g) = (uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX));
+            // SAFETY: c is a valid path; -1 (u32::MAX) leaves an id unchanged.
+            check_errno(unsafe { libc::lchown(c.as_ptr(), u, g) }, "chown")?;
+        }
+        if atime.is_some() || mtime.is_some() || atime_now || mtime_now {
+            let spec = |t: Option<SystemTime>, now: bool| {
+                if now {
+                    libc::timespec {
+                        tv_sec: 0,
+                        tv_nsec: libc::UTIME_NOW,
+                    }
+                } else if let Some(t) = t {
+                    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+                    libc::timespec {
+                        tv_sec: d.as_secs() as i64,
+                        tv_nsec: d.subsec_nanos() as i64,
+                    }
+                } else {
+                    libc::timespec {
+                        tv_sec: 0,
+                        tv_nsec: libc::UTIME_OMIT,
+                    }
+                }
+            };
+            let times = [spec(atime, atime_now), spec(mtime, mtime_now)];
+            let c = cstr(&backing)?;
+            // SAFETY: valid path and a two-element timespec array.
+            check_errno(
+                unsafe {
+                    libc::utimensat(
+                        libc::AT_FDCWD,
+                        c.as_ptr(),
+                        times.as_ptr(),
+                        libc::AT_SYMLINK_NOFOLLOW,
+                    )
+                },
+                "utimensat",
+            )?;
+        }
+        self.stat_path(&path)
+    }
+
+    /// Runs `f` on the file's shared open instance, or on a temporary one.
+    fn with_file<T>(
+        &self,
+        ino: u64,
+        path: &CanonicalPath,
+        f: impl FnOnce(&mut EncryptedFile) -> Result<T>,
+    ) -> Result<T> {
+        if let Some(node) = self
+            .open
+            .lock()
+            .unwrap()
+            .get(&ino)
+            .and_then(|w| w.upgrade())
+        {
+            let mut file = node.file.write().unwrap();
+            return f(&mut file);
+        }
+        let mut file = EncryptedFile::open(&self.volume, path, !self.read_only)?;
+        f(&mut file)
+    }
+
+    pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
+        let path = self.path_of(ino)?;
+        let target =
+            fs::read_link(self.backing(&path)).map_err(|e| io_err("cannot readlink", &path, e))?;
+        Ok(target.into_os_string().into_vec())
+    }
+
+    pub fn mknod(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        rdev: u32,
+        caller: Caller,
+    ) -> Result<Attr> {
+        self.check_writable()?;
+        let _ns = self.namespace.lock().unwrap();
+        let path = self.child(parent, name)?;
+        if mode & libc::S_IFMT == libc::S_IFREG {
+            let (attr, fh) = self.create_file(&path, mode, caller)?;
+            self.release(fh);
+            return Ok(attr);
+        }
+        if mode & libc::S_IFMT != libc::S_IFIFO {
+            return Err(os(
+                "only fifos and regular files can be made here",
+                libc::EPERM,
+            ));
+        }
+        let c = cstr(&self.backing(&path))?;
+        // SAFETY: valid path.
+        check_errno(
+            unsafe { libc::mknod(c.as_ptr(), mode & !caller.umask, rdev as libc::dev_t) },
+            "mknod",
+        )?;
+        self.created(&path, caller)
+    }
+
+    pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, caller: Caller) -> Result<Attr> {
+        self.check_writable()?;
+        let _ns = self.namespace.lock().unwrap();
+        let path = self.child(parent, name)?;
+        let backing = self.backing(&path);
+        fs::create_dir(&backing).map_err(|e| io_err("cannot mkdir", &path, e))?;
+        fs::set_permissions(
+            &backing,
+            fs::Permissions::from_mode(mode & !caller.umask & 0o7777),
+        )
+        .map_err(|e| io_err("cannot chmod", &path, e))?;
+        self.created(&path, caller)
+    }
+
+    pub fn symlink(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        target: &Path,
+        caller: Caller,
+    ) -> Result<Attr> {
+        self.check_writable()?;
+        let _ns = self.namespace.lock().unwrap();
+        let path = self.child(parent, name)?;
+        std::os::unix::fs::symlink(target, self.backing(&path))
+            .map_err(|e| io_err("cannot symlink", &path, e))?;
+        self.created(&path, caller)
+    }
+
+    pub fn unlink(&self, parent: u64, name: &OsStr) -> Result<()> {
+        self.check_writable()?;
+        let _ns = self.namespace.lock().unwrap();
+        let path = self.child(parent, name)?;
+        let backing = self.backing(&path);
+        let meta = fs::symlink_metadata(&backing).map_err(|e| io_err("cannot stat", &path, e))?;
+        if meta.is_file() && meta.nlink() > 1 {
+            // Another name keeps the file: unlink, then drop this name's envelopes.
+            let ino = self.ino_of(meta.ino());
+            self.with_file(ino, &path, |f| {
+                fs::remove_file(&backing).map_err(|e| io_err("cannot unlink", &path, e))?;
+                self.unbind_path(f, &path)
+            })?;
+        } else {
+            fs::remove_file(&backing).map_err(|e| io_err("cannot unlink", &path, e))?;
+        }
+        self.forget_path(&path);
+        Ok(())
+    }
+
+    pub fn rmdir(&self, parent: u64, name: &OsStr) -> Result<()> {
+        self.check_writable()?;
+        let _ns = self.namespace.lock().unwrap();
+        let path = self.child(parent, name)?;
+        fs::remove_dir(self.backing(&path)).map_err(|e| io_err("cannot rmdir", &path, e))?;
+        self.forget_path(&path);
+        Ok(())
+    }
+
+    /// Adds to a file an envelope for `to` beside each of its envelopes for `from`.
+    fn bind_extra_path(
+        &self,
+        f: &mut EncryptedFile,
+        from: &CanonicalPath,
+        to: &CanonicalPath,
+    ) -> Result<()> {
+        let (from_ctx, to_ctx) = (self.volume.file_context(from), self.volume.file_context(to));
+        let mut envelopes = f.envelopes().to_vec();
+        let mut added = Vec::new();
+        for e in envelopes.iter().filter(|e| &e.path == from) {
+            if envelopes
+                .iter()
+                .any(|o| &o.path == to && o.key.key_id == e.key.key_id)
+            {
+                continue;
+            }
+            let key = self
+                .volume
+                .keyring()
+                .rewrap(&e.key, &from_ctx, &e.key.key_id, &to_ctx)
+                .map_err(|err| Error::key(from, err))?;
+            added.push(Envelope {
+                path: to.clone(),
+                key,
+            });
+        }
+        if added.is_empty() {
+            return Ok(());
+        }
+        envelopes.extend(added);
+        f.replace_envelopes(envelopes)
+    }
+
+    /// Drops a file's envelopes for `gone`, in both header slots (so no slot still opens the
+    /// file at a name it no longer has).
+    fn unbind_path(&self, f: &mut EncryptedFile, gone: &CanonicalPath) -> Result<()> {
+        let keep: Vec<Envelope> = f
+            .envelopes()
+            .iter()
+            .filter(|e| &e.path != gone)
+            .cloned()
+            .collect();
+        if keep.len() == f.envelopes().len() || keep.is_empty() {
+            return Ok(());
+        }
+        f.replace_envelopes(keep.clone())?;
+        f.replace_envelopes(keep)
+    }
+
+    /// Regular files at and beneath `path` (for rebinding a directory), as paths.
+    fn files_beneath(&self, path: &CanonicalPath) -> Result<Vec<CanonicalPath>> {
+        let mut out = Vec::new();
+        let mut stack = vec![path.clone()];
+        while let Some(dir) = stack.pop() {
+            let entries =
+                fs::read_dir(self.backing(&dir)).map_err(|e| io_err("cannot read", &dir, e))?;
+            for entry in entries {
+                let entry = entry.map_err(|e| io_err("cannot read", &dir, e))?;
+                let name = entry.file_name();
+                if is_reserved_name(name.as_bytes()) {
+                    continue;
+                }
+                let child = dir
+                    .join(name.as_bytes())
+                    .map_err(|e| Error::format(&dir, e))?;
+                let ft = entry
+                    .file_type()
+                    .map_err(|e| io_err("cannot stat", &child, e))?;
+                if ft.is_dir() {
+                    stack.push(child);
+                } else if ft.is_file() {
+                    out.push(child);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Runs `f` over `items` on up to 8 threads (KMS calls dominate; the keyring bounds them).
+    fn parallel<T: Sync>(&self, items: &[T], f: impl Fn(&T) -> Result<()> + Sync) -> Result<()> {
+        let workers = items.len().clamp(1, 8);
+        let next = AtomicU64::new(0);
+        let first_err: Mutex<Option<Error>> = Mutex::new(None);
+        std::thread::scope(|s| {
+            for _ in 0..workers {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    if i >= items.len() || first_err.lock().unwrap().is_some() {
+                        return;
+                    }
+                    if let Err(e) = f(&items[i]) {
+                        first_err.lock().unwrap().get_or_insert(e);
+                    }
+                });
+            }
+        });
+        match first_err.into_inner().unwrap() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// The new path of `p` when `from` becomes `to` (p is `from` or beneath it).
+    fn moved(p: &CanonicalPath, from: &CanonicalPath, to: &CanonicalPath) -> CanonicalPath {
+        if p == from {
+            return to.clone();
+        }
+        let rest = &p.as_str()[from.as_str().len()..];
+        CanonicalPath::from_encoded(&format!("{}{rest}", to.as_str())).expect("canonical")
+    }
+
+    /// The inode of the file at `path` if the core has it open (its instance must see header
+    /// changes), for `with_file`.
+    fn ino_at(&self, path: &CanonicalPath) -> u64 {
+        fs::symlink_metadata(self.backing(path))
+            .map(|m| self.ino_of(m.ino()))
+            .unwrap_or(0)
+    }
+
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        noreplace: bool,
+    ) -> Result<()> {
+        self.check_writable()?;
+        let _ns = self.namespace.lock().unwrap();
+        let from = self.child(parent, name)?;
+        let to = self.child(newparent, newname)?;
+        if from == to {
+            return Ok(());
+        }
+        let (bfrom, bto) = (self.backing(&from), self.backing(&to));
+        let meta = fs::symlink_metadata(&bfrom).map_err(|e| io_err("cannot stat", &from, e))?;
+        if noreplace && fs::symlink_metadata(&bto).is_ok() {
+            return Err(os("target exists", libc::EEXIST));
+        }
+        if meta.is_dir() && to.as_str().starts_with(&format!("{}/", from.as_str())) {
+            return Err(os("cannot move a directory into itself", libc::EINVAL));
+        }
+        let files = if meta.is_dir() {
+            self.files_beneath(&from)?
+        } else if meta.is_file() {
+            vec![from.clone()]
+        } else {
+            vec![]
+        };
+        // 1. Every file gains envelopes for its new path.
+        self.parallel(&files, |p| {
+            let new = Self::moved(p, &from, &to);
+            self.with_file(self.ino_at(p), p, |f| self.bind_extra_path(f, p, &new))
+        })?;
+        // 2. The name changes.
+        fs::rename(&bfrom, &bto).map_err(|e| io_err("cannot rename", &from, e))?;
+        self.forget_path(&to);
+        self.move_paths(&from, &to);
+        // 3. Envelopes of the old paths go.
+        self.parallel(&files, |p| {
+            let new = Self::moved(p, &from, &to);
+            self.with_file(self.ino_at(&new), &new, |f| {
+                f.set_path(new.clone());
+                self.unbind_path(f, p)
+            })
+        })?;
+        Ok(())
+    }
+
+    pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> Result<Attr> {
+        self.check_writable()?;
+        let _ns = self.namespace.lock().unwrap();
+        let from = self.path_of(ino)?;
+        let to = self.child(newparent, newname)?;
+        let meta = fs::symlink_metadata(self.backing(&from))
+            .map_err(|e| io_err("cannot stat", &from, e))?;
+        if meta.is_file() {
+            if meta.nlink() as usize >= MAX_LINKS {
+                return Err(os(
+                    format!("{from} has {MAX_LINKS} names already"),
+                    libc::EMLINK,
+                ));
+            }
+            self.with_file(ino, &from, |f| self.bind_extra_path(f, &from, &to))?;
+        }
+        if let Err(e) = fs::hard_link(self.backing(&from), self.backing(&to)) {
+            if meta.is_file() {
+                let _ = self.with_file(ino, &from, |f| self.unbind_path(f, &to));
+            }
+            return Err(io_err("cannot link", &from, e));
+        }
+        let attr = self.stat_path(&to)?;
+        self.remember(attr.ino, &to);
+        Ok(attr)
+    }
+
+    fn new_handle(&self, ino: u64, node: Arc<OpenNode>, writable: bool, append: bool) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().unwrap().insert(
+            fh,
+            Arc::new(Handle {
+                node,
+                ino,
+                writable,
+                append,
+            }),
+        );
+        fh
+    }
+
+    fn create_file(&self, path: &CanonicalPath, mode: u32, caller: Caller) -> Result<(Attr, u64)> {
+        let backing = self.backing(path);
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(mode & !caller.umask & 0o7777)
+            .open(&backing)
+            .map_err(|e| io_err("cannot create", path, e))?;
+        let enc = match EncryptedFile::create(&self.volume, path, file) {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = fs::remove_file(&backing);
+                return Err(e);
+            }
+        };
+        let node = Arc::new(OpenNode {
+            file: RwLock::new(enc),
+        });
+        let attr = self.created(path, caller)?;
+        self.open
+            .lock()
+            .unwrap()
+            .insert(attr.ino, Arc::downgrade(&node));
+        let fh = self.new_handle(attr.ino, node, true, false);
+        Ok((attr, fh))
+    }
+
+    pub fn create(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        flags: i32,
+        caller: Caller,
+    ) -> Result<(Attr, u64)> {
+        self.check_writable()?;
+        let _ns = self.namespace.lock().unwrap();
+        let path = self.child(parent, name)?;
+        let (attr, fh) = self.create_file(&path, mode, caller)?;
+        if flags & libc::O_APPEND != 0 {
+            let h = self.handles.lock().unwrap().remove(&fh).expect("just made");
+            let fh2 = self.new_handle(h.ino, h.node.clone(), true, true);
+            return Ok((attr, fh2));
+        }
+        Ok((attr, fh))
+    }
+
+    pub fn open(&self, ino: u64, flags: i32) -> Result<u64> {
+        let acc = flags & libc::O_ACCMODE;
+        let writable = acc == libc::O_WRONLY || acc == libc::O_RDWR;
+        if writable || flags & libc::O_TRUNC != 0 {
+            self.check_writable()?;
+        }
+        let path = self.path_of(ino)?;
+        let node = {
+            let mut open = self.open.lock().unwrap();
+            match open.get(&ino).and_then(|w| w.upgrade()) {
+                Some(n) => n,
+                None => {
+                    let file = EncryptedFile::open(&self.volume, &path, !self.read_only)?;
+                    let n = Arc::new(OpenNode {
+                        file: RwLock::new(file),
+                    });
+                    open.insert(ino, Arc::downgrade(&n));
+                    n
+                }
+            }
+        };
+        if flags & libc::O_TRUNC != 0 {
+            node.file.write().unwrap().set_len(0)?;
+        }
+        Ok(self.new_handle(ino, node, writable, flags & libc::O_APPEND != 0))
+    }
+
+    fn handle(&self, fh: u64) -> Result<Arc<Handle>> {
+        self.handles
+            .lock()
+            .unwrap()
+            .get(&fh)
+            .cloned()
+            .ok_or_else(|| os("bad file handle", libc::EBADF))
+    }
+
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let h = self.handle(fh)?;
+        let file = h.node.file.read().unwrap();
+        let mut buf = vec![0u8; size as usize];
+        let n = file.read_at(offset, &mut buf).inspect_err(|e| {
+            tracing::error!(path = %file.path(), "read failed: {e}");
+        })?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<usize> {
+        let h = self.handle(fh)?;
+        if !h.writable {
+            return Err(os("not open for writing", libc::EBADF));
+        }
+        let mut file = h.node.file.write().unwrap();
+        let offset = if h.append { file.size() } else { offset };
+        file.write_at(offset, data).inspect_err(|e| {
+            tracing::error!(path = %file.path(), "write failed: {e}");
+        })?;
+        Ok(data.len())
+    }
+
+    pub fn fsync(&self, fh: u64) -> Result<()> {
+        let h = self.handle(fh)?;
+        let file = h.node.file.read().unwrap();
+        file.sync()
+    }
+
+    pub fn release(&self, fh: u64) {
+        let h = self.handles.lock().unwrap().remove(&fh);
+        if let Some(h) = h {
+            let ino = h.ino;
+            drop(h);
+            let mut open = self.open.lock().unwrap();
+            if open.get(&ino).is_some_and(|w| w.strong_count() == 0) {
+                open.remove(&ino);
+            }
+        }
+    }
+
+    pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> Result<()> {
+        if mode != 0 {
+            return Err(os("only plain fallocate is supported", libc::EOPNOTSUPP));
+        }
+        let h = self.handle(fh)?;
+        let mut file = h.node.file.write().unwrap();
+        let end = offset.saturating_add(length);
+        if end > file.size() {
+            file.set_len(end)?;
+        }
+        Ok(())
+    }
+
+    pub fn readdir(&self, ino: u64) -> Result<Vec<DirEntry>> {
+        let path = self.path_of(ino)?;
+        let backing = self.backing(&path);
+        let meta = fs::metadata(&backing).map_err(|e| io_err("cannot stat", &path, e))?;
+        let parent_ino = match backing.parent().filter(|_| !path.is_root()) {
+            Some(p) => fs::metadata(p)
+                .map(|m| self.ino_of(m.ino()))
+                .unwrap_or(ROOT_INO),
+            None => ROOT_INO,
+        };
+        let mut out = vec![
+            DirEntry {
+                ino: self.ino_of(meta.ino()),
+                kind: Kind::Dir,
+                name: ".".into(),
+            },
+            DirEntry {
+                ino: parent_ino,
+                kind: Kind::Dir,
+                name: "..".into(),
+            },
+        ];
+        let mut entries: Vec<_> = fs::read_dir(&backing)
+            .map_err(|e| io_err("cannot read", &path, e))?
+            .filter_map(|e| e.ok())
+            .filter(|e| !is_reserved_name(e.file_name().as_bytes()))
+            .collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let Ok(ft) = e.file_type() else { continue };
+            let Ok(m) = e.metadata() else { continue };
+            out.push(DirEntry {
+                ino: self.ino_of(m.ino()),
+                kind: kind_of(ft),
+                name: e.file_name(),
+            });
+        }
+        Ok(out)
+    }
+
+    pub fn statfs(&self) -> Result<libc::statvfs> {
+        let c = cstr(self.volume.root())?;
+        // SAFETY: zeroed statvfs is a valid out-parameter; c is a valid path.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        check_errno(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, "statvfs")?;
+        Ok(st)
+    }
+
+    fn xattr_path(&self, ino: u64) -> Result<CString> {
+        cstr(&self.backing(&self.path_of(ino)?))
+    }
+
+    pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+        self.check_writable()?;
+        let (p, n) = (
+            self.xattr_path(ino)?,
+            CString::new(name.as_bytes()).map_err(|_| os("name", libc::EINVAL))?,
+        );
+        // SAFETY: valid C strings and a value buffer of the given length.
+        let r = unsafe {
+            libc::lsetxattr(
+                p.as_ptr(),
+                n.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                flags,
+            )
+        };
+        check_errno(r, "setxattr")
+    }
+
+    /// `size == 0` asks for the length only.
+    pub fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> Result<Vec<u8>> {
+        let (p, n) = (
+            self.xattr_path(ino)?,
+            CString::new(name.as_bytes()).map_err(|_| os("name", libc::EINVAL))?,
+        );
+        let mut buf = vec![0u8; size as usize];
+        // SAFETY: buf has `size` bytes (or is empty with size 0, a length query).
+        let r =
+            unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if r < 0 {
+            return Err(Error::io("getxattr", std::io::Error::last_os_error()));
+        }
+        if size == 0 {
+            return Ok(vec![0; r as usize]);
+        }
+        buf.truncate(r as usize);
+        Ok(buf)
+    }
+
+    pub fn listxattr(&self, ino: u64, size: u32) -> Result<Vec<u8>> {
+        let p = self.xattr_path(ino)?;
+        let mut buf = vec![0u8; size as usize];
+        // SAFETY: as for getxattr.
+        let r = unsafe { libc::llistxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if r < 0 {
+            return Err(Error::io("listxattr", std::io::Error::last_os_error()));
+        }
+        if size == 0 {
+            return Ok(vec![0; r as usize]);
+        }
+        buf.truncate(r as usize);
+        Ok(buf)
+    }
+
+    pub fn removexattr(&self, ino: u64, name: &OsStr) -> Result<()> {
+        self.check_writable()?;
+        let (p, n) = (
+            self.xattr_path(ino)?,
+            CString::new(name.as_bytes()).map_err(|_| os("name", libc::EINVAL))?,
+        );
+        // SAFETY: valid C strings.
+        check_errno(
+            unsafe { libc::lremovexattr(p.as_ptr(), n.as_ptr()) },
+            "removexattr",
+        )
+    }
+}
+
+use std::os::unix::ffi::OsStringExt;

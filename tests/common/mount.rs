@@ -1,0 +1,194 @@
+//! A real kmsfs mount for tests: the `kmsfs` binary in the foreground on a fresh volume,
+//! unmounted and killed (by pid) when dropped, even if the test fails.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Mount {
+    pub dir: tempfile::TempDir,
+    pub backing: PathBuf,
+    pub mnt: PathBuf,
+    pub key: PathBuf,
+    child: Option<Child>,
+    extra: Vec<String>,
+}
+
+/// Whether FUSE can be used here. Under CI=true it must be.
+pub fn fuse_available() -> bool {
+    let ok = Path::new("/dev/fuse").exists();
+    if !ok {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "/dev/fuse is missing under CI=true"
+        );
+        eprintln!("skipping: /dev/fuse is not available on this machine");
+    }
+    ok
+}
+
+pub fn kmsfs() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_kmsfs"));
+    c.env_remove("RUST_LOG")
+        .env("AWS_EC2_METADATA_DISABLED", "true");
+    c
+}
+
+fn mounted(mnt: &Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let want = mnt.to_str().unwrap();
+    info.lines().any(|l| l.split(' ').nth(4) == Some(want))
+}
+
+impl Mount {
+    /// A new volume (block size `bs`, local key) mounted with `extra` mount options.
+    pub fn new(bs: u32, extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        let (backing, mnt, key) = (
+            root.join("backing"),
+            root.join("mnt"),
+            root.join("keys/master.key"),
+        );
+        std::fs::create_dir(&backing).unwrap();
+        std::fs::create_dir(&mnt).unwrap();
+        let out = kmsfs()
+            .args([
+                "init",
+                backing.to_str().unwrap(),
+                "--block-size",
+                &bs.to_string(),
+            ])
+            .arg("--key")
+            .arg(format!("local:{}", key.display()))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut m = Mount {
+            dir,
+            backing,
+            mnt,
+            key,
+            child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        m.start();
+        m
+    }
+
+    /// Mounts (again), in the foreground, and waits until the mount is live.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none());
+        let child = kmsfs()
+            .arg("mount")
+            .arg(&self.backing)
+            .arg(&self.mnt)
+            .arg("--foreground")
+            .args(&self.extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !mounted(&self.mnt) {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                let mut err = String::new();
+                use std::io::Read;
+                let _ = self
+                    .child
+                    .take()
+                    .unwrap()
+                    .stderr
+                    .unwrap()
+                    .read_to_string(&mut err);
+                panic!("kmsfs mount exited ({status}): {err}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "mount did not appear within 20 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Unmounts cleanly (as `kmsfs umount` does) and waits for the daemon to exit.
+    pub fn stop(&mut self) {
+        if mounted(&self.mnt) {
+            let out = kmsfs().arg("umount").arg(&self.mnt).output().unwrap();
+            if !out.status.success() {
+                let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+            }
+        }
+        if let Some(mut child) = self.child.take() {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().unwrap().is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// kill -9 of the daemon, then the stale mount is cleared.
+    pub fn crash(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg("-z")
+            .arg(&self.mnt)
+            .stderr(Stdio::null())
+            .status();
+    }
+
+    pub fn remount(&mut self) {
+        self.stop();
+        self.start();
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn p(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    pub fn b(&self, rel: &str) -> PathBuf {
+        self.backing.join(rel)
+    }
+
+    /// `kmsfs info BACKING PATH` output (authenticates the file offline).
+    pub fn info(&self, rel: &str) -> (bool, String) {
+        let out = kmsfs()
+            .arg("info")
+            .arg(&self.backing)
+            .arg(rel)
+            .arg("--key")
+            .arg(format!("local:{}", self.key.display()))
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

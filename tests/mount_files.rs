@@ -1,0 +1,227 @@
+//! Regular files through a real mount: create, read, write at random offsets, append,
+//! truncate, sparse writes, O_EXCL / O_TRUNC, fsync, mmap; and the backing store holds
+//! only ciphertext.
+
+mod common;
+
+use std::fs::{self, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+
+use common::mount::{fuse_available, Mount};
+use common::pattern;
+
+#[test]
+fn write_read_and_the_backing_store_is_ciphertext() {
+    if !fuse_available() {
+        return;
+    }
+    let m = Mount::new(4096, &[]);
+    let secret = b"cardholder 4111-1111-1111-1111 expires 12/29\n".repeat(300);
+    fs::write(m.p("card.txt"), &secret).unwrap();
+    assert_eq!(fs::read(m.p("card.txt")).unwrap(), secret);
+    assert_eq!(
+        fs::metadata(m.p("card.txt")).unwrap().len(),
+        secret.len() as u64
+    );
+    let raw = fs::read(m.b("card.txt")).unwrap();
+    assert!(
+        !raw.windows(19).any(|w| w == b"4111-1111-1111-1111"),
+        "plaintext on the backing store"
+    );
+    let (ok, info) = m.info("card.txt");
+    assert!(ok, "{info}");
+}
+
+#[test]
+fn random_offset_writes_match_a_model() {
+    if !fuse_available() {
+        return;
+    }
+    let m = Mount::new(512, &[]);
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(m.p("f"))
+        .unwrap();
+    let mut model = Vec::new();
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    for i in 0..300 {
+        let off = next(20_000);
+        let len = next(3000) as usize;
+        let data = pattern(len, i as u8);
+        f.write_all_at(&data, off).unwrap();
+        if len > 0 {
+            let end = off as usize + len;
+            if model.len() < end {
+                model.resize(end, 0);
+            }
+            model[off as usize..end].copy_from_slice(&data);
+        }
+        if i % 50 == 0 {
+            let cut = next(25_000);
+            f.set_len(cut).unwrap();
+            model.resize(cut as usize, 0);
+        }
+    }
+    drop(f);
+    assert_eq!(fs::read(m.p("f")).unwrap(), model);
+}
+
+#[test]
+fn append_truncate_and_sparse() {
+    if !fuse_available() {
+        return;
+    }
+    let mut m = Mount::new(4096, &[]);
+    let mut a = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(m.p("log"))
+        .unwrap();
+    for i in 0..100 {
+        writeln!(a, "line {i}").unwrap();
+    }
+    drop(a);
+    let text = fs::read_to_string(m.p("log")).unwrap();
+    assert_eq!(text.lines().count(), 100);
+    assert!(text.ends_with("line 99\n"));
+
+    let f = OpenOptions::new().write(true).open(m.p("log")).unwrap();
+    f.set_len(5).unwrap();
+    assert_eq!(fs::read(m.p("log")).unwrap(), b"line ");
+    f.set_len(10_000).unwrap();
+    let grown = fs::read(m.p("log")).unwrap();
+    assert_eq!(grown.len(), 10_000);
+    assert!(grown[5..].iter().all(|&b| b == 0));
+
+    let mut s = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(m.p("sparse"))
+        .unwrap();
+    s.seek(SeekFrom::Start(5 << 20)).unwrap();
+    s.write_all(b"end").unwrap();
+    drop(s);
+    m.remount();
+    let sparse = fs::read(m.p("sparse")).unwrap();
+    assert_eq!(sparse.len(), (5 << 20) + 3);
+    assert!(sparse[..5 << 20].iter().all(|&b| b == 0));
+    assert_eq!(&sparse[5 << 20..], b"end");
+}
+
+#[test]
+fn open_flags() {
+    if !fuse_available() {
+        return;
+    }
+    let m = Mount::new(4096, &[]);
+    fs::write(m.p("f"), b"0123456789").unwrap();
+    let err = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(m.p("f"))
+        .unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists);
+    OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(m.p("f"))
+        .unwrap();
+    assert_eq!(fs::metadata(m.p("f")).unwrap().len(), 0);
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_SYNC)
+        .open(m.p("f"))
+        .unwrap();
+    f.write_all(b"synced").unwrap();
+    f.sync_all().unwrap();
+    f.sync_data().unwrap();
+    let mut back = String::new();
+    fs::File::open(m.p("f"))
+        .unwrap()
+        .read_to_string(&mut back)
+        .unwrap();
+    assert_eq!(back, "synced");
+    assert_eq!(
+        fs::read(m.p("missing")).unwrap_err().kind(),
+        std::io::ErrorKind::NotFound
+    );
+}
+
+#[test]
+fn two_handles_see_one_file() {
+    if !fuse_available() {
+        return;
+    }
+    let m = Mount::new(4096, &[]);
+    let a = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(m.p("f"))
+        .unwrap();
+    let b = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.p("f"))
+        .unwrap();
+    a.write_all_at(b"hello", 0).unwrap();
+    b.write_all_at(b" world", 5).unwrap();
+    let mut buf = [0u8; 11];
+    a.read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf, b"hello world");
+}
+
+#[test]
+fn mmap_reads_and_writes() {
+    if !fuse_available() {
+        return;
+    }
+    let mut m = Mount::new(4096, &[]);
+    let len = 3 * 4096 + 100;
+    fs::write(m.p("map"), pattern(len, 9)).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.p("map"))
+        .unwrap();
+    use std::os::fd::AsRawFd;
+    // SAFETY: a shared mapping of an open file of `len` bytes, unmapped below.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(ptr, libc::MAP_FAILED);
+    // SAFETY: the mapping is `len` bytes long and only this test touches it.
+    let view = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
+    assert_eq!(view, pattern(len, 9).as_slice());
+    view[4096..4096 + 5].copy_from_slice(b"MMAPD");
+    // SAFETY: ptr/len are the mapping made above.
+    unsafe {
+        assert_eq!(libc::msync(ptr, len, libc::MS_SYNC), 0);
+        libc::munmap(ptr, len);
+    }
+    drop(f);
+    m.remount();
+    let data = fs::read(m.p("map")).unwrap();
+    assert_eq!(&data[4096..4101], b"MMAPD");
+    assert_eq!(data.len(), len);
+}
