@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job on the embedded default (the local key provider): build kmsfs, create a volume,
-# encrypt a file into it, show what the backing store holds, read the file back, and show that
-# a file moved on the backing store no longer decrypts.
-# Everything lives in one directory (default: a new /tmp/kmsfs-demo.*), key file included.
+# mount it, write through the mount, show that the backing store holds only ciphertext,
+# unmount, read the file back offline, and show that a file moved on the backing store no
+# longer decrypts. Everything lives in one directory (default: a new /tmp/kmsfs-demo.*), key
+# file included.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,35 +11,52 @@ if ! command -v cargo >/dev/null 2>&1; then
     echo "scripts/demo.sh: cargo not found; install a Rust toolchain (rustup) first" >&2
     exit 1
 fi
+if ! command -v fusermount3 >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && apt-get install -y -qq fuse3 >/dev/null
+fi
+if [ ! -e /dev/fuse ]; then
+    echo "scripts/demo.sh: /dev/fuse is missing: this machine cannot mount FUSE filesystems" >&2
+    exit 1
+fi
 cargo build --release --locked --quiet
 kmsfs="$PWD/target/release/kmsfs"
 
 demo=${KMSFS_DEMO_DIR:-$(mktemp -d /tmp/kmsfs-demo.XXXXXX)}
-rm -rf "$demo/backing" "$demo/config"
-mkdir -p "$demo/backing"
+mnt="$demo/mnt"
+if grep -q " $mnt " /proc/self/mountinfo 2>/dev/null; then "$kmsfs" umount "$mnt"; fi
+rm -rf "$demo/backing" "$demo/config" "$mnt"
+mkdir -p "$demo/backing" "$mnt"
 # Keep the demo's key file beside it rather than in ~/.config/kmsfs.
 export XDG_CONFIG_HOME="$demo/config"
 quiet=${KMSFS_DEMO_QUIET:-}
+say() { [ -n "$quiet" ] || printf '%s\n' "$*"; }
 step() { [ -n "$quiet" ] || printf '\n$ %s\n' "$*"; "$@"; }
+cleanup() { grep -q " $mnt " /proc/self/mountinfo 2>/dev/null && "$kmsfs" umount "$mnt" || true; }
+trap cleanup EXIT
 
 step "$kmsfs" init "$demo/backing" --context tenant_id=demo
+step "$kmsfs" mount "$demo/backing" "$mnt"
 secret="patient 4711: blood type AB negative"
-[ -n "$quiet" ] || printf '\n$ echo "%s" | kmsfs import %s notes.txt\n' "$secret" "$demo/backing"
-echo "$secret" | "$kmsfs" import "$demo/backing" notes.txt
-step "$kmsfs" info "$demo/backing"
-step "$kmsfs" info "$demo/backing" notes.txt
-step "$kmsfs" cat "$demo/backing" notes.txt > "$demo/roundtrip.txt"
-[ "$(cat "$demo/roundtrip.txt")" = "$secret" ] || { echo "demo: round trip failed" >&2; exit 1; }
-[ -n "$quiet" ] || echo "$secret"
-
-if grep -q "AB negative" "$demo/backing/notes.txt"; then
+say "" && say "\$ echo \"$secret\" > $mnt/notes.txt; mkdir $mnt/scans; cp scan.bin $mnt/scans/"
+echo "$secret" > "$mnt/notes.txt"
+mkdir "$mnt/scans"
+head -c 1000000 /dev/urandom > "$demo/scan.bin"
+cp "$demo/scan.bin" "$mnt/scans/scan.bin"
+cmp "$demo/scan.bin" "$mnt/scans/scan.bin"
+[ "$(cat "$mnt/notes.txt")" = "$secret" ] || { echo "demo: read-back through the mount failed" >&2; exit 1; }
+say "(read back through the mount: ok)"
+if grep -rq "AB negative" "$demo/backing"; then
     echo "demo: plaintext found on the backing store" >&2
     exit 1
 fi
-[ -n "$quiet" ] || echo "(the backing file $demo/backing/notes.txt holds no plaintext)"
+say "(the backing store $demo/backing holds no plaintext:)"
+[ -n "$quiet" ] || head -c 96 "$demo/backing/notes.txt" | od -A d -t x1 | head -4
+step "$kmsfs" umount "$mnt"
 
+step "$kmsfs" info "$demo/backing" notes.txt
+[ "$("$kmsfs" cat "$demo/backing" notes.txt)" = "$secret" ] || { echo "demo: offline cat failed" >&2; exit 1; }
 mv "$demo/backing/notes.txt" "$demo/backing/stolen.txt"
-[ -n "$quiet" ] || printf '\n$ mv backing/notes.txt backing/stolen.txt; kmsfs cat backing stolen.txt\n'
+say "" && say "\$ mv backing/notes.txt backing/stolen.txt; kmsfs cat backing stolen.txt"
 if "$kmsfs" cat "$demo/backing" stolen.txt; then
     echo "demo: a moved file decrypted" >&2
     exit 1

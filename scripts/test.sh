@@ -27,6 +27,21 @@ if ! command -v man >/dev/null 2>&1; then
     fi
 fi
 
+# FUSE: the mount tests mount real filesystems (as root here).
+if ! command -v fusermount3 >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        say "installing fuse3"
+        apt-get update -qq && apt-get install -y -qq fuse3 >/dev/null
+    elif [ "${CI:-}" = true ]; then
+        echo "scripts/test.sh: fusermount3 is missing and cannot be installed" >&2
+        exit 1
+    fi
+fi
+if [ ! -e /dev/fuse ] && [ "${CI:-}" = true ]; then
+    echo "scripts/test.sh: /dev/fuse is missing under CI=true" >&2
+    exit 1
+fi
+
 # moto's KMS-compatible server, which the AWS KMS tests start on loopback ports.
 if ! command -v moto_server >/dev/null 2>&1; then
     say "installing moto[server] from PyPI"

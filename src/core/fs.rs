@@ -36,8 +36,9 @@ use super::file::EncryptedFile;
 use super::volume::{is_reserved_name, Volume};
 
 pub const ROOT_INO: u64 = 1;
-/// Most names one file can have: each costs an envelope per trusted key in its header.
-pub const MAX_LINKS: usize = 32;
+/// Most names one file can have: each costs an envelope per trusted key in its header, and
+/// the header is grown once (at the second name) to hold this many.
+pub const MAX_LINKS: usize = super::file::GROWN_NAMES;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -110,6 +111,7 @@ pub struct KmsFs {
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
     namespace: Mutex<()>,
+    aliases: RwLock<HashMap<u64, u64>>,
 }
 
 fn kind_of(ft: fs::FileType) -> Kind {
@@ -167,6 +169,7 @@ impl KmsFs {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             namespace: Mutex::new(()),
+            aliases: RwLock::new(HashMap::new()),
         })
     }
 
@@ -174,8 +177,12 @@ impl KmsFs {
         &self.volume
     }
 
-    /// The FUSE inode of a backing inode (the backing root and inode 1 trade places).
+    /// The FUSE inode of a backing inode (the backing root and inode 1 trade places; a file
+    /// rewritten during this mount keeps the number the kernel knows it by).
     fn ino_of(&self, backing_ino: u64) -> u64 {
+        if let Some(&ino) = self.aliases.read().unwrap().get(&backing_ino) {
+            return ino;
+        }
         if backing_ino == self.root_backing_ino {
             ROOT_INO
         } else if backing_ino == ROOT_INO {
@@ -431,25 +438,39 @@ impl KmsFs {
         self.stat_path(&path)
     }
 
-    /// Runs `f` on the file's shared open instance, or on a temporary one.
+    /// Runs `f` on the file's shared open instance, or on a temporary one. If `f` rewrote the
+    /// file (a grown header gives it a new backing inode), the new backing inode is aliased to
+    /// the inode number the kernel already knows, so the file keeps one identity.
     fn with_file<T>(
         &self,
         ino: u64,
         path: &CanonicalPath,
         f: impl FnOnce(&mut EncryptedFile) -> Result<T>,
     ) -> Result<T> {
-        if let Some(node) = self
+        let node = self
             .open
             .lock()
             .unwrap()
             .get(&ino)
-            .and_then(|w| w.upgrade())
-        {
-            let mut file = node.file.write().unwrap();
-            return f(&mut file);
+            .and_then(|w| w.upgrade());
+        let (result, backing_ino) = match node {
+            Some(node) => {
+                let mut file = node.file.write().unwrap();
+                let result = f(&mut file);
+                (result, file.backing_file().metadata().map(|m| m.ino()))
+            }
+            None => {
+                let mut file = EncryptedFile::open(&self.volume, path, !self.read_only)?;
+                let result = f(&mut file);
+                (result, file.backing_file().metadata().map(|m| m.ino()))
+            }
+        };
+        if let Ok(raw) = backing_ino {
+            if ino != 0 && self.ino_of(raw) != ino {
+                self.aliases.write().unwrap().insert(raw, ino);
+            }
         }
-        let mut file = EncryptedFile::open(&self.volume, path, !self.read_only)?;
-        f(&mut file)
+        result
     }
 
     pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
@@ -579,7 +600,7 @@ impl KmsFs {
             return Ok(());
         }
         envelopes.extend(added);
-        f.replace_envelopes(envelopes)
+        f.replace_envelopes_growing(&self.backing(from), envelopes)
     }
 
     /// Drops a file's envelopes for `gone`, in both header slots (so no slot still opens the
@@ -732,7 +753,10 @@ impl KmsFs {
                     libc::EMLINK,
                 ));
             }
-            self.with_file(ino, &from, |f| self.bind_extra_path(f, &from, &to))?;
+            self.with_file(ino, &from, |f| {
+                f.grow_for_names(&self.backing(&from))?;
+                self.bind_extra_path(f, &from, &to)
+            })?;
         }
         if let Err(e) = fs::hard_link(self.backing(&from), self.backing(&to)) {
             if meta.is_file() {

@@ -152,6 +152,11 @@ impl Mount {
             .status();
     }
 
+    /// Replaces the extra mount options used by the next `start`.
+    pub fn set_extra(&mut self, extra: &[&str]) {
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
+    }
+
     pub fn remount(&mut self) {
         self.stop();
         self.start();

@@ -1,0 +1,133 @@
+//! Directories and non-file entries through a real mount: mkdir/rmdir, readdir with many
+//! entries (offsets), symlinks, fifos, permissions and times, statfs; kmsfs's own names are
+//! hidden.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+
+use common::mount::{fuse_available, Mount};
+
+#[test]
+fn directories_and_listing() {
+    if !fuse_available() {
+        return;
+    }
+    let m = Mount::new(4096, &[]);
+    fs::create_dir_all(m.p("a/b/c")).unwrap();
+    let mut want = BTreeSet::new();
+    for i in 0..600 {
+        let name = format!("file-{i:04}-{}", "x".repeat(i % 40));
+        fs::write(m.p("a").join(&name), i.to_string()).unwrap();
+        want.insert(name);
+    }
+    want.insert("b".to_string());
+    let got: BTreeSet<String> = fs::read_dir(m.p("a"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(
+        got, want,
+        "readdir over several batches returns each entry once"
+    );
+    assert!(fs::remove_dir(m.p("a/b")).is_err(), "not empty");
+    fs::remove_dir(m.p("a/b/c")).unwrap();
+    fs::remove_dir(m.p("a/b")).unwrap();
+    assert!(!m.p("a/b").exists());
+    let root: Vec<String> = fs::read_dir(&m.mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(root, vec!["a"], "the .kmsfs directory is hidden");
+    assert!(
+        fs::write(m.p(".kmsfs-mine"), b"x").is_err(),
+        "reserved names are refused"
+    );
+    assert!(fs::metadata(m.p(".kmsfs")).is_err());
+}
+
+#[test]
+fn symlinks_fifos_and_metadata() {
+    if !fuse_available() {
+        return;
+    }
+    let m = Mount::new(4096, &[]);
+    fs::write(m.p("target"), b"pointed at").unwrap();
+    std::os::unix::fs::symlink("target", m.p("link")).unwrap();
+    assert_eq!(fs::read_link(m.p("link")).unwrap().to_str(), Some("target"));
+    assert_eq!(fs::read(m.p("link")).unwrap(), b"pointed at");
+    assert!(fs::symlink_metadata(m.p("link"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+
+    let fifo = std::ffi::CString::new(m.p("fifo").to_str().unwrap()).unwrap();
+    // SAFETY: a valid path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    assert!(fs::metadata(m.p("fifo")).unwrap().file_type().is_fifo());
+
+    fs::set_permissions(m.p("target"), fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(fs::metadata(m.p("target")).unwrap().mode() & 0o777, 0o600);
+    let f = fs::File::options().write(true).open(m.p("target")).unwrap();
+    let t = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000_000);
+    f.set_times(fs::FileTimes::new().set_modified(t).set_accessed(t))
+        .unwrap();
+    assert_eq!(fs::metadata(m.p("target")).unwrap().mtime(), 1_000_000_000);
+    let c = std::ffi::CString::new(m.p("target").to_str().unwrap()).unwrap();
+    // SAFETY: valid path.
+    assert_eq!(unsafe { libc::chown(c.as_ptr(), 1234, 5678) }, 0);
+    let meta = fs::metadata(m.p("target")).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (1234, 5678));
+    assert_eq!(meta.len(), 10, "plaintext size");
+
+    let mnt = std::ffi::CString::new(m.mnt.to_str().unwrap()).unwrap();
+    // SAFETY: zeroed statvfs is a valid out-parameter.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(mnt.as_ptr(), &mut st) }, 0);
+    assert!(st.f_blocks > 0 && st.f_namemax >= 255);
+}
+
+#[test]
+fn xattrs() {
+    if !fuse_available() {
+        return;
+    }
+    let m = Mount::new(4096, &[]);
+    fs::write(m.p("f"), b"x").unwrap();
+    let path = std::ffi::CString::new(m.p("f").to_str().unwrap()).unwrap();
+    let name = std::ffi::CString::new("user.kmsfs-test").unwrap();
+    // SAFETY: valid C strings and buffers with their lengths.
+    unsafe {
+        assert_eq!(
+            libc::setxattr(path.as_ptr(), name.as_ptr(), b"value".as_ptr().cast(), 5, 0),
+            0
+        );
+        let mut buf = [0u8; 64];
+        let n = libc::getxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        );
+        assert_eq!(&buf[..n as usize], b"value");
+        assert_eq!(
+            libc::getxattr(path.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0),
+            5
+        );
+        let n = libc::listxattr(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len());
+        assert!(buf[..n as usize]
+            .split(|&b| b == 0)
+            .any(|s| s == b"user.kmsfs-test"));
+        assert_eq!(libc::removexattr(path.as_ptr(), name.as_ptr()), 0);
+        assert!(
+            libc::getxattr(
+                path.as_ptr(),
+                name.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len()
+            ) < 0
+        );
+    }
+}
