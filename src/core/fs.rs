@@ -221,14 +221,31 @@ impl KmsFs {
         }
     }
 
-    /// Remembers that `ino` is reachable at `path` and counts one kernel lookup.
+    /// Remembers that `ino` is reachable at `path` (now its preferred path) and counts one
+    /// kernel lookup. Paths it is no longer found at (moved behind the mount) are dropped.
     fn remember(&self, ino: u64, path: &CanonicalPath) {
-        let mut nodes = self.nodes.lock().unwrap();
-        let node = nodes.entry(ino).or_default();
-        if !node.paths.contains(path) {
-            node.paths.push(path.clone());
+        let mut gone = Vec::new();
+        {
+            let mut nodes = self.nodes.lock().unwrap();
+            let node = nodes.entry(ino).or_default();
+            if node.paths.first() != Some(path) {
+                node.paths.retain(|p| {
+                    let here = p != path
+                        && fs::symlink_metadata(self.backing(p))
+                            .is_ok_and(|m| self.ino_of(m.ino()) == ino);
+                    if !here && p != path {
+                        gone.push(p.clone());
+                    }
+                    here
+                });
+                node.paths.insert(0, path.clone());
+            }
+            node.lookups += 1;
         }
-        node.lookups += 1;
+        // A directory found under a new name carries what the kernel knows beneath it along.
+        for old in gone {
+            self.move_known_paths(&old, path, false);
+        }
     }
 
     fn forget_path(&self, path: &CanonicalPath) {
@@ -240,11 +257,16 @@ impl KmsFs {
 
     /// Every known path equal to `from` or beneath it moves beneath `to`.
     fn move_paths(&self, from: &CanonicalPath, to: &CanonicalPath) {
+        self.move_known_paths(from, to, true)
+    }
+
+    /// Known paths beneath `from` (and `from` itself if `exact`) move to `to`.
+    fn move_known_paths(&self, from: &CanonicalPath, to: &CanonicalPath, exact: bool) {
         let prefix = format!("{}/", from.as_str());
         let mut nodes = self.nodes.lock().unwrap();
         for node in nodes.values_mut() {
             for p in node.paths.iter_mut() {
-                if p == from {
+                if exact && p == from {
                     *p = to.clone();
                 } else if let Some(rest) = p.as_str().strip_prefix(&prefix) {
                     let moved = format!("{}/{rest}", to.as_str());
@@ -843,7 +865,10 @@ impl KmsFs {
             match open.get(&ino).and_then(|w| w.upgrade()) {
                 Some(n) => n,
                 None => {
-                    let file = EncryptedFile::open(&self.volume, &path, !self.read_only)?;
+                    let file = EncryptedFile::open(&self.volume, &path, !self.read_only)
+                        .inspect_err(|e| {
+                            tracing::error!("open failed: {e}");
+                        })?;
                     let n = Arc::new(OpenNode {
                         file: RwLock::new(file),
                     });

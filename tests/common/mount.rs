@@ -92,7 +92,13 @@ impl Mount {
             .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.log_path())
+                    .unwrap(),
+            )
             .spawn()
             .unwrap();
         self.child = Some(child);
@@ -160,6 +166,15 @@ impl Mount {
     pub fn remount(&mut self) {
         self.stop();
         self.start();
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("mount.log")
+    }
+
+    /// Everything the daemon logged so far (across remounts).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
     pub fn pid(&self) -> u32 {
