@@ -148,5 +148,9 @@ fn too_many_links_is_emlink() {
         assert!(made <= 64, "no link limit");
     };
     assert_eq!(err.raw_os_error(), Some(libc::EMLINK), "{err}");
-    assert_eq!(fs::read(m.p("l5")).unwrap(), b"x");
+    assert_eq!(made, kmsfs::core::fs::MAX_LINKS, "the documented cap");
+    assert_eq!(fs::read(m.p(&format!("l{}", made - 1))).unwrap(), b"x");
+    // A file with every name it may have can still be renamed.
+    fs::rename(m.p("f"), m.p("renamed")).unwrap();
+    assert_eq!(fs::read(m.p("renamed")).unwrap(), b"x");
 }

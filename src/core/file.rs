@@ -13,7 +13,7 @@
 //! final block (which loses its "last" flag) and fills any gap with sealed zeros.
 
 use std::fs::File;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::error::{Error, Result};
@@ -28,9 +28,6 @@ use crate::format::{kdf, FormatError};
 use crate::secret::DerivedKey;
 
 use super::volume::Volume;
-
-/// How many names (hard links, a rename in progress) a grown header has room for.
-pub const GROWN_NAMES: usize = 8;
 
 /// Largest plaintext range sealed in one go when growing a file (bounds memory).
 const GROW_CHUNK: u64 = 1 << 20;
@@ -446,121 +443,6 @@ impl EncryptedFile {
             .and_then(|_| self.file.sync_data())
             .map_err(|e| self.io_err("write the header of", e))?;
         self.active_slot = target;
-        self.content = content;
-        Ok(())
-    }
-
-    /// Like `replace_envelopes`, but when the set does not fit the header slot and the file
-    /// has a single name, first rewrites the file with room for `GROWN_NAMES` names (see
-    /// `grow`). A file with several names cannot be rewritten (its other names would keep the
-    /// old inode), so it gets `TooLarge` (EMLINK at the mount).
-    pub fn replace_envelopes_growing(
-        &mut self,
-        backing: &Path,
-        envelopes: Vec<Envelope>,
-    ) -> Result<()> {
-        match self.replace_envelopes(envelopes.clone()) {
-            Err(Error::Format {
-                source: FormatError::TooLarge(why),
-                ..
-            }) => {
-                if self.names_on_disk()? > 1 {
-                    return Err(Error::format(&self.path, FormatError::TooLarge(why)));
-                }
-                self.regrow(backing, envelopes)
-            }
-            other => other,
-        }
-    }
-
-    fn names_on_disk(&self) -> Result<u64> {
-        Ok(self
-            .file
-            .metadata()
-            .map_err(|e| self.io_err("stat", e))?
-            .nlink())
-    }
-
-    /// Before a file gets its second name: if its slots cannot hold `GROWN_NAMES` names, rewrite
-    /// it now, while it has one name and its inode can still be replaced.
-    pub fn grow_for_names(&mut self, backing: &Path) -> Result<()> {
-        if self.names_on_disk()? > 1
-            || self.preamble.slot_size >= self.grown_slot_size(&self.content.envelopes)
-        {
-            return Ok(());
-        }
-        let envelopes = self.content.envelopes.clone();
-        self.regrow(backing, envelopes)
-    }
-
-    /// A slot size with room for `GROWN_NAMES` names shaped like those in `envelopes` (with
-    /// 64 bytes more path each).
-    fn grown_slot_size(&self, envelopes: &[Envelope]) -> u32 {
-        let mut paths: Vec<&CanonicalPath> = envelopes.iter().map(|e| &e.path).collect();
-        paths.sort();
-        paths.dedup();
-        let body: usize = envelopes
-            .iter()
-            .map(|e| 6 + e.path.as_str().len() + e.key.key_id.len() + e.key.blob.len())
-            .sum();
-        let per_name =
-            body / paths.len().max(1) + 64 * (envelopes.len() / paths.len().max(1)).max(1);
-        let want = (crate::format::header::SLOT_PREFIX_LEN
-            + 2
-            + per_name * GROWN_NAMES
-            + crate::format::header::SLOT_TRAILER_LEN)
-            .min(crate::format::header::MAX_SLOT_SIZE as usize) as u32;
-        want.div_ceil(crate::format::header::SLOT_ALIGN) * crate::format::header::SLOT_ALIGN
-    }
-
-    /// Rewrites the file (at `backing`) with larger slots holding `envelopes`: a temporary
-    /// copy with the new header and the blocks copied verbatim (their associated data does not
-    /// depend on where they sit), fsynced, renamed into place. The backing inode changes.
-    fn regrow(&mut self, backing: &Path, envelopes: Vec<Envelope>) -> Result<()> {
-        let mut preamble = self.preamble.clone();
-        preamble.slot_size = self
-            .grown_slot_size(&envelopes)
-            .max(slot_size_for(&envelopes));
-        let content = SlotContent {
-            generation: self.content.generation + 1,
-            envelopes,
-        };
-        let header = encode_new_header(&preamble, &content, &self.mac_key)
-            .map_err(|e| Error::format(&self.path, e))?;
-        let dir = backing.parent().unwrap_or(Path::new("/"));
-        let tmp = tempfile::Builder::new()
-            .prefix(".kmsfs-tmp-")
-            .tempfile_in(dir)
-            .map_err(|e| self.io_err("grow the header of", e))?;
-        let io = |e| Error::io(format!("cannot grow the header of {}", self.path), e);
-        let meta = self.file.metadata().map_err(io)?;
-        tmp.as_file()
-            .set_permissions(meta.permissions())
-            .map_err(io)?;
-        tmp.as_file().write_all_at(&header, 0).map_err(io)?;
-        let mut buf = vec![0u8; 1 << 20];
-        let (mut from, mut to) = (self.preamble.data_offset(), preamble.data_offset());
-        loop {
-            let n = self.file.read_at(&mut buf, from).map_err(io)?;
-            if n == 0 {
-                break;
-            }
-            tmp.as_file().write_all_at(&buf[..n], to).map_err(io)?;
-            from += n as u64;
-            to += n as u64;
-        }
-        tmp.as_file().sync_all().map_err(io)?;
-        let file = tmp.persist(backing).map_err(|e| io(e.error))?;
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io)?;
-        self.file = file;
-        self.layout = Layout {
-            data_offset: preamble.data_offset(),
-            block_size: preamble.block_size,
-        };
-        self.preamble = preamble;
-        self.active_slot = 0;
         self.content = content;
         Ok(())
     }

@@ -36,9 +36,9 @@ use super::file::EncryptedFile;
 use super::volume::{is_reserved_name, Volume};
 
 pub const ROOT_INO: u64 = 1;
-/// Most names one file can have: each costs an envelope per trusted key in its header, and
-/// the header is grown once (at the second name) to hold this many.
-pub const MAX_LINKS: usize = super::file::GROWN_NAMES;
+/// Most names one file can have: each costs an envelope per trusted key in its header, whose
+/// slots hold `NAME_ROOM` names (one kept free so a file with every name can still be renamed).
+pub const MAX_LINKS: usize = crate::format::header::NAME_ROOM - 1;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -111,7 +111,6 @@ pub struct KmsFs {
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
     namespace: Mutex<()>,
-    aliases: RwLock<HashMap<u64, u64>>,
 }
 
 fn kind_of(ft: fs::FileType) -> Kind {
@@ -169,7 +168,6 @@ impl KmsFs {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             namespace: Mutex::new(()),
-            aliases: RwLock::new(HashMap::new()),
         })
     }
 
@@ -177,12 +175,9 @@ impl KmsFs {
         &self.volume
     }
 
-    /// The FUSE inode of a backing inode (the backing root and inode 1 trade places; a file
-    /// rewritten during this mount keeps the number the kernel knows it by).
+    /// The FUSE inode of a backing inode (the backing root and inode 1 trade places). Files
+    /// are never replaced by new inodes while mounted, so the numbers stay meaningful.
     fn ino_of(&self, backing_ino: u64) -> u64 {
-        if let Some(&ino) = self.aliases.read().unwrap().get(&backing_ino) {
-            return ino;
-        }
         if backing_ino == self.root_backing_ino {
             ROOT_INO
         } else if backing_ino == ROOT_INO {
@@ -460,9 +455,8 @@ impl KmsFs {
         self.stat_path(&path)
     }
 
-    /// Runs `f` on the file's shared open instance, or on a temporary one. If `f` rewrote the
-    /// file (a grown header gives it a new backing inode), the new backing inode is aliased to
-    /// the inode number the kernel already knows, so the file keeps one identity.
+    /// Runs `f` on the file's shared open instance (so it sees header changes), or on a
+    /// temporary one.
     fn with_file<T>(
         &self,
         ino: u64,
@@ -475,24 +469,12 @@ impl KmsFs {
             .unwrap()
             .get(&ino)
             .and_then(|w| w.upgrade());
-        let (result, backing_ino) = match node {
-            Some(node) => {
-                let mut file = node.file.write().unwrap();
-                let result = f(&mut file);
-                (result, file.backing_file().metadata().map(|m| m.ino()))
-            }
-            None => {
-                let mut file = EncryptedFile::open(&self.volume, path, !self.read_only)?;
-                let result = f(&mut file);
-                (result, file.backing_file().metadata().map(|m| m.ino()))
-            }
-        };
-        if let Ok(raw) = backing_ino {
-            if ino != 0 && self.ino_of(raw) != ino {
-                self.aliases.write().unwrap().insert(raw, ino);
-            }
+        if let Some(node) = node {
+            let mut file = node.file.write().unwrap();
+            return f(&mut file);
         }
-        result
+        let mut file = EncryptedFile::open(&self.volume, path, !self.read_only)?;
+        f(&mut file)
     }
 
     pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
@@ -599,7 +581,23 @@ impl KmsFs {
         to: &CanonicalPath,
     ) -> Result<()> {
         let (from_ctx, to_ctx) = (self.volume.file_context(from), self.volume.file_context(to));
-        let mut envelopes = f.envelopes().to_vec();
+        // Names this file no longer has (replaced by a rename over them, or a crash between
+        // steps) only take header room: drop their envelopes first.
+        let me = f
+            .backing_file()
+            .metadata()
+            .map_err(|e| io_err("cannot stat", from, e))?;
+        let mut envelopes: Vec<Envelope> = f
+            .envelopes()
+            .iter()
+            .filter(|e| {
+                &e.path == from
+                    || fs::symlink_metadata(self.backing(&e.path))
+                        .is_ok_and(|m| m.ino() == me.ino() && m.dev() == me.dev())
+            })
+            .cloned()
+            .collect();
+        let pruned = envelopes.len() != f.envelopes().len();
         let mut added = Vec::new();
         for e in envelopes.iter().filter(|e| &e.path == from) {
             if envelopes
@@ -618,11 +616,11 @@ impl KmsFs {
                 key,
             });
         }
-        if added.is_empty() {
+        if added.is_empty() && !pruned {
             return Ok(());
         }
         envelopes.extend(added);
-        f.replace_envelopes_growing(&self.backing(from), envelopes)
+        f.replace_envelopes(envelopes)
     }
 
     /// Drops a file's envelopes for `gone`, in both header slots (so no slot still opens the
@@ -775,10 +773,7 @@ impl KmsFs {
                     libc::EMLINK,
                 ));
             }
-            self.with_file(ino, &from, |f| {
-                f.grow_for_names(&self.backing(&from))?;
-                self.bind_extra_path(f, &from, &to)
-            })?;
+            self.with_file(ino, &from, |f| self.bind_extra_path(f, &from, &to))?;
         }
         if let Err(e) = fs::hard_link(self.backing(&from), self.backing(&to)) {
             if meta.is_file() {

@@ -29,8 +29,12 @@ pub const SLOT_TRAILER_LEN: usize = 48;
 /// Bytes at the start of a slot: generation (8) and body length (4).
 pub const SLOT_PREFIX_LEN: usize = 12;
 pub const SLOT_ALIGN: u32 = 512;
-/// Room left in a new slot for longer paths and more envelopes (renames, links, rewrap).
-pub const SLOT_HEADROOM: usize = 256;
+/// How many names' worth of envelopes a new file's slots hold: a file may have up to
+/// `NAME_ROOM - 1` names (hard links) and still be renamed (a rename holds the new name's
+/// envelopes beside the old ones for a moment).
+pub const NAME_ROOM: usize = 4;
+/// Extra path bytes allowed per envelope, for renames to longer names.
+pub const PATH_SLACK: usize = 32;
 pub const MAX_SLOT_SIZE: u32 = 1 << 20;
 pub const MAX_ENVELOPES: usize = 256;
 const CHECKSUM_LABEL: &[u8] = b"kmsfs/v1 slot checksum";
@@ -110,9 +114,11 @@ pub fn valid_slot_size(n: u32) -> bool {
     (SLOT_ALIGN..=MAX_SLOT_SIZE).contains(&n) && n.is_multiple_of(SLOT_ALIGN)
 }
 
-/// The slot size a new file gets for `envelopes`: room for them plus headroom, rounded up.
+/// The slot size a new file gets for its first name's `envelopes`: room for `NAME_ROOM`
+/// names like it, each `PATH_SLACK` bytes longer, rounded up to `SLOT_ALIGN`.
 pub fn slot_size_for(envelopes: &[Envelope]) -> u32 {
-    let need = SLOT_PREFIX_LEN + body_len(envelopes) + SLOT_TRAILER_LEN + SLOT_HEADROOM;
+    let per_name = body_len(envelopes) - 2 + PATH_SLACK * envelopes.len();
+    let need = SLOT_PREFIX_LEN + 2 + NAME_ROOM * per_name + SLOT_TRAILER_LEN;
     let size = (need as u32).div_ceil(SLOT_ALIGN) * SLOT_ALIGN;
     size.min(MAX_SLOT_SIZE)
 }
@@ -368,14 +374,14 @@ mod tests {
     fn header_round_trip() {
         let envs = vec![envelope("a/b")];
         let pre = preamble(&envs);
-        assert_eq!(pre.slot_size, 512);
+        assert_eq!(pre.slot_size, 1024);
         let key = DerivedKey::new([1; 32]);
         let content = SlotContent {
             generation: 1,
             envelopes: envs,
         };
         let bytes = encode_new_header(&pre, &content, &key).unwrap();
-        assert_eq!(bytes.len(), 64 + 1024);
+        assert_eq!(bytes.len(), 64 + 2048);
         let h = Header::parse(&bytes).unwrap();
         assert_eq!(h.preamble, pre);
         assert_eq!(h.slots[0], SlotState::Sealed(content));
@@ -428,7 +434,7 @@ mod tests {
             &key,
         )
         .unwrap();
-        bytes[64 + 512..].copy_from_slice(&newer);
+        bytes[64 + pre.slot_size as usize..].copy_from_slice(&newer);
         let h = Header::parse(&bytes).unwrap();
         let order: Vec<usize> = h.candidates().iter().map(|c| c.0).collect();
         assert_eq!(order, vec![1, 0]);
