@@ -42,10 +42,18 @@ fn directories_and_listing() {
         .collect();
     assert_eq!(root, vec!["a"], "the .kmsfs directory is hidden");
     assert!(
-        fs::write(m.p(".kmsfs-mine"), b"x").is_err(),
-        "reserved names are refused"
+        fs::write(m.p(".kmsfs-tmp-x"), b"x").is_err(),
+        "temporary names are refused"
+    );
+    assert!(
+        fs::create_dir(m.p(".kmsfs")).is_err(),
+        "the root's .kmsfs is refused"
     );
     assert!(fs::metadata(m.p(".kmsfs")).is_err());
+    // Below the root, .kmsfs is an ordinary name (a volume's backing store can live in a volume).
+    fs::create_dir(m.p("a/.kmsfs")).unwrap();
+    fs::write(m.p("a/.kmsfs/config"), b"nested").unwrap();
+    assert_eq!(fs::read(m.p("a/.kmsfs/config")).unwrap(), b"nested");
 }
 
 #[test]

@@ -95,7 +95,11 @@ pub fn volume_path(path: &Path) -> Result<CanonicalPath> {
         )));
     }
     let rel = canonical.to_relative_path();
-    if rel.iter().any(|c| is_reserved_name(c.as_encoded_bytes())) {
+    if rel
+        .iter()
+        .enumerate()
+        .any(|(i, c)| is_reserved_name(c.as_encoded_bytes(), i == 0))
+    {
         return Err(Error::Usage(format!(
             "'{}' is a name kmsfs reserves for itself",
             path.display()

@@ -503,7 +503,7 @@ pub fn write_new_file(
         )));
     }
     let tmp = tempfile::Builder::new()
-        .prefix(".kmsfs-tmp-")
+        .prefix(super::volume::TEMP_PREFIX)
         .tempfile_in(dir)
         .map_err(|e| Error::io(format!("cannot create a file next to {path}"), e))?;
     let file = tmp

@@ -200,7 +200,7 @@ impl KmsFs {
     }
 
     fn child(&self, parent: u64, name: &OsStr) -> Result<CanonicalPath> {
-        if is_reserved_name(name.as_bytes()) {
+        if is_reserved_name(name.as_bytes(), parent == ROOT_INO) {
             return Err(os(format!("{name:?} is reserved"), libc::EPERM));
         }
         self.path_of(parent)?
@@ -649,7 +649,7 @@ impl KmsFs {
             for entry in entries {
                 let entry = entry.map_err(|e| io_err("cannot read", &dir, e))?;
                 let name = entry.file_name();
-                if is_reserved_name(name.as_bytes()) {
+                if is_reserved_name(name.as_bytes(), dir.is_root()) {
                     continue;
                 }
                 let child = dir
@@ -967,7 +967,7 @@ impl KmsFs {
         let mut entries: Vec<_> = fs::read_dir(&backing)
             .map_err(|e| io_err("cannot read", &path, e))?
             .filter_map(|e| e.ok())
-            .filter(|e| !is_reserved_name(e.file_name().as_bytes()))
+            .filter(|e| !is_reserved_name(e.file_name().as_bytes(), path.is_root()))
             .collect();
         entries.sort_by_key(|e| e.file_name());
         for e in entries {

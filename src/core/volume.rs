@@ -32,8 +32,8 @@ use crate::keys::{KeyProvider, UnavailableKey};
 /// Directory at the backing root holding kmsfs's own files; hidden from the mount.
 pub const META_DIR: &str = ".kmsfs";
 pub const CONFIG_NAME: &str = "config";
-/// Names starting with this are kmsfs's own (config dir, temporary files) at every level.
-pub const RESERVED_PREFIX: &str = ".kmsfs";
+/// Prefix of kmsfs's temporary files (an import in progress), in any directory.
+pub const TEMP_PREFIX: &str = ".kmsfs-tmp-";
 
 /// Wraps each provider a volume uses (tests inject faults or latency this way).
 pub type ProviderWrapper = Arc<dyn Fn(Arc<dyn KeyProvider>) -> Arc<dyn KeyProvider> + Send + Sync>;
@@ -542,9 +542,10 @@ fn trusted_list(config: &VolumeConfig) -> String {
         .join(", ")
 }
 
-/// Whether a backing-store name is kmsfs's own (never a user file).
-pub fn is_reserved_name(name: &[u8]) -> bool {
-    name.starts_with(RESERVED_PREFIX.as_bytes())
+/// Whether a backing-store name is kmsfs's own, never a user file: the volume's `.kmsfs`
+/// directory at the root, and temporary files anywhere.
+pub fn is_reserved_name(name: &[u8], in_root: bool) -> bool {
+    (in_root && name == META_DIR.as_bytes()) || name.starts_with(TEMP_PREFIX.as_bytes())
 }
 
 /// Writes the config atomically: temporary file, fsync, rename, fsync of the directory.
