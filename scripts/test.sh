@@ -42,6 +42,21 @@ if [ ! -e /dev/fuse ] && [ "${CI:-}" = true ]; then
     exit 1
 fi
 
+# Real programs the mount tests run on the mount.
+missing=()
+for tool in git tar rsync sqlite3 diff; do
+    command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        say "installing ${missing[*]}"
+        apt-get update -qq && apt-get install -y -qq git tar rsync sqlite3 diffutils >/dev/null
+    elif [ "${CI:-}" = true ]; then
+        echo "scripts/test.sh: ${missing[*]} missing and cannot be installed" >&2
+        exit 1
+    fi
+fi
+
 # moto's KMS-compatible server, which the AWS KMS tests start on loopback ports.
 if ! command -v moto_server >/dev/null 2>&1; then
     say "installing moto[server] from PyPI"

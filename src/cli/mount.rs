@@ -226,9 +226,37 @@ fn serve(args: &MountArgs, ready: impl FnOnce()) -> Result<()> {
         })
         .map_err(|e| Error::io("cannot start the cache thread", e))?;
     ready();
-    session
+    let result = session
         .run()
-        .map_err(|e| Error::io("the FUSE session failed", e))
+        .map_err(|e| Error::io("the FUSE session failed", e));
+    log_key_stats(core.volume());
+    result
+}
+
+/// One summary line of key-service use, at unmount (`RUST_LOG=info`).
+fn log_key_stats(volume: &Volume) {
+    use crate::keys::KmsOp;
+    let ring = volume.keyring();
+    let calls: Vec<String> = KmsOp::ALL
+        .iter()
+        .map(|&op| {
+            let s = ring.op_stats(op);
+            format!(
+                "{op} {} ({} failed, {} retried)",
+                s.requests, s.failures, s.retries
+            )
+        })
+        .collect();
+    let c = ring.cache_stats();
+    tracing::info!(
+        "key service calls: {}; key cache: {} hits, {} misses, {} coalesced, {} evicted, {} expired",
+        calls.join(", "),
+        c.hits,
+        c.misses,
+        c.coalesced,
+        c.evictions,
+        c.expirations
+    );
 }
 
 pub fn run(args: MountArgs) -> Result<()> {
