@@ -268,6 +268,36 @@ impl KeyCache {
         result
     }
 
+    /// Caches a key obtained another way (a freshly generated one), so the next unwrap of the
+    /// same wrapped key under the same context costs no call.
+    pub fn insert(&self, key: CacheKey, dek: &DataKey) {
+        let mut g = self.inner.lock().unwrap();
+        let inner = &mut *g;
+        let Some(lru) = inner.lru.as_mut() else {
+            return;
+        };
+        if let Some(old) = lru.pop(&key) {
+            inner.arena.release(old.slot);
+        }
+        if lru.len() == lru.cap().get() {
+            if let Some((_, old)) = lru.pop_lru() {
+                inner.arena.release(old.slot);
+                self.evictions.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let slot = inner
+            .arena
+            .store(dek)
+            .expect("the arena has a slot per entry");
+        lru.put(
+            key,
+            Entry {
+                slot,
+                expires: Instant::now() + self.ttl,
+            },
+        );
+    }
+
     /// Drops every expired entry now (the daemon calls this periodically).
     pub fn purge_expired(&self) {
         let n = self.inner.lock().unwrap().purge_expired(Instant::now());

@@ -206,6 +206,8 @@ impl Keyring {
             primary.provider.generate_data_key(&primary.key_id, ctx)
         })?;
         let mut wrapped = vec![first];
+        // A file is usually read soon after it is written: its key is in hand now.
+        self.cache.insert(CacheKey::new(&wrapped[0], ctx), &dek);
         for k in &self.keys[1..] {
             wrapped.push(self.call(KmsOp::Encrypt, &k.key_id, ctx, || {
                 k.provider.encrypt(&k.key_id, &dek, ctx)
@@ -560,8 +562,10 @@ mod tests {
     #[test]
     fn cache_saves_decrypt_calls() {
         let s = setup(1);
+        // Written by one process, read by another (with a cold cache).
+        let writer = ring(&s, &[&s.ids[0]], CacheConfig::default());
+        let (_, wrapped) = writer.generate(&ctx("f")).unwrap();
         let r = ring(&s, &[&s.ids[0]], CacheConfig::default());
-        let (_, wrapped) = r.generate(&ctx("f")).unwrap();
         for _ in 0..5 {
             r.unwrap(&[&wrapped[0]], &ctx("f")).unwrap();
         }
@@ -572,6 +576,19 @@ mod tests {
             r.unwrap(&[&wrapped[0]], &ctx("g")).unwrap_err().kind,
             KeyErrorKind::ContextMismatch
         );
+    }
+
+    #[test]
+    fn a_generated_key_is_cached_for_the_first_read() {
+        let s = setup(1);
+        let r = ring(&s, &[&s.ids[0]], CacheConfig::default());
+        let (dek, wrapped) = r.generate(&ctx("f")).unwrap();
+        assert_eq!(
+            r.unwrap(&[&wrapped[0]], &ctx("f")).unwrap().expose(),
+            dek.expose()
+        );
+        assert_eq!(r.op_stats(KmsOp::Decrypt).requests, 0);
+        assert_eq!(r.cache_stats().hits, 1);
     }
 
     #[test]
