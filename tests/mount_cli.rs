@@ -1,0 +1,138 @@
+//! The mount command itself: it reports failures as one line and a non-zero exit before
+//! detaching, detaches when all is well, and unmounts cleanly on SIGTERM.
+
+mod common;
+
+use std::fs;
+use std::time::{Duration, Instant};
+
+use common::mount::{fuse_available, kmsfs, Mount};
+
+fn mounted(mnt: &std::path::Path) -> bool {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines().any(|l| l.split(' ').nth(4) == mnt.to_str())
+}
+
+fn one_line_failure(args: &[&std::ffi::OsStr], code: i32, want: &str) {
+    let out = kmsfs().args(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+    assert!(
+        stderr.starts_with("kmsfs: ") && stderr.contains(want),
+        "{args:?}: {stderr}"
+    );
+}
+
+#[test]
+fn mount_failures_are_reported_before_detaching() {
+    if !fuse_available() {
+        return;
+    }
+    let mut m = Mount::new(4096, &[]);
+    let (b, mnt) = (
+        m.backing.clone().into_os_string(),
+        m.mnt.clone().into_os_string(),
+    );
+    let missing = m.dir.path().join("missing").into_os_string();
+    // Busy: already mounted there.
+    one_line_failure(
+        &["mount".as_ref(), b.as_os_str(), mnt.as_os_str()],
+        1,
+        "busy",
+    );
+    m.stop();
+    one_line_failure(
+        &["mount".as_ref(), missing.as_os_str(), mnt.as_os_str()],
+        1,
+        "does not exist",
+    );
+    one_line_failure(
+        &["mount".as_ref(), b.as_os_str(), missing.as_os_str()],
+        1,
+        "does not exist",
+    );
+    let empty = m.dir.path().join("empty");
+    fs::create_dir(&empty).unwrap();
+    one_line_failure(
+        &["mount".as_ref(), empty.as_os_str(), mnt.as_os_str()],
+        1,
+        "not a kmsfs volume",
+    );
+    // The wrong key.
+    let other = m.dir.path().join("other.key");
+    fs::write(&other, [9u8; 32]).unwrap();
+    fs::set_permissions(&other, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let pin = format!("local:{}", other.display());
+    one_line_failure(
+        &[
+            "mount".as_ref(),
+            b.as_os_str(),
+            mnt.as_os_str(),
+            "--key".as_ref(),
+            pin.as_ref(),
+        ],
+        3,
+        "not protected by the key",
+    );
+    // Key service unreachable (the volume's key file is gone).
+    let key = m.key.clone();
+    fs::rename(&key, m.dir.path().join("away.key")).unwrap();
+    one_line_failure(
+        &["mount".as_ref(), b.as_os_str(), mnt.as_os_str()],
+        4,
+        "does not exist",
+    );
+    fs::rename(m.dir.path().join("away.key"), &key).unwrap();
+    assert!(!mounted(&m.mnt), "nothing was left mounted");
+}
+
+#[test]
+fn mount_detaches_and_unmounts_on_sigterm() {
+    if !fuse_available() {
+        return;
+    }
+    let mut m = Mount::new(4096, &[]);
+    m.stop();
+    // Without --foreground the command returns once the mount is live.
+    let out = kmsfs()
+        .arg("mount")
+        .arg(&m.backing)
+        .arg(&m.mnt)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(mounted(&m.mnt));
+    fs::write(m.p("f"), b"daemon").unwrap();
+    let out = kmsfs().arg("umount").arg(&m.mnt).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!mounted(&m.mnt));
+
+    // In the foreground, SIGTERM unmounts and the process exits cleanly.
+    m.start();
+    assert_eq!(fs::read(m.p("f")).unwrap(), b"daemon");
+    // SAFETY: sending SIGTERM to our own child process.
+    unsafe { libc::kill(m.pid() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while mounted(&m.mnt) {
+        assert!(
+            Instant::now() < deadline,
+            "still mounted 10 s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = kmsfs().arg("umount").arg(&m.mnt).output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "umount of what is not mounted fails"
+    );
+}
