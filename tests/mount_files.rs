@@ -225,3 +225,27 @@ fn mmap_reads_and_writes() {
     assert_eq!(&data[4096..4101], b"MMAPD");
     assert_eq!(data.len(), len);
 }
+
+#[test]
+fn growth_beyond_free_space_is_enospc_at_once() {
+    if !fuse_available() {
+        return;
+    }
+    let m = Mount::new(4096, &[]);
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(m.p("huge"))
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let err = f.set_len(999_999_999_999_999).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    let err = f.write_all_at(b"x", 999_999_999_999_999).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(5),
+        "refused at once"
+    );
+    assert_eq!(f.metadata().unwrap().len(), 0, "nothing was written");
+}

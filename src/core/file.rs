@@ -335,6 +335,9 @@ impl EncryptedFile {
             return Ok(());
         }
         // A write far past the end first fills the gap in bounded chunks.
+        if offset > self.size + GROW_CHUNK {
+            self.check_room_to_grow(offset + data.len() as u64)?;
+        }
         while offset > self.size + GROW_CHUNK {
             let n = GROW_CHUNK as usize;
             self.write_at(self.size, &vec![0u8; n])?;
@@ -392,9 +395,34 @@ impl EncryptedFile {
         Ok(())
     }
 
+    /// Holes are stored as sealed zeros (an all-zero block on disk would be indistinguishable
+    /// from one an attacker zeroed), so growing a file takes real space: refuse at once, with
+    /// ENOSPC, growth the backing filesystem cannot hold, instead of writing until it is full.
+    fn check_room_to_grow(&self, new_size: u64) -> Result<()> {
+        let need = self
+            .layout
+            .backing_len(new_size)
+            .saturating_sub(self.layout.backing_len(self.size));
+        if need < GROW_CHUNK {
+            return Ok(());
+        }
+        use std::os::fd::AsRawFd;
+        // SAFETY: a zeroed statvfs is a valid out-parameter; the fd is open.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::fstatvfs(self.file.as_raw_fd(), &mut st) } != 0 {
+            return Err(self.io_err("stat the filesystem of", std::io::Error::last_os_error()));
+        }
+        let free = st.f_bavail.saturating_mul(st.f_frsize);
+        if need > free {
+            return Err(self.io_err("grow", std::io::Error::from_raw_os_error(libc::ENOSPC)));
+        }
+        Ok(())
+    }
+
     /// Truncates or extends (with zeros) to `new_size` bytes.
     pub fn set_len(&mut self, new_size: u64) -> Result<()> {
         if new_size > self.size {
+            self.check_room_to_grow(new_size)?;
             while self.size < new_size {
                 let n = (new_size - self.size).min(GROW_CHUNK) as usize;
                 self.write_at(self.size, &vec![0u8; n])?;
