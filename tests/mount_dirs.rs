@@ -139,3 +139,51 @@ fn xattrs() {
         );
     }
 }
+
+#[test]
+fn device_nodes_and_sockets_are_stored_as_themselves() {
+    if !fuse_available() {
+        return;
+    }
+    let m = Mount::new(4096, &[]);
+    let dev = std::ffi::CString::new(m.p("null-like").to_str().unwrap()).unwrap();
+    // SAFETY: a valid path; mknod of a character device (1, 3) as root.
+    let r = unsafe { libc::mknod(dev.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(1, 3)) };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    let meta = fs::symlink_metadata(m.p("null-like")).unwrap();
+    assert!(meta.file_type().is_char_device());
+    assert_eq!(meta.rdev(), libc::makedev(1, 3));
+    // The mount is nodev: the node never opens the device.
+    assert!(fs::File::open(m.p("null-like")).is_err());
+    let sock = std::os::unix::net::UnixListener::bind(m.p("sock")).unwrap();
+    assert!(fs::symlink_metadata(m.p("sock"))
+        .unwrap()
+        .file_type()
+        .is_socket());
+    drop(sock);
+}
+
+#[test]
+fn an_open_file_outlives_its_last_name() {
+    if !fuse_available() {
+        return;
+    }
+    let m = Mount::new(4096, &[]);
+    use std::io::{Read, Seek, Write};
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(m.p("tmp"))
+        .unwrap();
+    f.write_all(b"still here").unwrap();
+    fs::remove_file(m.p("tmp")).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), 10, "fstat after unlink");
+    f.write_all(b"!").unwrap();
+    f.rewind().unwrap();
+    let mut back = String::new();
+    f.read_to_string(&mut back).unwrap();
+    assert_eq!(back, "still here!");
+    assert!(!m.p("tmp").exists());
+}

@@ -364,7 +364,28 @@ impl KmsFs {
     }
 
     pub fn getattr(&self, ino: u64) -> Result<Attr> {
-        self.stat_path(&self.path_of(ino)?)
+        match self.path_of(ino) {
+            Ok(path) => self.stat_path(&path),
+            // An open file whose last name is gone (unlinked while open) is still there.
+            Err(e) => {
+                let node = self
+                    .open
+                    .lock()
+                    .unwrap()
+                    .get(&ino)
+                    .and_then(|w| w.upgrade())
+                    .ok_or(e)?;
+                let (path, meta) = {
+                    let file = node.file.read().unwrap();
+                    let meta = file.backing_file().metadata();
+                    (file.path().clone(), meta)
+                };
+                let meta = meta.map_err(|e| io_err("cannot stat", &path, e))?;
+                let mut attr = self.attr_from(&path, &meta)?;
+                attr.ino = ino;
+                Ok(attr)
+            }
+        }
     }
 
     /// Hands out the attributes of a newly created entry (and counts the kernel's lookup).
@@ -500,12 +521,8 @@ impl KmsFs {
             self.release(fh);
             return Ok(attr);
         }
-        if mode & libc::S_IFMT != libc::S_IFIFO {
-            return Err(os(
-                "only fifos and regular files can be made here",
-                libc::EPERM,
-            ));
-        }
+        // Fifos, sockets and device nodes are made as themselves on the backing store (device
+        // nodes need root there, and the mount is nodev, so they never open a device).
         let c = cstr(&self.backing(&path))?;
         // SAFETY: valid path.
         check_errno(
