@@ -241,26 +241,9 @@ impl KeyCache {
         let result = fetch();
         {
             let mut g = self.inner.lock().unwrap();
-            let inner = &mut *g;
-            inner.inflight.remove(&key);
-            if let (Ok(dek), Some(lru)) = (&result, inner.lru.as_mut()) {
-                if lru.len() == lru.cap().get() {
-                    if let Some((_, old)) = lru.pop_lru() {
-                        inner.arena.release(old.slot);
-                        self.evictions.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                let slot = inner
-                    .arena
-                    .store(dek)
-                    .expect("the arena has a slot per entry");
-                lru.put(
-                    key,
-                    Entry {
-                        slot,
-                        expires: Instant::now() + self.ttl,
-                    },
-                );
+            g.inflight.remove(&key);
+            if let Ok(dek) = &result {
+                self.store(&mut g, key, dek);
             }
         }
         guard.flight.finish(&result);
@@ -272,7 +255,12 @@ impl KeyCache {
     /// same wrapped key under the same context costs no call.
     pub fn insert(&self, key: CacheKey, dek: &DataKey) {
         let mut g = self.inner.lock().unwrap();
-        let inner = &mut *g;
+        self.store(&mut g, key, dek);
+    }
+
+    /// Puts `dek` in the cache under `key`, replacing an entry for the same key and evicting the
+    /// least recently used one when full (its slot is zeroized).
+    fn store(&self, inner: &mut Inner, key: CacheKey, dek: &DataKey) {
         let Some(lru) = inner.lru.as_mut() else {
             return;
         };
