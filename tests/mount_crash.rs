@@ -1,6 +1,7 @@
 //! Crash consistency: `kill -9` of the daemon during fsynced appends, during renames of a file,
 //! and during the rename of a directory of 300 files. After a remount every fsynced byte is
-//! there, every file decrypts, and each file is at one of the names it had.
+//! there, every file decrypts, each file is at one of the names it had, and the remount has
+//! tidied the envelopes of the names it did not keep.
 
 mod common;
 
@@ -12,6 +13,8 @@ use std::time::Duration;
 
 use common::mount::{fuse_available, Mount};
 use common::pattern;
+use kmsfs::core::file::read_header;
+use kmsfs::format::context::CanonicalPath;
 
 fn record(i: i64) -> String {
     format!("record {i:08} {}\n", "x".repeat((i % 97) as usize))
@@ -105,6 +108,7 @@ fn kill_during_file_renames_leaves_the_file_at_one_name() {
         "readable at {}",
         found[0]
     );
+    assert_tidy(&m, found[0]);
 }
 
 #[test]
@@ -139,5 +143,20 @@ fn kill_during_a_directory_rename_leaves_every_file_readable() {
         let p = format!("{root}/d{}/f{i}", i / 50);
         let got = fs::read(m.p(&p)).unwrap_or_else(|e| panic!("{p}: {e}"));
         assert_eq!(got, pattern(200 + i, i as u8), "{p}");
+        assert_tidy(&m, &p);
     }
+}
+
+/// The remount tidied the envelopes of the name a file did not end up with, and finished
+/// the rebind records.
+fn assert_tidy(m: &Mount, p: &str) {
+    let file = fs::File::open(m.b(p)).unwrap();
+    let (header, _) = read_header(&file, &CanonicalPath::root()).unwrap();
+    for (_, slot) in header.candidates() {
+        for e in &slot.envelopes {
+            assert_eq!(e.path.as_str(), format!("/{p}"), "stale envelope in {p}");
+        }
+    }
+    let pending = fs::read_dir(m.b(".kmsfs/pending")).map_or(0, |d| d.count());
+    assert_eq!(pending, 0, "rebind records left after the remount");
 }

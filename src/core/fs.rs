@@ -32,7 +32,8 @@ use crate::format::context::CanonicalPath;
 use crate::format::envelope::Envelope;
 use crate::format::header::Preamble;
 
-use super::file::EncryptedFile;
+use super::file::{read_header, EncryptedFile};
+use super::journal::Journal;
 use super::volume::{is_reserved_name, Volume};
 
 pub const ROOT_INO: u64 = 1;
@@ -111,6 +112,7 @@ pub struct KmsFs {
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
     namespace: Mutex<()>,
+    journal: Journal,
 }
 
 fn kind_of(ft: fs::FileType) -> Kind {
@@ -139,6 +141,14 @@ fn cstr(p: &Path) -> Result<CString> {
     CString::new(p.as_os_str().as_bytes()).map_err(|_| os("path with NUL", libc::EINVAL))
 }
 
+/// The distinct paths a set of envelopes is bound to (the names a file has, or had).
+fn envelope_paths(envelopes: &[Envelope]) -> Vec<CanonicalPath> {
+    let mut paths: Vec<CanonicalPath> = envelopes.iter().map(|e| e.path.clone()).collect();
+    paths.sort();
+    paths.dedup();
+    paths
+}
+
 fn check_errno(r: libc::c_int, what: &str) -> Result<()> {
     if r < 0 {
         Err(Error::io(what, std::io::Error::last_os_error()))
@@ -159,7 +169,8 @@ impl KmsFs {
                 lookups: 1,
             },
         );
-        Ok(KmsFs {
+        let journal = Journal::new(volume.root());
+        let core = KmsFs {
             volume,
             read_only,
             root_backing_ino: root_meta.ino(),
@@ -168,7 +179,12 @@ impl KmsFs {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             namespace: Mutex::new(()),
-        })
+            journal,
+        };
+        if !read_only {
+            core.finish_interrupted_rebinds();
+        }
+        Ok(core)
     }
 
     pub fn volume(&self) -> &Volume {
@@ -568,11 +584,16 @@ impl KmsFs {
         let backing = self.backing(&path);
         let meta = fs::symlink_metadata(&backing).map_err(|e| io_err("cannot stat", &path, e))?;
         if meta.is_file() && meta.nlink() > 1 {
-            // Another name keeps the file: unlink, then drop this name's envelopes.
+            // Another name keeps the file: unlink, then drop this name's envelopes. The
+            // journal names the file's other names, where a tidy would find it.
             let ino = self.ino_of(meta.ino());
             self.with_file(ino, &path, |f| {
+                let names = envelope_paths(f.envelopes());
+                let pending = self.journal.begin(&names)?;
                 fs::remove_file(&backing).map_err(|e| io_err("cannot unlink", &path, e))?;
-                self.unbind_path(f, &path)
+                self.unbind_path(f, &path)?;
+                pending.finish();
+                Ok(())
             })?;
         } else {
             fs::remove_file(&backing).map_err(|e| io_err("cannot unlink", &path, e))?;
@@ -590,6 +611,25 @@ impl KmsFs {
         Ok(())
     }
 
+    /// Those of `envelopes` whose path still names the file `me` (and any for `also`, a name
+    /// being given to it).
+    fn live_envelopes(
+        &self,
+        envelopes: &[Envelope],
+        me: &fs::Metadata,
+        also: &CanonicalPath,
+    ) -> Vec<Envelope> {
+        envelopes
+            .iter()
+            .filter(|e| {
+                &e.path == also
+                    || fs::symlink_metadata(self.backing(&e.path))
+                        .is_ok_and(|m| m.ino() == me.ino() && m.dev() == me.dev())
+            })
+            .cloned()
+            .collect()
+    }
+
     /// Adds to a file an envelope for `to` beside each of its envelopes for `from`.
     fn bind_extra_path(
         &self,
@@ -604,16 +644,7 @@ impl KmsFs {
             .backing_file()
             .metadata()
             .map_err(|e| io_err("cannot stat", from, e))?;
-        let mut envelopes: Vec<Envelope> = f
-            .envelopes()
-            .iter()
-            .filter(|e| {
-                &e.path == from
-                    || fs::symlink_metadata(self.backing(&e.path))
-                        .is_ok_and(|m| m.ino() == me.ino() && m.dev() == me.dev())
-            })
-            .cloned()
-            .collect();
+        let mut envelopes = self.live_envelopes(f.envelopes(), &me, from);
         let pruned = envelopes.len() != f.envelopes().len();
         let mut added = Vec::new();
         for e in envelopes.iter().filter(|e| &e.path == from) {
@@ -638,6 +669,71 @@ impl KmsFs {
         }
         envelopes.extend(added);
         f.replace_envelopes(envelopes)
+    }
+
+    /// Drops the envelopes of names the file at `path` no longer has, in both header slots.
+    /// Changes nothing unless an envelope for `path` itself stays. Says whether it changed
+    /// the file.
+    fn tidy_file(&self, path: &CanonicalPath) -> Result<bool> {
+        match fs::symlink_metadata(self.backing(path)) {
+            Ok(m) if m.is_file() => {}
+            _ => return Ok(false),
+        }
+        self.with_file(self.ino_at(path), path, |f| {
+            let me = f
+                .backing_file()
+                .metadata()
+                .map_err(|e| io_err("cannot stat", path, e))?;
+            let live = self.live_envelopes(f.envelopes(), &me, path);
+            if live.len() == f.envelopes().len() || !live.iter().any(|e| &e.path == path) {
+                return Ok(false);
+            }
+            f.replace_envelopes(live.clone())?;
+            f.replace_envelopes(live)?;
+            Ok(true)
+        })
+    }
+
+    /// Tidies every file at or beneath each of `paths` that exists; returns how many changed.
+    fn tidy_paths(&self, paths: &[CanonicalPath]) -> Result<usize> {
+        let mut files = Vec::new();
+        for p in paths {
+            match fs::symlink_metadata(self.backing(p)) {
+                Ok(m) if m.is_dir() => files.extend(self.files_beneath(p)?),
+                Ok(m) if m.is_file() => files.push(p.clone()),
+                _ => {}
+            }
+        }
+        files.sort();
+        files.dedup();
+        let changed = AtomicU64::new(0);
+        self.parallel(&files, |p| {
+            if self.tidy_file(p)? {
+                changed.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
+        })?;
+        Ok(changed.into_inner() as usize)
+    }
+
+    /// Tidies the names recorded by rebinds a crash cut short (see [`super::journal`]). A
+    /// record whose files cannot all be tidied now is kept for the next mount.
+    fn finish_interrupted_rebinds(&self) {
+        for (record, paths) in self.journal.pending() {
+            match paths.and_then(|paths| self.tidy_paths(&paths)) {
+                Ok(changed) => {
+                    tracing::info!(
+                        files = changed,
+                        "tidied stale envelopes left by an interrupted rename, link or unlink"
+                    );
+                    self.journal.remove(&record);
+                }
+                Err(e) => tracing::warn!(
+                    "cannot yet tidy after an interrupted rename ({}): {e}",
+                    record.display()
+                ),
+            }
+        }
     }
 
     /// Drops a file's envelopes for `gone`, in both header slots (so no slot still opens the
@@ -756,6 +852,33 @@ impl KmsFs {
         } else {
             vec![]
         };
+        // A file replaced by the rename that keeps other names keeps an envelope for `to`
+        // until tidied; its envelopes say where those names are.
+        let replaced_names = match fs::symlink_metadata(&bto) {
+            Ok(m) if m.is_file() && m.nlink() > 1 => File::open(&bto)
+                .ok()
+                .and_then(|f| read_header(&f, &to).ok())
+                .map(|(h, _)| {
+                    let mut names: Vec<CanonicalPath> = h
+                        .candidates()
+                        .iter()
+                        .flat_map(|(_, c)| envelope_paths(&c.envelopes))
+                        .filter(|p| p != &to)
+                        .collect();
+                    names.sort();
+                    names.dedup();
+                    names
+                })
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        let pending = if files.is_empty() && replaced_names.is_empty() {
+            None
+        } else {
+            let mut paths = vec![from.clone(), to.clone()];
+            paths.extend(replaced_names.iter().cloned());
+            Some(self.journal.begin(&paths)?)
+        };
         // 1. Every file gains envelopes for its new path.
         self.parallel(&files, |p| {
             let new = Self::moved(p, &from, &to);
@@ -773,6 +896,10 @@ impl KmsFs {
                 self.unbind_path(f, p)
             })
         })?;
+        self.tidy_paths(&replaced_names)?;
+        if let Some(pending) = pending {
+            pending.finish();
+        }
         Ok(())
     }
 
@@ -790,13 +917,17 @@ impl KmsFs {
                     libc::EMLINK,
                 ));
             }
+            let pending = self.journal.begin(&[from.clone(), to.clone()])?;
             self.with_file(ino, &from, |f| self.bind_extra_path(f, &from, &to))?;
-        }
-        if let Err(e) = fs::hard_link(self.backing(&from), self.backing(&to)) {
-            if meta.is_file() {
+            let linked = fs::hard_link(self.backing(&from), self.backing(&to));
+            if let Err(e) = linked {
                 let _ = self.with_file(ino, &from, |f| self.unbind_path(f, &to));
+                return Err(io_err("cannot link", &from, e));
             }
-            return Err(io_err("cannot link", &from, e));
+            pending.finish();
+        } else {
+            fs::hard_link(self.backing(&from), self.backing(&to))
+                .map_err(|e| io_err("cannot link", &from, e))?;
         }
         let attr = self.stat_path(&to)?;
         self.remember(attr.ino, &to);

@@ -7,6 +7,7 @@
 
 pub mod file;
 pub mod fs;
+pub mod journal;
 pub mod volume;
 
 pub use file::EncryptedFile;

@@ -31,6 +31,9 @@ pub struct Faults {
     pub unavailable: bool,
     /// The next calls fail with these kinds, in order, before any other rule applies.
     pub fail_next: VecDeque<KeyErrorKind>,
+    /// Once this many calls of the kind have reached the wrapper (counting from its creation),
+    /// every further one fails with `AccessDenied`: access revoked in the middle of a job.
+    pub deny_after: Option<u64>,
 }
 
 pub struct FaultyProvider {
@@ -84,14 +87,14 @@ impl FaultyProvider {
 
     /// Applies the faults for `op`; `Err` means the call fails without reaching the provider.
     fn inject(&self, op: KmsOp, key_id: &str) -> Result<(), KeyError> {
-        self.calls[op as usize].fetch_add(1, Ordering::Relaxed);
+        let earlier = self.calls[op as usize].fetch_add(1, Ordering::Relaxed);
         let (latency, outcome) = {
             let mut per_op = self.per_op.lock().unwrap();
             let mut default = self.default.lock().unwrap();
             let f = per_op.get_mut(&op).unwrap_or(&mut default);
             let outcome = if let Some(kind) = f.fail_next.pop_front() {
                 Some((kind, Duration::ZERO))
-            } else if f.deny {
+            } else if f.deny || f.deny_after.is_some_and(|n| earlier >= n) {
                 Some((KeyErrorKind::AccessDenied, Duration::ZERO))
             } else if f.unavailable {
                 Some((KeyErrorKind::Unavailable, Duration::ZERO))

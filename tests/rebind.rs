@@ -1,0 +1,183 @@
+//! Rebinding at the core (no mount): renames, links and unlinks cut short leave every file
+//! readable, and the next mount tidies the envelopes of names a file no longer has.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::fs;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use common::{pattern, TestVolume};
+use kmsfs::core::file::read_header;
+use kmsfs::core::fs::{Caller, KmsFs, ROOT_INO};
+use kmsfs::core::volume::{KeyOptions, OpenOptions};
+use kmsfs::core::{EncryptedFile, Volume};
+use kmsfs::format::context::CanonicalPath;
+use kmsfs::keys::fault::{Faults, FaultyProvider};
+use kmsfs::keys::{KeyProvider, KmsOp};
+
+const CALLER: Caller = Caller {
+    uid: 0,
+    gid: 0,
+    umask: 0o022,
+};
+
+/// A core over the test volume whose key service can be told to start refusing.
+fn mount(v: &TestVolume) -> (KmsFs, Arc<FaultyProvider>) {
+    let faulty: Arc<Mutex<Option<Arc<FaultyProvider>>>> = Arc::default();
+    let slot = faulty.clone();
+    let options = OpenOptions {
+        key_options: KeyOptions {
+            wrap_provider: Some(Arc::new(move |inner: Arc<dyn KeyProvider>| {
+                let f = Arc::new(FaultyProvider::new(inner, 7));
+                *slot.lock().unwrap() = Some(f.clone());
+                f as Arc<dyn KeyProvider>
+            })),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let volume = Volume::open(&v.backing, &options).unwrap();
+    let provider = faulty.lock().unwrap().clone().unwrap();
+    (KmsFs::new(volume, false).unwrap(), provider)
+}
+
+fn ino(core: &KmsFs, p: &str) -> u64 {
+    p.split('/').fold(ROOT_INO, |parent, name| {
+        core.lookup(parent, OsStr::new(name)).unwrap().ino
+    })
+}
+
+fn write(core: &KmsFs, dir: u64, name: &str, data: &[u8]) {
+    let (_, fh) = core
+        .create(dir, OsStr::new(name), 0o644, libc::O_RDWR, CALLER)
+        .unwrap();
+    core.write(fh, 0, data).unwrap();
+    core.release(fh);
+}
+
+/// Every path any envelope of either header slot of a backing file is bound to.
+fn envelope_paths(backing: &Path) -> Vec<String> {
+    let file = fs::File::open(backing).unwrap();
+    let (header, _) = read_header(&file, &CanonicalPath::root()).unwrap();
+    let mut paths: Vec<String> = header
+        .candidates()
+        .iter()
+        .flat_map(|(_, c)| c.envelopes.iter().map(|e| e.path.as_str().to_string()))
+        .collect();
+    paths.sort();
+    paths.dedup();
+    paths
+}
+
+fn pending_records(v: &TestVolume) -> usize {
+    fs::read_dir(v.backing.join(".kmsfs/pending"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+fn read(v: &TestVolume, p: &str) -> Vec<u8> {
+    let volume = v.reopen().unwrap();
+    EncryptedFile::open(&volume, &common::path(p), false)
+        .and_then(|f| f.read_all())
+        .unwrap_or_else(|e| panic!("{p}: {e}"))
+}
+
+#[test]
+fn directory_rename_cut_short_is_tidied_at_the_next_mount() {
+    let v = TestVolume::new(4096);
+    let (core, provider) = mount(&v);
+    let dir = core
+        .mkdir(ROOT_INO, OsStr::new("tree"), 0o755, CALLER)
+        .unwrap()
+        .ino;
+    for i in 0..40 {
+        write(&core, dir, &format!("f{i}"), &pattern(100 + i, i as u8));
+    }
+    // The key service stops answering ReEncrypt after 15 files have their new envelope.
+    provider.set(
+        Some(KmsOp::ReEncrypt),
+        Faults {
+            deny_after: Some(provider.calls(KmsOp::ReEncrypt) + 15),
+            ..Default::default()
+        },
+    );
+    let err = core
+        .rename(
+            ROOT_INO,
+            OsStr::new("tree"),
+            ROOT_INO,
+            OsStr::new("moved"),
+            false,
+        )
+        .unwrap_err();
+    assert_eq!(err.errno(), libc::EACCES, "{err}");
+    drop(core);
+    let stale = (0..40)
+        .filter(|i| {
+            envelope_paths(&v.backing.join(format!("tree/f{i}"))).contains(&format!("/moved/f{i}"))
+        })
+        .count();
+    assert_eq!(
+        stale, 15,
+        "files holding an envelope for a name they never got"
+    );
+    assert_eq!(pending_records(&v), 1);
+
+    let (_core, _) = mount(&v);
+    assert_eq!(pending_records(&v), 0, "the record is finished");
+    for i in 0..40 {
+        let p = format!("tree/f{i}");
+        assert_eq!(envelope_paths(&v.backing.join(&p)), vec![format!("/{p}")]);
+        assert_eq!(read(&v, &p), pattern(100 + i, i as u8));
+    }
+}
+
+#[test]
+fn finished_rebinds_leave_no_record_and_no_stale_envelope() {
+    let v = TestVolume::new(4096);
+    let (core, _) = mount(&v);
+    write(&core, ROOT_INO, "a", b"alpha");
+    let a = ino(&core, "a");
+    core.link(a, ROOT_INO, OsStr::new("b")).unwrap();
+    write(&core, ROOT_INO, "c", b"gamma");
+    // Over a hard-linked target: `b` keeps the file, minus its envelope for `c`'s name.
+    core.rename(ROOT_INO, OsStr::new("a"), ROOT_INO, OsStr::new("x"), false)
+        .unwrap();
+    core.rename(ROOT_INO, OsStr::new("c"), ROOT_INO, OsStr::new("x"), false)
+        .unwrap();
+    assert_eq!(envelope_paths(&v.backing.join("b")), vec!["/b".to_string()]);
+    assert_eq!(envelope_paths(&v.backing.join("x")), vec!["/x".to_string()]);
+    core.link(ino(&core, "b"), ROOT_INO, OsStr::new("d"))
+        .unwrap();
+    core.unlink(ROOT_INO, OsStr::new("b")).unwrap();
+    assert_eq!(envelope_paths(&v.backing.join("d")), vec!["/d".to_string()]);
+    assert_eq!(pending_records(&v), 0);
+    drop(core);
+    assert_eq!(read(&v, "d"), b"alpha");
+    assert_eq!(read(&v, "x"), b"gamma");
+}
+
+#[test]
+fn a_link_refused_by_the_key_service_leaves_a_record_the_next_mount_clears() {
+    let v = TestVolume::new(4096);
+    let (core, provider) = mount(&v);
+    write(&core, ROOT_INO, "a", b"alpha");
+    let a = ino(&core, "a");
+    provider.set(
+        Some(KmsOp::ReEncrypt),
+        Faults {
+            deny: true,
+            ..Default::default()
+        },
+    );
+    let err = core.link(a, ROOT_INO, OsStr::new("b")).unwrap_err();
+    assert_eq!(err.errno(), libc::EACCES, "{err}");
+    assert!(!v.backing.join("b").exists());
+    drop(core);
+    let (_core, _) = mount(&v);
+    assert_eq!(pending_records(&v), 0);
+    assert_eq!(envelope_paths(&v.backing.join("a")), vec!["/a".to_string()]);
+    assert_eq!(read(&v, "a"), b"alpha");
+}
