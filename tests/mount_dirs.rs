@@ -98,49 +98,6 @@ fn symlinks_fifos_and_metadata() {
 }
 
 #[test]
-fn xattrs() {
-    if !fuse_available() {
-        return;
-    }
-    let m = Mount::new(4096, &[]);
-    fs::write(m.p("f"), b"x").unwrap();
-    let path = std::ffi::CString::new(m.p("f").to_str().unwrap()).unwrap();
-    let name = std::ffi::CString::new("user.kmsfs-test").unwrap();
-    // SAFETY: valid C strings and buffers with their lengths.
-    unsafe {
-        assert_eq!(
-            libc::setxattr(path.as_ptr(), name.as_ptr(), b"value".as_ptr().cast(), 5, 0),
-            0
-        );
-        let mut buf = [0u8; 64];
-        let n = libc::getxattr(
-            path.as_ptr(),
-            name.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        );
-        assert_eq!(&buf[..n as usize], b"value");
-        assert_eq!(
-            libc::getxattr(path.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0),
-            5
-        );
-        let n = libc::listxattr(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len());
-        assert!(buf[..n as usize]
-            .split(|&b| b == 0)
-            .any(|s| s == b"user.kmsfs-test"));
-        assert_eq!(libc::removexattr(path.as_ptr(), name.as_ptr()), 0);
-        assert!(
-            libc::getxattr(
-                path.as_ptr(),
-                name.as_ptr(),
-                buf.as_mut_ptr().cast(),
-                buf.len()
-            ) < 0
-        );
-    }
-}
-
-#[test]
 fn device_nodes_and_sockets_are_stored_as_themselves() {
     if !fuse_available() {
         return;

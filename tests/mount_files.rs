@@ -1,6 +1,6 @@
 //! Regular files through a real mount: create, read, write at random offsets, append,
-//! truncate, sparse writes, O_EXCL / O_TRUNC, fsync, mmap; and the backing store holds
-//! only ciphertext.
+//! truncate, sparse writes, O_EXCL / O_TRUNC, fsync (mmap: mount_mmap.rs); and the backing
+//! store holds only ciphertext.
 
 mod common;
 
@@ -182,48 +182,6 @@ fn two_handles_see_one_file() {
     let mut buf = [0u8; 11];
     a.read_exact_at(&mut buf, 0).unwrap();
     assert_eq!(&buf, b"hello world");
-}
-
-#[test]
-fn mmap_reads_and_writes() {
-    if !fuse_available() {
-        return;
-    }
-    let mut m = Mount::new(4096, &[]);
-    let len = 3 * 4096 + 100;
-    fs::write(m.p("map"), pattern(len, 9)).unwrap();
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(m.p("map"))
-        .unwrap();
-    use std::os::fd::AsRawFd;
-    // SAFETY: a shared mapping of an open file of `len` bytes, unmapped below.
-    let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            f.as_raw_fd(),
-            0,
-        )
-    };
-    assert_ne!(ptr, libc::MAP_FAILED);
-    // SAFETY: the mapping is `len` bytes long and only this test touches it.
-    let view = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
-    assert_eq!(view, pattern(len, 9).as_slice());
-    view[4096..4096 + 5].copy_from_slice(b"MMAPD");
-    // SAFETY: ptr/len are the mapping made above.
-    unsafe {
-        assert_eq!(libc::msync(ptr, len, libc::MS_SYNC), 0);
-        libc::munmap(ptr, len);
-    }
-    drop(f);
-    m.remount();
-    let data = fs::read(m.p("map")).unwrap();
-    assert_eq!(&data[4096..4101], b"MMAPD");
-    assert_eq!(data.len(), len);
 }
 
 #[test]

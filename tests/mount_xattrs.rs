@@ -1,0 +1,164 @@
+//! Extended attributes through a real mount: set, get (and the length query), list, remove,
+//! the create/replace flags, too-small buffers, directories, and that attributes follow a file
+//! through a rename and a remount. (Values are stored as the backing file's own attributes,
+//! not encrypted: docs/SEMANTICS.md.)
+
+mod common;
+
+use std::ffi::CString;
+use std::fs;
+use std::path::Path;
+
+use common::mount::{fuse_available, Mount};
+
+fn c(p: &Path) -> CString {
+    CString::new(p.to_str().unwrap()).unwrap()
+}
+
+fn set(p: &Path, name: &str, value: &[u8], flags: i32) -> Result<(), i32> {
+    let (p, n) = (c(p), CString::new(name).unwrap());
+    // SAFETY: valid C strings and a value buffer of the given length.
+    let r = unsafe {
+        libc::setxattr(
+            p.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap())
+    }
+}
+
+/// getxattr with a buffer of `cap` bytes (0: the length query, returned as that many zeros).
+fn get(p: &Path, name: &str, cap: usize) -> Result<Vec<u8>, i32> {
+    let (p, n) = (c(p), CString::new(name).unwrap());
+    let mut buf = vec![0u8; cap];
+    // SAFETY: buf has `cap` bytes; a null pointer with size 0 asks for the length.
+    let r = unsafe {
+        let ptr = if cap == 0 {
+            std::ptr::null_mut()
+        } else {
+            buf.as_mut_ptr().cast()
+        };
+        libc::getxattr(p.as_ptr(), n.as_ptr(), ptr, cap)
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error().raw_os_error().unwrap());
+    }
+    if cap == 0 {
+        return Ok(vec![0; r as usize]);
+    }
+    buf.truncate(r as usize);
+    Ok(buf)
+}
+
+fn list(p: &Path) -> Vec<String> {
+    let p = c(p);
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: buf has 4096 bytes.
+    let n = unsafe { libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    assert!(n >= 0, "{}", std::io::Error::last_os_error());
+    buf[..n as usize]
+        .split(|&b| b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8(s.to_vec()).unwrap())
+        .collect()
+}
+
+fn remove(p: &Path, name: &str) -> Result<(), i32> {
+    let (p, n) = (c(p), CString::new(name).unwrap());
+    // SAFETY: valid C strings.
+    if unsafe { libc::removexattr(p.as_ptr(), n.as_ptr()) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap())
+    }
+}
+
+#[test]
+fn set_get_list_remove() {
+    if !fuse_available() {
+        return;
+    }
+    let m = Mount::new(4096, &[]);
+    let f = m.p("f");
+    fs::write(&f, b"x").unwrap();
+    set(&f, "user.colour", b"blue", 0).unwrap();
+    set(&f, "user.empty", b"", 0).unwrap();
+    assert_eq!(get(&f, "user.colour", 64).unwrap(), b"blue");
+    assert_eq!(get(&f, "user.colour", 0).unwrap().len(), 4, "length query");
+    assert_eq!(get(&f, "user.empty", 64).unwrap(), b"");
+    let mut names = list(&f);
+    names.sort();
+    assert_eq!(names, ["user.colour", "user.empty"]);
+    set(&f, "user.colour", b"green", 0).unwrap();
+    assert_eq!(get(&f, "user.colour", 64).unwrap(), b"green");
+    remove(&f, "user.colour").unwrap();
+    assert_eq!(get(&f, "user.colour", 64), Err(libc::ENODATA));
+    assert_eq!(remove(&f, "user.colour"), Err(libc::ENODATA));
+    assert_eq!(list(&f), ["user.empty"]);
+}
+
+#[test]
+fn flags_and_buffer_sizes() {
+    if !fuse_available() {
+        return;
+    }
+    let m = Mount::new(4096, &[]);
+    let f = m.p("f");
+    fs::write(&f, b"x").unwrap();
+    assert_eq!(
+        set(&f, "user.a", b"1", libc::XATTR_REPLACE),
+        Err(libc::ENODATA),
+        "replace of a missing attribute"
+    );
+    set(&f, "user.a", b"1", libc::XATTR_CREATE).unwrap();
+    assert_eq!(
+        set(&f, "user.a", b"2", libc::XATTR_CREATE),
+        Err(libc::EEXIST),
+        "create of an existing attribute"
+    );
+    set(&f, "user.a", b"3", libc::XATTR_REPLACE).unwrap();
+    let big = vec![7u8; 3000];
+    set(&f, "user.big", &big, 0).unwrap();
+    assert_eq!(get(&f, "user.big", 100), Err(libc::ERANGE));
+    assert_eq!(get(&f, "user.big", 4096).unwrap(), big);
+    assert_eq!(get(&f, "user.a", 64).unwrap(), b"3");
+}
+
+#[test]
+fn attributes_follow_the_file_and_live_on_directories() {
+    if !fuse_available() {
+        return;
+    }
+    let mut m = Mount::new(4096, &[]);
+    fs::create_dir(m.p("d")).unwrap();
+    fs::write(m.p("d/f"), b"content").unwrap();
+    set(&m.p("d"), "user.owner", b"team-a", 0).unwrap();
+    set(&m.p("d/f"), "user.tag", b"v1", 0).unwrap();
+    fs::rename(m.p("d"), m.p("e")).unwrap();
+    m.remount();
+    assert_eq!(get(&m.p("e"), "user.owner", 64).unwrap(), b"team-a");
+    assert_eq!(get(&m.p("e/f"), "user.tag", 64).unwrap(), b"v1");
+    assert_eq!(fs::read(m.p("e/f")).unwrap(), b"content");
+}
+
+#[test]
+fn read_only_mount_reads_but_refuses_changes() {
+    if !fuse_available() {
+        return;
+    }
+    let mut m = Mount::new(4096, &[]);
+    fs::write(m.p("f"), b"x").unwrap();
+    set(&m.p("f"), "user.k", b"v", 0).unwrap();
+    m.set_extra(&["--read-only"]);
+    m.remount();
+    assert_eq!(get(&m.p("f"), "user.k", 64).unwrap(), b"v");
+    assert_eq!(set(&m.p("f"), "user.k", b"w", 0), Err(libc::EROFS));
+    assert_eq!(remove(&m.p("f"), "user.k"), Err(libc::EROFS));
+}
