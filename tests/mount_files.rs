@@ -6,7 +6,8 @@ mod common;
 
 use std::fs::{self, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
 
 use common::mount::{fuse_available, Mount};
 use common::pattern;
@@ -185,7 +186,7 @@ fn two_handles_see_one_file() {
 }
 
 #[test]
-fn growth_beyond_free_space_is_enospc_at_once() {
+fn growth_beyond_free_space_is_refused_at_once() {
     if !fuse_available() {
         return;
     }
@@ -197,13 +198,71 @@ fn growth_beyond_free_space_is_enospc_at_once() {
         .open(m.p("huge"))
         .unwrap();
     let t0 = std::time::Instant::now();
+    // Beyond free space: ENOSPC. Beyond the backing filesystem's whole size: EFBIG.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let b = std::ffi::CString::new(m.backing.to_str().unwrap()).unwrap();
+    // SAFETY: valid path and out-parameter.
+    assert_eq!(unsafe { libc::statvfs(b.as_ptr(), &mut st) }, 0);
+    let (free, total) = (st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize);
+    let err = f.set_len(free + (total - free) / 2).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
     let err = f.set_len(999_999_999_999_999).unwrap_err();
-    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    assert_eq!(err.raw_os_error(), Some(libc::EFBIG), "{err}");
     let err = f.write_all_at(b"x", 999_999_999_999_999).unwrap_err();
-    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    assert_eq!(err.raw_os_error(), Some(libc::EFBIG), "{err}");
     assert!(
         t0.elapsed() < std::time::Duration::from_secs(5),
         "refused at once"
     );
     assert_eq!(f.metadata().unwrap().len(), 0, "nothing was written");
+}
+
+#[test]
+fn modes_owners_and_set_id_bits_are_as_on_linux() {
+    if !fuse_available() {
+        return;
+    }
+    let m = Mount::new(4096, &["--allow-other"]);
+    // Let another user reach the mount point.
+    fs::set_permissions(m.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let mode = |p: &str| fs::symlink_metadata(m.p(p)).unwrap().mode() & 0o7777;
+    let sh = |uid: u32, script: &str| {
+        let st = std::process::Command::new("sh")
+            .current_dir(&m.mnt)
+            .arg("-c")
+            .arg(script)
+            .uid(uid)
+            .gid(uid)
+            .status()
+            .unwrap();
+        assert!(st.success(), "{script}");
+    };
+    // Exactly the caller's mode and umask: the daemon's own umask does not apply.
+    sh(0, "umask 0; : > plain; mkdir dir; mkfifo fifo");
+    assert_eq!(
+        (mode("plain"), mode("dir"), mode("fifo")),
+        (0o666, 0o777, 0o666)
+    );
+    // Set-id bits asked for at create survive the chown that gives the file its owner.
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o6777)
+        .open(m.p("setid"))
+        .unwrap();
+    fs::set_permissions(m.p("setid"), fs::Permissions::from_mode(0o6777)).unwrap();
+    assert_eq!(mode("setid"), 0o6777);
+    // A write by someone else clears them.
+    sh(65534, "printf x >> setid");
+    assert_eq!(mode("setid"), 0o777);
+    assert_eq!(fs::read(m.p("setid")).unwrap(), b"x");
+    // In a set-group-id directory, entries take its group, and directories its bit.
+    fs::create_dir(m.p("shared")).unwrap();
+    std::os::unix::fs::chown(m.p("shared"), None, Some(65534)).unwrap();
+    fs::set_permissions(m.p("shared"), fs::Permissions::from_mode(0o2777)).unwrap();
+    sh(0, "umask 022; : > shared/f; mkdir shared/sub");
+    let f = fs::metadata(m.p("shared/f")).unwrap();
+    assert_eq!((f.uid(), f.gid()), (0, 65534));
+    assert_eq!(mode("shared/sub"), 0o2755);
+    assert_eq!(fs::metadata(m.p("shared/sub")).unwrap().gid(), 65534);
 }

@@ -397,7 +397,8 @@ impl EncryptedFile {
 
     /// Holes are stored as sealed zeros (an all-zero block on disk would be indistinguishable
     /// from one an attacker zeroed), so growing a file takes real space: refuse at once, with
-    /// ENOSPC, growth the backing filesystem cannot hold, instead of writing until it is full.
+    /// ENOSPC (EFBIG beyond the filesystem's whole size), growth the backing filesystem cannot
+    /// hold, instead of writing until it is full.
     fn check_room_to_grow(&self, new_size: u64) -> Result<()> {
         let need = self
             .layout
@@ -411,6 +412,12 @@ impl EncryptedFile {
         let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
         if unsafe { libc::fstatvfs(self.file.as_raw_fd(), &mut st) } != 0 {
             return Err(self.io_err("stat the filesystem of", std::io::Error::last_os_error()));
+        }
+        // Larger than the whole backing filesystem: the file could never be that big (EFBIG,
+        // as a filesystem says of a size beyond its limit); otherwise it could, given room.
+        let total = st.f_blocks.saturating_mul(st.f_frsize);
+        if self.layout.backing_len(new_size) > total {
+            return Err(self.io_err("grow", std::io::Error::from_raw_os_error(libc::EFBIG)));
         }
         let free = st.f_bavail.saturating_mul(st.f_frsize);
         if need > free {

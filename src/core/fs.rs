@@ -404,17 +404,35 @@ impl KmsFs {
         }
     }
 
-    /// Hands out the attributes of a newly created entry (and counts the kernel's lookup).
-    fn created(&self, path: &CanonicalPath, caller: Caller) -> Result<Attr> {
+    /// Gives a newly created entry its owner and exact permissions `perm` (None for symlinks)
+    /// and hands out its attributes (counting the kernel's lookup). The permissions are set
+    /// after the owner because chown clears set-id bits, and because the daemon's own umask
+    /// must not apply. In a set-group-id directory the entry keeps the directory's group (and
+    /// a new directory its set-group-id bit), as on any Linux filesystem.
+    fn created(&self, path: &CanonicalPath, caller: Caller, perm: Option<u32>) -> Result<Attr> {
         let backing = self.backing(path);
+        let parent_sgid = backing
+            .parent()
+            .and_then(|p| fs::metadata(p).ok())
+            .is_some_and(|m| m.mode() & libc::S_ISGID != 0);
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } == 0 {
             let c = cstr(&backing)?;
-            // SAFETY: c is a valid NUL-terminated path.
+            let gid = if parent_sgid { u32::MAX } else { caller.gid };
+            // SAFETY: c is a valid NUL-terminated path; gid -1 leaves the group as it is.
             check_errno(
-                unsafe { libc::lchown(c.as_ptr(), caller.uid, caller.gid) },
+                unsafe { libc::lchown(c.as_ptr(), caller.uid, gid) },
                 "lchown",
             )?;
+        }
+        if let Some(mut perm) = perm {
+            let meta =
+                fs::symlink_metadata(&backing).map_err(|e| io_err("cannot stat", path, e))?;
+            if parent_sgid && meta.is_dir() {
+                perm |= libc::S_ISGID;
+            }
+            fs::set_permissions(&backing, fs::Permissions::from_mode(perm))
+                .map_err(|e| io_err("cannot chmod", path, e))?;
         }
         let attr = self.stat_path(path)?;
         self.remember(attr.ino, path);
@@ -545,7 +563,7 @@ impl KmsFs {
             unsafe { libc::mknod(c.as_ptr(), mode & !caller.umask, rdev as libc::dev_t) },
             "mknod",
         )?;
-        self.created(&path, caller)
+        self.created(&path, caller, Some(mode & !caller.umask & 0o7777))
     }
 
     pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, caller: Caller) -> Result<Attr> {
@@ -554,12 +572,7 @@ impl KmsFs {
         let path = self.child(parent, name)?;
         let backing = self.backing(&path);
         fs::create_dir(&backing).map_err(|e| io_err("cannot mkdir", &path, e))?;
-        fs::set_permissions(
-            &backing,
-            fs::Permissions::from_mode(mode & !caller.umask & 0o7777),
-        )
-        .map_err(|e| io_err("cannot chmod", &path, e))?;
-        self.created(&path, caller)
+        self.created(&path, caller, Some(mode & !caller.umask & 0o7777))
     }
 
     pub fn symlink(
@@ -574,7 +587,7 @@ impl KmsFs {
         let path = self.child(parent, name)?;
         std::os::unix::fs::symlink(target, self.backing(&path))
             .map_err(|e| io_err("cannot symlink", &path, e))?;
-        self.created(&path, caller)
+        self.created(&path, caller, None)
     }
 
     pub fn unlink(&self, parent: u64, name: &OsStr) -> Result<()> {
@@ -967,7 +980,7 @@ impl KmsFs {
         let node = Arc::new(OpenNode {
             file: RwLock::new(enc),
         });
-        let attr = self.created(path, caller)?;
+        let attr = self.created(path, caller, Some(mode & !caller.umask & 0o7777))?;
         self.open
             .lock()
             .unwrap()
