@@ -6,6 +6,7 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::fs;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 
 use common::mount::{fuse_available, Mount};
@@ -143,4 +144,45 @@ fn an_open_file_outlives_its_last_name() {
     f.read_to_string(&mut back).unwrap();
     assert_eq!(back, "still here!");
     assert!(!m.p("tmp").exists());
+}
+
+#[test]
+fn paths_longer_than_path_max_on_the_backing_store_work() {
+    if !fuse_available() {
+        return;
+    }
+    let mut m = Mount::new(4096, &[]);
+    // 17 directories of 250 bytes: past PATH_MAX on the backing store. Programs get there by
+    // relative steps; here each step goes through the previous directory's descriptor.
+    let name = "d".repeat(250);
+    let mut dir = fs::File::open(&m.mnt).unwrap();
+    let mut rel = std::path::PathBuf::new();
+    for _ in 0..17 {
+        let at = |n: &str| format!("/proc/self/fd/{}/{n}", dir.as_raw_fd());
+        fs::create_dir(at(&name)).unwrap();
+        dir = fs::File::open(at(&name)).unwrap();
+        rel.push(&name);
+    }
+    assert!(m.backing.join(&rel).as_os_str().len() > libc::PATH_MAX as usize);
+    let at = |n: &str| format!("/proc/self/fd/{}/{n}", dir.as_raw_fd());
+    fs::write(at("file"), b"deep content").unwrap();
+    assert_eq!(fs::read(at("file")).unwrap(), b"deep content");
+    fs::rename(at("file"), at("renamed")).unwrap();
+    std::os::unix::fs::symlink("renamed", at("link")).unwrap();
+    let mut listed: Vec<_> = fs::read_dir(at(""))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    listed.sort();
+    assert_eq!(listed, ["link", "renamed"]);
+    drop(dir);
+    m.remount();
+    let mut dir = fs::File::open(&m.mnt).unwrap();
+    for _ in 0..17 {
+        dir = fs::File::open(format!("/proc/self/fd/{}/{name}", dir.as_raw_fd())).unwrap();
+    }
+    let at = |n: &str| format!("/proc/self/fd/{}/{n}", dir.as_raw_fd());
+    assert_eq!(fs::read(at("link")).unwrap(), b"deep content");
+    fs::remove_file(at("link")).unwrap();
+    fs::remove_file(at("renamed")).unwrap();
 }

@@ -22,7 +22,7 @@ use std::ffi::{CString, OsStr, OsString};
 use std::fs::{self, File};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
@@ -34,7 +34,7 @@ use crate::format::header::Preamble;
 
 use super::file::{read_header, EncryptedFile};
 use super::journal::Journal;
-use super::volume::{is_reserved_name, Volume};
+use super::volume::{is_reserved_name, BackingPath, Volume};
 
 pub const ROOT_INO: u64 = 1;
 /// Most names one file can have: each costs an envelope per trusted key in its header, whose
@@ -211,7 +211,7 @@ impl KmsFs {
             .ok_or_else(|| os(format!("inode {ino}"), libc::ESTALE))
     }
 
-    fn backing(&self, path: &CanonicalPath) -> PathBuf {
+    fn backing(&self, path: &CanonicalPath) -> BackingPath {
         self.volume.backing_path(path)
     }
 
@@ -557,7 +557,8 @@ impl KmsFs {
         }
         // Fifos, sockets and device nodes are made as themselves on the backing store (device
         // nodes need root there, and the mount is nodev, so they never open a device).
-        let c = cstr(&self.backing(&path))?;
+        let backing = self.backing(&path);
+        let c = cstr(&backing)?;
         // SAFETY: valid path.
         check_errno(
             unsafe { libc::mknod(c.as_ptr(), mode & !caller.umask, rdev as libc::dev_t) },
@@ -893,10 +894,38 @@ impl KmsFs {
             Some(self.journal.begin(&paths)?)
         };
         // 1. Every file gains envelopes for its new path.
-        self.parallel(&files, |p| {
+        let bound = self.parallel(&files, |p| {
             let new = Self::moved(p, &from, &to);
             self.with_file(self.ino_at(p), p, |f| self.bind_extra_path(f, p, &new))
-        })?;
+                .map_err(|e| match e {
+                    Error::Format {
+                        source: crate::format::FormatError::TooLarge(why),
+                        ..
+                    } => {
+                        let e = os(
+                            format!(
+                                "{p} has no header room for the name {new} ({why}; headers are \
+                                 sized when a file is created, for names up to a little longer \
+                                 than its first); copy the file there instead"
+                            ),
+                            libc::ENAMETOOLONG,
+                        );
+                        tracing::warn!("cannot rename: {e}");
+                        e
+                    }
+                    e => e,
+                })
+        });
+        if let Err(e) = bound {
+            // Nothing was renamed: drop the envelopes already added, if the key service lets
+            // us (else the record stays for the next mount).
+            if self.tidy_paths(std::slice::from_ref(&from)).is_ok() {
+                if let Some(pending) = pending {
+                    pending.finish();
+                }
+            }
+            return Err(e);
+        }
         // 2. The name changes.
         fs::rename(&bfrom, &bto).map_err(|e| io_err("cannot rename", &from, e))?;
         self.forget_path(&to);
@@ -931,11 +960,19 @@ impl KmsFs {
                 ));
             }
             let pending = self.journal.begin(&[from.clone(), to.clone()])?;
-            self.with_file(ino, &from, |f| self.bind_extra_path(f, &from, &to))?;
-            let linked = fs::hard_link(self.backing(&from), self.backing(&to));
+            let linked = self
+                .with_file(ino, &from, |f| self.bind_extra_path(f, &from, &to))
+                .and_then(|()| {
+                    fs::hard_link(self.backing(&from), self.backing(&to))
+                        .map_err(|e| io_err("cannot link", &from, e))
+                });
             if let Err(e) = linked {
-                let _ = self.with_file(ino, &from, |f| self.unbind_path(f, &to));
-                return Err(io_err("cannot link", &from, e));
+                // Drop the new envelope if it was added (else the record stays for the next
+                // mount).
+                if self.tidy_paths(std::slice::from_ref(&from)).is_ok() {
+                    pending.finish();
+                }
+                return Err(e);
             }
             pending.finish();
         } else {
@@ -1151,13 +1188,16 @@ impl KmsFs {
         Ok(st)
     }
 
-    fn xattr_path(&self, ino: u64) -> Result<CString> {
-        cstr(&self.backing(&self.path_of(ino)?))
+    /// The backing path of `ino` as a C string, with the value that keeps it valid.
+    fn xattr_path(&self, ino: u64) -> Result<(BackingPath, CString)> {
+        let backing = self.backing(&self.path_of(ino)?);
+        let c = cstr(&backing)?;
+        Ok((backing, c))
     }
 
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
         self.check_writable()?;
-        let (p, n) = (
+        let ((_backing, p), n) = (
             self.xattr_path(ino)?,
             CString::new(name.as_bytes()).map_err(|_| os("name", libc::EINVAL))?,
         );
@@ -1176,7 +1216,7 @@ impl KmsFs {
 
     /// `size == 0` asks for the length only.
     pub fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> Result<Vec<u8>> {
-        let (p, n) = (
+        let ((_backing, p), n) = (
             self.xattr_path(ino)?,
             CString::new(name.as_bytes()).map_err(|_| os("name", libc::EINVAL))?,
         );
@@ -1195,7 +1235,7 @@ impl KmsFs {
     }
 
     pub fn listxattr(&self, ino: u64, size: u32) -> Result<Vec<u8>> {
-        let p = self.xattr_path(ino)?;
+        let (_backing, p) = self.xattr_path(ino)?;
         let mut buf = vec![0u8; size as usize];
         // SAFETY: as for getxattr.
         let r = unsafe { libc::llistxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
@@ -1211,7 +1251,7 @@ impl KmsFs {
 
     pub fn removexattr(&self, ino: u64, name: &OsStr) -> Result<()> {
         self.check_writable()?;
-        let (p, n) = (
+        let ((_backing, p), n) = (
             self.xattr_path(ino)?,
             CString::new(name.as_bytes()).map_err(|_| os("name", libc::EINVAL))?,
         );

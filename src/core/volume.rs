@@ -528,8 +528,96 @@ impl Volume {
     }
 
     /// Where the file at `path` lives on the backing store.
-    pub fn backing_path(&self, path: &CanonicalPath) -> PathBuf {
-        self.root.join(path.to_relative_path())
+    /// Where `path` lives on the backing store, usable even beyond `PATH_MAX`.
+    pub fn backing_path(&self, path: &CanonicalPath) -> BackingPath {
+        BackingPath::new(&self.root, &path.to_relative_path())
+    }
+}
+
+/// A backing-store path that any path-taking call accepts, even when it is longer than
+/// `PATH_MAX` (the backing root's own path makes the deepest paths a mount allows too long).
+/// Then the directory holding the entry is opened by walking down in pieces (`openat` with
+/// `O_PATH`) and the path goes through `/proc/self/fd/N/NAME`, valid while this value lives.
+pub struct BackingPath {
+    path: PathBuf,
+    _dir: Option<std::os::fd::OwnedFd>,
+}
+
+impl BackingPath {
+    fn new(root: &Path, rel: &Path) -> Self {
+        let path = root.join(rel);
+        if path.as_os_str().len() < libc::PATH_MAX as usize - 1 {
+            return BackingPath { path, _dir: None };
+        }
+        // If the walk fails (a directory on the way is missing), the plain path gives the
+        // caller ENAMETOOLONG, which is what the backing filesystem would say of it.
+        open_parent_by_walking(root, rel).unwrap_or(BackingPath { path, _dir: None })
+    }
+}
+
+fn open_parent_by_walking(root: &Path, rel: &Path) -> std::io::Result<BackingPath> {
+    use std::ffi::OsString;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    const PIECE: usize = 2048;
+    let parts: Vec<&std::ffi::OsStr> = rel.iter().collect();
+    let Some((name, dirs)) = parts.split_last() else {
+        return Err(std::io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+    };
+    let open_at = |dir: Option<&OwnedFd>, p: &std::ffi::OsStr| -> std::io::Result<OwnedFd> {
+        let c = std::ffi::CString::new(p.as_bytes())?;
+        let at = dir.map_or(libc::AT_FDCWD, |d| d.as_raw_fd());
+        // SAFETY: a valid C string; the returned descriptor is owned by the OwnedFd below.
+        let fd = unsafe {
+            libc::openat(
+                at,
+                c.as_ptr(),
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: fd was just opened and is owned by nobody else.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    };
+    let mut dir = open_at(None, root.as_os_str())?;
+    let mut piece = OsString::new();
+    for d in dirs {
+        if !piece.is_empty() && piece.len() + d.len() + 1 > PIECE {
+            dir = open_at(Some(&dir), &piece)?;
+            piece.clear();
+        }
+        if !piece.is_empty() {
+            piece.push("/");
+        }
+        piece.push(d);
+    }
+    if !piece.is_empty() {
+        dir = open_at(Some(&dir), &piece)?;
+    }
+    Ok(BackingPath {
+        path: PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd())).join(name),
+        _dir: Some(dir),
+    })
+}
+
+impl std::ops::Deref for BackingPath {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl AsRef<Path> for BackingPath {
+    fn as_ref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for BackingPath {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.path.as_os_str()
     }
 }
 
