@@ -13,7 +13,7 @@ use kmsfs::core::volume::{InitOptions, OpenOptions};
 use kmsfs::core::{EncryptedFile, Volume};
 use kmsfs::format::codec::hex;
 use kmsfs::format::context::CanonicalPath;
-use kmsfs::format::header::{slot_checksum, Preamble};
+use kmsfs::format::header::{seal_slot, slot_checksum, Header, Preamble, SlotState};
 use kmsfs::keys::spec::KeySpec;
 
 const BLOCK: u32 = 512;
@@ -91,6 +91,20 @@ fn fix_checksum(raw: &mut [u8], slot: usize) {
         &raw[start..start + size - 16],
     );
     raw[start + size - 16..start + size].copy_from_slice(&sum);
+}
+
+/// Re-MACs slot `slot` under `vol`'s header key: what an insider who holds the volume key
+/// (anyone who can mount it) can do, so only the key service or the commitment stands.
+fn remac(vol: &Volume, raw: &mut [u8], slot: usize) {
+    fix_checksum(raw, slot);
+    let header = Header::parse(raw).unwrap();
+    let SlotState::Sealed(content) = &header.slots[slot] else {
+        panic!("slot {slot} is not sealed")
+    };
+    let pre = &header.preamble;
+    let sealed = seal_slot(pre, content, &vol.header_mac_key(&pre.file_id)).unwrap();
+    let start = pre.slot_offset(slot) as usize;
+    raw[start..start + sealed.len()].copy_from_slice(&sealed);
 }
 
 fn main() {
@@ -200,7 +214,7 @@ fn main() {
 
     let mut raw = o.file("bad_commitment", &small);
     raw[40] ^= 0x80;
-    fix_checksum(&mut raw, 0);
+    remac(&o.vol, &mut raw, 0);
     o.put("bad_commitment", &raw);
     o.case("bad_commitment", "error", "key commitment mismatch");
 
@@ -235,40 +249,55 @@ fn main() {
     fs::rename(root.join("original_name"), root.join("moved_file")).unwrap();
     o.case("moved_file", "error", "bound to /original_name");
 
+    // An envelope's path rewritten to the file's new name (checksum fixed, as anyone can).
+    let rewritten = |o: &Out, name: &str| {
+        let decoy = "x".repeat(name.len());
+        let mut raw = o.file(&decoy, &small);
+        let at = raw
+            .windows(decoy.len())
+            .position(|w| w == decoy.as_bytes())
+            .unwrap();
+        raw[at..at + name.len()].copy_from_slice(name.as_bytes());
+        fix_checksum(&mut raw, 0);
+        fs::remove_file(root.join(&decoy)).unwrap();
+        raw
+    };
+    // Without the volume key the slot MAC gives it away...
+    let raw = rewritten(&o, "path_rewritten_unmaced");
+    o.put("path_rewritten_unmaced", &raw);
+    o.case(
+        "path_rewritten_unmaced",
+        "error",
+        "header authentication failed",
+    );
+    // ...and with it, the key service refuses the context.
     let name = "envelope_path_rewritten";
-    let decoy = "x".repeat(name.len());
-    let mut raw = o.file(&decoy, &small);
-    let at = raw
-        .windows(decoy.len())
-        .position(|w| w == decoy.as_bytes())
-        .unwrap();
-    raw[at..at + name.len()].copy_from_slice(name.as_bytes());
-    fix_checksum(&mut raw, 0);
-    fs::remove_file(root.join(&decoy)).unwrap();
+    let mut raw = rewritten(&o, name);
+    remac(&o.vol, &mut raw, 0);
     o.put(name, &raw);
     o.case(name, "error", "context mismatch: Decrypt");
 
     // Same master key, another volume id.
     let other_vol = volume(&tmp.path().join("other_volume"), &key);
     write_new_file(&other_vol, &p("copied_from_other_volume"), &mut &small[..]).unwrap();
-    fs::copy(
-        tmp.path().join("other_volume/copied_from_other_volume"),
-        root.join("copied_from_other_volume"),
-    )
-    .unwrap();
+    let copied = fs::read(tmp.path().join("other_volume/copied_from_other_volume")).unwrap();
+    o.put("copied_from_other_volume", &copied);
     o.case(
         "copied_from_other_volume",
         "error",
-        "context mismatch: Decrypt",
+        "header authentication failed",
     );
+    write_new_file(&other_vol, &p("copied_and_remaced"), &mut &small[..]).unwrap();
+    let mut copied = fs::read(tmp.path().join("other_volume/copied_and_remaced")).unwrap();
+    remac(&o.vol, &mut copied, 0);
+    o.put("copied_and_remaced", &copied);
+    o.case("copied_and_remaced", "error", "context mismatch: Decrypt");
 
     let rogue = volume(&tmp.path().join("rogue"), &other_key);
     write_new_file(&rogue, &p("untrusted_key"), &mut &small[..]).unwrap();
-    fs::copy(
-        tmp.path().join("rogue/untrusted_key"),
-        root.join("untrusted_key"),
-    )
-    .unwrap();
+    let mut raw = fs::read(tmp.path().join("rogue/untrusted_key")).unwrap();
+    remac(&o.vol, &mut raw, 0);
+    o.put("untrusted_key", &raw);
     o.case("untrusted_key", "error", "untrusted key: Decrypt");
 
     // Config vectors.

@@ -186,6 +186,10 @@ fn envelope_path_rewritten_is_refused_by_the_key_service() {
     raw[at..at + 5].copy_from_slice(b"/bbbb");
     fix_slot_checksum(&mut raw, 0);
     fs::write(v.backing_file("bbbb"), &raw).unwrap();
+    assert_header_auth_failure(v.read("bbbb"));
+    // Someone who can open the volume can re-MAC the slot; the key service still refuses.
+    remac(&v, &mut raw, 0);
+    fs::write(v.backing_file("bbbb"), &raw).unwrap();
     match v.read("bbbb") {
         Err(Error::Key { source, .. }) => assert_eq!(source.kind, KeyErrorKind::ContextMismatch),
         other => panic!("expected a key-service context mismatch, got {other:?}"),
@@ -200,7 +204,13 @@ fn file_copied_from_another_volume_fails() {
     let v2 = TestVolume::with_key(BS, Some(&shared_key));
     v1.write("f", b"from volume one");
     fs::copy(v1.backing_file("f"), v2.backing_file("f")).unwrap();
-    // Same key, same path: only the volume id in the context differs.
+    // The other volume's header key does not verify here.
+    assert_header_auth_failure(v2.read("f"));
+    // Re-MACed by someone who can open v2: same key, same path, only the volume id in the
+    // context differs, and the key service refuses it.
+    let mut raw = v2.bytes("f");
+    remac(&v2, &mut raw, 0);
+    v2.put_bytes("f", &raw);
     match v2.read("f") {
         Err(Error::Key { source, .. }) => assert_eq!(source.kind, KeyErrorKind::ContextMismatch),
         other => panic!("expected context mismatch, got {other:?}"),
@@ -213,6 +223,10 @@ fn file_under_an_untrusted_key_is_refused() {
     let rogue = TestVolume::new(BS);
     rogue.write("f", b"attacker data");
     fs::copy(rogue.backing_file("f"), v.backing_file("f")).unwrap();
+    assert_header_auth_failure(v.read("f"));
+    let mut raw = v.bytes("f");
+    remac(&v, &mut raw, 0);
+    v.put_bytes("f", &raw);
     match v.read("f") {
         Err(Error::Key { source, .. }) => assert_eq!(source.kind, KeyErrorKind::UntrustedKey),
         other => panic!("expected untrusted key, got {other:?}"),
@@ -226,6 +240,9 @@ fn commitment_edited_is_detected() {
     let mut raw = v.bytes("f");
     raw[40] ^= 0x80; // inside the commitment (bytes 32..64)
     fix_slot_checksum(&mut raw, 0);
+    v.put_bytes("f", &raw);
+    assert_header_auth_failure(v.read("f"));
+    remac(&v, &mut raw, 0);
     v.put_bytes("f", &raw);
     assert!(matches!(
         v.read("f"),
@@ -339,4 +356,32 @@ fn fix_slot_checksum(raw: &mut [u8], slot: usize) {
         &raw[start..start + slot_size - 16],
     );
     raw[start + slot_size - 16..start + slot_size].copy_from_slice(&sum);
+}
+
+fn assert_header_auth_failure(result: Result<Vec<u8>, Error>) {
+    assert!(
+        matches!(
+            result,
+            Err(Error::Format {
+                source: FormatError::HeaderAuthFailed(_),
+                ..
+            })
+        ),
+        "expected header authentication failure, got {result:?}"
+    );
+}
+
+/// Re-MACs slot `slot` under the volume's header key, as anyone who can open the volume can
+/// (so only the key service and the commitment stand in the way).
+fn remac(v: &TestVolume, raw: &mut [u8], slot: usize) {
+    use kmsfs::format::header::{seal_slot, Header, SlotState};
+    fix_slot_checksum(raw, slot);
+    let header = Header::parse(raw).unwrap();
+    let SlotState::Sealed(content) = &header.slots[slot] else {
+        panic!("slot {slot} is not sealed")
+    };
+    let pre = &header.preamble;
+    let sealed = seal_slot(pre, content, &v.volume.header_mac_key(&pre.file_id)).unwrap();
+    let start = pre.slot_offset(slot) as usize;
+    raw[start..start + sealed.len()].copy_from_slice(&sealed);
 }

@@ -154,7 +154,7 @@ fn good_vectors_re_encode_byte_for_byte() {
         let ctx = vol.file_context(&path(name));
         let keys: Vec<_> = content.envelopes.iter().map(|e| &e.key).collect();
         let dek = vol.keyring().unwrap(&keys, &ctx).unwrap();
-        let mac_key = kdf::header_mac_key(&dek, &pre.file_id);
+        let mac_key = vol.header_mac_key(&pre.file_id);
         let slot = seal_slot(pre, content, &mac_key).unwrap();
         assert_eq!(slot, raw[64..64 + pre.slot_size as usize], "{name}: slot 0");
         // Blocks: resealing each with its own nonce reproduces it.

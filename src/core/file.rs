@@ -85,7 +85,7 @@ impl EncryptedFile {
             file_id,
             commitment: kdf::commitment(&dek, &file_id),
         };
-        let mac_key = kdf::header_mac_key(&dek, &file_id);
+        let mac_key = volume.header_mac_key(&file_id);
         let content = SlotContent {
             generation: 1,
             envelopes,
@@ -161,6 +161,7 @@ impl EncryptedFile {
             ));
         }
         let ctx = volume.file_context(path);
+        let mac_key = volume.header_mac_key(&preamble.file_id);
         let mut first_err = None;
         for (slot, content) in &candidates {
             let mine: Vec<_> = content
@@ -169,7 +170,14 @@ impl EncryptedFile {
                 .filter(|e| &e.path == path)
                 .map(|e| &e.key)
                 .collect();
-            let attempt = if mine.is_empty() {
+            // The slot's MAC is checked first, with no key call: an unauthentic slot's
+            // envelopes are never sent to the key service.
+            let attempt = if !header.verify_mac(*slot, &mac_key) {
+                Err(Error::format(
+                    path,
+                    FormatError::HeaderAuthFailed(format!("slot {slot} MAC mismatch")),
+                ))
+            } else if mine.is_empty() {
                 let mut bound: Vec<&str> =
                     content.envelopes.iter().map(|e| e.path.as_str()).collect();
                 bound.dedup();
@@ -187,18 +195,11 @@ impl EncryptedFile {
                         if !kdf::commitment_matches(&dek, id, &preamble.commitment) {
                             return Err(Error::format(path, FormatError::CommitmentMismatch));
                         }
-                        let mac_key = kdf::header_mac_key(&dek, id);
-                        if !header.verify_mac(*slot, &mac_key) {
-                            return Err(Error::format(
-                                path,
-                                FormatError::HeaderAuthFailed(format!("slot {slot} MAC mismatch")),
-                            ));
-                        }
-                        Ok((BlockCipher::new(&kdf::content_key(&dek, id), *id), mac_key))
+                        Ok(BlockCipher::new(&kdf::content_key(&dek, id), *id))
                     })
             };
             match attempt {
-                Ok((cipher, mac_key)) => {
+                Ok(cipher) => {
                     if *slot != candidates[0].0
                         || header
                             .slots
@@ -213,7 +214,7 @@ impl EncryptedFile {
                         preamble: preamble.clone(),
                         layout,
                         cipher,
-                        mac_key,
+                        mac_key: volume.header_mac_key(&preamble.file_id),
                         active_slot: *slot,
                         content: (*content).clone(),
                         size,

@@ -99,6 +99,8 @@ pub struct Volume {
     root: PathBuf,
     config: VolumeConfig,
     keyring: Keyring,
+    /// Root of the files' header MAC keys (docs/FORMAT.md, "Header slots").
+    header_key: crate::secret::DerivedKey,
 }
 
 impl std::fmt::Debug for Volume {
@@ -376,6 +378,7 @@ impl Volume {
             write_config(root, &bytes)?;
             Ok(Volume {
                 root: root.to_path_buf(),
+                header_key: kdf::volume_header_key(&volume_key, &volume_id),
                 config,
                 keyring,
             })
@@ -501,6 +504,7 @@ impl Volume {
             .map_err(|e| Error::format(&shown, e))?;
         Ok(Volume {
             root: root.to_path_buf(),
+            header_key: kdf::volume_header_key(&volume_key, &volume_id),
             config,
             keyring,
         })
@@ -516,6 +520,11 @@ impl Volume {
 
     pub fn keyring(&self) -> &Keyring {
         &self.keyring
+    }
+
+    /// The key that MACs the header slots of the file `file_id`.
+    pub fn header_mac_key(&self, file_id: &[u8; 16]) -> crate::secret::DerivedKey {
+        kdf::header_mac_key(&self.header_key, file_id)
     }
 
     pub fn id_hex(&self) -> String {

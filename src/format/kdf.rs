@@ -1,9 +1,15 @@
-//! Keys derived from a data key with HKDF-SHA256.
+//! Keys derived with HKDF-SHA256.
 //!
-//! A file's DEK is never used directly: the block key, the key commitment and the header MAC
-//! key are each expanded from it with the file id as salt and a distinct label, so one header
-//! (one commitment) can never open to two different plaintexts, and a DEK moved to another
-//! file id derives nothing useful there.
+//! A file's DEK is never used directly: the block key and the key commitment are each expanded
+//! from it with the file id as salt and a distinct label, so one header (one commitment) can
+//! never open to two different plaintexts, and a DEK moved to another file id derives nothing
+//! useful there.
+//!
+//! Header slots are MACed under a key derived from the *volume* key (volume header key, then
+//! per file id), not from the DEK: so rewrapping a file's envelopes to a new KMS key takes
+//! `ReEncrypt` alone and the DEK never leaves the key service, and the slot in force is chosen
+//! before any key call. The slot's envelopes still need the key service to open, and the
+//! commitment still binds the DEK they give to the file.
 
 use hkdf::Hkdf;
 use hmac::{Hmac, Mac};
@@ -14,11 +20,16 @@ use crate::secret::{DataKey, DerivedKey};
 
 pub const LABEL_CONTENT: &[u8] = b"kmsfs/v1 content key";
 pub const LABEL_COMMITMENT: &[u8] = b"kmsfs/v1 key commitment";
+pub const LABEL_HEADER_KEY: &[u8] = b"kmsfs/v1 volume header key";
 pub const LABEL_HEADER_MAC: &[u8] = b"kmsfs/v1 header mac";
 pub const LABEL_CONFIG_MAC: &[u8] = b"kmsfs/v1 config mac";
 
 fn expand(dek: &DataKey, salt: &[u8], label: &[u8]) -> DerivedKey {
-    let hk = Hkdf::<Sha256>::new(Some(salt), dek.expose());
+    expand_bytes(dek.expose(), salt, label)
+}
+
+fn expand_bytes(ikm: &[u8; 32], salt: &[u8], label: &[u8]) -> DerivedKey {
+    let hk = Hkdf::<Sha256>::new(Some(salt), ikm);
     let mut out = [0u8; 32];
     hk.expand(label, &mut out)
         .expect("32 bytes is a valid HKDF-SHA256 length");
@@ -41,8 +52,14 @@ pub fn commitment_matches(dek: &DataKey, file_id: &[u8; 16], stored: &[u8; 32]) 
 }
 
 /// The key of the header slots' MAC.
-pub fn header_mac_key(dek: &DataKey, file_id: &[u8; 16]) -> DerivedKey {
-    expand(dek, file_id, LABEL_HEADER_MAC)
+/// The volume's header key: the root of every file's header MAC key.
+pub fn volume_header_key(volume_key: &DataKey, volume_id: &[u8; 16]) -> DerivedKey {
+    expand(volume_key, volume_id, LABEL_HEADER_KEY)
+}
+
+/// The key that MACs the header slots of the file `file_id`.
+pub fn header_mac_key(volume_header_key: &DerivedKey, file_id: &[u8; 16]) -> DerivedKey {
+    expand_bytes(volume_header_key.expose(), file_id, LABEL_HEADER_MAC)
 }
 
 /// The key of the volume config's MAC, derived from the volume key.
@@ -86,10 +103,13 @@ mod tests {
         let id = [2; 16];
         let a = *content_key(&dek, &id).expose();
         let b = commitment(&dek, &id);
-        let c = *header_mac_key(&dek, &id).expose();
-        assert_ne!(a, b);
-        assert_ne!(a, c);
-        assert_ne!(b, c);
+        let vol = volume_header_key(&dek, &id);
+        let c = *header_mac_key(&vol, &id).expose();
+        let d = *config_mac_key(&dek, &id).expose();
+        for (x, y) in [(a, b), (a, c), (b, c), (a, d), (c, d), (*vol.expose(), c)] {
+            assert_ne!(x, y);
+        }
+        assert_ne!(c, *header_mac_key(&vol, &[3; 16]).expose());
         // The file id salts every derivation.
         assert_ne!(a, *content_key(&dek, &[3; 16]).expose());
         assert!(commitment_matches(&dek, &id, &b));
