@@ -563,3 +563,70 @@ fn cli_init_import_cat_with_a_kms_key_arn() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("is not protected by the key"), "{stderr}");
 }
+
+#[test]
+fn rewrap_moves_every_file_from_one_kms_key_to_another_with_re_encrypt_only() {
+    use kmsfs::core::rewrap::{all_files, rewrap_files, still_under};
+    let moto = MotoServer::start();
+    let (old, new) = (moto.create_key(EAST), moto.create_key(EAST));
+    moto.create_alias(EAST, "alias/kmsfs-next", &new);
+    let dir = tempfile::tempdir().unwrap();
+    let options = key_options(&[(EAST, &moto.endpoint)]);
+    let init = Volume::init(
+        dir.path(),
+        InitOptions {
+            keys: vec![KeySpec::Kms(old.clone())],
+            key_options: options.clone(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let n = 60;
+    for i in 0..n {
+        write_new_file(
+            &init.volume,
+            &path(&format!("f{i}")),
+            &mut &[i as u8; 100][..],
+        )
+        .unwrap();
+    }
+    drop(init);
+    let mut vol = open(dir.path(), options.clone()).unwrap();
+    let (id, added) = vol
+        .add_trusted_key(&KeySpec::Kms("alias/kmsfs-next".into()))
+        .unwrap();
+    assert_eq!((id.as_str(), added), (new.as_str(), true));
+    let files = all_files(&vol).unwrap();
+    let summary = rewrap_files(
+        &vol,
+        &files,
+        std::slice::from_ref(&old),
+        &new,
+        4,
+        false,
+        &|_| {},
+    );
+    assert!(summary.failures.is_empty(), "{:?}", summary.failures);
+    assert_eq!((summary.rewrapped, summary.envelopes), (n, n));
+    let ring = vol.keyring();
+    assert_eq!(
+        ring.op_stats(KmsOp::ReEncrypt).requests,
+        n as u64 + 1,
+        "files + volume key"
+    );
+    assert_eq!(
+        ring.op_stats(KmsOp::Decrypt).requests,
+        1,
+        "only the volume key, at open"
+    );
+    assert_eq!(ring.op_stats(KmsOp::Encrypt).requests, 0);
+    assert!(still_under(&vol, &files, std::slice::from_ref(&old)).is_empty());
+    vol.retire_keys(std::slice::from_ref(&old)).unwrap();
+    // Opened afresh, the volume trusts only the new key and every file reads through it.
+    let vol = open(dir.path(), options).unwrap();
+    assert_eq!(vol.keyring().key_ids(), vec![new.clone()]);
+    for i in 0..n {
+        let f = EncryptedFile::open(&vol, &path(&format!("f{i}")), false).unwrap();
+        assert_eq!(f.read_all().unwrap(), vec![i as u8; 100]);
+    }
+}

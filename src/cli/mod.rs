@@ -8,6 +8,7 @@ pub mod import;
 pub mod info;
 pub mod init;
 pub mod mount;
+pub mod rewrap;
 
 use std::path::{Path, PathBuf};
 
@@ -47,6 +48,8 @@ pub enum Command {
     Mount(mount::MountArgs),
     /// Unmount a kmsfs mount
     Umount(mount::UmountArgs),
+    /// Move every file's key envelopes to another key (rotation), safe beside a live mount
+    Rewrap(rewrap::RewrapArgs),
 }
 
 /// Options shared by commands that open an existing volume.
@@ -116,5 +119,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Import(args) => import::run(args),
         Command::Mount(args) => mount::run(args),
         Command::Umount(args) => mount::umount(args),
+        Command::Rewrap(args) => rewrap::run(args),
     }
 }

@@ -464,23 +464,28 @@ impl EncryptedFile {
         Ok(())
     }
 
-    /// Replaces the envelope set atomically: the new set goes to the slot not in use, with the
-    /// next generation, and is made durable before it counts.
+    /// Replaces the envelope set atomically (see [`update_envelopes`]).
     pub fn replace_envelopes(&mut self, envelopes: Vec<Envelope>) -> Result<()> {
-        let target = 1 - self.active_slot;
-        let content = SlotContent {
-            generation: self.content.generation + 1,
-            envelopes,
-        };
-        let slot = seal_slot(&self.preamble, &content, &self.mac_key)
-            .map_err(|e| Error::format(&self.path, e))?;
-        self.file
-            .write_all_at(&slot, self.preamble.slot_offset(target))
-            .and_then(|_| self.file.sync_data())
-            .map_err(|e| self.io_err("write the header of", e))?;
-        self.active_slot = target;
-        self.content = content;
-        Ok(())
+        self.update_envelopes(false, |_| Ok(Some(envelopes)))
+            .map(|_| ())
+    }
+
+    /// Changes the envelope set under the file's advisory lock: `change` sees the set on disk
+    /// now (another process, `kmsfs rewrap`, may have changed it since this file was opened)
+    /// and returns the new one, or None to leave it. See [`update_envelopes`]. Says whether
+    /// the header changed.
+    pub fn update_envelopes(
+        &mut self,
+        both_slots: bool,
+        change: impl FnOnce(&[Envelope]) -> Result<Option<Vec<Envelope>>>,
+    ) -> Result<bool> {
+        let updated = update_envelopes(&self.file, &self.path, &self.mac_key, both_slots, change)?;
+        let changed = updated.is_some();
+        if let Some((slot, content)) = updated {
+            self.active_slot = slot;
+            self.content = content;
+        }
+        Ok(changed)
     }
 
     /// Makes written data durable (fdatasync of the backing file).
@@ -505,6 +510,87 @@ impl EncryptedFile {
             }
         }
     }
+}
+
+/// Holds `flock(LOCK_EX)` on a backing file while it lives: header updates by the daemon and
+/// by `kmsfs rewrap` never interleave.
+struct HeaderLock<'a>(&'a File);
+
+impl<'a> HeaderLock<'a> {
+    fn take(file: &'a File, path: &CanonicalPath) -> Result<Self> {
+        use std::os::fd::AsRawFd;
+        loop {
+            // SAFETY: flock on an open descriptor.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
+                return Ok(HeaderLock(file));
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(Error::io(format!("cannot lock {path}"), e));
+            }
+        }
+    }
+}
+
+impl Drop for HeaderLock<'_> {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on an open descriptor.
+        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
+/// Changes a file's envelope set with no data key: under the file's advisory lock, read the
+/// header, take the newest slot whose MAC verifies under `mac_key` (the volume-derived header
+/// key), let `change` compute the new set from it, and write that to the other slot with the
+/// next generation, made durable before it counts. With `both_slots` the set is then written
+/// over the older slot too (next generation again), so no slot keeps envelopes that are gone:
+/// a rename's dropped name, or a rewrap's retired key. Returns the slot now in force and its
+/// content, or None when `change` left the set as it was.
+pub fn update_envelopes(
+    file: &File,
+    path: &CanonicalPath,
+    mac_key: &DerivedKey,
+    both_slots: bool,
+    change: impl FnOnce(&[Envelope]) -> Result<Option<Vec<Envelope>>>,
+) -> Result<Option<(usize, SlotContent)>> {
+    let _lock = HeaderLock::take(file, path)?;
+    let (header, _) = read_header(file, path)?;
+    let (slot, current) = header
+        .candidates()
+        .into_iter()
+        .find(|(slot, _)| header.verify_mac(*slot, mac_key))
+        .ok_or_else(|| {
+            Error::format(
+                path,
+                FormatError::HeaderAuthFailed("no slot with a valid MAC".into()),
+            )
+        })?;
+    let Some(envelopes) = change(&current.envelopes)? else {
+        return Ok(None);
+    };
+    let mut generation = current.generation;
+    let mut target = slot;
+    for _ in 0..if both_slots { 2 } else { 1 } {
+        target = 1 - target;
+        generation += 1;
+        let content = SlotContent {
+            generation,
+            envelopes: envelopes.clone(),
+        };
+        let sealed =
+            seal_slot(&header.preamble, &content, mac_key).map_err(|e| Error::format(path, e))?;
+        file.write_all_at(&sealed, header.preamble.slot_offset(target))
+            .and_then(|_| file.sync_data())
+            .map_err(|e| Error::io(format!("cannot write the header of {path}"), e))?;
+    }
+    Ok(Some((
+        target,
+        SlotContent {
+            generation,
+            envelopes,
+        },
+    )))
 }
 
 /// Reads and parses the header region of a backing file (no key needed); also returns the

@@ -658,31 +658,34 @@ impl KmsFs {
             .backing_file()
             .metadata()
             .map_err(|e| io_err("cannot stat", from, e))?;
-        let mut envelopes = self.live_envelopes(f.envelopes(), &me, from);
-        let pruned = envelopes.len() != f.envelopes().len();
-        let mut added = Vec::new();
-        for e in envelopes.iter().filter(|e| &e.path == from) {
-            if envelopes
-                .iter()
-                .any(|o| &o.path == to && o.key.key_id == e.key.key_id)
-            {
-                continue;
+        f.update_envelopes(false, |current| {
+            let mut envelopes = self.live_envelopes(current, &me, from);
+            let pruned = envelopes.len() != current.len();
+            let mut added = Vec::new();
+            for e in envelopes.iter().filter(|e| &e.path == from) {
+                if envelopes
+                    .iter()
+                    .any(|o| &o.path == to && o.key.key_id == e.key.key_id)
+                {
+                    continue;
+                }
+                let key = self
+                    .volume
+                    .keyring()
+                    .rewrap(&e.key, &from_ctx, &e.key.key_id, &to_ctx)
+                    .map_err(|err| Error::key(from, err))?;
+                added.push(Envelope {
+                    path: to.clone(),
+                    key,
+                });
             }
-            let key = self
-                .volume
-                .keyring()
-                .rewrap(&e.key, &from_ctx, &e.key.key_id, &to_ctx)
-                .map_err(|err| Error::key(from, err))?;
-            added.push(Envelope {
-                path: to.clone(),
-                key,
-            });
-        }
-        if added.is_empty() && !pruned {
-            return Ok(());
-        }
-        envelopes.extend(added);
-        f.replace_envelopes(envelopes)
+            if added.is_empty() && !pruned {
+                return Ok(None);
+            }
+            envelopes.extend(added);
+            Ok(Some(envelopes))
+        })?;
+        Ok(())
     }
 
     /// Drops the envelopes of names the file at `path` no longer has, in both header slots.
@@ -698,13 +701,13 @@ impl KmsFs {
                 .backing_file()
                 .metadata()
                 .map_err(|e| io_err("cannot stat", path, e))?;
-            let live = self.live_envelopes(f.envelopes(), &me, path);
-            if live.len() == f.envelopes().len() || !live.iter().any(|e| &e.path == path) {
-                return Ok(false);
-            }
-            f.replace_envelopes(live.clone())?;
-            f.replace_envelopes(live)?;
-            Ok(true)
+            f.update_envelopes(true, |current| {
+                let live = self.live_envelopes(current, &me, path);
+                if live.len() == current.len() || !live.iter().any(|e| &e.path == path) {
+                    return Ok(None);
+                }
+                Ok(Some(live))
+            })
         })
     }
 
@@ -753,17 +756,18 @@ impl KmsFs {
     /// Drops a file's envelopes for `gone`, in both header slots (so no slot still opens the
     /// file at a name it no longer has).
     fn unbind_path(&self, f: &mut EncryptedFile, gone: &CanonicalPath) -> Result<()> {
-        let keep: Vec<Envelope> = f
-            .envelopes()
-            .iter()
-            .filter(|e| &e.path != gone)
-            .cloned()
-            .collect();
-        if keep.len() == f.envelopes().len() || keep.is_empty() {
-            return Ok(());
-        }
-        f.replace_envelopes(keep.clone())?;
-        f.replace_envelopes(keep)
+        f.update_envelopes(true, |current| {
+            let keep: Vec<Envelope> = current
+                .iter()
+                .filter(|e| &e.path != gone)
+                .cloned()
+                .collect();
+            if keep.len() == current.len() || keep.is_empty() {
+                return Ok(None);
+            }
+            Ok(Some(keep))
+        })?;
+        Ok(())
     }
 
     /// Regular files at and beneath `path` (for rebinding a directory), as paths.

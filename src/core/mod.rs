@@ -8,6 +8,7 @@
 pub mod file;
 pub mod fs;
 pub mod journal;
+pub mod rewrap;
 pub mod volume;
 
 pub use file::EncryptedFile;

@@ -101,6 +101,9 @@ pub struct Volume {
     keyring: Keyring,
     /// Root of the files' header MAC keys (docs/FORMAT.md, "Header slots").
     header_key: crate::secret::DerivedKey,
+    /// For rewriting the config when the trusted keys change.
+    config_mac_key: crate::secret::DerivedKey,
+    key_options: KeyOptions,
 }
 
 impl std::fmt::Debug for Volume {
@@ -376,12 +379,16 @@ impl Volume {
                 .encode(&kdf::config_mac_key(&volume_key, &volume_id))
                 .map_err(|e| Error::format(root.display(), e))?;
             write_config(root, &bytes)?;
-            Ok(Volume {
+            let mut volume = Volume {
                 root: root.to_path_buf(),
                 header_key: kdf::volume_header_key(&volume_key, &volume_id),
+                config_mac_key: kdf::config_mac_key(&volume_key, &volume_id),
+                key_options: options.key_options.clone(),
                 config,
                 keyring,
-            })
+            };
+            volume.follow_key_changes();
+            Ok(volume)
         })();
         match result {
             Ok(volume) => Ok(InitReport {
@@ -449,32 +456,8 @@ impl Volume {
         let mut keys: Vec<(String, Arc<dyn KeyProvider>)> = Vec::new();
         let mut unreachable = Vec::new();
         for t in &claimed.trusted_keys {
-            let provider: Arc<dyn KeyProvider> = match KeySpec::parse(&t.locator) {
-                Ok(KeySpec::Kms(_)) => providers.aws()?,
-                Ok(KeySpec::Local(path)) => {
-                    let key = match pinned_local.iter().position(|k| k.id() == t.id) {
-                        Some(i) => Ok(pinned_local.remove(i)),
-                        None => LocalKey::load(&path).and_then(|k| {
-                            if k.id() == t.id {
-                                Ok(k)
-                            } else {
-                                Err(format!(
-                                    "key file {} holds {}, not {}",
-                                    path.display(),
-                                    k.id(),
-                                    t.id
-                                ))
-                            }
-                        }),
-                    };
-                    match key {
-                        Ok(k) => Arc::new(LocalProvider::new([k])),
-                        Err(reason) => {
-                            unreachable.push(reason.clone());
-                            Arc::new(UnavailableKey { reason })
-                        }
-                    }
-                }
+            let provider = match reach_key(t, &mut providers, &mut pinned_local)? {
+                Ok(p) => p,
                 Err(reason) => {
                     unreachable.push(reason.clone());
                     Arc::new(UnavailableKey { reason })
@@ -502,12 +485,181 @@ impl Volume {
         let config = unverified
             .verify(&kdf::config_mac_key(&volume_key, &volume_id))
             .map_err(|e| Error::format(&shown, e))?;
-        Ok(Volume {
+        let mut volume = Volume {
             root: root.to_path_buf(),
             header_key: kdf::volume_header_key(&volume_key, &volume_id),
+            config_mac_key: kdf::config_mac_key(&volume_key, &volume_id),
+            key_options: options.key_options.clone(),
             config,
             keyring,
-        })
+        };
+        volume.follow_key_changes();
+        Ok(volume)
+    }
+
+    /// Lets the keyring pick up trusted keys that change on disk while the volume is open (a
+    /// `kmsfs rewrap` beside a mount): when the config file changes, or a key it does not
+    /// know turns up, it re-reads the config, authenticates it with the volume key it already
+    /// holds, and reaches any new key (reusing providers of keys it had).
+    fn follow_key_changes(&mut self) {
+        let root = self.root.clone();
+        let mac_key = crate::secret::DerivedKey::new(*self.config_mac_key.expose());
+        let options = self.key_options.clone();
+        let seen = std::sync::Mutex::new(config_stamp(&root));
+        self.keyring
+            .set_reload(Box::new(move |force, current: &[TrustedProvider]| {
+                let stamp = config_stamp(&root);
+                {
+                    let mut seen = seen.lock().unwrap();
+                    if !force && *seen == stamp {
+                        return None;
+                    }
+                    *seen = stamp;
+                }
+                let shown = config_path(&root).display().to_string();
+                let config = fs::read(config_path(&root))
+                    .map_err(|e| e.to_string())
+                    .and_then(|b| UnverifiedConfig::parse(&b).map_err(|e| e.to_string()))
+                    .and_then(|u| u.verify(&mac_key).map_err(|e| e.to_string()));
+                let config = match config {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!("not reloading the trusted keys from {shown}: {e}");
+                        return None;
+                    }
+                };
+                let mut providers = Providers::new(&options);
+                let mut keys = Vec::new();
+                for t in &config.trusted_keys {
+                    if let Some(had) = current.iter().find(|k| k.key_id == t.id) {
+                        keys.push(had.clone());
+                        continue;
+                    }
+                    match reach_key(t, &mut providers, &mut Vec::new()) {
+                        Ok(Ok(p)) => keys.push(TrustedProvider {
+                            key_id: t.id.clone(),
+                            provider: providers.wrap(p),
+                        }),
+                        Ok(Err(e)) | Err(Error::KeyFile(e)) => {
+                            tracing::warn!("cannot reach the newly trusted key {}: {e}", t.id)
+                        }
+                        Err(e) => {
+                            tracing::warn!("cannot reach the newly trusted key {}: {e}", t.id)
+                        }
+                    }
+                }
+                let same = keys.len() == current.len()
+                    && keys.iter().zip(current).all(|(a, b)| a.key_id == b.key_id);
+                (!same && !keys.is_empty()).then_some(keys)
+            }));
+    }
+
+    /// Makes `spec` the volume's first trusted key (new files are generated under it): wraps
+    /// the volume key under it (`ReEncrypt` where the provider can, else `Decrypt` +
+    /// `Encrypt`) and rewrites the config. A local key file that does not exist is created.
+    /// Returns the key's id and whether the key is new to the volume.
+    pub fn add_trusted_key(&mut self, spec: &KeySpec) -> Result<(String, bool)> {
+        let mut providers = Providers::new(&self.key_options);
+        let (trusted, provider): (TrustedKey, Arc<dyn KeyProvider>) = match spec {
+            KeySpec::Kms(name) => {
+                let arn = providers.describe(name)?;
+                (
+                    TrustedKey {
+                        id: arn,
+                        locator: spec.locator(),
+                    },
+                    providers.aws()?,
+                )
+            }
+            KeySpec::Local(path) => {
+                let abs = resolve(path).map_err(|e| Error::io("cannot resolve the key path", e))?;
+                let root_abs = resolve(&self.root)
+                    .map_err(|e| Error::io("cannot resolve the backing directory", e))?;
+                if abs.starts_with(&root_abs) {
+                    return Err(Error::Usage(format!(
+                        "key file {} is inside the backing directory; keep keys outside what you store or back up",
+                        abs.display()
+                    )));
+                }
+                let key = if abs.exists() {
+                    LocalKey::load(&abs)
+                } else {
+                    LocalKey::create(&abs)
+                }
+                .map_err(Error::KeyFile)?;
+                (
+                    TrustedKey {
+                        id: key.id().to_string(),
+                        locator: format!("local:{}", key.path().display()),
+                    },
+                    Arc::new(LocalProvider::new([key])),
+                )
+            }
+        };
+        let id = trusted.id.clone();
+        let is_new = !self.config.is_trusted(&id);
+        if !is_new && self.config.trusted_keys[0].id == id {
+            return Ok((id, false));
+        }
+        let provider = providers.wrap(provider);
+        self.keyring.add_first(TrustedProvider {
+            key_id: id.clone(),
+            provider,
+        });
+        let mut config = self.config.clone();
+        if is_new {
+            let ctx = EncryptionContext::for_volume_config(&config.volume_id, &config.context);
+            let mut last_err = None;
+            let mut wrapped = None;
+            for vk in &config.volume_keys {
+                match self.keyring.rewrap(vk, &ctx, &id, &ctx) {
+                    Ok(w) => {
+                        wrapped = Some(w);
+                        break;
+                    }
+                    Err(e) => last_err = Some(e),
+                }
+            }
+            let Some(wrapped) = wrapped else {
+                self.keyring.remove(&id);
+                return Err(Error::key(
+                    self.root.display(),
+                    last_err.expect("a config has a volume key"),
+                ));
+            };
+            config.volume_keys.insert(0, wrapped);
+        }
+        config.trusted_keys.retain(|t| t.id != id);
+        config.trusted_keys.insert(0, trusted);
+        self.save_config(config)?;
+        Ok((id, is_new))
+    }
+
+    /// Stops trusting the keys `ids` and drops the volume key's envelopes under them. The
+    /// caller checks first that no file needs them; at least one key must stay.
+    pub fn retire_keys(&mut self, ids: &[String]) -> Result<()> {
+        let mut config = self.config.clone();
+        config.trusted_keys.retain(|t| !ids.contains(&t.id));
+        config.volume_keys.retain(|k| !ids.contains(&k.key_id));
+        if config.trusted_keys.is_empty() || config.volume_keys.is_empty() {
+            return Err(Error::Refused(
+                "a volume must keep at least one trusted key".into(),
+            ));
+        }
+        self.save_config(config)?;
+        for id in ids {
+            self.keyring.remove(id);
+        }
+        Ok(())
+    }
+
+    fn save_config(&mut self, config: VolumeConfig) -> Result<()> {
+        let bytes = config
+            .encode(&self.config_mac_key)
+            .map_err(|e| Error::format(self.root.display(), e))?;
+        write_config(&self.root, &bytes)?;
+        self.config = config;
+        Ok(())
     }
 
     pub fn root(&self) -> &Path {
@@ -536,7 +688,6 @@ impl Volume {
         EncryptionContext::for_file(&self.config.volume_id, path, &self.config.context)
     }
 
-    /// Where the file at `path` lives on the backing store.
     /// Where `path` lives on the backing store, usable even beyond `PATH_MAX`.
     pub fn backing_path(&self, path: &CanonicalPath) -> BackingPath {
         BackingPath::new(&self.root, &path.to_relative_path())
@@ -643,6 +794,43 @@ fn trusted_list(config: &VolumeConfig) -> String {
 /// directory at the root, and temporary files anywhere.
 pub fn is_reserved_name(name: &[u8], in_root: bool) -> bool {
     (in_root && name == META_DIR.as_bytes()) || name.starts_with(TEMP_PREFIX.as_bytes())
+}
+
+/// How a trusted key is reached: its provider, or why it cannot be (a missing key file is
+/// not fatal while another key works). Local keys the operator pinned are taken first.
+fn reach_key(
+    t: &TrustedKey,
+    providers: &mut Providers,
+    pinned_local: &mut Vec<LocalKey>,
+) -> Result<std::result::Result<Arc<dyn KeyProvider>, String>> {
+    Ok(match KeySpec::parse(&t.locator) {
+        Ok(KeySpec::Kms(_)) => Ok(providers.aws()?),
+        Ok(KeySpec::Local(path)) => {
+            let key = match pinned_local.iter().position(|k| k.id() == t.id) {
+                Some(i) => Ok(pinned_local.remove(i)),
+                None => LocalKey::load(&path).and_then(|k| {
+                    if k.id() == t.id {
+                        Ok(k)
+                    } else {
+                        Err(format!(
+                            "key file {} holds {}, not {}",
+                            path.display(),
+                            k.id(),
+                            t.id
+                        ))
+                    }
+                }),
+            };
+            key.map(|k| Arc::new(LocalProvider::new([k])) as Arc<dyn KeyProvider>)
+        }
+        Err(reason) => Err(reason),
+    })
+}
+
+/// The config file's modification time and length, to notice a rewrite cheaply.
+fn config_stamp(root: &Path) -> Option<(std::time::SystemTime, u64)> {
+    let m = fs::metadata(config_path(root)).ok()?;
+    Some((m.modified().ok()?, m.len()))
 }
 
 /// Writes the config atomically: temporary file, fsync, rename, fsync of the directory.

@@ -10,7 +10,7 @@
 //! key, context, latency; never key bytes).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
@@ -94,8 +94,16 @@ impl Limiter {
     }
 }
 
+/// Re-reads the volume's trusted keys when they may have changed (`kmsfs rewrap` beside a
+/// mount), given the current ones (whose providers it can reuse). Called with `force` when a
+/// key the keyring does not know turns up, else only cheaply (the hook checks whether the
+/// config changed). None: nothing new.
+pub type KeyReload =
+    Box<dyn Fn(bool, &[TrustedProvider]) -> Option<Vec<TrustedProvider>> + Send + Sync>;
+
 pub struct Keyring {
-    keys: Vec<TrustedProvider>,
+    keys: RwLock<Arc<Vec<TrustedProvider>>>,
+    reload: Option<KeyReload>,
     cache: KeyCache,
     retry: RetryPolicy,
     limiter: Limiter,
@@ -111,7 +119,8 @@ impl Keyring {
     ) -> std::io::Result<Self> {
         assert!(!keys.is_empty(), "a keyring needs at least one trusted key");
         Ok(Keyring {
-            keys,
+            keys: RwLock::new(Arc::new(keys)),
+            reload: None,
             cache: KeyCache::new(cache)?,
             retry,
             limiter: Limiter {
@@ -122,19 +131,74 @@ impl Keyring {
         })
     }
 
-    pub fn key_ids(&self) -> impl Iterator<Item = &str> {
-        self.keys.iter().map(|k| k.key_id.as_str())
+    /// Sets how to re-read the trusted keys (see [`KeyReload`]).
+    pub fn set_reload(&mut self, reload: KeyReload) {
+        self.reload = Some(reload);
+    }
+
+    fn keys(&self) -> Arc<Vec<TrustedProvider>> {
+        self.keys.read().unwrap().clone()
+    }
+
+    /// Asks the reload hook for the current trusted keys; says whether they changed.
+    fn refresh(&self, force: bool) -> bool {
+        let Some(reload) = &self.reload else {
+            return false;
+        };
+        let current = self.keys();
+        match reload(force, &current) {
+            Some(keys) if !keys.is_empty() => {
+                let ids: Vec<&str> = keys.iter().map(|k| k.key_id.as_str()).collect();
+                tracing::info!(keys = ?ids, "trusted keys changed on disk; reloaded");
+                *self.keys.write().unwrap() = Arc::new(keys);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub fn key_ids(&self) -> Vec<String> {
+        self.keys().iter().map(|k| k.key_id.clone()).collect()
+    }
+
+    /// Trusts one more key, first in preference order (new data keys are generated under it).
+    pub fn add_first(&self, key: TrustedProvider) {
+        let mut keys = self.keys.write().unwrap();
+        let mut list: Vec<TrustedProvider> = keys
+            .iter()
+            .filter(|k| k.key_id != key.key_id)
+            .cloned()
+            .collect();
+        list.insert(0, key);
+        *keys = Arc::new(list);
+    }
+
+    /// Stops trusting `key_id` (at least one key always stays).
+    pub fn remove(&self, key_id: &str) {
+        let mut keys = self.keys.write().unwrap();
+        if keys.len() > 1 {
+            let list: Vec<TrustedProvider> = keys
+                .iter()
+                .filter(|k| k.key_id != key_id)
+                .cloned()
+                .collect();
+            *keys = Arc::new(list);
+        }
     }
 
     pub fn is_trusted(&self, key_id: &str) -> bool {
-        self.keys.iter().any(|k| k.key_id == key_id)
+        self.keys().iter().any(|k| k.key_id == key_id)
     }
 
-    fn provider(&self, key_id: &str) -> Option<&Arc<dyn KeyProvider>> {
-        self.keys
-            .iter()
-            .find(|k| k.key_id == key_id)
-            .map(|k| &k.provider)
+    /// The provider of a trusted key; a key not (yet) known makes the keyring reload once.
+    fn provider(&self, key_id: &str) -> Option<Arc<dyn KeyProvider>> {
+        let find = || {
+            self.keys()
+                .iter()
+                .find(|k| k.key_id == key_id)
+                .map(|k| k.provider.clone())
+        };
+        find().or_else(|| if self.refresh(true) { find() } else { None })
     }
 
     /// Runs one provider call with the concurrency limit, retries and deadline.
@@ -201,14 +265,16 @@ impl Keyring {
         &self,
         ctx: &EncryptionContext,
     ) -> Result<(DataKey, Vec<WrappedKey>), KeyError> {
-        let primary = &self.keys[0];
+        self.refresh(false);
+        let keys = self.keys();
+        let primary = &keys[0];
         let (dek, first) = self.call(KmsOp::GenerateDataKey, &primary.key_id, ctx, || {
             primary.provider.generate_data_key(&primary.key_id, ctx)
         })?;
         let mut wrapped = vec![first];
         // A file is usually read soon after it is written: its key is in hand now.
         self.cache.insert(CacheKey::new(&wrapped[0], ctx), &dek);
-        for k in &self.keys[1..] {
+        for k in &keys[1..] {
             wrapped.push(self.call(KmsOp::Encrypt, &k.key_id, ctx, || {
                 k.provider.encrypt(&k.key_id, &dek, ctx)
             })?);
@@ -223,9 +289,16 @@ impl Keyring {
         candidates: &[&WrappedKey],
         ctx: &EncryptionContext,
     ) -> Result<DataKey, KeyError> {
-        let mut ordered: Vec<&WrappedKey> = Vec::new();
-        for k in &self.keys {
-            ordered.extend(candidates.iter().filter(|w| w.key_id == k.key_id));
+        let order = |keys: &[TrustedProvider]| {
+            let mut ordered: Vec<&WrappedKey> = Vec::new();
+            for k in keys {
+                ordered.extend(candidates.iter().filter(|w| w.key_id == k.key_id));
+            }
+            ordered
+        };
+        let mut ordered = order(&self.keys());
+        if ordered.is_empty() && self.refresh(true) {
+            ordered = order(&self.keys());
         }
         if ordered.is_empty() {
             let named = candidates

@@ -1,0 +1,232 @@
+//! Rewrap: moving every file's envelopes from the old keys to a new one, with no data key
+//! ever leaving the key service and no body rewritten.
+//!
+//! The new key joins the volume's trusted set first (the volume key wrapped under it, the
+//! config rewritten), so files stay readable throughout: each file is under the old key, the
+//! new one, or (between its two slot writes) both. Each file is one locked header update
+//! ([`super::file::update_envelopes`], the lock the mount daemon also takes): every envelope
+//! under an old key is replaced by a `ReEncrypt` of it to the new key under the same path's
+//! context, and the new set is written over both slots, so no slot keeps an envelope under a
+//! key about to be retired. A file with nothing under an old key is skipped, which makes a
+//! second run after an interruption do only what is left. Retiring the old keys is a separate
+//! step that first checks every file, both slots, for envelopes under them.
+
+use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use crate::error::{Error, Result};
+use crate::format::context::CanonicalPath;
+use crate::format::envelope::Envelope;
+
+use super::file::{read_header, update_envelopes};
+use super::volume::{is_reserved_name, Volume};
+
+/// What happened to one file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileOutcome {
+    /// Envelopes moved to the new key (or, in a dry run, would move).
+    Rewrapped { envelopes: usize },
+    /// Nothing under an old key in either slot.
+    AlreadyDone,
+}
+
+/// Totals of one run.
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub files: usize,
+    pub rewrapped: usize,
+    pub envelopes: usize,
+    pub already_done: usize,
+    pub failures: Vec<(CanonicalPath, String)>,
+}
+
+/// Every regular file of the volume, as paths (kmsfs's own names skipped).
+pub fn all_files(volume: &Volume) -> Result<Vec<CanonicalPath>> {
+    let mut out = Vec::new();
+    let mut stack = vec![CanonicalPath::root()];
+    while let Some(dir) = stack.pop() {
+        let backing = volume.backing_path(&dir);
+        let entries =
+            std::fs::read_dir(&*backing).map_err(|e| Error::io(format!("cannot read {dir}"), e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io(format!("cannot read {dir}"), e))?;
+            let name = entry.file_name();
+            if is_reserved_name(name.as_bytes(), dir.is_root()) {
+                continue;
+            }
+            let child = dir
+                .join(name.as_bytes())
+                .map_err(|e| Error::format(&dir, e))?;
+            let ft = entry
+                .file_type()
+                .map_err(|e| Error::io(format!("cannot stat {child}"), e))?;
+            if ft.is_dir() {
+                stack.push(child);
+            } else if ft.is_file() {
+                out.push(child);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Whether a set holds envelopes under any of `old`.
+fn under(envelopes: &[Envelope], old: &[String]) -> bool {
+    envelopes.iter().any(|e| old.contains(&e.key.key_id))
+}
+
+/// Moves one file's envelopes under `old` keys to `to`. In a dry run, only counts them.
+pub fn rewrap_file(
+    volume: &Volume,
+    path: &CanonicalPath,
+    old: &[String],
+    to: &str,
+    dry_run: bool,
+) -> Result<FileOutcome> {
+    let backing = volume.backing_path(path);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(!dry_run)
+        .open(&*backing)
+        .map_err(|e| Error::io(format!("cannot open {path}"), e))?;
+    let (header, _) = read_header(&file, path)?;
+    let mac_key = volume.header_mac_key(&header.preamble.file_id);
+    let authentic: Vec<_> = header
+        .candidates()
+        .into_iter()
+        .filter(|(slot, _)| header.verify_mac(*slot, &mac_key))
+        .collect();
+    let Some((_, newest)) = authentic.first() else {
+        return Err(Error::format(
+            path,
+            crate::format::FormatError::HeaderAuthFailed("no slot with a valid MAC".into()),
+        ));
+    };
+    let pending = authentic.iter().any(|(_, c)| under(&c.envelopes, old));
+    if !pending {
+        return Ok(FileOutcome::AlreadyDone);
+    }
+    let to_move = newest
+        .envelopes
+        .iter()
+        .filter(|e| old.contains(&e.key.key_id))
+        .count();
+    if dry_run {
+        return Ok(FileOutcome::Rewrapped { envelopes: to_move });
+    }
+    drop(header);
+    let moved = AtomicUsize::new(0);
+    update_envelopes(&file, path, &mac_key, true, |current| {
+        // Re-read under the lock: the mount may have renamed or linked the file meanwhile.
+        let mut out: Vec<Envelope> = Vec::new();
+        for e in current {
+            if !old.contains(&e.key.key_id) {
+                out.push(e.clone());
+            }
+        }
+        for e in current.iter().filter(|e| old.contains(&e.key.key_id)) {
+            if out.iter().any(|o| o.path == e.path && o.key.key_id == to) {
+                continue; // already has its envelope under the new key
+            }
+            let ctx = volume.file_context(&e.path);
+            let key = volume
+                .keyring()
+                .rewrap(&e.key, &ctx, to, &ctx)
+                .map_err(|err| Error::key(path, err))?;
+            moved.fetch_add(1, Ordering::Relaxed);
+            out.push(Envelope {
+                path: e.path.clone(),
+                key,
+            });
+        }
+        // Written even when nothing moved: an older slot may still hold old-key envelopes.
+        Ok(Some(out))
+    })?;
+    Ok(FileOutcome::Rewrapped {
+        envelopes: moved.into_inner(),
+    })
+}
+
+/// Rewraps `files` on `jobs` threads (the keyring bounds concurrent key calls on top),
+/// calling `progress` after each file with the number done.
+pub fn rewrap_files(
+    volume: &Volume,
+    files: &[CanonicalPath],
+    old: &[String],
+    to: &str,
+    jobs: usize,
+    dry_run: bool,
+    progress: &(dyn Fn(usize) + Sync),
+) -> Summary {
+    let next = AtomicUsize::new(0);
+    let done = AtomicUsize::new(0);
+    let (rewrapped, envelopes, already) =
+        (AtomicUsize::new(0), AtomicU64::new(0), AtomicUsize::new(0));
+    let failures = Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..jobs.clamp(1, files.len().max(1)) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(path) = files.get(i) else { return };
+                match rewrap_file(volume, path, old, to, dry_run) {
+                    Ok(FileOutcome::Rewrapped { envelopes: n }) => {
+                        rewrapped.fetch_add(1, Ordering::Relaxed);
+                        envelopes.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    Ok(FileOutcome::AlreadyDone) => {
+                        already.fetch_add(1, Ordering::Relaxed);
+                    }
+                    // Gone since the listing (deleted through the mount): nothing to do.
+                    Err(Error::Io { source, .. })
+                        if source.kind() == std::io::ErrorKind::NotFound =>
+                    {
+                        already.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => failures.lock().unwrap().push((path.clone(), e.to_string())),
+                }
+                progress(done.fetch_add(1, Ordering::Relaxed) + 1);
+            });
+        }
+    });
+    let mut failures = failures.into_inner().unwrap();
+    failures.sort();
+    Summary {
+        files: files.len(),
+        rewrapped: rewrapped.into_inner(),
+        envelopes: envelopes.into_inner() as usize,
+        already_done: already.into_inner(),
+        failures,
+    }
+}
+
+/// Files that still hold an envelope under any of `old` keys in an authentic slot (the check
+/// before retiring them), with files that cannot be checked.
+pub fn still_under(
+    volume: &Volume,
+    files: &[CanonicalPath],
+    old: &[String],
+) -> Vec<(CanonicalPath, String)> {
+    let mut out = Vec::new();
+    for path in files {
+        let check = File::open(&*volume.backing_path(path))
+            .map_err(|e| Error::io(format!("cannot open {path}"), e))
+            .and_then(|f| read_header(&f, path))
+            .map(|(header, _)| {
+                let mac_key = volume.header_mac_key(&header.preamble.file_id);
+                header
+                    .candidates()
+                    .into_iter()
+                    .any(|(slot, c)| header.verify_mac(slot, &mac_key) && under(&c.envelopes, old))
+            });
+        match check {
+            Ok(false) => {}
+            Ok(true) => out.push((path.clone(), "still has envelopes under an old key".into())),
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => out.push((path.clone(), e.to_string())),
+        }
+    }
+    out
+}
