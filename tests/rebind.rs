@@ -254,3 +254,39 @@ fn a_link_refused_by_the_key_service_changes_nothing() {
     assert_eq!(envelope_paths(&v.backing.join("a")), vec!["/a".to_string()]);
     assert_eq!(read(&v, "a"), b"alpha");
 }
+
+#[test]
+fn a_crash_between_the_two_slot_writes_of_an_unbind_is_tidied_too() {
+    let v = TestVolume::new(4096);
+    v.write("a", b"alpha");
+    // The older slot still names /b (the unbind's second write never happened); the newer
+    // one is already clean.
+    let (a, b) = (common::path("a"), common::path("b"));
+    let mut f = EncryptedFile::open(&v.volume, &a, true).unwrap();
+    let mine = f.envelopes()[0].clone();
+    let key = v
+        .volume
+        .keyring()
+        .rewrap(
+            &mine.key,
+            &v.volume.file_context(&a),
+            &mine.key.key_id,
+            &v.volume.file_context(&b),
+        )
+        .unwrap();
+    f.replace_envelopes(vec![mine.clone(), Envelope { path: b, key }])
+        .unwrap();
+    f.replace_envelopes(vec![mine]).unwrap();
+    drop(f);
+    assert_eq!(envelope_paths(&v.backing.join("a")), ["/a", "/b"]);
+    let journal = Journal::new(&v.backing);
+    std::mem::forget(
+        journal
+            .begin(&[common::path("a"), common::path("b")])
+            .unwrap(),
+    );
+    let (_core, _) = mount(&v);
+    assert_eq!(pending_records(&v), 0);
+    assert_eq!(envelope_paths(&v.backing.join("a")), ["/a"]);
+    assert_eq!(read(&v, "a"), b"alpha");
+}

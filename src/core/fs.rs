@@ -701,9 +701,17 @@ impl KmsFs {
                 .backing_file()
                 .metadata()
                 .map_err(|e| io_err("cannot stat", path, e))?;
+            // The older slot counts too: a crash between the two writes of an unbind leaves
+            // the dropped name there.
+            let (header, _) = read_header(f.backing_file(), path)?;
+            let mac_key = self.volume.header_mac_key(&header.preamble.file_id);
+            let stale_in_some_slot = header.candidates().into_iter().any(|(slot, c)| {
+                header.verify_mac(slot, &mac_key)
+                    && self.live_envelopes(&c.envelopes, &me, path).len() != c.envelopes.len()
+            });
             f.update_envelopes(true, |current| {
                 let live = self.live_envelopes(current, &me, path);
-                if live.len() == current.len() || !live.iter().any(|e| &e.path == path) {
+                if !stale_in_some_slot || !live.iter().any(|e| &e.path == path) {
                     return Ok(None);
                 }
                 Ok(Some(live))
