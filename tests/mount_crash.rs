@@ -158,5 +158,10 @@ fn assert_tidy(m: &Mount, p: &str) {
         }
     }
     let pending = fs::read_dir(m.b(".kmsfs/pending")).map_or(0, |d| d.count());
-    assert_eq!(pending, 0, "rebind records left after the remount");
+    assert_eq!(
+        pending,
+        0,
+        "rebind records left after the remount; daemon log:\n{}",
+        m.log()
+    );
 }

@@ -169,12 +169,14 @@ fn a_record_left_by_a_crash_is_finished_at_the_next_mount() {
         envelope_paths(&v.backing.join("tree/f3")),
         ["/moved/f3", "/tree/f3"]
     );
-    assert_eq!(pending_records(&v), 1);
+    // And a record torn by a crash while it was being written (before any step).
+    fs::write(v.backing.join(".kmsfs/pending/torn"), b"kmsfs-rebi").unwrap();
+    assert_eq!(pending_records(&v), 2);
 
     // A read-only mount changes nothing; a writable one tidies.
     let volume = v.reopen().unwrap();
     drop(KmsFs::new(volume, true).unwrap());
-    assert_eq!(pending_records(&v), 1);
+    assert_eq!(pending_records(&v), 2);
     let (_core, _) = mount(&v);
     assert_eq!(pending_records(&v), 0, "the record is finished");
     for i in 0..10 {

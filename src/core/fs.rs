@@ -745,7 +745,17 @@ impl KmsFs {
     /// record whose files cannot all be tidied now is kept for the next mount.
     fn finish_interrupted_rebinds(&self) {
         for (record, paths) in self.journal.pending() {
-            match paths.and_then(|paths| self.tidy_paths(&paths)) {
+            let paths = match paths {
+                Ok(paths) => paths,
+                Err(e) => {
+                    // Records are fsynced before a rebind's first step, so one that does not
+                    // parse was torn by a crash before anything changed.
+                    tracing::warn!("dropping a torn rebind record: {e}");
+                    self.journal.remove(&record);
+                    continue;
+                }
+            };
+            match self.tidy_paths(&paths) {
                 Ok(changed) => {
                     tracing::info!(
                         files = changed,
