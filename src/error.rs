@@ -48,6 +48,9 @@ pub enum Error {
     /// A local key file is missing, unreadable or unsafe.
     #[error("{0}")]
     KeyFile(String),
+    /// A check (fsck) found data that is not authentic where it is.
+    #[error("{0}")]
+    Integrity(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -80,7 +83,9 @@ impl Error {
             Error::Usage(_) => EXIT_USAGE,
             Error::Daemon { code, .. } => *code,
             Error::Refused(_) | Error::Io { .. } => EXIT_ERROR,
-            Error::Format { .. } | Error::Moved { .. } | Error::KeyPin(_) => EXIT_INTEGRITY,
+            Error::Format { .. } | Error::Moved { .. } | Error::KeyPin(_) | Error::Integrity(_) => {
+                EXIT_INTEGRITY
+            }
             Error::Key { source, .. } if source.kind.is_integrity() => EXIT_INTEGRITY,
             Error::KeyService(e) if e.kind.is_integrity() => EXIT_INTEGRITY,
             Error::Key { .. } | Error::KeyService(_) | Error::KeyFile(_) => EXIT_KEYS,

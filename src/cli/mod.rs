@@ -3,7 +3,9 @@
 //! Commands return [`crate::error::Error`]; `main` prints it as one line and exits with its
 //! code, so every command fails the same way.
 
+pub mod adopt;
 pub mod cat;
+pub mod fsck;
 pub mod import;
 pub mod info;
 pub mod init;
@@ -50,6 +52,10 @@ pub enum Command {
     Umount(mount::UmountArgs),
     /// Move every file's key envelopes to another key (rotation), safe beside a live mount
     Rewrap(rewrap::RewrapArgs),
+    /// Check every file of a volume (and tidy stale envelopes with --repair)
+    Fsck(fsck::FsckArgs),
+    /// Accept a file moved on the backing store: rebind its key to where it is now
+    Adopt(adopt::AdoptArgs),
 }
 
 /// Options shared by commands that open an existing volume.
@@ -120,5 +126,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Mount(args) => mount::run(args),
         Command::Umount(args) => mount::umount(args),
         Command::Rewrap(args) => rewrap::run(args),
+        Command::Fsck(args) => fsck::run(args),
+        Command::Adopt(args) => adopt::run(args),
     }
 }

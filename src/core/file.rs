@@ -493,6 +493,14 @@ impl EncryptedFile {
         self.file.sync_data().map_err(|e| self.io_err("sync", e))
     }
 
+    /// Opens the final block: a file cut at a block boundary, or extended, fails here.
+    pub fn verify_last_block(&self) -> Result<()> {
+        let mut buf = vec![0u8; self.layout.block_size as usize];
+        let count = self.layout.block_count(self.size);
+        self.read_block(count.saturating_sub(1), &mut buf)
+            .map(|_| ())
+    }
+
     /// Opens every block: a full integrity check (fsck --deep, cat).
     pub fn verify_all(&self) -> Result<()> {
         let chunk = 64 * self.layout.block_size as u64;

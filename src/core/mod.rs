@@ -5,8 +5,10 @@
 //! values and [`crate::error::Error`]; mapping errors to errno or exit codes happens once, at
 //! the edges.
 
+pub mod adopt;
 pub mod file;
 pub mod fs;
+pub mod fsck;
 pub mod journal;
 pub mod rewrap;
 pub mod volume;

@@ -1,0 +1,214 @@
+//! fsck: check every file of a volume against the backing store it sits on.
+//!
+//! For each regular file: the header parses; a slot authenticates under the volume's header
+//! key; the newest authentic slot has an envelope for the path the file is at (else it was
+//! moved or swapped there); its data key unwraps under that path's context through a trusted
+//! key and matches the commitment; the backing length is one the format can produce; the final
+//! block opens (a file cut at a block boundary fails there); and with `deep`, every block
+//! opens. Envelopes for names the file no longer has are reported as stale and, with
+//! `repair`, dropped from both slots (the only repair fsck makes: it never touches data).
+//! Rebind records left by a crash and temporary files left by an import are reported too.
+
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+
+use crate::error::{Error, Result};
+use crate::format::context::CanonicalPath;
+
+use super::file::{read_header, update_envelopes, EncryptedFile};
+use super::journal::Journal;
+use super::rewrap::all_files;
+use super::volume::{Volume, TEMP_PREFIX};
+
+/// One thing wrong, found at `path`.
+#[derive(Debug, Clone)]
+pub struct Problem {
+    pub path: String,
+    pub kind: &'static str,
+    pub detail: String,
+    /// Fixed by this run (`repair`).
+    pub repaired: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct Report {
+    pub files: usize,
+    pub problems: Vec<Problem>,
+}
+
+impl Report {
+    pub fn clean(&self) -> bool {
+        self.problems.iter().all(|p| p.repaired)
+    }
+}
+
+/// A coarse class for an error found opening or reading a file.
+fn classify(e: &Error) -> &'static str {
+    use crate::format::FormatError as F;
+    use crate::keys::KeyErrorKind as K;
+    match e {
+        Error::Moved { .. } => "moved",
+        Error::Key { source, .. } if source.kind == K::ContextMismatch => "bound-elsewhere",
+        Error::Key { source, .. } if source.kind == K::UntrustedKey => "untrusted-key",
+        Error::Key { .. } | Error::KeyService(_) => "key-unavailable",
+        Error::Format { source, .. } => match source {
+            F::DecryptionFailed(_) => "tampered-block",
+            F::HeaderAuthFailed(_) | F::CommitmentMismatch => "tampered-header",
+            F::InvalidLength(_) => "truncated",
+            _ => "damaged-header",
+        },
+        Error::Io { .. } => "unreadable",
+        _ => "other",
+    }
+}
+
+/// Checks one file; returns its problems.
+fn check_file(volume: &Volume, path: &CanonicalPath, deep: bool, repair: bool) -> Vec<Problem> {
+    let mut out = Vec::new();
+    let problem = |kind, detail: String| Problem {
+        path: path.to_string(),
+        kind,
+        detail,
+        repaired: false,
+    };
+    let backing = volume.backing_path(path);
+    let opened = EncryptedFile::open(volume, path, repair);
+    let file = match opened {
+        Ok(f) => f,
+        Err(e) => {
+            out.push(problem(classify(&e), e.to_string()));
+            return out;
+        }
+    };
+    let check = if deep {
+        file.verify_all()
+    } else {
+        file.verify_last_block()
+    };
+    if let Err(e) = check {
+        out.push(problem(classify(&e), e.to_string()));
+    }
+    // Stale envelopes, in any authentic slot.
+    let Ok(me) = file.backing_file().metadata() else {
+        return out;
+    };
+    let names_me = |p: &CanonicalPath| {
+        p == path
+            || std::fs::symlink_metadata(&*volume.backing_path(p))
+                .is_ok_and(|m| m.ino() == me.ino() && m.dev() == me.dev())
+    };
+    let stale: Vec<CanonicalPath> = match read_header(file.backing_file(), path) {
+        Ok((header, _)) => {
+            let mac_key = volume.header_mac_key(&header.preamble.file_id);
+            let mut stale: Vec<CanonicalPath> = header
+                .candidates()
+                .into_iter()
+                .filter(|(slot, _)| header.verify_mac(*slot, &mac_key))
+                .flat_map(|(_, c)| c.envelopes.iter().map(|e| e.path.clone()))
+                .filter(|p| !names_me(p))
+                .collect();
+            stale.sort();
+            stale.dedup();
+            stale
+        }
+        Err(_) => Vec::new(),
+    };
+    if stale.is_empty() {
+        return out;
+    }
+    let list: Vec<&str> = stale.iter().map(|p| p.as_str()).collect();
+    let mut p = problem(
+        "stale-envelope",
+        format!(
+            "holds envelopes for names it no longer has: {}",
+            list.join(", ")
+        ),
+    );
+    if repair {
+        let mac_key = volume.header_mac_key(&file.preamble().file_id);
+        let writable = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&*backing);
+        let fixed = writable
+            .map_err(|e| Error::io(format!("cannot open {path}"), e))
+            .and_then(|f: File| {
+                update_envelopes(&f, path, &mac_key, true, |current| {
+                    let keep: Vec<_> = current
+                        .iter()
+                        .filter(|e| names_me(&e.path))
+                        .cloned()
+                        .collect();
+                    Ok((!keep.is_empty()).then_some(keep))
+                })
+            });
+        match fixed {
+            Ok(_) => p.repaired = true,
+            Err(e) => p.detail.push_str(&format!(" (repair failed: {e})")),
+        }
+    }
+    out.push(p);
+    out
+}
+
+/// Checks the whole volume.
+pub fn check(volume: &Volume, deep: bool, repair: bool) -> Result<Report> {
+    let files = all_files(volume)?;
+    let mut report = Report {
+        files: files.len(),
+        ..Default::default()
+    };
+    for path in &files {
+        report
+            .problems
+            .extend(check_file(volume, path, deep, repair));
+    }
+    for (record, paths) in Journal::new(volume.root()).pending() {
+        let what = match &paths {
+            Ok(p) => p.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(", "),
+            Err(e) => e.to_string(),
+        };
+        let mut p = Problem {
+            path: record.display().to_string(),
+            kind: "interrupted-rebind",
+            detail: format!("a rename, link or unlink was cut short ({what}); the next writable mount tidies it"),
+            repaired: false,
+        };
+        if repair {
+            // Every file was just checked (and tidied) above.
+            Journal::new(volume.root()).remove(&record);
+            p.repaired = true;
+        }
+        report.problems.push(p);
+    }
+    temp_files(volume, &mut report)?;
+    Ok(report)
+}
+
+/// Leftovers of interrupted imports (never removed by fsck: they may be an import running now).
+fn temp_files(volume: &Volume, report: &mut Report) -> Result<()> {
+    let mut stack = vec![volume.root().to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let entries = std::fs::read_dir(&dir)
+            .map_err(|e| Error::io(format!("cannot read {}", dir.display()), e))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+            if dir == volume.root() && name == super::volume::META_DIR {
+                continue;
+            }
+            if name.as_encoded_bytes().starts_with(TEMP_PREFIX.as_bytes()) {
+                report.problems.push(Problem {
+                    path: entry.path().display().to_string(),
+                    kind: "temporary-file",
+                    detail: "left by an interrupted import; safe to delete when no import runs"
+                        .into(),
+                    repaired: false,
+                });
+            } else if is_dir {
+                stack.push(entry.path());
+            }
+        }
+    }
+    Ok(())
+}
