@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kmsfs::core::file::write_new_file;
-use kmsfs::core::rewrap::{all_files, rewrap_files};
+use kmsfs::core::rewrap::rewrap_files;
 use kmsfs::core::volume::{InitOptions, KeyOptions, OpenOptions, ProviderWrapper};
 use kmsfs::core::Volume;
 use kmsfs::format::context::CanonicalPath;
@@ -88,7 +88,7 @@ fn main() {
             .map(|t| t.id.clone())
             .filter(|id| id != &to_id)
             .collect();
-        let list = all_files(&vol).unwrap();
+        let list = vol.files_beneath(&CanonicalPath::root()).unwrap();
         let t = Instant::now();
         let s = rewrap_files(&vol, &list, &old, &to_id, j, false, &|_| {});
         let secs = t.elapsed().as_secs_f64();

@@ -566,7 +566,7 @@ fn cli_init_import_cat_with_a_kms_key_arn() {
 
 #[test]
 fn rewrap_moves_every_file_from_one_kms_key_to_another_with_re_encrypt_only() {
-    use kmsfs::core::rewrap::{all_files, rewrap_files, still_under};
+    use kmsfs::core::rewrap::{rewrap_files, still_under};
     let moto = MotoServer::start();
     let (old, new) = (moto.create_key(EAST), moto.create_key(EAST));
     moto.create_alias(EAST, "alias/kmsfs-next", &new);
@@ -596,7 +596,7 @@ fn rewrap_moves_every_file_from_one_kms_key_to_another_with_re_encrypt_only() {
         .add_trusted_key(&KeySpec::Kms("alias/kmsfs-next".into()))
         .unwrap();
     assert_eq!((id.as_str(), added), (new.as_str(), true));
-    let files = all_files(&vol).unwrap();
+    let files = vol.files_beneath(&CanonicalPath::root()).unwrap();
     let summary = rewrap_files(
         &vol,
         &files,

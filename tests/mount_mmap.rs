@@ -9,6 +9,27 @@ use std::os::fd::AsRawFd;
 use common::mount::{fuse_available, Mount};
 use common::pattern;
 
+/// A shared read-write mapping of the first `len` bytes of `f` (the caller unmaps it).
+fn map_shared(f: &fs::File, len: usize) -> (*mut libc::c_void, &'static mut [u8]) {
+    // SAFETY: a shared mapping of an open file of at least `len` bytes.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(ptr, libc::MAP_FAILED);
+    // SAFETY: the mapping is `len` bytes long and lives until the test unmaps it; only the
+    // test touches it.
+    (ptr, unsafe {
+        std::slice::from_raw_parts_mut(ptr as *mut u8, len)
+    })
+}
+
 #[test]
 fn mmap_reads_and_writes() {
     if !fuse_available() {
@@ -22,20 +43,7 @@ fn mmap_reads_and_writes() {
         .write(true)
         .open(m.p("map"))
         .unwrap();
-    // SAFETY: a shared mapping of an open file of `len` bytes, unmapped below.
-    let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            f.as_raw_fd(),
-            0,
-        )
-    };
-    assert_ne!(ptr, libc::MAP_FAILED);
-    // SAFETY: the mapping is `len` bytes long and only this test touches it.
-    let view = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
+    let (ptr, view) = map_shared(&f, len);
     assert_eq!(view, pattern(len, 9).as_slice());
     view[4096..4096 + 5].copy_from_slice(b"MMAPD");
     // SAFETY: ptr/len are the mapping made above.
@@ -65,20 +73,7 @@ fn a_mapping_of_a_new_file_fills_it_and_sees_later_writes() {
         .open(m.p("filled"))
         .unwrap();
     f.set_len(len as u64).unwrap();
-    // SAFETY: a shared mapping of an open file of `len` bytes, unmapped below.
-    let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            f.as_raw_fd(),
-            0,
-        )
-    };
-    assert_ne!(ptr, libc::MAP_FAILED);
-    // SAFETY: the mapping is `len` bytes long and only this test touches it.
-    let view = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
+    let (ptr, view) = map_shared(&f, len);
     assert!(view.iter().all(|&b| b == 0), "a hole reads as zeros");
     view.copy_from_slice(&pattern(len, 3));
     // SAFETY: ptr/len are the mapping made above.

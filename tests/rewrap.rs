@@ -285,3 +285,41 @@ fn rewrap_beside_a_mount_that_writes_and_renames_loses_nothing() {
     m.remount();
     check(&m);
 }
+
+#[test]
+fn a_file_that_cannot_be_rewrapped_is_listed_and_blocks_retiring() {
+    let v = volume_with_files(30);
+    // A file from another volume: its header does not authenticate here.
+    let other = TestVolume::new(4096);
+    other.write("foreign", b"not ours");
+    fs::copy(other.backing_file("foreign"), v.backing_file("d0/foreign")).unwrap();
+    let new_key = v.dir.path().join("keys/new.key");
+    let out = rewrap(&v, &new_key, &["--retire-old", "--json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["rewrapped"], 30);
+    let failed = report["failed"].as_array().unwrap();
+    assert_eq!(failed.len(), 1, "{report}");
+    assert_eq!(failed[0]["path"], "/d0/foreign");
+    assert!(failed[0]["error"]
+        .as_str()
+        .unwrap()
+        .contains("header authentication failed"));
+    assert_eq!(
+        report["retired_keys"].as_array().unwrap().len(),
+        0,
+        "not retired"
+    );
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.contains("1 of 31 files could not be rewrapped"),
+        "{stderr}"
+    );
+    // Both keys are still trusted, and every good file reads.
+    assert_all_read(&open_with(&v, &v.key_path), 30);
+}

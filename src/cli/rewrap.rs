@@ -6,8 +6,9 @@ use std::time::Instant;
 use clap::Args;
 
 use super::VolumeArgs;
-use crate::core::rewrap::{all_files, rewrap_files, still_under, Summary};
+use crate::core::rewrap::{rewrap_files, still_under, Summary};
 use crate::error::{Error, Result};
+use crate::format::context::CanonicalPath;
 use crate::keys::spec::KeySpec;
 use crate::keys::KmsOp;
 
@@ -61,7 +62,7 @@ pub fn run(args: RewrapArgs) -> Result<()> {
         .map(|t| t.id.clone())
         .filter(|id| id != &to_id)
         .collect();
-    let files = all_files(&volume)?;
+    let files = volume.files_beneath(&CanonicalPath::root())?;
     let terminal = std::io::stderr().is_terminal() && !args.json;
     let total = files.len();
     let shown = std::sync::atomic::AtomicU64::new(0);
@@ -97,7 +98,11 @@ pub fn run(args: RewrapArgs) -> Result<()> {
     let mut retired = Vec::new();
     let mut retire_blockers = Vec::new();
     if args.retire_old && !args.dry_run && summary.failures.is_empty() && !old.is_empty() {
-        retire_blockers = still_under(&volume, &all_files(&volume)?, &old);
+        retire_blockers = still_under(
+            &volume,
+            &volume.files_beneath(&CanonicalPath::root())?,
+            &old,
+        );
         if retire_blockers.is_empty() {
             volume.retire_keys(&old)?;
             retired = old.clone();
@@ -109,31 +114,20 @@ pub fn run(args: RewrapArgs) -> Result<()> {
         .iter()
         .map(|&op| (op, ring.op_stats(op).requests))
         .collect();
+    let outcome = Outcome {
+        dry_run: args.dry_run,
+        to: &to_id,
+        added,
+        summary: &summary,
+        calls: &calls,
+        retired: &retired,
+        blockers: &retire_blockers,
+        seconds,
+    };
     if args.json {
-        println!(
-            "{}",
-            json_summary(
-                &args,
-                &to_id,
-                added,
-                &summary,
-                &calls,
-                &retired,
-                &retire_blockers,
-                seconds
-            )
-        );
+        println!("{}", outcome.json());
     } else {
-        print_summary(
-            &args,
-            &to_id,
-            added,
-            &summary,
-            &calls,
-            &retired,
-            &retire_blockers,
-            seconds,
-        );
+        outcome.print();
     }
     if !summary.failures.is_empty() {
         return Err(Error::Refused(format!(
@@ -151,85 +145,83 @@ pub fn run(args: RewrapArgs) -> Result<()> {
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn print_summary(
-    args: &RewrapArgs,
-    to: &str,
+/// What one run did, for the summary.
+struct Outcome<'a> {
+    dry_run: bool,
+    to: &'a str,
     added: bool,
-    s: &Summary,
-    calls: &[(KmsOp, u64)],
-    retired: &[String],
-    blockers: &[(crate::format::context::CanonicalPath, String)],
+    summary: &'a Summary,
+    calls: &'a [(KmsOp, u64)],
+    retired: &'a [String],
+    blockers: &'a [(CanonicalPath, String)],
     seconds: f64,
-) {
-    let verb = if args.dry_run { "would move" } else { "moved" };
-    if added {
-        println!("trusted key added: {to} (new files use it)");
-    }
-    println!(
-        "{} files: {} rewrapped ({verb} {} envelopes to {to}), {} already done, {} failed; {:.1} s ({:.0} files/s)",
-        s.files,
-        s.rewrapped,
-        s.envelopes,
-        s.already_done,
-        s.failures.len(),
-        seconds,
-        s.files as f64 / seconds.max(1e-9)
-    );
-    let calls: Vec<String> = calls
-        .iter()
-        .filter(|(_, n)| *n > 0)
-        .map(|(op, n)| format!("{op} {n}"))
-        .collect();
-    println!(
-        "key service calls: {}",
-        if calls.is_empty() {
-            "none".to_string()
-        } else {
-            calls.join(", ")
-        }
-    );
-    for (path, why) in s.failures.iter().chain(blockers) {
-        println!("failed: {path}: {why}");
-    }
-    for id in retired {
-        println!("retired key: {id}");
-    }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn json_summary(
-    args: &RewrapArgs,
-    to: &str,
-    added: bool,
-    s: &Summary,
-    calls: &[(KmsOp, u64)],
-    retired: &[String],
-    blockers: &[(crate::format::context::CanonicalPath, String)],
-    seconds: f64,
-) -> String {
-    let calls: serde_json::Map<String, serde_json::Value> = calls
-        .iter()
-        .map(|(op, n)| (op.to_string(), serde_json::json!(n)))
-        .collect();
-    let failed = |list: &[(crate::format::context::CanonicalPath, String)]| {
-        list.iter()
-            .map(|(p, why)| serde_json::json!({"path": p.as_str(), "error": why}))
-            .collect::<Vec<_>>()
-    };
-    serde_json::json!({
-        "dry_run": args.dry_run,
-        "to_key": to,
-        "key_added": added,
-        "files": s.files,
-        "rewrapped": s.rewrapped,
-        "envelopes": s.envelopes,
-        "already_done": s.already_done,
-        "failed": failed(&s.failures),
-        "retire_blocked_by": failed(blockers),
-        "retired_keys": retired,
-        "kms_calls": calls,
-        "seconds": seconds,
-    })
-    .to_string()
+impl Outcome<'_> {
+    fn print(&self) {
+        let (s, to) = (self.summary, self.to);
+        let verb = if self.dry_run { "would move" } else { "moved" };
+        if self.added {
+            println!("trusted key added: {to} (new files use it)");
+        }
+        println!(
+            "{} files: {} rewrapped ({verb} {} envelopes to {to}), {} already done, {} failed; {:.1} s ({:.0} files/s)",
+            s.files,
+            s.rewrapped,
+            s.envelopes,
+            s.already_done,
+            s.failures.len(),
+            self.seconds,
+            s.files as f64 / self.seconds.max(1e-9)
+        );
+        let calls: Vec<String> = self
+            .calls
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(op, n)| format!("{op} {n}"))
+            .collect();
+        println!(
+            "key service calls: {}",
+            if calls.is_empty() {
+                "none".to_string()
+            } else {
+                calls.join(", ")
+            }
+        );
+        for (path, why) in s.failures.iter().chain(self.blockers) {
+            println!("failed: {path}: {why}");
+        }
+        for id in self.retired {
+            println!("retired key: {id}");
+        }
+    }
+
+    fn json(&self) -> String {
+        let s = self.summary;
+        let calls: serde_json::Map<String, serde_json::Value> = self
+            .calls
+            .iter()
+            .map(|(op, n)| (op.to_string(), serde_json::json!(n)))
+            .collect();
+        let failed = |list: &[(CanonicalPath, String)]| {
+            list.iter()
+                .map(|(p, why)| serde_json::json!({"path": p.as_str(), "error": why}))
+                .collect::<Vec<_>>()
+        };
+        serde_json::json!({
+            "dry_run": self.dry_run,
+            "to_key": self.to,
+            "key_added": self.added,
+            "files": s.files,
+            "rewrapped": s.rewrapped,
+            "envelopes": s.envelopes,
+            "already_done": s.already_done,
+            "failed": failed(&s.failures),
+            "retire_blocked_by": failed(self.blockers),
+            "retired_keys": self.retired,
+            "kms_calls": calls,
+            "seconds": self.seconds,
+        })
+        .to_string()
+    }
 }

@@ -724,7 +724,7 @@ impl KmsFs {
         let mut files = Vec::new();
         for p in paths {
             match fs::symlink_metadata(self.backing(p)) {
-                Ok(m) if m.is_dir() => files.extend(self.files_beneath(p)?),
+                Ok(m) if m.is_dir() => files.extend(self.volume.files_beneath(p)?),
                 Ok(m) if m.is_file() => files.push(p.clone()),
                 _ => {}
             }
@@ -786,35 +786,6 @@ impl KmsFs {
             Ok(Some(keep))
         })?;
         Ok(())
-    }
-
-    /// Regular files at and beneath `path` (for rebinding a directory), as paths.
-    fn files_beneath(&self, path: &CanonicalPath) -> Result<Vec<CanonicalPath>> {
-        let mut out = Vec::new();
-        let mut stack = vec![path.clone()];
-        while let Some(dir) = stack.pop() {
-            let entries =
-                fs::read_dir(self.backing(&dir)).map_err(|e| io_err("cannot read", &dir, e))?;
-            for entry in entries {
-                let entry = entry.map_err(|e| io_err("cannot read", &dir, e))?;
-                let name = entry.file_name();
-                if is_reserved_name(name.as_bytes(), dir.is_root()) {
-                    continue;
-                }
-                let child = dir
-                    .join(name.as_bytes())
-                    .map_err(|e| Error::format(&dir, e))?;
-                let ft = entry
-                    .file_type()
-                    .map_err(|e| io_err("cannot stat", &child, e))?;
-                if ft.is_dir() {
-                    stack.push(child);
-                } else if ft.is_file() {
-                    out.push(child);
-                }
-            }
-        }
-        Ok(out)
     }
 
     /// Runs `f` over `items` on up to 8 threads (KMS calls dominate; the keyring bounds them).
@@ -882,7 +853,7 @@ impl KmsFs {
             return Err(os("cannot move a directory into itself", libc::EINVAL));
         }
         let files = if meta.is_dir() {
-            self.files_beneath(&from)?
+            self.volume.files_beneath(&from)?
         } else if meta.is_file() {
             vec![from.clone()]
         } else {

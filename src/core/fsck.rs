@@ -17,7 +17,6 @@ use crate::format::context::CanonicalPath;
 
 use super::file::{read_header, update_envelopes, EncryptedFile};
 use super::journal::Journal;
-use super::rewrap::all_files;
 use super::volume::{Volume, TEMP_PREFIX};
 
 /// One thing wrong, found at `path`.
@@ -153,7 +152,7 @@ fn check_file(volume: &Volume, path: &CanonicalPath, deep: bool, repair: bool) -
 
 /// Checks the whole volume.
 pub fn check(volume: &Volume, deep: bool, repair: bool) -> Result<Report> {
-    let files = all_files(volume)?;
+    let files = volume.files_beneath(&CanonicalPath::root())?;
     let mut report = Report {
         files: files.len(),
         ..Default::default()

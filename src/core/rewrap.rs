@@ -12,7 +12,6 @@
 //! step that first checks every file, both slots, for envelopes under them.
 
 use std::fs::File;
-use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
@@ -21,7 +20,7 @@ use crate::format::context::CanonicalPath;
 use crate::format::envelope::Envelope;
 
 use super::file::{read_header, update_envelopes};
-use super::volume::{is_reserved_name, Volume};
+use super::volume::Volume;
 
 /// What happened to one file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,37 +39,6 @@ pub struct Summary {
     pub envelopes: usize,
     pub already_done: usize,
     pub failures: Vec<(CanonicalPath, String)>,
-}
-
-/// Every regular file of the volume, as paths (kmsfs's own names skipped).
-pub fn all_files(volume: &Volume) -> Result<Vec<CanonicalPath>> {
-    let mut out = Vec::new();
-    let mut stack = vec![CanonicalPath::root()];
-    while let Some(dir) = stack.pop() {
-        let backing = volume.backing_path(&dir);
-        let entries =
-            std::fs::read_dir(&*backing).map_err(|e| Error::io(format!("cannot read {dir}"), e))?;
-        for entry in entries {
-            let entry = entry.map_err(|e| Error::io(format!("cannot read {dir}"), e))?;
-            let name = entry.file_name();
-            if is_reserved_name(name.as_bytes(), dir.is_root()) {
-                continue;
-            }
-            let child = dir
-                .join(name.as_bytes())
-                .map_err(|e| Error::format(&dir, e))?;
-            let ft = entry
-                .file_type()
-                .map_err(|e| Error::io(format!("cannot stat {child}"), e))?;
-            if ft.is_dir() {
-                stack.push(child);
-            } else if ft.is_file() {
-                out.push(child);
-            }
-        }
-    }
-    out.sort();
-    Ok(out)
 }
 
 /// Whether a set holds envelopes under any of `old`.

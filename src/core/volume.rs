@@ -688,6 +688,37 @@ impl Volume {
         EncryptionContext::for_file(&self.config.volume_id, path, &self.config.context)
     }
 
+    /// Regular files at and beneath `path` (the whole volume from the root), as paths;
+    /// kmsfs's own names are skipped. Sorted.
+    pub fn files_beneath(&self, path: &CanonicalPath) -> Result<Vec<CanonicalPath>> {
+        use std::os::unix::ffi::OsStrExt;
+        let mut out = Vec::new();
+        let mut stack = vec![path.clone()];
+        while let Some(dir) = stack.pop() {
+            let read = |e| Error::io(format!("cannot read {dir}"), e);
+            for entry in fs::read_dir(&*self.backing_path(&dir)).map_err(read)? {
+                let entry = entry.map_err(read)?;
+                let name = entry.file_name();
+                if is_reserved_name(name.as_bytes(), dir.is_root()) {
+                    continue;
+                }
+                let child = dir
+                    .join(name.as_bytes())
+                    .map_err(|e| Error::format(&dir, e))?;
+                let ft = entry
+                    .file_type()
+                    .map_err(|e| Error::io(format!("cannot stat {child}"), e))?;
+                if ft.is_dir() {
+                    stack.push(child);
+                } else if ft.is_file() {
+                    out.push(child);
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
     /// Where `path` lives on the backing store, usable even beyond `PATH_MAX`.
     pub fn backing_path(&self, path: &CanonicalPath) -> BackingPath {
         BackingPath::new(&self.root, &path.to_relative_path())
