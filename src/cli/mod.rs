@@ -5,6 +5,7 @@
 
 pub mod adopt;
 pub mod cat;
+pub mod export;
 pub mod fsck;
 pub mod import;
 pub mod info;
@@ -56,6 +57,8 @@ pub enum Command {
     Fsck(fsck::FsckArgs),
     /// Accept a file moved on the backing store: rebind its key to where it is now
     Adopt(adopt::AdoptArgs),
+    /// Decrypt a volume (or a subtree) to a directory, or to a tar stream with -
+    Export(export::ExportArgs),
 }
 
 /// Options shared by commands that open an existing volume.
@@ -128,5 +131,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Rewrap(args) => rewrap::run(args),
         Command::Fsck(args) => fsck::run(args),
         Command::Adopt(args) => adopt::run(args),
+        Command::Export(args) => export::run(args),
     }
 }

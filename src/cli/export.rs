@@ -1,0 +1,86 @@
+//! `kmsfs export`: decrypt a volume, or a subtree, to a directory or a tar stream.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::Args;
+
+use super::{volume_path, VolumeArgs};
+use crate::core::export::{export, Destination, ExportSummary};
+use crate::error::{Error, Result};
+use crate::format::context::CanonicalPath;
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub volume: VolumeArgs,
+    /// A new or empty directory, or - for a tar stream on standard output
+    pub dest: PathBuf,
+    /// Export only this file or directory (relative to the volume root)
+    #[arg(long, value_name = "PATH")]
+    pub subtree: Option<PathBuf>,
+}
+
+pub fn run(args: ExportArgs) -> Result<()> {
+    let subtree = match &args.subtree {
+        Some(p) => volume_path(p)?,
+        None => CanonicalPath::root(),
+    };
+    let to_stdout = args.dest.as_os_str() == "-";
+    if to_stdout && std::io::stdout().is_terminal() {
+        return Err(Error::Usage(
+            "refusing to write a tar stream to a terminal; redirect it or name a directory".into(),
+        ));
+    }
+    let volume = args.volume.open()?;
+    let dest = if to_stdout {
+        Destination::Tar(Box::new(std::io::BufWriter::with_capacity(
+            1 << 20,
+            std::io::stdout().lock(),
+        )))
+    } else {
+        Destination::Dir(args.dest.clone())
+    };
+    let started = Instant::now();
+    let terminal = std::io::stderr().is_terminal();
+    let last = std::cell::Cell::new(0u128);
+    let progress = |s: &ExportSummary| {
+        let now = started.elapsed().as_millis() / 200;
+        if terminal && last.replace(now) != now {
+            eprint!("\rexport: {} files, {} MB", s.files, s.bytes / 1_000_000);
+        }
+    };
+    let summary = export(&volume, &subtree, dest, &progress)?;
+    if terminal {
+        eprint!("\r");
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let line = format!(
+        "exported {} files ({} bytes), {} directories, {} hard links, {} symlinks, {} special files in {:.1} s; {} failed",
+        summary.files,
+        summary.bytes,
+        summary.dirs,
+        summary.links,
+        summary.symlinks,
+        summary.special,
+        secs,
+        summary.failures.len()
+    );
+    // With a tar stream on stdout, the report goes to stderr.
+    for (_, why) in &summary.failures {
+        eprintln!("not exported: {why}");
+    }
+    if to_stdout {
+        eprintln!("{line}");
+    } else {
+        println!("{line}");
+    }
+    if !summary.failures.is_empty() {
+        return Err(Error::Integrity(format!(
+            "{} files could not be exported (listed above)",
+            summary.failures.len()
+        )));
+    }
+    Ok(())
+}
