@@ -123,10 +123,7 @@ impl EncryptedFile {
     /// Opens the backing file of `path` and authenticates its header for that path.
     pub fn open(volume: &Volume, path: &CanonicalPath, writable: bool) -> Result<Self> {
         let backing = volume.backing_path(path);
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(writable)
-            .open(&backing)
+        let file = open_backing(&backing, writable)
             .map_err(|e| Error::io(format!("cannot open {path}"), e))?;
         Self::from_file(volume, path, file)
     }
@@ -517,6 +514,27 @@ impl EncryptedFile {
                 return Ok(());
             }
         }
+    }
+}
+
+/// Opens a backing file; one opened only to read does not update its access time
+/// (`O_NOATIME`, where the caller owns the file or is root), so reading a volume, through a
+/// read-only mount or an export, writes nothing to the backing store.
+pub fn open_backing(path: &Path, writable: bool) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let open = |flags| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .custom_flags(flags)
+            .open(path)
+    };
+    if writable {
+        return open(0);
+    }
+    match open(libc::O_NOATIME) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => open(0),
+        other => other,
     }
 }
 

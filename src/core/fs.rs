@@ -141,6 +141,53 @@ fn cstr(p: &Path) -> Result<CString> {
     CString::new(p.as_os_str().as_bytes()).map_err(|_| os("path with NUL", libc::EINVAL))
 }
 
+/// The names in a backing directory. With `noatime` (a read-only mount) the directory is
+/// opened with `O_NOATIME`, so listing it writes nothing to the backing store.
+fn list_dir(path: &Path, noatime: bool) -> std::io::Result<Vec<OsString>> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC;
+    // SAFETY: a valid path; the descriptor is handed to fdopendir below, which owns it.
+    let mut fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            flags | if noatime { libc::O_NOATIME } else { 0 },
+        )
+    };
+    if fd < 0 && noatime && std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM) {
+        // SAFETY: as above.
+        fd = unsafe { libc::open(c.as_ptr(), flags) };
+    }
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is an open directory descriptor; on success the stream owns it.
+    let dir = unsafe { libc::fdopendir(fd) };
+    if dir.is_null() {
+        let e = std::io::Error::last_os_error();
+        // SAFETY: fdopendir failed, so fd is still ours to close.
+        unsafe { libc::close(fd) };
+        return Err(e);
+    }
+    let mut names = Vec::new();
+    loop {
+        // SAFETY: dir is an open stream; the entry is valid until the next readdir.
+        let entry = unsafe { libc::readdir64(dir) };
+        if entry.is_null() {
+            break;
+        }
+        // SAFETY: d_name is NUL-terminated within the entry.
+        let name = unsafe { std::ffi::CStr::from_ptr((*entry).d_name.as_ptr()) };
+        let bytes = name.to_bytes();
+        if bytes != b"." && bytes != b".." {
+            names.push(OsString::from_vec(bytes.to_vec()));
+        }
+    }
+    // SAFETY: closes the stream and its descriptor.
+    unsafe { libc::closedir(dir) };
+    Ok(names)
+}
+
 /// The distinct paths a set of envelopes is bound to (the names a file has, or had).
 fn envelope_paths(envelopes: &[Envelope]) -> Vec<CanonicalPath> {
     let mut paths: Vec<CanonicalPath> = envelopes.iter().map(|e| e.path.clone()).collect();
@@ -313,7 +360,8 @@ impl KmsFs {
         {
             return Ok(node.file.read().unwrap().size());
         }
-        let file = File::open(backing)
+        // A stat is not an access: the preamble read leaves the access time alone.
+        let file = super::file::open_backing(backing, false)
             .map_err(|e| Error::io(format!("cannot open {}", backing.display()), e))?;
         let mut pre = [0u8; crate::format::header::PREAMBLE_LEN];
         std::os::unix::fs::FileExt::read_exact_at(&file, &mut pre, 0).map_err(|_| {
@@ -1155,19 +1203,20 @@ impl KmsFs {
                 name: "..".into(),
             },
         ];
-        let mut entries: Vec<_> = fs::read_dir(&backing)
+        let mut names: Vec<OsString> = list_dir(&backing, self.read_only)
             .map_err(|e| io_err("cannot read", &path, e))?
-            .filter_map(|e| e.ok())
-            .filter(|e| !is_reserved_name(e.file_name().as_bytes(), path.is_root()))
+            .into_iter()
+            .filter(|n| !is_reserved_name(n.as_bytes(), path.is_root()))
             .collect();
-        entries.sort_by_key(|e| e.file_name());
-        for e in entries {
-            let Ok(ft) = e.file_type() else { continue };
-            let Ok(m) = e.metadata() else { continue };
+        names.sort();
+        for name in names {
+            let Ok(m) = fs::symlink_metadata(backing.join(&name)) else {
+                continue;
+            };
             out.push(DirEntry {
                 ino: self.ino_of(m.ino()),
-                kind: kind_of(ft),
-                name: e.file_name(),
+                kind: kind_of(m.file_type()),
+                name,
             });
         }
         Ok(out)

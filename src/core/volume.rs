@@ -409,7 +409,7 @@ impl Volume {
     pub fn open(root: &Path, options: &OpenOptions) -> Result<Volume> {
         check_backing_dir(root)?;
         let cfg_path = config_path(root);
-        let bytes = fs::read(&cfg_path).map_err(|e| match e.kind() {
+        let bytes = read_noatime(&cfg_path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => Error::Refused(format!(
                 "{} is not a kmsfs volume (no {META_DIR}/{CONFIG_NAME}); create one with 'kmsfs init'",
                 root.display()
@@ -517,7 +517,7 @@ impl Volume {
                     *seen = stamp;
                 }
                 let shown = config_path(&root).display().to_string();
-                let config = fs::read(config_path(&root))
+                let config = read_noatime(&config_path(&root))
                     .map_err(|e| e.to_string())
                     .and_then(|b| UnverifiedConfig::parse(&b).map_err(|e| e.to_string()))
                     .and_then(|u| u.verify(&mac_key).map_err(|e| e.to_string()));
@@ -856,6 +856,15 @@ fn reach_key(
         }
         Err(reason) => Err(reason),
     })
+}
+
+/// Reads a whole file without updating its access time (the config of a volume that is only
+/// being read).
+fn read_noatime(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    crate::core::file::open_backing(path, false)?.read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
 
 /// The config file's modification time and length, to notice a rewrite cheaply.

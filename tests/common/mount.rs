@@ -13,6 +13,7 @@ pub struct Mount {
     pub key: PathBuf,
     child: Option<Child>,
     extra: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 /// Whether FUSE can be used here. Under CI=true it must be.
@@ -76,6 +77,7 @@ impl Mount {
             key,
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
         };
         m.start();
         m
@@ -90,6 +92,7 @@ impl Mount {
             .arg(&self.mnt)
             .arg("--foreground")
             .args(&self.extra)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(
@@ -159,6 +162,12 @@ impl Mount {
     }
 
     /// Replaces the extra mount options used by the next `start`.
+    /// Environment for the next start (e.g. `RUST_LOG`).
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_string(), value.to_string()));
+    }
+
     pub fn set_extra(&mut self, extra: &[&str]) {
         self.extra = extra.iter().map(|s| s.to_string()).collect();
     }
