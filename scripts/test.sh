@@ -42,15 +42,15 @@ if [ ! -e /dev/fuse ] && [ "${CI:-}" = true ]; then
     exit 1
 fi
 
-# Real programs the mount tests run on the mount.
+# Real programs the mount tests run on the mount (restic: the backup tests).
 missing=()
-for tool in git tar rsync sqlite3 diff; do
+for tool in git tar rsync sqlite3 diff restic; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         say "installing ${missing[*]}"
-        apt-get update -qq && apt-get install -y -qq git tar rsync sqlite3 diffutils >/dev/null
+        apt-get update -qq && apt-get install -y -qq git tar rsync sqlite3 diffutils restic >/dev/null
     elif [ "${CI:-}" = true ]; then
         echo "scripts/test.sh: ${missing[*]} missing and cannot be installed" >&2
         exit 1

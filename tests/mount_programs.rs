@@ -5,47 +5,9 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use common::mount::{fuse_available, Mount};
-
-/// Runs a shell command, failing the test with its output if it fails.
-fn sh(dir: &Path, script: &str) -> String {
-    let out = Command::new("bash")
-        .arg("-ec")
-        .arg(script)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "`{script}` failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
-fn tools_present(tools: &[&str]) -> bool {
-    let missing: Vec<&&str> = tools
-        .iter()
-        .filter(|t| {
-            Command::new("which")
-                .arg(t)
-                .output()
-                .map_or(true, |o| !o.status.success())
-        })
-        .collect();
-    if !missing.is_empty() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "{missing:?} missing under CI=true"
-        );
-        eprintln!("skipping: {missing:?} not installed");
-        return false;
-    }
-    true
-}
+use common::{sh, tools_present};
 
 /// A source tree to copy around: this repository's own sources.
 fn source_tree(dir: &Path) -> std::path::PathBuf {

@@ -97,3 +97,41 @@ pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
         .map(|i| ((i * 31 + i / 251) as u8).wrapping_add(seed))
         .collect()
 }
+
+/// Runs a shell command, failing the test with its output if it fails.
+pub fn sh(dir: &Path, script: &str) -> String {
+    let out = std::process::Command::new("bash")
+        .arg("-ec")
+        .arg(script)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "`{script}` failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+pub fn tools_present(tools: &[&str]) -> bool {
+    let missing: Vec<&&str> = tools
+        .iter()
+        .filter(|t| {
+            std::process::Command::new("which")
+                .arg(t)
+                .output()
+                .map_or(true, |o| !o.status.success())
+        })
+        .collect();
+    if !missing.is_empty() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{missing:?} missing under CI=true"
+        );
+        eprintln!("skipping: {missing:?} not installed");
+        return false;
+    }
+    true
+}
