@@ -19,4 +19,5 @@ pub mod error;
 pub mod format;
 pub mod fuse;
 pub mod keys;
+pub mod log;
 pub mod secret;

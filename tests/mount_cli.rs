@@ -136,3 +136,123 @@ fn mount_detaches_and_unmounts_on_sigterm() {
         "umount of what is not mounted fails"
     );
 }
+
+/// Holds a datagram socket at /dev/log (where syslog(3) sends) and removes it when dropped.
+struct FakeSyslog {
+    socket: std::os::unix::net::UnixDatagram,
+}
+
+impl FakeSyslog {
+    /// None when a real system logger owns /dev/log (its messages cannot be read here).
+    fn bind() -> Option<Self> {
+        if std::path::Path::new("/dev/log").exists() {
+            return None;
+        }
+        let socket = std::os::unix::net::UnixDatagram::bind("/dev/log").ok()?;
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        Some(FakeSyslog { socket })
+    }
+
+    fn drain(&self) -> String {
+        let mut all = String::new();
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = self.socket.recv(&mut buf) {
+            all.push_str(&String::from_utf8_lossy(&buf[..n]));
+            all.push('\n');
+        }
+        all
+    }
+}
+
+impl Drop for FakeSyslog {
+    fn drop(&mut self) {
+        let _ = fs::remove_file("/dev/log");
+    }
+}
+
+#[test]
+fn a_detached_daemon_logs_to_syslog_and_answers_status() {
+    if !fuse_available() {
+        return;
+    }
+    let mut m = Mount::new(4096, &[]);
+    fs::write(m.p("ok"), b"fine").unwrap();
+    fs::write(m.p("bad"), vec![7u8; 10_000]).unwrap();
+    m.stop();
+    let mut raw = fs::read(m.b("bad")).unwrap();
+    let n = raw.len();
+    raw[n - 50] ^= 1;
+    fs::write(m.b("bad"), &raw).unwrap();
+    let syslog = FakeSyslog::bind();
+    if syslog.is_none() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "/dev/log is taken under CI=true"
+        );
+        eprintln!("a system logger owns /dev/log: not capturing syslog");
+    }
+    let out = kmsfs()
+        .arg("mount")
+        .arg(&m.backing)
+        .arg(&m.mnt)
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(fs::read(m.p("ok")).unwrap(), b"fine");
+    assert_eq!(
+        fs::read(m.p("bad")).unwrap_err().raw_os_error(),
+        Some(libc::EIO)
+    );
+    let status = kmsfs()
+        .args(["status", "--json"])
+        .arg(&m.mnt)
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    // The kernel may retry a failed read (readahead, then the read itself).
+    let errors = v["io_errors"].as_u64().unwrap();
+    assert!((1..=4).contains(&errors), "{v}");
+    assert_eq!(v["read_only"], false);
+    assert_eq!(v["kms_calls"]["GenerateDataKey"]["requests"], 0);
+    assert!(
+        v["kms_calls"]["Decrypt"]["requests"].as_u64().unwrap() >= 2,
+        "{v}"
+    );
+    assert!(v["key_cache"]["entries"].as_u64().unwrap() >= 2, "{v}");
+    let human = kmsfs().arg("status").arg(&m.mnt).output().unwrap();
+    let text = String::from_utf8(human.stdout).unwrap();
+    assert!(
+        text.contains(&format!("I/O errors returned: {errors}")),
+        "{text}"
+    );
+    let out = kmsfs().arg("umount").arg(&m.mnt).output().unwrap();
+    assert!(out.status.success());
+    let gone = kmsfs().arg("status").arg(&m.mnt).output().unwrap();
+    assert_eq!(gone.status.code(), Some(1));
+    if let Some(syslog) = syslog {
+        std::thread::sleep(Duration::from_millis(300));
+        let logged = syslog.drain();
+        assert!(logged.contains("kmsfs["), "{logged}");
+        assert!(
+            logged.contains("authentication failed at block"),
+            "{logged}"
+        );
+        assert!(logged.contains("key service calls:"), "{logged}");
+        assert!(
+            !logged.contains('\u{1b}'),
+            "no colour codes in syslog: {logged}"
+        );
+    }
+}

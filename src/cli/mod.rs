@@ -12,6 +12,7 @@ pub mod info;
 pub mod init;
 pub mod mount;
 pub mod rewrap;
+pub mod status;
 
 use std::path::{Path, PathBuf};
 
@@ -59,6 +60,8 @@ pub enum Command {
     Adopt(adopt::AdoptArgs),
     /// Decrypt a volume (or a subtree) to a directory, or to a tar stream with -
     Export(export::ExportArgs),
+    /// Show a running mount's key cache, key-service calls and errors
+    Status(status::StatusArgs),
 }
 
 /// Options shared by commands that open an existing volume.
@@ -132,5 +135,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Fsck(args) => fsck::run(args),
         Command::Adopt(args) => adopt::run(args),
         Command::Export(args) => export::run(args),
+        Command::Status(args) => status::run(args),
     }
 }

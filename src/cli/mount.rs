@@ -180,6 +180,7 @@ fn serve(args: &MountArgs, ready: impl FnOnce()) -> Result<()> {
         .canonicalize()
         .unwrap_or_else(|_| args.volume.backing.clone());
     let core = Arc::new(KmsFs::new(volume, args.read_only)?);
+    let status_path = super::status::socket_path(&args.mountpoint);
 
     let mut options = vec![
         fuser::MountOption::FSName(format!("kmsfs:{}", backing.display())),
@@ -225,10 +226,20 @@ fn serve(args: &MountArgs, ready: impl FnOnce()) -> Result<()> {
             purger.volume().keyring().cache().purge_expired();
         })
         .map_err(|e| Error::io("cannot start the cache thread", e))?;
+    let status_socket = match super::status::serve(core.clone(), &args.mountpoint, &status_path) {
+        Ok(()) => Some(status_path),
+        Err(e) => {
+            tracing::warn!("kmsfs status will not answer for this mount: {e}");
+            None
+        }
+    };
     ready();
     let result = session
         .run()
         .map_err(|e| Error::io("the FUSE session failed", e));
+    if let Some(p) = status_socket {
+        let _ = std::fs::remove_file(p);
+    }
     log_key_stats(core.volume());
     result
 }
@@ -295,6 +306,7 @@ pub fn run(args: MountArgs) -> Result<()> {
                     let _ = pipe.write_all(b"ok\n");
                 }
                 detach_stdio();
+                crate::log::switch_to_syslog();
             });
             if let (Err(e), Some(mut pipe)) = (&result, status.borrow_mut().take()) {
                 let _ = writeln!(pipe, "{} {}", e.exit_code(), e);

@@ -113,6 +113,8 @@ pub struct KmsFs {
     next_fh: AtomicU64,
     namespace: Mutex<()>,
     journal: Journal,
+    /// Opens, reads and writes that failed (authentication, key service, backing I/O).
+    io_errors: AtomicU64,
 }
 
 fn kind_of(ft: fs::FileType) -> Kind {
@@ -227,11 +229,21 @@ impl KmsFs {
             next_fh: AtomicU64::new(1),
             namespace: Mutex::new(()),
             journal,
+            io_errors: AtomicU64::new(0),
         };
         if !read_only {
             core.finish_interrupted_rebinds();
         }
         Ok(core)
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Opens, reads and writes that have failed since the mount (for `kmsfs status`).
+    pub fn io_errors(&self) -> u64 {
+        self.io_errors.load(Ordering::Relaxed)
     }
 
     pub fn volume(&self) -> &Volume {
@@ -1101,6 +1113,7 @@ impl KmsFs {
                 None => {
                     let file = EncryptedFile::open(&self.volume, &path, !self.read_only)
                         .inspect_err(|e| {
+                            self.io_errors.fetch_add(1, Ordering::Relaxed);
                             tracing::error!("open failed: {e}");
                         })?;
                     let n = Arc::new(OpenNode {
@@ -1131,6 +1144,7 @@ impl KmsFs {
         let file = h.node.file.read().unwrap();
         let mut buf = vec![0u8; size as usize];
         let n = file.read_at(offset, &mut buf).inspect_err(|e| {
+            self.io_errors.fetch_add(1, Ordering::Relaxed);
             tracing::error!(path = %file.path(), "read failed: {e}");
         })?;
         buf.truncate(n);
@@ -1145,6 +1159,7 @@ impl KmsFs {
         let mut file = h.node.file.write().unwrap();
         let offset = if h.append { file.size() } else { offset };
         file.write_at(offset, data).inspect_err(|e| {
+            self.io_errors.fetch_add(1, Ordering::Relaxed);
             tracing::error!(path = %file.path(), "write failed: {e}");
         })?;
         Ok(data.len())
