@@ -16,7 +16,22 @@ fn main() {
         .with_target(false)
         .without_time()
         .init();
-    let cli = match Cli::try_parse() {
+    // Run as mount.kmsfs (by mount(8) for `-t kmsfs` and fstab): translate its arguments.
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let invoked_as = std::path::Path::new(&args[0])
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    if invoked_as == "mount.kmsfs" {
+        match kmsfs::cli::mount_helper::translate(&args[1..]) {
+            Ok(translated) => args = std::iter::once("kmsfs".into()).chain(translated).collect(),
+            Err(e) => {
+                eprintln!("mount.kmsfs: {e}");
+                std::process::exit(e.exit_code());
+            }
+        }
+    }
+    let cli = match Cli::try_parse_from(args) {
         Ok(cli) => cli,
         Err(e) => {
             use clap::error::ErrorKind;

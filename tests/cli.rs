@@ -441,3 +441,42 @@ fn cat_of_tampered_or_moved_files_fails_with_the_reason() {
         "{msg}"
     );
 }
+
+#[test]
+fn completion_scripts_cover_every_command_and_bash_parses_them() {
+    let out = Command::new(env!("CARGO_BIN_EXE_kmsfs"))
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let script = String::from_utf8(out.stdout).unwrap();
+    for cmd in [
+        "init",
+        "info",
+        "cat",
+        "import",
+        "mount",
+        "umount",
+        "rewrap",
+        "fsck",
+        "adopt",
+        "export",
+        "status",
+        "completions",
+    ] {
+        assert!(script.contains(cmd), "bash completion lacks {cmd}");
+    }
+    assert!(script.contains("--retire-old") && script.contains("--read-only"));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kmsfs.bash");
+    fs::write(&path, &script).unwrap();
+    let st = Command::new("bash").arg("-n").arg(&path).status().unwrap();
+    assert!(st.success(), "bash -n rejects the script");
+    for shell in ["zsh", "fish"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_kmsfs"))
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(out.status.success() && out.stdout.len() > 1000, "{shell}");
+    }
+}

@@ -256,3 +256,89 @@ fn a_detached_daemon_logs_to_syslog_and_answers_status() {
         );
     }
 }
+
+/// `/sbin/mount.kmsfs` pointing at the binary under test, removed when dropped.
+struct Helper(std::path::PathBuf);
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn mount_8_and_fstab_lines_go_through_mount_kmsfs() {
+    if !fuse_available() {
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || std::path::Path::new("/sbin/mount.kmsfs").exists() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "under CI=true the test runs as root with no mount.kmsfs installed"
+        );
+        eprintln!("skipping: needs root and no installed /sbin/mount.kmsfs");
+        return;
+    }
+    let _helper = Helper("/sbin/mount.kmsfs".into());
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_kmsfs"), "/sbin/mount.kmsfs").unwrap();
+    let mut m = Mount::new(4096, &[]);
+    fs::write(m.p("f"), b"via mount(8)").unwrap();
+    m.stop();
+    let key = format!("key=local:{}", m.key.display());
+    // mount -t kmsfs, read-only.
+    let st = std::process::Command::new("mount")
+        .args(["-t", "kmsfs", "-o", &format!("ro,{key}")])
+        .arg(&m.backing)
+        .arg(&m.mnt)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(mounted(&m.mnt));
+    assert_eq!(fs::read(m.p("f")).unwrap(), b"via mount(8)");
+    assert_eq!(
+        fs::write(m.p("g"), b"x").unwrap_err().raw_os_error(),
+        Some(libc::EROFS)
+    );
+    assert!(std::process::Command::new("umount")
+        .arg(&m.mnt)
+        .status()
+        .unwrap()
+        .success());
+    assert!(!mounted(&m.mnt));
+    // An fstab line (the same as in docs/OPERATIONS.md), mounted by its mount point.
+    let fstab = m.dir.path().join("fstab");
+    fs::write(
+        &fstab,
+        format!(
+            "{} {} kmsfs allow_other,{key},nofail,x-systemd.requires=network-online.target 0 0\n",
+            m.backing.display(),
+            m.mnt.display()
+        ),
+    )
+    .unwrap();
+    let st = std::process::Command::new("mount")
+        .arg("-T")
+        .arg(&fstab)
+        .arg(&m.mnt)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    fs::write(m.p("g"), b"writable").unwrap();
+    assert_eq!(fs::read(m.p("g")).unwrap(), b"writable");
+    assert!(std::process::Command::new("umount")
+        .arg(&m.mnt)
+        .status()
+        .unwrap()
+        .success());
+    // A bad option is one line and a usage exit, and nothing is mounted.
+    let out = std::process::Command::new("/sbin/mount.kmsfs")
+        .arg(&m.backing)
+        .arg(&m.mnt)
+        .args(["-o", "bogus"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1);
+    assert!(!mounted(&m.mnt));
+}

@@ -5,12 +5,14 @@
 
 pub mod adopt;
 pub mod cat;
+pub mod completions;
 pub mod export;
 pub mod fsck;
 pub mod import;
 pub mod info;
 pub mod init;
 pub mod mount;
+pub mod mount_helper;
 pub mod rewrap;
 pub mod status;
 
@@ -62,6 +64,8 @@ pub enum Command {
     Export(export::ExportArgs),
     /// Show a running mount's key cache, key-service calls and errors
     Status(status::StatusArgs),
+    /// Print a shell completion script (bash, zsh, fish, ...)
+    Completions(completions::CompletionsArgs),
 }
 
 /// Options shared by commands that open an existing volume.
@@ -136,5 +140,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Adopt(args) => adopt::run(args),
         Command::Export(args) => export::run(args),
         Command::Status(args) => status::run(args),
+        Command::Completions(args) => completions::run(args),
     }
 }

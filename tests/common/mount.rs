@@ -161,13 +161,13 @@ impl Mount {
             .status();
     }
 
-    /// Replaces the extra mount options used by the next `start`.
     /// Environment for the next start (e.g. `RUST_LOG`).
     pub fn set_env(&mut self, key: &str, value: &str) {
         self.env.retain(|(k, _)| k != key);
         self.env.push((key.to_string(), value.to_string()));
     }
 
+    /// Replaces the extra mount options used by the next `start`.
     pub fn set_extra(&mut self, extra: &[&str]) {
         self.extra = extra.iter().map(|s| s.to_string()).collect();
     }
