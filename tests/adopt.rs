@@ -6,7 +6,7 @@ mod common;
 use std::fs;
 
 use common::mount::kmsfs;
-use common::TestVolume;
+use common::{assert_success, TestVolume};
 
 fn adopt(v: &TestVolume, path: &str, from: &str) -> std::process::Output {
     kmsfs()
@@ -34,11 +34,7 @@ fn a_restored_file_is_adopted_where_it_is() {
         "moved: refused until adopted"
     );
     let out = adopt(&v, "archive/report.pdf", "report.pdf");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     assert_eq!(
         String::from_utf8(out.stdout).unwrap().trim(),
         "adopted /archive/report.pdf (was bound to /report.pdf): 1 envelope(s) re-encrypted to its new path"

@@ -10,7 +10,21 @@ use std::fs;
 use std::path::Path;
 
 use common::mount::{fuse_available, kmsfs, Mount};
-use common::{sh, tools_present};
+use common::{assert_success, sh, tools_present};
+
+/// A mounted volume holding a copy of [`original`] (stopped), its work directory and the
+/// original.
+fn volume_with_original() -> (Mount, std::path::PathBuf, std::path::PathBuf) {
+    let mut m = Mount::new(4096, &[]);
+    let work = m.dir.path().to_path_buf();
+    let orig = original(&work);
+    sh(
+        &work,
+        &format!("cp -a {}/. {}/", orig.display(), m.mnt.display()),
+    );
+    m.stop();
+    (m, work, orig)
+}
 
 /// A tree with some depth, sizes, a symlink and a hard link.
 fn original(dir: &Path) -> std::path::PathBuf {
@@ -33,14 +47,7 @@ fn restic_rsync_and_tar_of_a_read_only_mount_restore_the_original() {
     if !fuse_available() || !tools_present(&["restic", "rsync", "tar", "diff"]) {
         return;
     }
-    let mut m = Mount::new(4096, &[]);
-    let work = m.dir.path().to_path_buf();
-    let orig = original(&work);
-    sh(
-        &work,
-        &format!("cp -a {}/. {}/", orig.display(), m.mnt.display()),
-    );
-    m.stop();
+    let (mut m, work, orig) = volume_with_original();
     m.set_extra(&["--read-only"]);
     m.start();
     let mnt = m.mnt.display().to_string();
@@ -77,14 +84,7 @@ fn a_copy_of_the_ciphertext_mounts_elsewhere_and_a_moved_file_needs_adopt() {
     if !fuse_available() || !tools_present(&["rsync", "diff"]) {
         return;
     }
-    let mut m = Mount::new(4096, &[]);
-    let work = m.dir.path().to_path_buf();
-    let orig = original(&work);
-    sh(
-        &work,
-        &format!("cp -a {}/. {}/", orig.display(), m.mnt.display()),
-    );
-    m.stop();
+    let (mut m, work, orig) = volume_with_original();
     // The backup: BACKING copied as it is, restored to another machine's directory.
     let restored = work.join("restored");
     sh(
@@ -122,11 +122,7 @@ fn a_copy_of_the_ciphertext_mounts_elsewhere_and_a_moved_file_needs_adopt() {
         .arg("docs/FORMAT.md")
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     m.start();
     assert_eq!(
         fs::read(m.p("recovered/FORMAT.md")).unwrap(),

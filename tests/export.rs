@@ -12,7 +12,14 @@ use std::path::Path;
 use std::process::Command;
 
 use common::mount::{fuse_available, kmsfs, Mount};
-use common::pattern;
+use common::{assert_success, pattern};
+
+/// `kmsfs export BACKING DEST ARGS...`.
+fn export(backing: &Path, dest: &str, args: &[&str]) -> std::process::Command {
+    let mut c = kmsfs();
+    c.arg("export").arg(backing).arg(dest).args(args);
+    c
+}
 
 /// Everything `export` promises to keep, per relative path.
 fn tree(root: &Path) -> BTreeMap<String, String> {
@@ -86,17 +93,10 @@ fn export_to_a_directory_and_to_tar_equals_the_mount() {
     let want = tree(&m.mnt);
     m.stop();
     let out = m.dir.path().join("out");
-    let run = kmsfs()
-        .arg("export")
-        .arg(&m.backing)
-        .arg(&out)
+    let run = export(&m.backing, out.to_str().unwrap(), &[])
         .output()
         .unwrap();
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    assert_success(&run);
     let report = String::from_utf8(run.stdout).unwrap();
     assert!(
         report.starts_with("exported 3 files (300008 bytes), 3 directories, 1 hard links, 1 symlinks, 1 special files"),
@@ -105,18 +105,11 @@ fn export_to_a_directory_and_to_tar_equals_the_mount() {
     assert_eq!(tree(&out), want);
 
     let tarball = m.dir.path().join("out.tar");
-    let run = kmsfs()
-        .arg("export")
-        .arg(&m.backing)
-        .arg("-")
+    let run = export(&m.backing, "-", &[])
         .stdout(fs::File::create(&tarball).unwrap())
         .output()
         .unwrap();
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    assert_success(&run);
     let untar = m.dir.path().join("untar");
     fs::create_dir(&untar).unwrap();
     let st = Command::new("tar")
@@ -131,25 +124,15 @@ fn export_to_a_directory_and_to_tar_equals_the_mount() {
 
     // A subtree alone; a destination that is not empty is refused.
     let sub = m.dir.path().join("sub");
-    let run = kmsfs()
-        .args(["export", "--subtree", "docs"])
-        .arg(&m.backing)
-        .arg(&sub)
+    let run = export(&m.backing, sub.to_str().unwrap(), &["--subtree", "docs"])
         .output()
         .unwrap();
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    assert_success(&run);
     let sub_tree = tree(&sub.join("docs"));
     assert_eq!(sub_tree.len(), 6);
     assert_eq!(sub_tree.get("big.bin"), want.get("docs/big.bin"));
     assert_eq!(fs::read_dir(&sub).unwrap().count(), 1);
-    let again = kmsfs()
-        .arg("export")
-        .arg(&m.backing)
-        .arg(&out)
+    let again = export(&m.backing, out.to_str().unwrap(), &[])
         .output()
         .unwrap();
     assert_eq!(again.status.code(), Some(1));
@@ -170,10 +153,7 @@ fn a_tampered_file_is_listed_in_a_directory_export_and_ends_a_tar_stream() {
     raw[n - 100] ^= 1;
     fs::write(m.b("bad"), &raw).unwrap();
     let out = m.dir.path().join("out");
-    let run = kmsfs()
-        .arg("export")
-        .arg(&m.backing)
-        .arg(&out)
+    let run = export(&m.backing, out.to_str().unwrap(), &[])
         .output()
         .unwrap();
     assert_eq!(run.status.code(), Some(3));
@@ -184,10 +164,7 @@ fn a_tampered_file_is_listed_in_a_directory_export_and_ends_a_tar_stream() {
     );
     assert_eq!(fs::read(out.join("good")).unwrap(), b"fine");
     assert!(!out.join("bad").exists(), "no partial file left");
-    let run = kmsfs()
-        .arg("export")
-        .arg(&m.backing)
-        .arg("-")
+    let run = export(&m.backing, "-", &[])
         .stdout(std::process::Stdio::null())
         .output()
         .unwrap();

@@ -6,6 +6,7 @@ mod common;
 use std::fs;
 use std::time::{Duration, Instant};
 
+use common::assert_success;
 use common::mount::{fuse_available, kmsfs, Mount};
 
 fn mounted(mnt: &std::path::Path) -> bool {
@@ -101,19 +102,11 @@ fn mount_detaches_and_unmounts_on_sigterm() {
         .arg(&m.mnt)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     assert!(mounted(&m.mnt));
     fs::write(m.p("f"), b"daemon").unwrap();
     let out = kmsfs().arg("umount").arg(&m.mnt).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     assert!(!mounted(&m.mnt));
 
     // In the foreground, SIGTERM unmounts and the process exits cleanly.
@@ -200,11 +193,7 @@ fn a_detached_daemon_logs_to_syslog_and_answers_status() {
         .env("RUST_LOG", "info")
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     assert_eq!(fs::read(m.p("ok")).unwrap(), b"fine");
     assert_eq!(
         fs::read(m.p("bad")).unwrap_err().raw_os_error(),
@@ -215,11 +204,7 @@ fn a_detached_daemon_logs_to_syslog_and_answers_status() {
         .arg(&m.mnt)
         .output()
         .unwrap();
-    assert!(
-        status.status.success(),
-        "{}",
-        String::from_utf8_lossy(&status.stderr)
-    );
+    assert_success(&status);
     let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     // The kernel may retry a failed read (readahead, then the read itself).
     let errors = v["io_errors"].as_u64().unwrap();

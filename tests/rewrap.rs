@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::mount::{fuse_available, kmsfs, Mount};
-use common::{path, pattern, TestVolume};
+use common::{assert_success, path, pattern, TestVolume};
 use kmsfs::core::file::read_header;
 use kmsfs::core::volume::OpenOptions;
 use kmsfs::core::{EncryptedFile, Volume};
@@ -113,11 +113,7 @@ fn thousands_of_files_move_to_a_new_key_and_the_old_one_can_go() {
     let v = volume_with_files(n);
     let new_key = v.dir.path().join("keys/new.key");
     let out = rewrap(&v, &new_key, &["--jobs", "4", "--retire-old", "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["files"], n);
     assert_eq!(report["rewrapped"], n);
@@ -152,11 +148,7 @@ fn dry_run_changes_nothing() {
     let new_key = v.dir.path().join("keys/new.key");
     let before = snapshot(&v.backing);
     let out = rewrap(&v, &new_key, &["--dry-run", "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
         (report["rewrapped"].clone(), report["envelopes"].clone()),
@@ -199,11 +191,7 @@ fn killed_at_random_points_a_second_run_completes() {
     }
     assert!(interrupted > 0, "no run was interrupted");
     let out = rewrap(&v, &new_key, &["--retire-old", "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     eprintln!("final run: {report}");
     assert_eq!(report["files"], n);
@@ -248,11 +236,7 @@ fn rewrap_beside_a_mount_that_writes_and_renames_loses_nothing() {
         .output()
         .unwrap();
     let expected = writer.join().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     // Every write is there, through the mount and after a remount.
     let check = |m: &Mount| {
         for i in 0..300 {
@@ -274,11 +258,7 @@ fn rewrap_beside_a_mount_that_writes_and_renames_loses_nothing() {
         .arg("--retire-old")
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     assert_eq!(key_ids(&m.backing).len(), 1);
     // The old key file can go: the volume still mounts and reads.
     fs::remove_file(&m.key).unwrap();

@@ -135,3 +135,13 @@ pub fn tools_present(tools: &[&str]) -> bool {
     }
     true
 }
+
+/// Fails the test with the command's stderr unless it succeeded.
+pub fn assert_success(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "exit {:?}: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
