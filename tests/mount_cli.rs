@@ -1,5 +1,6 @@
 //! The mount command itself: it reports failures as one line and a non-zero exit before
-//! detaching, detaches when all is well, and unmounts cleanly on SIGTERM.
+//! detaching, detaches when all is well, unmounts cleanly on SIGTERM, logs to syslog once
+//! detached, answers `kmsfs status`, and mounts through mount(8) and fstab via `mount.kmsfs`.
 
 mod common;
 
