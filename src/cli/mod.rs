@@ -100,8 +100,34 @@ pub fn key_options() -> Result<KeyOptions> {
     let aws = AwsOptions::from_env().map_err(Error::Usage)?;
     Ok(KeyOptions {
         aws,
+        wrap_provider: injected_latency()?,
         ..Default::default()
     })
+}
+
+/// `KMSFS_INJECT_KMS_LATENCY_MS`: adds that much latency to every key-service call, to measure
+/// what a remote KMS costs (scripts/bench.sh) without one. Never set it in production.
+fn injected_latency() -> Result<Option<crate::core::volume::ProviderWrapper>> {
+    let Ok(ms) = std::env::var("KMSFS_INJECT_KMS_LATENCY_MS") else {
+        return Ok(None);
+    };
+    let ms: u64 = ms.parse().map_err(|_| {
+        Error::Usage(format!(
+            "KMSFS_INJECT_KMS_LATENCY_MS must be a number of milliseconds, not '{ms}'"
+        ))
+    })?;
+    let latency = std::time::Duration::from_millis(ms);
+    Ok(Some(std::sync::Arc::new(move |inner| {
+        let slow = crate::keys::fault::FaultyProvider::new(inner, 1);
+        slow.set(
+            None,
+            crate::keys::fault::Faults {
+                latency,
+                ..Default::default()
+            },
+        );
+        std::sync::Arc::new(slow) as std::sync::Arc<dyn crate::keys::KeyProvider>
+    })))
 }
 
 /// Parses a PATH argument (relative to the volume root) and refuses kmsfs's own names.

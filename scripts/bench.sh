@@ -1,0 +1,203 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark: a plain directory, gocryptfs and kmsfs (local key provider, and the
+# same with KMS_LATENCY_MS of injected latency per key call) on the same disk, in one run.
+# Workloads (SPEC §8): streaming write and read of 512 MiB in 128 KiB blocks (caches dropped
+# between), untar of a generated ~15k-file source-like tree, ls -lR, reading every file,
+# rm -rf, fio random 4 KiB read and write. Prints a table with seconds (or IOPS), the ratio
+# kmsfs/gocryptfs, and the key-service calls kmsfs made per workload.
+#
+# Usage: scripts/bench.sh [WORKDIR]    (default: a new directory under /var/tmp)
+# Environment: STREAM_MIB (512), FILES (15000), FIO_SECONDS (10), KMS_LATENCY_MS (5)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STREAM_MIB=${STREAM_MIB:-512}
+FILES=${FILES:-15000}
+FIO_SECONDS=${FIO_SECONDS:-10}
+KMS_LATENCY_MS=${KMS_LATENCY_MS:-5}
+
+need=()
+for tool in gocryptfs fio fusermount3 tar python3 bc; do
+    command -v "$tool" >/dev/null 2>&1 || need+=("$tool")
+done
+if [ ${#need[@]} -gt 0 ]; then
+    pkgs=${need[*]}
+    pkgs=${pkgs//fusermount3/fuse3}
+    echo "installing $pkgs" >&2
+    apt-get update -qq && apt-get install -y -qq $pkgs >/dev/null
+fi
+cargo build --release --quiet --bin kmsfs
+KMSFS=$PWD/target/release/kmsfs
+
+work=${1:-$(mktemp -d /var/tmp/kmsfs-bench.XXXXXX)}
+mkdir -p "$work"
+results=$work/results.tsv
+: > "$results"
+cleanup() {
+    for m in "$work"/*/mnt; do
+        mountpoint -q "$m" 2>/dev/null && { fusermount3 -u "$m" 2>/dev/null || umount -l "$m"; }
+    done
+}
+trap cleanup EXIT
+
+drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true; }
+
+# The source-like tree, generated deterministically once: ~100 files per directory, sizes
+# drawn from a long-tailed distribution like a real source tree (median ~4 KB, some large).
+tarball=$work/tree.tar
+if [ ! -f "$tarball" ]; then
+    python3 - "$work/tree" "$FILES" <<'PY'
+import os, random, sys
+root, n = sys.argv[1], int(sys.argv[2])
+rng = random.Random(2026)
+words = [b"fn ", b"let ", b"struct ", b"impl ", b"return ", b"match ", b"if ", b"else ",
+         b"self", b"value", b"error", b"result", b"buffer", b"index", b"(", b")", b"{", b"}",
+         b";\n", b"    ", b"// ", b"\n"]
+for i in range(n):
+    d = os.path.join(root, f"crate{i // 1000:02d}", f"module{(i // 100) % 10}")
+    os.makedirs(d, exist_ok=True)
+    size = min(int(rng.lognormvariate(8.3, 1.1)), 400_000)
+    out = bytearray()
+    while len(out) < size:
+        out += rng.choice(words)
+    with open(os.path.join(d, f"file{i}.rs"), "wb") as f:
+        f.write(out[:size])
+PY
+    tar -C "$work/tree" -cf "$tarball" .
+    rm -rf "$work/tree"
+fi
+
+now() { date +%s.%N; }
+record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >> "$results"; } # fs workload value calls
+
+# Key-service calls so far (sum over kinds), for kmsfs mounts.
+kms_calls() {
+    if [ "$1" = kmsfs ] || [ "$1" = kmsfs-latency ]; then
+        "$KMSFS" status --json "$2" | python3 -c '
+import json, sys
+calls = json.load(sys.stdin)["kms_calls"]
+print(" ".join("%s=%d" % (k, v["requests"]) for k, v in sorted(calls.items()) if v["requests"]))'
+    else
+        echo "-"
+    fi
+}
+
+# Calls made between two snapshots, as "Op=n" pairs.
+delta() {
+    python3 - "$1" "$2" <<'PY'
+import sys
+def parse(s):
+    return {} if s in ("-", "") else {k: int(v) for k, v in (p.split("=") for p in s.split())}
+a, b = parse(sys.argv[1]), parse(sys.argv[2])
+print(" ".join(f"{k}={b[k]-a.get(k,0)}" for k in sorted(b) if b[k] - a.get(k, 0)) or ("-" if not b else "0"))
+PY
+}
+
+timed() { # fs dir workload command...
+    local fs=$1 dir=$2 name=$3; shift 3
+    local before after t0 t1
+    before=$(kms_calls "$fs" "$dir")
+    t0=$(now)
+    "$@"
+    t1=$(now)
+    after=$(kms_calls "$fs" "$dir")
+    record "$fs" "$name" "$(echo "$t1 - $t0" | bc)" "$(delta "$before" "$after")"
+}
+
+fio_iops() { # file rw
+    fio --name=bench --filename="$1" --size=256M --bs=4k --rw="$2" --ioengine=psync \
+        --runtime="$FIO_SECONDS" --time_based --output-format=terse --terse-version=3 \
+        2>/dev/null | awk -F';' -v rw="$2" '{ print (rw == "randread") ? $8 : $49 }'
+}
+
+run_workloads() { # fs dir
+    local fs=$1 dir=$2
+    drop_caches
+    timed "$fs" "$dir" "write ${STREAM_MIB} MiB" \
+        dd if=/dev/zero of="$dir/stream" bs=128k count=$((STREAM_MIB * 8)) conv=fsync status=none
+    drop_caches
+    timed "$fs" "$dir" "read ${STREAM_MIB} MiB" dd if="$dir/stream" of=/dev/null bs=128k status=none
+    rm -f "$dir/stream"
+    mkdir -p "$dir/src"
+    timed "$fs" "$dir" "untar ${FILES} files" tar -C "$dir/src" -xf "$tarball"
+    sync
+    # A fresh mount for the walks: cold kernel caches and, for kmsfs, a cold key cache (every
+    # file read costs a Decrypt, as for a backup job or after a reboot).
+    remount_$fs
+    drop_caches
+    timed "$fs" "$dir" "ls -lR" sh -c "ls -lR '$dir/src' > /dev/null"
+    drop_caches
+    timed "$fs" "$dir" "read all files" sh -c "find '$dir/src' -type f -exec cat {} + > /dev/null"
+    timed "$fs" "$dir" "rm -rf" rm -rf "$dir/src"
+    local before after
+    before=$(kms_calls "$fs" "$dir")
+    record "$fs" "fio randwrite 4k (IOPS)" "$(fio_iops "$dir/fio" randwrite)" "-"
+    drop_caches
+    record "$fs" "fio randread 4k (IOPS)" "$(fio_iops "$dir/fio" randread)" "-"
+    rm -f "$dir/fio"
+}
+
+remount_plain() { :; }
+remount_gocryptfs() {
+    fusermount3 -u "$work/gocryptfs/mnt"
+    gocryptfs -q -passfile "$work/gocryptfs/pass" "$work/gocryptfs/cipher" "$work/gocryptfs/mnt" 2>/dev/null
+}
+mount_kmsfs() { # variant
+    local base=$work/$1
+    if [ "$1" = kmsfs-latency ]; then
+        XDG_CONFIG_HOME=$base/config KMSFS_INJECT_KMS_LATENCY_MS=$KMS_LATENCY_MS \
+            "$KMSFS" mount "$base/backing" "$base/mnt"
+    else
+        XDG_CONFIG_HOME=$base/config "$KMSFS" mount "$base/backing" "$base/mnt"
+    fi
+}
+remount_kmsfs() { "$KMSFS" umount "$work/kmsfs/mnt"; mount_kmsfs kmsfs; }
+remount_kmsfs-latency() { "$KMSFS" umount "$work/kmsfs-latency/mnt"; mount_kmsfs kmsfs-latency; }
+
+# plain
+mkdir -p "$work/plain/mnt"
+run_workloads plain "$work/plain/mnt"
+
+# gocryptfs
+mkdir -p "$work/gocryptfs/cipher" "$work/gocryptfs/mnt"
+echo bench > "$work/gocryptfs/pass"
+[ -f "$work/gocryptfs/cipher/gocryptfs.conf" ] ||
+    gocryptfs -init -q -passfile "$work/gocryptfs/pass" "$work/gocryptfs/cipher" >/dev/null
+gocryptfs -q -passfile "$work/gocryptfs/pass" "$work/gocryptfs/cipher" "$work/gocryptfs/mnt" 2>/dev/null
+run_workloads gocryptfs "$work/gocryptfs/mnt"
+fusermount3 -u "$work/gocryptfs/mnt"
+
+# kmsfs, local provider, then with injected key-service latency
+for variant in kmsfs kmsfs-latency; do
+    base=$work/$variant
+    rm -rf "$base"
+    mkdir -p "$base/backing" "$base/mnt"
+    XDG_CONFIG_HOME=$base/config "$KMSFS" init "$base/backing" >/dev/null
+    mount_kmsfs "$variant"
+    run_workloads "$variant" "$base/mnt"
+    "$KMSFS" umount "$base/mnt"
+done
+
+python3 - "$results" "$KMS_LATENCY_MS" <<'PY'
+import sys
+rows, lat = sys.argv[1], sys.argv[2]
+data, calls, order = {}, {}, []
+for line in open(rows):
+    fs, w, v, c = line.rstrip("\n").split("\t")
+    data[(fs, w)] = float(v) if v else float("nan")
+    if fs.startswith("kmsfs"):
+        calls[(fs, w)] = c
+    if w not in order:
+        order.append(w)
+def ratio(w, fs):
+    k, g = data.get((fs, w)), data.get(("gocryptfs", w))
+    if not k or not g:
+        return "-"
+    # For IOPS higher is better: report speedup the same way (kmsfs time / gocryptfs time).
+    return f"{(g / k) if 'IOPS' in w else (k / g):.2f}"
+print(f"{'workload':<24} {'plain':>9} {'gocryptfs':>10} {'kmsfs':>9} {'k/g':>6} {'kmsfs+'+lat+'ms':>11} {'k/g':>6}  key calls (kmsfs | +latency)")
+for w in order:
+    vals = [data.get((fs, w)) for fs in ("plain", "gocryptfs", "kmsfs", "kmsfs-latency")]
+    fmt = lambda v: "-" if v is None else (f"{v:.0f}" if "IOPS" in w else f"{v:.2f}")
+    print(f"{w:<24} {fmt(vals[0]):>9} {fmt(vals[1]):>10} {fmt(vals[2]):>9} {ratio(w,'kmsfs'):>6} {fmt(vals[3]):>11} {ratio(w,'kmsfs-latency'):>6}  {calls.get(('kmsfs',w),'-')} | {calls.get(('kmsfs-latency',w),'-')}")
+print("times in seconds (lower is better) except IOPS; k/g = kmsfs time / gocryptfs time (for IOPS: gocryptfs IOPS / kmsfs IOPS), so below 1 means kmsfs is faster")
+PY
