@@ -49,6 +49,10 @@ pub struct MountArgs {
     /// Most key-service calls in flight at once
     #[arg(long, value_name = "N", default_value_t = DEFAULT_CONCURRENCY)]
     pub kms_concurrency: usize,
+    /// When a file is opened, fetch the keys of up to N files beside it in the background
+    /// (0: never)
+    #[arg(long, value_name = "N", default_value_t = crate::core::fs::DEFAULT_PREFETCH)]
+    pub key_prefetch: usize,
 }
 
 #[derive(Debug, Args)]
@@ -179,7 +183,9 @@ fn serve(args: &MountArgs, ready: impl FnOnce()) -> Result<()> {
         .backing
         .canonicalize()
         .unwrap_or_else(|_| args.volume.backing.clone());
-    let core = Arc::new(KmsFs::new(volume, args.read_only)?);
+    let mut core = KmsFs::new(volume, args.read_only)?;
+    core.set_key_prefetch(args.key_prefetch);
+    let core = Arc::new(core);
     let status_path = super::status::socket_path(&args.mountpoint);
 
     let mut options = vec![

@@ -77,7 +77,10 @@ pub fn translate(args: &[OsString]) -> Result<Vec<OsString>> {
         match (name, value) {
             ("ro", None) => out.push("--read-only".into()),
             ("allow_other", None) => out.push("--allow-other".into()),
-            ("key" | "key_cache_entries" | "key_cache_ttl" | "kms_concurrency", Some(v)) => {
+            (
+                "key" | "key_cache_entries" | "key_cache_ttl" | "kms_concurrency" | "key_prefetch",
+                Some(v),
+            ) => {
                 out.push(format!("--{}", name.replace('_', "-")).into());
                 out.push(v.into());
             }
@@ -85,7 +88,7 @@ pub fn translate(args: &[OsString]) -> Result<Vec<OsString>> {
             _ => {
                 return Err(Error::Usage(format!(
                     "unknown mount option '{o}' (kmsfs takes ro, allow_other, key=KEY, \
-                     key_cache_entries=N, key_cache_ttl=DURATION, kms_concurrency=N)"
+                     key_cache_entries=N, key_cache_ttl=DURATION, kms_concurrency=N, key_prefetch=N)"
                 )))
             }
         }

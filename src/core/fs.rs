@@ -104,7 +104,7 @@ struct Node {
 }
 
 pub struct KmsFs {
-    volume: Volume,
+    volume: Arc<Volume>,
     read_only: bool,
     root_backing_ino: u64,
     nodes: Mutex<HashMap<u64, Node>>,
@@ -115,6 +115,25 @@ pub struct KmsFs {
     journal: Journal,
     /// Opens, reads and writes that failed (authentication, key service, backing I/O).
     io_errors: AtomicU64,
+    prefetch: Prefetch,
+}
+
+/// Key prefetch for a directory being read: when a file is opened cold, the data keys of the
+/// other files in its directory are unwrapped in the background (in parallel, under the
+/// keyring's concurrency limit) into the key cache, so a walk that reads every file waits for
+/// one key-service round trip per directory rather than per file. Bounded: at most `limit`
+/// files per directory, each directory once per `every`, at most `MAX_JOBS` directories at a
+/// time; a walk that only lists (`ls -lR`) never triggers it.
+struct Prefetch {
+    limit: usize,
+    every: std::time::Duration,
+    recent: Mutex<HashMap<CanonicalPath, std::time::Instant>>,
+    jobs: Arc<AtomicU64>,
+}
+
+impl Prefetch {
+    const MAX_JOBS: u64 = 4;
+    const THREADS: usize = 16;
 }
 
 fn kind_of(ft: fs::FileType) -> Kind {
@@ -141,6 +160,67 @@ fn io_err(what: &str, path: &CanonicalPath, e: std::io::Error) -> Error {
 
 fn cstr(p: &Path) -> Result<CString> {
     CString::new(p.as_os_str().as_bytes()).map_err(|_| os("path with NUL", libc::EINVAL))
+}
+
+/// Files per directory whose keys a cold open prefetches, by default.
+pub const DEFAULT_PREFETCH: usize = 256;
+
+/// Unwraps into the key cache the data keys of up to `limit` regular files in `dir` (other
+/// than `skip`), reading only their headers (without touching access times).
+fn prefetch_dir(volume: &Volume, dir: &CanonicalPath, skip: &CanonicalPath, limit: usize) {
+    let Ok(names) = list_dir(&volume.backing_path(dir), true) else {
+        return;
+    };
+    let mut files: Vec<CanonicalPath> = names
+        .into_iter()
+        .filter(|n| !is_reserved_name(n.as_bytes(), dir.is_root()))
+        .filter_map(|n| dir.join(n.as_bytes()).ok())
+        .filter(|p| p != skip)
+        .collect();
+    files.sort();
+    files.truncate(limit);
+    let next = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..Prefetch::THREADS.min(files.len()) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                let Some(p) = files.get(i) else { return };
+                let _ = prefetch_key(volume, p);
+            });
+        }
+    });
+}
+
+/// One file's key into the cache (nothing for anything but an authentic file here).
+fn prefetch_key(volume: &Volume, path: &CanonicalPath) -> Result<()> {
+    let backing = volume.backing_path(path);
+    if !fs::symlink_metadata(&*backing).is_ok_and(|m| m.is_file()) {
+        return Ok(());
+    }
+    let file =
+        super::file::open_backing(&backing, false).map_err(|e| io_err("cannot open", path, e))?;
+    let (header, _) = read_header(&file, path)?;
+    let mac_key = volume.header_mac_key(&header.preamble.file_id);
+    let Some((_, slot)) = header
+        .candidates()
+        .into_iter()
+        .find(|(slot, _)| header.verify_mac(*slot, &mac_key))
+    else {
+        return Ok(());
+    };
+    let mine: Vec<_> = slot
+        .envelopes
+        .iter()
+        .filter(|e| &e.path == path)
+        .map(|e| &e.key)
+        .collect();
+    if !mine.is_empty() {
+        volume
+            .keyring()
+            .unwrap(&mine, &volume.file_context(path))
+            .map_err(|e| Error::key(path, e))?;
+    }
+    Ok(())
 }
 
 /// The names in a backing directory. With `noatime` (a read-only mount) the directory is
@@ -220,7 +300,7 @@ impl KmsFs {
         );
         let journal = Journal::new(volume.root());
         let core = KmsFs {
-            volume,
+            volume: Arc::new(volume),
             read_only,
             root_backing_ino: root_meta.ino(),
             nodes: Mutex::new(nodes),
@@ -230,11 +310,57 @@ impl KmsFs {
             namespace: Mutex::new(()),
             journal,
             io_errors: AtomicU64::new(0),
+            prefetch: Prefetch {
+                limit: DEFAULT_PREFETCH,
+                every: std::time::Duration::from_secs(60),
+                recent: Mutex::new(HashMap::new()),
+                jobs: Arc::new(AtomicU64::new(0)),
+            },
         };
         if !read_only {
             core.finish_interrupted_rebinds();
         }
         Ok(core)
+    }
+
+    /// Files per directory whose keys a cold open prefetches (0: none).
+    pub fn set_key_prefetch(&mut self, files: usize) {
+        self.prefetch.limit = files;
+    }
+
+    /// Starts prefetching the keys of the files beside `path` (see [`Prefetch`]).
+    fn prefetch_beside(&self, path: &CanonicalPath) {
+        let p = &self.prefetch;
+        let Some(dir) = path.parent() else { return };
+        if p.limit == 0 || p.jobs.load(Ordering::Relaxed) >= Prefetch::MAX_JOBS {
+            return;
+        }
+        {
+            let now = std::time::Instant::now();
+            let mut recent = p.recent.lock().unwrap();
+            if recent
+                .get(&dir)
+                .is_some_and(|t| now.duration_since(*t) < p.every)
+            {
+                return;
+            }
+            if recent.len() > 4096 {
+                recent.retain(|_, t| now.duration_since(*t) < p.every);
+            }
+            recent.insert(dir.clone(), now);
+        }
+        p.jobs.fetch_add(1, Ordering::Relaxed);
+        let (volume, jobs, limit, skip) =
+            (self.volume.clone(), p.jobs.clone(), p.limit, path.clone());
+        let spawned = std::thread::Builder::new()
+            .name("kmsfs-prefetch".into())
+            .spawn(move || {
+                prefetch_dir(&volume, &dir, &skip, limit);
+                jobs.fetch_sub(1, Ordering::Relaxed);
+            });
+        if spawned.is_err() {
+            p.jobs.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     pub fn read_only(&self) -> bool {
@@ -1116,6 +1242,7 @@ impl KmsFs {
                             self.io_errors.fetch_add(1, Ordering::Relaxed);
                             tracing::error!("open failed: {e}");
                         })?;
+                    self.prefetch_beside(&path);
                     let n = Arc::new(OpenNode {
                         file: RwLock::new(file),
                     });

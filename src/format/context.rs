@@ -198,6 +198,19 @@ impl CanonicalPath {
         PathBuf::from(OsStr::from_bytes(&bytes))
     }
 
+    /// The directory holding this path (None for the root).
+    pub fn parent(&self) -> Option<Self> {
+        if self.is_root() {
+            return None;
+        }
+        let cut = self.0.rfind('/').expect("canonical paths start with '/'");
+        Some(CanonicalPath(if cut == 0 {
+            "/".to_string()
+        } else {
+            self.0[..cut].to_string()
+        }))
+    }
+
     /// The child `name` (raw bytes of one component) of this directory path.
     pub fn join(&self, name: &[u8]) -> Result<Self, FormatError> {
         if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') {
@@ -268,6 +281,15 @@ mod tests {
 
     fn user(s: &[u8]) -> Result<CanonicalPath, FormatError> {
         CanonicalPath::from_user(Path::new(OsStr::from_bytes(s)))
+    }
+
+    #[test]
+    fn parents_walk_up_to_the_root() {
+        let p = user(b"a/b%/c").unwrap();
+        let parents: Vec<String> = std::iter::successors(Some(p), |p| p.parent())
+            .map(|p| p.as_str().to_string())
+            .collect();
+        assert_eq!(parents, ["/a/b%25/c", "/a/b%25", "/a", "/"]);
     }
 
     #[test]

@@ -1,0 +1,112 @@
+//! Key prefetch (core, no mount): opening one file of a directory fetches the keys of the files
+//! beside it in parallel, so reading the whole directory waits for about one key-service round
+//! trip, not one per file; it is bounded, and off when set to 0.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{pattern, TestVolume};
+use kmsfs::core::fs::{KmsFs, ROOT_INO};
+use kmsfs::core::volume::{KeyOptions, OpenOptions};
+use kmsfs::core::Volume;
+use kmsfs::keys::fault::{Faults, FaultyProvider};
+use kmsfs::keys::{KeyProvider, KmsOp};
+
+const LATENCY: Duration = Duration::from_millis(30);
+
+/// A fresh core (cold key cache) whose key service answers after `LATENCY`.
+fn slow_core(v: &TestVolume, prefetch: usize) -> (KmsFs, Arc<FaultyProvider>) {
+    let made: Arc<Mutex<Option<Arc<FaultyProvider>>>> = Arc::default();
+    let slot = made.clone();
+    let options = OpenOptions {
+        key_options: KeyOptions {
+            wrap_provider: Some(Arc::new(move |inner: Arc<dyn KeyProvider>| {
+                let f = Arc::new(FaultyProvider::new(inner, 3));
+                f.set(
+                    None,
+                    Faults {
+                        latency: LATENCY,
+                        ..Default::default()
+                    },
+                );
+                *slot.lock().unwrap() = Some(f.clone());
+                f as Arc<dyn KeyProvider>
+            })),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let volume = Volume::open(&v.backing, &options).unwrap();
+    let mut core = KmsFs::new(volume, true).unwrap();
+    core.set_key_prefetch(prefetch);
+    let provider = made.lock().unwrap().clone().unwrap();
+    (core, provider)
+}
+
+fn volume(files: usize) -> TestVolume {
+    let v = TestVolume::new(4096);
+    std::fs::create_dir(v.backing.join("dir")).unwrap();
+    for i in 0..files {
+        v.write(&format!("dir/f{i:03}"), &pattern(100 + i, i as u8));
+    }
+    v
+}
+
+/// Opens and reads every file of `dir` in name order; returns the time it took.
+fn read_all(core: &KmsFs, files: usize) -> Duration {
+    let dir = core.lookup(ROOT_INO, OsStr::new("dir")).unwrap().ino;
+    let t0 = Instant::now();
+    for i in 0..files {
+        let ino = core
+            .lookup(dir, OsStr::new(&format!("f{i:03}")))
+            .unwrap()
+            .ino;
+        let fh = core.open(ino, libc::O_RDONLY).unwrap();
+        assert_eq!(core.read(fh, 0, 4096).unwrap(), pattern(100 + i, i as u8));
+        core.release(fh);
+    }
+    t0.elapsed()
+}
+
+#[test]
+fn reading_a_directory_waits_for_about_one_round_trip() {
+    let files = 60;
+    let v = volume(files);
+    let (core, provider) = slow_core(&v, 256);
+    let took = read_all(&core, files);
+    // Without prefetch: 60 sequential Decrypts of 30 ms = 1.8 s.
+    assert!(
+        took < LATENCY * (files as u32) / 3,
+        "read {files} files in {took:?}"
+    );
+    // Every key fetched once (the volume key, the first file, its 59 neighbours).
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(provider.calls(KmsOp::Decrypt), 1 + files as u64);
+}
+
+#[test]
+fn prefetch_is_bounded_and_can_be_turned_off() {
+    let files = 40;
+    let v = volume(files);
+    let (core, provider) = slow_core(&v, 10);
+    let dir = core.lookup(ROOT_INO, OsStr::new("dir")).unwrap().ino;
+    let ino = core.lookup(dir, OsStr::new("f000")).unwrap().ino;
+    core.release(core.open(ino, libc::O_RDONLY).unwrap());
+    std::thread::sleep(LATENCY * 6);
+    assert_eq!(
+        provider.calls(KmsOp::Decrypt),
+        1 + 1 + 10,
+        "volume key, f000, 10 more"
+    );
+
+    let (core, provider) = slow_core(&v, 0);
+    let took = read_all(&core, files);
+    assert!(
+        took >= LATENCY * files as u32,
+        "sequential without prefetch: {took:?}"
+    );
+    assert_eq!(provider.calls(KmsOp::Decrypt), 1 + files as u64);
+}
