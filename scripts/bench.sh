@@ -34,8 +34,11 @@ results=$work/results.tsv
 : > "$results"
 cleanup() {
     for m in "$work"/*/mnt; do
-        mountpoint -q "$m" 2>/dev/null && { fusermount3 -u "$m" 2>/dev/null || umount -l "$m"; }
+        if mountpoint -q "$m" 2>/dev/null; then
+            fusermount3 -u "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
+        fi
     done
+    return 0
 }
 trap cleanup EXIT
 
