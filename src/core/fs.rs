@@ -116,6 +116,32 @@ pub struct KmsFs {
     /// Opens, reads and writes that failed (authentication, key service, backing I/O).
     io_errors: AtomicU64,
     prefetch: Prefetch,
+    layouts: Layouts,
+}
+
+/// Block layouts (header size, block size) of files whose preamble a stat has read, by backing
+/// file identity (device, inode, birth time): a preamble never changes for the life of a
+/// backing file, so the next stat of it (`ls -l` then `rm -rf`, a second walk) reads nothing.
+/// A file rewritten in place on the backing store keeps its identity and could be sized from
+/// the old preamble; reading it still authenticates the real header. Bounded; where the
+/// filesystem has no birth time nothing is remembered.
+#[derive(Default)]
+struct Layouts(Mutex<HashMap<(u64, u64, std::time::Duration), crate::format::block::Layout>>);
+
+impl Layouts {
+    const MAX: usize = 200_000;
+
+    fn get(&self, id: &(u64, u64, std::time::Duration)) -> Option<crate::format::block::Layout> {
+        self.0.lock().unwrap().get(id).copied()
+    }
+
+    fn put(&self, id: (u64, u64, std::time::Duration), layout: crate::format::block::Layout) {
+        let mut map = self.0.lock().unwrap();
+        if map.len() >= Self::MAX {
+            map.clear();
+        }
+        map.insert(id, layout);
+    }
 }
 
 /// Key prefetch for a directory being read: when a file is opened cold, the data keys of the
@@ -310,6 +336,7 @@ impl KmsFs {
             namespace: Mutex::new(()),
             journal,
             io_errors: AtomicU64::new(0),
+            layouts: Layouts::default(),
             prefetch: Prefetch {
                 limit: DEFAULT_PREFETCH,
                 every: std::time::Duration::from_secs(60),
@@ -487,8 +514,9 @@ impl KmsFs {
     }
 
     /// The plaintext size of a regular file: from its open instance, else from its preamble
-    /// and length (one 64-byte read, no key).
-    fn plaintext_size(&self, ino: u64, backing: &Path, len: u64) -> Result<u64> {
+    /// and length (one 64-byte read, no key; remembered, see [`Layouts`]).
+    fn plaintext_size(&self, ino: u64, backing: &Path, meta: &fs::Metadata) -> Result<u64> {
+        let len = meta.len();
         if let Some(node) = self
             .open
             .lock()
@@ -497,6 +525,16 @@ impl KmsFs {
             .and_then(|w| w.upgrade())
         {
             return Ok(node.file.read().unwrap().size());
+        }
+        let identity = meta
+            .created()
+            .ok()
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map(|born| (meta.dev(), meta.ino(), born));
+        if let Some(layout) = identity.and_then(|id| self.layouts.get(&id)) {
+            return layout
+                .plaintext_len(len)
+                .map_err(|e| Error::format(backing.display(), e));
         }
         // A stat is not an access: the preamble read leaves the access time alone.
         let file = super::file::open_backing(backing, false)
@@ -513,6 +551,9 @@ impl KmsFs {
             data_offset: pre.data_offset(),
             block_size: pre.block_size,
         };
+        if let Some(id) = identity {
+            self.layouts.put(id, layout);
+        }
         layout
             .plaintext_len(len)
             .map_err(|e| Error::format(backing.display(), e))
@@ -522,7 +563,7 @@ impl KmsFs {
         let ino = self.ino_of(meta.ino());
         let kind = kind_of(meta.file_type());
         let size = if kind == Kind::File {
-            self.plaintext_size(ino, &self.backing(path), meta.len())?
+            self.plaintext_size(ino, &self.backing(path), meta)?
         } else {
             meta.len()
         };
