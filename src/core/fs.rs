@@ -199,6 +199,8 @@ fn prefetch_dir(volume: &Volume, dir: &CanonicalPath, skip: &CanonicalPath, limi
     };
     let mut files: Vec<CanonicalPath> = names
         .into_iter()
+        .filter(|(_, _, t)| *t == libc::DT_REG || *t == libc::DT_UNKNOWN)
+        .map(|(n, _, _)| n)
         .filter(|n| !is_reserved_name(n.as_bytes(), dir.is_root()))
         .filter_map(|n| dir.join(n.as_bytes()).ok())
         .filter(|p| p != skip)
@@ -251,7 +253,9 @@ fn prefetch_key(volume: &Volume, path: &CanonicalPath) -> Result<()> {
 
 /// The names in a backing directory. With `noatime` (a read-only mount) the directory is
 /// opened with `O_NOATIME`, so listing it writes nothing to the backing store.
-fn list_dir(path: &Path, noatime: bool) -> std::io::Result<Vec<OsString>> {
+/// Each with the inode number and type the directory itself records (`d_ino`, `d_type`), so a
+/// listing needs no stat per entry.
+fn list_dir(path: &Path, noatime: bool) -> std::io::Result<Vec<(OsString, u64, u8)>> {
     let c = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
     let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC;
@@ -288,7 +292,9 @@ fn list_dir(path: &Path, noatime: bool) -> std::io::Result<Vec<OsString>> {
         let name = unsafe { std::ffi::CStr::from_ptr((*entry).d_name.as_ptr()) };
         let bytes = name.to_bytes();
         if bytes != b"." && bytes != b".." {
-            names.push(OsString::from_vec(bytes.to_vec()));
+            // SAFETY: the entry is valid until the next readdir.
+            let (ino, kind) = unsafe { ((*entry).d_ino, (*entry).d_type) };
+            names.push((OsString::from_vec(bytes.to_vec()), ino, kind));
         }
     }
     // SAFETY: closes the stream and its descriptor.
@@ -1386,19 +1392,28 @@ impl KmsFs {
                 name: "..".into(),
             },
         ];
-        let mut names: Vec<OsString> = list_dir(&backing, self.read_only)
-            .map_err(|e| io_err("cannot read", &path, e))?
-            .into_iter()
-            .filter(|n| !is_reserved_name(n.as_bytes(), path.is_root()))
-            .collect();
-        names.sort();
-        for name in names {
-            let Ok(m) = fs::symlink_metadata(backing.join(&name)) else {
-                continue;
+        let mut entries =
+            list_dir(&backing, self.read_only).map_err(|e| io_err("cannot read", &path, e))?;
+        entries.retain(|(n, _, _)| !is_reserved_name(n.as_bytes(), path.is_root()));
+        entries.sort();
+        for (name, ino, d_type) in entries {
+            let kind = match d_type {
+                libc::DT_REG => Kind::File,
+                libc::DT_DIR => Kind::Dir,
+                libc::DT_LNK => Kind::Symlink,
+                libc::DT_FIFO => Kind::Fifo,
+                libc::DT_SOCK => Kind::Socket,
+                libc::DT_CHR => Kind::CharDevice,
+                libc::DT_BLK => Kind::BlockDevice,
+                // The filesystem does not record types: ask.
+                _ => match fs::symlink_metadata(backing.join(&name)) {
+                    Ok(m) => kind_of(m.file_type()),
+                    Err(_) => continue,
+                },
             };
             out.push(DirEntry {
-                ino: self.ino_of(m.ino()),
-                kind: kind_of(m.file_type()),
+                ino: self.ino_of(ino),
+                kind,
                 name,
             });
         }
