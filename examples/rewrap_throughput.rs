@@ -81,13 +81,7 @@ fn main() {
     for &j in &jobs {
         let mut vol = Volume::open(&backing, &options).unwrap();
         let (to_id, _) = vol.add_trusted_key(&KeySpec::Local(to.0.clone())).unwrap();
-        let old: Vec<String> = vol
-            .config()
-            .trusted_keys
-            .iter()
-            .map(|t| t.id.clone())
-            .filter(|id| id != &to_id)
-            .collect();
+        let old = vol.other_trusted_keys(&to_id);
         let list = vol.files_beneath(&CanonicalPath::root()).unwrap();
         let t = Instant::now();
         let s = rewrap_files(&vol, &list, &old, &to_id, j, false, &|_| {});

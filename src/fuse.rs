@@ -90,6 +90,20 @@ fn entry(reply: ReplyEntry, result: Result<Attr, Error>) {
     }
 }
 
+fn attributes(reply: ReplyAttr, result: Result<Attr, Error>) {
+    match result {
+        Ok(a) => reply.attr(&TTL, &attr(&a)),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
+fn data(reply: ReplyData, result: Result<Vec<u8>, Error>) {
+    match result {
+        Ok(d) => reply.data(&d),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
 fn empty(reply: ReplyEmpty, result: Result<(), Error>) {
     match result {
         Ok(()) => reply.ok(),
@@ -121,10 +135,7 @@ impl Filesystem for FuseFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.core.getattr(ino.0) {
-            Ok(a) => reply.attr(&TTL, &attr(&a)),
-            Err(e) => reply.error(errno(&e)),
-        }
+        attributes(reply, self.core.getattr(ino.0));
     }
 
     fn setattr(
@@ -158,17 +169,11 @@ impl Filesystem for FuseFs {
             mt_now,
             fh.map(|f| f.0),
         );
-        match result {
-            Ok(a) => reply.attr(&TTL, &attr(&a)),
-            Err(e) => reply.error(errno(&e)),
-        }
+        attributes(reply, result);
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.core.readlink(ino.0) {
-            Ok(t) => reply.data(&t),
-            Err(e) => reply.error(errno(&e)),
-        }
+        data(reply, self.core.readlink(ino.0));
     }
 
     fn mknod(
@@ -276,10 +281,7 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.core.read(fh.0, offset, size) {
-            Ok(data) => reply.data(&data),
-            Err(e) => reply.error(errno(&e)),
-        }
+        data(reply, self.core.read(fh.0, offset, size));
     }
 
     fn write(

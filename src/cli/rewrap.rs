@@ -55,13 +55,7 @@ pub fn run(args: RewrapArgs) -> Result<()> {
     } else {
         volume.add_trusted_key(&to)?
     };
-    let old: Vec<String> = volume
-        .config()
-        .trusted_keys
-        .iter()
-        .map(|t| t.id.clone())
-        .filter(|id| id != &to_id)
-        .collect();
+    let old = volume.other_trusted_keys(&to_id);
     let files = volume.files_beneath(&CanonicalPath::root())?;
     let terminal = std::io::stderr().is_terminal() && !args.json;
     let total = files.len();

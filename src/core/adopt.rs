@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 use crate::format::context::CanonicalPath;
 use crate::format::envelope::Envelope;
 
-use super::file::{read_header, update_envelopes, EncryptedFile};
+use super::file::{update_envelopes, EncryptedFile};
 use super::volume::Volume;
 
 /// Rebinds the file now at `path` from `from` to `path`; returns the envelopes re-encrypted.
@@ -24,51 +24,43 @@ pub fn adopt(volume: &Volume, path: &CanonicalPath, from: &CanonicalPath) -> Res
         .write(true)
         .open(&*backing)
         .map_err(|e| Error::io(format!("cannot open {path}"), e))?;
-    let (header, _) = read_header(&file, path)?;
-    let mac_key = volume.header_mac_key(&header.preamble.file_id);
-    let newest = header
-        .candidates()
-        .into_iter()
-        .find(|(slot, _)| header.verify_mac(*slot, &mac_key))
-        .map(|(_, c)| c.envelopes.clone())
-        .ok_or_else(|| {
-            Error::format(
-                path,
-                crate::format::FormatError::HeaderAuthFailed(
-                    "no slot with a valid MAC (not a file of this volume?)".into(),
-                ),
-            )
-        })?;
-    if !newest.iter().any(|e| &e.path == from) {
-        let mut bound: Vec<&str> = newest.iter().map(|e| e.path.as_str()).collect();
-        bound.dedup();
-        return Err(Error::Integrity(format!(
-            "{path} is not bound to {from} (it is bound to {}); refusing to adopt",
-            bound.join(", ")
-        )));
-    }
-    drop(header);
     let (from_ctx, to_ctx) = (volume.file_context(from), volume.file_context(path));
     let mut moved = 0;
-    update_envelopes(&file, path, &mac_key, true, |current| {
-        let mut out: Vec<Envelope> = current
-            .iter()
-            .filter(|e| &e.path != from && &e.path != path)
-            .cloned()
-            .collect();
-        for e in current.iter().filter(|e| &e.path == from) {
-            let key = volume
-                .keyring()
-                .rewrap(&e.key, &from_ctx, &e.key.key_id, &to_ctx)
-                .map_err(|err| Error::key(path, err))?;
-            moved += 1;
-            out.push(Envelope {
-                path: path.clone(),
-                key,
-            });
-        }
-        Ok(Some(out))
-    })?;
+    update_envelopes(
+        &file,
+        path,
+        |id| volume.header_mac_key(id),
+        true,
+        |slots| {
+            // Checked under the lock, against the slot in force.
+            let current = slots[0];
+            if !current.iter().any(|e| &e.path == from) {
+                let mut bound: Vec<&str> = current.iter().map(|e| e.path.as_str()).collect();
+                bound.dedup();
+                return Err(Error::Integrity(format!(
+                    "{path} is not bound to {from} (it is bound to {}); refusing to adopt",
+                    bound.join(", ")
+                )));
+            }
+            let mut out: Vec<Envelope> = current
+                .iter()
+                .filter(|e| &e.path != from && &e.path != path)
+                .cloned()
+                .collect();
+            for e in current.iter().filter(|e| &e.path == from) {
+                let key = volume
+                    .keyring()
+                    .rewrap(&e.key, &from_ctx, &e.key.key_id, &to_ctx)
+                    .map_err(|err| Error::key(path, err))?;
+                moved += 1;
+                out.push(Envelope {
+                    path: path.clone(),
+                    key,
+                });
+            }
+            Ok(Some(out))
+        },
+    )?;
     drop(file);
     // The file now opens where it is (commitment, MAC and final block checked).
     EncryptedFile::open(volume, path, false)?.verify_last_block()?;

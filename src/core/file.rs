@@ -474,9 +474,16 @@ impl EncryptedFile {
     pub fn update_envelopes(
         &mut self,
         both_slots: bool,
-        change: impl FnOnce(&[Envelope]) -> Result<Option<Vec<Envelope>>>,
+        change: impl FnOnce(&[&[Envelope]]) -> Result<Option<Vec<Envelope>>>,
     ) -> Result<bool> {
-        let updated = update_envelopes(&self.file, &self.path, &self.mac_key, both_slots, change)?;
+        let mac_key = &self.mac_key;
+        let updated = update_envelopes(
+            &self.file,
+            &self.path,
+            |_| DerivedKey::new(*mac_key.expose()),
+            both_slots,
+            change,
+        )?;
         let changed = updated.is_some();
         if let Some((slot, content)) = updated {
             self.active_slot = slot;
@@ -567,32 +574,32 @@ impl Drop for HeaderLock<'_> {
 }
 
 /// Changes a file's envelope set with no data key: under the file's advisory lock, read the
-/// header, take the newest slot whose MAC verifies under `mac_key` (the volume-derived header
-/// key), let `change` compute the new set from it, and write that to the other slot with the
-/// next generation, made durable before it counts. With `both_slots` the set is then written
-/// over the older slot too (next generation again), so no slot keeps envelopes that are gone:
-/// a rename's dropped name, or a rewrap's retired key. Returns the slot now in force and its
-/// content, or None when `change` left the set as it was.
+/// header, let `change` see the envelope sets of the slots whose MAC verifies under the key
+/// `mac_key` gives for the file id (the volume-derived header key), newest first, and write the
+/// set it returns to the slot not in force with the next generation, made durable before it
+/// counts. With `both_slots` the set is then written over the older slot too (next generation
+/// again), so no slot keeps envelopes that are gone: a rename's dropped name, or a rewrap's
+/// retired key. Returns the slot now in force and its content, or None when `change` left the
+/// set as it was.
 pub fn update_envelopes(
     file: &File,
     path: &CanonicalPath,
-    mac_key: &DerivedKey,
+    mac_key: impl FnOnce(&[u8; 16]) -> DerivedKey,
     both_slots: bool,
-    change: impl FnOnce(&[Envelope]) -> Result<Option<Vec<Envelope>>>,
+    change: impl FnOnce(&[&[Envelope]]) -> Result<Option<Vec<Envelope>>>,
 ) -> Result<Option<(usize, SlotContent)>> {
     let _lock = HeaderLock::take(file, path)?;
     let (header, _) = read_header(file, path)?;
-    let (slot, current) = header
-        .candidates()
-        .into_iter()
-        .find(|(slot, _)| header.verify_mac(*slot, mac_key))
-        .ok_or_else(|| {
-            Error::format(
-                path,
-                FormatError::HeaderAuthFailed("no slot with a valid MAC".into()),
-            )
-        })?;
-    let Some(envelopes) = change(&current.envelopes)? else {
+    let mac_key = mac_key(&header.preamble.file_id);
+    let authentic = header.authentic(&mac_key);
+    let Some(&(slot, current)) = authentic.first() else {
+        return Err(Error::format(
+            path,
+            FormatError::HeaderAuthFailed("no slot with a valid MAC".into()),
+        ));
+    };
+    let sets: Vec<&[Envelope]> = authentic.iter().map(|(_, c)| &c.envelopes[..]).collect();
+    let Some(envelopes) = change(&sets)? else {
         return Ok(None);
     };
     let mut generation = current.generation;
@@ -605,7 +612,7 @@ pub fn update_envelopes(
             envelopes: envelopes.clone(),
         };
         let sealed =
-            seal_slot(&header.preamble, &content, mac_key).map_err(|e| Error::format(path, e))?;
+            seal_slot(&header.preamble, &content, &mac_key).map_err(|e| Error::format(path, e))?;
         file.write_all_at(&sealed, header.preamble.slot_offset(target))
             .and_then(|_| file.sync_data())
             .map_err(|e| Error::io(format!("cannot write the header of {path}"), e))?;

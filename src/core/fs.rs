@@ -228,12 +228,8 @@ fn prefetch_key(volume: &Volume, path: &CanonicalPath) -> Result<()> {
     let file =
         super::file::open_backing(&backing, false).map_err(|e| io_err("cannot open", path, e))?;
     let (header, _) = read_header(&file, path)?;
-    let mac_key = volume.header_mac_key(&header.preamble.file_id);
-    let Some((_, slot)) = header
-        .candidates()
-        .into_iter()
-        .find(|(slot, _)| header.verify_mac(*slot, &mac_key))
-    else {
+    let authentic = header.authentic(&volume.header_mac_key(&header.preamble.file_id));
+    let Some((_, slot)) = authentic.first() else {
         return Ok(());
     };
     let mine: Vec<_> = slot
@@ -891,7 +887,8 @@ impl KmsFs {
             .backing_file()
             .metadata()
             .map_err(|e| io_err("cannot stat", from, e))?;
-        f.update_envelopes(false, |current| {
+        f.update_envelopes(false, |slots| {
+            let current = slots[0];
             let mut envelopes = self.live_envelopes(current, &me, from);
             let pruned = envelopes.len() != current.len();
             let mut added = Vec::new();
@@ -934,16 +931,13 @@ impl KmsFs {
                 .backing_file()
                 .metadata()
                 .map_err(|e| io_err("cannot stat", path, e))?;
-            // The older slot counts too: a crash between the two writes of an unbind leaves
-            // the dropped name there.
-            let (header, _) = read_header(f.backing_file(), path)?;
-            let mac_key = self.volume.header_mac_key(&header.preamble.file_id);
-            let stale_in_some_slot = header.candidates().into_iter().any(|(slot, c)| {
-                header.verify_mac(slot, &mac_key)
-                    && self.live_envelopes(&c.envelopes, &me, path).len() != c.envelopes.len()
-            });
-            f.update_envelopes(true, |current| {
-                let live = self.live_envelopes(current, &me, path);
+            f.update_envelopes(true, |slots| {
+                // The older slot counts too: a crash between the two writes of an unbind
+                // leaves the dropped name there.
+                let stale_in_some_slot = slots
+                    .iter()
+                    .any(|set| self.live_envelopes(set, &me, path).len() != set.len());
+                let live = self.live_envelopes(slots[0], &me, path);
                 if !stale_in_some_slot || !live.iter().any(|e| &e.path == path) {
                     return Ok(None);
                 }
@@ -1007,7 +1001,8 @@ impl KmsFs {
     /// Drops a file's envelopes for `gone`, in both header slots (so no slot still opens the
     /// file at a name it no longer has).
     fn unbind_path(&self, f: &mut EncryptedFile, gone: &CanonicalPath) -> Result<()> {
-        f.update_envelopes(true, |current| {
+        f.update_envelopes(true, |slots| {
+            let current = slots[0];
             let keep: Vec<Envelope> = current
                 .iter()
                 .filter(|e| &e.path != gone)

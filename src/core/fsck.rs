@@ -9,13 +9,12 @@
 //! `repair`, dropped from both slots (the only repair fsck makes: it never touches data).
 //! Rebind records left by a crash and temporary files left by an import are reported too.
 
-use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 
 use crate::error::{Error, Result};
 use crate::format::context::CanonicalPath;
 
-use super::file::{read_header, update_envelopes, EncryptedFile};
+use super::file::{read_header, EncryptedFile};
 use super::journal::Journal;
 use super::volume::{Volume, TEMP_PREFIX};
 
@@ -70,9 +69,8 @@ fn check_file(volume: &Volume, path: &CanonicalPath, deep: bool, repair: bool) -
         detail,
         repaired: false,
     };
-    let backing = volume.backing_path(path);
     let opened = EncryptedFile::open(volume, path, repair);
-    let file = match opened {
+    let mut file = match opened {
         Ok(f) => f,
         Err(e) => {
             out.push(problem(classify(&e), e.to_string()));
@@ -98,11 +96,9 @@ fn check_file(volume: &Volume, path: &CanonicalPath, deep: bool, repair: bool) -
     };
     let stale: Vec<CanonicalPath> = match read_header(file.backing_file(), path) {
         Ok((header, _)) => {
-            let mac_key = volume.header_mac_key(&header.preamble.file_id);
             let mut stale: Vec<CanonicalPath> = header
-                .candidates()
-                .into_iter()
-                .filter(|(slot, _)| header.verify_mac(*slot, &mac_key))
+                .authentic(&volume.header_mac_key(&header.preamble.file_id))
+                .iter()
                 .flat_map(|(_, c)| c.envelopes.iter().map(|e| e.path.clone()))
                 .filter(|p| !names_me(p))
                 .collect();
@@ -124,23 +120,15 @@ fn check_file(volume: &Volume, path: &CanonicalPath, deep: bool, repair: bool) -
         ),
     );
     if repair {
-        let mac_key = volume.header_mac_key(&file.preamble().file_id);
-        let writable = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&*backing);
-        let fixed = writable
-            .map_err(|e| Error::io(format!("cannot open {path}"), e))
-            .and_then(|f: File| {
-                update_envelopes(&f, path, &mac_key, true, |current| {
-                    let keep: Vec<_> = current
-                        .iter()
-                        .filter(|e| names_me(&e.path))
-                        .cloned()
-                        .collect();
-                    Ok((!keep.is_empty()).then_some(keep))
-                })
-            });
+        // The file was opened writable for this: drop the stale names from both slots.
+        let fixed = file.update_envelopes(true, |slots| {
+            let keep: Vec<_> = slots[0]
+                .iter()
+                .filter(|e| names_me(&e.path))
+                .cloned()
+                .collect();
+            Ok((!keep.is_empty()).then_some(keep))
+        });
         match fixed {
             Ok(_) => p.repaired = true,
             Err(e) => p.detail.push_str(&format!(" (repair failed: {e})")),

@@ -60,61 +60,66 @@ pub fn rewrap_file(
         .write(!dry_run)
         .open(&*backing)
         .map_err(|e| Error::io(format!("cannot open {path}"), e))?;
-    let (header, _) = read_header(&file, path)?;
-    let mac_key = volume.header_mac_key(&header.preamble.file_id);
-    let authentic: Vec<_> = header
-        .candidates()
-        .into_iter()
-        .filter(|(slot, _)| header.verify_mac(*slot, &mac_key))
-        .collect();
-    let Some((_, newest)) = authentic.first() else {
-        return Err(Error::format(
-            path,
-            crate::format::FormatError::HeaderAuthFailed("no slot with a valid MAC".into()),
-        ));
-    };
-    let pending = authentic.iter().any(|(_, c)| under(&c.envelopes, old));
-    if !pending {
-        return Ok(FileOutcome::AlreadyDone);
-    }
-    let to_move = newest
-        .envelopes
-        .iter()
-        .filter(|e| old.contains(&e.key.key_id))
-        .count();
     if dry_run {
-        return Ok(FileOutcome::Rewrapped { envelopes: to_move });
+        let (header, _) = read_header(&file, path)?;
+        let authentic = header.authentic(&volume.header_mac_key(&header.preamble.file_id));
+        let Some((_, newest)) = authentic.first() else {
+            return Err(Error::format(
+                path,
+                crate::format::FormatError::HeaderAuthFailed("no slot with a valid MAC".into()),
+            ));
+        };
+        if !authentic.iter().any(|(_, c)| under(&c.envelopes, old)) {
+            return Ok(FileOutcome::AlreadyDone);
+        }
+        let envelopes = newest
+            .envelopes
+            .iter()
+            .filter(|e| old.contains(&e.key.key_id))
+            .count();
+        return Ok(FileOutcome::Rewrapped { envelopes });
     }
-    drop(header);
-    let moved = AtomicUsize::new(0);
-    update_envelopes(&file, path, &mac_key, true, |current| {
-        // Re-read under the lock: the mount may have renamed or linked the file meanwhile.
-        let mut out: Vec<Envelope> = Vec::new();
-        for e in current {
-            if !old.contains(&e.key.key_id) {
-                out.push(e.clone());
+    let mut moved = None;
+    update_envelopes(
+        &file,
+        path,
+        |id| volume.header_mac_key(id),
+        true,
+        |slots| {
+            // Every slot counts: an older one may still hold old-key envelopes after a run
+            // was cut between the two slot writes.
+            if !slots.iter().any(|set| under(set, old)) {
+                return Ok(None);
             }
-        }
-        for e in current.iter().filter(|e| old.contains(&e.key.key_id)) {
-            if out.iter().any(|o| o.path == e.path && o.key.key_id == to) {
-                continue; // already has its envelope under the new key
+            let current = slots[0];
+            let mut count = 0;
+            let mut out: Vec<Envelope> = current
+                .iter()
+                .filter(|e| !old.contains(&e.key.key_id))
+                .cloned()
+                .collect();
+            for e in current.iter().filter(|e| old.contains(&e.key.key_id)) {
+                if out.iter().any(|o| o.path == e.path && o.key.key_id == to) {
+                    continue; // already has its envelope under the new key
+                }
+                let ctx = volume.file_context(&e.path);
+                let key = volume
+                    .keyring()
+                    .rewrap(&e.key, &ctx, to, &ctx)
+                    .map_err(|err| Error::key(path, err))?;
+                count += 1;
+                out.push(Envelope {
+                    path: e.path.clone(),
+                    key,
+                });
             }
-            let ctx = volume.file_context(&e.path);
-            let key = volume
-                .keyring()
-                .rewrap(&e.key, &ctx, to, &ctx)
-                .map_err(|err| Error::key(path, err))?;
-            moved.fetch_add(1, Ordering::Relaxed);
-            out.push(Envelope {
-                path: e.path.clone(),
-                key,
-            });
-        }
-        // Written even when nothing moved: an older slot may still hold old-key envelopes.
-        Ok(Some(out))
-    })?;
-    Ok(FileOutcome::Rewrapped {
-        envelopes: moved.into_inner(),
+            moved = Some(count);
+            Ok(Some(out))
+        },
+    )?;
+    Ok(match moved {
+        Some(envelopes) => FileOutcome::Rewrapped { envelopes },
+        None => FileOutcome::AlreadyDone,
     })
 }
 
@@ -183,11 +188,10 @@ pub fn still_under(
             .map_err(|e| Error::io(format!("cannot open {path}"), e))
             .and_then(|f| read_header(&f, path))
             .map(|(header, _)| {
-                let mac_key = volume.header_mac_key(&header.preamble.file_id);
                 header
-                    .candidates()
-                    .into_iter()
-                    .any(|(slot, c)| header.verify_mac(slot, &mac_key) && under(&c.envelopes, old))
+                    .authentic(&volume.header_mac_key(&header.preamble.file_id))
+                    .iter()
+                    .any(|(_, c)| under(&c.envelopes, old))
             });
         match check {
             Ok(false) => {}

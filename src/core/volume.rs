@@ -498,23 +498,29 @@ impl Volume {
     }
 
     /// Lets the keyring pick up trusted keys that change on disk while the volume is open (a
-    /// `kmsfs rewrap` beside a mount): when the config file changes, or a key it does not
-    /// know turns up, it re-reads the config, authenticates it with the volume key it already
+    /// `kmsfs rewrap` beside a mount): when the config file changes (checked at most once a
+    /// second, on creates), or a key it does not know turns up, it re-reads the config, authenticates it with the volume key it already
     /// holds, and reaches any new key (reusing providers of keys it had).
     fn follow_key_changes(&mut self) {
         let root = self.root.clone();
         let mac_key = crate::secret::DerivedKey::new(*self.config_mac_key.expose());
         let options = self.key_options.clone();
-        let seen = std::sync::Mutex::new(config_stamp(&root));
+        // The last check: when, and what the config looked like. Every create asks, so the
+        // config is looked at no more than once a second unless a key is missing.
+        let seen = std::sync::Mutex::new((Instant::now(), config_stamp(&root)));
         self.keyring
             .set_reload(Box::new(move |force, current: &[TrustedProvider]| {
-                let stamp = config_stamp(&root);
                 {
                     let mut seen = seen.lock().unwrap();
-                    if !force && *seen == stamp {
+                    if !force && seen.0.elapsed() < std::time::Duration::from_secs(1) {
                         return None;
                     }
-                    *seen = stamp;
+                    let stamp = config_stamp(&root);
+                    let unchanged = seen.1 == stamp;
+                    *seen = (Instant::now(), stamp);
+                    if !force && unchanged {
+                        return None;
+                    }
                 }
                 let shown = config_path(&root).display().to_string();
                 let config = read_noatime(&config_path(&root))
@@ -633,6 +639,16 @@ impl Volume {
         config.trusted_keys.insert(0, trusted);
         self.save_config(config)?;
         Ok((id, is_new))
+    }
+
+    /// The trusted keys other than `keep` (what a rewrap to `keep` moves away from).
+    pub fn other_trusted_keys(&self, keep: &str) -> Vec<String> {
+        self.config
+            .trusted_keys
+            .iter()
+            .map(|t| t.id.clone())
+            .filter(|id| id != keep)
+            .collect()
     }
 
     /// Stops trusting the keys `ids` and drops the volume key's envelopes under them. The

@@ -328,6 +328,14 @@ impl Header {
     pub fn verify_mac(&self, slot: usize, mac_key: &DerivedKey) -> bool {
         verify_slot_mac(&self.preamble, &self.raw_slots[slot], mac_key)
     }
+
+    /// The sealed slots whose MAC verifies under `mac_key`, newest generation first.
+    pub fn authentic(&self, mac_key: &DerivedKey) -> Vec<(usize, &SlotContent)> {
+        self.candidates()
+            .into_iter()
+            .filter(|(slot, _)| self.verify_mac(*slot, mac_key))
+            .collect()
+    }
 }
 
 /// Encodes a whole new header region: the preamble, `content` in slot 0, slot 1 empty.
