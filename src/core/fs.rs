@@ -97,6 +97,70 @@ struct Handle {
     append: bool,
 }
 
+/// Where a file's envelope set is changed: its open instance, which must see the change, or
+/// else the backing file itself. Neither needs the file's data key (the header MAC key is the
+/// volume's), so renaming, linking and tidying a file nobody has open costs no `Decrypt`.
+enum HeaderHandle {
+    Open(Arc<OpenNode>),
+    Closed(File),
+}
+
+impl HeaderHandle {
+    fn metadata(&self) -> std::io::Result<fs::Metadata> {
+        match self {
+            HeaderHandle::Open(node) => node.file.read().unwrap().backing_file().metadata(),
+            HeaderHandle::Closed(file) => file.metadata(),
+        }
+    }
+
+    /// The envelope set in force.
+    fn envelopes(&self, volume: &Volume, path: &CanonicalPath) -> Result<Vec<Envelope>> {
+        match self {
+            HeaderHandle::Open(node) => Ok(node.file.read().unwrap().envelopes().to_vec()),
+            HeaderHandle::Closed(file) => {
+                let (header, _) = read_header(file, path)?;
+                let authentic = header.authentic(&volume.header_mac_key(&header.preamble.file_id));
+                Ok(authentic
+                    .first()
+                    .map(|(_, c)| c.envelopes.clone())
+                    .unwrap_or_default())
+            }
+        }
+    }
+
+    /// See [`super::file::update_envelopes`]; says whether the header changed.
+    fn update(
+        &self,
+        volume: &Volume,
+        path: &CanonicalPath,
+        both_slots: bool,
+        change: impl FnOnce(&[&[Envelope]]) -> Result<Option<Vec<Envelope>>>,
+    ) -> Result<bool> {
+        match self {
+            HeaderHandle::Open(node) => node
+                .file
+                .write()
+                .unwrap()
+                .update_envelopes(both_slots, change),
+            HeaderHandle::Closed(file) => Ok(super::file::update_envelopes(
+                file,
+                path,
+                |id| volume.header_mac_key(id),
+                both_slots,
+                change,
+            )?
+            .is_some()),
+        }
+    }
+
+    /// The open instance, if any, now answers to `path`.
+    fn set_path(&self, path: &CanonicalPath) {
+        if let HeaderHandle::Open(node) = self {
+            node.file.write().unwrap().set_path(path.clone());
+        }
+    }
+}
+
 #[derive(Default)]
 struct Node {
     paths: Vec<CanonicalPath>,
@@ -739,6 +803,22 @@ impl KmsFs {
         self.stat_path(&path)
     }
 
+    /// The handle through which to change the header of the file `ino` at `path`.
+    fn header_of(&self, ino: u64, path: &CanonicalPath) -> Result<HeaderHandle> {
+        let node = self
+            .open
+            .lock()
+            .unwrap()
+            .get(&ino)
+            .and_then(|w| w.upgrade());
+        if let Some(node) = node {
+            return Ok(HeaderHandle::Open(node));
+        }
+        super::file::open_backing(&self.backing(path), true)
+            .map(HeaderHandle::Closed)
+            .map_err(|e| io_err("cannot open", path, e))
+    }
+
     /// Runs `f` on the file's shared open instance (so it sees header changes), or on a
     /// temporary one.
     fn with_file<T>(
@@ -829,15 +909,12 @@ impl KmsFs {
         if meta.is_file() && meta.nlink() > 1 {
             // Another name keeps the file: unlink, then drop this name's envelopes. The
             // journal names the file's other names, where a tidy would find it.
-            let ino = self.ino_of(meta.ino());
-            self.with_file(ino, &path, |f| {
-                let names = envelope_paths(f.envelopes());
-                let pending = self.journal.begin(&names)?;
-                fs::remove_file(&backing).map_err(|e| io_err("cannot unlink", &path, e))?;
-                self.unbind_path(f, &path)?;
-                pending.finish();
-                Ok(())
-            })?;
+            let header = self.header_of(self.ino_of(meta.ino()), &path)?;
+            let names = envelope_paths(&header.envelopes(&self.volume, &path)?);
+            let pending = self.journal.begin(&names)?;
+            fs::remove_file(&backing).map_err(|e| io_err("cannot unlink", &path, e))?;
+            self.unbind_path(&header, &path, &path)?;
+            pending.finish();
         } else {
             fs::remove_file(&backing).map_err(|e| io_err("cannot unlink", &path, e))?;
         }
@@ -876,18 +953,17 @@ impl KmsFs {
     /// Adds to a file an envelope for `to` beside each of its envelopes for `from`.
     fn bind_extra_path(
         &self,
-        f: &mut EncryptedFile,
+        header: &HeaderHandle,
         from: &CanonicalPath,
         to: &CanonicalPath,
     ) -> Result<()> {
         let (from_ctx, to_ctx) = (self.volume.file_context(from), self.volume.file_context(to));
         // Names this file no longer has (replaced by a rename over them, or a crash between
         // steps) only take header room: drop their envelopes first.
-        let me = f
-            .backing_file()
+        let me = header
             .metadata()
             .map_err(|e| io_err("cannot stat", from, e))?;
-        f.update_envelopes(false, |slots| {
+        header.update(&self.volume, from, false, |slots| {
             let current = slots[0];
             let mut envelopes = self.live_envelopes(current, &me, from);
             let pruned = envelopes.len() != current.len();
@@ -926,23 +1002,21 @@ impl KmsFs {
             Ok(m) if m.is_file() => {}
             _ => return Ok(false),
         }
-        self.with_file(self.ino_at(path), path, |f| {
-            let me = f
-                .backing_file()
-                .metadata()
-                .map_err(|e| io_err("cannot stat", path, e))?;
-            f.update_envelopes(true, |slots| {
-                // The older slot counts too: a crash between the two writes of an unbind
-                // leaves the dropped name there.
-                let stale_in_some_slot = slots
-                    .iter()
-                    .any(|set| self.live_envelopes(set, &me, path).len() != set.len());
-                let live = self.live_envelopes(slots[0], &me, path);
-                if !stale_in_some_slot || !live.iter().any(|e| &e.path == path) {
-                    return Ok(None);
-                }
-                Ok(Some(live))
-            })
+        let header = self.header_of(self.ino_at(path), path)?;
+        let me = header
+            .metadata()
+            .map_err(|e| io_err("cannot stat", path, e))?;
+        header.update(&self.volume, path, true, |slots| {
+            // The older slot counts too: a crash between the two writes of an unbind leaves
+            // the dropped name there.
+            let stale_in_some_slot = slots
+                .iter()
+                .any(|set| self.live_envelopes(set, &me, path).len() != set.len());
+            let live = self.live_envelopes(slots[0], &me, path);
+            if !stale_in_some_slot || !live.iter().any(|e| &e.path == path) {
+                return Ok(None);
+            }
+            Ok(Some(live))
         })
     }
 
@@ -1000,8 +1074,13 @@ impl KmsFs {
 
     /// Drops a file's envelopes for `gone`, in both header slots (so no slot still opens the
     /// file at a name it no longer has).
-    fn unbind_path(&self, f: &mut EncryptedFile, gone: &CanonicalPath) -> Result<()> {
-        f.update_envelopes(true, |slots| {
+    fn unbind_path(
+        &self,
+        header: &HeaderHandle,
+        path: &CanonicalPath,
+        gone: &CanonicalPath,
+    ) -> Result<()> {
+        header.update(&self.volume, path, true, |slots| {
             let current = slots[0];
             let keep: Vec<Envelope> = current
                 .iter()
@@ -1117,7 +1196,8 @@ impl KmsFs {
         // 1. Every file gains envelopes for its new path.
         let bound = self.parallel(&files, |p| {
             let new = Self::moved(p, &from, &to);
-            self.with_file(self.ino_at(p), p, |f| self.bind_extra_path(f, p, &new))
+            self.header_of(self.ino_at(p), p)
+                .and_then(|h| self.bind_extra_path(&h, p, &new))
                 .map_err(|e| match e {
                     Error::Format {
                         source: crate::format::FormatError::TooLarge(why),
@@ -1138,8 +1218,8 @@ impl KmsFs {
                 })
         });
         if let Err(e) = bound {
-            // Nothing was renamed: drop the envelopes already added, if the key service lets
-            // us (else the record stays for the next mount).
+            // Nothing was renamed: drop the envelopes already added (no key call; should
+            // that fail too, the record stays for the next mount).
             if self.tidy_paths(std::slice::from_ref(&from)).is_ok() {
                 if let Some(pending) = pending {
                     pending.finish();
@@ -1154,10 +1234,9 @@ impl KmsFs {
         // 3. Envelopes of the old paths go.
         self.parallel(&files, |p| {
             let new = Self::moved(p, &from, &to);
-            self.with_file(self.ino_at(&new), &new, |f| {
-                f.set_path(new.clone());
-                self.unbind_path(f, p)
-            })
+            let header = self.header_of(self.ino_at(&new), &new)?;
+            header.set_path(&new);
+            self.unbind_path(&header, &new, p)
         })?;
         self.tidy_paths(&replaced_names)?;
         if let Some(pending) = pending {
@@ -1182,7 +1261,8 @@ impl KmsFs {
             }
             let pending = self.journal.begin(&[from.clone(), to.clone()])?;
             let linked = self
-                .with_file(ino, &from, |f| self.bind_extra_path(f, &from, &to))
+                .header_of(ino, &from)
+                .and_then(|h| self.bind_extra_path(&h, &from, &to))
                 .and_then(|()| {
                     fs::hard_link(self.backing(&from), self.backing(&to))
                         .map_err(|e| io_err("cannot link", &from, e))
