@@ -53,6 +53,10 @@ pub struct MountArgs {
     /// (0: never)
     #[arg(long, value_name = "N", default_value_t = crate::core::fs::DEFAULT_PREFETCH)]
     pub key_prefetch: usize,
+    /// Let up to N new files at a time return from create before their data key arrives
+    /// (their first writes wait in memory; fsync waits for the key; 0: every create waits)
+    #[arg(long, value_name = "N", default_value_t = crate::core::fs::DEFAULT_PENDING)]
+    pub pending_creates: usize,
 }
 
 #[derive(Debug, Args)]
@@ -185,6 +189,7 @@ fn serve(args: &MountArgs, ready: impl FnOnce()) -> Result<()> {
         .unwrap_or_else(|_| args.volume.backing.clone());
     let mut core = KmsFs::new(volume, args.read_only)?;
     core.set_key_prefetch(args.key_prefetch);
+    core.set_pending_creates(args.pending_creates);
     let core = Arc::new(core);
     let status_path = super::status::socket_path(&args.mountpoint);
 
@@ -243,6 +248,8 @@ fn serve(args: &MountArgs, ready: impl FnOnce()) -> Result<()> {
     let result = session
         .run()
         .map_err(|e| Error::io("the FUSE session failed", e));
+    // Files created without waiting get their key and data before the daemon exits.
+    core.settle();
     if let Some(p) = status_socket {
         let _ = std::fs::remove_file(p);
     }
@@ -354,6 +361,21 @@ fn detach_stdio() {
     }
 }
 
+/// Waits (up to a minute) for the daemon to finish: it writes the files whose keys were still on
+/// their way, then removes its status socket. Returning earlier would let a new mount, or a
+/// backup of the backing store, see those files empty.
+fn wait_for_daemon(socket: &Path) {
+    // A socket nobody answers on is a daemon that is already gone (killed).
+    let alive = || std::os::unix::net::UnixStream::connect(socket).is_ok();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while alive() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if alive() {
+        tracing::warn!("the kmsfs daemon is still finishing after a minute");
+    }
+}
+
 pub fn umount(args: UmountArgs) -> Result<()> {
     let mp = &args.mountpoint;
     if !is_mounted(mp) {
@@ -361,13 +383,16 @@ pub fn umount(args: UmountArgs) -> Result<()> {
     }
     let c = CString::new(mp.as_os_str().as_bytes())
         .map_err(|_| Error::Usage("path with NUL".into()))?;
+    let socket = super::status::socket_path(mp);
     // SAFETY: geteuid has no preconditions; umount2 gets a valid path.
     if unsafe { libc::geteuid() } == 0 && unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
+        wait_for_daemon(&socket);
         return Ok(());
     }
     for tool in ["fusermount3", "fusermount"] {
         if let Ok(status) = std::process::Command::new(tool).arg("-u").arg(mp).status() {
             if status.success() {
+                wait_for_daemon(&socket);
                 return Ok(());
             }
             return Err(Error::Refused(format!(

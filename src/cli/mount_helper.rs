@@ -78,7 +78,8 @@ pub fn translate(args: &[OsString]) -> Result<Vec<OsString>> {
             ("ro", None) => out.push("--read-only".into()),
             ("allow_other", None) => out.push("--allow-other".into()),
             (
-                "key" | "key_cache_entries" | "key_cache_ttl" | "kms_concurrency" | "key_prefetch",
+                "key" | "key_cache_entries" | "key_cache_ttl" | "kms_concurrency" | "key_prefetch"
+                | "pending_creates",
                 Some(v),
             ) => {
                 out.push(format!("--{}", name.replace('_', "-")).into());
@@ -88,7 +89,8 @@ pub fn translate(args: &[OsString]) -> Result<Vec<OsString>> {
             _ => {
                 return Err(Error::Usage(format!(
                     "unknown mount option '{o}' (kmsfs takes ro, allow_other, key=KEY, \
-                     key_cache_entries=N, key_cache_ttl=DURATION, kms_concurrency=N, key_prefetch=N)"
+                     key_cache_entries=N, key_cache_ttl=DURATION, kms_concurrency=N, key_prefetch=N, \
+                     pending_creates=N)"
                 )))
             }
         }

@@ -19,18 +19,62 @@ use std::path::Path;
 use crate::error::{Error, Result};
 use crate::format::block::{BlockCipher, Layout, BLOCK_OVERHEAD, NONCE_LEN};
 use crate::format::context::CanonicalPath;
-use crate::format::envelope::Envelope;
+use crate::format::envelope::{Envelope, WrappedKey};
 use crate::format::header::{
     encode_new_header, seal_slot, slot_size_for, Header, Preamble, SlotContent, SlotState,
     SUITE_AES256GCM_HKDF_SHA256,
 };
 use crate::format::{kdf, FormatError};
-use crate::secret::DerivedKey;
+use crate::secret::{DataKey, DerivedKey};
 
 use super::volume::Volume;
 
 /// Largest plaintext range sealed in one go when growing a file (bounds memory).
 const GROW_CHUNK: u64 = 1 << 20;
+/// Bytes from which a write's blocks are sealed (or a read's opened) on two threads: below it
+/// starting a thread costs more than it saves.
+const PARALLEL_FROM: usize = 64 << 10;
+
+/// Seals consecutive blocks `(index, plaintext)` (block `final_block` flagged last) into one
+/// buffer, the second half on another thread when there is enough to share.
+fn seal_blocks(cipher: &BlockCipher, blocks: &[(u64, &[u8])], final_block: u64) -> Vec<u8> {
+    let total: usize = blocks.iter().map(|(_, p)| p.len() + BLOCK_OVERHEAD).sum();
+    let mut out = vec![0u8; total];
+    let nonces = random_nonces(blocks.len());
+    let seal = |blocks: &[(u64, &[u8])], nonces: &[u8], out: &mut [u8]| {
+        let mut at = 0;
+        for (k, (index, plain)) in blocks.iter().enumerate() {
+            let nonce = nonces[k * NONCE_LEN..(k + 1) * NONCE_LEN]
+                .try_into()
+                .expect("12");
+            let len = plain.len() + BLOCK_OVERHEAD;
+            cipher.seal_into(
+                *index,
+                *index == final_block,
+                nonce,
+                plain,
+                &mut out[at..at + len],
+            );
+            at += len;
+        }
+    };
+    if total < PARALLEL_FROM || blocks.len() < 2 {
+        seal(blocks, &nonces, &mut out);
+        return out;
+    }
+    let half = blocks.len() / 2;
+    let split: usize = blocks[..half]
+        .iter()
+        .map(|(_, p)| p.len() + BLOCK_OVERHEAD)
+        .sum();
+    let (out_a, out_b) = out.split_at_mut(split);
+    let (nonces_a, nonces_b) = nonces.split_at(half * NONCE_LEN);
+    std::thread::scope(|s| {
+        s.spawn(|| seal(&blocks[half..], nonces_b, out_b));
+        seal(&blocks[..half], nonces_a, out_a);
+    });
+    out
+}
 
 pub struct EncryptedFile {
     file: File,
@@ -64,11 +108,22 @@ impl EncryptedFile {
                 "the volume root is a directory, not a file".into(),
             ));
         }
-        let ctx = volume.file_context(path);
         let (dek, wrapped) = volume
             .keyring()
-            .generate(&ctx)
+            .generate(&volume.file_context(path))
             .map_err(|e| Error::key(path, e))?;
+        Self::create_with_key(volume, path, file, &dek, wrapped)
+    }
+
+    /// [`EncryptedFile::create`] with a data key already generated for `path`'s context
+    /// (a create that did not wait for it, see `fs.rs`).
+    pub fn create_with_key(
+        volume: &Volume,
+        path: &CanonicalPath,
+        file: File,
+        dek: &DataKey,
+        wrapped: Vec<WrappedKey>,
+    ) -> Result<Self> {
         let mut file_id = [0u8; 16];
         getrandom::getrandom(&mut file_id).expect("the OS random number generator failed");
         let envelopes: Vec<Envelope> = wrapped
@@ -83,7 +138,7 @@ impl EncryptedFile {
             block_size: volume.config().block_size,
             slot_size: slot_size_for(&envelopes),
             file_id,
-            commitment: kdf::commitment(&dek, &file_id),
+            commitment: kdf::commitment(dek, &file_id),
         };
         let mac_key = volume.header_mac_key(&file_id);
         let content = SlotContent {
@@ -92,7 +147,7 @@ impl EncryptedFile {
         };
         let mut bytes =
             encode_new_header(&preamble, &content, &mac_key).map_err(|e| Error::format(path, e))?;
-        let cipher = BlockCipher::new(&kdf::content_key(&dek, &file_id), file_id);
+        let cipher = BlockCipher::new(&kdf::content_key(dek, &file_id), file_id);
         let nonce = random_nonces(1);
         cipher.seal(
             0,
@@ -350,10 +405,9 @@ impl EncryptedFile {
             first = first.min(old_final);
         }
         let last = (end - 1) / bs;
-        let mut sealed =
-            Vec::with_capacity(((last - first + 1) * self.layout.sealed_block_len()) as usize);
-        let nonces = random_nonces((last - first + 1) as usize);
-        let mut plain = vec![0u8; bs as usize];
+        // Each block's new plaintext: straight from `data` where the write covers all of it,
+        // else merged with what was there (the edges) or zeros (a gap).
+        let mut merged: Vec<Option<Vec<u8>>> = Vec::with_capacity((last - first + 1) as usize);
         for index in first..=last {
             let block_start = index * bs;
             let new_len = self.layout.block_plain_len(new_size, index);
@@ -364,16 +418,17 @@ impl EncryptedFile {
             };
             let covered_from = offset.max(block_start);
             let covered_to = end.min(block_start + new_len as u64);
+            if covered_from == block_start && covered_to == block_start + new_len as u64 {
+                merged.push(None);
+                continue;
+            }
             let fully_covered =
                 covered_from == block_start && covered_to >= block_start + old_len as u64;
-            let buf = &mut plain[..new_len];
+            let mut buf = vec![0u8; new_len];
             if old_len > 0 && !fully_covered {
                 let mut old = vec![0u8; bs as usize];
                 let n = self.read_block(index, &mut old)?;
                 buf[..n].copy_from_slice(&old[..n]);
-                buf[n..].fill(0);
-            } else {
-                buf.fill(0);
             }
             if covered_from < covered_to {
                 buf[(covered_from - block_start) as usize..(covered_to - block_start) as usize]
@@ -381,16 +436,58 @@ impl EncryptedFile {
                         &data[(covered_from - offset) as usize..(covered_to - offset) as usize],
                     );
             }
-            let n = ((index - first) as usize) * NONCE_LEN;
-            let nonce = nonces[n..n + NONCE_LEN].try_into().expect("12");
-            self.cipher
-                .seal(index, index == new_final, nonce, buf, &mut sealed);
+            merged.push(Some(buf));
         }
-        self.file
+        let blocks: Vec<(u64, &[u8])> = (first..=last)
+            .zip(&merged)
+            .map(|(index, m)| match m {
+                Some(buf) => (index, buf.as_slice()),
+                None => {
+                    let from = (index * bs - offset) as usize;
+                    let len = self.layout.block_plain_len(new_size, index);
+                    (index, &data[from..from + len])
+                }
+            })
+            .collect();
+        let sealed = seal_blocks(&self.cipher, &blocks, new_final);
+        // Growing reseals the old final block as "not last": keep its sealed form, so a write
+        // that fails part way (ENOSPC) can put the file back as it was, not leave it without
+        // a final block (unreadable as truncated).
+        let old_final_sealed = if new_final > old_final {
+            let len = self.layout.block_plain_len(old_size, old_final) + BLOCK_OVERHEAD;
+            let mut saved = vec![0u8; len];
+            self.file
+                .read_exact_at(&mut saved, self.layout.block_offset(old_final))
+                .map_err(|e| self.io_err("read", e))?;
+            Some(saved)
+        } else {
+            None
+        };
+        if let Err(e) = self
+            .file
             .write_all_at(&sealed, self.layout.block_offset(first))
-            .map_err(|e| self.io_err("write", e))?;
+        {
+            if let Some(saved) = old_final_sealed {
+                self.undo_growth(old_size, &saved);
+            }
+            return Err(self.io_err("write", e));
+        }
         self.size = new_size;
         Ok(())
+    }
+
+    /// After a failed growing write: the old final block back in place and the file cut to
+    /// its old length (neither needs new space). Best effort; a failure is logged, and the
+    /// file then reads as truncated (an error, never wrong data).
+    fn undo_growth(&self, old_size: u64, old_final_sealed: &[u8]) {
+        let index = self.final_block(old_size);
+        let restored = self
+            .file
+            .write_all_at(old_final_sealed, self.layout.block_offset(index))
+            .and_then(|_| self.file.set_len(self.layout.backing_len(old_size)));
+        if let Err(e) = restored {
+            tracing::error!("{}: cannot undo a failed write: {e}", self.path);
+        }
     }
 
     /// Holes are stored as sealed zeros (an all-zero block on disk would be indistinguishable

@@ -24,7 +24,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use crate::error::{os, Error, Result};
@@ -33,6 +33,7 @@ use crate::format::envelope::Envelope;
 use crate::format::header::Preamble;
 
 use super::file::{read_header, EncryptedFile};
+use super::instance::{KeyRequests, OpenNode};
 use super::journal::Journal;
 use super::volume::{is_reserved_name, BackingPath, Volume};
 
@@ -86,10 +87,6 @@ pub struct Caller {
     pub umask: u32,
 }
 
-struct OpenNode {
-    file: RwLock<EncryptedFile>,
-}
-
 struct Handle {
     node: Arc<OpenNode>,
     ino: u64,
@@ -108,7 +105,7 @@ enum HeaderHandle {
 impl HeaderHandle {
     fn metadata(&self) -> std::io::Result<fs::Metadata> {
         match self {
-            HeaderHandle::Open(node) => node.file.read().unwrap().backing_file().metadata(),
+            HeaderHandle::Open(node) => node.backing_metadata(),
             HeaderHandle::Closed(file) => file.metadata(),
         }
     }
@@ -116,7 +113,7 @@ impl HeaderHandle {
     /// The envelope set in force.
     fn envelopes(&self, volume: &Volume, path: &CanonicalPath) -> Result<Vec<Envelope>> {
         match self {
-            HeaderHandle::Open(node) => Ok(node.file.read().unwrap().envelopes().to_vec()),
+            HeaderHandle::Open(node) => node.envelopes(),
             HeaderHandle::Closed(file) => {
                 let (header, _) = read_header(file, path)?;
                 let authentic = header.authentic(&volume.header_mac_key(&header.preamble.file_id));
@@ -137,11 +134,9 @@ impl HeaderHandle {
         change: impl FnOnce(&[&[Envelope]]) -> Result<Option<Vec<Envelope>>>,
     ) -> Result<bool> {
         match self {
-            HeaderHandle::Open(node) => node
-                .file
-                .write()
-                .unwrap()
-                .update_envelopes(both_slots, change),
+            HeaderHandle::Open(node) => {
+                node.with_mut(|file| file.update_envelopes(both_slots, change))
+            }
             HeaderHandle::Closed(file) => Ok(super::file::update_envelopes(
                 file,
                 path,
@@ -156,7 +151,7 @@ impl HeaderHandle {
     /// The open instance, if any, now answers to `path`.
     fn set_path(&self, path: &CanonicalPath) {
         if let HeaderHandle::Open(node) = self {
-            node.file.write().unwrap().set_path(path.clone());
+            node.set_path(path);
         }
     }
 }
@@ -178,8 +173,9 @@ pub struct KmsFs {
     namespace: Mutex<()>,
     journal: Journal,
     /// Opens, reads and writes that failed (authentication, key service, backing I/O).
-    io_errors: AtomicU64,
+    io_errors: Arc<AtomicU64>,
     prefetch: Prefetch,
+    key_requests: KeyRequests,
     layouts: Layouts,
 }
 
@@ -226,6 +222,40 @@ impl Prefetch {
     const THREADS: usize = 16;
 }
 
+/// A backing file's identity for [`Layouts`]: device, inode and birth time (None where the
+/// filesystem keeps no birth time).
+fn layout_identity(meta: &fs::Metadata) -> Option<(u64, u64, std::time::Duration)> {
+    meta.created()
+        .ok()
+        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .map(|born| (meta.dev(), meta.ino(), born))
+}
+
+fn dotted(name: &OsStr) -> bool {
+    name == "." || name == ".."
+}
+
+impl Attr {
+    /// Attributes for an entry whose own could not be read: only what its directory says.
+    fn unknown(ino: u64, kind: Kind, blksize: u32) -> Attr {
+        Attr {
+            ino,
+            size: 0,
+            blocks: 0,
+            atime: SystemTime::UNIX_EPOCH,
+            mtime: SystemTime::UNIX_EPOCH,
+            ctime: SystemTime::UNIX_EPOCH,
+            kind,
+            perm: 0,
+            nlink: 1,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize,
+        }
+    }
+}
+
 fn kind_of(ft: fs::FileType) -> Kind {
     if ft.is_dir() {
         Kind::Dir
@@ -254,6 +284,8 @@ fn cstr(p: &Path) -> Result<CString> {
 
 /// Files per directory whose keys a cold open prefetches, by default.
 pub const DEFAULT_PREFETCH: usize = 256;
+/// Files created without waiting for their key that may be pending at once.
+pub const DEFAULT_PENDING: usize = 256;
 
 /// Unwraps into the key cache the data keys of up to `limit` regular files in `dir` (other
 /// than `skip`), reading only their headers (without touching access times).
@@ -391,8 +423,11 @@ impl KmsFs {
             },
         );
         let journal = Journal::new(volume.root());
+        let volume = Arc::new(volume);
+        let io_errors = Arc::new(AtomicU64::new(0));
         let core = KmsFs {
-            volume: Arc::new(volume),
+            key_requests: KeyRequests::new(volume.clone(), DEFAULT_PENDING, io_errors.clone()),
+            volume,
             read_only,
             root_backing_ino: root_meta.ino(),
             nodes: Mutex::new(nodes),
@@ -401,7 +436,7 @@ impl KmsFs {
             next_fh: AtomicU64::new(1),
             namespace: Mutex::new(()),
             journal,
-            io_errors: AtomicU64::new(0),
+            io_errors,
             layouts: Layouts::default(),
             prefetch: Prefetch {
                 limit: DEFAULT_PREFETCH,
@@ -414,6 +449,17 @@ impl KmsFs {
             core.finish_interrupted_rebinds();
         }
         Ok(core)
+    }
+
+    /// Most files created without waiting for their key that may be pending at once (0: every
+    /// create waits; see [`super::instance`]).
+    pub fn set_pending_creates(&mut self, files: usize) {
+        self.key_requests = KeyRequests::new(self.volume.clone(), files, self.io_errors.clone());
+    }
+
+    /// Waits until every file created without waiting has its key and data written.
+    pub fn settle(&self) {
+        self.key_requests.settle();
     }
 
     /// Files per directory whose keys a cold open prefetches (0: none).
@@ -537,15 +583,35 @@ impl KmsFs {
         }
     }
 
-    fn forget_path(&self, path: &CanonicalPath) {
+    /// `path` no longer names inode `ino` (None: whichever inode it named). Looking at one
+    /// node, not all of them, is what keeps `rm -rf` of a big tree linear.
+    fn forget_path(&self, ino: Option<u64>, path: &CanonicalPath) {
         let mut nodes = self.nodes.lock().unwrap();
-        for node in nodes.values_mut() {
-            node.paths.retain(|p| p != path);
+        match ino {
+            Some(ino) => {
+                if let Some(node) = nodes.get_mut(&ino) {
+                    node.paths.retain(|p| p != path);
+                }
+            }
+            None => {
+                for node in nodes.values_mut() {
+                    node.paths.retain(|p| p != path);
+                }
+            }
         }
     }
 
-    /// Every known path equal to `from` or beneath it moves beneath `to`.
-    fn move_paths(&self, from: &CanonicalPath, to: &CanonicalPath) {
+    /// Every known path equal to `from` or beneath it moves beneath `to` (for a file, only
+    /// its own node `ino` is looked at).
+    fn move_paths(&self, ino: Option<u64>, from: &CanonicalPath, to: &CanonicalPath) {
+        if let Some(ino) = ino {
+            if let Some(node) = self.nodes.lock().unwrap().get_mut(&ino) {
+                for p in node.paths.iter_mut().filter(|p| *p == from) {
+                    *p = to.clone();
+                }
+            }
+            return;
+        }
         self.move_known_paths(from, to, true)
     }
 
@@ -590,13 +656,9 @@ impl KmsFs {
             .get(&ino)
             .and_then(|w| w.upgrade())
         {
-            return Ok(node.file.read().unwrap().size());
+            return Ok(node.size());
         }
-        let identity = meta
-            .created()
-            .ok()
-            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-            .map(|born| (meta.dev(), meta.ino(), born));
+        let identity = layout_identity(meta);
         if let Some(layout) = identity.and_then(|id| self.layouts.get(&id)) {
             return layout
                 .plaintext_len(len)
@@ -684,11 +746,7 @@ impl KmsFs {
                     .get(&ino)
                     .and_then(|w| w.upgrade())
                     .ok_or(e)?;
-                let (path, meta) = {
-                    let file = node.file.read().unwrap();
-                    let meta = file.backing_file().metadata();
-                    (file.path().clone(), meta)
-                };
+                let (path, meta) = (node.path(), node.backing_metadata());
                 let meta = meta.map_err(|e| io_err("cannot stat", &path, e))?;
                 let mut attr = self.attr_from(&path, &meta)?;
                 attr.ino = ino;
@@ -751,7 +809,7 @@ impl KmsFs {
         let backing = self.backing(&path);
         if let Some(size) = size {
             match fh.and_then(|fh| self.handles.lock().unwrap().get(&fh).cloned()) {
-                Some(h) => h.node.file.write().unwrap().set_len(size)?,
+                Some(h) => h.node.set_len(size)?,
                 None => self.with_file(ino, &path, |f| f.set_len(size))?,
             }
         }
@@ -788,17 +846,30 @@ impl KmsFs {
             let times = [spec(atime, atime_now), spec(mtime, mtime_now)];
             let c = cstr(&backing)?;
             // SAFETY: valid path and a two-element timespec array.
-            check_errno(
-                unsafe {
-                    libc::utimensat(
-                        libc::AT_FDCWD,
-                        c.as_ptr(),
-                        times.as_ptr(),
-                        libc::AT_SYMLINK_NOFOLLOW,
-                    )
-                },
-                "utimensat",
-            )?;
+            let set = || {
+                check_errno(
+                    unsafe {
+                        libc::utimensat(
+                            libc::AT_FDCWD,
+                            c.as_ptr(),
+                            times.as_ptr(),
+                            libc::AT_SYMLINK_NOFOLLOW,
+                        )
+                    },
+                    "utimensat",
+                )
+            };
+            // Not while a pending file's key arrives (it keeps the times it had).
+            let node = self
+                .open
+                .lock()
+                .unwrap()
+                .get(&ino)
+                .and_then(|w| w.upgrade());
+            match node {
+                Some(node) => node.exclusive(set),
+                None => set(),
+            }?;
         }
         self.stat_path(&path)
     }
@@ -834,8 +905,7 @@ impl KmsFs {
             .get(&ino)
             .and_then(|w| w.upgrade());
         if let Some(node) = node {
-            let mut file = node.file.write().unwrap();
-            return f(&mut file);
+            return node.with_mut(f);
         }
         let mut file = EncryptedFile::open(&self.volume, path, !self.read_only)?;
         f(&mut file)
@@ -918,7 +988,7 @@ impl KmsFs {
         } else {
             fs::remove_file(&backing).map_err(|e| io_err("cannot unlink", &path, e))?;
         }
-        self.forget_path(&path);
+        self.forget_path(Some(self.ino_of(meta.ino())), &path);
         Ok(())
     }
 
@@ -926,8 +996,12 @@ impl KmsFs {
         self.check_writable()?;
         let _ns = self.namespace.lock().unwrap();
         let path = self.child(parent, name)?;
-        fs::remove_dir(self.backing(&path)).map_err(|e| io_err("cannot rmdir", &path, e))?;
-        self.forget_path(&path);
+        let backing = self.backing(&path);
+        let ino = fs::symlink_metadata(&backing)
+            .ok()
+            .map(|m| self.ino_of(m.ino()));
+        fs::remove_dir(&backing).map_err(|e| io_err("cannot rmdir", &path, e))?;
+        self.forget_path(ino, &path);
         Ok(())
     }
 
@@ -1228,9 +1302,15 @@ impl KmsFs {
             return Err(e);
         }
         // 2. The name changes.
+        let replaced = fs::symlink_metadata(&bto)
+            .ok()
+            .map(|m| self.ino_of(m.ino()));
         fs::rename(&bfrom, &bto).map_err(|e| io_err("cannot rename", &from, e))?;
-        self.forget_path(&to);
-        self.move_paths(&from, &to);
+        if let Some(ino) = replaced {
+            self.forget_path(Some(ino), &to);
+        }
+        let moved = (!meta.is_dir()).then(|| self.ino_of(meta.ino()));
+        self.move_paths(moved, &from, &to);
         // 3. Envelopes of the old paths go.
         self.parallel(&files, |p| {
             let new = Self::moved(p, &from, &to);
@@ -1299,8 +1379,72 @@ impl KmsFs {
         fh
     }
 
+    /// A new file that appears on the backing store with its header already written: made
+    /// unnamed (`O_TMPFILE`) in its directory, given its key and header, then linked to its
+    /// name. A crash can then never leave a file without a header. None where the backing
+    /// filesystem has no `O_TMPFILE` (or /proc is missing): create it in place instead.
+    fn create_linked(
+        &self,
+        path: &CanonicalPath,
+        backing: &BackingPath,
+        perm: u32,
+    ) -> Option<Result<(EncryptedFile, u64)>> {
+        use std::os::fd::AsRawFd;
+        let dir = backing.parent()?;
+        let tmp = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_TMPFILE)
+            .mode(perm)
+            .open(dir)
+            .ok()?;
+        let started = std::time::Instant::now();
+        let enc = match EncryptedFile::create(&self.volume, path, tmp) {
+            Ok(enc) => enc,
+            Err(e) => return Some(Err(e)),
+        };
+        self.key_requests.answered(started.elapsed());
+        let file = enc.backing_file();
+        let ino = match file.metadata() {
+            Ok(m) => m.ino(),
+            Err(e) => return Some(Err(io_err("cannot stat", path, e))),
+        };
+        let from = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd())).ok()?;
+        let to = match cstr(backing) {
+            Ok(c) => c,
+            Err(e) => return Some(Err(e)),
+        };
+        // SAFETY: two valid C strings; AT_SYMLINK_FOLLOW links the file the fd names.
+        let r = unsafe {
+            libc::linkat(
+                libc::AT_FDCWD,
+                from.as_ptr(),
+                libc::AT_FDCWD,
+                to.as_ptr(),
+                libc::AT_SYMLINK_FOLLOW,
+            )
+        };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            return Some(Err(io_err("cannot create", path, e)));
+        }
+        Some(Ok((enc, ino)))
+    }
+
     fn create_file(&self, path: &CanonicalPath, mode: u32, caller: Caller) -> Result<(Attr, u64)> {
         let backing = self.backing(path);
+        let perm = mode & !caller.umask & 0o7777;
+        if !self.key_requests.would_take() {
+            if let Some(made) = self.create_linked(path, &backing, perm) {
+                let (enc, backing_ino) = made?;
+                let node = Arc::new(OpenNode::ready(enc));
+                let ino = self.ino_of(backing_ino);
+                self.open.lock().unwrap().insert(ino, Arc::downgrade(&node));
+                let attr = self.created(path, caller, Some(perm))?;
+                let fh = self.new_handle(attr.ino, node, true, false);
+                return Ok((attr, fh));
+            }
+        }
         let file = fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -1308,21 +1452,31 @@ impl KmsFs {
             .mode(mode & !caller.umask & 0o7777)
             .open(&backing)
             .map_err(|e| io_err("cannot create", path, e))?;
-        let enc = match EncryptedFile::create(&self.volume, path, file) {
-            Ok(f) => f,
-            Err(e) => {
-                let _ = fs::remove_file(&backing);
-                return Err(e);
-            }
+        let remove = |e| {
+            let _ = fs::remove_file(&backing);
+            e
         };
-        let node = Arc::new(OpenNode {
-            file: RwLock::new(enc),
-        });
+        let backing_ino = file
+            .metadata()
+            .map_err(|e| remove(io_err("cannot stat", path, e)))?
+            .ino();
+        let pending = Arc::new(OpenNode::pending(
+            path.clone(),
+            file.try_clone()
+                .map_err(|e| remove(io_err("cannot reopen", path, e)))?,
+        ));
+        let node = if self.key_requests.submit(&pending) {
+            pending
+        } else {
+            let started = std::time::Instant::now();
+            let enc = EncryptedFile::create(&self.volume, path, file).map_err(remove)?;
+            self.key_requests.answered(started.elapsed());
+            Arc::new(OpenNode::ready(enc))
+        };
+        // In the table before the first stat: a pending file's size is the instance's.
+        let ino = self.ino_of(backing_ino);
+        self.open.lock().unwrap().insert(ino, Arc::downgrade(&node));
         let attr = self.created(path, caller, Some(mode & !caller.umask & 0o7777))?;
-        self.open
-            .lock()
-            .unwrap()
-            .insert(attr.ino, Arc::downgrade(&node));
         let fh = self.new_handle(attr.ino, node, true, false);
         Ok((attr, fh))
     }
@@ -1365,16 +1519,14 @@ impl KmsFs {
                             tracing::error!("open failed: {e}");
                         })?;
                     self.prefetch_beside(&path);
-                    let n = Arc::new(OpenNode {
-                        file: RwLock::new(file),
-                    });
+                    let n = Arc::new(OpenNode::ready(file));
                     open.insert(ino, Arc::downgrade(&n));
                     n
                 }
             }
         };
         if flags & libc::O_TRUNC != 0 {
-            node.file.write().unwrap().set_len(0)?;
+            node.set_len(0)?;
         }
         Ok(self.new_handle(ino, node, writable, flags & libc::O_APPEND != 0))
     }
@@ -1390,11 +1542,10 @@ impl KmsFs {
 
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
         let h = self.handle(fh)?;
-        let file = h.node.file.read().unwrap();
         let mut buf = vec![0u8; size as usize];
-        let n = file.read_at(offset, &mut buf).inspect_err(|e| {
+        let n = h.node.read_at(offset, &mut buf).inspect_err(|e| {
             self.io_errors.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(path = %file.path(), "read failed: {e}");
+            tracing::error!(path = %h.node.path(), "read failed: {e}");
         })?;
         buf.truncate(n);
         Ok(buf)
@@ -1405,19 +1556,25 @@ impl KmsFs {
         if !h.writable {
             return Err(os("not open for writing", libc::EBADF));
         }
-        let mut file = h.node.file.write().unwrap();
-        let offset = if h.append { file.size() } else { offset };
-        file.write_at(offset, data).inspect_err(|e| {
+        let offset = if h.append { None } else { Some(offset) };
+        h.node.write_at(offset, data).inspect_err(|e| {
             self.io_errors.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(path = %file.path(), "write failed: {e}");
+            tracing::error!(path = %h.node.path(), "write failed: {e}");
         })?;
         Ok(data.len())
     }
 
     pub fn fsync(&self, fh: u64) -> Result<()> {
         let h = self.handle(fh)?;
-        let file = h.node.file.read().unwrap();
-        file.sync()
+        h.node.with(|file| file.sync())
+    }
+
+    /// `close`: reports a key request for a file created without waiting that has failed.
+    pub fn flush(&self, fh: u64) -> Result<()> {
+        match self.handle(fh)?.node.failure() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     pub fn release(&self, fh: u64) {
@@ -1437,12 +1594,7 @@ impl KmsFs {
             return Err(os("only plain fallocate is supported", libc::EOPNOTSUPP));
         }
         let h = self.handle(fh)?;
-        let mut file = h.node.file.write().unwrap();
-        let end = offset.saturating_add(length);
-        if end > file.size() {
-            file.set_len(end)?;
-        }
-        Ok(())
+        h.node.grow_to(offset.saturating_add(length))
     }
 
     pub fn readdir(&self, ino: u64) -> Result<Vec<DirEntry>> {
@@ -1493,6 +1645,86 @@ impl KmsFs {
             });
         }
         Ok(out)
+    }
+
+    /// `readdir` with every entry's attributes (FUSE `READDIRPLUS`), from entry `offset` on,
+    /// so a walk (`ls -l`, `find`, `rm -rf`) needs no lookup per entry. `add` takes an entry,
+    /// its attributes, whether they are real (false: they could not be read, e.g. a damaged
+    /// preamble; the kernel should ask again and get the error) and the next entry's offset,
+    /// and says when the reply is full (that entry not taken). Entries taken count as looked up,
+    /// except `.` and `..`.
+    pub fn readdirplus(
+        &self,
+        ino: u64,
+        offset: usize,
+        mut add: impl FnMut(&DirEntry, &Attr, bool, u64) -> bool,
+    ) -> Result<()> {
+        let dir = self.path_of(ino)?;
+        let entries = self.readdir(ino)?;
+        if offset == 0 {
+            self.warm_layouts(&dir, &entries);
+        }
+        for (at, e) in entries.iter().enumerate().skip(offset) {
+            let found = match e.name.as_bytes() {
+                b"." => self.stat_path(&dir).ok().map(|a| (None, a)),
+                b".." => self
+                    .stat_path(&dir.parent().unwrap_or(dir.clone()))
+                    .ok()
+                    .map(|a| (None, a)),
+                name => dir
+                    .join(name)
+                    .ok()
+                    .and_then(|p| self.stat_path(&p).ok().map(|a| (Some(p), a))),
+            };
+            let real = found.is_some();
+            let (path, attr) = found.unwrap_or_else(|| {
+                (
+                    None,
+                    Attr::unknown(e.ino, e.kind, self.volume.config().block_size),
+                )
+            });
+            if add(e, &attr, real, at as u64 + 1) {
+                return Ok(());
+            }
+            if let Some(path) = path {
+                self.remember(attr.ino, &path);
+            } else if let (false, Ok(p)) = (dotted(&e.name), dir.join(e.name.as_bytes())) {
+                self.remember(e.ino, &p);
+            }
+        }
+        Ok(())
+    }
+
+    /// Before a directory's first listing with attributes: if its files' layouts are not known
+    /// (a fresh mount, a cold cache), read their preambles on a few threads at once, so the
+    /// disk sees them in parallel rather than one per entry as the listing goes.
+    fn warm_layouts(&self, dir: &CanonicalPath, entries: &[DirEntry]) {
+        const THREADS: usize = 4;
+        let files: Vec<CanonicalPath> = entries
+            .iter()
+            .filter(|e| e.kind == Kind::File)
+            .filter_map(|e| dir.join(e.name.as_bytes()).ok())
+            .collect();
+        if files.len() < 2 * THREADS {
+            return;
+        }
+        // One file tells whether this directory was seen already.
+        let known = fs::symlink_metadata(self.backing(&files[0]))
+            .ok()
+            .and_then(|m| layout_identity(&m))
+            .is_some_and(|id| self.layouts.get(&id).is_some());
+        if known {
+            return;
+        }
+        std::thread::scope(|s| {
+            for part in files.chunks(files.len().div_ceil(THREADS)) {
+                s.spawn(move || {
+                    for p in part {
+                        let _ = self.stat_path(p);
+                    }
+                });
+            }
+        });
     }
 
     pub fn statfs(&self) -> Result<libc::statvfs> {

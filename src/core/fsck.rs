@@ -69,6 +69,17 @@ fn check_file(volume: &Volume, path: &CanonicalPath, deep: bool, repair: bool) -
         detail,
         repaired: false,
     };
+    // A create that returned before its key arrived, then the daemon stopped (see
+    // core::instance): empty, never fsynced. Not removed: a live mount may be writing it now.
+    if std::fs::symlink_metadata(&*volume.backing_path(path)).is_ok_and(|m| m.len() == 0) {
+        out.push(problem(
+            "unfinished-create",
+            "empty: created, but the daemon stopped before its key and header were written \
+             (nothing in it was fsynced); delete it if no mount is writing it"
+                .into(),
+        ));
+        return out;
+    }
     let opened = EncryptedFile::open(volume, path, repair);
     let mut file = match opened {
         Ok(f) => f,

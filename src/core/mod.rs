@@ -10,6 +10,7 @@ pub mod export;
 pub mod file;
 pub mod fs;
 pub mod fsck;
+pub mod instance;
 pub mod journal;
 pub mod rewrap;
 pub mod volume;

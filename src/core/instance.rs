@@ -1,0 +1,472 @@
+//! A file's open instance, shared by all its handles, and creates that do not wait for a key.
+//!
+//! Creating a file needs a `GenerateDataKey` bound to its path; against AWS KMS that is a
+//! network round trip (milliseconds), and a program that writes many small files (tar, git
+//! checkout, a build) does one create at a time. So while the key service takes longer than a
+//! millisecond to answer (a moving average; the local provider never does), a create returns at
+//! once with the instance *pending*: the backing file exists (empty), the key request runs on a worker, and what the
+//! application writes meanwhile is held in memory, up to [`PENDING_BYTES`] per file (a larger
+//! write waits for the key). When the key arrives the worker writes the header and the held
+//! data, keeping the timestamps the file had, and the instance is *ready*.
+//!
+//! Honesty: `fsync` waits for the key and the data (so an fsynced file is durable, as ever),
+//! and anything that changes the file's header (rename, link) waits too, each at most 15 s,
+//! then fails with EIO; `close` reports a key request that has already failed. While the key
+//! service is down the request keeps being retried (for up to 10 minutes, the data held in
+//! memory, new creates waiting for their own keys), so an outage delays those files rather
+//! than losing them. A request that fails for good (access denied, or the outage outlasting
+//! that) is logged and counted (`kmsfs status`), and the file stays as an empty backing file
+//! that reads fail on and fsck reports, as would a crash before the key arrived: data never
+//! fsynced is what a crash may lose on any filesystem. docs/SEMANTICS.md says this to users.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex, OnceLock, RwLock};
+use std::time::{Duration, Instant};
+
+use crate::error::{os, Error, Result};
+use crate::format::context::CanonicalPath;
+use crate::format::envelope::{Envelope, WrappedKey};
+use crate::secret::DataKey;
+
+use super::file::EncryptedFile;
+use super::volume::Volume;
+
+/// Most bytes a pending file holds in memory before a write waits for its key.
+pub const PENDING_BYTES: u64 = 1 << 20;
+/// Longest a call (fsync, rename, a large write) waits for a pending file's key before it
+/// fails with EIO; the key request goes on, and a later call can succeed.
+const WAIT_AT_MOST: Duration = Duration::from_secs(15);
+/// How long a pending file's key request keeps retrying while the key service is down (the
+/// data waits in memory); only then is it given up, logged and counted.
+const KEEP_TRYING_FOR: Duration = Duration::from_secs(600);
+
+enum Instance {
+    Ready(EncryptedFile),
+    /// Created; the data key is on its way.
+    Pending {
+        path: CanonicalPath,
+        file: File,
+        data: Vec<u8>,
+    },
+    /// The data key never came: every later use fails with this reason.
+    Failed {
+        path: CanonicalPath,
+        reason: String,
+    },
+}
+
+pub struct OpenNode {
+    state: RwLock<Instance>,
+    /// Signalled (under `arrival`) when a pending instance becomes ready or failed.
+    arrived: Condvar,
+    arrival: Mutex<()>,
+}
+
+fn failed(path: &CanonicalPath, reason: &str) -> Error {
+    os(
+        format!("{path}: its data key never arrived ({reason}); what was written is lost"),
+        libc::EIO,
+    )
+}
+
+fn still_pending(path: &CanonicalPath) -> Error {
+    os(
+        format!(
+            "{path}: its data key has not arrived yet (the key service is not answering); \
+             what was written is held and will be stored when it does"
+        ),
+        libc::EIO,
+    )
+}
+
+impl OpenNode {
+    pub fn ready(file: EncryptedFile) -> Self {
+        Self::with_state(Instance::Ready(file))
+    }
+
+    /// A file just created at `path` (its backing `file` empty) whose key is still to come.
+    pub fn pending(path: CanonicalPath, file: File) -> Self {
+        Self::with_state(Instance::Pending {
+            path,
+            file,
+            data: Vec::new(),
+        })
+    }
+
+    fn with_state(state: Instance) -> Self {
+        OpenNode {
+            state: RwLock::new(state),
+            arrived: Condvar::new(),
+            arrival: Mutex::new(()),
+        }
+    }
+
+    /// Waits (at most [`WAIT_AT_MOST`]) until the instance is no longer pending.
+    fn wait_for_key(&self) {
+        let until = Instant::now() + WAIT_AT_MOST;
+        let mut guard = self.arrival.lock().unwrap();
+        while matches!(*self.state.read().unwrap(), Instance::Pending { .. }) {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            guard = self.arrived.wait_timeout(guard, left).unwrap().0;
+        }
+    }
+
+    /// Runs `f` on the file once its key is in hand.
+    pub fn with<T>(&self, f: impl FnOnce(&EncryptedFile) -> Result<T>) -> Result<T> {
+        self.wait_for_key();
+        match &*self.state.read().unwrap() {
+            Instance::Ready(file) => f(file),
+            Instance::Failed { path, reason, .. } => Err(failed(path, reason)),
+            Instance::Pending { path, .. } => Err(still_pending(path)),
+        }
+    }
+
+    /// Runs `f` on the file, writable, once its key is in hand.
+    pub fn with_mut<T>(&self, f: impl FnOnce(&mut EncryptedFile) -> Result<T>) -> Result<T> {
+        self.wait_for_key();
+        match &mut *self.state.write().unwrap() {
+            Instance::Ready(file) => f(file),
+            Instance::Failed { path, reason, .. } => Err(failed(path, reason)),
+            Instance::Pending { path, .. } => Err(still_pending(path)),
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        match &*self.state.read().unwrap() {
+            Instance::Ready(file) => file.size(),
+            Instance::Pending { data, .. } => data.len() as u64,
+            Instance::Failed { .. } => 0,
+        }
+    }
+
+    pub fn path(&self) -> CanonicalPath {
+        match &*self.state.read().unwrap() {
+            Instance::Ready(file) => file.path().clone(),
+            Instance::Pending { path, .. } | Instance::Failed { path, .. } => path.clone(),
+        }
+    }
+
+    pub fn backing_metadata(&self) -> std::io::Result<std::fs::Metadata> {
+        match &*self.state.read().unwrap() {
+            Instance::Ready(file) => file.backing_file().metadata(),
+            Instance::Pending { file, .. } => file.metadata(),
+            Instance::Failed { .. } => Err(std::io::Error::from_raw_os_error(libc::EIO)),
+        }
+    }
+
+    /// The envelope set in force (waits for the key of a pending file).
+    pub fn envelopes(&self) -> Result<Vec<Envelope>> {
+        self.with(|f| Ok(f.envelopes().to_vec()))
+    }
+
+    /// The instance now answers to `path`. Callers change the header first ([`Self::with_mut`]),
+    /// which a pending file waits for, so its path never changes under its key request.
+    pub fn set_path(&self, new: &CanonicalPath) {
+        match &mut *self.state.write().unwrap() {
+            Instance::Ready(file) => file.set_path(new.clone()),
+            Instance::Pending { path, .. } | Instance::Failed { path, .. } => *path = new.clone(),
+        }
+    }
+
+    /// The reason a key request failed, for `close` to report.
+    pub fn failure(&self) -> Option<Error> {
+        match &*self.state.read().unwrap() {
+            Instance::Failed { path, reason, .. } => Some(failed(path, reason)),
+            _ => None,
+        }
+    }
+
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        if let Instance::Pending { data, .. } = &*self.state.read().unwrap() {
+            let start = (offset as usize).min(data.len());
+            let n = buf.len().min(data.len() - start);
+            buf[..n].copy_from_slice(&data[start..start + n]);
+            return Ok(n);
+        }
+        self.with(|f| f.read_at(offset, buf))
+    }
+
+    /// Writes `data` at `offset` (None: at the end); a pending file holds it in memory if it
+    /// fits. Returns the offset written at.
+    pub fn write_at(&self, offset: Option<u64>, bytes: &[u8]) -> Result<u64> {
+        if let Instance::Pending { data, .. } = &mut *self.state.write().unwrap() {
+            let at = offset.unwrap_or(data.len() as u64);
+            let end = at + bytes.len() as u64;
+            if end <= PENDING_BYTES {
+                let (at, end) = (at as usize, end as usize);
+                if data.len() < end {
+                    data.resize(end, 0);
+                }
+                data[at..end].copy_from_slice(bytes);
+                return Ok(at as u64);
+            }
+        }
+        self.with_mut(|f| {
+            let at = offset.unwrap_or(f.size());
+            f.write_at(at, bytes)?;
+            Ok(at)
+        })
+    }
+
+    pub fn set_len(&self, size: u64) -> Result<()> {
+        if let Instance::Pending { data, .. } = &mut *self.state.write().unwrap() {
+            if size <= PENDING_BYTES {
+                data.resize(size as usize, 0);
+                return Ok(());
+            }
+        }
+        self.with_mut(|f| f.set_len(size))
+    }
+
+    /// Extends the file with zeros to `size` bytes if it is shorter (`fallocate`).
+    pub fn grow_to(&self, size: u64) -> Result<()> {
+        if let Instance::Pending { data, .. } = &mut *self.state.write().unwrap() {
+            if size <= PENDING_BYTES {
+                if (data.len() as u64) < size {
+                    data.resize(size as usize, 0);
+                }
+                return Ok(());
+            }
+        }
+        self.with_mut(|f| {
+            if size > f.size() {
+                f.set_len(size)
+            } else {
+                Ok(())
+            }
+        })
+    }
+
+    /// Runs `f` (a change of the backing file's timestamps) so that a key arriving at the
+    /// same moment cannot overwrite it with the times it keeps.
+    pub fn exclusive<T>(&self, f: impl FnOnce() -> T) -> T {
+        let _guard = self.state.write().unwrap();
+        f()
+    }
+
+    /// The answer to a pending file's key request: writes the header and the held data (the
+    /// file keeps the timestamps it has now), or records the failure.
+    pub fn complete(
+        &self,
+        volume: &Volume,
+        key: std::result::Result<(DataKey, Vec<WrappedKey>), Error>,
+    ) -> Result<()> {
+        let mut state = self.state.write().unwrap();
+        let Instance::Pending { path, file, data } = &*state else {
+            return Ok(());
+        };
+        let path = path.clone();
+        let result = key.and_then(|(dek, wrapped)| {
+            let io = |what: &str, e| Error::io(format!("cannot {what} {path}"), e);
+            let times = file.metadata().map_err(|e| io("stat", e))?;
+            let dup = file.try_clone().map_err(|e| io("reopen", e))?;
+            let mut ready = EncryptedFile::create_with_key(volume, &path, dup, &dek, wrapped)?;
+            ready.write_at(0, data)?;
+            keep_times(ready.backing_file(), &times).map_err(|e| io("set the times of", e))?;
+            Ok(ready)
+        });
+        let outcome = match result {
+            Ok(ready) => {
+                *state = Instance::Ready(ready);
+                Ok(())
+            }
+            Err(e) => {
+                let reason = e.to_string();
+                let error = failed(&path, &reason);
+                *state = Instance::Failed { path, reason };
+                Err(error)
+            }
+        };
+        drop(state);
+        let _guard = self.arrival.lock().unwrap();
+        self.arrived.notify_all();
+        outcome
+    }
+}
+
+/// Sets `file`'s access and modification times back to those in `meta`.
+fn keep_times(file: &File, meta: &std::fs::Metadata) -> std::io::Result<()> {
+    let times = [
+        libc::timespec {
+            tv_sec: meta.atime(),
+            tv_nsec: meta.atime_nsec(),
+        },
+        libc::timespec {
+            tv_sec: meta.mtime(),
+            tv_nsec: meta.mtime_nsec(),
+        },
+    ];
+    // SAFETY: the fd is open and times is a two-element timespec array.
+    if unsafe { libc::futimens(file.as_raw_fd(), times.as_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The workers that fetch the keys of files created without waiting, and their bounds.
+pub struct KeyRequests {
+    volume: Arc<Volume>,
+    queue: OnceLock<mpsc::Sender<Arc<OpenNode>>>,
+    in_flight: Arc<(Mutex<usize>, Condvar)>,
+    /// Set when a request fails, cleared when a create that waited gets its key: while the key
+    /// service is failing, creates wait and report its errors themselves.
+    degraded: Arc<AtomicBool>,
+    failures: Arc<AtomicU64>,
+    limit: usize,
+    /// Recent `GenerateDataKey` time in microseconds (a moving average; `u64::MAX` before the
+    /// first): a key service that answers faster than a hand-off to a worker is waited for.
+    latency_us: Arc<AtomicU64>,
+}
+
+fn record_latency(average: &AtomicU64, took: std::time::Duration) {
+    let sample = took.as_micros().min(u64::MAX as u128 / 2) as u64;
+    let old = average.load(Ordering::Relaxed);
+    let new = if old == u64::MAX {
+        sample
+    } else {
+        (old * 7 + sample) / 8
+    };
+    average.store(new, Ordering::Relaxed);
+}
+
+impl KeyRequests {
+    /// Key requests running at once (each waits on the key service, not the CPU).
+    const WORKERS: usize = 32;
+    /// Below this `GenerateDataKey` time (the local provider, a KMS next door) creates wait:
+    /// not waiting would cost more than it saves.
+    const WAIT_BELOW: std::time::Duration = std::time::Duration::from_millis(1);
+
+    /// `limit`: most files pending at once (0: every create waits for its key).
+    pub fn new(volume: Arc<Volume>, limit: usize, failures: Arc<AtomicU64>) -> Self {
+        KeyRequests {
+            volume,
+            queue: OnceLock::new(),
+            in_flight: Arc::new((Mutex::new(0), Condvar::new())),
+            degraded: Arc::new(AtomicBool::new(false)),
+            failures,
+            limit,
+            latency_us: Arc::new(AtomicU64::new(u64::MAX)),
+        }
+    }
+
+    fn start(&self) -> mpsc::Sender<Arc<OpenNode>> {
+        let (tx, rx) = mpsc::channel::<Arc<OpenNode>>();
+        let rx = Arc::new(Mutex::new(rx));
+        for _ in 0..Self::WORKERS {
+            let (rx, volume) = (rx.clone(), self.volume.clone());
+            let (in_flight, degraded) = (self.in_flight.clone(), self.degraded.clone());
+            let (failures, latency) = (self.failures.clone(), self.latency_us.clone());
+            let spawned = std::thread::Builder::new()
+                .name("kmsfs-keys".into())
+                .spawn(move || loop {
+                    let Ok(node) = rx.lock().unwrap().recv() else {
+                        return;
+                    };
+                    let path = node.path();
+                    let started = Instant::now();
+                    let generate = || {
+                        volume
+                            .keyring()
+                            .generate(&volume.file_context(&path))
+                            .map_err(|e| Error::key(&path, e))
+                    };
+                    let mut key = generate();
+                    // The key service is down or throttling past the keyring's own retries:
+                    // keep trying (new creates wait meanwhile), the data is held.
+                    let mut pause = Duration::from_secs(1);
+                    while let Err(Error::Key { source, .. }) = &key {
+                        if !source.kind.is_transient() || started.elapsed() > KEEP_TRYING_FOR {
+                            break;
+                        }
+                        degraded.store(true, Ordering::Relaxed);
+                        tracing::warn!("{path}: the data key has not arrived, retrying: {source}");
+                        std::thread::sleep(pause);
+                        pause = (pause * 2).min(Duration::from_secs(30));
+                        key = generate();
+                    }
+                    match &key {
+                        // Counted before anyone waiting on the file hears of it.
+                        Err(_) => {
+                            degraded.store(true, Ordering::Relaxed);
+                            failures.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(_) if pause == Duration::from_secs(1) => {
+                            record_latency(&latency, started.elapsed())
+                        }
+                        Ok(_) => {}
+                    }
+                    let key_failed = key.is_err();
+                    if let Err(e) = node.complete(&volume, key) {
+                        if !key_failed {
+                            failures.fetch_add(1, Ordering::Relaxed);
+                        }
+                        tracing::error!("create failed after it returned: {e}");
+                    }
+                    drop(node);
+                    let (count, done) = &*in_flight;
+                    *count.lock().unwrap() -= 1;
+                    done.notify_all();
+                });
+            if let Err(e) = spawned {
+                tracing::warn!("cannot start a key worker: {e}");
+            }
+        }
+        tx
+    }
+
+    /// Whether a create now would be handed to a worker rather than wait for its key: not
+    /// when pending creates are off, the key service is failing or answers fast.
+    pub fn would_take(&self) -> bool {
+        let latency = self.latency_us.load(Ordering::Relaxed);
+        self.limit > 0
+            && !self.degraded.load(Ordering::Relaxed)
+            && latency >= Self::WAIT_BELOW.as_micros() as u64
+            && latency != u64::MAX
+    }
+
+    /// Hands `node`'s key request to a worker; false when the create should wait for its key
+    /// itself (see [`Self::would_take`], or too many pending).
+    pub fn submit(&self, node: &Arc<OpenNode>) -> bool {
+        if !self.would_take() {
+            return false;
+        }
+        {
+            let mut count = self.in_flight.0.lock().unwrap();
+            if *count >= self.limit {
+                return false;
+            }
+            *count += 1;
+        }
+        if self
+            .queue
+            .get_or_init(|| self.start())
+            .send(node.clone())
+            .is_err()
+        {
+            *self.in_flight.0.lock().unwrap() -= 1;
+            return false;
+        }
+        true
+    }
+
+    /// A create that waited got its key, in `took`: the key service answers again.
+    pub fn answered(&self, took: std::time::Duration) {
+        self.degraded.store(false, Ordering::Relaxed);
+        record_latency(&self.latency_us, took);
+    }
+
+    /// Waits until every pending file has its key (or its failure): before unmount completes.
+    pub fn settle(&self) {
+        let (count, done) = &*self.in_flight;
+        let mut n = count.lock().unwrap();
+        while *n > 0 {
+            n = done.wait(n).unwrap();
+        }
+    }
+}
