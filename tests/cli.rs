@@ -112,9 +112,17 @@ impl Env {
 
     /// Runs a command that must fail cleanly, returning its one stderr line.
     fn fails(&self, args: &[&str], code: i32) -> String {
+        self.fails_with(args, Some(code))
+    }
+
+    /// As `fails`, with any non-zero exit code when `code` is None.
+    fn fails_with(&self, args: &[&str], code: Option<i32>) -> String {
         let before = self.snapshot();
         let out = self.run(args, b"some input");
-        assert_eq!(out.code, code, "{args:?}: stderr {}", out.stderr);
+        match code {
+            Some(code) => assert_eq!(out.code, code, "{args:?}: stderr {}", out.stderr),
+            None => assert_ne!(out.code, 0, "{args:?} succeeded: {}", out.stderr),
+        }
         let lines: Vec<&str> = out.stderr.lines().collect();
         assert_eq!(
             lines.len(),
@@ -479,4 +487,114 @@ fn completion_scripts_cover_every_command_and_bash_parses_them() {
             .unwrap();
         assert!(out.status.success() && out.stdout.len() > 1000, "{shell}");
     }
+}
+
+/// Every command, with each kind of bad input a user meets: nothing, a flag it does not know, a
+/// backing directory that is a file or missing, a truncated config, an empty key file, and for
+/// the mount commands a busy or missing mountpoint. Each gives one line, a non-zero exit and
+/// leaves the disk as it was.
+#[test]
+fn every_command_refuses_bad_input_in_one_line() {
+    let env = Env::new();
+    env.volume();
+    let b = env.backing().display().to_string();
+    let file = env.p("plainfile");
+    fs::write(&file, b"not a directory").unwrap();
+    let missing = env.p("missing");
+    let dest = env.p("exported");
+    let empty_key = env.dir.path().join("empty.key");
+    fs::write(&empty_key, b"").unwrap();
+    fs::set_permissions(&empty_key, fs::Permissions::from_mode(0o600)).unwrap();
+    let empty_key = format!("local:{}", empty_key.display());
+    let other_key = format!("local:{}", env.p("other.key"));
+    // Each command with the arguments it needs after BACKING.
+    let commands: Vec<(&str, Vec<&str>)> = vec![
+        ("info", vec![]),
+        ("cat", vec!["hello.txt"]),
+        ("import", vec!["new.txt"]),
+        ("mount", vec![&missing]),
+        ("rewrap", vec!["--to-key", &other_key]),
+        ("fsck", vec![]),
+        ("adopt", vec!["hello.txt", "--from", "old.txt"]),
+        ("export", vec![&dest]),
+    ];
+    for (cmd, rest) in &commands {
+        env.fails(&[cmd], 2);
+        env.fails(&[cmd, &b, "--no-such-flag"], 2);
+        for backing in [&file, &missing] {
+            let mut args = vec![*cmd, backing.as_str()];
+            args.extend(rest);
+            let msg = env.fails_with(&args, None);
+            assert!(
+                msg.contains("not a directory") || msg.contains("does not exist"),
+                "{args:?}: {msg}"
+            );
+        }
+        if *cmd != "mount" {
+            let mut args = vec![*cmd, b.as_str()];
+            args.extend(rest);
+            args.extend(["--key", &empty_key]);
+            let msg = env.fails_with(&args, None);
+            assert!(
+                msg.contains("32 bytes") || msg.contains("empty"),
+                "{args:?}: {msg}"
+            );
+        }
+    }
+    for cmd in ["umount", "status"] {
+        env.fails(&[cmd], 2);
+        env.fails_with(&[cmd, &missing], None);
+        env.fails_with(&[cmd, &b], None);
+    }
+    env.fails(&["completions", "no-such-shell"], 2);
+    env.fails(&["no-such-command"], 2);
+
+    // A truncated config: every command that opens the volume says so.
+    let config = env.backing().join(".kmsfs/config");
+    let whole = fs::read(&config).unwrap();
+    fs::write(&config, &whole[..whole.len() / 2]).unwrap();
+    for (cmd, rest) in &commands {
+        if *cmd == "mount" {
+            continue;
+        }
+        let mut args = vec![*cmd, b.as_str()];
+        args.extend(rest);
+        env.fails_with(&args, None);
+    }
+    fs::write(&config, &whole).unwrap();
+}
+
+/// `kmsfs mount` on a mountpoint that is already mounted is refused in one line.
+#[test]
+fn mounting_on_a_busy_mountpoint_is_refused() {
+    if !std::path::Path::new("/dev/fuse").exists() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "/dev/fuse missing under CI"
+        );
+        return;
+    }
+    let env = Env::new();
+    env.volume();
+    let b = env.backing().display().to_string();
+    let mnt = env.dir.path().join("busy");
+    fs::create_dir(&mnt).unwrap();
+    let status = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _guard = Unmount(&mnt);
+    let msg = env.fails_with(&["mount", &b, &mnt.display().to_string()], None);
+    assert!(
+        msg.contains("already") || msg.contains("busy") || msg.contains("mounted"),
+        "{msg}"
+    );
 }

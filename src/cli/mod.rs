@@ -100,33 +100,40 @@ pub fn key_options() -> Result<KeyOptions> {
     let aws = AwsOptions::from_env().map_err(Error::Usage)?;
     Ok(KeyOptions {
         aws,
-        wrap_provider: injected_latency()?,
+        wrap_provider: injected_faults()?,
         ..Default::default()
     })
 }
 
-/// `KMSFS_INJECT_KMS_LATENCY_MS`: adds that much latency to every key-service call, to measure
-/// what a remote KMS costs (scripts/bench.sh) without one. Never set it in production.
-fn injected_latency() -> Result<Option<crate::core::volume::ProviderWrapper>> {
-    let Ok(ms) = std::env::var("KMSFS_INJECT_KMS_LATENCY_MS") else {
+/// Test and benchmark hooks, never for production: `KMSFS_INJECT_KMS_LATENCY_MS` adds that
+/// much latency to every key-service call (what a remote KMS costs, scripts/bench.sh);
+/// `KMSFS_INJECT_KMS_FAULTS` (see [`Faults::parse`]) throttles, times out or takes down a share
+/// of calls (tests/kms_faults.rs).
+fn injected_faults() -> Result<Option<crate::core::volume::ProviderWrapper>> {
+    use crate::keys::fault::{Faults, FaultyProvider};
+    let latency = std::env::var("KMSFS_INJECT_KMS_LATENCY_MS").ok();
+    let faults = std::env::var("KMSFS_INJECT_KMS_FAULTS").ok();
+    if latency.is_none() && faults.is_none() {
         return Ok(None);
+    }
+    let mut f = match &faults {
+        Some(spec) => Faults::parse(spec)
+            .map_err(|e| Error::Usage(format!("KMSFS_INJECT_KMS_FAULTS: {e}")))?,
+        None => Faults::default(),
     };
-    let ms: u64 = ms.parse().map_err(|_| {
-        Error::Usage(format!(
-            "KMSFS_INJECT_KMS_LATENCY_MS must be a number of milliseconds, not '{ms}'"
-        ))
-    })?;
-    let latency = std::time::Duration::from_millis(ms);
+    if let Some(ms) = latency {
+        let ms: u64 = ms.parse().map_err(|_| {
+            Error::Usage(format!(
+                "KMSFS_INJECT_KMS_LATENCY_MS must be a number of milliseconds, not '{ms}'"
+            ))
+        })?;
+        f.latency = std::time::Duration::from_millis(ms);
+    }
+    tracing::warn!("key-service faults injected for testing: {f:?}");
     Ok(Some(std::sync::Arc::new(move |inner| {
-        let slow = crate::keys::fault::FaultyProvider::new(inner, 1);
-        slow.set(
-            None,
-            crate::keys::fault::Faults {
-                latency,
-                ..Default::default()
-            },
-        );
-        std::sync::Arc::new(slow) as std::sync::Arc<dyn crate::keys::KeyProvider>
+        let faulty = FaultyProvider::new(inner, 1);
+        faulty.set(None, f.clone());
+        std::sync::Arc::new(faulty) as std::sync::Arc<dyn crate::keys::KeyProvider>
     })))
 }
 

@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -417,6 +418,7 @@ impl Volume {
             _ => Error::io(format!("cannot read {}", cfg_path.display()), e),
         })?;
         let shown = cfg_path.display().to_string();
+        check_config_permissions(&cfg_path)?;
         let unverified = UnverifiedConfig::parse(&bytes).map_err(|e| Error::format(&shown, e))?;
         let claimed = unverified.claimed();
         let mut providers = Providers::new(&options.key_options);
@@ -876,6 +878,22 @@ fn reach_key(
 
 /// Reads a whole file without updating its access time (the config of a volume that is only
 /// being read).
+/// The config names the keys the volume trusts. Its MAC stops edits, but not someone else
+/// putting back an older, authentic config (one that still trusts a retired key), so it must
+/// be writable only by its owner.
+fn check_config_permissions(path: &Path) -> Result<()> {
+    let meta =
+        fs::metadata(path).map_err(|e| Error::io(format!("cannot stat {}", path.display()), e))?;
+    if meta.permissions().mode() & 0o022 != 0 {
+        return Err(Error::Refused(format!(
+            "{} is writable by group or others (mode {:o}); run 'chmod go-w' on it",
+            path.display(),
+            meta.permissions().mode() & 0o7777
+        )));
+    }
+    Ok(())
+}
+
 fn read_noatime(path: &Path) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
     let mut bytes = Vec::new();

@@ -34,6 +34,40 @@ pub struct Faults {
     /// Once this many calls of the kind have reached the wrapper (counting from its creation),
     /// every further one fails with `AccessDenied`: access revoked in the middle of a job.
     pub deny_after: Option<u64>,
+    /// The service is down (`Unavailable`) from this long after the wrapper was made, for
+    /// the second duration: an outage that ends by itself.
+    pub outage: Option<(Duration, Duration)>,
+}
+
+impl Faults {
+    /// Parses `latency_ms=5,throttle=200,timeout=50,timeout_ms=300,down_at_s=3,down_for_s=10`
+    /// (throttle and timeout in calls per 1000; every part optional), the form of
+    /// `KMSFS_INJECT_KMS_FAULTS`.
+    pub fn parse(spec: &str) -> Result<Faults, String> {
+        let mut f = Faults::default();
+        let (mut down_at, mut down_for) = (None, None);
+        for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (name, value) = part
+                .split_once('=')
+                .ok_or_else(|| format!("'{part}' is not NAME=NUMBER"))?;
+            let n: u64 = value
+                .parse()
+                .map_err(|_| format!("'{value}' in '{part}' is not a number"))?;
+            match name {
+                "latency_ms" => f.latency = Duration::from_millis(n),
+                "throttle" => f.throttle_per_mille = n.min(1000) as u32,
+                "timeout" => f.timeout_per_mille = n.min(1000) as u32,
+                "timeout_ms" => f.timeout_after = Duration::from_millis(n),
+                "down_at_s" => down_at = Some(Duration::from_secs(n)),
+                "down_for_s" => down_for = Some(Duration::from_secs(n)),
+                _ => return Err(format!("unknown fault '{name}'")),
+            }
+        }
+        if let (Some(at), Some(len)) = (down_at, down_for) {
+            f.outage = Some((at, len));
+        }
+        Ok(f)
+    }
 }
 
 pub struct FaultyProvider {
@@ -42,6 +76,7 @@ pub struct FaultyProvider {
     per_op: Mutex<HashMap<KmsOp, Faults>>,
     rng: Mutex<u64>,
     calls: [AtomicU64; 5],
+    made: std::time::Instant,
 }
 
 impl FaultyProvider {
@@ -52,6 +87,7 @@ impl FaultyProvider {
             per_op: Mutex::new(HashMap::new()),
             rng: Mutex::new(seed | 1),
             calls: Default::default(),
+            made: std::time::Instant::now(),
         }
     }
 
@@ -96,7 +132,12 @@ impl FaultyProvider {
                 Some((kind, Duration::ZERO))
             } else if f.deny || f.deny_after.is_some_and(|n| earlier >= n) {
                 Some((KeyErrorKind::AccessDenied, Duration::ZERO))
-            } else if f.unavailable {
+            } else if f.unavailable
+                || f.outage.is_some_and(|(at, len)| {
+                    let t = self.made.elapsed();
+                    t >= at && t < at + len
+                })
+            {
                 Some((KeyErrorKind::Unavailable, Duration::ZERO))
             } else {
                 let (throttle, timeout, after) =

@@ -14,6 +14,9 @@ pub struct Mount {
     child: Option<Child>,
     extra: Vec<String>,
     env: Vec<(String, String)>,
+    /// Filesystems mounted under the temp dir for the test (e.g. a small tmpfs as the backing
+    /// store), unmounted after the daemon stops.
+    pub cleanup_mounts: Vec<PathBuf>,
 }
 
 /// Whether FUSE can be used here. Under CI=true it must be.
@@ -45,6 +48,11 @@ fn mounted(mnt: &Path) -> bool {
 impl Mount {
     /// A new volume (block size `bs`, local key) mounted with `extra` mount options.
     pub fn new(bs: u32, extra: &[&str]) -> Self {
+        Self::new_on(bs, extra, None)
+    }
+
+    /// As `new`, with the backing directory on a tmpfs of `tmpfs_bytes` (a disk that fills).
+    pub fn new_on(bs: u32, extra: &[&str], tmpfs_bytes: Option<u64>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().canonicalize().unwrap();
         let (backing, mnt, key) = (
@@ -54,22 +62,23 @@ impl Mount {
         );
         std::fs::create_dir(&backing).unwrap();
         std::fs::create_dir(&mnt).unwrap();
-        let out = kmsfs()
-            .args([
-                "init",
-                backing.to_str().unwrap(),
-                "--block-size",
-                &bs.to_string(),
-            ])
-            .arg("--key")
-            .arg(format!("local:{}", key.display()))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "init: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let mut cleanup_mounts = Vec::new();
+        if let Some(bytes) = tmpfs_bytes {
+            let ok = Command::new("mount")
+                .args([
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    &format!("size={bytes},mode=700"),
+                    "tmpfs",
+                ])
+                .arg(&backing)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "cannot mount a tmpfs on {}", backing.display());
+            cleanup_mounts.push(backing.clone());
+        }
         let mut m = Mount {
             dir,
             backing,
@@ -78,7 +87,24 @@ impl Mount {
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             env: Vec::new(),
+            cleanup_mounts,
         };
+        let out = kmsfs()
+            .args([
+                "init",
+                m.backing.to_str().unwrap(),
+                "--block-size",
+                &bs.to_string(),
+            ])
+            .arg("--key")
+            .arg(format!("local:{}", m.key.display()))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         m.start();
         m
     }
@@ -219,5 +245,8 @@ impl Mount {
 impl Drop for Mount {
     fn drop(&mut self) {
         self.stop();
+        for m in self.cleanup_mounts.drain(..) {
+            let _ = Command::new("umount").arg("-l").arg(&m).status();
+        }
     }
 }
