@@ -53,6 +53,22 @@ impl Mount {
 
     /// As `new`, with the backing directory on a tmpfs of `tmpfs_bytes` (a disk that fills).
     pub fn new_on(bs: u32, extra: &[&str], tmpfs_bytes: Option<u64>) -> Self {
+        Self::build(bs, extra, tmpfs_bytes, None, &[])
+    }
+
+    /// A new volume under the KMS key `key` (an ARN), with `env` (the KMS endpoint, region,
+    /// credentials) for init and every mount.
+    pub fn new_kms(bs: u32, key: &str, env: &[(&str, &str)]) -> Self {
+        Self::build(bs, &[], None, Some(key), env)
+    }
+
+    fn build(
+        bs: u32,
+        extra: &[&str],
+        tmpfs_bytes: Option<u64>,
+        kms_key: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().canonicalize().unwrap();
         let (backing, mnt, key) = (
@@ -86,8 +102,15 @@ impl Mount {
             key,
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
-            env: Vec::new(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             cleanup_mounts,
+        };
+        let key_arg = match kms_key {
+            Some(arn) => arn.to_string(),
+            None => format!("local:{}", m.key.display()),
         };
         let out = kmsfs()
             .args([
@@ -97,7 +120,8 @@ impl Mount {
                 &bs.to_string(),
             ])
             .arg("--key")
-            .arg(format!("local:{}", m.key.display()))
+            .arg(&key_arg)
+            .envs(m.env.iter().map(|(k, v)| (k, v)))
             .output()
             .unwrap();
         assert!(

@@ -18,6 +18,20 @@ pub enum Answer {
     },
     /// Read the request, then never answer.
     Hang,
+    /// Forward to a real endpoint (moto), misbehaving on a share of requests.
+    Proxy(ProxyFaults),
+}
+
+/// What a proxying stand-in does to requests: per 1000, answer `ThrottlingException` or hang
+/// (never answer); and from `down.0` after it started, for `down.1`, drop every connection
+/// as a service that went away would.
+#[derive(Clone)]
+pub struct ProxyFaults {
+    pub upstream: u16,
+    pub throttle_per_mille: u64,
+    pub hang_per_mille: u64,
+    pub down: Option<(Duration, Duration)>,
+    pub started: std::time::Instant,
 }
 
 pub struct StandIn {
@@ -65,6 +79,7 @@ fn serve(conn: TcpStream, answer: &Answer, requests: &AtomicUsize, stop: &Atomic
         // Headers, then a body of Content-Length bytes.
         let mut length = 0usize;
         let mut line = String::new();
+        let mut head_lines = String::new();
         loop {
             line.clear();
             if reader.read_line(&mut line).unwrap_or(0) == 0 {
@@ -73,6 +88,7 @@ fn serve(conn: TcpStream, answer: &Answer, requests: &AtomicUsize, stop: &Atomic
             if line == "\r\n" {
                 break;
             }
+            head_lines.push_str(&line);
             if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
                 length = v.trim().parse().unwrap_or(0);
             }
@@ -81,8 +97,49 @@ fn serve(conn: TcpStream, answer: &Answer, requests: &AtomicUsize, stop: &Atomic
         if reader.read_exact(&mut body).is_err() {
             return;
         }
-        requests.fetch_add(1, Ordering::SeqCst);
+        let n = requests.fetch_add(1, Ordering::SeqCst) as u64;
         match answer {
+            Answer::Proxy(f) => {
+                let t = f.started.elapsed();
+                if f.down.is_some_and(|(at, len)| t >= at && t < at + len) {
+                    return; // the connection drops
+                }
+                // A fixed, spread pattern by request number (reproducible).
+                let roll = n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 54; // 0..1023
+                let roll = roll * 1000 / 1024;
+                if roll < f.hang_per_mille {
+                    while !stop.load(Ordering::SeqCst)
+                        && f.started.elapsed() < t + Duration::from_secs(60)
+                    {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    return;
+                }
+                if roll < f.hang_per_mille + f.throttle_per_mille {
+                    let error_type = "ThrottlingException";
+                    let body = format!("{{\"__type\":\"{error_type}\",\"message\":\"slow down\"}}");
+                    let head = format!(
+                        "HTTP/1.1 400 Stand-in\r\nContent-Type: application/x-amz-json-1.1\r\nx-amzn-ErrorType: {error_type}\r\nContent-Length: {}\r\n\r\n",
+                        body.len()
+                    );
+                    if writer
+                        .write_all(head.as_bytes())
+                        .and_then(|_| writer.write_all(body.as_bytes()))
+                        .is_err()
+                    {
+                        return;
+                    }
+                    continue;
+                }
+                match forward(f.upstream, &head_lines, &body) {
+                    Some(response) => {
+                        if writer.write_all(&response).is_err() {
+                            return;
+                        }
+                    }
+                    None => return,
+                }
+            }
             Answer::Hang => {
                 while !stop.load(Ordering::SeqCst) {
                     std::thread::sleep(Duration::from_millis(20));
@@ -115,4 +172,48 @@ impl Drop for StandIn {
         // Wake the accept loop so its thread ends.
         let _ = TcpStream::connect(("127.0.0.1", self.port));
     }
+}
+
+/// Sends one request to the upstream on a fresh connection and returns its whole response.
+fn forward(upstream: u16, head: &str, body: &[u8]) -> Option<Vec<u8>> {
+    let mut up = TcpStream::connect(("127.0.0.1", upstream)).ok()?;
+    up.set_read_timeout(Some(Duration::from_secs(30))).ok();
+    // One request per upstream connection.
+    let head: String = head
+        .lines()
+        .filter(|l| !l.to_ascii_lowercase().starts_with("connection:"))
+        .map(|l| format!("{l}\r\n"))
+        .collect();
+    up.write_all(head.as_bytes()).ok()?;
+    up.write_all(b"Connection: close\r\n\r\n").ok()?;
+    up.write_all(body).ok()?;
+    let mut reader = BufReader::new(up);
+    let mut response = Vec::new();
+    let mut length = None;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse::<usize>().ok();
+        }
+        let end = line == "\r\n";
+        response.extend_from_slice(line.as_bytes());
+        if end {
+            break;
+        }
+    }
+    match length {
+        Some(n) => {
+            let mut b = vec![0u8; n];
+            reader.read_exact(&mut b).ok()?;
+            response.extend_from_slice(&b);
+        }
+        None => {
+            reader.read_to_end(&mut response).ok()?;
+        }
+    }
+    Some(response)
 }
