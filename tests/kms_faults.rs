@@ -101,6 +101,13 @@ fn verify_present(src: &Path, n: usize, skip: &BTreeSet<String>) -> Result<(), S
         })
 }
 
+/// Extracts `tarball` into `dest` (ten minutes at most); returns the files tar failed on.
+fn untar(tarball: &Path, dest: &Path) -> BTreeSet<String> {
+    let mut tar = Command::new("tar");
+    tar.arg("-C").arg(dest).arg("-xf").arg(tarball);
+    failed_names(&run_within(&mut tar, Duration::from_secs(600)))
+}
+
 /// Runs `cmd` to completion within `limit` (a hang fails the test); returns its stderr.
 fn run_within(cmd: &mut Command, limit: Duration) -> String {
     let mut child = cmd
@@ -149,15 +156,7 @@ fn an_untar_and_a_read_all_ride_out_throttling_timeouts_and_an_outage() {
     fs::create_dir(m.p("src")).unwrap();
 
     // Untar while the faults (and, part way, the outage) are on.
-    let err = run_within(
-        Command::new("tar")
-            .arg("-C")
-            .arg(m.p("src"))
-            .arg("-xf")
-            .arg(&tar_path),
-        Duration::from_secs(600),
-    );
-    let failed_untar = failed_names(&err);
+    let failed_untar = untar(&tar_path, &m.p("src"));
     let untar_took = mounted.elapsed();
     // The outage must have fallen inside the untar for this test to mean anything, and the
     // failures must be explained: each failed create left a log line.
@@ -255,15 +254,7 @@ fn moto_behind_a_faulty_proxy_loses_nothing_and_recovers() {
     let started = Instant::now();
     let tar_path = tarball(m.dir.path(), N);
     fs::create_dir(m.p("src")).unwrap();
-    let err = run_within(
-        Command::new("tar")
-            .arg("-C")
-            .arg(m.p("src"))
-            .arg("-xf")
-            .arg(&tar_path),
-        Duration::from_secs(600),
-    );
-    let failed_untar = failed_names(&err);
+    let failed_untar = untar(&tar_path, &m.p("src"));
     let untar_took = started.elapsed();
     // After the outage, everything tar wrote reads back (a read throttled past its retries
     // is tried again: EIO there means "not now", never wrong data).

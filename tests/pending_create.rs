@@ -6,15 +6,13 @@
 mod common;
 
 use std::ffi::OsStr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::{pattern, TestVolume};
 use kmsfs::core::fs::{Caller, KmsFs, ROOT_INO};
-use kmsfs::core::volume::{KeyOptions, OpenOptions};
-use kmsfs::core::Volume;
 use kmsfs::keys::fault::{Faults, FaultyProvider};
-use kmsfs::keys::{KeyProvider, KmsOp};
+use kmsfs::keys::KmsOp;
 
 const CALLER: Caller = Caller {
     uid: 0,
@@ -27,30 +25,13 @@ const LATENCY: Duration = Duration::from_millis(100);
 
 /// A writable core whose key service answers after `LATENCY`.
 fn slow_core(v: &TestVolume, pending: usize) -> (KmsFs, Arc<FaultyProvider>) {
-    let made: Arc<Mutex<Option<Arc<FaultyProvider>>>> = Arc::default();
-    let slot = made.clone();
-    let options = OpenOptions {
-        key_options: KeyOptions {
-            wrap_provider: Some(Arc::new(move |inner: Arc<dyn KeyProvider>| {
-                let f = Arc::new(FaultyProvider::new(inner, 5));
-                f.set(
-                    None,
-                    Faults {
-                        latency: LATENCY,
-                        ..Default::default()
-                    },
-                );
-                *slot.lock().unwrap() = Some(f.clone());
-                f as Arc<dyn KeyProvider>
-            })),
-            ..Default::default()
-        },
+    let faults = Faults {
+        latency: LATENCY,
         ..Default::default()
     };
-    let volume = Volume::open(&v.backing, &options).unwrap();
+    let (volume, provider) = v.open_faulty(5, faults);
     let mut core = KmsFs::new(volume, false).unwrap();
     core.set_pending_creates(pending);
-    let provider = made.lock().unwrap().clone().unwrap();
     // The first create waits: the key service's speed is not known yet.
     put(&core, "primer", b"1");
     (core, provider)

@@ -5,44 +5,25 @@
 mod common;
 
 use std::ffi::OsStr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{pattern, TestVolume};
 use kmsfs::core::fs::{KmsFs, ROOT_INO};
-use kmsfs::core::volume::{KeyOptions, OpenOptions};
-use kmsfs::core::Volume;
 use kmsfs::keys::fault::{Faults, FaultyProvider};
-use kmsfs::keys::{KeyProvider, KmsOp};
+use kmsfs::keys::KmsOp;
 
 const LATENCY: Duration = Duration::from_millis(30);
 
 /// A fresh core (cold key cache) whose key service answers after `LATENCY`.
 fn slow_core(v: &TestVolume, prefetch: usize) -> (KmsFs, Arc<FaultyProvider>) {
-    let made: Arc<Mutex<Option<Arc<FaultyProvider>>>> = Arc::default();
-    let slot = made.clone();
-    let options = OpenOptions {
-        key_options: KeyOptions {
-            wrap_provider: Some(Arc::new(move |inner: Arc<dyn KeyProvider>| {
-                let f = Arc::new(FaultyProvider::new(inner, 3));
-                f.set(
-                    None,
-                    Faults {
-                        latency: LATENCY,
-                        ..Default::default()
-                    },
-                );
-                *slot.lock().unwrap() = Some(f.clone());
-                f as Arc<dyn KeyProvider>
-            })),
-            ..Default::default()
-        },
+    let faults = Faults {
+        latency: LATENCY,
         ..Default::default()
     };
-    let volume = Volume::open(&v.backing, &options).unwrap();
+    let (volume, provider) = v.open_faulty(3, faults);
     let mut core = KmsFs::new(volume, true).unwrap();
     core.set_key_prefetch(prefetch);
-    let provider = made.lock().unwrap().clone().unwrap();
     (core, provider)
 }
 

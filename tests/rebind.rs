@@ -7,18 +7,17 @@ mod common;
 use std::ffi::OsStr;
 use std::fs;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use common::{pattern, TestVolume};
 use kmsfs::core::file::read_header;
 use kmsfs::core::fs::{Caller, KmsFs, ROOT_INO};
 use kmsfs::core::journal::Journal;
-use kmsfs::core::volume::{KeyOptions, OpenOptions};
-use kmsfs::core::{EncryptedFile, Volume};
+use kmsfs::core::EncryptedFile;
 use kmsfs::format::context::CanonicalPath;
 use kmsfs::format::envelope::Envelope;
 use kmsfs::keys::fault::{Faults, FaultyProvider};
-use kmsfs::keys::{KeyProvider, KmsOp};
+use kmsfs::keys::KmsOp;
 
 const CALLER: Caller = Caller {
     uid: 0,
@@ -28,21 +27,7 @@ const CALLER: Caller = Caller {
 
 /// A core over the test volume whose key service can be told to start refusing.
 fn mount(v: &TestVolume) -> (KmsFs, Arc<FaultyProvider>) {
-    let faulty: Arc<Mutex<Option<Arc<FaultyProvider>>>> = Arc::default();
-    let slot = faulty.clone();
-    let options = OpenOptions {
-        key_options: KeyOptions {
-            wrap_provider: Some(Arc::new(move |inner: Arc<dyn KeyProvider>| {
-                let f = Arc::new(FaultyProvider::new(inner, 7));
-                *slot.lock().unwrap() = Some(f.clone());
-                f as Arc<dyn KeyProvider>
-            })),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    let volume = Volume::open(&v.backing, &options).unwrap();
-    let provider = faulty.lock().unwrap().clone().unwrap();
+    let (volume, provider) = v.open_faulty(7, Faults::default());
     (KmsFs::new(volume, false).unwrap(), provider)
 }
 

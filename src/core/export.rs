@@ -227,25 +227,8 @@ impl Exporter<'_> {
             fs::set_permissions(out, fs::Permissions::from_mode(meta.mode() & 0o7777))
                 .map_err(|e| Error::io(format!("cannot chmod {}", out.display()), e))?;
         }
-        let times = [
-            libc::timespec {
-                tv_sec: meta.atime(),
-                tv_nsec: meta.atime_nsec(),
-            },
-            libc::timespec {
-                tv_sec: meta.mtime(),
-                tv_nsec: meta.mtime_nsec(),
-            },
-        ];
-        // SAFETY: valid path and two timespecs.
-        unsafe {
-            libc::utimensat(
-                libc::AT_FDCWD,
-                c.as_ptr(),
-                times.as_ptr(),
-                libc::AT_SYMLINK_NOFOLLOW,
-            )
-        };
+        // Times are best effort, as before: an export is not refused over them.
+        let _ = super::set_times_at(&c, &super::times_of(meta));
         Ok(())
     }
 

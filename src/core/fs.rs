@@ -649,13 +649,7 @@ impl KmsFs {
     /// and length (one 64-byte read, no key; remembered, see [`Layouts`]).
     fn plaintext_size(&self, ino: u64, backing: &Path, meta: &fs::Metadata) -> Result<u64> {
         let len = meta.len();
-        if let Some(node) = self
-            .open
-            .lock()
-            .unwrap()
-            .get(&ino)
-            .and_then(|w| w.upgrade())
-        {
+        if let Some(node) = self.open_node(ino) {
             return Ok(node.size());
         }
         let identity = layout_identity(meta);
@@ -739,13 +733,7 @@ impl KmsFs {
             Ok(path) => self.stat_path(&path),
             // An open file whose last name is gone (unlinked while open) is still there.
             Err(e) => {
-                let node = self
-                    .open
-                    .lock()
-                    .unwrap()
-                    .get(&ino)
-                    .and_then(|w| w.upgrade())
-                    .ok_or(e)?;
+                let node = self.open_node(ino).ok_or(e)?;
                 let (path, meta) = (node.path(), node.backing_metadata());
                 let meta = meta.map_err(|e| io_err("cannot stat", &path, e))?;
                 let mut attr = self.attr_from(&path, &meta)?;
@@ -845,27 +833,9 @@ impl KmsFs {
             };
             let times = [spec(atime, atime_now), spec(mtime, mtime_now)];
             let c = cstr(&backing)?;
-            // SAFETY: valid path and a two-element timespec array.
-            let set = || {
-                check_errno(
-                    unsafe {
-                        libc::utimensat(
-                            libc::AT_FDCWD,
-                            c.as_ptr(),
-                            times.as_ptr(),
-                            libc::AT_SYMLINK_NOFOLLOW,
-                        )
-                    },
-                    "utimensat",
-                )
-            };
+            let set = || super::set_times_at(&c, &times).map_err(|e| Error::io("utimensat", e));
             // Not while a pending file's key arrives (it keeps the times it had).
-            let node = self
-                .open
-                .lock()
-                .unwrap()
-                .get(&ino)
-                .and_then(|w| w.upgrade());
+            let node = self.open_node(ino);
             match node {
                 Some(node) => node.exclusive(set),
                 None => set(),
@@ -874,14 +844,18 @@ impl KmsFs {
         self.stat_path(&path)
     }
 
-    /// The handle through which to change the header of the file `ino` at `path`.
-    fn header_of(&self, ino: u64, path: &CanonicalPath) -> Result<HeaderHandle> {
-        let node = self
-            .open
+    /// The shared open instance of `ino`, if some handle (or a pending key request) holds one.
+    fn open_node(&self, ino: u64) -> Option<Arc<OpenNode>> {
+        self.open
             .lock()
             .unwrap()
             .get(&ino)
-            .and_then(|w| w.upgrade());
+            .and_then(|w| w.upgrade())
+    }
+
+    /// The handle through which to change the header of the file `ino` at `path`.
+    fn header_of(&self, ino: u64, path: &CanonicalPath) -> Result<HeaderHandle> {
+        let node = self.open_node(ino);
         if let Some(node) = node {
             return Ok(HeaderHandle::Open(node));
         }
@@ -898,12 +872,7 @@ impl KmsFs {
         path: &CanonicalPath,
         f: impl FnOnce(&mut EncryptedFile) -> Result<T>,
     ) -> Result<T> {
-        let node = self
-            .open
-            .lock()
-            .unwrap()
-            .get(&ino)
-            .and_then(|w| w.upgrade());
+        let node = self.open_node(ino);
         if let Some(node) = node {
             return node.with_mut(f);
         }

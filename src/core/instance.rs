@@ -21,7 +21,6 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
@@ -292,16 +291,7 @@ impl OpenNode {
 
 /// Sets `file`'s access and modification times back to those in `meta`.
 fn keep_times(file: &File, meta: &std::fs::Metadata) -> std::io::Result<()> {
-    let times = [
-        libc::timespec {
-            tv_sec: meta.atime(),
-            tv_nsec: meta.atime_nsec(),
-        },
-        libc::timespec {
-            tv_sec: meta.mtime(),
-            tv_nsec: meta.mtime_nsec(),
-        },
-    ];
+    let times = super::times_of(meta);
     // SAFETY: the fd is open and times is a two-element timespec array.
     if unsafe { libc::futimens(file.as_raw_fd(), times.as_ptr()) } != 0 {
         return Err(std::io::Error::last_os_error());

@@ -57,6 +57,35 @@ impl TestVolume {
         }
     }
 
+    /// Opens the volume afresh with its key service behind a fault wrapper (seeded with
+    /// `seed`, `faults` for every call kind), which is returned to steer.
+    pub fn open_faulty(
+        &self,
+        seed: u64,
+        faults: kmsfs::keys::fault::Faults,
+    ) -> (Volume, std::sync::Arc<kmsfs::keys::fault::FaultyProvider>) {
+        use kmsfs::keys::fault::FaultyProvider;
+        use kmsfs::keys::KeyProvider;
+        use std::sync::{Arc, Mutex};
+        let made: Arc<Mutex<Option<Arc<FaultyProvider>>>> = Arc::default();
+        let slot = made.clone();
+        let options = OpenOptions {
+            key_options: kmsfs::core::volume::KeyOptions {
+                wrap_provider: Some(Arc::new(move |inner: Arc<dyn KeyProvider>| {
+                    let f = Arc::new(FaultyProvider::new(inner, seed));
+                    f.set(None, faults.clone());
+                    *slot.lock().unwrap() = Some(f.clone());
+                    f as Arc<dyn KeyProvider>
+                })),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let volume = Volume::open(&self.backing, &options).unwrap();
+        let provider = made.lock().unwrap().clone().unwrap();
+        (volume, provider)
+    }
+
     /// Opens the volume afresh (empty key cache), as a new process would.
     pub fn reopen(&self) -> Result<Volume, Error> {
         Volume::open(&self.backing, &OpenOptions::default())

@@ -116,17 +116,7 @@ fn serve(conn: TcpStream, answer: &Answer, requests: &AtomicUsize, stop: &Atomic
                     return;
                 }
                 if roll < f.hang_per_mille + f.throttle_per_mille {
-                    let error_type = "ThrottlingException";
-                    let body = format!("{{\"__type\":\"{error_type}\",\"message\":\"slow down\"}}");
-                    let head = format!(
-                        "HTTP/1.1 400 Stand-in\r\nContent-Type: application/x-amz-json-1.1\r\nx-amzn-ErrorType: {error_type}\r\nContent-Length: {}\r\n\r\n",
-                        body.len()
-                    );
-                    if writer
-                        .write_all(head.as_bytes())
-                        .and_then(|_| writer.write_all(body.as_bytes()))
-                        .is_err()
-                    {
+                    if !reply_error(&mut writer, 400, "ThrottlingException") {
                         return;
                     }
                     continue;
@@ -147,18 +137,7 @@ fn serve(conn: TcpStream, answer: &Answer, requests: &AtomicUsize, stop: &Atomic
                 return;
             }
             Answer::Error { status, error_type } => {
-                let body = format!(
-                    "{{\"__type\":\"{error_type}\",\"message\":\"stand-in says {error_type}\"}}"
-                );
-                let head = format!(
-                    "HTTP/1.1 {status} Stand-in\r\nContent-Type: application/x-amz-json-1.1\r\nx-amzn-ErrorType: {error_type}\r\nContent-Length: {}\r\n\r\n",
-                    body.len()
-                );
-                if writer
-                    .write_all(head.as_bytes())
-                    .and_then(|_| writer.write_all(body.as_bytes()))
-                    .is_err()
-                {
+                if !reply_error(&mut writer, *status, error_type) {
                     return;
                 }
             }
@@ -172,6 +151,20 @@ impl Drop for StandIn {
         // Wake the accept loop so its thread ends.
         let _ = TcpStream::connect(("127.0.0.1", self.port));
     }
+}
+
+/// Answers with a KMS JSON error; false when the connection is gone.
+fn reply_error(writer: &mut TcpStream, status: u16, error_type: &str) -> bool {
+    let body =
+        format!("{{\"__type\":\"{error_type}\",\"message\":\"stand-in says {error_type}\"}}");
+    let head = format!(
+        "HTTP/1.1 {status} Stand-in\r\nContent-Type: application/x-amz-json-1.1\r\nx-amzn-ErrorType: {error_type}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    writer
+        .write_all(head.as_bytes())
+        .and_then(|_| writer.write_all(body.as_bytes()))
+        .is_ok()
 }
 
 /// Sends one request to the upstream on a fresh connection and returns its whole response.
