@@ -321,14 +321,25 @@ impl EncryptedFile {
 
     /// Reads and opens block `index` of the current file into `out` (its plaintext length).
     fn read_block(&self, index: u64, out: &mut [u8]) -> Result<usize> {
+        let sealed = self.read_sealed(index)?;
+        self.open_block(index, &sealed, out)
+    }
+
+    /// The sealed bytes of block `index` of the current file.
+    fn read_sealed(&self, index: u64) -> Result<Vec<u8>> {
         let plain = self.layout.block_plain_len(self.size, index);
         let mut sealed = vec![0u8; plain + BLOCK_OVERHEAD];
         self.file
             .read_exact_at(&mut sealed, self.layout.block_offset(index))
             .map_err(|e| self.io_err("read", e))?;
+        Ok(sealed)
+    }
+
+    /// Opens `sealed`, block `index` of the current file, into `out`.
+    fn open_block(&self, index: u64, sealed: &[u8], out: &mut [u8]) -> Result<usize> {
         let last = index == self.final_block(self.size);
         self.cipher
-            .open(index, last, &sealed, out)
+            .open(index, last, sealed, out)
             .map_err(|e| Error::format(&self.path, e))
     }
 
@@ -405,6 +416,14 @@ impl EncryptedFile {
             first = first.min(old_final);
         }
         let last = (end - 1) / bs;
+        // Growing reseals the old final block as "not last": keep its sealed form, so a write
+        // that fails part way (ENOSPC) can put the file back as it was, not leave it without
+        // a final block (unreadable as truncated). It is also what the merge below opens.
+        let old_final_sealed = if new_final > old_final {
+            Some(self.read_sealed(old_final)?)
+        } else {
+            None
+        };
         // Each block's new plaintext: straight from `data` where the write covers all of it,
         // else merged with what was there (the edges) or zeros (a gap).
         let mut merged: Vec<Option<Vec<u8>>> = Vec::with_capacity((last - first + 1) as usize);
@@ -427,7 +446,12 @@ impl EncryptedFile {
             let mut buf = vec![0u8; new_len];
             if old_len > 0 && !fully_covered {
                 let mut old = vec![0u8; bs as usize];
-                let n = self.read_block(index, &mut old)?;
+                let n = match &old_final_sealed {
+                    Some(sealed) if index == old_final => {
+                        self.open_block(index, sealed, &mut old)?
+                    }
+                    _ => self.read_block(index, &mut old)?,
+                };
                 buf[..n].copy_from_slice(&old[..n]);
             }
             if covered_from < covered_to {
@@ -450,19 +474,6 @@ impl EncryptedFile {
             })
             .collect();
         let sealed = seal_blocks(&self.cipher, &blocks, new_final);
-        // Growing reseals the old final block as "not last": keep its sealed form, so a write
-        // that fails part way (ENOSPC) can put the file back as it was, not leave it without
-        // a final block (unreadable as truncated).
-        let old_final_sealed = if new_final > old_final {
-            let len = self.layout.block_plain_len(old_size, old_final) + BLOCK_OVERHEAD;
-            let mut saved = vec![0u8; len];
-            self.file
-                .read_exact_at(&mut saved, self.layout.block_offset(old_final))
-                .map_err(|e| self.io_err("read", e))?;
-            Some(saved)
-        } else {
-            None
-        };
         if let Err(e) = self
             .file
             .write_all_at(&sealed, self.layout.block_offset(first))

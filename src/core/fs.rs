@@ -583,21 +583,11 @@ impl KmsFs {
         }
     }
 
-    /// `path` no longer names inode `ino` (None: whichever inode it named). Looking at one
-    /// node, not all of them, is what keeps `rm -rf` of a big tree linear.
-    fn forget_path(&self, ino: Option<u64>, path: &CanonicalPath) {
-        let mut nodes = self.nodes.lock().unwrap();
-        match ino {
-            Some(ino) => {
-                if let Some(node) = nodes.get_mut(&ino) {
-                    node.paths.retain(|p| p != path);
-                }
-            }
-            None => {
-                for node in nodes.values_mut() {
-                    node.paths.retain(|p| p != path);
-                }
-            }
+    /// `path` no longer names inode `ino`. Looking at that one node, not all of them, is what
+    /// keeps `rm -rf` of a big tree linear.
+    fn forget_path(&self, ino: u64, path: &CanonicalPath) {
+        if let Some(node) = self.nodes.lock().unwrap().get_mut(&ino) {
+            node.paths.retain(|p| p != path);
         }
     }
 
@@ -957,7 +947,7 @@ impl KmsFs {
         } else {
             fs::remove_file(&backing).map_err(|e| io_err("cannot unlink", &path, e))?;
         }
-        self.forget_path(Some(self.ino_of(meta.ino())), &path);
+        self.forget_path(self.ino_of(meta.ino()), &path);
         Ok(())
     }
 
@@ -966,11 +956,9 @@ impl KmsFs {
         let _ns = self.namespace.lock().unwrap();
         let path = self.child(parent, name)?;
         let backing = self.backing(&path);
-        let ino = fs::symlink_metadata(&backing)
-            .ok()
-            .map(|m| self.ino_of(m.ino()));
+        let meta = fs::symlink_metadata(&backing).map_err(|e| io_err("cannot rmdir", &path, e))?;
         fs::remove_dir(&backing).map_err(|e| io_err("cannot rmdir", &path, e))?;
-        self.forget_path(ino, &path);
+        self.forget_path(self.ino_of(meta.ino()), &path);
         Ok(())
     }
 
@@ -1196,7 +1184,9 @@ impl KmsFs {
         }
         let (bfrom, bto) = (self.backing(&from), self.backing(&to));
         let meta = fs::symlink_metadata(&bfrom).map_err(|e| io_err("cannot stat", &from, e))?;
-        if noreplace && fs::symlink_metadata(&bto).is_ok() {
+        // What the rename replaces, if anything (the namespace lock keeps it so).
+        let target = fs::symlink_metadata(&bto).ok();
+        if noreplace && target.is_some() {
             return Err(os("target exists", libc::EEXIST));
         }
         if meta.is_dir() && to.as_str().starts_with(&format!("{}/", from.as_str())) {
@@ -1211,8 +1201,8 @@ impl KmsFs {
         };
         // A file replaced by the rename that keeps other names keeps an envelope for `to`
         // until tidied; its envelopes say where those names are.
-        let replaced_names = match fs::symlink_metadata(&bto) {
-            Ok(m) if m.is_file() && m.nlink() > 1 => File::open(&bto)
+        let replaced_names = match &target {
+            Some(m) if m.is_file() && m.nlink() > 1 => File::open(&bto)
                 .ok()
                 .and_then(|f| read_header(&f, &to).ok())
                 .map(|(h, _)| {
@@ -1271,12 +1261,9 @@ impl KmsFs {
             return Err(e);
         }
         // 2. The name changes.
-        let replaced = fs::symlink_metadata(&bto)
-            .ok()
-            .map(|m| self.ino_of(m.ino()));
         fs::rename(&bfrom, &bto).map_err(|e| io_err("cannot rename", &from, e))?;
-        if let Some(ino) = replaced {
-            self.forget_path(Some(ino), &to);
+        if let Some(m) = &target {
+            self.forget_path(self.ino_of(m.ino()), &to);
         }
         let moved = (!meta.is_dir()).then(|| self.ino_of(meta.ino()));
         self.move_paths(moved, &from, &to);
@@ -1406,19 +1393,14 @@ impl KmsFs {
         if !self.key_requests.would_take() {
             if let Some(made) = self.create_linked(path, &backing, perm) {
                 let (enc, backing_ino) = made?;
-                let node = Arc::new(OpenNode::ready(enc));
-                let ino = self.ino_of(backing_ino);
-                self.open.lock().unwrap().insert(ino, Arc::downgrade(&node));
-                let attr = self.created(path, caller, Some(perm))?;
-                let fh = self.new_handle(attr.ino, node, true, false);
-                return Ok((attr, fh));
+                return self.open_created(path, caller, perm, OpenNode::ready(enc), backing_ino);
             }
         }
         let file = fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
-            .mode(mode & !caller.umask & 0o7777)
+            .mode(perm)
             .open(&backing)
             .map_err(|e| io_err("cannot create", path, e))?;
         let remove = |e| {
@@ -1434,18 +1416,29 @@ impl KmsFs {
             file.try_clone()
                 .map_err(|e| remove(io_err("cannot reopen", path, e)))?,
         ));
-        let node = if self.key_requests.submit(&pending) {
-            pending
-        } else {
-            let started = std::time::Instant::now();
-            let enc = EncryptedFile::create(&self.volume, path, file).map_err(remove)?;
-            self.key_requests.answered(started.elapsed());
-            Arc::new(OpenNode::ready(enc))
-        };
-        // In the table before the first stat: a pending file's size is the instance's.
+        if self.key_requests.submit(&pending) {
+            return self.open_created(path, caller, perm, pending, backing_ino);
+        }
+        let started = std::time::Instant::now();
+        let enc = EncryptedFile::create(&self.volume, path, file).map_err(remove)?;
+        self.key_requests.answered(started.elapsed());
+        self.open_created(path, caller, perm, OpenNode::ready(enc), backing_ino)
+    }
+
+    /// A created file's instance goes in the table (before the first stat: a pending file's
+    /// size is the instance's), then its owner and permissions, then a writable handle.
+    fn open_created(
+        &self,
+        path: &CanonicalPath,
+        caller: Caller,
+        perm: u32,
+        node: impl Into<Arc<OpenNode>>,
+        backing_ino: u64,
+    ) -> Result<(Attr, u64)> {
+        let node = node.into();
         let ino = self.ino_of(backing_ino);
         self.open.lock().unwrap().insert(ino, Arc::downgrade(&node));
-        let attr = self.created(path, caller, Some(mode & !caller.umask & 0o7777))?;
+        let attr = self.created(path, caller, Some(perm))?;
         let fh = self.new_handle(attr.ino, node, true, false);
         Ok((attr, fh))
     }

@@ -181,65 +181,89 @@ impl OpenNode {
         }
     }
 
+    /// Reads from the held data of a pending file, else from the file (never waits).
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
-        if let Instance::Pending { data, .. } = &*self.state.read().unwrap() {
-            let start = (offset as usize).min(data.len());
-            let n = buf.len().min(data.len() - start);
-            buf[..n].copy_from_slice(&data[start..start + n]);
-            return Ok(n);
+        match &*self.state.read().unwrap() {
+            Instance::Ready(file) => file.read_at(offset, buf),
+            Instance::Failed { path, reason } => Err(failed(path, reason)),
+            Instance::Pending { data, .. } => {
+                let start = (offset as usize).min(data.len());
+                let n = buf.len().min(data.len() - start);
+                buf[..n].copy_from_slice(&data[start..start + n]);
+                Ok(n)
+            }
         }
-        self.with(|f| f.read_at(offset, buf))
     }
 
-    /// Writes `data` at `offset` (None: at the end); a pending file holds it in memory if it
-    /// fits. Returns the offset written at.
+    /// A change: on a pending file's held data when `held` can make it there (Some), else on
+    /// the file, at once if its key is in hand or once it arrives.
+    fn change<T>(
+        &self,
+        held: impl FnOnce(&mut Vec<u8>) -> Option<T>,
+        ready: impl FnOnce(&mut EncryptedFile) -> Result<T>,
+    ) -> Result<T> {
+        match &mut *self.state.write().unwrap() {
+            Instance::Ready(file) => return ready(file),
+            Instance::Failed { path, reason } => return Err(failed(path, reason)),
+            Instance::Pending { data, .. } => {
+                if let Some(done) = held(data) {
+                    return Ok(done);
+                }
+            }
+        }
+        self.with_mut(ready)
+    }
+
+    /// Writes `bytes` at `offset` (None: at the end); a pending file holds them in memory if
+    /// they fit. Returns the offset written at.
     pub fn write_at(&self, offset: Option<u64>, bytes: &[u8]) -> Result<u64> {
-        if let Instance::Pending { data, .. } = &mut *self.state.write().unwrap() {
-            let at = offset.unwrap_or(data.len() as u64);
-            let end = at + bytes.len() as u64;
-            if end <= PENDING_BYTES {
+        self.change(
+            |data| {
+                let at = offset.unwrap_or(data.len() as u64);
+                let end = at + bytes.len() as u64;
+                if end > PENDING_BYTES {
+                    return None;
+                }
                 let (at, end) = (at as usize, end as usize);
                 if data.len() < end {
                     data.resize(end, 0);
                 }
                 data[at..end].copy_from_slice(bytes);
-                return Ok(at as u64);
-            }
-        }
-        self.with_mut(|f| {
-            let at = offset.unwrap_or(f.size());
-            f.write_at(at, bytes)?;
-            Ok(at)
-        })
+                Some(at as u64)
+            },
+            |f| {
+                let at = offset.unwrap_or(f.size());
+                f.write_at(at, bytes)?;
+                Ok(at)
+            },
+        )
     }
 
     pub fn set_len(&self, size: u64) -> Result<()> {
-        if let Instance::Pending { data, .. } = &mut *self.state.write().unwrap() {
-            if size <= PENDING_BYTES {
-                data.resize(size as usize, 0);
-                return Ok(());
-            }
-        }
-        self.with_mut(|f| f.set_len(size))
+        self.change(
+            |data| (size <= PENDING_BYTES).then(|| data.resize(size as usize, 0)),
+            |f| f.set_len(size),
+        )
     }
 
     /// Extends the file with zeros to `size` bytes if it is shorter (`fallocate`).
     pub fn grow_to(&self, size: u64) -> Result<()> {
-        if let Instance::Pending { data, .. } = &mut *self.state.write().unwrap() {
-            if size <= PENDING_BYTES {
-                if (data.len() as u64) < size {
-                    data.resize(size as usize, 0);
+        self.change(
+            |data| {
+                (size <= PENDING_BYTES).then(|| {
+                    if (data.len() as u64) < size {
+                        data.resize(size as usize, 0);
+                    }
+                })
+            },
+            |f| {
+                if size > f.size() {
+                    f.set_len(size)
+                } else {
+                    Ok(())
                 }
-                return Ok(());
-            }
-        }
-        self.with_mut(|f| {
-            if size > f.size() {
-                f.set_len(size)
-            } else {
-                Ok(())
-            }
-        })
+            },
+        )
     }
 
     /// Runs `f` (a change of the backing file's timestamps) so that a key arriving at the
@@ -370,6 +394,7 @@ impl KeyRequests {
                     // The key service is down or throttling past the keyring's own retries:
                     // keep trying (new creates wait meanwhile), the data is held.
                     let mut pause = Duration::from_secs(1);
+                    let mut retried = false;
                     while let Err(Error::Key { source, .. }) = &key {
                         if !source.kind.is_transient() || started.elapsed() > KEEP_TRYING_FOR {
                             break;
@@ -378,6 +403,7 @@ impl KeyRequests {
                         tracing::warn!("{path}: the data key has not arrived, retrying: {source}");
                         std::thread::sleep(pause);
                         pause = (pause * 2).min(Duration::from_secs(30));
+                        retried = true;
                         key = generate();
                     }
                     match &key {
@@ -386,9 +412,8 @@ impl KeyRequests {
                             degraded.store(true, Ordering::Relaxed);
                             failures.fetch_add(1, Ordering::Relaxed);
                         }
-                        Ok(_) if pause == Duration::from_secs(1) => {
-                            record_latency(&latency, started.elapsed())
-                        }
+                        // An outage's retries say nothing about the service's usual speed.
+                        Ok(_) if !retried => record_latency(&latency, started.elapsed()),
                         Ok(_) => {}
                     }
                     let key_failed = key.is_err();
