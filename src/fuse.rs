@@ -1,15 +1,16 @@
 //! The FUSE adapter: translates fuser's calls into [`KmsFs`] calls and their results into
-//! replies. It holds no state and makes no decisions; every errno comes from
-//! [`crate::error::Error::errno`].
+//! replies. It makes no decisions and holds no state but the session's notifier (to tell the
+//! kernel of attributes that changed behind a reply that carries none); every errno comes
+//! from [`crate::error::Error::errno`].
 
 use std::ffi::OsStr;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    KernelConfig, LockOwner, Notifier, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
     ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
     ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
@@ -23,11 +24,22 @@ const TTL: Duration = Duration::from_secs(1);
 
 pub struct FuseFs {
     core: Arc<KmsFs>,
+    /// Set once the session exists: tells the kernel when attributes it caches changed
+    /// behind a request that does not return them.
+    notifier: Arc<OnceLock<Notifier>>,
 }
 
 impl FuseFs {
-    pub fn new(core: Arc<KmsFs>) -> Self {
-        FuseFs { core }
+    /// The adapter, and the slot its session's notifier goes in.
+    pub fn new(core: Arc<KmsFs>) -> (Self, Arc<OnceLock<Notifier>>) {
+        let notifier = Arc::new(OnceLock::new());
+        (
+            FuseFs {
+                core,
+                notifier: notifier.clone(),
+            },
+            notifier,
+        )
     }
 }
 
@@ -126,6 +138,10 @@ impl Filesystem for FuseFs {
         // Listings carry attributes: a walk needs no LOOKUP per entry.
         let _ = config
             .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
+        // Set-id bits are ours to clear on write and truncate (`KmsFs::drop_setid`): without this
+        // the kernel asks for `security.capability` before every write(2), a second round
+        // trip per write. It also lets the kernel mark inodes it has checked (S_NOSEC).
+        let _ = config.add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2);
         Ok(())
     }
 
@@ -143,7 +159,7 @@ impl Filesystem for FuseFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -171,6 +187,9 @@ impl Filesystem for FuseFs {
             at_now,
             mt_now,
             fh.map(|f| f.0),
+            // The kernel marks a truncate by a caller without CAP_FSETID (FATTR_KILL_SUIDGID),
+            // but fuser 0.18 does not pass that flag on; a caller other than root stands in.
+            size.is_some() && req.uid() != 0,
         );
         attributes(reply, result);
     }
@@ -290,15 +309,29 @@ impl Filesystem for FuseFs {
     fn write(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        // A writer without CAP_FSETID: its set-id bits go first, and since a write's reply
+        // carries no attributes, the kernel is told its cached mode is stale (attributes
+        // only: a negative offset leaves the page cache, whose pages this write may hold).
+        if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+            match self.core.drop_setid(fh.0) {
+                Ok(true) => {
+                    if let Some(n) = self.notifier.get() {
+                        let _ = n.inval_inode(ino, -1, 0);
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => return reply.error(errno(&e)),
+            }
+        }
         match self.core.write(fh.0, offset, data) {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(errno(&e)),

@@ -225,7 +225,24 @@ fn modes_owners_and_set_id_bits_are_as_on_linux() {
     let m = Mount::new(4096, &["--allow-other"]);
     // Let another user reach the mount point.
     fs::set_permissions(m.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-    let mode = |p: &str| fs::symlink_metadata(m.p(p)).unwrap().mode() & 0o7777;
+    // statx for the mode alone, as `stat -c %a` asks: served from the kernel's attribute
+    // cache when it is fresh, so a mode changed behind the kernel's back would show stale.
+    let mode = |p: &str| {
+        let path = std::ffi::CString::new(m.p(p).into_os_string().into_encoded_bytes()).unwrap();
+        // SAFETY: a valid C string and a zeroed statx buffer the call fills.
+        let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+        let r = unsafe {
+            libc::statx(
+                libc::AT_FDCWD,
+                path.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+                libc::STATX_MODE,
+                &mut stx,
+            )
+        };
+        assert_eq!(r, 0, "statx {p}");
+        u32::from(stx.stx_mode) & 0o7777
+    };
     let sh = |uid: u32, script: &str| {
         let st = std::process::Command::new("sh")
             .current_dir(&m.mnt)
@@ -256,6 +273,24 @@ fn modes_owners_and_set_id_bits_are_as_on_linux() {
     sh(65534, "printf x >> setid");
     assert_eq!(mode("setid"), 0o777);
     assert_eq!(fs::read(m.p("setid")).unwrap(), b"x");
+    // Root's writes keep them; a truncate by someone else clears them; without group execute
+    // the set-group-id bit (mandatory locking) stays. Each seen at once, not after a cache
+    // expires.
+    let set = |bits: u32| fs::set_permissions(m.p("setid"), fs::Permissions::from_mode(bits));
+    set(0o6777).unwrap();
+    OpenOptions::new()
+        .append(true)
+        .open(m.p("setid"))
+        .unwrap()
+        .write_all(b"y")
+        .unwrap();
+    assert_eq!(mode("setid"), 0o6777);
+    sh(65534, "truncate -s 1 setid");
+    assert_eq!(mode("setid"), 0o777);
+    set(0o6766).unwrap();
+    sh(65534, "printf z >> setid");
+    assert_eq!(mode("setid"), 0o2766);
+    assert_eq!(fs::read(m.p("setid")).unwrap(), b"xz");
     // In a set-group-id directory, entries take its group, and directories its bit.
     fs::create_dir(m.p("shared")).unwrap();
     std::os::unix::fs::chown(m.p("shared"), None, Some(65534)).unwrap();

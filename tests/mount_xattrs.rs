@@ -104,6 +104,31 @@ fn set_get_list_remove() {
     assert_eq!(list(&f), ["user.empty"]);
 }
 
+/// The daemon clears set-id bits itself (FUSE_HANDLE_KILLPRIV_V2), so the kernel no longer
+/// removes a file capability before a write; the backing filesystem must, as Linux does.
+#[test]
+fn a_write_drops_a_file_capability() {
+    if !fuse_available() {
+        return;
+    }
+    let m = Mount::new(4096, &[]);
+    let f = m.p("f");
+    fs::write(&f, b"x").unwrap();
+    // struct vfs_cap_data, revision 2, effective: cap_net_raw permitted.
+    let caps = [0x0200_0001u32, 1 << 13, 0, 0, 0]
+        .map(u32::to_le_bytes)
+        .concat();
+    set(&f, "security.capability", &caps, 0).unwrap();
+    assert_eq!(get(&f, "security.capability", 64).unwrap(), caps);
+    fs::OpenOptions::new()
+        .append(true)
+        .open(&f)
+        .and_then(|mut h| std::io::Write::write_all(&mut h, b"y"))
+        .unwrap();
+    assert_eq!(get(&f, "security.capability", 64), Err(libc::ENODATA));
+    assert_eq!(fs::read(&f).unwrap(), b"xy");
+}
+
 #[test]
 fn flags_and_buffer_sizes() {
     if !fuse_available() {

@@ -119,6 +119,7 @@ fn a_pending_file_reads_stats_and_truncates_from_memory() {
         false,
         false,
         Some(fh),
+        false,
     )
     .unwrap();
     assert_eq!(core.read(fh, 0, 100).unwrap(), b"hello");
@@ -172,6 +173,7 @@ fn the_times_set_while_pending_survive_the_key_arriving() {
         false,
         false,
         None,
+        false,
     )
     .unwrap();
     core.settle();

@@ -212,8 +212,10 @@ fn serve(args: &MountArgs, ready: impl FnOnce()) -> Result<()> {
     };
     config.n_threads = Some(4);
     config.clone_fd = true;
-    let mut session = fuser::Session::new(FuseFs::new(core.clone()), &args.mountpoint, &config)
+    let (fuse_fs, notifier) = FuseFs::new(core.clone());
+    let mut session = fuser::Session::new(fuse_fs, &args.mountpoint, &config)
         .map_err(|e| Error::io(format!("cannot mount on {}", args.mountpoint.display()), e))?;
+    let _ = notifier.set(session.notifier());
     let mut unmounter = session.unmount_callable();
     std::thread::Builder::new()
         .name("kmsfs-signals".into())

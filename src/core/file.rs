@@ -31,48 +31,26 @@ use super::volume::Volume;
 
 /// Largest plaintext range sealed in one go when growing a file (bounds memory).
 const GROW_CHUNK: u64 = 1 << 20;
-/// Bytes from which a write's blocks are sealed (or a read's opened) on two threads: below it
-/// starting a thread costs more than it saves.
-const PARALLEL_FROM: usize = 64 << 10;
-
 /// Seals consecutive blocks `(index, plaintext)` (block `final_block` flagged last) into one
-/// buffer, the second half on another thread when there is enough to share.
+/// buffer. On one thread: sealing runs at 2-3 GB/s, so a 128 KiB write seals in ~50 µs, and
+/// starting a helper thread per request cost more than it saved (a 512 MiB `dd` took 1.8 s
+/// with a second thread from 64 KiB up, 1.35 s without).
 fn seal_blocks(cipher: &BlockCipher, blocks: &[(u64, &[u8])], final_block: u64) -> Vec<u8> {
     let total: usize = blocks.iter().map(|(_, p)| p.len() + BLOCK_OVERHEAD).sum();
     let mut out = vec![0u8; total];
     let nonces = random_nonces(blocks.len());
-    let seal = |blocks: &[(u64, &[u8])], nonces: &[u8], out: &mut [u8]| {
-        let mut at = 0;
-        for (k, (index, plain)) in blocks.iter().enumerate() {
-            let nonce = nonces[k * NONCE_LEN..(k + 1) * NONCE_LEN]
-                .try_into()
-                .expect("12");
-            let len = plain.len() + BLOCK_OVERHEAD;
-            cipher.seal_into(
-                *index,
-                *index == final_block,
-                nonce,
-                plain,
-                &mut out[at..at + len],
-            );
-            at += len;
-        }
-    };
-    if total < PARALLEL_FROM || blocks.len() < 2 {
-        seal(blocks, &nonces, &mut out);
-        return out;
+    let mut at = 0;
+    for ((index, plain), nonce) in blocks.iter().zip(nonces.chunks_exact(NONCE_LEN)) {
+        let len = plain.len() + BLOCK_OVERHEAD;
+        cipher.seal_into(
+            *index,
+            *index == final_block,
+            nonce.try_into().expect("12"),
+            plain,
+            &mut out[at..at + len],
+        );
+        at += len;
     }
-    let half = blocks.len() / 2;
-    let split: usize = blocks[..half]
-        .iter()
-        .map(|(_, p)| p.len() + BLOCK_OVERHEAD)
-        .sum();
-    let (out_a, out_b) = out.split_at_mut(split);
-    let (nonces_a, nonces_b) = nonces.split_at(half * NONCE_LEN);
-    std::thread::scope(|s| {
-        s.spawn(|| seal(&blocks[half..], nonces_b, out_b));
-        seal(&blocks[..half], nonces_a, out_a);
-    });
     out
 }
 

@@ -507,6 +507,11 @@ impl KmsFs {
     }
 
     /// Opens, reads and writes that have failed since the mount (for `kmsfs status`).
+    /// Inodes the kernel has looked up and not yet forgotten: what the daemon's table holds.
+    pub fn known_inodes(&self) -> usize {
+        self.nodes.lock().unwrap().len()
+    }
+
     pub fn io_errors(&self) -> u64 {
         self.io_errors.load(Ordering::Relaxed)
     }
@@ -781,10 +786,14 @@ impl KmsFs {
         atime_now: bool,
         mtime_now: bool,
         fh: Option<u64>,
+        kill_setid: bool,
     ) -> Result<Attr> {
         self.check_writable()?;
         let path = self.path_of(ino)?;
         let backing = self.backing(&path);
+        if kill_setid && mode.is_none() {
+            drop_setid(&backing)?;
+        }
         if let Some(size) = size {
             match fh.and_then(|fh| self.handles.lock().unwrap().get(&fh).cloned()) {
                 Some(h) => h.node.set_len(size)?,
@@ -1513,6 +1522,13 @@ impl KmsFs {
         Ok(buf)
     }
 
+    /// Before a write by someone who may not keep set-id bits (the kernel leaves clearing
+    /// them to us, see `fuse.rs`): clears them and says whether there were any.
+    pub fn drop_setid(&self, fh: u64) -> Result<bool> {
+        let h = self.handle(fh)?;
+        drop_setid(&self.backing(&h.node.path()))
+    }
+
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<usize> {
         let h = self.handle(fh)?;
         if !h.writable {
@@ -1770,4 +1786,23 @@ impl KmsFs {
             "removexattr",
         )
     }
+}
+
+/// Clears what a write or truncate by someone without `CAP_FSETID` clears (as the kernel does
+/// for local filesystems): set-user-id always, set-group-id when group-executable (without
+/// group execute it marks mandatory locking, which stays). A `security.capability` attribute
+/// needs nothing here: the backing filesystem drops it when the daemon writes the file.
+fn drop_setid(backing: &BackingPath) -> Result<bool> {
+    let meta = fs::symlink_metadata(backing).map_err(|e| Error::io("stat", e))?;
+    let mode = meta.mode() & 0o7777;
+    let mut kept = mode & !libc::S_ISUID;
+    if mode & libc::S_IXGRP != 0 {
+        kept &= !libc::S_ISGID;
+    }
+    if kept == mode || !meta.file_type().is_file() {
+        return Ok(false);
+    }
+    fs::set_permissions(backing, fs::Permissions::from_mode(kept))
+        .map_err(|e| Error::io("chmod", e))?;
+    Ok(true)
 }
