@@ -2,14 +2,21 @@
 # Side-by-side benchmark: a plain directory, gocryptfs and kmsfs (local key provider, and the
 # same with KMS_LATENCY_MS of injected latency per key call) on the same disk, in one run.
 # Workloads (SPEC §8): streaming write and read of 512 MiB in 128 KiB blocks (caches dropped
-# between), untar of a generated ~15k-file source-like tree, ls -lR, reading every file,
+# between; then once more with only the backing store's cache warm), untar of a generated
+# ~15k-file source-like tree, ls -lR, reading every file,
 # rm -rf, fio random 4 KiB read and write. Prints a table with seconds (or IOPS), the ratio
 # kmsfs/gocryptfs, and the key-service calls kmsfs made per workload.
 #
+# Every workload runs ROUNDS times on every filesystem, the filesystems interleaved (one
+# round runs each of them once, starting with a different one each round), and the table
+# shows medians: on a shared machine a single run of a workload can be off by 2x.
+#
 # Usage: scripts/bench.sh [WORKDIR]    (default: a new directory under /var/tmp)
-# Environment: STREAM_MIB (512), FILES (15000), FIO_SECONDS (10), KMS_LATENCY_MS (5)
+# Environment: ROUNDS (3), STREAM_MIB (512), FILES (15000), FIO_SECONDS (10),
+# KMS_LATENCY_MS (5)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+ROUNDS=${ROUNDS:-3}
 STREAM_MIB=${STREAM_MIB:-512}
 FILES=${FILES:-15000}
 FIO_SECONDS=${FIO_SECONDS:-10}
@@ -70,7 +77,8 @@ PY
 fi
 
 now() { date +%s.%N; }
-record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >> "$results"; } # fs workload value calls
+round=0
+record() { printf '%s\t%s\t%s\t%s\t%s\n' "$round" "$1" "$2" "$3" "$4" >> "$results"; } # fs workload value calls
 
 # Key-service calls so far (sum over kinds), for kmsfs mounts.
 kms_calls() {
@@ -119,6 +127,10 @@ run_workloads() { # fs dir
         dd if=/dev/zero of="$dir/stream" bs=128k count=$((STREAM_MIB * 8)) conv=fsync status=none
     drop_caches
     timed "$fs" "$dir" "read ${STREAM_MIB} MiB" dd if="$dir/stream" of=/dev/null bs=128k status=none
+    # The same read with the backing file in the page cache (a remount empties only the
+    # mount's own cache): the filesystem's own cost, without the shared disk's noise.
+    remount_$fs
+    timed "$fs" "$dir" "read again, backing cached" dd if="$dir/stream" of=/dev/null bs=128k status=none
     rm -f "$dir/stream"
     mkdir -p "$dir/src"
     timed "$fs" "$dir" "untar ${FILES} files" tar -C "$dir/src" -xf "$tarball"
@@ -131,8 +143,6 @@ run_workloads() { # fs dir
     drop_caches
     timed "$fs" "$dir" "read all files" sh -c "find '$dir/src' -type f -exec cat {} + > /dev/null"
     timed "$fs" "$dir" "rm -rf" rm -rf "$dir/src"
-    local before after
-    before=$(kms_calls "$fs" "$dir")
     record "$fs" "fio randwrite 4k (IOPS)" "$(fio_iops "$dir/fio" randwrite)" "-"
     drop_caches
     record "$fs" "fio randread 4k (IOPS)" "$(fio_iops "$dir/fio" randread)" "-"
@@ -156,51 +166,72 @@ mount_kmsfs() { # variant
 remount_kmsfs() { "$KMSFS" umount "$work/kmsfs/mnt"; mount_kmsfs kmsfs; }
 remount_kmsfs-latency() { "$KMSFS" umount "$work/kmsfs-latency/mnt"; mount_kmsfs kmsfs-latency; }
 
-# plain
-mkdir -p "$work/plain/mnt"
-run_workloads plain "$work/plain/mnt"
-
-# gocryptfs
-mkdir -p "$work/gocryptfs/cipher" "$work/gocryptfs/mnt"
-echo bench > "$work/gocryptfs/pass"
-[ -f "$work/gocryptfs/cipher/gocryptfs.conf" ] ||
-    gocryptfs -init -q -passfile "$work/gocryptfs/pass" "$work/gocryptfs/cipher" >/dev/null
-gocryptfs -q -passfile "$work/gocryptfs/pass" "$work/gocryptfs/cipher" "$work/gocryptfs/mnt" 2>/dev/null
-run_workloads gocryptfs "$work/gocryptfs/mnt"
-fusermount3 -u "$work/gocryptfs/mnt"
-
-# kmsfs, local provider, then with injected key-service latency
-for variant in kmsfs kmsfs-latency; do
-    base=$work/$variant
+bench_plain() {
+    rm -rf "$work/plain"
+    mkdir -p "$work/plain/mnt"
+    run_workloads plain "$work/plain/mnt"
+}
+bench_gocryptfs() {
+    mkdir -p "$work/gocryptfs/cipher" "$work/gocryptfs/mnt"
+    echo bench > "$work/gocryptfs/pass"
+    [ -f "$work/gocryptfs/cipher/gocryptfs.conf" ] ||
+        gocryptfs -init -q -passfile "$work/gocryptfs/pass" "$work/gocryptfs/cipher" >/dev/null
+    gocryptfs -q -passfile "$work/gocryptfs/pass" "$work/gocryptfs/cipher" "$work/gocryptfs/mnt" 2>/dev/null
+    run_workloads gocryptfs "$work/gocryptfs/mnt"
+    fusermount3 -u "$work/gocryptfs/mnt"
+}
+bench_kmsfs() { # variant: kmsfs (local provider) or kmsfs-latency (the same, slowed down)
+    local base=$work/$1
     rm -rf "$base"
     mkdir -p "$base/backing" "$base/mnt"
     XDG_CONFIG_HOME=$base/config "$KMSFS" init "$base/backing" >/dev/null
-    mount_kmsfs "$variant"
-    run_workloads "$variant" "$base/mnt"
+    mount_kmsfs "$1"
+    run_workloads "$1" "$base/mnt"
     "$KMSFS" umount "$base/mnt"
+}
+
+filesystems=(plain gocryptfs kmsfs kmsfs-latency)
+for round in $(seq 1 "$ROUNDS"); do
+    n=${#filesystems[@]}
+    for i in $(seq 0 $((n - 1))); do
+        fs=${filesystems[$(((i + round - 1) % n))]}
+        echo "round $round/$ROUNDS: $fs" >&2
+        case $fs in
+        plain) bench_plain ;;
+        gocryptfs) bench_gocryptfs ;;
+        *) bench_kmsfs "$fs" ;;
+        esac
+    done
 done
 
-python3 - "$results" "$KMS_LATENCY_MS" <<'PY'
-import sys
-rows, lat = sys.argv[1], sys.argv[2]
+python3 - "$results" "$KMS_LATENCY_MS" "$ROUNDS" <<'PY'
+import statistics, sys
+rows, lat, rounds = sys.argv[1], sys.argv[2], sys.argv[3]
 data, calls, order = {}, {}, []
 for line in open(rows):
-    fs, w, v, c = line.rstrip("\n").split("\t")
-    data[(fs, w)] = float(v) if v else float("nan")
-    if fs.startswith("kmsfs"):
+    r, fs, w, v, c = line.rstrip("\n").split("\t")
+    data.setdefault((fs, w), {})[int(r)] = float(v) if v else float("nan")
+    if fs.startswith("kmsfs") and (fs, w) not in calls:
         calls[(fs, w)] = c
     if w not in order:
         order.append(w)
-def ratio(w, fs):
-    k, g = data.get((fs, w)), data.get(("gocryptfs", w))
-    if not k or not g:
-        return "-"
+def median(fs, w):
+    vals = list(data.get((fs, w), {}).values())
+    return statistics.median(vals) if vals else None
+def ratio_of(w, k, g):
     # For IOPS higher is better: report speedup the same way (kmsfs time / gocryptfs time).
-    return f"{(g / k) if 'IOPS' in w else (k / g):.2f}"
-print(f"{'workload':<24} {'plain':>9} {'gocryptfs':>10} {'kmsfs':>9} {'k/g':>6} {'kmsfs+'+lat+'ms':>11} {'k/g':>6}  key calls (kmsfs | +latency)")
+    return (g / k) if "IOPS" in w else (k / g)
+def ratio(w, fs):
+    k, g = median(fs, w), median("gocryptfs", w)
+    return f"{ratio_of(w, k, g):.2f}" if k and g else "-"
+def per_round(w, fs):
+    k, g = data.get((fs, w), {}), data.get(("gocryptfs", w), {})
+    return " ".join(f"{ratio_of(w, k[r], g[r]):.2f}" for r in sorted(k) if r in g and k[r] and g[r])
+print(f"medians of {rounds} rounds")
+print(f"{'workload':<24} {'plain':>9} {'gocryptfs':>10} {'kmsfs':>9} {'k/g':>6} {'kmsfs+'+lat+'ms':>11} {'k/g':>6}  k/g each round (kmsfs | +latency)  key calls (kmsfs | +latency)")
 for w in order:
-    vals = [data.get((fs, w)) for fs in ("plain", "gocryptfs", "kmsfs", "kmsfs-latency")]
+    vals = [median(fs, w) for fs in ("plain", "gocryptfs", "kmsfs", "kmsfs-latency")]
     fmt = lambda v: "-" if v is None else (f"{v:.0f}" if "IOPS" in w else f"{v:.2f}")
-    print(f"{w:<24} {fmt(vals[0]):>9} {fmt(vals[1]):>10} {fmt(vals[2]):>9} {ratio(w,'kmsfs'):>6} {fmt(vals[3]):>11} {ratio(w,'kmsfs-latency'):>6}  {calls.get(('kmsfs',w),'-')} | {calls.get(('kmsfs-latency',w),'-')}")
-print("times in seconds (lower is better) except IOPS; k/g = kmsfs time / gocryptfs time (for IOPS: gocryptfs IOPS / kmsfs IOPS), so below 1 means kmsfs is faster")
+    print(f"{w:<24} {fmt(vals[0]):>9} {fmt(vals[1]):>10} {fmt(vals[2]):>9} {ratio(w,'kmsfs'):>6} {fmt(vals[3]):>11} {ratio(w,'kmsfs-latency'):>6}  {per_round(w,'kmsfs')} | {per_round(w,'kmsfs-latency')}  {calls.get(('kmsfs',w),'-')} | {calls.get(('kmsfs-latency',w),'-')}")
+print("times in seconds (lower is better) except IOPS; k/g = kmsfs time / gocryptfs time (for IOPS: gocryptfs IOPS / kmsfs IOPS), so below 1 means kmsfs is faster; k/g is the ratio of the medians")
 PY

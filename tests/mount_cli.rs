@@ -217,12 +217,18 @@ fn a_detached_daemon_logs_to_syslog_and_answers_status() {
         "{v}"
     );
     assert!(v["key_cache"]["entries"].as_u64().unwrap() >= 2, "{v}");
+    // The root and the two files the kernel looked up.
+    assert!(v["inodes"].as_u64().unwrap() >= 3, "{v}");
+    let (rss, peak) = (&v["memory"]["rss_kib"], &v["memory"]["peak_rss_kib"]);
+    assert!(rss.as_u64().unwrap() > 1000, "{v}");
+    assert!(peak.as_u64().unwrap() >= rss.as_u64().unwrap(), "{v}");
     let human = kmsfs().arg("status").arg(&m.mnt).output().unwrap();
     let text = String::from_utf8(human.stdout).unwrap();
     assert!(
         text.contains(&format!("I/O errors returned: {errors}")),
         "{text}"
     );
+    assert!(text.contains("inodes the kernel holds: "), "{text}");
     let out = kmsfs().arg("umount").arg(&m.mnt).output().unwrap();
     assert!(out.status.success());
     let gone = kmsfs().arg("status").arg(&m.mnt).output().unwrap();

@@ -77,6 +77,18 @@ pub fn serve(core: Arc<KmsFs>, mountpoint: &Path, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A `kB` line of this process's `/proc/self/status` (0 where there is none).
+fn own_memory(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 fn snapshot(core: &KmsFs, mountpoint: &Path, uptime: Duration) -> serde_json::Value {
     let volume = core.volume();
     let ring = volume.keyring();
@@ -113,6 +125,8 @@ fn snapshot(core: &KmsFs, mountpoint: &Path, uptime: Duration) -> serde_json::Va
         },
         "kms_calls": calls,
         "io_errors": core.io_errors(),
+        "inodes": core.known_inodes(),
+        "memory": { "rss_kib": own_memory("VmRSS:"), "peak_rss_kib": own_memory("VmHWM:") },
         // SAFETY: PR_GET_DUMPABLE reads a flag of this process.
         "dumpable": unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) } != 0,
     })
@@ -167,6 +181,10 @@ pub fn run(args: StatusArgs) -> Result<()> {
             );
         }
     }
+    println!(
+        "inodes the kernel holds: {}; memory: {} KiB resident (peak {} KiB)",
+        v["inodes"], v["memory"]["rss_kib"], v["memory"]["peak_rss_kib"]
+    );
     println!("I/O errors returned: {}", v["io_errors"]);
     Ok(())
 }
