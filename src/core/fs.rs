@@ -506,12 +506,12 @@ impl KmsFs {
         self.read_only
     }
 
-    /// Opens, reads and writes that have failed since the mount (for `kmsfs status`).
     /// Inodes the kernel has looked up and not yet forgotten: what the daemon's table holds.
     pub fn known_inodes(&self) -> usize {
         self.nodes.lock().unwrap().len()
     }
 
+    /// Opens, reads and writes that have failed since the mount (for `kmsfs status`).
     pub fn io_errors(&self) -> u64 {
         self.io_errors.load(Ordering::Relaxed)
     }
@@ -1526,6 +1526,9 @@ impl KmsFs {
     /// them to us, see `fuse.rs`): clears them and says whether there were any.
     pub fn drop_setid(&self, fh: u64) -> Result<bool> {
         let h = self.handle(fh)?;
+        if !h.writable {
+            return Err(os("not open for writing", libc::EBADF));
+        }
         drop_setid(&self.backing(&h.node.path()))
     }
 
