@@ -301,3 +301,25 @@ fn modes_owners_and_set_id_bits_are_as_on_linux() {
     assert_eq!(mode("shared/sub"), 0o2755);
     assert_eq!(fs::metadata(m.p("shared/sub")).unwrap().gid(), 65534);
 }
+
+/// The kernel gives a FUSE mount 128 KiB of readahead; the daemon, as root, widens it to
+/// 1 MiB (streaming reads keep more requests in flight).
+#[test]
+fn a_mount_by_root_reads_ahead_one_mib() {
+    if !fuse_available() {
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: only root may set a mount's readahead");
+        return;
+    }
+    let m = Mount::new(4096, &[]);
+    let dev = fs::metadata(&m.mnt).unwrap().dev();
+    let knob = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        libc::major(dev),
+        libc::minor(dev)
+    );
+    assert_eq!(fs::read_to_string(&knob).unwrap().trim(), "1024", "{knob}");
+}
