@@ -77,16 +77,18 @@ pub fn serve(core: Arc<KmsFs>, mountpoint: &Path, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A `kB` line of this process's `/proc/self/status` (0 where there is none).
-fn own_memory(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix(field))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        })
-        .unwrap_or(0)
+/// This process's resident and peak resident memory in KiB, from one read of
+/// `/proc/self/status` (0 for a line that is missing).
+fn own_memory() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = |field: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    (kib("VmRSS:"), kib("VmHWM:"))
 }
 
 fn snapshot(core: &KmsFs, mountpoint: &Path, uptime: Duration) -> serde_json::Value {
@@ -111,6 +113,7 @@ fn snapshot(core: &KmsFs, mountpoint: &Path, uptime: Duration) -> serde_json::Va
         })
         .collect();
     let c = ring.cache_stats();
+    let (rss_kib, peak_rss_kib) = own_memory();
     serde_json::json!({
         "mountpoint": mountpoint.display().to_string(),
         "backing": volume.root().display().to_string(),
@@ -126,7 +129,7 @@ fn snapshot(core: &KmsFs, mountpoint: &Path, uptime: Duration) -> serde_json::Va
         "kms_calls": calls,
         "io_errors": core.io_errors(),
         "inodes": core.known_inodes(),
-        "memory": { "rss_kib": own_memory("VmRSS:"), "peak_rss_kib": own_memory("VmHWM:") },
+        "memory": { "rss_kib": rss_kib, "peak_rss_kib": peak_rss_kib },
         // SAFETY: PR_GET_DUMPABLE reads a flag of this process.
         "dumpable": unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) } != 0,
     })

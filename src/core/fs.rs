@@ -792,7 +792,8 @@ impl KmsFs {
         let path = self.path_of(ino)?;
         let backing = self.backing(&path);
         if kill_setid && mode.is_none() {
-            drop_setid(&backing)?;
+            let meta = fs::symlink_metadata(&backing).map_err(|e| Error::io("stat", e))?;
+            drop_setid(&meta, &backing)?;
         }
         if let Some(size) = size {
             match fh.and_then(|fh| self.handles.lock().unwrap().get(&fh).cloned()) {
@@ -1374,7 +1375,9 @@ impl KmsFs {
             Ok(m) => m.ino(),
             Err(e) => return Some(Err(io_err("cannot stat", path, e))),
         };
-        let from = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd())).ok()?;
+        // Past this point the key exists: fail rather than fall back (a second key).
+        let from = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))
+            .expect("a /proc path has no NUL");
         let to = match cstr(backing) {
             Ok(c) => c,
             Err(e) => return Some(Err(e)),
@@ -1529,7 +1532,13 @@ impl KmsFs {
         if !h.writable {
             return Err(os("not open for writing", libc::EBADF));
         }
-        drop_setid(&self.backing(&h.node.path()))
+        // The open backing file answers without a path walk: this runs before every write
+        // by someone other than root.
+        let meta = h
+            .node
+            .backing_metadata()
+            .map_err(|e| Error::io("stat", e))?;
+        drop_setid(&meta, &self.backing(&h.node.path()))
     }
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<usize> {
@@ -1793,10 +1802,10 @@ impl KmsFs {
 
 /// Clears what a write or truncate by someone without `CAP_FSETID` clears (as the kernel does
 /// for local filesystems): set-user-id always, set-group-id when group-executable (without
-/// group execute it marks mandatory locking, which stays). A `security.capability` attribute
-/// needs nothing here: the backing filesystem drops it when the daemon writes the file.
-fn drop_setid(backing: &BackingPath) -> Result<bool> {
-    let meta = fs::symlink_metadata(backing).map_err(|e| Error::io("stat", e))?;
+/// group execute it marks mandatory locking, which stays). `meta` is the file's, `backing` its
+/// path, used only when there is something to clear. A `security.capability` attribute needs
+/// nothing here: the backing filesystem drops it when the daemon writes the file.
+fn drop_setid(meta: &fs::Metadata, backing: &BackingPath) -> Result<bool> {
     let mode = meta.mode() & 0o7777;
     let mut kept = mode & !libc::S_ISUID;
     if mode & libc::S_IXGRP != 0 {
