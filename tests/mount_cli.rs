@@ -1,6 +1,7 @@
 //! The mount command itself: it reports failures as one line and a non-zero exit before
 //! detaching, detaches when all is well, unmounts cleanly on SIGTERM, logs to syslog once
-//! detached, answers `kmsfs status`, and mounts through mount(8) and fstab via `mount.kmsfs`.
+//! detached, answers `kmsfs status`, mounts through mount(8) and fstab via `mount.kmsfs`, and
+//! an ending daemon leaves a new mount at its path alone.
 
 mod common;
 
@@ -129,6 +130,43 @@ fn mount_detaches_and_unmounts_on_sigterm() {
         Some(1),
         "umount of what is not mounted fails"
     );
+
+    // A busy mount is detached at once: files open through it keep working, and the daemon
+    // exits when the last one closes (a plain unmount would fail, and leave a daemon that
+    // had already taken its one signal).
+    m.stop();
+    m.start();
+    let mut open = fs::OpenOptions::new()
+        .read(true)
+        .append(true)
+        .open(m.p("f"))
+        .unwrap();
+    let mut daemon = m.take_daemon();
+    // SAFETY: sending SIGTERM to our own child process.
+    unsafe { libc::kill(daemon.pid() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while mounted(&m.mnt) {
+        assert!(
+            Instant::now() < deadline,
+            "a busy mount still mounted 10 s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+    open.write_all(b" busy").unwrap();
+    let mut text = [0u8; 11];
+    open.read_exact_at(&mut text, 0).unwrap();
+    assert_eq!(&text, b"daemon busy");
+    assert_eq!(daemon.wait_for_exit(Duration::from_millis(300)), None);
+    drop(open);
+    let status = daemon.wait_for_exit(Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "after the last close the daemon exits cleanly: {status:?}"
+    );
+    m.start();
+    assert_eq!(fs::read(m.p("f")).unwrap(), b"daemon busy");
 }
 
 /// Holds a datagram socket at /dev/log (where syslog(3) sends) and removes it when dropped.
@@ -333,4 +371,93 @@ fn mount_8_and_fstab_lines_go_through_mount_kmsfs() {
     assert_eq!(out.status.code(), Some(2));
     assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1);
     assert!(!mounted(&m.mnt));
+}
+
+/// The FUSE control filesystem at /sys/fs/fuse/connections, mounted for the test if it was not
+/// (and then unmounted when dropped).
+struct FuseControl {
+    mounted_here: bool,
+}
+
+impl FuseControl {
+    const PATH: &'static str = "/sys/fs/fuse/connections";
+
+    fn mount() -> Self {
+        let mounted_here = !mounted(std::path::Path::new(Self::PATH));
+        if mounted_here {
+            assert!(std::process::Command::new("mount")
+                .args(["-t", "fusectl", "fusectl", Self::PATH])
+                .status()
+                .unwrap()
+                .success());
+        }
+        FuseControl { mounted_here }
+    }
+}
+
+impl Drop for FuseControl {
+    fn drop(&mut self) {
+        if self.mounted_here {
+            let _ = std::process::Command::new("umount")
+                .arg(Self::PATH)
+                .status();
+        }
+    }
+}
+
+/// A daemon restarted at the same path (`umount`, then `mount` again at once) while the old
+/// process is still finishing: the old one must not unmount the new mount or remove its status
+/// socket on its way out. fuser 0.18 unmounts by path when its session ends, even a mount that
+/// is no longer its own (cberner/fuser#703); mount(8) tests met this as a flaky "not mounted".
+#[test]
+fn an_ending_daemon_leaves_a_new_mount_at_its_path_alone() {
+    use std::os::unix::fs::MetadataExt;
+    if !fuse_available() {
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "under CI=true the test runs as root"
+        );
+        eprintln!("skipping: aborting a FUSE connection needs root");
+        return;
+    }
+    let mut m = Mount::new(4096, &[]);
+    fs::write(m.p("f"), b"old and new").unwrap();
+    m.stop();
+    // Slow key calls keep the old daemon busy on one request after its connection has ended,
+    // so the new mount is certainly in place before the old daemon's session returns.
+    m.set_env("KMSFS_INJECT_KMS_LATENCY_MS", "1500");
+    m.start();
+    let connection = libc::minor(fs::metadata(&m.mnt).unwrap().dev());
+    let _fusectl = FuseControl::mount();
+    let reader = {
+        let f = m.p("f");
+        std::thread::spawn(move || fs::read(f))
+    };
+    std::thread::sleep(Duration::from_millis(400));
+    fs::write(format!("/sys/fs/fuse/connections/{connection}/abort"), "1").unwrap();
+    assert!(reader.join().unwrap().is_err());
+    let mut old = m.take_daemon();
+    assert!(std::process::Command::new("umount")
+        .arg(&m.mnt)
+        .status()
+        .unwrap()
+        .success());
+    m.set_env("KMSFS_INJECT_KMS_LATENCY_MS", "0");
+    m.start();
+    assert!(
+        old.wait_for_exit(Duration::from_secs(10)).is_some(),
+        "the old daemon did not exit"
+    );
+    assert!(mounted(&m.mnt), "the old daemon unmounted the new mount");
+    assert_eq!(fs::read(m.p("f")).unwrap(), b"old and new");
+    let out = kmsfs().arg("status").arg(&m.mnt).output().unwrap();
+    assert!(
+        out.status.success(),
+        "the new mount's status socket is gone: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

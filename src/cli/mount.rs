@@ -4,11 +4,12 @@
 //! the FUSE mount itself), and a failure is one line and a non-zero exit from the command the
 //! user ran. To daemonize, the process forks before any thread exists (the AWS client starts
 //! threads); the child mounts and reports "ok" or the error through a pipe, and the parent
-//! exits with that result. SIGINT, SIGTERM and SIGHUP unmount cleanly.
+//! exits with that result. SIGINT, SIGTERM and SIGHUP detach the mount (files already open
+//! work on), and the daemon exits after their last close.
 
 use std::ffi::CString;
 use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -240,13 +241,19 @@ fn serve(args: &MountArgs, ready: impl FnOnce()) -> Result<()> {
     config.clone_fd = true;
     let (fuse_fs, notifier) = FuseFs::new(core.clone());
     let canonical_mountpoint = args.mountpoint.canonicalize();
-    let mut session = fuser::Session::new(fuse_fs, &args.mountpoint, &config)
+    let session = fuser::Session::new(fuse_fs, &args.mountpoint, &config)
         .map_err(|e| Error::io(format!("cannot mount on {}", args.mountpoint.display()), e))?;
     let _ = notifier.set(session.notifier());
-    if let Ok(canon) = canonical_mountpoint {
-        widen_readahead(&canon);
+    if let Ok(canon) = &canonical_mountpoint {
+        widen_readahead(canon);
     }
-    let mut unmounter = session.unmount_callable();
+    let mountpoint = canonical_mountpoint.unwrap_or_else(|_| args.mountpoint.clone());
+    let connection =
+        Arc::new(Connection(session.as_fd().try_clone_to_owned().map_err(
+            |e| Error::io("cannot duplicate the FUSE device descriptor", e),
+        )?));
+    let signal_connection = connection.clone();
+    let signal_mountpoint = mountpoint.clone();
     std::thread::Builder::new()
         .name("kmsfs-signals".into())
         .spawn(move || {
@@ -254,7 +261,12 @@ fn serve(args: &MountArgs, ready: impl FnOnce()) -> Result<()> {
             // SAFETY: set is a valid, initialized signal set; sig is an out-parameter.
             unsafe { libc::sigwait(&set, &mut sig) };
             tracing::info!("signal {sig}: unmounting");
-            if let Err(e) = unmounter.unmount() {
+            if !signal_connection.alive() {
+                return;
+            }
+            // Detached, as libfuse does: a busy mount would refuse a plain unmount, and this
+            // thread takes one signal only. Open files work on until their last close.
+            if let Err(e) = unmount_path(&signal_mountpoint, true) {
                 tracing::error!("unmount failed: {e}");
             }
         })
@@ -270,23 +282,78 @@ fn serve(args: &MountArgs, ready: impl FnOnce()) -> Result<()> {
         })
         .map_err(|e| Error::io("cannot start the cache thread", e))?;
     let status_socket = match super::status::serve(core.clone(), &args.mountpoint, &status_path) {
-        Ok(()) => Some(status_path),
+        Ok(socket) => Some(socket),
         Err(e) => {
             tracing::warn!("kmsfs status will not answer for this mount: {e}");
             None
         }
     };
+    let session = session
+        .spawn()
+        .and_then(session_thread)
+        .map_err(|e| Error::io("cannot start the FUSE session", e))?;
     ready();
-    let result = session
-        .run()
-        .map_err(|e| Error::io("the FUSE session failed", e));
+    let result = match session.join() {
+        Ok(ended) => ended.map_err(|e| Error::io("the FUSE session failed", e)),
+        Err(_) => Err(Error::io(
+            "the FUSE session failed",
+            std::io::Error::other("a request handler panicked"),
+        )),
+    };
+    if connection.alive() {
+        // The session failed with the mount still ours: detach it rather than leave a mount
+        // nobody serves.
+        if let Err(e) = unmount_path(&mountpoint, true) {
+            tracing::error!("unmount failed: {e}");
+        }
+    }
     // Files created without waiting get their key and data before the daemon exits.
     core.settle();
-    if let Some(p) = status_socket {
-        let _ = std::fs::remove_file(p);
-    }
+    drop(status_socket);
     log_key_stats(core.volume());
     result
+}
+
+/// The daemon's own view of its FUSE connection: a duplicate of the /dev/fuse descriptor its
+/// mount was made with.
+///
+/// fuser 0.18 unmounts the mount point *path* when a session ends, even once the kernel has
+/// ended the connection (its liveness check reads POLLERR the wrong way round, fixed upstream
+/// in cberner/fuser#703 but not released): after `umount` and a quick `mount` again, the old
+/// daemon on its way out would unmount the new mount. So fuser's mount handle is never dropped
+/// (see [`session_thread`]), and the daemon unmounts only while this connection lives.
+struct Connection(OwnedFd);
+
+impl Connection {
+    /// Whether the kernel still serves this mount through the connection: /dev/fuse polls
+    /// POLLERR once it is unmounted or aborted.
+    fn alive(&self) -> bool {
+        let mut fd = libc::pollfd {
+            fd: self.0.as_raw_fd(),
+            events: 0,
+            revents: 0,
+        };
+        loop {
+            // SAFETY: one valid pollfd, zero timeout.
+            let n = unsafe { libc::poll(&mut fd, 1, 0) };
+            if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return !(n == 1 && fd.revents & libc::POLLERR != 0);
+        }
+    }
+}
+
+/// The thread serving `session`, with fuser's mount handle forgotten (it would unmount by path
+/// when dropped, see [`Connection`]).
+fn session_thread(
+    mut session: fuser::BackgroundSession,
+) -> std::io::Result<std::thread::JoinHandle<std::io::Result<()>>> {
+    // A handle to put in its place: `guard` is the only part fuser lets us take.
+    let idle = std::thread::Builder::new().spawn(|| Ok(()))?;
+    let serving = std::mem::replace(&mut session.guard, idle);
+    std::mem::forget(session);
+    Ok(serving)
 }
 
 /// One summary line of key-service use, at unmount (`RUST_LOG=info`).
@@ -413,18 +480,30 @@ pub fn umount(args: UmountArgs) -> Result<()> {
     if !is_mounted(mp) {
         return Err(Error::Refused(format!("{} is not mounted", mp.display())));
     }
+    let socket = super::status::socket_path(mp);
+    unmount_path(mp, false)?;
+    wait_for_daemon(&socket);
+    Ok(())
+}
+
+/// Unmounts whatever is mounted at `mp`: umount2 as root, else through the setuid
+/// `fusermount3` (or `fusermount`). `lazy` detaches a busy mount instead of failing.
+fn unmount_path(mp: &Path, lazy: bool) -> Result<()> {
     let c = CString::new(mp.as_os_str().as_bytes())
         .map_err(|_| Error::Usage("path with NUL".into()))?;
-    let socket = super::status::socket_path(mp);
+    let flags = if lazy { libc::MNT_DETACH } else { 0 };
     // SAFETY: geteuid has no preconditions; umount2 gets a valid path.
-    if unsafe { libc::geteuid() } == 0 && unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
-        wait_for_daemon(&socket);
+    if unsafe { libc::geteuid() } == 0 && unsafe { libc::umount2(c.as_ptr(), flags) } == 0 {
         return Ok(());
     }
     for tool in ["fusermount3", "fusermount"] {
-        if let Ok(status) = std::process::Command::new(tool).arg("-u").arg(mp).status() {
+        let mut command = std::process::Command::new(tool);
+        command.arg("-u");
+        if lazy {
+            command.arg("-z");
+        }
+        if let Ok(status) = command.arg(mp).status() {
             if status.success() {
-                wait_for_daemon(&socket);
                 return Ok(());
             }
             return Err(Error::Refused(format!(

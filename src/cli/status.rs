@@ -51,10 +51,35 @@ pub fn socket_path(mountpoint: &Path) -> PathBuf {
     socket_dir().join(format!("{name}.sock"))
 }
 
+/// The socket a daemon serves on. Dropping it removes the socket file, unless another daemon
+/// has since bound its own at that path (a new mount at the same mount point, started before
+/// this daemon finished).
+pub struct StatusSocket {
+    path: PathBuf,
+    identity: (u64, u64),
+}
+
+impl StatusSocket {
+    fn identity_of(path: &Path) -> Option<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::symlink_metadata(path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()))
+    }
+}
+
+impl Drop for StatusSocket {
+    fn drop(&mut self) {
+        if Self::identity_of(&self.path) == Some(self.identity) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
 /// Serves snapshots for the mount at `mountpoint` on the socket `path` (from [`socket_path`],
 /// computed before mounting: resolving a path through a mount its daemon does not serve yet
 /// would hang) until the process ends.
-pub fn serve(core: Arc<KmsFs>, mountpoint: &Path, path: &Path) -> Result<()> {
+pub fn serve(core: Arc<KmsFs>, mountpoint: &Path, path: &Path) -> Result<StatusSocket> {
     let dir = socket_dir();
     std::fs::create_dir_all(&dir)
         .and_then(|_| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)))
@@ -62,6 +87,15 @@ pub fn serve(core: Arc<KmsFs>, mountpoint: &Path, path: &Path) -> Result<()> {
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path)
         .map_err(|e| Error::io(format!("cannot listen on {}", path.display()), e))?;
+    let socket = StatusSocket {
+        path: path.to_path_buf(),
+        identity: StatusSocket::identity_of(path).ok_or_else(|| {
+            Error::io(
+                format!("cannot stat {}", path.display()),
+                std::io::Error::last_os_error(),
+            )
+        })?,
+    };
     let started = Instant::now();
     let mp = mountpoint.to_path_buf();
     std::thread::Builder::new()
@@ -74,7 +108,7 @@ pub fn serve(core: Arc<KmsFs>, mountpoint: &Path, path: &Path) -> Result<()> {
             }
         })
         .map_err(|e| Error::io("cannot start the status thread", e))?;
-    Ok(())
+    Ok(socket)
 }
 
 /// This process's resident and peak resident memory in KiB, from one read of

@@ -227,6 +227,12 @@ impl Mount {
         self.start();
     }
 
+    /// Hands the running daemon to the test, so the volume can be mounted again at the same
+    /// path while the old daemon is still running.
+    pub fn take_daemon(&mut self) -> Daemon {
+        Daemon(self.child.take().expect("a running daemon"))
+    }
+
     fn log_path(&self) -> PathBuf {
         self.dir.path().join("mount.log")
     }
@@ -263,6 +269,36 @@ impl Mount {
             String::from_utf8_lossy(&out.stdout).to_string()
                 + &String::from_utf8_lossy(&out.stderr),
         )
+    }
+}
+
+/// A daemon the test waits for; killed (by pid) when dropped.
+pub struct Daemon(Child);
+
+impl Daemon {
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Its exit status, if it exits within `within`.
+    pub fn wait_for_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
