@@ -16,6 +16,15 @@ fn mounted(mnt: &std::path::Path) -> bool {
     info.lines().any(|l| l.split(' ').nth(4) == mnt.to_str())
 }
 
+/// Waits up to 10 s for `mnt` to leave the mount table; `failure` is the message if it does not.
+fn wait_until_unmounted(mnt: &std::path::Path, failure: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while mounted(mnt) {
+        assert!(Instant::now() < deadline, "{failure}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn one_line_failure(args: &[&std::ffi::OsStr], code: i32, want: &str) {
     let out = kmsfs().args(args).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -116,14 +125,7 @@ fn mount_detaches_and_unmounts_on_sigterm() {
     assert_eq!(fs::read(m.p("f")).unwrap(), b"daemon");
     // SAFETY: sending SIGTERM to our own child process.
     unsafe { libc::kill(m.pid() as i32, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while mounted(&m.mnt) {
-        assert!(
-            Instant::now() < deadline,
-            "still mounted 10 s after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until_unmounted(&m.mnt, "still mounted 10 s after SIGTERM");
     let out = kmsfs().arg("umount").arg(&m.mnt).output().unwrap();
     assert_eq!(
         out.status.code(),
@@ -144,14 +146,7 @@ fn mount_detaches_and_unmounts_on_sigterm() {
     let mut daemon = m.take_daemon();
     // SAFETY: sending SIGTERM to our own child process.
     unsafe { libc::kill(daemon.pid() as i32, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while mounted(&m.mnt) {
-        assert!(
-            Instant::now() < deadline,
-            "a busy mount still mounted 10 s after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until_unmounted(&m.mnt, "a busy mount still mounted 10 s after SIGTERM");
     use std::io::Write;
     use std::os::unix::fs::FileExt;
     open.write_all(b" busy").unwrap();
