@@ -60,17 +60,15 @@ pub struct StatusSocket {
 }
 
 impl StatusSocket {
-    fn identity_of(path: &Path) -> Option<(u64, u64)> {
+    fn identity_of(path: &Path) -> std::io::Result<(u64, u64)> {
         use std::os::unix::fs::MetadataExt;
-        std::fs::symlink_metadata(path)
-            .ok()
-            .map(|m| (m.dev(), m.ino()))
+        std::fs::symlink_metadata(path).map(|m| (m.dev(), m.ino()))
     }
 }
 
 impl Drop for StatusSocket {
     fn drop(&mut self) {
-        if Self::identity_of(&self.path) == Some(self.identity) {
+        if Self::identity_of(&self.path).ok() == Some(self.identity) {
             let _ = std::fs::remove_file(&self.path);
         }
     }
@@ -89,12 +87,8 @@ pub fn serve(core: Arc<KmsFs>, mountpoint: &Path, path: &Path) -> Result<StatusS
         .map_err(|e| Error::io(format!("cannot listen on {}", path.display()), e))?;
     let socket = StatusSocket {
         path: path.to_path_buf(),
-        identity: StatusSocket::identity_of(path).ok_or_else(|| {
-            Error::io(
-                format!("cannot stat {}", path.display()),
-                std::io::Error::last_os_error(),
-            )
-        })?,
+        identity: StatusSocket::identity_of(path)
+            .map_err(|e| Error::io(format!("cannot stat {}", path.display()), e))?,
     };
     let started = Instant::now();
     let mp = mountpoint.to_path_buf();
