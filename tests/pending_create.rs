@@ -249,11 +249,16 @@ fn a_key_service_that_answers_fast_is_waited_for() {
     let v = TestVolume::new(4096);
     let (core, provider) = slow_core(&v, 64);
     provider.heal();
-    // A few creates teach the core the key service is now fast (a moving average).
-    for i in 0..40 {
-        put(&core, &format!("warm{i}"), b"w");
+    assert!(!core.creates_wait_for_keys());
+    // Creates teach the core the key service is now fast (a moving average): a few dozen on
+    // an idle machine, more when a busy one slows some of them.
+    let mut warm = 0;
+    while !core.creates_wait_for_keys() {
+        assert!(warm < 2000, "2000 fast creates did not make creates wait");
+        put(&core, &format!("warm{warm}"), b"w");
+        warm += 1;
+        core.settle();
     }
-    core.settle();
     put(&core, "f", b"on disk at close");
     // No settle: the create waited for its key and the write went straight to the store.
     assert_eq!(v.read("f").unwrap(), b"on disk at close");

@@ -457,6 +457,12 @@ impl KmsFs {
         self.key_requests = KeyRequests::new(self.volume.clone(), files, self.io_errors.clone());
     }
 
+    /// Whether a create now would wait for its data key (the key service answers fast, is
+    /// failing, or pending creates are off) rather than return before it.
+    pub fn creates_wait_for_keys(&self) -> bool {
+        !self.key_requests.would_take()
+    }
+
     /// Waits until every file created without waiting has its key and data written.
     pub fn settle(&self) {
         self.key_requests.settle();
