@@ -1,7 +1,7 @@
 //! The mount command itself: it reports failures as one line and a non-zero exit before
-//! detaching, detaches when all is well, unmounts cleanly on SIGTERM, logs to syslog once
-//! detached, answers `kmsfs status`, mounts through mount(8) and fstab via `mount.kmsfs`, and
-//! an ending daemon leaves a new mount at its path alone.
+//! detaching, detaches when all is well, unmounts on SIGTERM (a busy mount too), logs to
+//! syslog once detached, answers `kmsfs status`, mounts through mount(8) and fstab via
+//! `mount.kmsfs`, and an ending daemon leaves a new mount at its path alone.
 
 mod common;
 
