@@ -247,13 +247,14 @@ fn serve(args: &MountArgs, ready: impl FnOnce()) -> Result<()> {
     if let Ok(canon) = &canonical_mountpoint {
         widen_readahead(canon);
     }
-    let mountpoint = canonical_mountpoint.unwrap_or_else(|_| args.mountpoint.clone());
-    let connection =
-        Arc::new(Connection(session.as_fd().try_clone_to_owned().map_err(
-            |e| Error::io("cannot duplicate the FUSE device descriptor", e),
-        )?));
-    let signal_connection = connection.clone();
-    let signal_mountpoint = mountpoint.clone();
+    let connection = Arc::new(Connection {
+        device: session
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| Error::io("cannot duplicate the FUSE device descriptor", e))?,
+        mountpoint: canonical_mountpoint.unwrap_or_else(|_| args.mountpoint.clone()),
+    });
+    let signalled = connection.clone();
     std::thread::Builder::new()
         .name("kmsfs-signals".into())
         .spawn(move || {
@@ -261,14 +262,9 @@ fn serve(args: &MountArgs, ready: impl FnOnce()) -> Result<()> {
             // SAFETY: set is a valid, initialized signal set; sig is an out-parameter.
             unsafe { libc::sigwait(&set, &mut sig) };
             tracing::info!("signal {sig}: unmounting");
-            if !signal_connection.alive() {
-                return;
-            }
-            // Detached, as libfuse does: a busy mount would refuse a plain unmount, and this
-            // thread takes one signal only. Open files work on until their last close.
-            if let Err(e) = unmount_path(&signal_mountpoint, true) {
-                tracing::error!("unmount failed: {e}");
-            }
+            // Detached: a busy mount would refuse a plain unmount, and this thread takes one
+            // signal only.
+            signalled.detach();
         })
         .map_err(|e| Error::io("cannot start the signal thread", e))?;
     // Drop expired keys from the cache even when nothing asks for them.
@@ -300,13 +296,9 @@ fn serve(args: &MountArgs, ready: impl FnOnce()) -> Result<()> {
             std::io::Error::other("a request handler panicked"),
         )),
     };
-    if connection.alive() {
-        // The session failed with the mount still ours: detach it rather than leave a mount
-        // nobody serves.
-        if let Err(e) = unmount_path(&mountpoint, true) {
-            tracing::error!("unmount failed: {e}");
-        }
-    }
+    // A session that failed with the mount still ours: detach it rather than leave a mount
+    // nobody serves.
+    connection.detach();
     // Files created without waiting get their key and data before the daemon exits.
     core.settle();
     drop(status_socket);
@@ -322,14 +314,18 @@ fn serve(args: &MountArgs, ready: impl FnOnce()) -> Result<()> {
 /// in cberner/fuser#703 but not released): after `umount` and a quick `mount` again, the old
 /// daemon on its way out would unmount the new mount. So fuser's mount handle is never dropped
 /// (see [`session_thread`]), and the daemon unmounts only while this connection lives.
-struct Connection(OwnedFd);
+struct Connection {
+    device: OwnedFd,
+    /// Canonical, as the kernel lists it.
+    mountpoint: PathBuf,
+}
 
 impl Connection {
     /// Whether the kernel still serves this mount through the connection: /dev/fuse polls
     /// POLLERR once it is unmounted or aborted.
     fn alive(&self) -> bool {
         let mut fd = libc::pollfd {
-            fd: self.0.as_raw_fd(),
+            fd: self.device.as_raw_fd(),
             events: 0,
             revents: 0,
         };
@@ -340,6 +336,17 @@ impl Connection {
                 continue;
             }
             return !(n == 1 && fd.revents & libc::POLLERR != 0);
+        }
+    }
+
+    /// Detaches the mount (as libfuse does; files already open work on until their last
+    /// close) if it is still this connection's, and does nothing once it has ended.
+    fn detach(&self) {
+        if !self.alive() {
+            return;
+        }
+        if let Err(e) = unmount_path(&self.mountpoint, true) {
+            tracing::error!("unmount failed: {e}");
         }
     }
 }
