@@ -13,6 +13,7 @@
 //! Secrets (data keys, derived keys) live in [`secret`] types that zeroize on drop and never
 //! print.
 
+pub mod backing;
 pub mod cli;
 pub mod core;
 pub mod error;

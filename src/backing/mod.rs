@@ -1,0 +1,977 @@
+//! The backing store: the only code that makes syscalls on it.
+//!
+//! The store is hostile, while mounted as well as offline: whoever can write to it can replace
+//! any entry (a directory kmsfs keeps, a parent of the file the kernel just looked up, the file
+//! itself) with a symlink, a fifo or a directory a moment before the daemon acts on it. A
+//! daemon that turned names back into host paths and called path-based syscalls would then
+//! chmod, create, unlink or read anywhere on the host, as root. So [`Backing`] holds an
+//! `O_PATH` descriptor of the backing root and reaches everything beneath it by resolving the
+//! stored path *relative to that descriptor* without following any symlink in any component
+//! (`openat2` with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS`; where
+//! `openat2` is missing, a walk that opens one component at a time with `O_NOFOLLOW`).
+//!
+//! Every change then acts on a descriptor: on the opened object itself (`fchownat` with
+//! `AT_EMPTY_PATH`, or `chmod`/`utimensat`/xattrs through `/proc/self/fd/N`, which reaches
+//! exactly the inode that descriptor holds), or by name relative to the parent directory's
+//! descriptor (`unlinkat`, `renameat2`, `linkat`, `mkdirat`, `mknodat`, `symlinkat`,
+//! `openat(O_CREAT | O_EXCL | O_NOFOLLOW)`). A symlink met on the way fails the call with
+//! `EIO`; so does an entry of the wrong type (a fifo where a file was, a directory where a
+//! symlink was), and a change that names the inode it expects ([`Identity`]) fails with
+//! `ESTALE` if another inode stands there now. Nothing is ever done through a symlink.
+//!
+//! Paths shown in messages are the volume's own (`/a/b`); the backing root's host path appears
+//! only where an operator needs it.
+//!
+//! kmsfs's own directory in the store (`.kmsfs/` and what it holds) is reached as a
+//! [`MetaDir`]: opened without following symlinks, refused unless it is a real directory owned
+//! by the daemon's uid, and read, written and unlinked only through its descriptor, with a
+//! size cap on every read.
+
+use std::ffi::{CStr, CString, OsStr, OsString};
+use std::fs::{File, Metadata};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags, ResolveFlags, CWD};
+
+use crate::format::context::CanonicalPath;
+
+/// A longer relative path is resolved in pieces: `openat2` takes at most `PATH_MAX` bytes,
+/// and the deepest trees a mount allows are longer than that.
+const PIECE: usize = 2048;
+
+/// Directory and inode of a backing entry: what the kernel named when it looked it up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Identity {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl Identity {
+    pub fn of(meta: &Metadata) -> Identity {
+        Identity {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        }
+    }
+}
+
+/// What a directory entry says of itself, without a stat.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub name: OsString,
+    pub ino: u64,
+    /// `libc::DT_*`.
+    pub kind: u8,
+}
+
+/// The type a backing entry must have for a call to act on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    /// Anything but a symlink.
+    NotSymlink,
+    File,
+    Dir,
+    Symlink,
+}
+
+/// Access times: a read-only mount must not write them to the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Atime {
+    Update,
+    Keep,
+}
+
+/// The error for an entry that is not what the store should hold there (a symlink, a fifo in
+/// a file's place): `EIO`, with what was found.
+pub fn hostile(what: impl std::fmt::Display) -> io::Error {
+    io::Error::other(format!(
+        "{what} (refused: the backing store changed under the mount)"
+    ))
+}
+
+fn errno(e: i32) -> io::Error {
+    io::Error::from_raw_os_error(e)
+}
+
+/// A symlink met while resolving is `ELOOP`, or `ENOTDIR` where a directory was expected (the
+/// kernel only ever asks about paths whose directories it looked up as directories), or
+/// `EXDEV` (an escape `RESOLVE_BENEATH` stopped): the store changed under us, never a user
+/// error.
+fn resolve_err(e: rustix::io::Errno, path: &dyn std::fmt::Display) -> io::Error {
+    match e {
+        rustix::io::Errno::LOOP | rustix::io::Errno::XDEV | rustix::io::Errno::NOTDIR => {
+            hostile(format!("{path}: a symlink on the backing store"))
+        }
+        e => e.into(),
+    }
+}
+
+fn kind_name(meta: &Metadata) -> &'static str {
+    let ft = meta.file_type();
+    if ft.is_symlink() {
+        "a symlink"
+    } else if ft.is_dir() {
+        "a directory"
+    } else if ft.is_file() {
+        "a regular file"
+    } else if ft.is_fifo() {
+        "a fifo"
+    } else if ft.is_socket() {
+        "a socket"
+    } else {
+        "a device node"
+    }
+}
+
+fn check_kind(meta: &Metadata, want: Want, path: &dyn std::fmt::Display) -> io::Result<()> {
+    let ft = meta.file_type();
+    let ok = match want {
+        Want::NotSymlink => !ft.is_symlink(),
+        Want::File => ft.is_file(),
+        Want::Dir => ft.is_dir(),
+        Want::Symlink => ft.is_symlink(),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(hostile(format!(
+            "{path}: {} on the backing store where {} was expected",
+            kind_name(meta),
+            match want {
+                Want::NotSymlink => "no symlink",
+                Want::File => "a regular file",
+                Want::Dir => "a directory",
+                Want::Symlink => "a symlink",
+            }
+        )))
+    }
+}
+
+fn check_identity(
+    meta: &Metadata,
+    expect: Option<Identity>,
+    path: &dyn std::fmt::Display,
+) -> io::Result<()> {
+    match expect {
+        Some(id) if id != Identity::of(meta) => {
+            tracing::warn!("{path}: another inode stands at this name on the backing store now");
+            Err(errno(libc::ESTALE))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn proc_path(fd: &OwnedFd) -> CString {
+    CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL")
+}
+
+fn metadata_of(fd: &OwnedFd) -> io::Result<Metadata> {
+    // fstat on an O_PATH descriptor reports the object itself (the symlink, for a symlink).
+    let file = File::from(fd.try_clone()?);
+    file.metadata()
+}
+
+/// The relative bytes of a canonical path (empty for the root).
+fn relative(path: &CanonicalPath) -> Vec<u8> {
+    path.to_relative_path().into_os_string().into_vec()
+}
+
+/// Splits relative bytes into pieces of at most [`PIECE`] bytes at component boundaries (a
+/// single longer component stays whole; the kernel refuses it with `ENAMETOOLONG`).
+fn pieces(rel: &[u8]) -> Vec<&[u8]> {
+    if rel.len() <= PIECE {
+        return vec![rel];
+    }
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut last_cut = None;
+    for (i, &b) in rel.iter().enumerate() {
+        if b == b'/' {
+            if i - start > PIECE {
+                if let Some(cut) = last_cut {
+                    out.push(&rel[start..cut]);
+                    start = cut + 1;
+                }
+            }
+            last_cut = Some(i);
+        }
+    }
+    if rel.len() - start > PIECE {
+        if let Some(cut) = last_cut.filter(|&c| c > start) {
+            out.push(&rel[start..cut]);
+            start = cut + 1;
+        }
+    }
+    out.push(&rel[start..]);
+    out
+}
+
+/// The backing root, and every syscall kmsfs makes beneath it.
+pub struct Backing {
+    root: OwnedFd,
+    root_path: PathBuf,
+    /// `openat2` answered `ENOSYS` (or a test asked for the fallback walk).
+    walk: AtomicBool,
+}
+
+impl std::fmt::Debug for Backing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Backing({})", self.root_path.display())
+    }
+}
+
+impl Backing {
+    /// Opens the backing root. The operator names it, so symlinks in `root` itself are theirs
+    /// to follow; nothing beneath it is followed.
+    pub fn open(root: &Path) -> io::Result<Backing> {
+        let root_fd = rustix::fs::open(
+            root,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(Backing {
+            root: root_fd,
+            root_path: root.to_path_buf(),
+            walk: AtomicBool::new(false),
+        })
+    }
+
+    /// Resolves with the `O_NOFOLLOW` component walk instead of `openat2` (for tests of the
+    /// fallback; kernels before 5.6 take it by themselves).
+    pub fn use_component_walk(&self) {
+        self.walk.store(true, Ordering::Relaxed);
+    }
+
+    /// The host path of the backing root, for messages and for the operator.
+    pub fn root_path(&self) -> &Path {
+        &self.root_path
+    }
+
+    /// The root's own metadata.
+    pub fn root_metadata(&self) -> io::Result<Metadata> {
+        metadata_of(&self.root)
+    }
+
+    /// Opens `rel` beneath `dir` with `flags`, following no symlink on the way.
+    fn open_beneath(
+        &self,
+        dir: &OwnedFd,
+        rel: &[u8],
+        flags: OFlags,
+        mode: Mode,
+        shown: &dyn std::fmt::Display,
+    ) -> io::Result<OwnedFd> {
+        let rel: &[u8] = if rel.is_empty() { b"." } else { rel };
+        if !self.walk.load(Ordering::Relaxed) {
+            let resolve =
+                ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+            match rustix::fs::openat2(dir, OsStr::from_bytes(rel), flags, mode, resolve) {
+                Err(rustix::io::Errno::NOSYS) => self.walk.store(true, Ordering::Relaxed),
+                // openat2 asks to be retried when a rename raced with the walk.
+                Err(rustix::io::Errno::AGAIN) => {
+                    return rustix::fs::openat2(dir, OsStr::from_bytes(rel), flags, mode, resolve)
+                        .map_err(|e| resolve_err(e, shown))
+                }
+                r => return r.map_err(|e| resolve_err(e, shown)),
+            }
+        }
+        // The fallback: one component at a time, none of them followed if it is a symlink.
+        let comps: Vec<&[u8]> = rel
+            .split(|&b| b == b'/')
+            .filter(|c| !c.is_empty() && *c != b".")
+            .collect();
+        if comps.iter().any(|c| *c == b"..") {
+            return Err(errno(libc::EXDEV));
+        }
+        let Some((last, dirs)) = comps.split_last() else {
+            return rustix::fs::openat(dir, ".", flags, mode).map_err(|e| resolve_err(e, shown));
+        };
+        let mut cur: Option<OwnedFd> = None;
+        for d in dirs {
+            let at = cur.as_ref().unwrap_or(dir);
+            let next = rustix::fs::openat(
+                at,
+                OsStr::from_bytes(d),
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| resolve_err(e, shown))?;
+            cur = Some(next);
+        }
+        let at = cur.as_ref().unwrap_or(dir);
+        rustix::fs::openat(at, OsStr::from_bytes(last), flags | OFlags::NOFOLLOW, mode)
+            .map_err(|e| resolve_err(e, shown))
+    }
+
+    /// Opens the relative path `rel` beneath the root (in pieces, if long).
+    fn resolve_rel(
+        &self,
+        rel: &[u8],
+        flags: OFlags,
+        mode: Mode,
+        shown: &dyn std::fmt::Display,
+    ) -> io::Result<OwnedFd> {
+        let parts = pieces(rel);
+        let (last, dirs) = parts.split_last().expect("at least one piece");
+        let mut cur: Option<OwnedFd> = None;
+        for d in dirs {
+            let at = cur.as_ref().unwrap_or(&self.root);
+            cur = Some(self.open_beneath(
+                at,
+                d,
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+                shown,
+            )?);
+        }
+        let at = cur.as_ref().unwrap_or(&self.root);
+        self.open_beneath(at, last, flags | OFlags::CLOEXEC, mode, shown)
+    }
+
+    fn resolve(&self, path: &CanonicalPath, flags: OFlags) -> io::Result<OwnedFd> {
+        self.resolve_rel(&relative(path), flags, Mode::empty(), path)
+    }
+
+    /// The directory holding `path` (an `O_PATH` descriptor) and the entry's name in it.
+    fn parent(&self, path: &CanonicalPath) -> io::Result<(OwnedFd, CString)> {
+        let rel = relative(path);
+        let (dir, name) = match rel.iter().rposition(|&b| b == b'/') {
+            Some(cut) => (&rel[..cut], &rel[cut + 1..]),
+            None => (&b""[..], &rel[..]),
+        };
+        if name.is_empty() {
+            return Err(errno(libc::EINVAL));
+        }
+        let fd = self.resolve_rel(
+            dir,
+            OFlags::PATH | OFlags::DIRECTORY,
+            Mode::empty(),
+            &format_args!("the directory of {path}"),
+        )?;
+        Ok((fd, CString::new(name).map_err(|_| errno(libc::EINVAL))?))
+    }
+
+    /// An `O_PATH` descriptor of the entry itself (a symlink stays a symlink), with its
+    /// metadata, checked for type and identity.
+    fn object(
+        &self,
+        path: &CanonicalPath,
+        want: Want,
+        expect: Option<Identity>,
+    ) -> io::Result<(OwnedFd, Metadata)> {
+        let fd = self.resolve(path, OFlags::PATH | OFlags::NOFOLLOW)?;
+        let meta = metadata_of(&fd)?;
+        check_kind(&meta, want, path)?;
+        check_identity(&meta, expect, path)?;
+        Ok((fd, meta))
+    }
+
+    /// `lstat`: the entry itself, whatever it is.
+    pub fn metadata(&self, path: &CanonicalPath) -> io::Result<Metadata> {
+        let fd = self.resolve(path, OFlags::PATH | OFlags::NOFOLLOW)?;
+        metadata_of(&fd)
+    }
+
+    /// Whether something (anything) stands at `path`.
+    pub fn exists(&self, path: &CanonicalPath) -> bool {
+        self.metadata(path).is_ok()
+    }
+
+    /// Opens a regular file for reading (and writing). Anything else standing there (a
+    /// symlink, a fifo, a device node, a directory) is refused before it is opened for I/O,
+    /// so opening it can neither block nor touch a device.
+    pub fn open_file(
+        &self,
+        path: &CanonicalPath,
+        writable: bool,
+        atime: Atime,
+    ) -> io::Result<File> {
+        let (fd, _) = self.object(path, Want::File, None)?;
+        reopen(&fd, writable, atime)
+    }
+
+    /// Like [`Backing::open_file`], but only if the file is still the inode `expect`.
+    pub fn open_file_expecting(
+        &self,
+        path: &CanonicalPath,
+        writable: bool,
+        atime: Atime,
+        expect: Identity,
+    ) -> io::Result<File> {
+        let (fd, _) = self.object(path, Want::File, Some(expect))?;
+        reopen(&fd, writable, atime)
+    }
+
+    /// Creates a new regular file (`O_EXCL`: an existing entry, symlink or not, is `EEXIST`).
+    pub fn create_file(&self, path: &CanonicalPath, mode: u32) -> io::Result<File> {
+        let (dir, name) = self.parent(path)?;
+        let fd = rustix::fs::openat(
+            &dir,
+            name.as_c_str(),
+            OFlags::CREATE | OFlags::EXCL | OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(mode),
+        )?;
+        Ok(File::from(fd))
+    }
+
+    /// An unnamed regular file in the directory `dir` (`O_TMPFILE`), to be given a name with
+    /// [`Backing::link_open_file`] once it is complete.
+    pub fn unnamed_file(&self, dir: &CanonicalPath, mode: u32) -> io::Result<File> {
+        let dirfd = self.resolve(dir, OFlags::PATH | OFlags::DIRECTORY)?;
+        let fd = rustix::fs::openat(
+            &dirfd,
+            ".",
+            OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
+            Mode::from_raw_mode(mode),
+        )?;
+        Ok(File::from(fd))
+    }
+
+    /// Gives the open file `file` the name `path` (which must not exist).
+    pub fn link_open_file(&self, file: &File, path: &CanonicalPath) -> io::Result<()> {
+        let (dir, name) = self.parent(path)?;
+        let fd = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd())).expect("no NUL");
+        rustix::fs::linkat(
+            CWD,
+            fd.as_c_str(),
+            &dir,
+            name.as_c_str(),
+            AtFlags::SYMLINK_FOLLOW,
+        )?;
+        Ok(())
+    }
+
+    /// Opens a directory for listing or syncing.
+    pub fn open_dir(&self, path: &CanonicalPath, atime: Atime) -> io::Result<File> {
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW;
+        let fd = match atime {
+            Atime::Keep => match self.resolve(path, flags | OFlags::NOATIME) {
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) => self.resolve(path, flags),
+                r => r,
+            },
+            Atime::Update => self.resolve(path, flags),
+        }?;
+        Ok(File::from(fd))
+    }
+
+    /// The names in a directory, each with the inode number and type the directory records
+    /// (`d_ino`, `d_type`), so a listing needs no stat per entry.
+    pub fn list_dir(&self, path: &CanonicalPath, atime: Atime) -> io::Result<Vec<Entry>> {
+        list_fd(OwnedFd::from(self.open_dir(path, atime)?))
+    }
+
+    /// Flushes a directory's entries (after a rename or create that must survive a crash).
+    pub fn sync_dir(&self, path: &CanonicalPath) -> io::Result<()> {
+        self.open_dir(path, Atime::Update)?.sync_all()
+    }
+
+    pub fn mkdir(&self, path: &CanonicalPath, mode: u32) -> io::Result<()> {
+        let (dir, name) = self.parent(path)?;
+        rustix::fs::mkdirat(&dir, name.as_c_str(), Mode::from_raw_mode(mode))?;
+        Ok(())
+    }
+
+    pub fn mknod(&self, path: &CanonicalPath, mode: u32, rdev: u64) -> io::Result<()> {
+        let (dir, name) = self.parent(path)?;
+        let kind = rustix::fs::FileType::from_raw_mode(mode);
+        rustix::fs::mknodat(
+            &dir,
+            name.as_c_str(),
+            kind,
+            Mode::from_raw_mode(mode & 0o7777),
+            rdev,
+        )?;
+        Ok(())
+    }
+
+    pub fn symlink(&self, target: &[u8], path: &CanonicalPath) -> io::Result<()> {
+        let (dir, name) = self.parent(path)?;
+        rustix::fs::symlinkat(OsStr::from_bytes(target), &dir, name.as_c_str())?;
+        Ok(())
+    }
+
+    /// The target of the symlink at `path` (anything else there is refused).
+    pub fn read_link(&self, path: &CanonicalPath) -> io::Result<Vec<u8>> {
+        let (fd, _) = self.object(path, Want::Symlink, None)?;
+        let target = rustix::fs::readlinkat(&fd, c"", Vec::new())?;
+        Ok(target.into_bytes())
+    }
+
+    /// Removes the non-directory at `path`, if it is still the inode `expect`.
+    pub fn unlink(&self, path: &CanonicalPath, expect: Option<Identity>) -> io::Result<()> {
+        self.remove(path, expect, AtFlags::empty())
+    }
+
+    /// Removes the empty directory at `path`, if it is still the inode `expect`.
+    pub fn rmdir(&self, path: &CanonicalPath, expect: Option<Identity>) -> io::Result<()> {
+        self.remove(path, expect, AtFlags::REMOVEDIR)
+    }
+
+    fn remove(
+        &self,
+        path: &CanonicalPath,
+        expect: Option<Identity>,
+        flags: AtFlags,
+    ) -> io::Result<()> {
+        let (dir, name) = self.parent(path)?;
+        if let Some(id) = expect {
+            let st = rustix::fs::statat(&dir, name.as_c_str(), AtFlags::SYMLINK_NOFOLLOW)?;
+            if (st.st_dev, st.st_ino) != (id.dev, id.ino) {
+                tracing::warn!(
+                    "{path}: another inode stands at this name on the backing store now"
+                );
+                return Err(errno(libc::ESTALE));
+            }
+        }
+        rustix::fs::unlinkat(&dir, name.as_c_str(), flags)?;
+        Ok(())
+    }
+
+    /// `renameat2` of `from` to `to`, both beneath the root.
+    pub fn rename(
+        &self,
+        from: &CanonicalPath,
+        to: &CanonicalPath,
+        flags: RenameFlags,
+    ) -> io::Result<()> {
+        let (fdir, fname) = self.parent(from)?;
+        let (tdir, tname) = self.parent(to)?;
+        rustix::fs::renameat_with(&fdir, fname.as_c_str(), &tdir, tname.as_c_str(), flags)?;
+        Ok(())
+    }
+
+    /// A hard link `to` of the entry at `from` (a symlink at `from` is linked as itself, never
+    /// followed).
+    pub fn link(&self, from: &CanonicalPath, to: &CanonicalPath) -> io::Result<()> {
+        let (fdir, fname) = self.parent(from)?;
+        let (tdir, tname) = self.parent(to)?;
+        rustix::fs::linkat(
+            &fdir,
+            fname.as_c_str(),
+            &tdir,
+            tname.as_c_str(),
+            AtFlags::empty(),
+        )?;
+        Ok(())
+    }
+
+    /// Sets the permission bits of the entry at `path` (never a symlink), if it is the inode
+    /// `expect`.
+    pub fn chmod(
+        &self,
+        path: &CanonicalPath,
+        mode: u32,
+        expect: Option<Identity>,
+    ) -> io::Result<()> {
+        let (fd, _) = self.object(path, Want::NotSymlink, expect)?;
+        chmod_fd(&fd, mode)
+    }
+
+    /// Changes the owner (None: keep) of the entry at `path`, if it is the inode `expect`. A
+    /// symlink is changed as itself (`AT_EMPTY_PATH` on its `O_PATH` descriptor).
+    pub fn chown(
+        &self,
+        path: &CanonicalPath,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        expect: Option<Identity>,
+    ) -> io::Result<()> {
+        let fd = self.resolve(path, OFlags::PATH | OFlags::NOFOLLOW)?;
+        let meta = metadata_of(&fd)?;
+        check_identity(&meta, expect, path)?;
+        chown_fd(&fd, uid, gid)
+    }
+
+    /// Sets access and modification times (`UTIME_NOW`/`UTIME_OMIT` allowed) of the entry at
+    /// `path` (never a symlink), if it is the inode `expect`.
+    pub fn set_times(
+        &self,
+        path: &CanonicalPath,
+        times: &[libc::timespec; 2],
+        expect: Option<Identity>,
+    ) -> io::Result<()> {
+        let (fd, _) = self.object(path, Want::NotSymlink, expect)?;
+        set_times_fd(&fd, times)
+    }
+
+    pub fn set_xattr(
+        &self,
+        path: &CanonicalPath,
+        name: &CStr,
+        value: &[u8],
+        flags: i32,
+    ) -> io::Result<()> {
+        let (fd, _) = self.object(path, Want::NotSymlink, None)?;
+        rustix::fs::setxattr(
+            proc_path(&fd).as_c_str(),
+            name,
+            value,
+            rustix::fs::XattrFlags::from_bits_retain(flags as u32),
+        )?;
+        Ok(())
+    }
+
+    /// The value of xattr `name`; with `size` 0, just its length (as `getxattr(2)`).
+    pub fn get_xattr(&self, path: &CanonicalPath, name: &CStr, size: usize) -> io::Result<Vec<u8>> {
+        let (fd, _) = self.object(path, Want::NotSymlink, None)?;
+        let p = proc_path(&fd);
+        if size == 0 {
+            let n = rustix::fs::getxattr(p.as_c_str(), name, &mut [0u8; 0][..])?;
+            return Ok(vec![0; n]);
+        }
+        let mut buf = vec![0u8; size];
+        let n = rustix::fs::getxattr(p.as_c_str(), name, &mut buf[..])?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    /// The NUL-separated xattr names; with `size` 0, just their length (as `listxattr(2)`).
+    pub fn list_xattr(&self, path: &CanonicalPath, size: usize) -> io::Result<Vec<u8>> {
+        let (fd, _) = self.object(path, Want::NotSymlink, None)?;
+        let p = proc_path(&fd);
+        if size == 0 {
+            let n = rustix::fs::listxattr(p.as_c_str(), &mut [0u8; 0][..])?;
+            return Ok(vec![0; n]);
+        }
+        let mut buf = vec![0u8; size];
+        let n = rustix::fs::listxattr(p.as_c_str(), &mut buf[..])?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    pub fn remove_xattr(&self, path: &CanonicalPath, name: &CStr) -> io::Result<()> {
+        let (fd, _) = self.object(path, Want::NotSymlink, None)?;
+        rustix::fs::removexattr(proc_path(&fd).as_c_str(), name)?;
+        Ok(())
+    }
+
+    /// The backing filesystem's `statvfs`.
+    pub fn statvfs(&self) -> io::Result<rustix::fs::StatVfs> {
+        Ok(rustix::fs::fstatvfs(&self.root)?)
+    }
+
+    /// kmsfs's own directory `name` at the backing root (see [`MetaDir`]).
+    pub fn meta_dir(&self, name: &str, create: bool) -> io::Result<MetaDir> {
+        MetaDir::open_in(&self.root, &self.root_path, name, create)
+    }
+}
+
+/// Opens the object an `O_PATH` descriptor holds for I/O (through its `/proc/self/fd` link,
+/// which reaches exactly that inode).
+fn reopen(fd: &OwnedFd, writable: bool, atime: Atime) -> io::Result<File> {
+    let p = proc_path(fd);
+    let base = if writable {
+        OFlags::RDWR
+    } else {
+        OFlags::RDONLY
+    } | OFlags::CLOEXEC;
+    let open = |flags| rustix::fs::open(p.as_c_str(), flags, Mode::empty());
+    let opened = match atime {
+        Atime::Keep => match open(base | OFlags::NOATIME) {
+            Err(rustix::io::Errno::PERM) => open(base),
+            r => r,
+        },
+        Atime::Update => open(base),
+    }?;
+    Ok(File::from(opened))
+}
+
+fn chmod_fd(fd: &OwnedFd, mode: u32) -> io::Result<()> {
+    rustix::fs::chmodat(
+        CWD,
+        proc_path(fd).as_c_str(),
+        Mode::from_raw_mode(mode & 0o7777),
+        AtFlags::empty(),
+    )?;
+    Ok(())
+}
+
+fn chown_fd(fd: &OwnedFd, uid: Option<u32>, gid: Option<u32>) -> io::Result<()> {
+    // -1 is "leave as it is", which None already says.
+    let u = uid
+        .filter(|&u| u != u32::MAX)
+        .map(rustix::fs::Uid::from_raw);
+    let g = gid
+        .filter(|&g| g != u32::MAX)
+        .map(rustix::fs::Gid::from_raw);
+    rustix::fs::chownat(fd, c"", u, g, AtFlags::EMPTY_PATH)?;
+    Ok(())
+}
+
+fn set_times_fd(fd: &OwnedFd, times: &[libc::timespec; 2]) -> io::Result<()> {
+    let ts = |t: &libc::timespec| rustix::fs::Timespec {
+        tv_sec: t.tv_sec,
+        tv_nsec: t.tv_nsec as _,
+    };
+    let stamps = rustix::fs::Timestamps {
+        last_access: ts(&times[0]),
+        last_modification: ts(&times[1]),
+    };
+    rustix::fs::utimensat(CWD, proc_path(fd).as_c_str(), &stamps, AtFlags::empty())?;
+    Ok(())
+}
+
+fn list_fd(fd: OwnedFd) -> io::Result<Vec<Entry>> {
+    let mut dir = rustix::fs::Dir::new(fd)?;
+    let mut out = Vec::new();
+    while let Some(entry) = dir.read() {
+        let entry = entry?;
+        let name = entry.file_name().to_bytes();
+        if name == b"." || name == b".." {
+            continue;
+        }
+        use rustix::fs::FileType as T;
+        let kind = match entry.file_type() {
+            T::RegularFile => libc::DT_REG,
+            T::Directory => libc::DT_DIR,
+            T::Symlink => libc::DT_LNK,
+            T::Fifo => libc::DT_FIFO,
+            T::Socket => libc::DT_SOCK,
+            T::CharacterDevice => libc::DT_CHR,
+            T::BlockDevice => libc::DT_BLK,
+            T::Unknown => libc::DT_UNKNOWN,
+        };
+        out.push(Entry {
+            name: OsString::from_vec(name.to_vec()),
+            ino: entry.ino(),
+            kind,
+        });
+    }
+    Ok(out)
+}
+
+/// Operations on an open backing file (its descriptor, not its name).
+pub mod open {
+    use super::*;
+
+    /// Times, owner and mode of an open file, set through its descriptor.
+    pub fn set_times(file: &File, times: &[libc::timespec; 2]) -> io::Result<()> {
+        let ts = |t: &libc::timespec| rustix::fs::Timespec {
+            tv_sec: t.tv_sec,
+            tv_nsec: t.tv_nsec as _,
+        };
+        rustix::fs::futimens(
+            file,
+            &rustix::fs::Timestamps {
+                last_access: ts(&times[0]),
+                last_modification: ts(&times[1]),
+            },
+        )?;
+        Ok(())
+    }
+
+    pub fn chmod(file: &File, mode: u32) -> io::Result<()> {
+        rustix::fs::fchmod(file, Mode::from_raw_mode(mode & 0o7777))?;
+        Ok(())
+    }
+
+    pub fn statvfs(file: &File) -> io::Result<rustix::fs::StatVfs> {
+        Ok(rustix::fs::fstatvfs(file)?)
+    }
+
+    /// `flock` that waits; released when the guard's descriptor closes or on `unlock`.
+    pub fn lock_exclusive(file: &File) -> io::Result<()> {
+        rustix::fs::flock(file, rustix::fs::FlockOperation::LockExclusive)?;
+        Ok(())
+    }
+
+    pub fn unlock(file: &File) {
+        let _ = rustix::fs::flock(file, rustix::fs::FlockOperation::Unlock);
+    }
+
+    pub fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+        rustix::fs::fallocate(
+            file,
+            rustix::fs::FallocateFlags::from_bits_retain(mode as u32),
+            offset,
+            len,
+        )?;
+        Ok(())
+    }
+}
+
+/// Most bytes any record kmsfs reads from its own directory may have.
+pub const MAX_RECORD: u64 = 1 << 20;
+
+/// One of kmsfs's own directories in the store (`.kmsfs`, `.kmsfs/pending`): a real directory
+/// owned by the daemon's uid, reached without following symlinks, and read, written and
+/// unlinked only through its descriptor.
+pub struct MetaDir {
+    fd: OwnedFd,
+    shown: PathBuf,
+}
+
+impl std::fmt::Debug for MetaDir {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MetaDir({})", self.shown.display())
+    }
+}
+
+impl MetaDir {
+    fn open_in(
+        parent: &OwnedFd,
+        parent_shown: &Path,
+        name: &str,
+        create: bool,
+    ) -> io::Result<MetaDir> {
+        let shown = parent_shown.join(name);
+        if create {
+            match rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o700)) {
+                Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let fd = rustix::fs::openat(
+            parent,
+            name,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| match e {
+            rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR => io::Error::other(format!(
+                "{} is not a directory (a symlink or file in its place); refusing to use it",
+                shown.display()
+            )),
+            e => e.into(),
+        })?;
+        let meta = metadata_of(&fd)?;
+        let me = rustix::process::geteuid().as_raw();
+        if meta.uid() != me {
+            return Err(io::Error::other(format!(
+                "{} is owned by uid {}, not by uid {me} who runs kmsfs; refusing to use it",
+                shown.display(),
+                meta.uid()
+            )));
+        }
+        if meta.mode() & 0o022 != 0 {
+            return Err(io::Error::other(format!(
+                "{} is writable by group or others (mode {:o}); run 'chmod go-w' on it",
+                shown.display(),
+                meta.mode() & 0o7777
+            )));
+        }
+        Ok(MetaDir { fd, shown })
+    }
+
+    /// Where this directory is, for messages.
+    pub fn shown(&self) -> &Path {
+        &self.shown
+    }
+
+    /// A directory of kmsfs's own inside this one.
+    pub fn subdir(&self, name: &str, create: bool) -> io::Result<MetaDir> {
+        MetaDir::open_in(&self.fd, &self.shown, name, create)
+    }
+
+    /// The metadata of the entry `name` itself (not followed).
+    pub fn metadata(&self, name: &str) -> io::Result<Metadata> {
+        let fd = rustix::fs::openat(
+            &self.fd,
+            name,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        metadata_of(&fd)
+    }
+
+    /// Reads the regular file `name`, refusing anything else or more than `cap` bytes.
+    pub fn read(&self, name: &str, cap: u64) -> io::Result<Vec<u8>> {
+        let fd = rustix::fs::openat(
+            &self.fd,
+            name,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let meta = metadata_of(&fd)?;
+        let shown = self.shown.join(name);
+        check_kind(&meta, Want::File, &shown.display())?;
+        if meta.len() > cap {
+            return Err(io::Error::other(format!(
+                "{} is {} bytes, more than the {cap} a record may have",
+                shown.display(),
+                meta.len()
+            )));
+        }
+        let mut file = reopen(&fd, false, Atime::Keep)?;
+        let mut bytes = Vec::new();
+        (&mut file).take(cap + 1).read_to_end(&mut bytes)?;
+        if bytes.len() as u64 > cap {
+            return Err(io::Error::other(format!(
+                "{} grew past {cap} bytes while being read",
+                shown.display()
+            )));
+        }
+        Ok(bytes)
+    }
+
+    /// Writes `bytes` as `name` atomically: a new temporary file (mode 0600), fsync, rename
+    /// over `name`, fsync of the directory.
+    pub fn write_atomic(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
+        let tmp = format!(".{name}.tmp{}", rand::random::<u64>());
+        let fd = rustix::fs::openat(
+            &self.fd,
+            tmp.as_str(),
+            OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )?;
+        let mut file = File::from(fd);
+        let written = file
+            .write_all(bytes)
+            .and_then(|_| file.sync_all())
+            .and_then(|_| {
+                rustix::fs::renameat(&self.fd, tmp.as_str(), &self.fd, name)
+                    .map_err(io::Error::from)
+            });
+        if let Err(e) = written {
+            let _ = rustix::fs::unlinkat(&self.fd, tmp.as_str(), AtFlags::empty());
+            return Err(e);
+        }
+        self.sync()
+    }
+
+    /// Writes `bytes` as a new file `name` (never replacing one), durably.
+    pub fn write_new(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
+        let fd = rustix::fs::openat(
+            &self.fd,
+            name,
+            OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )?;
+        let mut file = File::from(fd);
+        if let Err(e) = file.write_all(bytes).and_then(|_| file.sync_all()) {
+            let _ = rustix::fs::unlinkat(&self.fd, name, AtFlags::empty());
+            return Err(e);
+        }
+        self.sync()
+    }
+
+    /// Removes the entry `name` (a file, or whatever stands there: it is never followed).
+    pub fn unlink(&self, name: &str) -> io::Result<()> {
+        rustix::fs::unlinkat(&self.fd, name, AtFlags::empty())?;
+        Ok(())
+    }
+
+    /// The names in this directory.
+    pub fn list(&self) -> io::Result<Vec<OsString>> {
+        let fd = rustix::fs::openat(
+            &self.fd,
+            ".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(list_fd(fd)?.into_iter().map(|e| e.name).collect())
+    }
+
+    pub fn sync(&self) -> io::Result<()> {
+        rustix::fs::fsync(&self.fd)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;
