@@ -124,7 +124,7 @@ fn a_record_left_by_a_crash_is_finished_at_the_next_mount() {
     }
     // What a crash after step 1 of renaming tree to moved leaves: a record, and files with
     // envelopes for both names.
-    let journal = Journal::new(&v.backing);
+    let journal = Journal::new(&v.volume, false).unwrap();
     std::mem::forget(
         journal
             .begin(&[common::path("tree"), common::path("moved")])
@@ -266,7 +266,7 @@ fn a_crash_between_the_two_slot_writes_of_an_unbind_is_tidied_too() {
     f.replace_envelopes(vec![mine]).unwrap();
     drop(f);
     assert_eq!(envelope_paths(&v.backing.join("a")), ["/a", "/b"]);
-    let journal = Journal::new(&v.backing);
+    let journal = Journal::new(&v.volume, false).unwrap();
     std::mem::forget(
         journal
             .begin(&[common::path("a"), common::path("b")])

@@ -419,31 +419,43 @@ impl Backing {
         Ok(File::from(fd))
     }
 
-    /// An unnamed regular file in the directory `dir` (`O_TMPFILE`), to be given a name with
-    /// [`Backing::link_open_file`] once it is complete.
-    pub fn unnamed_file(&self, dir: &CanonicalPath, mode: u32) -> io::Result<File> {
+    /// A new regular file in the directory `dir` that has its final name only once it is
+    /// complete ([`TemporaryFile::persist_noclobber`]): unnamed (`O_TMPFILE`) where the
+    /// backing filesystem can, else under a random `.kmsfs-tmp-` name removed on drop.
+    pub fn new_temporary_file(
+        &self,
+        dir: &CanonicalPath,
+        mode: u32,
+    ) -> io::Result<TemporaryFile<'_>> {
         let dirfd = self.resolve(dir, OFlags::PATH | OFlags::DIRECTORY)?;
-        let fd = rustix::fs::openat(
+        match rustix::fs::openat(
             &dirfd,
             ".",
             OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
             Mode::from_raw_mode(mode),
-        )?;
-        Ok(File::from(fd))
-    }
-
-    /// Gives the open file `file` the name `path` (which must not exist).
-    pub fn link_open_file(&self, file: &File, path: &CanonicalPath) -> io::Result<()> {
-        let (dir, name) = self.parent(path)?;
-        let fd = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd())).expect("no NUL");
-        rustix::fs::linkat(
-            CWD,
-            fd.as_c_str(),
-            &dir,
-            name.as_c_str(),
-            AtFlags::SYMLINK_FOLLOW,
-        )?;
-        Ok(())
+        ) {
+            Ok(fd) => {
+                return Ok(TemporaryFile {
+                    backing: self,
+                    file: File::from(fd),
+                    named: None,
+                })
+            }
+            Err(
+                rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::ISDIR | rustix::io::Errno::INVAL,
+            ) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let name = format!("{}{:016x}", TEMP_PREFIX, rand::random::<u64>());
+        let path = dir
+            .join(name.as_bytes())
+            .map_err(|_| errno(libc::ENAMETOOLONG))?;
+        let file = self.create_file(&path, mode)?;
+        Ok(TemporaryFile {
+            backing: self,
+            file,
+            named: Some(path),
+        })
     }
 
     /// Opens a directory for listing or syncing.
@@ -605,8 +617,9 @@ impl Backing {
         name: &CStr,
         value: &[u8],
         flags: i32,
+        expect: Option<Identity>,
     ) -> io::Result<()> {
-        let (fd, _) = self.object(path, Want::NotSymlink, None)?;
+        let (fd, _) = self.object(path, Want::NotSymlink, expect)?;
         rustix::fs::setxattr(
             proc_path(&fd).as_c_str(),
             name,
@@ -617,8 +630,14 @@ impl Backing {
     }
 
     /// The value of xattr `name`; with `size` 0, just its length (as `getxattr(2)`).
-    pub fn get_xattr(&self, path: &CanonicalPath, name: &CStr, size: usize) -> io::Result<Vec<u8>> {
-        let (fd, _) = self.object(path, Want::NotSymlink, None)?;
+    pub fn get_xattr(
+        &self,
+        path: &CanonicalPath,
+        name: &CStr,
+        size: usize,
+        expect: Option<Identity>,
+    ) -> io::Result<Vec<u8>> {
+        let (fd, _) = self.object(path, Want::NotSymlink, expect)?;
         let p = proc_path(&fd);
         if size == 0 {
             let n = rustix::fs::getxattr(p.as_c_str(), name, &mut [0u8; 0][..])?;
@@ -631,8 +650,13 @@ impl Backing {
     }
 
     /// The NUL-separated xattr names; with `size` 0, just their length (as `listxattr(2)`).
-    pub fn list_xattr(&self, path: &CanonicalPath, size: usize) -> io::Result<Vec<u8>> {
-        let (fd, _) = self.object(path, Want::NotSymlink, None)?;
+    pub fn list_xattr(
+        &self,
+        path: &CanonicalPath,
+        size: usize,
+        expect: Option<Identity>,
+    ) -> io::Result<Vec<u8>> {
+        let (fd, _) = self.object(path, Want::NotSymlink, expect)?;
         let p = proc_path(&fd);
         if size == 0 {
             let n = rustix::fs::listxattr(p.as_c_str(), &mut [0u8; 0][..])?;
@@ -644,8 +668,13 @@ impl Backing {
         Ok(buf)
     }
 
-    pub fn remove_xattr(&self, path: &CanonicalPath, name: &CStr) -> io::Result<()> {
-        let (fd, _) = self.object(path, Want::NotSymlink, None)?;
+    pub fn remove_xattr(
+        &self,
+        path: &CanonicalPath,
+        name: &CStr,
+        expect: Option<Identity>,
+    ) -> io::Result<()> {
+        let (fd, _) = self.object(path, Want::NotSymlink, expect)?;
         rustix::fs::removexattr(proc_path(&fd).as_c_str(), name)?;
         Ok(())
     }
@@ -658,6 +687,58 @@ impl Backing {
     /// kmsfs's own directory `name` at the backing root (see [`MetaDir`]).
     pub fn meta_dir(&self, name: &str, create: bool) -> io::Result<MetaDir> {
         MetaDir::open_in(&self.root, &self.root_path, name, create)
+    }
+}
+
+/// Prefix of kmsfs's temporary files in any directory of the store (hidden from the mount).
+pub const TEMP_PREFIX: &str = ".kmsfs-tmp-";
+
+/// A file being written that gets its name only when complete; see
+/// [`Backing::new_temporary_file`].
+pub struct TemporaryFile<'a> {
+    backing: &'a Backing,
+    file: File,
+    /// Its temporary name, where the filesystem has no unnamed files.
+    named: Option<CanonicalPath>,
+}
+
+impl TemporaryFile<'_> {
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Gives the file the name `path`; an existing entry there is `EEXIST`, never replaced.
+    pub fn persist_noclobber(mut self, path: &CanonicalPath) -> io::Result<()> {
+        let (dir, name) = self.backing.parent(path)?;
+        match self.named.take() {
+            None => {
+                let fd = CString::new(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+                    .expect("no NUL");
+                rustix::fs::linkat(
+                    CWD,
+                    fd.as_c_str(),
+                    &dir,
+                    name.as_c_str(),
+                    AtFlags::SYMLINK_FOLLOW,
+                )?;
+            }
+            Some(tmp) => {
+                let r = self.backing.rename(&tmp, path, RenameFlags::NOREPLACE);
+                if r.is_err() {
+                    self.named = Some(tmp);
+                }
+                r?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TemporaryFile<'_> {
+    fn drop(&mut self) {
+        if let Some(tmp) = &self.named {
+            let _ = self.backing.unlink(tmp, None);
+        }
     }
 }
 

@@ -87,7 +87,7 @@ fn a_symlinked_parent_directory_is_never_followed() {
         assert!(is_refused(&b.link(&p("d.moved/f"), &p("d/g")).unwrap_err()));
         assert!(is_refused(&b.list_dir(&p("d"), Atime::Keep).unwrap_err()));
         assert!(is_refused(
-            &b.set_xattr(&f, c"user.x", b"1", 0).unwrap_err()
+            &b.set_xattr(&f, c"user.x", b"1", 0, None).unwrap_err()
         ));
         assert!(is_refused(&b.chown(&f, Some(1), None, None).unwrap_err()));
 
@@ -144,7 +144,7 @@ fn a_file_swapped_for_a_symlink_is_never_followed() {
             .unwrap_err()
         ));
         assert!(is_refused(
-            &b.set_xattr(&f, c"user.x", b"1", 0).unwrap_err()
+            &b.set_xattr(&f, c"user.x", b"1", 0, None).unwrap_err()
         ));
         // chown acts on the symlink itself, never on its target; identity says it is not the
         // file the kernel named.

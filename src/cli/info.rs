@@ -7,7 +7,7 @@ use clap::Args;
 use super::{volume_path, VolumeArgs};
 use crate::core::file::read_header;
 use crate::core::{EncryptedFile, Volume};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::format::block::Layout;
 use crate::format::codec::hex;
 use crate::format::header::SlotState;
@@ -29,9 +29,7 @@ pub fn run(args: InfoArgs) -> Result<()> {
             Ok(())
         }
         Some(path) => {
-            let backing = volume.backing_path(&path);
-            let file = std::fs::File::open(&backing)
-                .map_err(|e| Error::io(format!("cannot open {path}"), e))?;
+            let file = crate::core::file::open_backing(&volume, &path, false)?;
             let (header, len) = read_header(&file, &path)?;
             let preamble = &header.preamble;
             let layout = Layout {
@@ -39,7 +37,10 @@ pub fn run(args: InfoArgs) -> Result<()> {
                 block_size: preamble.block_size,
             };
             println!("path:        {path}");
-            println!("backing:     {}", backing.display());
+            println!(
+                "backing:     {}",
+                volume.root().join(path.to_relative_path()).display()
+            );
             match layout.plaintext_len(len) {
                 Ok(size) => println!(
                     "size:        {size} bytes in {} blocks of {} (backing file {len} bytes)",

@@ -18,12 +18,7 @@ pub fn adopt(volume: &Volume, path: &CanonicalPath, from: &CanonicalPath) -> Res
             "--from names the path the file is at; nothing to adopt".into(),
         ));
     }
-    let backing = volume.backing_path(path);
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&*backing)
-        .map_err(|e| Error::io(format!("cannot open {path}"), e))?;
+    let file = crate::core::file::open_backing(volume, path, true)?;
     let (from_ctx, to_ctx) = (volume.file_context(from), volume.file_context(path));
     let mut moved = 0;
     update_envelopes(

@@ -123,7 +123,9 @@ pub fn export(
             Err(e) => return Err(Error::io(format!("cannot read {}", dir.display()), e)),
         }
     }
-    let meta = fs::symlink_metadata(&*volume.backing_path(subtree))
+    let meta = volume
+        .backing()
+        .metadata(subtree)
         .map_err(|e| Error::io(format!("cannot stat {subtree}"), e))?;
     let mut ex = Exporter {
         volume,
@@ -174,10 +176,13 @@ impl Exporter<'_> {
     }
 
     fn dir(&mut self, p: &CanonicalPath, meta: &fs::Metadata) -> Result<()> {
-        let backing = self.volume.backing_path(p);
-        let mut names: Vec<OsString> = fs::read_dir(&*backing)
+        let mut names: Vec<OsString> = self
+            .volume
+            .backing()
+            .list_dir(p, crate::backing::Atime::Keep)
             .map_err(|e| Error::io(format!("cannot read {p}"), e))?
-            .filter_map(|e| e.ok().map(|e| e.file_name()))
+            .into_iter()
+            .map(|e| e.name)
             .filter(|n| !is_reserved_name(n.as_bytes(), p.is_root()))
             .collect();
         names.sort();
@@ -197,10 +202,12 @@ impl Exporter<'_> {
                 }
             }
         }
-        drop(backing);
         for name in names {
             let child = p.join(name.as_bytes()).map_err(|e| Error::format(p, e))?;
-            let m = fs::symlink_metadata(&*self.volume.backing_path(&child))
+            let m = self
+                .volume
+                .backing()
+                .metadata(&child)
                 .map_err(|e| Error::io(format!("cannot stat {child}"), e))?;
             if m.is_dir() {
                 self.dir(&child, &m)?;
@@ -292,10 +299,13 @@ impl Exporter<'_> {
             (self.progress)(&self.summary);
             return Ok(());
         }
-        let backing = self.volume.backing_path(p);
         if ft.is_symlink() {
-            let target =
-                fs::read_link(&*backing).map_err(|e| Error::io(format!("cannot read {p}"), e))?;
+            let target = self
+                .volume
+                .backing()
+                .read_link(p)
+                .map(|t| PathBuf::from(std::ffi::OsStr::from_bytes(&t)))
+                .map_err(|e| Error::io(format!("cannot read {p}"), e))?;
             match &mut self.dest {
                 Sink::Dir(_) => {
                     std::os::unix::fs::symlink(&target, &out)

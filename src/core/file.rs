@@ -13,8 +13,9 @@
 //! final block (which loses its "last" flag) and fills any gap with sealed zeros.
 
 use std::fs::File;
+
+use crate::backing::Atime;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::format::block::{BlockCipher, Layout, BLOCK_OVERHEAD, NONCE_LEN};
@@ -155,9 +156,7 @@ impl EncryptedFile {
 
     /// Opens the backing file of `path` and authenticates its header for that path.
     pub fn open(volume: &Volume, path: &CanonicalPath, writable: bool) -> Result<Self> {
-        let backing = volume.backing_path(path);
-        let file = open_backing(&backing, writable)
-            .map_err(|e| Error::io(format!("cannot open {path}"), e))?;
+        let file = open_backing(volume, path, writable)?;
         Self::from_file(volume, path, file)
     }
 
@@ -491,12 +490,8 @@ impl EncryptedFile {
         if need < GROW_CHUNK {
             return Ok(());
         }
-        use std::os::fd::AsRawFd;
-        // SAFETY: a zeroed statvfs is a valid out-parameter; the fd is open.
-        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-        if unsafe { libc::fstatvfs(self.file.as_raw_fd(), &mut st) } != 0 {
-            return Err(self.io_err("stat the filesystem of", std::io::Error::last_os_error()));
-        }
+        let st = crate::backing::open::statvfs(&self.file)
+            .map_err(|e| self.io_err("stat the filesystem of", e))?;
         // Larger than the whole backing filesystem: the file could never be that big (EFBIG,
         // as a filesystem says of a size beyond its limit); otherwise it could, given room.
         let total = st.f_blocks.saturating_mul(st.f_frsize);
@@ -610,25 +605,16 @@ impl EncryptedFile {
     }
 }
 
-/// Opens a backing file; one opened only to read does not update its access time
-/// (`O_NOATIME`, where the caller owns the file or is root), so reading a volume, through a
-/// read-only mount or an export, writes nothing to the backing store.
-pub fn open_backing(path: &Path, writable: bool) -> std::io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let open = |flags| {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(writable)
-            .custom_flags(flags)
-            .open(path)
-    };
-    if writable {
-        return open(0);
-    }
-    match open(libc::O_NOATIME) {
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => open(0),
-        other => other,
-    }
+/// Opens the regular backing file of `path` (anything else there is refused); one opened
+/// only to read does not update its access time (`O_NOATIME`, where the caller owns the file
+/// or is root), so reading a volume, through a read-only mount or an export, writes nothing to
+/// the backing store.
+pub fn open_backing(volume: &Volume, path: &CanonicalPath, writable: bool) -> Result<File> {
+    let atime = if writable { Atime::Update } else { Atime::Keep };
+    volume
+        .backing()
+        .open_file(path, writable, atime)
+        .map_err(|e| Error::io(format!("cannot open {path}"), e))
 }
 
 /// Holds `flock(LOCK_EX)` on a backing file while it lives: header updates by the daemon and
@@ -637,15 +623,11 @@ struct HeaderLock<'a>(&'a File);
 
 impl<'a> HeaderLock<'a> {
     fn take(file: &'a File, path: &CanonicalPath) -> Result<Self> {
-        use std::os::fd::AsRawFd;
         loop {
-            // SAFETY: flock on an open descriptor.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
-                return Ok(HeaderLock(file));
-            }
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(Error::io(format!("cannot lock {path}"), e));
+            match crate::backing::open::lock_exclusive(file) {
+                Ok(()) => return Ok(HeaderLock(file)),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Error::io(format!("cannot lock {path}"), e)),
             }
         }
     }
@@ -653,9 +635,7 @@ impl<'a> HeaderLock<'a> {
 
 impl Drop for HeaderLock<'_> {
     fn drop(&mut self) {
-        use std::os::fd::AsRawFd;
-        // SAFETY: flock on an open descriptor.
-        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
+        crate::backing::open::unlock(self.0);
     }
 }
 
@@ -733,22 +713,21 @@ pub fn write_new_file(
     path: &CanonicalPath,
     data: &mut dyn std::io::Read,
 ) -> Result<u64> {
-    let backing = volume.backing_path(path);
-    let dir = backing.parent().unwrap_or(Path::new("/"));
-    if backing.symlink_metadata().is_ok() {
+    let backing = volume.backing();
+    if backing.exists(path) {
         return Err(Error::Refused(format!("{path} already exists")));
     }
-    if !dir.is_dir() {
+    let dir = path.parent().unwrap_or_else(CanonicalPath::root);
+    if !backing.metadata(&dir).is_ok_and(|m| m.is_dir()) {
         return Err(Error::Refused(format!(
             "the parent directory of {path} does not exist"
         )));
     }
-    let tmp = tempfile::Builder::new()
-        .prefix(super::volume::TEMP_PREFIX)
-        .tempfile_in(dir)
+    let tmp = backing
+        .new_temporary_file(&dir, 0o600)
         .map_err(|e| Error::io(format!("cannot create a file next to {path}"), e))?;
     let file = tmp
-        .as_file()
+        .file()
         .try_clone()
         .map_err(|e| Error::io("cannot clone a file handle", e))?;
     let mut enc = EncryptedFile::create(volume, path, file)?;
@@ -764,13 +743,12 @@ pub fn write_new_file(
     }
     enc.sync()?;
     let size = enc.size();
-    tmp.persist_noclobber(&backing)
-        .map_err(|e| match e.error.kind() {
-            std::io::ErrorKind::AlreadyExists => Error::Refused(format!("{path} already exists")),
-            _ => Error::io(format!("cannot create {path}"), e.error),
-        })?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
+    tmp.persist_noclobber(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AlreadyExists => Error::Refused(format!("{path} already exists")),
+        _ => Error::io(format!("cannot create {path}"), e),
+    })?;
+    backing
+        .sync_dir(&dir)
         .map_err(|e| Error::io(format!("cannot sync the directory of {path}"), e))?;
     Ok(size)
 }

@@ -71,7 +71,7 @@ fn check_file(volume: &Volume, path: &CanonicalPath, deep: bool, repair: bool) -
     };
     // A create that returned before its key arrived, then the daemon stopped (see
     // core::instance): empty, never fsynced. Not removed: a live mount may be writing it now.
-    if std::fs::symlink_metadata(&*volume.backing_path(path)).is_ok_and(|m| m.len() == 0) {
+    if volume.backing().metadata(path).is_ok_and(|m| m.len() == 0) {
         out.push(problem(
             "unfinished-create",
             "empty: created, but the daemon stopped before its key and header were written \
@@ -102,7 +102,9 @@ fn check_file(volume: &Volume, path: &CanonicalPath, deep: bool, repair: bool) -
     };
     let names_me = |p: &CanonicalPath| {
         p == path
-            || std::fs::symlink_metadata(&*volume.backing_path(p))
+            || volume
+                .backing()
+                .metadata(p)
                 .is_ok_and(|m| m.ino() == me.ino() && m.dev() == me.dev())
     };
     let stale: Vec<CanonicalPath> = match read_header(file.backing_file(), path) {
@@ -161,20 +163,29 @@ pub fn check(volume: &Volume, deep: bool, repair: bool) -> Result<Report> {
             .problems
             .extend(check_file(volume, path, deep, repair));
     }
-    for (record, paths) in Journal::new(volume.root()).pending() {
-        let what = match &paths {
-            Ok(p) => p.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(", "),
-            Err(e) => e.to_string(),
+    let journal = Journal::new(volume, !repair)?;
+    for record in journal.pending() {
+        let mut p = match &record.paths {
+            Ok(paths) => Problem {
+                path: record.name.clone(),
+                kind: "interrupted-rebind",
+                detail: format!(
+                    "a rename, link or unlink was cut short ({}); the next writable mount tidies it",
+                    paths.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+                repaired: false,
+            },
+            // Never removed, with --repair too: it is not ours to delete.
+            Err(e) => Problem {
+                path: record.name.clone(),
+                kind: "unusable-rebind-record",
+                detail: e.to_string(),
+                repaired: false,
+            },
         };
-        let mut p = Problem {
-            path: record.display().to_string(),
-            kind: "interrupted-rebind",
-            detail: format!("a rename, link or unlink was cut short ({what}); the next writable mount tidies it"),
-            repaired: false,
-        };
-        if repair {
+        if repair && record.paths.is_ok() {
             // Every file was just checked (and tidied) above.
-            Journal::new(volume.root()).remove(&record);
+            journal.remove(&record);
             p.repaired = true;
         }
         report.problems.push(p);
@@ -185,26 +196,33 @@ pub fn check(volume: &Volume, deep: bool, repair: bool) -> Result<Report> {
 
 /// Leftovers of interrupted imports (never removed by fsck: they may be an import running now).
 fn temp_files(volume: &Volume, report: &mut Report) -> Result<()> {
-    let mut stack = vec![volume.root().to_path_buf()];
+    let store = volume.backing();
+    let mut stack = vec![CanonicalPath::root()];
     while let Some(dir) = stack.pop() {
-        let entries = std::fs::read_dir(&dir)
-            .map_err(|e| Error::io(format!("cannot read {}", dir.display()), e))?;
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
-            if dir == volume.root() && name == super::volume::META_DIR {
+        let entries = store
+            .list_dir(&dir, crate::backing::Atime::Keep)
+            .map_err(|e| Error::io(format!("cannot read {dir}"), e))?;
+        for entry in entries {
+            let name = entry.name;
+            if dir.is_root() && name == super::volume::META_DIR {
                 continue;
             }
+            let Ok(child) = dir.join(name.as_encoded_bytes()) else {
+                continue;
+            };
             if name.as_encoded_bytes().starts_with(TEMP_PREFIX.as_bytes()) {
                 report.problems.push(Problem {
-                    path: entry.path().display().to_string(),
+                    path: child.to_string(),
                     kind: "temporary-file",
                     detail: "left by an interrupted import; safe to delete when no import runs"
                         .into(),
                     repaired: false,
                 });
-            } else if is_dir {
-                stack.push(entry.path());
+            } else if entry.kind == libc::DT_DIR
+                || (entry.kind == libc::DT_UNKNOWN
+                    && store.metadata(&child).is_ok_and(|m| m.is_dir()))
+            {
+                stack.push(child);
             }
         }
     }

@@ -20,7 +20,6 @@
 //! fsynced is what a crash may lose on any filesystem. docs/SEMANTICS.md says this to users.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
@@ -152,9 +151,18 @@ impl OpenNode {
     }
 
     pub fn backing_metadata(&self) -> std::io::Result<std::fs::Metadata> {
+        self.with_backing_file(|file| file.metadata())
+    }
+
+    /// Runs `f` on the open backing file itself (a change through its descriptor, never
+    /// through a name that may have been swapped since).
+    pub fn with_backing_file<T>(
+        &self,
+        f: impl FnOnce(&File) -> std::io::Result<T>,
+    ) -> std::io::Result<T> {
         match &*self.state.read().unwrap() {
-            Instance::Ready(file) => file.backing_file().metadata(),
-            Instance::Pending { file, .. } => file.metadata(),
+            Instance::Ready(file) => f(file.backing_file()),
+            Instance::Pending { file, .. } => f(file),
             Instance::Failed { .. } => Err(std::io::Error::from_raw_os_error(libc::EIO)),
         }
     }
@@ -315,12 +323,7 @@ impl OpenNode {
 
 /// Sets `file`'s access and modification times back to those in `meta`.
 fn keep_times(file: &File, meta: &std::fs::Metadata) -> std::io::Result<()> {
-    let times = super::times_of(meta);
-    // SAFETY: the fd is open and times is a two-element timespec array.
-    if unsafe { libc::futimens(file.as_raw_fd(), times.as_ptr()) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+    crate::backing::open::set_times(file, &super::times_of(meta))
 }
 
 /// The workers that fetch the keys of files created without waiting, and their bounds.

@@ -10,60 +10,93 @@
 //! `KmsFs::finish_interrupted_rebinds`), so a crash costs one scan of those paths, never a scan
 //! of the volume.
 //!
-//! A record says only where to look. Tidying decides what is stale from the backing store
-//! itself (an envelope whose path does not name the same inode), so a lost, repeated or forged
-//! record can leave a stale envelope for later but cannot drop a live one.
+//! The store is hostile, so a record is MACed under a key derived from the volume key: one
+//! the daemon did not write (forged, or naming `/` to make every mount walk the whole volume)
+//! does not authenticate and is never acted on. A record that does not parse or authenticate
+//! is never deleted either: it is reported (log, `fsck`, `status`) and left for the operator.
+//! Records are read and removed only through the `.kmsfs/pending` directory's descriptor
+//! (a real directory owned by the daemon's uid, never a symlink), and no larger than
+//! [`MAX_RECORD`]. Even an authentic record says only where to look: tidying decides what is
+//! stale from the backing store itself (an envelope whose path does not name the same inode),
+//! so a lost or repeated record can leave a stale envelope for later but cannot drop a live one.
 
-use std::fs;
-use std::io::Write;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::backing::MetaDir;
 use crate::error::{Error, Result};
 use crate::format::context::CanonicalPath;
+use crate::format::kdf;
+use crate::secret::DerivedKey;
 
-use super::volume::META_DIR;
+use super::volume::{Volume, META_DIR};
 
 const DIR_NAME: &str = "pending";
-const MAGIC: &[u8] = b"kmsfs-rebind-1\0";
+const MAGIC: &[u8] = b"kmsfs-rebind-2\0";
+const TAG_LEN: usize = 32;
+/// Most bytes a record may have (a rename records at most a few paths).
+pub const MAX_RECORD: u64 = 64 * 1024;
 
 /// Where a volume keeps its pending records.
 pub struct Journal {
-    dir: PathBuf,
+    dir: Option<MetaDir>,
+    mac_key: DerivedKey,
     next: AtomicU64,
 }
 
 /// A written record; removing it marks the rebind finished.
 pub struct Pending<'a> {
     journal: &'a Journal,
-    file: PathBuf,
+    name: String,
+}
+
+/// A record found in the journal.
+pub struct Record {
+    pub name: String,
+    /// The paths it names, or why it cannot be used (unreadable, not a record, not authentic).
+    pub paths: Result<Vec<CanonicalPath>>,
 }
 
 impl Journal {
-    pub fn new(root: &Path) -> Self {
-        Journal {
-            dir: root.join(META_DIR).join(DIR_NAME),
+    /// The volume's journal. A writable user creates `.kmsfs/pending` if missing; every user
+    /// refuses (one clear line) one that is not a real directory owned by them.
+    pub fn new(volume: &Volume, read_only: bool) -> Result<Self> {
+        let refuse = |e: std::io::Error| Error::Refused(e.to_string());
+        let dir = match volume.backing().meta_dir(META_DIR, false) {
+            Ok(meta) => match meta.subdir(DIR_NAME, !read_only) {
+                Ok(d) => Some(d),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && read_only => None,
+                Err(e) => return Err(refuse(e)),
+            },
+            Err(e) => return Err(refuse(e)),
+        };
+        Ok(Journal {
+            dir,
+            mac_key: volume.rebind_record_mac_key(),
             next: AtomicU64::new(0),
-        }
+        })
+    }
+
+    fn shown(&self) -> String {
+        self.dir
+            .as_ref()
+            .map_or_else(|| DIR_NAME.to_string(), |d| d.shown().display().to_string())
     }
 
     /// Records `paths` durably (file and directory fsynced) before a rebind starts.
     pub fn begin(&self, paths: &[CanonicalPath]) -> Result<Pending<'_>> {
         let io = |e| {
             Error::io(
-                format!("cannot write the rebind journal in {}", self.dir.display()),
+                format!("cannot write the rebind journal in {}", self.shown()),
                 e,
             )
         };
-        match fs::create_dir(&self.dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(io(e)),
-        }
-        let mut bytes = MAGIC.to_vec();
-        for p in paths {
-            bytes.extend_from_slice(p.as_str().as_bytes());
-            bytes.push(0);
+        let dir = self
+            .dir
+            .as_ref()
+            .ok_or_else(|| io(std::io::Error::from_raw_os_error(libc::EROFS)))?;
+        let bytes = encode(&self.mac_key, paths);
+        if bytes.len() as u64 > MAX_RECORD {
+            return Err(io(std::io::Error::from_raw_os_error(libc::ENAMETOOLONG)));
         }
         // Unique across restarts too: a record left by a crash is never overwritten.
         let stamp = std::time::SystemTime::now()
@@ -71,57 +104,69 @@ impl Journal {
             .unwrap_or_default()
             .as_nanos();
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let file = self
-            .dir
-            .join(format!("{stamp:032x}-{}-{n}", std::process::id()));
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&file)
-            .map_err(io)?;
-        f.write_all(&bytes)
-            .and_then(|_| f.sync_data())
-            .map_err(io)?;
-        fs::File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io)?;
+        let name = format!("{stamp:032x}-{}-{n}", std::process::id());
+        dir.write_new(&name, &bytes).map_err(io)?;
         Ok(Pending {
             journal: self,
-            file,
+            name,
         })
     }
 
     /// Records left by rebinds that did not finish, oldest first, with the paths they name.
-    /// A record that cannot be read is reported as an error beside the others.
-    pub fn pending(&self) -> Vec<(PathBuf, Result<Vec<CanonicalPath>>)> {
-        let Ok(entries) = fs::read_dir(&self.dir) else {
+    /// A record that cannot be read, parsed or authenticated is reported as an error beside
+    /// the others (and must be left where it is).
+    pub fn pending(&self) -> Vec<Record> {
+        let Some(dir) = &self.dir else {
             return Vec::new();
         };
-        let mut files: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok())
-            .map(|e| e.path())
-            .filter(|p| p.is_file())
-            .collect();
-        files.sort();
-        files
+        let mut names: Vec<String> = match dir.list() {
+            Ok(names) => names
+                .into_iter()
+                .filter_map(|n| n.into_string().ok())
+                .collect(),
+            Err(e) => {
+                tracing::warn!("cannot list the rebind journal {}: {e}", self.shown());
+                return Vec::new();
+            }
+        };
+        names.sort();
+        names
             .into_iter()
-            .map(|f| {
-                let parsed = fs::read(&f)
-                    .map_err(|e| Error::io(format!("cannot read {}", f.display()), e))
+            .map(|name| {
+                let shown = dir.shown().join(&name).display().to_string();
+                let paths = dir
+                    .read(&name, MAX_RECORD)
+                    .map_err(|e| Error::io(format!("cannot read {shown}"), e))
                     .and_then(|b| {
-                        parse(&b).ok_or_else(|| {
-                            Error::Refused(format!("{} is not a rebind record", f.display()))
+                        decode(&self.mac_key, &b).ok_or_else(|| {
+                            Error::Integrity(format!(
+                                "{shown} is not an authentic rebind record of this volume; \
+                                 left in place (remove it by hand once you know where it came from)"
+                            ))
                         })
                     });
-                (f, parsed)
+                Record { name, paths }
             })
             .collect()
     }
 
-    /// Removes a record whose paths are tidy.
-    pub fn remove(&self, record: &Path) {
-        if let Err(e) = fs::remove_file(record) {
-            tracing::warn!("cannot remove {}: {e}", record.display());
+    /// Removes a record whose paths are tidy (only ever one that parsed and authenticated).
+    pub fn remove(&self, record: &Record) {
+        if record.paths.is_err() {
+            return;
+        }
+        if let Some(dir) = &self.dir {
+            if let Err(e) = dir.unlink(&record.name) {
+                tracing::warn!("cannot remove the rebind record {}: {e}", record.name);
+            }
+        }
+    }
+
+    fn remove_name(&self, name: &str) {
+        if let Some(dir) = &self.dir {
+            if let Err(e) = dir.unlink(name) {
+                tracing::warn!("cannot remove the rebind record {name}: {e}");
+            }
         }
     }
 }
@@ -130,12 +175,28 @@ impl Pending<'_> {
     /// The rebind finished: forget the record. (Not fsynced: should the removal be lost, the
     /// next mount tidies paths that are already tidy.)
     pub fn finish(self) {
-        self.journal.remove(&self.file);
+        self.journal.remove_name(&self.name);
     }
 }
 
-fn parse(bytes: &[u8]) -> Option<Vec<CanonicalPath>> {
-    let rest = bytes.strip_prefix(MAGIC)?;
+fn encode(mac_key: &DerivedKey, paths: &[CanonicalPath]) -> Vec<u8> {
+    let mut bytes = MAGIC.to_vec();
+    for p in paths {
+        bytes.extend_from_slice(p.as_str().as_bytes());
+        bytes.push(0);
+    }
+    let tag = kdf::hmac(mac_key, &[&bytes]);
+    bytes.extend_from_slice(&tag);
+    bytes
+}
+
+fn decode(mac_key: &DerivedKey, bytes: &[u8]) -> Option<Vec<CanonicalPath>> {
+    let split = bytes.len().checked_sub(TAG_LEN)?;
+    let (body, tag) = bytes.split_at(split);
+    if !kdf::hmac_verify(mac_key, &[body], tag.try_into().ok()?) {
+        return None;
+    }
+    let rest = body.strip_prefix(MAGIC)?;
     if rest.is_empty() {
         return Some(Vec::new());
     }
@@ -156,36 +217,41 @@ mod tests {
         CanonicalPath::from_encoded(s).unwrap()
     }
 
+    fn key() -> DerivedKey {
+        DerivedKey::new([7; 32])
+    }
+
     #[test]
-    fn a_record_lists_its_paths_until_finished() {
-        let root = tempfile::tempdir().unwrap();
-        fs::create_dir(root.path().join(META_DIR)).unwrap();
-        let journal = Journal::new(root.path());
-        assert!(journal.pending().is_empty());
+    fn a_record_round_trips_and_names_its_paths() {
         let paths = vec![path("/a/b"), path("/new line\n%25")];
-        let first = journal.begin(&paths).unwrap();
-        let second = journal.begin(&[path("/c")]).unwrap();
-        let pending = journal.pending();
-        assert_eq!(pending.len(), 2);
-        assert_eq!(pending[0].1.as_ref().unwrap(), &paths);
-        assert_eq!(pending[1].1.as_ref().unwrap(), &vec![path("/c")]);
-        first.finish();
-        second.finish();
-        assert!(journal.pending().is_empty());
+        assert_eq!(decode(&key(), &encode(&key(), &paths)), Some(paths));
+        assert_eq!(decode(&key(), &encode(&key(), &[])), Some(vec![]));
+    }
+
+    #[test]
+    fn a_forged_record_naming_the_root_is_not_authentic() {
+        // What an attacker with write access to the store can write: the right magic and a
+        // path, with a tag under some other key (or none).
+        let forged = encode(&DerivedKey::new([8; 32]), &[path("/")]);
+        assert_eq!(decode(&key(), &forged), None);
+        let mut untagged = MAGIC.to_vec();
+        untagged.extend_from_slice(b"/\0");
+        assert_eq!(decode(&key(), &untagged), None);
+        // Positive control: the same record under the volume's key is accepted.
+        assert_eq!(
+            decode(&key(), &encode(&key(), &[path("/")])),
+            Some(vec![path("/")])
+        );
     }
 
     #[test]
     fn a_damaged_record_is_reported_not_guessed_at() {
-        let root = tempfile::tempdir().unwrap();
-        fs::create_dir(root.path().join(META_DIR)).unwrap();
-        let journal = Journal::new(root.path());
-        journal.begin(&[path("/a")]).unwrap();
-        let (file, _) = journal.pending().remove(0);
-        fs::write(&file, b"kmsfs-rebind-1\0/a").unwrap(); // torn: no terminator
-        assert!(journal.pending()[0].1.is_err());
-        fs::write(&file, b"something else\0/a\0").unwrap();
-        assert!(journal.pending()[0].1.is_err());
-        fs::write(&file, b"kmsfs-rebind-1\0relative\0").unwrap();
-        assert!(journal.pending()[0].1.is_err());
+        let mut torn = encode(&key(), &[path("/a")]);
+        torn.truncate(torn.len() - 1);
+        assert_eq!(decode(&key(), &torn), None);
+        let mut flipped = encode(&key(), &[path("/a")]);
+        flipped[MAGIC.len()] ^= 1;
+        assert_eq!(decode(&key(), &flipped), None);
+        assert_eq!(decode(&key(), b"short"), None);
     }
 }

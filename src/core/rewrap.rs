@@ -11,7 +11,6 @@
 //! second run after an interruption do only what is left. Retiring the old keys is a separate
 //! step that first checks every file, both slots, for envelopes under them.
 
-use std::fs::File;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
@@ -54,12 +53,7 @@ pub fn rewrap_file(
     to: &str,
     dry_run: bool,
 ) -> Result<FileOutcome> {
-    let backing = volume.backing_path(path);
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(!dry_run)
-        .open(&*backing)
-        .map_err(|e| Error::io(format!("cannot open {path}"), e))?;
+    let file = crate::core::file::open_backing(volume, path, !dry_run)?;
     if dry_run {
         let (header, _) = read_header(&file, path)?;
         let authentic = header.authentic(&volume.header_mac_key(&header.preamble.file_id));
@@ -184,8 +178,7 @@ pub fn still_under(
 ) -> Vec<(CanonicalPath, String)> {
     let mut out = Vec::new();
     for path in files {
-        let check = File::open(&*volume.backing_path(path))
-            .map_err(|e| Error::io(format!("cannot open {path}"), e))
+        let check = crate::core::file::open_backing(volume, path, false)
             .and_then(|f| read_header(&f, path))
             .map(|(header, _)| {
                 header

@@ -8,12 +8,12 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::backing::{Atime, Backing, MetaDir, MAX_RECORD};
 use crate::error::{Error, Result};
 use crate::format::block::{valid_block_size, DEFAULT_BLOCK_SIZE};
 use crate::format::codec::hex;
@@ -34,7 +34,7 @@ use crate::keys::{KeyProvider, UnavailableKey};
 pub const META_DIR: &str = ".kmsfs";
 pub const CONFIG_NAME: &str = "config";
 /// Prefix of kmsfs's temporary files (an import in progress), in any directory.
-pub const TEMP_PREFIX: &str = ".kmsfs-tmp-";
+pub use crate::backing::TEMP_PREFIX;
 
 /// Wraps each provider a volume uses (tests inject faults or latency this way).
 pub type ProviderWrapper = Arc<dyn Fn(Arc<dyn KeyProvider>) -> Arc<dyn KeyProvider> + Send + Sync>;
@@ -98,6 +98,8 @@ pub struct InitReport {
 
 pub struct Volume {
     root: PathBuf,
+    /// Every syscall on the backing store goes through this.
+    backing: Arc<Backing>,
     config: VolumeConfig,
     keyring: Keyring,
     /// Root of the files' header MAC keys (docs/FORMAT.md, "Header slots").
@@ -254,10 +256,12 @@ impl Volume {
     /// Creates a new volume in the empty directory `root`.
     pub fn init(root: &Path, options: InitOptions) -> Result<InitReport> {
         check_backing_dir(root)?;
-        let mut entries = fs::read_dir(root)
+        let backing = open_backing(root)?;
+        let entries = backing
+            .list_dir(&CanonicalPath::root(), Atime::Keep)
             .map_err(|e| Error::io(format!("cannot read {}", root.display()), e))?;
-        if entries.next().is_some() {
-            let what = if config_path(root).exists() {
+        if !entries.is_empty() {
+            let what = if entries.iter().any(|e| e.name == META_DIR) {
                 "is already a kmsfs volume"
             } else {
                 "is not empty"
@@ -379,9 +383,10 @@ impl Volume {
             let bytes = config
                 .encode(&kdf::config_mac_key(&volume_key, &volume_id))
                 .map_err(|e| Error::format(root.display(), e))?;
-            write_config(root, &bytes)?;
+            write_config(&backing, &bytes)?;
             let mut volume = Volume {
                 root: root.to_path_buf(),
+                backing: backing.clone(),
                 header_key: kdf::volume_header_key(&volume_key, &volume_id),
                 config_mac_key: kdf::config_mac_key(&volume_key, &volume_id),
                 key_options: options.key_options.clone(),
@@ -400,7 +405,7 @@ impl Volume {
                 for path in &created {
                     let _ = fs::remove_file(path);
                 }
-                let _ = fs::remove_dir_all(root.join(META_DIR));
+                remove_new_meta_dir(&backing);
                 Err(e)
             }
         }
@@ -409,16 +414,28 @@ impl Volume {
     /// Opens an existing volume, authenticating its config.
     pub fn open(root: &Path, options: &OpenOptions) -> Result<Volume> {
         check_backing_dir(root)?;
+        let backing = open_backing(root)?;
         let cfg_path = config_path(root);
-        let bytes = read_noatime(&cfg_path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => Error::Refused(format!(
+        let not_a_volume = || {
+            Error::Refused(format!(
                 "{} is not a kmsfs volume (no {META_DIR}/{CONFIG_NAME}); create one with 'kmsfs init'",
                 root.display()
-            )),
-            _ => Error::io(format!("cannot read {}", cfg_path.display()), e),
-        })?;
+            ))
+        };
+        let meta_dir = backing
+            .meta_dir(META_DIR, false)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => not_a_volume(),
+                _ => Error::Refused(e.to_string()),
+            })?;
+        let bytes = meta_dir
+            .read(CONFIG_NAME, MAX_RECORD)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => not_a_volume(),
+                _ => Error::io(format!("cannot read {}", cfg_path.display()), e),
+            })?;
         let shown = cfg_path.display().to_string();
-        check_config_permissions(&cfg_path)?;
+        check_config_permissions(&meta_dir)?;
         let unverified = UnverifiedConfig::parse(&bytes).map_err(|e| Error::format(&shown, e))?;
         let claimed = unverified.claimed();
         let mut providers = Providers::new(&options.key_options);
@@ -489,6 +506,7 @@ impl Volume {
             .map_err(|e| Error::format(&shown, e))?;
         let mut volume = Volume {
             root: root.to_path_buf(),
+            backing,
             header_key: kdf::volume_header_key(&volume_key, &volume_id),
             config_mac_key: kdf::config_mac_key(&volume_key, &volume_id),
             key_options: options.key_options.clone(),
@@ -505,11 +523,12 @@ impl Volume {
     /// holds, and reaches any new key (reusing providers of keys it had).
     fn follow_key_changes(&mut self) {
         let root = self.root.clone();
+        let backing = self.backing.clone();
         let mac_key = crate::secret::DerivedKey::new(*self.config_mac_key.expose());
         let options = self.key_options.clone();
         // The last check: when, and what the config looked like. Every create asks, so the
         // config is looked at no more than once a second unless a key is missing.
-        let seen = std::sync::Mutex::new((Instant::now(), config_stamp(&root)));
+        let seen = std::sync::Mutex::new((Instant::now(), config_stamp(&backing)));
         self.keyring
             .set_reload(Box::new(move |force, current: &[TrustedProvider]| {
                 {
@@ -517,7 +536,7 @@ impl Volume {
                     if !force && seen.0.elapsed() < std::time::Duration::from_secs(1) {
                         return None;
                     }
-                    let stamp = config_stamp(&root);
+                    let stamp = config_stamp(&backing);
                     let unchanged = seen.1 == stamp;
                     *seen = (Instant::now(), stamp);
                     if !force && unchanged {
@@ -525,7 +544,7 @@ impl Volume {
                     }
                 }
                 let shown = config_path(&root).display().to_string();
-                let config = read_noatime(&config_path(&root))
+                let config = read_config(&backing)
                     .map_err(|e| e.to_string())
                     .and_then(|b| UnverifiedConfig::parse(&b).map_err(|e| e.to_string()))
                     .and_then(|u| u.verify(&mac_key).map_err(|e| e.to_string()));
@@ -675,7 +694,7 @@ impl Volume {
         let bytes = config
             .encode(&self.config_mac_key)
             .map_err(|e| Error::format(self.root.display(), e))?;
-        write_config(&self.root, &bytes)?;
+        write_config(&self.backing, &bytes)?;
         self.config = config;
         Ok(())
     }
@@ -697,6 +716,11 @@ impl Volume {
         kdf::header_mac_key(&self.header_key, file_id)
     }
 
+    /// The key that MACs the volume's rebind records (see [`super::journal`]).
+    pub fn rebind_record_mac_key(&self) -> crate::secret::DerivedKey {
+        kdf::rebind_record_mac_key(&self.header_key, &self.config.volume_id)
+    }
+
     pub fn id_hex(&self) -> String {
         hex(&self.config.volume_id)
     }
@@ -707,28 +731,41 @@ impl Volume {
     }
 
     /// Regular files at and beneath `path` (the whole volume from the root), as paths;
-    /// kmsfs's own names are skipped. Sorted.
+    /// kmsfs's own names are skipped. Sorted. Directories are listed without following
+    /// symlinks, so a symlink planted in the store is neither a file nor a way out.
     pub fn files_beneath(&self, path: &CanonicalPath) -> Result<Vec<CanonicalPath>> {
         use std::os::unix::ffi::OsStrExt;
         let mut out = Vec::new();
         let mut stack = vec![path.clone()];
         while let Some(dir) = stack.pop() {
             let read = |e| Error::io(format!("cannot read {dir}"), e);
-            for entry in fs::read_dir(&*self.backing_path(&dir)).map_err(read)? {
-                let entry = entry.map_err(read)?;
-                let name = entry.file_name();
+            for entry in self.backing.list_dir(&dir, Atime::Keep).map_err(read)? {
+                let name = entry.name;
                 if is_reserved_name(name.as_bytes(), dir.is_root()) {
                     continue;
                 }
                 let child = dir
                     .join(name.as_bytes())
                     .map_err(|e| Error::format(&dir, e))?;
-                let ft = entry
-                    .file_type()
-                    .map_err(|e| Error::io(format!("cannot stat {child}"), e))?;
-                if ft.is_dir() {
+                let kind = match entry.kind {
+                    libc::DT_UNKNOWN => {
+                        let m = self
+                            .backing
+                            .metadata(&child)
+                            .map_err(|e| Error::io(format!("cannot stat {child}"), e))?;
+                        if m.is_dir() {
+                            libc::DT_DIR
+                        } else if m.is_file() {
+                            libc::DT_REG
+                        } else {
+                            libc::DT_UNKNOWN
+                        }
+                    }
+                    k => k,
+                };
+                if kind == libc::DT_DIR {
                     stack.push(child);
-                } else if ft.is_file() {
+                } else if kind == libc::DT_REG {
                     out.push(child);
                 }
             }
@@ -737,96 +774,14 @@ impl Volume {
         Ok(out)
     }
 
-    /// Where `path` lives on the backing store, usable even beyond `PATH_MAX`.
-    pub fn backing_path(&self, path: &CanonicalPath) -> BackingPath {
-        BackingPath::new(&self.root, &path.to_relative_path())
+    /// The backing store, through which every syscall on it is made.
+    pub fn backing(&self) -> &Backing {
+        &self.backing
     }
-}
 
-/// A backing-store path that any path-taking call accepts, even when it is longer than
-/// `PATH_MAX` (the backing root's own path makes the deepest paths a mount allows too long).
-/// Then the directory holding the entry is opened by walking down in pieces (`openat` with
-/// `O_PATH`) and the path goes through `/proc/self/fd/N/NAME`, valid while this value lives.
-pub struct BackingPath {
-    path: PathBuf,
-    _dir: Option<std::os::fd::OwnedFd>,
-}
-
-impl BackingPath {
-    fn new(root: &Path, rel: &Path) -> Self {
-        let path = root.join(rel);
-        if path.as_os_str().len() < libc::PATH_MAX as usize - 1 {
-            return BackingPath { path, _dir: None };
-        }
-        // If the walk fails (a directory on the way is missing), the plain path gives the
-        // caller ENAMETOOLONG, which is what the backing filesystem would say of it.
-        open_parent_by_walking(root, rel).unwrap_or(BackingPath { path, _dir: None })
-    }
-}
-
-fn open_parent_by_walking(root: &Path, rel: &Path) -> std::io::Result<BackingPath> {
-    use std::ffi::OsString;
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    use std::os::unix::ffi::OsStrExt;
-    const PIECE: usize = 2048;
-    let parts: Vec<&std::ffi::OsStr> = rel.iter().collect();
-    let Some((name, dirs)) = parts.split_last() else {
-        return Err(std::io::Error::from_raw_os_error(libc::ENAMETOOLONG));
-    };
-    let open_at = |dir: Option<&OwnedFd>, p: &std::ffi::OsStr| -> std::io::Result<OwnedFd> {
-        let c = std::ffi::CString::new(p.as_bytes())?;
-        let at = dir.map_or(libc::AT_FDCWD, |d| d.as_raw_fd());
-        // SAFETY: a valid C string; the returned descriptor is owned by the OwnedFd below.
-        let fd = unsafe {
-            libc::openat(
-                at,
-                c.as_ptr(),
-                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: fd was just opened and is owned by nobody else.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-    };
-    let mut dir = open_at(None, root.as_os_str())?;
-    let mut piece = OsString::new();
-    for d in dirs {
-        if !piece.is_empty() && piece.len() + d.len() + 1 > PIECE {
-            dir = open_at(Some(&dir), &piece)?;
-            piece.clear();
-        }
-        if !piece.is_empty() {
-            piece.push("/");
-        }
-        piece.push(d);
-    }
-    if !piece.is_empty() {
-        dir = open_at(Some(&dir), &piece)?;
-    }
-    Ok(BackingPath {
-        path: PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd())).join(name),
-        _dir: Some(dir),
-    })
-}
-
-impl std::ops::Deref for BackingPath {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl AsRef<Path> for BackingPath {
-    fn as_ref(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl AsRef<std::ffi::OsStr> for BackingPath {
-    fn as_ref(&self) -> &std::ffi::OsStr {
-        self.path.as_os_str()
+    /// Where kmsfs keeps its own files in the store (see [`MetaDir`]).
+    pub fn meta_dir(&self) -> std::io::Result<MetaDir> {
+        self.backing.meta_dir(META_DIR, true)
     }
 }
 
@@ -876,57 +831,68 @@ fn reach_key(
     })
 }
 
-/// Reads a whole file without updating its access time (the config of a volume that is only
-/// being read).
 /// The config names the keys the volume trusts. Its MAC stops edits, but not someone else
 /// putting back an older, authentic config (one that still trusts a retired key), so it must
 /// be writable only by its owner.
-fn check_config_permissions(path: &Path) -> Result<()> {
-    let meta =
-        fs::metadata(path).map_err(|e| Error::io(format!("cannot stat {}", path.display()), e))?;
+fn check_config_permissions(meta_dir: &MetaDir) -> Result<()> {
+    let shown = meta_dir.shown().join(CONFIG_NAME);
+    let meta = meta_dir
+        .metadata(CONFIG_NAME)
+        .map_err(|e| Error::io(format!("cannot stat {}", shown.display()), e))?;
     if meta.permissions().mode() & 0o022 != 0 {
         return Err(Error::Refused(format!(
             "{} is writable by group or others (mode {:o}); run 'chmod go-w' on it",
-            path.display(),
+            shown.display(),
             meta.permissions().mode() & 0o7777
         )));
     }
     Ok(())
 }
 
-fn read_noatime(path: &Path) -> std::io::Result<Vec<u8>> {
-    use std::io::Read;
-    let mut bytes = Vec::new();
-    crate::core::file::open_backing(path, false)?.read_to_end(&mut bytes)?;
-    Ok(bytes)
+/// Opens the backing root (every later syscall on the store goes through it).
+fn open_backing(root: &Path) -> Result<Arc<Backing>> {
+    Backing::open(root)
+        .map(Arc::new)
+        .map_err(|e| Error::io(format!("cannot open {}", root.display()), e))
+}
+
+fn read_config(backing: &Backing) -> std::io::Result<Vec<u8>> {
+    backing
+        .meta_dir(META_DIR, false)?
+        .read(CONFIG_NAME, MAX_RECORD)
 }
 
 /// The config file's modification time and length, to notice a rewrite cheaply.
-fn config_stamp(root: &Path) -> Option<(std::time::SystemTime, u64)> {
-    let m = fs::metadata(config_path(root)).ok()?;
+fn config_stamp(backing: &Backing) -> Option<(std::time::SystemTime, u64)> {
+    let m = backing
+        .meta_dir(META_DIR, false)
+        .ok()?
+        .metadata(CONFIG_NAME)
+        .ok()?;
     Some((m.modified().ok()?, m.len()))
 }
 
 /// Writes the config atomically: temporary file, fsync, rename, fsync of the directory.
-fn write_config(root: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = root.join(META_DIR);
-    let io = |what: &str, e| Error::io(format!("{what} {}", dir.display()), e);
-    match fs::create_dir(&dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(io("cannot create", e)),
+fn write_config(backing: &Backing, bytes: &[u8]) -> Result<()> {
+    let shown = backing.root_path().join(META_DIR);
+    let io = |what: &str, e| Error::io(format!("{what} {}", shown.display()), e);
+    let dir = backing
+        .meta_dir(META_DIR, true)
+        .map_err(|e| io("cannot use", e))?;
+    dir.write_atomic(CONFIG_NAME, bytes)
+        .map_err(|e| io("cannot write in", e))
+}
+
+/// Undoes a failed `init`: the config and kmsfs's directory, never anything they point to.
+fn remove_new_meta_dir(backing: &Backing) {
+    if let Ok(dir) = backing.meta_dir(META_DIR, false) {
+        for name in dir.list().unwrap_or_default() {
+            if let Some(name) = name.to_str() {
+                let _ = dir.unlink(name);
+            }
+        }
     }
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".config.tmp")
-        .tempfile_in(&dir)
-        .map_err(|e| io("cannot write in", e))?;
-    tmp.write_all(bytes)
-        .and_then(|_| tmp.as_file().sync_all())
-        .map_err(|e| io("cannot write in", e))?;
-    tmp.persist(dir.join(CONFIG_NAME))
-        .map_err(|e| io("cannot write in", e.error))?;
-    fs::File::open(&dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io("cannot sync", e))?;
-    Ok(())
+    if let Ok(p) = CanonicalPath::root().join(META_DIR.as_bytes()) {
+        let _ = backing.rmdir(&p, None);
+    }
 }

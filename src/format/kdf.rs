@@ -23,6 +23,7 @@ pub const LABEL_COMMITMENT: &[u8] = b"kmsfs/v1 key commitment";
 pub const LABEL_HEADER_KEY: &[u8] = b"kmsfs/v1 volume header key";
 pub const LABEL_HEADER_MAC: &[u8] = b"kmsfs/v1 header mac";
 pub const LABEL_CONFIG_MAC: &[u8] = b"kmsfs/v1 config mac";
+pub const LABEL_REBIND_RECORD_MAC: &[u8] = b"kmsfs/v1 rebind record mac";
 
 fn expand(dek: &DataKey, salt: &[u8], label: &[u8]) -> DerivedKey {
     expand_bytes(dek.expose(), salt, label)
@@ -60,6 +61,15 @@ pub fn volume_header_key(volume_key: &DataKey, volume_id: &[u8; 16]) -> DerivedK
 /// The key that MACs the header slots of the file `file_id`.
 pub fn header_mac_key(volume_header_key: &DerivedKey, file_id: &[u8; 16]) -> DerivedKey {
     expand_bytes(volume_header_key.expose(), file_id, LABEL_HEADER_MAC)
+}
+
+/// The key of the rebind records' MAC (docs/FORMAT.md), derived from the volume header key.
+pub fn rebind_record_mac_key(volume_header_key: &DerivedKey, volume_id: &[u8; 16]) -> DerivedKey {
+    expand_bytes(
+        volume_header_key.expose(),
+        volume_id,
+        LABEL_REBIND_RECORD_MAC,
+    )
 }
 
 /// The key of the volume config's MAC, derived from the volume key.

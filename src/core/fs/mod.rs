@@ -1,0 +1,1198 @@
+//! The filesystem core behind the mount: POSIX operations on a volume, in plain Rust values.
+//!
+//! The backing store mirrors the plaintext tree: one backing file per file, plain directories,
+//! symlinks and fifos as themselves. Every syscall on it goes through [`crate::backing`],
+//! which resolves each path beneath the backing root without following symlinks; this module
+//! names what it expects there (a regular file, the inode the kernel named), so an entry
+//! swapped on the store since the kernel looked it up fails the call (`EIO`, `ESTALE`) and
+//! nothing is done through it. Inode numbers are the backing store's own (see [`inodes`]),
+//! so hard links share an inode and `stat` is stable across remounts.
+//!
+//! An open file is one [`EncryptedFile`] per inode, shared by every handle (so two handles
+//! never disagree about the size), behind a read-write lock: reads run in parallel, writes
+//! one at a time. Its content key lives only as long as some handle has the file open.
+//! Names and keys move together ([`rebind`]); the warm caches ([`warm`]) only save work.
+//!
+//! Lock order: `namespace` first (held across every namespace change: create, link, unlink,
+//! rename, mkdir, rmdir, so they are serialized; data I/O never takes it), then at most one of
+//! the short-held tables `nodes`, `open`, `handles`, or a cache's own lock. `open` is held
+//! while a file's instance is opened (two opens of one inode make one instance) and takes no
+//! other table lock meanwhile. An instance's own lock (see [`super::instance`]) comes last.
+
+use std::collections::HashMap;
+use std::ffi::{CString, OsStr, OsString};
+use std::fs::{self, File};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use crate::error::{os, Error, Result};
+use crate::format::context::CanonicalPath;
+use crate::format::envelope::Envelope;
+use crate::format::header::Preamble;
+
+use super::file::{read_header, EncryptedFile};
+use super::instance::{KeyRequests, OpenNode};
+use super::journal::Journal;
+use super::volume::{is_reserved_name, Volume};
+use crate::backing::{Atime, Backing, Identity};
+
+mod inodes;
+mod rebind;
+mod warm;
+
+use inodes::Node;
+use rebind::envelope_paths;
+use warm::{Layouts, Prefetch};
+
+pub const ROOT_INO: u64 = 1;
+/// Most names one file can have: each costs an envelope per trusted key in its header, whose
+/// slots hold `NAME_ROOM` names (one kept free so a file with every name can still be renamed).
+pub const MAX_LINKS: usize = crate::format::header::NAME_ROOM - 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDevice,
+    BlockDevice,
+}
+
+/// What `stat` reports for an inode.
+#[derive(Debug, Clone)]
+pub struct Attr {
+    pub ino: u64,
+    /// Plaintext size for files.
+    pub size: u64,
+    pub blocks: u64,
+    pub atime: SystemTime,
+    pub mtime: SystemTime,
+    pub ctime: SystemTime,
+    pub kind: Kind,
+    pub perm: u16,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u32,
+    pub blksize: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct DirEntry {
+    pub ino: u64,
+    pub kind: Kind,
+    pub name: OsString,
+}
+
+/// Who asks (for ownership of what they create).
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+    pub umask: u32,
+}
+
+struct Handle {
+    node: Arc<OpenNode>,
+    ino: u64,
+    writable: bool,
+    append: bool,
+}
+
+pub struct KmsFs {
+    volume: Arc<Volume>,
+    read_only: bool,
+    root_backing_ino: u64,
+    /// The backing filesystem (entries on another one, mounted inside the store, are refused
+    /// wherever an inode is checked).
+    root_dev: u64,
+    nodes: Mutex<HashMap<u64, Node>>,
+    open: Mutex<HashMap<u64, std::sync::Weak<OpenNode>>>,
+    handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    next_fh: AtomicU64,
+    namespace: Mutex<()>,
+    journal: Journal,
+    /// Opens, reads and writes that failed (authentication, key service, backing I/O).
+    io_errors: Arc<AtomicU64>,
+    /// Rebind records that did not parse or authenticate (see [`super::journal`]).
+    unusable_records: AtomicU64,
+    prefetch: Prefetch,
+    key_requests: KeyRequests,
+    layouts: Layouts,
+}
+
+fn dotted(name: &OsStr) -> bool {
+    name == "." || name == ".."
+}
+
+impl Attr {
+    /// Attributes for an entry whose own could not be read: only what its directory says.
+    fn unknown(ino: u64, kind: Kind, blksize: u32) -> Attr {
+        Attr {
+            ino,
+            size: 0,
+            blocks: 0,
+            atime: SystemTime::UNIX_EPOCH,
+            mtime: SystemTime::UNIX_EPOCH,
+            ctime: SystemTime::UNIX_EPOCH,
+            kind,
+            perm: 0,
+            nlink: 1,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize,
+        }
+    }
+}
+
+fn kind_of(ft: fs::FileType) -> Kind {
+    if ft.is_dir() {
+        Kind::Dir
+    } else if ft.is_symlink() {
+        Kind::Symlink
+    } else if ft.is_fifo() {
+        Kind::Fifo
+    } else if ft.is_socket() {
+        Kind::Socket
+    } else if ft.is_char_device() {
+        Kind::CharDevice
+    } else if ft.is_block_device() {
+        Kind::BlockDevice
+    } else {
+        Kind::File
+    }
+}
+
+fn io_err(what: &str, path: &CanonicalPath, e: std::io::Error) -> Error {
+    Error::io(format!("{what} {path}"), e)
+}
+
+/// Files per directory whose keys a cold open prefetches, by default.
+pub const DEFAULT_PREFETCH: usize = 256;
+/// Files created without waiting for their key that may be pending at once.
+pub const DEFAULT_PENDING: usize = 256;
+
+impl KmsFs {
+    pub fn new(volume: Volume, read_only: bool) -> Result<Self> {
+        let root_meta = volume
+            .backing()
+            .root_metadata()
+            .map_err(|e| Error::io(format!("cannot stat {}", volume.root().display()), e))?;
+        let mut nodes = HashMap::new();
+        nodes.insert(
+            ROOT_INO,
+            Node {
+                paths: vec![CanonicalPath::root()],
+                lookups: 1,
+            },
+        );
+        let journal = Journal::new(&volume, read_only)?;
+        let volume = Arc::new(volume);
+        let io_errors = Arc::new(AtomicU64::new(0));
+        let core = KmsFs {
+            key_requests: KeyRequests::new(volume.clone(), DEFAULT_PENDING, io_errors.clone()),
+            volume,
+            read_only,
+            root_backing_ino: root_meta.ino(),
+            root_dev: root_meta.dev(),
+            nodes: Mutex::new(nodes),
+            open: Mutex::new(HashMap::new()),
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            namespace: Mutex::new(()),
+            journal,
+            io_errors,
+            unusable_records: AtomicU64::new(0),
+            layouts: Layouts::default(),
+            prefetch: Prefetch {
+                limit: DEFAULT_PREFETCH,
+                every: std::time::Duration::from_secs(60),
+                recent: Mutex::new(HashMap::new()),
+                jobs: Arc::new(AtomicU64::new(0)),
+            },
+        };
+        if !read_only {
+            core.finish_interrupted_rebinds();
+        }
+        Ok(core)
+    }
+
+    /// Most files created without waiting for their key that may be pending at once (0: every
+    /// create waits; see [`super::instance`]).
+    pub fn set_pending_creates(&mut self, files: usize) {
+        self.key_requests = KeyRequests::new(self.volume.clone(), files, self.io_errors.clone());
+    }
+
+    /// Whether a create now would wait for its data key (the key service answers fast, is
+    /// failing, or pending creates are off) rather than return before it.
+    pub fn creates_wait_for_keys(&self) -> bool {
+        !self.key_requests.would_take()
+    }
+
+    /// Waits until every file created without waiting has its key and data written.
+    pub fn settle(&self) {
+        self.key_requests.settle();
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Opens, reads and writes that have failed since the mount (for `kmsfs status`).
+    pub fn io_errors(&self) -> u64 {
+        self.io_errors.load(Ordering::Relaxed)
+    }
+
+    pub fn volume(&self) -> &Volume {
+        &self.volume
+    }
+
+    /// The backing store: every syscall on it goes through this.
+    fn store(&self) -> &Backing {
+        self.volume.backing()
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            Err(os("read-only mount", libc::EROFS))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn attr_from(&self, path: &CanonicalPath, meta: &fs::Metadata) -> Result<Attr> {
+        let ino = self.ino_of(meta.ino());
+        let kind = kind_of(meta.file_type());
+        let size = if kind == Kind::File {
+            self.plaintext_size(ino, path, meta)?
+        } else {
+            meta.len()
+        };
+        let time = |s: i64, ns: i64| {
+            if s >= 0 {
+                SystemTime::UNIX_EPOCH + std::time::Duration::new(s as u64, ns as u32)
+            } else {
+                SystemTime::UNIX_EPOCH
+            }
+        };
+        Ok(Attr {
+            ino,
+            size,
+            blocks: meta.blocks(),
+            atime: time(meta.atime(), meta.atime_nsec()),
+            mtime: time(meta.mtime(), meta.mtime_nsec()),
+            ctime: time(meta.ctime(), meta.ctime_nsec()),
+            kind,
+            perm: (meta.mode() & 0o7777) as u16,
+            nlink: meta.nlink() as u32,
+            uid: meta.uid(),
+            gid: meta.gid(),
+            rdev: meta.rdev() as u32,
+            blksize: self.volume.config().block_size,
+        })
+    }
+
+    fn stat_path(&self, path: &CanonicalPath) -> Result<Attr> {
+        let meta = self
+            .store()
+            .metadata(path)
+            .map_err(|e| io_err("cannot stat", path, e))?;
+        self.attr_from(path, &meta)
+    }
+
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr> {
+        let path = self
+            .child(parent, name)
+            .map_err(|_| os("no such name", libc::ENOENT))?;
+        let attr = self.stat_path(&path)?;
+        self.remember(attr.ino, &path);
+        Ok(attr)
+    }
+
+    pub fn getattr(&self, ino: u64) -> Result<Attr> {
+        match self.path_of(ino) {
+            Ok(path) => self.stat_path(&path),
+            // An open file whose last name is gone (unlinked while open) is still there.
+            Err(e) => {
+                let node = self.open_node(ino).ok_or(e)?;
+                let (path, meta) = (node.path(), node.backing_metadata());
+                let meta = meta.map_err(|e| io_err("cannot stat", &path, e))?;
+                let mut attr = self.attr_from(&path, &meta)?;
+                attr.ino = ino;
+                Ok(attr)
+            }
+        }
+    }
+
+    /// Gives a newly created entry its owner and exact permissions `perm` (None for symlinks)
+    /// and hands out its attributes (counting the kernel's lookup). The permissions are set
+    /// after the owner because chown clears set-id bits, and because the daemon's own umask
+    /// must not apply. In a set-group-id directory the entry keeps the directory's group (and
+    /// a new directory its set-group-id bit), as on any Linux filesystem.
+    ///
+    /// Every change names the inode just made (`made`), so an entry swapped on the store in
+    /// the meantime is refused, never changed.
+    fn created(
+        &self,
+        path: &CanonicalPath,
+        caller: Caller,
+        perm: Option<u32>,
+        made: Identity,
+    ) -> Result<Attr> {
+        let store = self.store();
+        let parent_sgid = path
+            .parent()
+            .and_then(|p| store.metadata(&p).ok())
+            .is_some_and(|m| m.is_dir() && m.mode() & libc::S_ISGID != 0);
+        if rustix::process::geteuid().is_root() {
+            let gid = (!parent_sgid).then_some(caller.gid);
+            store
+                .chown(path, Some(caller.uid), gid, Some(made))
+                .map_err(|e| io_err("cannot chown", path, e))?;
+        }
+        if let Some(mut perm) = perm {
+            let meta = store
+                .metadata(path)
+                .map_err(|e| io_err("cannot stat", path, e))?;
+            if parent_sgid && meta.is_dir() {
+                perm |= libc::S_ISGID;
+            }
+            store
+                .chmod(path, perm, Some(made))
+                .map_err(|e| io_err("cannot chmod", path, e))?;
+        }
+        let attr = self.stat_path(path)?;
+        self.remember(attr.ino, path);
+        Ok(attr)
+    }
+
+    /// The identity of what was just made at `path` (to check before changing it).
+    fn made_at(&self, path: &CanonicalPath) -> Result<Identity> {
+        self.store()
+            .metadata(path)
+            .map(|m| Identity::of(&m))
+            .map_err(|e| io_err("cannot stat", path, e))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn setattr(
+        &self,
+        ino: u64,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<SystemTime>,
+        mtime: Option<SystemTime>,
+        atime_now: bool,
+        mtime_now: bool,
+        fh: Option<u64>,
+        kill_setid: bool,
+    ) -> Result<Attr> {
+        self.check_writable()?;
+        let path = self.path_of(ino)?;
+        let expect = self.expected(ino);
+        if kill_setid && mode.is_none() {
+            let meta = self
+                .store()
+                .metadata(&path)
+                .map_err(|e| io_err("cannot stat", &path, e))?;
+            if let Some(kept) = setid_cleared(&meta) {
+                self.store()
+                    .chmod(&path, kept, Some(expect))
+                    .map_err(|e| io_err("cannot chmod", &path, e))?;
+            }
+        }
+        if let Some(size) = size {
+            match fh.and_then(|fh| self.handles.lock().unwrap().get(&fh).cloned()) {
+                Some(h) => h.node.set_len(size)?,
+                None => self.with_file(ino, &path, |f| f.set_len(size))?,
+            }
+        }
+        if let Some(mode) = mode {
+            self.store()
+                .chmod(&path, mode, Some(expect))
+                .map_err(|e| io_err("cannot chmod", &path, e))?;
+        }
+        if uid.is_some() || gid.is_some() {
+            self.store()
+                .chown(&path, uid, gid, Some(expect))
+                .map_err(|e| io_err("cannot chown", &path, e))?;
+        }
+        if atime.is_some() || mtime.is_some() || atime_now || mtime_now {
+            let spec = |t: Option<SystemTime>, now: bool| {
+                if now {
+                    libc::timespec {
+                        tv_sec: 0,
+                        tv_nsec: libc::UTIME_NOW,
+                    }
+                } else if let Some(t) = t {
+                    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+                    libc::timespec {
+                        tv_sec: d.as_secs() as i64,
+                        tv_nsec: d.subsec_nanos() as i64,
+                    }
+                } else {
+                    libc::timespec {
+                        tv_sec: 0,
+                        tv_nsec: libc::UTIME_OMIT,
+                    }
+                }
+            };
+            let times = [spec(atime, atime_now), spec(mtime, mtime_now)];
+            let set = || {
+                self.store()
+                    .set_times(&path, &times, Some(expect))
+                    .map_err(|e| io_err("cannot set the times of", &path, e))
+            };
+            // Not while a pending file's key arrives (it keeps the times it had).
+            let node = self.open_node(ino);
+            match node {
+                Some(node) => node.exclusive(set),
+                None => set(),
+            }?;
+        }
+        self.stat_path(&path)
+    }
+
+    /// The shared open instance of `ino`, if some handle (or a pending key request) holds one.
+    fn open_node(&self, ino: u64) -> Option<Arc<OpenNode>> {
+        self.open
+            .lock()
+            .unwrap()
+            .get(&ino)
+            .and_then(|w| w.upgrade())
+    }
+
+    /// Runs `f` on the file's shared open instance (so it sees header changes), or on a
+    /// temporary one.
+    fn with_file<T>(
+        &self,
+        ino: u64,
+        path: &CanonicalPath,
+        f: impl FnOnce(&mut EncryptedFile) -> Result<T>,
+    ) -> Result<T> {
+        let node = self.open_node(ino);
+        if let Some(node) = node {
+            return node.with_mut(f);
+        }
+        let writable = !self.read_only;
+        let atime = if writable { Atime::Update } else { Atime::Keep };
+        let backing = self
+            .store()
+            .open_file_expecting(path, writable, atime, self.expected(ino))
+            .map_err(|e| io_err("cannot open", path, e))?;
+        let mut file = EncryptedFile::from_file(&self.volume, path, backing)?;
+        f(&mut file)
+    }
+
+    pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
+        let path = self.path_of(ino)?;
+        self.store()
+            .read_link(&path)
+            .map_err(|e| io_err("cannot readlink", &path, e))
+    }
+
+    pub fn mknod(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        rdev: u32,
+        caller: Caller,
+    ) -> Result<Attr> {
+        self.check_writable()?;
+        let _ns = self.namespace.lock().unwrap();
+        let path = self.child(parent, name)?;
+        if mode & libc::S_IFMT == libc::S_IFREG {
+            let (attr, fh) = self.create_file(&path, mode, caller)?;
+            self.release(fh);
+            return Ok(attr);
+        }
+        // Fifos, sockets and device nodes are made as themselves on the backing store (device
+        // nodes need root there, and the mount is nodev, so they never open a device).
+        // Made without permissions for anyone until its owner and mode are set.
+        self.store()
+            .mknod(&path, mode & libc::S_IFMT, rdev as u64)
+            .map_err(|e| io_err("cannot mknod", &path, e))?;
+        let made = self.made_at(&path)?;
+        self.created(&path, caller, Some(mode & !caller.umask & 0o7777), made)
+    }
+
+    pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, caller: Caller) -> Result<Attr> {
+        self.check_writable()?;
+        let _ns = self.namespace.lock().unwrap();
+        let path = self.child(parent, name)?;
+        self.store()
+            .mkdir(&path, 0o700)
+            .map_err(|e| io_err("cannot mkdir", &path, e))?;
+        let made = self.made_at(&path)?;
+        self.created(&path, caller, Some(mode & !caller.umask & 0o7777), made)
+    }
+
+    pub fn symlink(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        target: &Path,
+        caller: Caller,
+    ) -> Result<Attr> {
+        self.check_writable()?;
+        let _ns = self.namespace.lock().unwrap();
+        let path = self.child(parent, name)?;
+        self.store()
+            .symlink(target.as_os_str().as_bytes(), &path)
+            .map_err(|e| io_err("cannot symlink", &path, e))?;
+        let made = self.made_at(&path)?;
+        self.created(&path, caller, None, made)
+    }
+
+    pub fn unlink(&self, parent: u64, name: &OsStr) -> Result<()> {
+        self.check_writable()?;
+        let _ns = self.namespace.lock().unwrap();
+        let path = self.child(parent, name)?;
+        let store = self.store();
+        let meta = store
+            .metadata(&path)
+            .map_err(|e| io_err("cannot stat", &path, e))?;
+        let me = Some(Identity::of(&meta));
+        if meta.is_file() && meta.nlink() > 1 {
+            // Another name keeps the file: unlink, then drop this name's envelopes. The
+            // journal names the file's other names, where a tidy would find it.
+            let header = self.header_of(self.ino_of(meta.ino()), &path)?;
+            let names = envelope_paths(&header.envelopes(&self.volume, &path)?);
+            let pending = self.journal.begin(&names)?;
+            store
+                .unlink(&path, me)
+                .map_err(|e| io_err("cannot unlink", &path, e))?;
+            self.unbind_path(&header, &path, &path)?;
+            pending.finish();
+        } else {
+            store
+                .unlink(&path, me)
+                .map_err(|e| io_err("cannot unlink", &path, e))?;
+        }
+        self.forget_path(self.ino_of(meta.ino()), &path);
+        Ok(())
+    }
+
+    pub fn rmdir(&self, parent: u64, name: &OsStr) -> Result<()> {
+        self.check_writable()?;
+        let _ns = self.namespace.lock().unwrap();
+        let path = self.child(parent, name)?;
+        let meta = self
+            .store()
+            .metadata(&path)
+            .map_err(|e| io_err("cannot rmdir", &path, e))?;
+        self.store()
+            .rmdir(&path, Some(Identity::of(&meta)))
+            .map_err(|e| io_err("cannot rmdir", &path, e))?;
+        self.forget_path(self.ino_of(meta.ino()), &path);
+        Ok(())
+    }
+
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        noreplace: bool,
+    ) -> Result<()> {
+        self.check_writable()?;
+        let _ns = self.namespace.lock().unwrap();
+        let from = self.child(parent, name)?;
+        let to = self.child(newparent, newname)?;
+        if from == to {
+            return Ok(());
+        }
+        let store = self.store();
+        let meta = store
+            .metadata(&from)
+            .map_err(|e| io_err("cannot stat", &from, e))?;
+        // What the rename replaces, if anything (the namespace lock keeps it so).
+        let target = store.metadata(&to).ok();
+        if noreplace && target.is_some() {
+            return Err(os("target exists", libc::EEXIST));
+        }
+        if meta.is_dir() && to.as_str().starts_with(&format!("{}/", from.as_str())) {
+            return Err(os("cannot move a directory into itself", libc::EINVAL));
+        }
+        let files = if meta.is_dir() {
+            self.volume.files_beneath(&from)?
+        } else if meta.is_file() {
+            vec![from.clone()]
+        } else {
+            vec![]
+        };
+        // A file replaced by the rename that keeps other names keeps an envelope for `to`
+        // until tidied; its envelopes say where those names are.
+        let replaced_names = match &target {
+            Some(m) if m.is_file() && m.nlink() > 1 => store
+                .open_file(&to, false, Atime::Keep)
+                .ok()
+                .and_then(|f| read_header(&f, &to).ok())
+                .map(|(h, _)| {
+                    let mut names: Vec<CanonicalPath> = h
+                        .candidates()
+                        .iter()
+                        .flat_map(|(_, c)| envelope_paths(&c.envelopes))
+                        .filter(|p| p != &to)
+                        .collect();
+                    names.sort();
+                    names.dedup();
+                    names
+                })
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        let pending = if files.is_empty() && replaced_names.is_empty() {
+            None
+        } else {
+            let mut paths = vec![from.clone(), to.clone()];
+            paths.extend(replaced_names.iter().cloned());
+            Some(self.journal.begin(&paths)?)
+        };
+        // 1. Every file gains envelopes for its new path.
+        let bound = self.parallel(&files, |p| {
+            let new = Self::moved(p, &from, &to);
+            self.header_of(self.ino_at(p), p)
+                .and_then(|h| self.bind_extra_path(&h, p, &new))
+                .map_err(|e| match e {
+                    Error::Format {
+                        source: crate::format::FormatError::TooLarge(why),
+                        ..
+                    } => {
+                        let e = os(
+                            format!(
+                                "{p} has no header room for the name {new} ({why}; headers are \
+                                 sized when a file is created, for names up to a little longer \
+                                 than its first); copy the file there instead"
+                            ),
+                            libc::ENAMETOOLONG,
+                        );
+                        tracing::warn!("cannot rename: {e}");
+                        e
+                    }
+                    e => e,
+                })
+        });
+        if let Err(e) = bound {
+            // Nothing was renamed: drop the envelopes already added (no key call; should
+            // that fail too, the record stays for the next mount).
+            if self.tidy_paths(std::slice::from_ref(&from)).is_ok() {
+                if let Some(pending) = pending {
+                    pending.finish();
+                }
+            }
+            return Err(e);
+        }
+        // 2. The name changes.
+        let flags = if noreplace {
+            rustix::fs::RenameFlags::NOREPLACE
+        } else {
+            rustix::fs::RenameFlags::empty()
+        };
+        store
+            .rename(&from, &to, flags)
+            .map_err(|e| io_err("cannot rename", &from, e))?;
+        if let Some(m) = &target {
+            self.forget_path(self.ino_of(m.ino()), &to);
+        }
+        let moved = (!meta.is_dir()).then(|| self.ino_of(meta.ino()));
+        self.move_paths(moved, &from, &to);
+        // 3. Envelopes of the old paths go.
+        self.parallel(&files, |p| {
+            let new = Self::moved(p, &from, &to);
+            let header = self.header_of(self.ino_at(&new), &new)?;
+            header.set_path(&new);
+            self.unbind_path(&header, &new, p)
+        })?;
+        self.tidy_paths(&replaced_names)?;
+        if let Some(pending) = pending {
+            pending.finish();
+        }
+        Ok(())
+    }
+
+    pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> Result<Attr> {
+        self.check_writable()?;
+        let _ns = self.namespace.lock().unwrap();
+        let from = self.path_of(ino)?;
+        let to = self.child(newparent, newname)?;
+        let meta = self
+            .store()
+            .metadata(&from)
+            .map_err(|e| io_err("cannot stat", &from, e))?;
+        if Identity::of(&meta) != self.expected(ino) {
+            return Err(os(format!("{from}: another inode there now"), libc::ESTALE));
+        }
+        if meta.is_file() {
+            if meta.nlink() as usize >= MAX_LINKS {
+                return Err(os(
+                    format!("{from} has {MAX_LINKS} names already"),
+                    libc::EMLINK,
+                ));
+            }
+            let pending = self.journal.begin(&[from.clone(), to.clone()])?;
+            let linked = self
+                .header_of(ino, &from)
+                .and_then(|h| self.bind_extra_path(&h, &from, &to))
+                .and_then(|()| {
+                    self.store()
+                        .link(&from, &to)
+                        .map_err(|e| io_err("cannot link", &from, e))
+                });
+            if let Err(e) = linked {
+                // Drop the new envelope if it was added (else the record stays for the next
+                // mount).
+                if self.tidy_paths(std::slice::from_ref(&from)).is_ok() {
+                    pending.finish();
+                }
+                return Err(e);
+            }
+            pending.finish();
+        } else {
+            self.store()
+                .link(&from, &to)
+                .map_err(|e| io_err("cannot link", &from, e))?;
+        }
+        let attr = self.stat_path(&to)?;
+        self.remember(attr.ino, &to);
+        Ok(attr)
+    }
+
+    fn new_handle(&self, ino: u64, node: Arc<OpenNode>, writable: bool, append: bool) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().unwrap().insert(
+            fh,
+            Arc::new(Handle {
+                node,
+                ino,
+                writable,
+                append,
+            }),
+        );
+        fh
+    }
+
+    /// A new file that appears on the backing store with its header already written: made
+    /// unnamed (`O_TMPFILE`, or a hidden temporary name where the backing filesystem has
+    /// none) in its directory, given its key and header, then linked to its name. A crash can
+    /// then never leave a file without a header.
+    fn create_linked(&self, path: &CanonicalPath, perm: u32) -> Result<(EncryptedFile, u64)> {
+        let dir = path.parent().unwrap_or_else(CanonicalPath::root);
+        let tmp = self
+            .store()
+            .new_temporary_file(&dir, perm)
+            .map_err(|e| io_err("cannot create", path, e))?;
+        let file = tmp
+            .file()
+            .try_clone()
+            .map_err(|e| io_err("cannot reopen", path, e))?;
+        let started = std::time::Instant::now();
+        let enc = EncryptedFile::create(&self.volume, path, file)?;
+        self.key_requests.answered(started.elapsed());
+        let ino = enc
+            .backing_file()
+            .metadata()
+            .map_err(|e| io_err("cannot stat", path, e))?
+            .ino();
+        tmp.persist_noclobber(path)
+            .map_err(|e| io_err("cannot create", path, e))?;
+        Ok((enc, ino))
+    }
+
+    fn create_file(&self, path: &CanonicalPath, mode: u32, caller: Caller) -> Result<(Attr, u64)> {
+        let perm = mode & !caller.umask & 0o7777;
+        if !self.key_requests.would_take() {
+            let (enc, backing_ino) = self.create_linked(path, perm)?;
+            return self.open_created(path, caller, perm, OpenNode::ready(enc), backing_ino);
+        }
+        let store = self.store();
+        let file = store
+            .create_file(path, perm)
+            .map_err(|e| io_err("cannot create", path, e))?;
+        let made = file
+            .metadata()
+            .map(|m| Identity::of(&m))
+            .map_err(|e| io_err("cannot stat", path, e));
+        let remove = |e| {
+            if let Ok(made) = made {
+                let _ = store.unlink(path, Some(made));
+            }
+            e
+        };
+        let backing_ino = made.as_ref().map_err(|_| ()).map(|m| m.ino);
+        let Ok(backing_ino) = backing_ino else {
+            return Err(os(format!("cannot stat the new {path}"), libc::EIO));
+        };
+        let pending = Arc::new(OpenNode::pending(
+            path.clone(),
+            file.try_clone()
+                .map_err(|e| remove(io_err("cannot reopen", path, e)))?,
+        ));
+        if self.key_requests.submit(&pending) {
+            return self.open_created(path, caller, perm, pending, backing_ino);
+        }
+        let started = std::time::Instant::now();
+        let enc = EncryptedFile::create(&self.volume, path, file).map_err(remove)?;
+        self.key_requests.answered(started.elapsed());
+        self.open_created(path, caller, perm, OpenNode::ready(enc), backing_ino)
+    }
+
+    /// A created file's instance goes in the table (before the first stat: a pending file's
+    /// size is the instance's), then its owner and permissions, then a writable handle.
+    fn open_created(
+        &self,
+        path: &CanonicalPath,
+        caller: Caller,
+        perm: u32,
+        node: impl Into<Arc<OpenNode>>,
+        backing_ino: u64,
+    ) -> Result<(Attr, u64)> {
+        let node = node.into();
+        let ino = self.ino_of(backing_ino);
+        self.open.lock().unwrap().insert(ino, Arc::downgrade(&node));
+        let attr = self.created(path, caller, Some(perm), self.expected(ino))?;
+        let fh = self.new_handle(attr.ino, node, true, false);
+        Ok((attr, fh))
+    }
+
+    pub fn create(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        flags: i32,
+        caller: Caller,
+    ) -> Result<(Attr, u64)> {
+        self.check_writable()?;
+        let _ns = self.namespace.lock().unwrap();
+        let path = self.child(parent, name)?;
+        let (attr, fh) = self.create_file(&path, mode, caller)?;
+        if flags & libc::O_APPEND != 0 {
+            let h = self.handles.lock().unwrap().remove(&fh).expect("just made");
+            let fh2 = self.new_handle(h.ino, h.node.clone(), true, true);
+            return Ok((attr, fh2));
+        }
+        Ok((attr, fh))
+    }
+
+    pub fn open(&self, ino: u64, flags: i32) -> Result<u64> {
+        let acc = flags & libc::O_ACCMODE;
+        let writable = acc == libc::O_WRONLY || acc == libc::O_RDWR;
+        if writable || flags & libc::O_TRUNC != 0 {
+            self.check_writable()?;
+        }
+        let path = self.path_of(ino)?;
+        let node = {
+            let mut open = self.open.lock().unwrap();
+            match open.get(&ino).and_then(|w| w.upgrade()) {
+                Some(n) => n,
+                None => {
+                    let file = self.open_expected(ino, &path).inspect_err(|e| {
+                        self.io_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!("open failed: {e}");
+                    })?;
+                    self.prefetch_beside(&path);
+                    let n = Arc::new(OpenNode::ready(file));
+                    open.insert(ino, Arc::downgrade(&n));
+                    n
+                }
+            }
+        };
+        if flags & libc::O_TRUNC != 0 {
+            node.set_len(0)?;
+        }
+        Ok(self.new_handle(ino, node, writable, flags & libc::O_APPEND != 0))
+    }
+
+    /// Opens and authenticates the file the kernel named as `ino`, at `path`: another inode
+    /// standing there now (moved or swapped on the store) is refused.
+    fn open_expected(&self, ino: u64, path: &CanonicalPath) -> Result<EncryptedFile> {
+        let writable = !self.read_only;
+        let atime = if writable { Atime::Update } else { Atime::Keep };
+        let backing = self
+            .store()
+            .open_file_expecting(path, writable, atime, self.expected(ino))
+            .map_err(|e| io_err("cannot open", path, e))?;
+        EncryptedFile::from_file(&self.volume, path, backing)
+    }
+
+    fn handle(&self, fh: u64) -> Result<Arc<Handle>> {
+        self.handles
+            .lock()
+            .unwrap()
+            .get(&fh)
+            .cloned()
+            .ok_or_else(|| os("bad file handle", libc::EBADF))
+    }
+
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let h = self.handle(fh)?;
+        let mut buf = vec![0u8; size as usize];
+        let n = h.node.read_at(offset, &mut buf).inspect_err(|e| {
+            self.io_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(path = %h.node.path(), "read failed: {e}");
+        })?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    /// Before a write by someone who may not keep set-id bits (the kernel leaves clearing
+    /// them to us, see `fuse.rs`): clears them and says whether there were any.
+    pub fn drop_setid(&self, fh: u64) -> Result<bool> {
+        let h = self.handle(fh)?;
+        if !h.writable {
+            return Err(os("not open for writing", libc::EBADF));
+        }
+        // The open backing file answers without a path walk: this runs before every write
+        // by someone other than root.
+        h.node
+            .with_backing_file(|file| {
+                let meta = file.metadata()?;
+                match setid_cleared(&meta) {
+                    Some(kept) => crate::backing::open::chmod(file, kept).map(|()| true),
+                    None => Ok(false),
+                }
+            })
+            .map_err(|e| Error::io("cannot clear set-id bits", e))
+    }
+
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<usize> {
+        let h = self.handle(fh)?;
+        if !h.writable {
+            return Err(os("not open for writing", libc::EBADF));
+        }
+        let offset = if h.append { None } else { Some(offset) };
+        h.node.write_at(offset, data).inspect_err(|e| {
+            self.io_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(path = %h.node.path(), "write failed: {e}");
+        })?;
+        Ok(data.len())
+    }
+
+    pub fn fsync(&self, fh: u64) -> Result<()> {
+        let h = self.handle(fh)?;
+        h.node.with(|file| file.sync())
+    }
+
+    /// `close`: reports a key request for a file created without waiting that has failed.
+    pub fn flush(&self, fh: u64) -> Result<()> {
+        match self.handle(fh)?.node.failure() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    pub fn release(&self, fh: u64) {
+        let h = self.handles.lock().unwrap().remove(&fh);
+        if let Some(h) = h {
+            let ino = h.ino;
+            drop(h);
+            let mut open = self.open.lock().unwrap();
+            if open.get(&ino).is_some_and(|w| w.strong_count() == 0) {
+                open.remove(&ino);
+            }
+        }
+    }
+
+    pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> Result<()> {
+        if mode != 0 {
+            return Err(os("only plain fallocate is supported", libc::EOPNOTSUPP));
+        }
+        let h = self.handle(fh)?;
+        h.node.grow_to(offset.saturating_add(length))
+    }
+
+    pub fn readdir(&self, ino: u64) -> Result<Vec<DirEntry>> {
+        let path = self.path_of(ino)?;
+        let store = self.store();
+        let meta = store
+            .metadata(&path)
+            .map_err(|e| io_err("cannot stat", &path, e))?;
+        let parent_ino = match path.parent() {
+            Some(p) => store
+                .metadata(&p)
+                .map(|m| self.ino_of(m.ino()))
+                .unwrap_or(ROOT_INO),
+            None => ROOT_INO,
+        };
+        let mut out = vec![
+            DirEntry {
+                ino: self.ino_of(meta.ino()),
+                kind: Kind::Dir,
+                name: ".".into(),
+            },
+            DirEntry {
+                ino: parent_ino,
+                kind: Kind::Dir,
+                name: "..".into(),
+            },
+        ];
+        let atime = if self.read_only {
+            Atime::Keep
+        } else {
+            Atime::Update
+        };
+        let mut entries = store
+            .list_dir(&path, atime)
+            .map_err(|e| io_err("cannot read", &path, e))?;
+        entries.retain(|e| !is_reserved_name(e.name.as_bytes(), path.is_root()));
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        for crate::backing::Entry {
+            name,
+            ino,
+            kind: d_type,
+        } in entries
+        {
+            let kind = match d_type {
+                libc::DT_REG => Kind::File,
+                libc::DT_DIR => Kind::Dir,
+                libc::DT_LNK => Kind::Symlink,
+                libc::DT_FIFO => Kind::Fifo,
+                libc::DT_SOCK => Kind::Socket,
+                libc::DT_CHR => Kind::CharDevice,
+                libc::DT_BLK => Kind::BlockDevice,
+                // The filesystem does not record types: ask.
+                _ => match path
+                    .join(name.as_bytes())
+                    .ok()
+                    .and_then(|p| store.metadata(&p).ok())
+                {
+                    Some(m) => kind_of(m.file_type()),
+                    None => continue,
+                },
+            };
+            out.push(DirEntry {
+                ino: self.ino_of(ino),
+                kind,
+                name,
+            });
+        }
+        Ok(out)
+    }
+
+    /// `readdir` with every entry's attributes (FUSE `READDIRPLUS`), from entry `offset` on,
+    /// so a walk (`ls -l`, `find`, `rm -rf`) needs no lookup per entry. `add` takes an entry,
+    /// its attributes, whether they are real (false: they could not be read, e.g. a damaged
+    /// preamble; the kernel should ask again and get the error) and the next entry's offset,
+    /// and says when the reply is full (that entry not taken). Entries taken count as looked up,
+    /// except `.` and `..`.
+    pub fn readdirplus(
+        &self,
+        ino: u64,
+        offset: usize,
+        mut add: impl FnMut(&DirEntry, &Attr, bool, u64) -> bool,
+    ) -> Result<()> {
+        let dir = self.path_of(ino)?;
+        let entries = self.readdir(ino)?;
+        if offset == 0 {
+            self.warm_layouts(&dir, &entries);
+        }
+        for (at, e) in entries.iter().enumerate().skip(offset) {
+            let found = match e.name.as_bytes() {
+                b"." => self.stat_path(&dir).ok().map(|a| (None, a)),
+                b".." => self
+                    .stat_path(&dir.parent().unwrap_or(dir.clone()))
+                    .ok()
+                    .map(|a| (None, a)),
+                name => dir
+                    .join(name)
+                    .ok()
+                    .and_then(|p| self.stat_path(&p).ok().map(|a| (Some(p), a))),
+            };
+            let real = found.is_some();
+            let (path, attr) = found.unwrap_or_else(|| {
+                (
+                    None,
+                    Attr::unknown(e.ino, e.kind, self.volume.config().block_size),
+                )
+            });
+            if add(e, &attr, real, at as u64 + 1) {
+                return Ok(());
+            }
+            if let Some(path) = path {
+                self.remember(attr.ino, &path);
+            } else if let (false, Ok(p)) = (dotted(&e.name), dir.join(e.name.as_bytes())) {
+                self.remember(e.ino, &p);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn statfs(&self) -> Result<rustix::fs::StatVfs> {
+        self.store()
+            .statvfs()
+            .map_err(|e| Error::io("cannot statfs the backing store", e))
+    }
+
+    fn xattr_name(name: &OsStr) -> Result<CString> {
+        // (kept as a C string: the backing module passes it to the kernel as is)
+        CString::new(name.as_bytes()).map_err(|_| os("xattr name with NUL", libc::EINVAL))
+    }
+
+    pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+        self.check_writable()?;
+        let path = self.path_of(ino)?;
+        self.store()
+            .set_xattr(
+                &path,
+                &Self::xattr_name(name)?,
+                value,
+                flags,
+                Some(self.expected(ino)),
+            )
+            .map_err(|e| io_err("setxattr", &path, e))
+    }
+
+    /// `size == 0` asks for the length only.
+    pub fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> Result<Vec<u8>> {
+        let path = self.path_of(ino)?;
+        self.store()
+            .get_xattr(
+                &path,
+                &Self::xattr_name(name)?,
+                size as usize,
+                Some(self.expected(ino)),
+            )
+            .map_err(|e| io_err("getxattr", &path, e))
+    }
+
+    pub fn listxattr(&self, ino: u64, size: u32) -> Result<Vec<u8>> {
+        let path = self.path_of(ino)?;
+        self.store()
+            .list_xattr(&path, size as usize, Some(self.expected(ino)))
+            .map_err(|e| io_err("listxattr", &path, e))
+    }
+
+    pub fn removexattr(&self, ino: u64, name: &OsStr) -> Result<()> {
+        self.check_writable()?;
+        let path = self.path_of(ino)?;
+        self.store()
+            .remove_xattr(&path, &Self::xattr_name(name)?, Some(self.expected(ino)))
+            .map_err(|e| io_err("removexattr", &path, e))
+    }
+}
+
+/// What a write or truncate by someone without `CAP_FSETID` clears (as the kernel does for
+/// local filesystems): set-user-id always, set-group-id when group-executable (without group
+/// execute it marks mandatory locking, which stays). The mode to set, or None when there is
+/// nothing to clear. A `security.capability` attribute needs nothing here: the backing
+/// filesystem drops it when the daemon writes the file.
+fn setid_cleared(meta: &fs::Metadata) -> Option<u32> {
+    let mode = meta.mode() & 0o7777;
+    let mut kept = mode & !libc::S_ISUID;
+    if mode & libc::S_IXGRP != 0 {
+        kept &= !libc::S_ISGID;
+    }
+    (kept != mode && meta.file_type().is_file()).then_some(kept)
+}

@@ -1,0 +1,304 @@
+//! Rebinding: names and keys move together.
+//!
+//! A file's data key is bound to its path, so `rename` and `link` first add an envelope for
+//! the new path (a `ReEncrypt`: the data key never leaves the key service), then change the
+//! name on the backing store, then drop the envelopes of names that are gone; `unlink` of one
+//! of several names drops that name's envelopes. Between steps a crash leaves stale envelopes,
+//! recorded in the journal (see [`crate::core::journal`]) and tidied at the next writable
+//! mount. Header changes go through a [`HeaderHandle`]: the file's open instance if there is
+//! one, which must see them, else the backing file, with no data key either way.
+
+use super::*;
+
+/// Where a file's envelope set is changed: its open instance, which must see the change, or
+/// else the backing file itself. Neither needs the file's data key (the header MAC key is the
+/// volume's), so renaming, linking and tidying a file nobody has open costs no `Decrypt`.
+pub(super) enum HeaderHandle {
+    Open(Arc<OpenNode>),
+    Closed(File),
+}
+
+impl HeaderHandle {
+    pub(super) fn metadata(&self) -> std::io::Result<fs::Metadata> {
+        match self {
+            HeaderHandle::Open(node) => node.backing_metadata(),
+            HeaderHandle::Closed(file) => file.metadata(),
+        }
+    }
+
+    /// The envelope set in force.
+    pub(super) fn envelopes(&self, volume: &Volume, path: &CanonicalPath) -> Result<Vec<Envelope>> {
+        match self {
+            HeaderHandle::Open(node) => node.envelopes(),
+            HeaderHandle::Closed(file) => {
+                let (header, _) = read_header(file, path)?;
+                let authentic = header.authentic(&volume.header_mac_key(&header.preamble.file_id));
+                Ok(authentic
+                    .first()
+                    .map(|(_, c)| c.envelopes.clone())
+                    .unwrap_or_default())
+            }
+        }
+    }
+
+    /// See [`crate::core::file::update_envelopes`]; says whether the header changed.
+    pub(super) fn update(
+        &self,
+        volume: &Volume,
+        path: &CanonicalPath,
+        both_slots: bool,
+        change: impl FnOnce(&[&[Envelope]]) -> Result<Option<Vec<Envelope>>>,
+    ) -> Result<bool> {
+        match self {
+            HeaderHandle::Open(node) => {
+                node.with_mut(|file| file.update_envelopes(both_slots, change))
+            }
+            HeaderHandle::Closed(file) => Ok(crate::core::file::update_envelopes(
+                file,
+                path,
+                |id| volume.header_mac_key(id),
+                both_slots,
+                change,
+            )?
+            .is_some()),
+        }
+    }
+
+    /// The open instance, if any, now answers to `path`.
+    pub(super) fn set_path(&self, path: &CanonicalPath) {
+        if let HeaderHandle::Open(node) = self {
+            node.set_path(path);
+        }
+    }
+}
+
+/// The distinct paths a set of envelopes is bound to (the names a file has, or had).
+pub(super) fn envelope_paths(envelopes: &[Envelope]) -> Vec<CanonicalPath> {
+    let mut paths: Vec<CanonicalPath> = envelopes.iter().map(|e| e.path.clone()).collect();
+    paths.sort();
+    paths.dedup();
+    paths
+}
+
+impl KmsFs {
+    /// The handle through which to change the header of the file `ino` at `path`.
+    pub(super) fn header_of(&self, ino: u64, path: &CanonicalPath) -> Result<HeaderHandle> {
+        let node = self.open_node(ino);
+        if let Some(node) = node {
+            return Ok(HeaderHandle::Open(node));
+        }
+        crate::core::file::open_backing(&self.volume, path, true).map(HeaderHandle::Closed)
+    }
+
+    /// Those of `envelopes` whose path still names the file `me` (and any for `also`, a name
+    /// being given to it).
+    pub(super) fn live_envelopes(
+        &self,
+        envelopes: &[Envelope],
+        me: &fs::Metadata,
+        also: &CanonicalPath,
+    ) -> Vec<Envelope> {
+        envelopes
+            .iter()
+            .filter(|e| {
+                &e.path == also
+                    || self
+                        .store()
+                        .metadata(&e.path)
+                        .is_ok_and(|m| m.ino() == me.ino() && m.dev() == me.dev())
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Adds to a file an envelope for `to` beside each of its envelopes for `from`.
+    pub(super) fn bind_extra_path(
+        &self,
+        header: &HeaderHandle,
+        from: &CanonicalPath,
+        to: &CanonicalPath,
+    ) -> Result<()> {
+        let (from_ctx, to_ctx) = (self.volume.file_context(from), self.volume.file_context(to));
+        // Names this file no longer has (replaced by a rename over them, or a crash between
+        // steps) only take header room: drop their envelopes first.
+        let me = header
+            .metadata()
+            .map_err(|e| io_err("cannot stat", from, e))?;
+        header.update(&self.volume, from, false, |slots| {
+            let current = slots[0];
+            let mut envelopes = self.live_envelopes(current, &me, from);
+            let pruned = envelopes.len() != current.len();
+            let mut added = Vec::new();
+            for e in envelopes.iter().filter(|e| &e.path == from) {
+                if envelopes
+                    .iter()
+                    .any(|o| &o.path == to && o.key.key_id == e.key.key_id)
+                {
+                    continue;
+                }
+                let key = self
+                    .volume
+                    .keyring()
+                    .rewrap(&e.key, &from_ctx, &e.key.key_id, &to_ctx)
+                    .map_err(|err| Error::key(from, err))?;
+                added.push(Envelope {
+                    path: to.clone(),
+                    key,
+                });
+            }
+            if added.is_empty() && !pruned {
+                return Ok(None);
+            }
+            envelopes.extend(added);
+            Ok(Some(envelopes))
+        })?;
+        Ok(())
+    }
+
+    /// Drops the envelopes of names the file at `path` no longer has, in both header slots.
+    /// Changes nothing unless an envelope for `path` itself stays. Says whether it changed
+    /// the file.
+    pub(super) fn tidy_file(&self, path: &CanonicalPath) -> Result<bool> {
+        match self.store().metadata(path) {
+            Ok(m) if m.is_file() => {}
+            _ => return Ok(false),
+        }
+        let header = self.header_of(self.ino_at(path), path)?;
+        let me = header
+            .metadata()
+            .map_err(|e| io_err("cannot stat", path, e))?;
+        header.update(&self.volume, path, true, |slots| {
+            // The older slot counts too: a crash between the two writes of an unbind leaves
+            // the dropped name there.
+            let stale_in_some_slot = slots
+                .iter()
+                .any(|set| self.live_envelopes(set, &me, path).len() != set.len());
+            let live = self.live_envelopes(slots[0], &me, path);
+            if !stale_in_some_slot || !live.iter().any(|e| &e.path == path) {
+                return Ok(None);
+            }
+            Ok(Some(live))
+        })
+    }
+
+    /// Tidies every file at or beneath each of `paths` that exists; returns how many changed.
+    pub(super) fn tidy_paths(&self, paths: &[CanonicalPath]) -> Result<usize> {
+        let mut files = Vec::new();
+        for p in paths {
+            match self.store().metadata(p) {
+                Ok(m) if m.is_dir() => files.extend(self.volume.files_beneath(p)?),
+                Ok(m) if m.is_file() => files.push(p.clone()),
+                _ => {}
+            }
+        }
+        files.sort();
+        files.dedup();
+        let changed = AtomicU64::new(0);
+        self.parallel(&files, |p| {
+            if self.tidy_file(p)? {
+                changed.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
+        })?;
+        Ok(changed.into_inner() as usize)
+    }
+
+    /// Tidies the names recorded by rebinds a crash cut short (see [`super::journal`]). A
+    /// record whose files cannot all be tidied now is kept for the next mount.
+    pub(super) fn finish_interrupted_rebinds(&self) {
+        for record in self.journal.pending() {
+            let paths = match &record.paths {
+                Ok(paths) => paths,
+                Err(e) => {
+                    // Never deleted: a torn record (a crash before the rebind's first step,
+                    // which changed nothing) and a planted one look alike from here.
+                    tracing::warn!("{e}");
+                    self.unusable_records.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+            };
+            match self.tidy_paths(paths) {
+                Ok(changed) => {
+                    tracing::info!(
+                        files = changed,
+                        "tidied stale envelopes left by an interrupted rename, link or unlink"
+                    );
+                    self.journal.remove(&record);
+                }
+                Err(e) => tracing::warn!(
+                    "cannot yet tidy after an interrupted rename ({}): {e}",
+                    record.name
+                ),
+            }
+        }
+    }
+
+    /// Rebind records found at mount that did not parse or authenticate (left in place).
+    pub fn unusable_records(&self) -> u64 {
+        self.unusable_records.load(Ordering::Relaxed)
+    }
+
+    /// Drops a file's envelopes for `gone`, in both header slots (so no slot still opens the
+    /// file at a name it no longer has).
+    pub(super) fn unbind_path(
+        &self,
+        header: &HeaderHandle,
+        path: &CanonicalPath,
+        gone: &CanonicalPath,
+    ) -> Result<()> {
+        header.update(&self.volume, path, true, |slots| {
+            let current = slots[0];
+            let keep: Vec<Envelope> = current
+                .iter()
+                .filter(|e| &e.path != gone)
+                .cloned()
+                .collect();
+            if keep.len() == current.len() || keep.is_empty() {
+                return Ok(None);
+            }
+            Ok(Some(keep))
+        })?;
+        Ok(())
+    }
+
+    /// Runs `f` over `items` on up to 8 threads (KMS calls dominate; the keyring bounds them).
+    pub(super) fn parallel<T: Sync>(
+        &self,
+        items: &[T],
+        f: impl Fn(&T) -> Result<()> + Sync,
+    ) -> Result<()> {
+        let workers = items.len().clamp(1, 8);
+        let next = AtomicU64::new(0);
+        let first_err: Mutex<Option<Error>> = Mutex::new(None);
+        std::thread::scope(|s| {
+            for _ in 0..workers {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    if i >= items.len() || first_err.lock().unwrap().is_some() {
+                        return;
+                    }
+                    if let Err(e) = f(&items[i]) {
+                        first_err.lock().unwrap().get_or_insert(e);
+                    }
+                });
+            }
+        });
+        match first_err.into_inner().unwrap() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// The new path of `p` when `from` becomes `to` (p is `from` or beneath it).
+    pub(super) fn moved(
+        p: &CanonicalPath,
+        from: &CanonicalPath,
+        to: &CanonicalPath,
+    ) -> CanonicalPath {
+        if p == from {
+            return to.clone();
+        }
+        let rest = &p.as_str()[from.as_str().len()..];
+        CanonicalPath::from_encoded(&format!("{}{rest}", to.as_str())).expect("canonical")
+    }
+}
