@@ -1,11 +1,13 @@
 //! The mount command itself: it reports failures as one line and a non-zero exit before
 //! detaching, detaches when all is well, unmounts on SIGTERM (a busy mount too), logs to
 //! syslog once detached, answers `kmsfs status`, mounts through mount(8) and fstab via
-//! `mount.kmsfs`, and an ending daemon leaves a new mount at its path alone.
+//! `mount.kmsfs`, and an ending daemon leaves a new mount at its path alone. A user's daemon
+//! serves status only from its own 0700 directory.
 
 mod common;
 
 use std::fs;
+use std::os::unix::process::CommandExt;
 use std::time::{Duration, Instant};
 
 use common::assert_success;
@@ -455,4 +457,246 @@ fn an_ending_daemon_leaves_a_new_mount_at_its_path_alone() {
         "the new mount's status socket is gone: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Whether root may run the tests that act as other users (setpriv, uid 65534) and nobody can
+/// run the binaries under test. Under CI=true both must hold.
+fn can_act_as_nobody() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let runs = |exe: &std::path::Path, probe: &[&str]| {
+        root && std::process::Command::new(exe)
+            .args(probe)
+            .uid(65534)
+            .gid(65534)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let ok = runs(env!("CARGO_BIN_EXE_kmsfs").as_ref(), &["--version"])
+        && std::process::Command::new("setpriv")
+            .arg("--version")
+            .stdout(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "under CI=true the test runs as root, with setpriv, and nobody can run the binaries"
+        );
+        eprintln!("skipping: needs root, setpriv, and binaries that uid 65534 can run");
+    }
+    ok
+}
+
+/// `kmsfs` run as `uid` (group too) with XDG_RUNTIME_DIR=`runtime`.
+fn kmsfs_as(uid: u32, runtime: &std::path::Path) -> std::process::Command {
+    let mut c = kmsfs();
+    c.uid(uid).gid(uid).env("XDG_RUNTIME_DIR", runtime);
+    c
+}
+
+/// A mount daemon run as nobody (uid 65534) with XDG_RUNTIME_DIR=`runtime`, logging to `log`.
+/// setpriv leaves it CAP_SYS_ADMIN and CAP_DAC_OVERRIDE (to mount, and open /dev/fuse, without
+/// fusermount3), but its uid is not root, so its status socket goes where a user's goes.
+/// Unmounted, and killed if it does not exit, when dropped.
+struct NobodyDaemon {
+    child: std::process::Child,
+    mnt: std::path::PathBuf,
+}
+
+impl NobodyDaemon {
+    fn start(m: &Mount, runtime: &std::path::Path, log: &std::path::Path) -> Self {
+        let child = std::process::Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--inh-caps=+sys_admin,+dac_override",
+                "--ambient-caps=+sys_admin,+dac_override",
+            ])
+            .arg(env!("CARGO_BIN_EXE_kmsfs"))
+            .arg("mount")
+            .arg(&m.backing)
+            .arg(&m.mnt)
+            .arg("--foreground")
+            .env_remove("RUST_LOG")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("XDG_RUNTIME_DIR", runtime)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut daemon = NobodyDaemon {
+            child,
+            mnt: m.mnt.clone(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !mounted(&m.mnt) {
+            if let Some(status) = daemon.child.try_wait().unwrap() {
+                panic!(
+                    "the daemon exited ({status}): {}",
+                    fs::read_to_string(log).unwrap()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "mount did not appear within 20 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        daemon
+    }
+}
+
+impl Drop for NobodyDaemon {
+    fn drop(&mut self) {
+        if mounted(&self.mnt) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.mnt)
+                .status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait().ok().flatten().is_none() {
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A user's daemon serves status only from a directory that lstat shows is its own, mode 0700,
+/// and not a symbolic link (else status is off, with one log line, and the mount works); it
+/// creates the directory if missing; it replaces a stale socket of its own at its name, and
+/// nothing else.
+#[test]
+fn a_users_status_socket_directory_must_be_its_own_and_0700() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if !fuse_available() || !can_act_as_nobody() {
+        return;
+    }
+    let mut m = Mount::new(4096, &[]);
+    m.stop();
+    let st = std::process::Command::new("chown")
+        .args(["-R", "65534:65534"])
+        .arg(m.dir.path())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    // Like /run/user/UID.
+    let runtime = m.dir.path().join("runtime");
+    fs::create_dir(&runtime).unwrap();
+    std::os::unix::fs::chown(&runtime, Some(65534), Some(65534)).unwrap();
+    fs::set_permissions(&runtime, fs::Permissions::from_mode(0o700)).unwrap();
+    let dir = runtime.join("kmsfs");
+    let name = kmsfs::cli::status::socket_path(&m.mnt);
+    let socket = dir.join(name.file_name().unwrap());
+    let log = m.dir.path().join("nobody.log");
+    let mount_works = || {
+        let out = std::process::Command::new("sh")
+            .args(["-c", "printf works > \"$1\" && cat \"$1\"", "sh"])
+            .arg(m.p("f"))
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap();
+        assert_success(&out);
+        assert_eq!(out.stdout, b"works");
+    };
+    let status = || {
+        kmsfs_as(65534, &runtime)
+            .arg("status")
+            .arg(&m.mnt)
+            .output()
+            .unwrap()
+    };
+    // Each wrong directory: the log line, a working mount, no answer, nothing bound.
+    let off = |why: &str, nothing_in: &std::path::Path| {
+        let daemon = NobodyDaemon::start(&m, &runtime, &log);
+        mount_works();
+        let out = status();
+        assert_eq!(out.status.code(), Some(1), "status answered: {why}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("or its daemon does not answer"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        drop(daemon);
+        let logged = fs::read_to_string(&log).unwrap();
+        let want = format!(
+            "kmsfs status will not answer for this mount: {} must be a directory owned by uid \
+             65534 with mode 0700, but it is {why}",
+            dir.display()
+        );
+        assert_eq!(logged.matches(&want).count(), 1, "{logged}");
+        assert_eq!(logged.lines().count(), 1, "{logged}");
+        assert_eq!(fs::read_dir(nothing_in).unwrap().count(), 0, "{why}");
+    };
+    fs::create_dir(&dir).unwrap();
+    std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+    off("owned by uid 65534 with mode 0755", &dir);
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+    std::os::unix::fs::chown(&dir, Some(0), Some(0)).unwrap();
+    off("owned by uid 0 with mode 0700", &dir);
+    fs::remove_dir(&dir).unwrap();
+    let elsewhere = runtime.join("elsewhere");
+    fs::create_dir(&elsewhere).unwrap();
+    std::os::unix::fs::chown(&elsewhere, Some(65534), Some(65534)).unwrap();
+    fs::set_permissions(&elsewhere, fs::Permissions::from_mode(0o700)).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &dir).unwrap();
+    off("a symbolic link", &elsewhere);
+
+    // Positive control: missing, the directory is created 0700 and status answers.
+    fs::remove_file(&dir).unwrap();
+    let daemon = NobodyDaemon::start(&m, &runtime, &log);
+    mount_works();
+    let out = status();
+    assert_success(&out);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with(&format!(
+            "{} on {} ",
+            m.backing.display(),
+            m.mnt.display()
+        )),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let made = fs::symlink_metadata(&dir).unwrap();
+    assert!(made.is_dir());
+    assert_eq!((made.uid(), made.mode() & 0o7777), (65534, 0o700));
+    drop(daemon);
+    assert_eq!(fs::read_to_string(&log).unwrap(), "");
+    assert!(!socket.exists(), "the daemon removes its socket at exit");
+
+    // Something not a socket of this user at the socket's name is left alone (status off)...
+    fs::write(&socket, b"not a socket").unwrap();
+    let daemon = NobodyDaemon::start(&m, &runtime, &log);
+    mount_works();
+    assert_eq!(status().status.code(), Some(1));
+    drop(daemon);
+    assert_eq!(fs::read(&socket).unwrap(), b"not a socket");
+    let logged = fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains(&format!(
+            "kmsfs status will not answer for this mount: {} exists and is not a socket of uid \
+             65534: leaving it alone",
+            socket.display()
+        )),
+        "{logged}"
+    );
+    // ...while a stale socket of its own (a daemon that was killed) is replaced.
+    fs::remove_file(&socket).unwrap();
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    std::os::unix::fs::lchown(&socket, Some(65534), Some(65534)).unwrap();
+    let daemon = NobodyDaemon::start(&m, &runtime, &log);
+    assert_success(&status());
+    drop(daemon);
+    assert_eq!(fs::read_to_string(&log).unwrap(), "");
 }

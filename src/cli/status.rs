@@ -5,15 +5,21 @@
 //! connection gets one JSON snapshot (key cache, key-service calls by kind with failures,
 //! retries and mean latency, I/O errors) and is closed. The socket holds no secret and accepts
 //! no command.
+//!
+//! The daemon serves only from a directory that `lstat` shows is its user's, mode 0700 (it
+//! creates one that is missing): anything else, such as a `/tmp/kmsfs-UID` another user made
+//! first, turns status off with one log line and the mount goes on.
 
 use std::io::{Read, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+use rustix::io::Errno;
 
 use crate::core::fs::KmsFs;
 use crate::error::{Error, Result};
@@ -29,14 +35,13 @@ pub struct StatusArgs {
 }
 
 fn socket_dir() -> PathBuf {
-    // SAFETY: geteuid has no preconditions.
-    let uid = unsafe { libc::geteuid() };
-    if uid == 0 {
+    let uid = rustix::process::geteuid();
+    if uid.is_root() {
         return PathBuf::from("/run/kmsfs");
     }
     match std::env::var_os("XDG_RUNTIME_DIR") {
         Some(d) if !d.is_empty() => PathBuf::from(d).join("kmsfs"),
-        _ => PathBuf::from(format!("/tmp/kmsfs-{uid}")),
+        _ => PathBuf::from(format!("/tmp/kmsfs-{}", uid.as_raw())),
     }
 }
 
@@ -51,44 +56,130 @@ pub fn socket_path(mountpoint: &Path) -> PathBuf {
     socket_dir().join(format!("{name}.sock"))
 }
 
+/// Opens the daemon's socket directory `dir` (`O_PATH`, not following a symbolic link),
+/// creating it with mode 0700 if it is missing, and checks what `lstat` shows of it: a
+/// directory owned by this process's user with no access for group or others. Everything after
+/// is done relative to the descriptor, so the directory checked is the one the socket goes in.
+fn open_socket_dir(dir: &Path) -> Result<OwnedFd> {
+    let uid = rustix::process::geteuid();
+    match rustix::fs::mkdir(dir, Mode::from_raw_mode(0o700)) {
+        Ok(()) | Err(Errno::EXIST) => {}
+        Err(e) => {
+            return Err(Error::io(
+                format!("cannot create {}", dir.display()),
+                e.into(),
+            ))
+        }
+    }
+    let wrong = |is: String| {
+        Error::Refused(format!(
+            "{} must be a directory owned by uid {} with mode 0700, but it is {is}",
+            dir.display(),
+            uid.as_raw()
+        ))
+    };
+    let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let fd = match rustix::fs::open(dir, flags, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(Errno::NOTDIR | Errno::LOOP) => {
+            let symlink = std::fs::symlink_metadata(dir).is_ok_and(|m| m.is_symlink());
+            return Err(wrong(if symlink {
+                "a symbolic link".into()
+            } else {
+                "not a directory".into()
+            }));
+        }
+        Err(e) => {
+            return Err(Error::io(
+                format!("cannot open {}", dir.display()),
+                e.into(),
+            ))
+        }
+    };
+    let st = rustix::fs::fstat(&fd)
+        .map_err(|e| Error::io(format!("cannot stat {}", dir.display()), e.into()))?;
+    let mode = st.st_mode & 0o7777;
+    if st.st_uid != uid.as_raw() || mode & 0o077 != 0 {
+        return Err(wrong(format!(
+            "owned by uid {} with mode {mode:04o}",
+            st.st_uid
+        )));
+    }
+    Ok(fd)
+}
+
 /// The socket a daemon serves on. Dropping it removes the socket file, unless another daemon
 /// has since bound its own at that path (a new mount at the same mount point, started before
 /// this daemon finished).
 pub struct StatusSocket {
-    path: PathBuf,
+    dir: OwnedFd,
+    name: PathBuf,
     identity: (u64, u64),
 }
 
 impl StatusSocket {
-    fn identity_of(path: &Path) -> std::io::Result<(u64, u64)> {
-        use std::os::unix::fs::MetadataExt;
-        std::fs::symlink_metadata(path).map(|m| (m.dev(), m.ino()))
+    fn identity_of(dir: &OwnedFd, name: &Path) -> rustix::io::Result<(u64, u64)> {
+        rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).map(|st| (st.st_dev, st.st_ino))
     }
 }
 
 impl Drop for StatusSocket {
     fn drop(&mut self) {
-        if Self::identity_of(&self.path).ok() == Some(self.identity) {
-            let _ = std::fs::remove_file(&self.path);
+        if Self::identity_of(&self.dir, &self.name).ok() == Some(self.identity) {
+            let _ = rustix::fs::unlinkat(&self.dir, &self.name, AtFlags::empty());
         }
     }
 }
 
 /// Serves snapshots for the mount at `mountpoint` on the socket `path` (from [`socket_path`],
 /// computed before mounting: resolving a path through a mount its daemon does not serve yet
-/// would hang) until the process ends.
+/// would hang) until the process ends. Its directory must pass [`open_socket_dir`]; a socket of
+/// this user already at `path` (left by a daemon that was killed, or is still finishing) is
+/// replaced, anything else there is left alone and status is off.
 pub fn serve(core: Arc<KmsFs>, mountpoint: &Path, path: &Path) -> Result<StatusSocket> {
-    let dir = socket_dir();
-    std::fs::create_dir_all(&dir)
-        .and_then(|_| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)))
-        .map_err(|e| Error::io(format!("cannot prepare {}", dir.display()), e))?;
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path)
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(Error::Usage(format!(
+            "{} has no directory or no name",
+            path.display()
+        )));
+    };
+    let name = PathBuf::from(name);
+    let dir = open_socket_dir(dir)?;
+    let uid = rustix::process::geteuid();
+    match rustix::fs::statat(&dir, &name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st)
+            if FileType::from_raw_mode(st.st_mode) == FileType::Socket
+                && st.st_uid == uid.as_raw() =>
+        {
+            rustix::fs::unlinkat(&dir, &name, AtFlags::empty())
+                .map_err(|e| Error::io(format!("cannot remove {}", path.display()), e.into()))?
+        }
+        Ok(_) => {
+            return Err(Error::Refused(format!(
+                "{} exists and is not a socket of uid {}: leaving it alone",
+                path.display(),
+                uid.as_raw()
+            )))
+        }
+        Err(Errno::NOENT) => {}
+        Err(e) => {
+            return Err(Error::io(
+                format!("cannot stat {}", path.display()),
+                e.into(),
+            ))
+        }
+    }
+    // Bound through the checked directory's descriptor: no path resolution to redirect (and
+    // bind(2) never follows a symbolic link at the name itself).
+    let via = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd())).join(&name);
+    let listener = UnixListener::bind(&via)
         .map_err(|e| Error::io(format!("cannot listen on {}", path.display()), e))?;
+    let identity = StatusSocket::identity_of(&dir, &name)
+        .map_err(|e| Error::io(format!("cannot stat {}", path.display()), e.into()))?;
     let socket = StatusSocket {
-        path: path.to_path_buf(),
-        identity: StatusSocket::identity_of(path)
-            .map_err(|e| Error::io(format!("cannot stat {}", path.display()), e))?,
+        dir,
+        name,
+        identity,
     };
     let started = Instant::now();
     let mp = mountpoint.to_path_buf();
