@@ -6,9 +6,11 @@
 //! retries and mean latency, I/O errors) and is closed. The socket holds no secret and accepts
 //! no command.
 //!
-//! The daemon serves only from a directory that `lstat` shows is its user's, mode 0700 (it
-//! creates one that is missing): anything else, such as a `/tmp/kmsfs-UID` another user made
-//! first, turns status off with one log line and the mount goes on.
+//! Neither side trusts the path alone. The daemon serves only from a directory that `lstat`
+//! shows is its user's, mode 0700 (it creates one that is missing): anything else, such as a
+//! `/tmp/kmsfs-UID` another user made first, turns status off with one log line and the mount
+//! goes on. The client reads only from a daemon of its own user or root (`SO_PEERCRED`), reads
+//! at most [`MAX_ANSWER`] bytes, and shows every control character it received escaped.
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -33,6 +35,12 @@ pub struct StatusArgs {
     #[arg(long)]
     pub json: bool,
 }
+
+/// The most `kmsfs status` reads from a daemon (a snapshot is a few KiB).
+pub const MAX_ANSWER: usize = 1 << 20;
+
+/// How long `kmsfs status` waits for the whole answer.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn socket_dir() -> PathBuf {
     let uid = rustix::process::geteuid();
@@ -254,6 +262,83 @@ fn snapshot(core: &KmsFs, mountpoint: &Path, uptime: Duration) -> serde_json::Va
     })
 }
 
+/// `text` as it can be shown on a terminal: every control character (C0, newline included, DEL
+/// and C1) becomes `\xNN`, so nothing a daemon sends can move the cursor, set a title, clear the
+/// screen or forge a line of its own.
+fn escape_controls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.push_str(&format!("\\x{:02x}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// `v` as JSON text with no control character in it: serde_json escapes C0 in strings, and DEL
+/// and C1 (which it leaves alone) get the same `\u00NN` form, so the value is unchanged.
+fn json_without_controls(v: &serde_json::Value) -> String {
+    let mut out = String::new();
+    for c in v.to_string().chars() {
+        if c.is_control() {
+            out.push_str(&format!("\\u{:04x}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// One value of the snapshot for a human: a string as it is, anything else as JSON, escaped.
+fn show(v: &serde_json::Value) -> String {
+    escape_controls(&match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "?".into(),
+        other => other.to_string(),
+    })
+}
+
+/// Reads the daemon's whole answer: at most [`MAX_ANSWER`] bytes, within [`ANSWER_TIMEOUT`]
+/// (`Ok(None)` if it is longer).
+fn read_answer(mut conn: &UnixStream) -> std::io::Result<Option<Vec<u8>>> {
+    let deadline = Instant::now() + ANSWER_TIMEOUT;
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        conn.set_read_timeout(Some(left))?;
+        match conn.read(&mut buf) {
+            Ok(0) => return Ok(Some(answer)),
+            Ok(n) if answer.len() + n > MAX_ANSWER => return Ok(None),
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The user whose process listens on the other end of `conn` (`SO_PEERCRED`). Only this
+/// user's daemon or root's may be believed: anyone else could have made the directory first
+/// (`/tmp/kmsfs-UID`) and would answer with anything it likes.
+fn served_by(conn: &UnixStream) -> rustix::io::Result<rustix::process::Uid> {
+    rustix::net::sockopt::socket_peercred(conn).map(|cred| cred.uid)
+}
+
+/// Whether a daemon of this user or root listens on the status socket `path` (`kmsfs umount`
+/// waits while one does; another user's socket there is no daemon of ours).
+pub fn daemon_listens(path: &Path) -> bool {
+    let me = rustix::process::geteuid();
+    UnixStream::connect(path)
+        .ok()
+        .and_then(|conn| served_by(&conn).ok())
+        .is_some_and(|uid| uid == me || uid.is_root())
+}
+
 pub fn run(args: StatusArgs) -> Result<()> {
     let path = socket_path(&args.mountpoint);
     let not_mounted = |e: std::io::Error| {
@@ -262,24 +347,42 @@ pub fn run(args: StatusArgs) -> Result<()> {
             args.mountpoint.display()
         ))
     };
-    let mut conn = UnixStream::connect(&path).map_err(not_mounted)?;
-    conn.set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(not_mounted)?;
-    let mut text = String::new();
-    conn.read_to_string(&mut text).map_err(not_mounted)?;
-    if args.json {
-        println!("{text}");
-        return Ok(());
+    let conn = UnixStream::connect(&path).map_err(not_mounted)?;
+    let server = served_by(&conn).map_err(|e| {
+        Error::io(
+            format!("cannot tell who serves {}", path.display()),
+            e.into(),
+        )
+    })?;
+    let me = rustix::process::geteuid();
+    if server != me && !server.is_root() {
+        return Err(Error::Refused(format!(
+            "{} is served by uid {}, not by this user (uid {}) or root: not reading its answer",
+            path.display(),
+            server.as_raw(),
+            me.as_raw()
+        )));
     }
+    let answer = read_answer(&conn).map_err(not_mounted)?.ok_or_else(|| {
+        Error::Refused(format!(
+            "the daemon's answer is longer than {} KiB: not reading it",
+            MAX_ANSWER / 1024
+        ))
+    })?;
+    let text = String::from_utf8_lossy(&answer);
     let v: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::Refused(format!("the daemon's answer is not JSON: {e}")))?;
+    if args.json {
+        println!("{}", json_without_controls(&v));
+        return Ok(());
+    }
     println!(
         "{} on {} (volume {}, pid {}, up {} s{})",
-        v["backing"].as_str().unwrap_or("?"),
-        v["mountpoint"].as_str().unwrap_or("?"),
-        v["volume"].as_str().unwrap_or("?"),
-        v["pid"],
-        v["uptime_s"],
+        show(&v["backing"]),
+        show(&v["mountpoint"]),
+        show(&v["volume"]),
+        show(&v["pid"]),
+        show(&v["uptime_s"]),
         if v["read_only"] == true {
             ", read-only"
         } else {
@@ -289,24 +392,32 @@ pub fn run(args: StatusArgs) -> Result<()> {
     let k = &v["key_cache"];
     println!(
         "key cache: {} entries, {} hits, {} misses ({} coalesced), {} evicted, {} expired",
-        k["entries"], k["hits"], k["misses"], k["coalesced"], k["evictions"], k["expirations"]
+        show(&k["entries"]),
+        show(&k["hits"]),
+        show(&k["misses"]),
+        show(&k["coalesced"]),
+        show(&k["evictions"]),
+        show(&k["expirations"])
     );
     println!("key service calls:");
     if let Some(calls) = v["kms_calls"].as_object() {
         for (op, s) in calls {
             println!(
-                "  {op:<16} {:>8} requests {:>6} failed {:>6} retried  mean {:.2} ms",
-                s["requests"],
-                s["failures"],
-                s["retries"],
+                "  {:<16} {:>8} requests {:>6} failed {:>6} retried  mean {:.2} ms",
+                escape_controls(op),
+                show(&s["requests"]),
+                show(&s["failures"]),
+                show(&s["retries"]),
                 s["mean_latency_ms"].as_f64().unwrap_or(0.0)
             );
         }
     }
     println!(
         "inodes the kernel holds: {}; memory: {} KiB resident (peak {} KiB)",
-        v["inodes"], v["memory"]["rss_kib"], v["memory"]["peak_rss_kib"]
+        show(&v["inodes"]),
+        show(&v["memory"]["rss_kib"]),
+        show(&v["memory"]["peak_rss_kib"])
     );
-    println!("I/O errors returned: {}", v["io_errors"]);
+    println!("I/O errors returned: {}", show(&v["io_errors"]));
     Ok(())
 }
