@@ -1,11 +1,14 @@
 //! The mount command itself: it reports failures as one line and a non-zero exit before
 //! detaching, detaches when all is well, unmounts on SIGTERM (a busy mount too), logs to
 //! syslog once detached, answers `kmsfs status`, mounts through mount(8) and fstab via
-//! `mount.kmsfs`, and an ending daemon leaves a new mount at its path alone.
+//! `mount.kmsfs`, and an ending daemon leaves a new mount at its path alone. A user's daemon
+//! serves status only from its own 0700 directory; `kmsfs status` believes only its own user or
+//! root, reads at most 1 MiB, and escapes the control characters it received.
 
 mod common;
 
 use std::fs;
+use std::os::unix::process::CommandExt;
 use std::time::{Duration, Instant};
 
 use common::assert_success;
@@ -454,5 +457,498 @@ fn an_ending_daemon_leaves_a_new_mount_at_its_path_alone() {
         out.status.success(),
         "the new mount's status socket is gone: {}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Whether root may run the tests that act as other users (setpriv, uid 65534) and nobody can
+/// run the binaries under test. Under CI=true both must hold.
+fn can_act_as_nobody() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let runs = |exe: &std::path::Path, probe: &[&str]| {
+        root && std::process::Command::new(exe)
+            .args(probe)
+            .uid(65534)
+            .gid(65534)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let ok = runs(env!("CARGO_BIN_EXE_kmsfs").as_ref(), &["--version"])
+        && runs(
+            &std::env::current_exe().unwrap(),
+            &["--list", "--exact", "fake_status_server"],
+        )
+        && std::process::Command::new("setpriv")
+            .arg("--version")
+            .stdout(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "under CI=true the test runs as root, with setpriv, and nobody can run the binaries"
+        );
+        eprintln!("skipping: needs root, setpriv, and binaries that uid 65534 can run");
+    }
+    ok
+}
+
+/// `kmsfs` run as `uid` (group too) with XDG_RUNTIME_DIR=`runtime`.
+fn kmsfs_as(uid: u32, runtime: &std::path::Path) -> std::process::Command {
+    let mut c = kmsfs();
+    c.uid(uid).gid(uid).env("XDG_RUNTIME_DIR", runtime);
+    c
+}
+
+/// A mount daemon run as nobody (uid 65534) with XDG_RUNTIME_DIR=`runtime`, logging to `log`.
+/// setpriv leaves it CAP_SYS_ADMIN and CAP_DAC_OVERRIDE (to mount, and open /dev/fuse, without
+/// fusermount3), but its uid is not root, so its status socket goes where a user's goes.
+/// Unmounted, and killed if it does not exit, when dropped.
+struct NobodyDaemon {
+    child: std::process::Child,
+    mnt: std::path::PathBuf,
+}
+
+impl NobodyDaemon {
+    fn start(m: &Mount, runtime: &std::path::Path, log: &std::path::Path) -> Self {
+        let child = std::process::Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--inh-caps=+sys_admin,+dac_override",
+                "--ambient-caps=+sys_admin,+dac_override",
+            ])
+            .arg(env!("CARGO_BIN_EXE_kmsfs"))
+            .arg("mount")
+            .arg(&m.backing)
+            .arg(&m.mnt)
+            .arg("--foreground")
+            .env_remove("RUST_LOG")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("XDG_RUNTIME_DIR", runtime)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut daemon = NobodyDaemon {
+            child,
+            mnt: m.mnt.clone(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !mounted(&m.mnt) {
+            if let Some(status) = daemon.child.try_wait().unwrap() {
+                panic!(
+                    "the daemon exited ({status}): {}",
+                    fs::read_to_string(log).unwrap()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "mount did not appear within 20 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        daemon
+    }
+}
+
+impl Drop for NobodyDaemon {
+    fn drop(&mut self) {
+        if mounted(&self.mnt) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.mnt)
+                .status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait().ok().flatten().is_none() {
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A user's daemon serves status only from a directory that lstat shows is its own, mode 0700,
+/// and not a symbolic link (else status is off, with one log line, and the mount works); it
+/// creates the directory if missing; it replaces a stale socket of its own at its name, and
+/// nothing else.
+#[test]
+fn a_users_status_socket_directory_must_be_its_own_and_0700() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if !fuse_available() || !can_act_as_nobody() {
+        return;
+    }
+    let mut m = Mount::new(4096, &[]);
+    m.stop();
+    let st = std::process::Command::new("chown")
+        .args(["-R", "65534:65534"])
+        .arg(m.dir.path())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    // Like /run/user/UID.
+    let runtime = m.dir.path().join("runtime");
+    fs::create_dir(&runtime).unwrap();
+    std::os::unix::fs::chown(&runtime, Some(65534), Some(65534)).unwrap();
+    fs::set_permissions(&runtime, fs::Permissions::from_mode(0o700)).unwrap();
+    let dir = runtime.join("kmsfs");
+    let name = kmsfs::cli::status::socket_path(&m.mnt);
+    let socket = dir.join(name.file_name().unwrap());
+    let log = m.dir.path().join("nobody.log");
+    let mount_works = || {
+        let out = std::process::Command::new("sh")
+            .args(["-c", "printf works > \"$1\" && cat \"$1\"", "sh"])
+            .arg(m.p("f"))
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap();
+        assert_success(&out);
+        assert_eq!(out.stdout, b"works");
+    };
+    let status = || {
+        kmsfs_as(65534, &runtime)
+            .arg("status")
+            .arg(&m.mnt)
+            .output()
+            .unwrap()
+    };
+    // Each wrong directory: the log line, a working mount, no answer, nothing bound.
+    let off = |why: &str, nothing_in: &std::path::Path| {
+        let daemon = NobodyDaemon::start(&m, &runtime, &log);
+        mount_works();
+        let out = status();
+        assert_eq!(out.status.code(), Some(1), "status answered: {why}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("or its daemon does not answer"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        drop(daemon);
+        let logged = fs::read_to_string(&log).unwrap();
+        let want = format!(
+            "kmsfs status will not answer for this mount: {} must be a directory owned by uid \
+             65534 with mode 0700, but it is {why}",
+            dir.display()
+        );
+        assert_eq!(logged.matches(&want).count(), 1, "{logged}");
+        assert_eq!(logged.lines().count(), 1, "{logged}");
+        assert_eq!(fs::read_dir(nothing_in).unwrap().count(), 0, "{why}");
+    };
+    fs::create_dir(&dir).unwrap();
+    std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+    off("owned by uid 65534 with mode 0755", &dir);
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+    std::os::unix::fs::chown(&dir, Some(0), Some(0)).unwrap();
+    off("owned by uid 0 with mode 0700", &dir);
+    fs::remove_dir(&dir).unwrap();
+    let elsewhere = runtime.join("elsewhere");
+    fs::create_dir(&elsewhere).unwrap();
+    std::os::unix::fs::chown(&elsewhere, Some(65534), Some(65534)).unwrap();
+    fs::set_permissions(&elsewhere, fs::Permissions::from_mode(0o700)).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &dir).unwrap();
+    off("a symbolic link", &elsewhere);
+
+    // Positive control: missing, the directory is created 0700 and status answers.
+    fs::remove_file(&dir).unwrap();
+    let daemon = NobodyDaemon::start(&m, &runtime, &log);
+    mount_works();
+    let out = status();
+    assert_success(&out);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with(&format!(
+            "{} on {} ",
+            m.backing.display(),
+            m.mnt.display()
+        )),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let made = fs::symlink_metadata(&dir).unwrap();
+    assert!(made.is_dir());
+    assert_eq!((made.uid(), made.mode() & 0o7777), (65534, 0o700));
+    drop(daemon);
+    assert_eq!(fs::read_to_string(&log).unwrap(), "");
+    assert!(!socket.exists(), "the daemon removes its socket at exit");
+
+    // Something not a socket of this user at the socket's name is left alone (status off)...
+    fs::write(&socket, b"not a socket").unwrap();
+    let daemon = NobodyDaemon::start(&m, &runtime, &log);
+    mount_works();
+    assert_eq!(status().status.code(), Some(1));
+    drop(daemon);
+    assert_eq!(fs::read(&socket).unwrap(), b"not a socket");
+    let logged = fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains(&format!(
+            "kmsfs status will not answer for this mount: {} exists and is not a socket of uid \
+             65534: leaving it alone",
+            socket.display()
+        )),
+        "{logged}"
+    );
+    // ...while a stale socket of its own (a daemon that was killed) is replaced.
+    fs::remove_file(&socket).unwrap();
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    std::os::unix::fs::lchown(&socket, Some(65534), Some(65534)).unwrap();
+    let daemon = NobodyDaemon::start(&m, &runtime, &log);
+    assert_success(&status());
+    drop(daemon);
+    assert_eq!(fs::read_to_string(&log).unwrap(), "");
+}
+
+/// Not a test of its own: the fake status server [`FakeServer`] runs in a child process of
+/// this test binary, as another user, when KMSFS_TEST_FAKE_STATUS_SERVER is set. It answers
+/// every connection with the bytes of the file KMSFS_TEST_FAKE_STATUS_ANSWER.
+#[test]
+fn fake_status_server() {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    let Some(socket) = std::env::var_os("KMSFS_TEST_FAKE_STATUS_SERVER") else {
+        return;
+    };
+    let answer = fs::read(std::env::var_os("KMSFS_TEST_FAKE_STATUS_ANSWER").unwrap()).unwrap();
+    let socket = std::path::PathBuf::from(socket);
+    let binding = socket.with_extension("binding");
+    let listener = std::os::unix::net::UnixListener::bind(&binding).unwrap();
+    fs::set_permissions(&binding, fs::Permissions::from_mode(0o777)).unwrap();
+    // At its name only once it listens.
+    fs::rename(&binding, &socket).unwrap();
+    for conn in listener.incoming() {
+        let _ = conn.unwrap().write_all(&answer);
+    }
+}
+
+/// A fake daemon's status socket for `kmsfs status MNT` run as nobody with
+/// XDG_RUNTIME_DIR=`runtime`, served by `uid`; killed when dropped.
+struct FakeServer(std::process::Child);
+
+impl FakeServer {
+    fn start(
+        uid: u32,
+        runtime: &std::path::Path,
+        mnt: &std::path::Path,
+        answer: &[u8],
+    ) -> FakeServer {
+        use std::os::unix::fs::PermissionsExt;
+        // The directory is the server's, as one another user made first would be.
+        let dir = runtime.join("kmsfs");
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir(&dir).unwrap();
+        std::os::unix::fs::chown(&dir, Some(uid), Some(uid)).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        let socket = dir.join(kmsfs::cli::status::socket_path(mnt).file_name().unwrap());
+        let answer_file = runtime.join("answer");
+        fs::write(&answer_file, answer).unwrap();
+        fs::set_permissions(&answer_file, fs::Permissions::from_mode(0o644)).unwrap();
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "fake_status_server", "--nocapture", "-q"])
+            .env("KMSFS_TEST_FAKE_STATUS_SERVER", &socket)
+            .env("KMSFS_TEST_FAKE_STATUS_ANSWER", &answer_file)
+            .uid(uid)
+            .gid(uid)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("the fake status server exited: {status}");
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the fake status server did not listen within 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        FakeServer(child)
+    }
+}
+
+impl Drop for FakeServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A directory nobody can reach, holding a mount point (only a name here: the client hashes
+/// it) and a runtime directory.
+fn client_room() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let room = tempfile::tempdir().unwrap();
+    fs::set_permissions(room.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let root = room.path().canonicalize().unwrap();
+    let (mnt, runtime) = (root.join("mnt"), root.join("runtime"));
+    fs::create_dir(&mnt).unwrap();
+    fs::create_dir(&runtime).unwrap();
+    (room, mnt, runtime)
+}
+
+const HONEST: &str = r#"{"backing":"/srv/bäck ünicode","io_errors":0,"mountpoint":"/mnt/x","pid":42,"read_only":false,"uptime_s":7,"volume":"abc"}"#;
+
+/// `kmsfs status` reads only from a daemon of its own user or root (SO_PEERCRED): a socket
+/// served by another user, who made the directory first, is refused with one line.
+#[test]
+fn status_reads_only_from_its_own_user_or_root() {
+    if !can_act_as_nobody() {
+        return;
+    }
+    let (_room, mnt, runtime) = client_room();
+    let status = |args: &[&str]| {
+        kmsfs_as(65534, &runtime)
+            .arg("status")
+            .args(args)
+            .arg(&mnt)
+            .output()
+            .unwrap()
+    };
+    let _server = FakeServer::start(65533, &runtime, &mnt, HONEST.as_bytes());
+    for args in [&[][..], &["--json"]] {
+        let out = status(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(out.stdout.is_empty());
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.starts_with("kmsfs: ")
+                && stderr.ends_with(
+                    ".sock is served by uid 65533, not by this user (uid 65534) or root: not \
+                     reading its answer\n"
+                ),
+            "{stderr}"
+        );
+    }
+    drop(_server);
+    // Positive controls: the same answer from its own user, and from root, is read.
+    for uid in [65534, 0] {
+        let _server = FakeServer::start(uid, &runtime, &mnt, HONEST.as_bytes());
+        let out = status(&[]);
+        assert_success(&out);
+        assert!(
+            String::from_utf8_lossy(&out.stdout).starts_with("/srv/bäck ünicode on /mnt/x "),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}
+
+/// Whatever a daemon sends, `kmsfs status` prints no control character of it (C0, DEL, C1):
+/// they are shown as `\xNN` (as `\u00NN` escapes in `--json`, which stays the same JSON), and it
+/// reads at most 1 MiB.
+#[test]
+fn status_escapes_control_characters_and_reads_at_most_a_mib() {
+    if !can_act_as_nobody() {
+        return;
+    }
+    let (_room, mnt, runtime) = client_room();
+    let status = |args: &[&str]| {
+        kmsfs_as(65534, &runtime)
+            .arg("status")
+            .args(args)
+            .arg(&mnt)
+            .output()
+            .unwrap()
+    };
+    let raw_controls = |text: &str| {
+        text.chars()
+            .filter(|c| c.is_control() && *c != '\n')
+            .count()
+    };
+
+    // Positive control: an ordinary answer is printed as it came.
+    let server = FakeServer::start(65534, &runtime, &mnt, HONEST.as_bytes());
+    let out = status(&[]);
+    assert_success(&out);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        text.lines().next().unwrap(),
+        "/srv/bäck ünicode on /mnt/x (volume abc, pid 42, up 7 s)"
+    );
+    assert!(text.ends_with("\nI/O errors returned: 0\n"), "{text}");
+    let out = status(&["--json"]);
+    assert_success(&out);
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        format!("{HONEST}\n")
+    );
+    drop(server);
+
+    // Terminal escapes (a title, clear screen, CSI as one C1 character), a carriage return and a
+    // newline that would forge a line, DEL, in strings and in a key.
+    let hostile = "{\"backing\":\"/srv/\\u001b]0;owned\\u0007\\u001b[2J\",\
+                   \"mountpoint\":\"/mnt\\r\\nI/O errors returned: 0\",\
+                   \"volume\":\"v\u{9b}31m\\u007f\",\"pid\":\"\\u001b[1A\",\
+                   \"kms_calls\":{\"Decrypt\\u001b[8m\":{\"requests\":1}},\"io_errors\":5}";
+    let server = FakeServer::start(65534, &runtime, &mnt, hostile.as_bytes());
+    let out = status(&[]);
+    assert_success(&out);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(raw_controls(&text), 0, "{text:?}");
+    assert_eq!(
+        text.lines().next().unwrap(),
+        r"/srv/\x1b]0;owned\x07\x1b[2J on /mnt\x0d\x0aI/O errors returned: 0 (volume v\x9b31m\x7f, pid \x1b[1A, up ? s)"
+    );
+    assert!(text.contains(r"  Decrypt\x1b[8m "), "{text}");
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.starts_with("I/O errors returned:"))
+            .collect::<Vec<_>>(),
+        ["I/O errors returned: 5"]
+    );
+    let out = status(&["--json"]);
+    assert_success(&out);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(raw_controls(&text), 0, "{text:?}");
+    let sent: serde_json::Value = serde_json::from_str(hostile).unwrap();
+    let printed: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(printed, sent, "the same JSON");
+    assert!(text.contains(r#""volume":"v\u009b31m\u007f""#), "{text}");
+    drop(server);
+
+    // Raw control characters are not JSON at all: refused, and nothing of them printed.
+    let server = FakeServer::start(65534, &runtime, &mnt, b"\x1b]0;owned\x07\x1b[2J");
+    for args in [&[][..], &["--json"]] {
+        let out = status(args);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(out.stdout.is_empty());
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(raw_controls(&stderr), 0, "{stderr:?}");
+        assert!(
+            stderr.starts_with("kmsfs: the daemon's answer is not JSON: "),
+            "{stderr}"
+        );
+    }
+    drop(server);
+
+    // At most 1 MiB: a longer answer is refused; one just under it (positive control) is read.
+    let padded = |len: usize| {
+        let pad = len - HONEST.len() - r#","pad":"""#.len();
+        format!(
+            "{},\"pad\":\"{}\"}}",
+            &HONEST[..HONEST.len() - 1],
+            "a".repeat(pad)
+        )
+    };
+    let server = FakeServer::start(65534, &runtime, &mnt, padded(1 << 20).as_bytes());
+    assert_success(&status(&[]));
+    drop(server);
+    let _server = FakeServer::start(65534, &runtime, &mnt, padded((1 << 20) + 1).as_bytes());
+    let out = status(&[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    assert_eq!(
+        String::from_utf8(out.stderr).unwrap(),
+        "kmsfs: the daemon's answer is longer than 1024 KiB: not reading it\n"
     );
 }

@@ -471,8 +471,8 @@ fn detach_stdio() {
 /// their way, then removes its status socket. Returning earlier would let a new mount, or a
 /// backup of the backing store, see those files empty.
 fn wait_for_daemon(socket: &Path) {
-    // A socket nobody answers on is a daemon that is already gone (killed).
-    let alive = || std::os::unix::net::UnixStream::connect(socket).is_ok();
+    // A socket nobody answers on (or another user's) is a daemon that is already gone (killed).
+    let alive = || super::status::daemon_listens(socket);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while alive() && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));

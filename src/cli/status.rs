@@ -5,15 +5,23 @@
 //! connection gets one JSON snapshot (key cache, key-service calls by kind with failures,
 //! retries and mean latency, I/O errors) and is closed. The socket holds no secret and accepts
 //! no command.
+//!
+//! Neither side trusts the path alone. The daemon serves only from a directory that `lstat`
+//! shows is its user's, mode 0700 (it creates one that is missing): anything else, such as a
+//! `/tmp/kmsfs-UID` another user made first, turns status off with one log line and the mount
+//! goes on. The client reads only from a daemon of its own user or root (`SO_PEERCRED`), reads
+//! at most [`MAX_ANSWER`] bytes, and shows every control character it received escaped.
 
 use std::io::{Read, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+use rustix::io::Errno;
 
 use crate::core::fs::KmsFs;
 use crate::error::{Error, Result};
@@ -28,15 +36,20 @@ pub struct StatusArgs {
     pub json: bool,
 }
 
+/// The most `kmsfs status` reads from a daemon (a snapshot is a few KiB).
+pub const MAX_ANSWER: usize = 1 << 20;
+
+/// How long `kmsfs status` waits for the whole answer.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+
 fn socket_dir() -> PathBuf {
-    // SAFETY: geteuid has no preconditions.
-    let uid = unsafe { libc::geteuid() };
-    if uid == 0 {
+    let uid = rustix::process::geteuid();
+    if uid.is_root() {
         return PathBuf::from("/run/kmsfs");
     }
     match std::env::var_os("XDG_RUNTIME_DIR") {
         Some(d) if !d.is_empty() => PathBuf::from(d).join("kmsfs"),
-        _ => PathBuf::from(format!("/tmp/kmsfs-{uid}")),
+        _ => PathBuf::from(format!("/tmp/kmsfs-{}", uid.as_raw())),
     }
 }
 
@@ -51,44 +64,130 @@ pub fn socket_path(mountpoint: &Path) -> PathBuf {
     socket_dir().join(format!("{name}.sock"))
 }
 
+/// Opens the daemon's socket directory `dir` (`O_PATH`, not following a symbolic link),
+/// creating it with mode 0700 if it is missing, and checks what `lstat` shows of it: a
+/// directory owned by this process's user with no access for group or others. Everything after
+/// is done relative to the descriptor, so the directory checked is the one the socket goes in.
+fn open_socket_dir(dir: &Path) -> Result<OwnedFd> {
+    let uid = rustix::process::geteuid();
+    match rustix::fs::mkdir(dir, Mode::from_raw_mode(0o700)) {
+        Ok(()) | Err(Errno::EXIST) => {}
+        Err(e) => {
+            return Err(Error::io(
+                format!("cannot create {}", dir.display()),
+                e.into(),
+            ))
+        }
+    }
+    let wrong = |is: String| {
+        Error::Refused(format!(
+            "{} must be a directory owned by uid {} with mode 0700, but it is {is}",
+            dir.display(),
+            uid.as_raw()
+        ))
+    };
+    let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let fd = match rustix::fs::open(dir, flags, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(Errno::NOTDIR | Errno::LOOP) => {
+            let symlink = std::fs::symlink_metadata(dir).is_ok_and(|m| m.is_symlink());
+            return Err(wrong(if symlink {
+                "a symbolic link".into()
+            } else {
+                "not a directory".into()
+            }));
+        }
+        Err(e) => {
+            return Err(Error::io(
+                format!("cannot open {}", dir.display()),
+                e.into(),
+            ))
+        }
+    };
+    let st = rustix::fs::fstat(&fd)
+        .map_err(|e| Error::io(format!("cannot stat {}", dir.display()), e.into()))?;
+    let mode = st.st_mode & 0o7777;
+    if st.st_uid != uid.as_raw() || mode & 0o077 != 0 {
+        return Err(wrong(format!(
+            "owned by uid {} with mode {mode:04o}",
+            st.st_uid
+        )));
+    }
+    Ok(fd)
+}
+
 /// The socket a daemon serves on. Dropping it removes the socket file, unless another daemon
 /// has since bound its own at that path (a new mount at the same mount point, started before
 /// this daemon finished).
 pub struct StatusSocket {
-    path: PathBuf,
+    dir: OwnedFd,
+    name: PathBuf,
     identity: (u64, u64),
 }
 
 impl StatusSocket {
-    fn identity_of(path: &Path) -> std::io::Result<(u64, u64)> {
-        use std::os::unix::fs::MetadataExt;
-        std::fs::symlink_metadata(path).map(|m| (m.dev(), m.ino()))
+    fn identity_of(dir: &OwnedFd, name: &Path) -> rustix::io::Result<(u64, u64)> {
+        rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).map(|st| (st.st_dev, st.st_ino))
     }
 }
 
 impl Drop for StatusSocket {
     fn drop(&mut self) {
-        if Self::identity_of(&self.path).ok() == Some(self.identity) {
-            let _ = std::fs::remove_file(&self.path);
+        if Self::identity_of(&self.dir, &self.name).ok() == Some(self.identity) {
+            let _ = rustix::fs::unlinkat(&self.dir, &self.name, AtFlags::empty());
         }
     }
 }
 
 /// Serves snapshots for the mount at `mountpoint` on the socket `path` (from [`socket_path`],
 /// computed before mounting: resolving a path through a mount its daemon does not serve yet
-/// would hang) until the process ends.
+/// would hang) until the process ends. Its directory must pass [`open_socket_dir`]; a socket of
+/// this user already at `path` (left by a daemon that was killed, or is still finishing) is
+/// replaced, anything else there is left alone and status is off.
 pub fn serve(core: Arc<KmsFs>, mountpoint: &Path, path: &Path) -> Result<StatusSocket> {
-    let dir = socket_dir();
-    std::fs::create_dir_all(&dir)
-        .and_then(|_| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)))
-        .map_err(|e| Error::io(format!("cannot prepare {}", dir.display()), e))?;
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path)
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(Error::Usage(format!(
+            "{} has no directory or no name",
+            path.display()
+        )));
+    };
+    let name = PathBuf::from(name);
+    let dir = open_socket_dir(dir)?;
+    let uid = rustix::process::geteuid();
+    match rustix::fs::statat(&dir, &name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st)
+            if FileType::from_raw_mode(st.st_mode) == FileType::Socket
+                && st.st_uid == uid.as_raw() =>
+        {
+            rustix::fs::unlinkat(&dir, &name, AtFlags::empty())
+                .map_err(|e| Error::io(format!("cannot remove {}", path.display()), e.into()))?
+        }
+        Ok(_) => {
+            return Err(Error::Refused(format!(
+                "{} exists and is not a socket of uid {}: leaving it alone",
+                path.display(),
+                uid.as_raw()
+            )))
+        }
+        Err(Errno::NOENT) => {}
+        Err(e) => {
+            return Err(Error::io(
+                format!("cannot stat {}", path.display()),
+                e.into(),
+            ))
+        }
+    }
+    // Bound through the checked directory's descriptor: no path resolution to redirect (and
+    // bind(2) never follows a symbolic link at the name itself).
+    let via = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd())).join(&name);
+    let listener = UnixListener::bind(&via)
         .map_err(|e| Error::io(format!("cannot listen on {}", path.display()), e))?;
+    let identity = StatusSocket::identity_of(&dir, &name)
+        .map_err(|e| Error::io(format!("cannot stat {}", path.display()), e.into()))?;
     let socket = StatusSocket {
-        path: path.to_path_buf(),
-        identity: StatusSocket::identity_of(path)
-            .map_err(|e| Error::io(format!("cannot stat {}", path.display()), e))?,
+        dir,
+        name,
+        identity,
     };
     let started = Instant::now();
     let mp = mountpoint.to_path_buf();
@@ -163,6 +262,83 @@ fn snapshot(core: &KmsFs, mountpoint: &Path, uptime: Duration) -> serde_json::Va
     })
 }
 
+/// `text` as it can be shown on a terminal: every control character (C0, newline included, DEL
+/// and C1) becomes `\xNN`, so nothing a daemon sends can move the cursor, set a title, clear the
+/// screen or forge a line of its own.
+fn escape_controls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.push_str(&format!("\\x{:02x}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// `v` as JSON text with no control character in it: serde_json escapes C0 in strings, and DEL
+/// and C1 (which it leaves alone) get the same `\u00NN` form, so the value is unchanged.
+fn json_without_controls(v: &serde_json::Value) -> String {
+    let mut out = String::new();
+    for c in v.to_string().chars() {
+        if c.is_control() {
+            out.push_str(&format!("\\u{:04x}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// One value of the snapshot for a human: a string as it is, anything else as JSON, escaped.
+fn show(v: &serde_json::Value) -> String {
+    escape_controls(&match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "?".into(),
+        other => other.to_string(),
+    })
+}
+
+/// Reads the daemon's whole answer: at most [`MAX_ANSWER`] bytes, within [`ANSWER_TIMEOUT`]
+/// (`Ok(None)` if it is longer).
+fn read_answer(mut conn: &UnixStream) -> std::io::Result<Option<Vec<u8>>> {
+    let deadline = Instant::now() + ANSWER_TIMEOUT;
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        conn.set_read_timeout(Some(left))?;
+        match conn.read(&mut buf) {
+            Ok(0) => return Ok(Some(answer)),
+            Ok(n) if answer.len() + n > MAX_ANSWER => return Ok(None),
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The user whose process listens on the other end of `conn` (`SO_PEERCRED`). Only this
+/// user's daemon or root's may be believed: anyone else could have made the directory first
+/// (`/tmp/kmsfs-UID`) and would answer with anything it likes.
+fn served_by(conn: &UnixStream) -> rustix::io::Result<rustix::process::Uid> {
+    rustix::net::sockopt::socket_peercred(conn).map(|cred| cred.uid)
+}
+
+/// Whether a daemon of this user or root listens on the status socket `path` (`kmsfs umount`
+/// waits while one does; another user's socket there is no daemon of ours).
+pub fn daemon_listens(path: &Path) -> bool {
+    let me = rustix::process::geteuid();
+    UnixStream::connect(path)
+        .ok()
+        .and_then(|conn| served_by(&conn).ok())
+        .is_some_and(|uid| uid == me || uid.is_root())
+}
+
 pub fn run(args: StatusArgs) -> Result<()> {
     let path = socket_path(&args.mountpoint);
     let not_mounted = |e: std::io::Error| {
@@ -171,24 +347,42 @@ pub fn run(args: StatusArgs) -> Result<()> {
             args.mountpoint.display()
         ))
     };
-    let mut conn = UnixStream::connect(&path).map_err(not_mounted)?;
-    conn.set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(not_mounted)?;
-    let mut text = String::new();
-    conn.read_to_string(&mut text).map_err(not_mounted)?;
-    if args.json {
-        println!("{text}");
-        return Ok(());
+    let conn = UnixStream::connect(&path).map_err(not_mounted)?;
+    let server = served_by(&conn).map_err(|e| {
+        Error::io(
+            format!("cannot tell who serves {}", path.display()),
+            e.into(),
+        )
+    })?;
+    let me = rustix::process::geteuid();
+    if server != me && !server.is_root() {
+        return Err(Error::Refused(format!(
+            "{} is served by uid {}, not by this user (uid {}) or root: not reading its answer",
+            path.display(),
+            server.as_raw(),
+            me.as_raw()
+        )));
     }
+    let answer = read_answer(&conn).map_err(not_mounted)?.ok_or_else(|| {
+        Error::Refused(format!(
+            "the daemon's answer is longer than {} KiB: not reading it",
+            MAX_ANSWER / 1024
+        ))
+    })?;
+    let text = String::from_utf8_lossy(&answer);
     let v: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::Refused(format!("the daemon's answer is not JSON: {e}")))?;
+    if args.json {
+        println!("{}", json_without_controls(&v));
+        return Ok(());
+    }
     println!(
         "{} on {} (volume {}, pid {}, up {} s{})",
-        v["backing"].as_str().unwrap_or("?"),
-        v["mountpoint"].as_str().unwrap_or("?"),
-        v["volume"].as_str().unwrap_or("?"),
-        v["pid"],
-        v["uptime_s"],
+        show(&v["backing"]),
+        show(&v["mountpoint"]),
+        show(&v["volume"]),
+        show(&v["pid"]),
+        show(&v["uptime_s"]),
         if v["read_only"] == true {
             ", read-only"
         } else {
@@ -198,24 +392,32 @@ pub fn run(args: StatusArgs) -> Result<()> {
     let k = &v["key_cache"];
     println!(
         "key cache: {} entries, {} hits, {} misses ({} coalesced), {} evicted, {} expired",
-        k["entries"], k["hits"], k["misses"], k["coalesced"], k["evictions"], k["expirations"]
+        show(&k["entries"]),
+        show(&k["hits"]),
+        show(&k["misses"]),
+        show(&k["coalesced"]),
+        show(&k["evictions"]),
+        show(&k["expirations"])
     );
     println!("key service calls:");
     if let Some(calls) = v["kms_calls"].as_object() {
         for (op, s) in calls {
             println!(
-                "  {op:<16} {:>8} requests {:>6} failed {:>6} retried  mean {:.2} ms",
-                s["requests"],
-                s["failures"],
-                s["retries"],
+                "  {:<16} {:>8} requests {:>6} failed {:>6} retried  mean {:.2} ms",
+                escape_controls(op),
+                show(&s["requests"]),
+                show(&s["failures"]),
+                show(&s["retries"]),
                 s["mean_latency_ms"].as_f64().unwrap_or(0.0)
             );
         }
     }
     println!(
         "inodes the kernel holds: {}; memory: {} KiB resident (peak {} KiB)",
-        v["inodes"], v["memory"]["rss_kib"], v["memory"]["peak_rss_kib"]
+        show(&v["inodes"]),
+        show(&v["memory"]["rss_kib"]),
+        show(&v["memory"]["peak_rss_kib"])
     );
-    println!("I/O errors returned: {}", v["io_errors"]);
+    println!("I/O errors returned: {}", show(&v["io_errors"]));
     Ok(())
 }
