@@ -268,6 +268,14 @@ fn device_nodes_on_the_store_are_skipped_unless_devices_is_given() {
         0
     );
     fs::set_permissions(v.backing_file("null"), fs::Permissions::from_mode(0o666)).unwrap();
+    // A second one whose name would start a line of its own if printed as it is.
+    let forged = v.backing_file("z\nnot exported: forged");
+    let forged = std::ffi::CString::new(forged.to_str().unwrap()).unwrap();
+    // SAFETY: valid path.
+    assert_eq!(
+        unsafe { libc::mknod(forged.as_ptr(), libc::S_IFBLK | 0o600, libc::makedev(7, 0)) },
+        0
+    );
     let top = v.dir.path();
     let out = top.join("out");
     let before = snapshot(top, &[&out]);
@@ -280,7 +288,8 @@ fn device_nodes_on_the_store_are_skipped_unless_devices_is_given() {
     let err = String::from_utf8(run.stderr).unwrap();
     assert_eq!(
         err,
-        "skipped: /null: a character device 1:3 (not recreated without --devices)\n"
+        "skipped: /null: a character device 1:3 (not recreated without --devices)\n\
+         skipped: /z\\nnot exported: forged: a block device 7:0 (not recreated without --devices)\n"
     );
     assert!(String::from_utf8(run.stdout)
         .unwrap()

@@ -83,6 +83,8 @@ pub fn run(args: ExportArgs) -> Result<()> {
     }
     // With a tar stream on stdout, the report goes to stderr.
     for (path, what) in &summary.skipped {
+        // The name is the store's: a newline in it must not make a line of its own.
+        let path: String = path.as_str().chars().flat_map(char::escape_debug).collect();
         eprintln!("skipped: {path}: a {what} (not recreated without --devices)");
     }
     for (_, why) in &summary.failures {
