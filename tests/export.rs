@@ -171,3 +171,444 @@ fn a_tampered_file_is_listed_in_a_directory_export_and_ends_a_tar_stream() {
     assert_ne!(run.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&run.stderr).contains("/bad"));
 }
+
+// The store is hostile: everything on it but file contents (types, modes, owners, device
+// numbers, symlinks, hard links) is the attacker's. Each test below plants one thing on a
+// volume's backing store, checks what export makes of it in a directory and in a tar stream,
+// checks that nothing outside DEST changed, and has a positive control beside it.
+
+/// Whether the tests run as root (mknod, chown to another user).
+fn root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let r = unsafe { libc::geteuid() } == 0;
+    if !r {
+        eprintln!("not root; skipping");
+    }
+    r
+}
+
+/// Every entry beneath `root` but those under `skip`, with what a write through a symlink, a
+/// chmod or a chown would change (type, mode, owner, length, contents, mtime, ctime, target).
+fn snapshot(root: &Path, skip: &[&Path]) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if skip.iter().any(|s| p.starts_with(s)) {
+                continue;
+            }
+            let m = fs::symlink_metadata(&p).unwrap();
+            let what = if m.is_dir() {
+                stack.push(p.clone());
+                String::from("dir")
+            } else if m.file_type().is_symlink() {
+                format!("-> {}", fs::read_link(&p).unwrap().display())
+            } else if m.is_file() {
+                format!("{:?}", fs::read(&p).unwrap())
+            } else {
+                format!("rdev {}", m.rdev())
+            };
+            out.insert(
+                p.display().to_string(),
+                format!(
+                    "{what} mode={:o} owner={}:{} len={} mtime={}.{} ctime={}.{}",
+                    m.mode(),
+                    m.uid(),
+                    m.gid(),
+                    m.len(),
+                    m.mtime(),
+                    m.mtime_nsec(),
+                    m.ctime(),
+                    m.ctime_nsec()
+                ),
+            );
+        }
+    }
+    out
+}
+
+/// Member path, header and contents of each entry of a tar stream.
+fn members(bytes: &[u8]) -> BTreeMap<String, (tar::Header, Vec<u8>)> {
+    let mut archive = tar::Archive::new(bytes);
+    let mut out = BTreeMap::new();
+    for e in archive.entries().unwrap() {
+        let mut e = e.unwrap();
+        let name = e.path().unwrap().display().to_string();
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut e, &mut data).unwrap();
+        out.insert(name, (e.header().clone(), data));
+    }
+    out
+}
+
+/// `kmsfs export BACKING - ARGS`: its tar stream and stderr, failing the test unless it
+/// succeeds.
+fn tar_export(backing: &Path, args: &[&str]) -> (Vec<u8>, String) {
+    let run = export(backing, "-", args).output().unwrap();
+    assert_success(&run);
+    (run.stdout, String::from_utf8(run.stderr).unwrap())
+}
+
+fn mode(p: &Path) -> u32 {
+    fs::symlink_metadata(p).unwrap().mode() & 0o7777
+}
+
+#[test]
+fn device_nodes_on_the_store_are_skipped_unless_devices_is_given() {
+    if !root() {
+        return;
+    }
+    let v = common::TestVolume::new(4096);
+    v.write("plain.txt", b"plain");
+    let null = std::ffi::CString::new(v.backing_file("null").to_str().unwrap()).unwrap();
+    // SAFETY: valid path; a character device 1:3 (/dev/null's numbers).
+    assert_eq!(
+        unsafe { libc::mknod(null.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) },
+        0
+    );
+    fs::set_permissions(v.backing_file("null"), fs::Permissions::from_mode(0o666)).unwrap();
+    // A second one whose name would start a line of its own if printed as it is.
+    let forged = v.backing_file("z\nnot exported: forged");
+    let forged = std::ffi::CString::new(forged.to_str().unwrap()).unwrap();
+    // SAFETY: valid path.
+    assert_eq!(
+        unsafe { libc::mknod(forged.as_ptr(), libc::S_IFBLK | 0o600, libc::makedev(7, 0)) },
+        0
+    );
+    let top = v.dir.path();
+    let out = top.join("out");
+    let before = snapshot(top, &[&out]);
+
+    // Default: skipped, one line on stderr naming it; the ordinary file still arrives.
+    let run = export(&v.backing, out.to_str().unwrap(), &[])
+        .output()
+        .unwrap();
+    assert_success(&run);
+    let err = String::from_utf8(run.stderr).unwrap();
+    assert_eq!(
+        err,
+        "skipped: /null: a character device 1:3 (not recreated without --devices)\n\
+         skipped: /z\\nnot exported: forged: a block device 7:0 (not recreated without --devices)\n"
+    );
+    assert!(String::from_utf8(run.stdout)
+        .unwrap()
+        .contains("0 special files in"));
+    assert_eq!(fs::read(out.join("plain.txt")).unwrap(), b"plain");
+    assert!(fs::symlink_metadata(out.join("null")).is_err());
+    let (stream, err) = tar_export(&v.backing, &[]);
+    assert!(
+        err.starts_with("skipped: /null: a character device 1:3"),
+        "{err}"
+    );
+    let m = members(&stream);
+    assert_eq!(m.keys().collect::<Vec<_>>(), ["plain.txt"]);
+    assert_eq!(snapshot(top, &[&out]), before);
+
+    // Positive control: with --devices it is recreated, in the directory and in the stream.
+    let dev_out = top.join("dev-out");
+    let run = export(&v.backing, dev_out.to_str().unwrap(), &["--devices"])
+        .output()
+        .unwrap();
+    assert_success(&run);
+    assert!(
+        run.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let m = fs::symlink_metadata(dev_out.join("null")).unwrap();
+    assert!(m.file_type().is_char_device());
+    assert_eq!(m.rdev(), libc::makedev(1, 3));
+    assert_eq!(m.mode() & 0o7777, 0o666);
+    let (stream, _) = tar_export(&v.backing, &["--devices"]);
+    let m = members(&stream);
+    let (h, _) = &m["null"];
+    assert_eq!(h.entry_type(), tar::EntryType::Char);
+    assert_eq!(
+        (h.device_major().unwrap(), h.device_minor().unwrap()),
+        (Some(1), Some(3))
+    );
+    assert_eq!(snapshot(top, &[&out, &dev_out]), before);
+}
+
+#[test]
+fn set_id_bits_on_the_store_are_never_exported() {
+    let v = common::TestVolume::new(4096);
+    fs::create_dir(v.backing_file("shared")).unwrap();
+    v.write("shared/tool", b"#!/bin/sh\n");
+    v.write("shared/notes", b"notes");
+    let set = |p: &str, m: u32| {
+        fs::set_permissions(v.backing_file(p), fs::Permissions::from_mode(m)).unwrap()
+    };
+    set("shared/tool", 0o6755);
+    set("shared/notes", 0o640);
+    set("shared", 0o3775);
+    let top = v.dir.path();
+    let out = top.join("out");
+    let before = snapshot(top, &[&out]);
+    let run = export(&v.backing, out.to_str().unwrap(), &[])
+        .output()
+        .unwrap();
+    assert_success(&run);
+    // set-user-id and set-group-id gone; the rest of the mode kept (the sticky bit too), the
+    // ordinary 0640 exactly (the positive control).
+    assert_eq!(mode(&out.join("shared/tool")), 0o755);
+    assert_eq!(mode(&out.join("shared/notes")), 0o640);
+    assert_eq!(mode(&out.join("shared")), 0o1775);
+    let (stream, _) = tar_export(&v.backing, &[]);
+    let m = members(&stream);
+    assert_eq!(m["shared/tool"].0.mode().unwrap(), 0o755);
+    assert_eq!(m["shared/notes"].0.mode().unwrap(), 0o640);
+    assert_eq!(m["shared"].0.mode().unwrap(), 0o1775);
+    assert_eq!(m["shared/tool"].1, b"#!/bin/sh\n");
+    assert_eq!(snapshot(top, &[&out]), before);
+}
+
+#[test]
+fn owners_on_the_store_are_taken_only_with_same_owner() {
+    if !root() {
+        return;
+    }
+    let v = common::TestVolume::new(4096);
+    fs::create_dir(v.backing_file("d")).unwrap();
+    v.write("d/f", b"data");
+    std::os::unix::fs::symlink("f", v.backing_file("d/l")).unwrap();
+    for p in ["d", "d/f", "d/l"] {
+        std::os::unix::fs::lchown(v.backing_file(p), Some(65534), Some(65534)).unwrap();
+    }
+    // SAFETY: no preconditions.
+    let me = unsafe { (libc::geteuid(), libc::getegid()) };
+    let owner = |p: &Path| {
+        let m = fs::symlink_metadata(p).unwrap();
+        (m.uid(), m.gid())
+    };
+    let top = v.dir.path();
+    let (out, same) = (top.join("out"), top.join("same"));
+    let untarred = top.join("untarred");
+    let untarred_same = top.join("untarred-same");
+    let before = snapshot(top, &[&out, &same, &untarred, &untarred_same]);
+
+    // Default: everything belongs to the exporter, in the directory and in the stream (whose
+    // headers carry no user or group names that an extracting tar would look up instead).
+    assert_success(
+        &export(&v.backing, out.to_str().unwrap(), &[])
+            .output()
+            .unwrap(),
+    );
+    for p in ["d", "d/f", "d/l"] {
+        assert_eq!(owner(&out.join(p)), me, "{p}");
+    }
+    let (stream, _) = tar_export(&v.backing, &[]);
+    for (name, (h, _)) in members(&stream) {
+        assert_eq!(
+            (h.uid().unwrap(), h.gid().unwrap()),
+            (me.0 as u64, me.1 as u64),
+            "{name}"
+        );
+        assert_eq!(h.username_bytes(), Some(&b""[..]), "{name}");
+        assert_eq!(h.groupname_bytes(), Some(&b""[..]), "{name}");
+    }
+    // What tar extracting as root (which restores owners) makes of it.
+    let untar = |stream: &[u8], into: &Path| {
+        let tarball = top.join("stream.tar");
+        fs::write(&tarball, stream).unwrap();
+        fs::create_dir(into).unwrap();
+        let st = Command::new("tar")
+            .arg("-xpf")
+            .arg(&tarball)
+            .arg("-C")
+            .arg(into)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        fs::remove_file(&tarball).unwrap();
+    };
+    untar(&stream, &untarred);
+    for p in ["d", "d/f", "d/l"] {
+        assert_eq!(owner(&untarred.join(p)), me, "{p}");
+    }
+
+    // With --same-owner: the stored owners (the symlink's own too).
+    assert_success(
+        &export(&v.backing, same.to_str().unwrap(), &["--same-owner"])
+            .output()
+            .unwrap(),
+    );
+    for p in ["d", "d/f", "d/l"] {
+        assert_eq!(owner(&same.join(p)), (65534, 65534), "{p}");
+    }
+    assert_eq!(fs::read(same.join("d/f")).unwrap(), b"data");
+    let (stream, _) = tar_export(&v.backing, &["--same-owner"]);
+    for (name, (h, _)) in members(&stream) {
+        assert_eq!(
+            (h.uid().unwrap(), h.gid().unwrap()),
+            (65534, 65534),
+            "{name}"
+        );
+    }
+    untar(&stream, &untarred_same);
+    assert_eq!(owner(&untarred_same.join("d/f")), (65534, 65534));
+    assert_eq!(owner(&untarred_same.join("d/l")), (65534, 65534));
+    assert_eq!(
+        snapshot(top, &[&out, &same, &untarred, &untarred_same]),
+        before
+    );
+}
+
+#[test]
+fn a_symlink_planted_in_place_of_a_directory_is_exported_as_a_symlink_never_followed() {
+    let v = common::TestVolume::new(4096);
+    fs::create_dir(v.backing_file("d")).unwrap();
+    v.write("d/x", b"inside");
+    v.write("keep", b"keep");
+    let top = v.dir.path();
+    let outside = top.join("outside");
+    fs::create_dir_all(outside.join("sub")).unwrap();
+    fs::write(outside.join("secret"), b"outside plaintext").unwrap();
+    fs::write(outside.join("sub/more"), b"more").unwrap();
+
+    // Positive control: as stored, d is a directory and d/x is exported.
+    let first = top.join("first");
+    assert_success(
+        &export(&v.backing, first.to_str().unwrap(), &[])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(fs::read(first.join("d/x")).unwrap(), b"inside");
+
+    // The attacker swaps d for a symlink to a directory outside the store.
+    fs::rename(v.backing_file("d"), top.join("d-was")).unwrap();
+    std::os::unix::fs::symlink(&outside, v.backing_file("d")).unwrap();
+    let out = top.join("out");
+    let before = snapshot(top, &[&out, &first]);
+    let run = export(&v.backing, out.to_str().unwrap(), &[])
+        .output()
+        .unwrap();
+    assert_success(&run);
+    assert_eq!(fs::read_link(out.join("d")).unwrap(), outside);
+    assert_eq!(fs::read(out.join("keep")).unwrap(), b"keep");
+    let mut names: Vec<_> = fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["d", "keep"]);
+    let (stream, _) = tar_export(&v.backing, &[]);
+    let m = members(&stream);
+    assert_eq!(m.keys().collect::<Vec<_>>(), ["d", "keep"]);
+    assert_eq!(m["d"].0.entry_type(), tar::EntryType::Symlink);
+    assert_eq!(
+        m["d"].0.link_name().unwrap().unwrap(),
+        std::borrow::Cow::Borrowed(outside.as_path())
+    );
+    assert!(!stream
+        .windows(b"outside plaintext".len())
+        .any(|w| w == b"outside plaintext"));
+
+    // A subtree through it is refused in one line, before DEST is created.
+    let sub = top.join("sub");
+    for dest in [sub.to_str().unwrap(), "-"] {
+        let run = export(&v.backing, dest, &["--subtree", "d/secret"])
+            .stdout(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(run.status.code(), Some(1));
+        let err = String::from_utf8(run.stderr).unwrap();
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.contains("/d/secret: a symlink on the backing store"),
+            "{err}"
+        );
+    }
+    assert!(!sub.exists());
+    assert_eq!(snapshot(top, &[&out, &first]), before);
+}
+
+#[test]
+fn a_dest_holding_a_symlink_or_inside_the_store_is_refused_and_nothing_is_written() {
+    let v = common::TestVolume::new(4096);
+    fs::create_dir(v.backing_file("docs")).unwrap();
+    v.write("docs/a.txt", b"alpha");
+    let top = v.dir.path();
+    let outside = top.join("outside");
+    fs::create_dir(&outside).unwrap();
+    fs::write(outside.join("a.txt"), b"precious").unwrap();
+    let dest = top.join("dest");
+    fs::create_dir(&dest).unwrap();
+    std::os::unix::fs::symlink(&outside, dest.join("docs")).unwrap();
+    let before = snapshot(top, &[]);
+    let run = export(&v.backing, dest.to_str().unwrap(), &[])
+        .output()
+        .unwrap();
+    assert_eq!(run.status.code(), Some(1));
+    let err = String::from_utf8(run.stderr).unwrap();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("is not empty"), "{err}");
+    // Inside the store (or the store itself), or a file: refused, nothing created.
+    let inside = v.backing_file("docs/plain");
+    let file = outside.join("a.txt");
+    for (d, why) in [
+        (inside.as_path(), "inside the backing store"),
+        (v.backing.as_path(), "inside the backing store"),
+        (file.as_path(), "not a directory"),
+    ] {
+        let run = export(&v.backing, d.to_str().unwrap(), &[])
+            .output()
+            .unwrap();
+        assert_eq!(run.status.code(), Some(1), "{}", d.display());
+        let err = String::from_utf8(run.stderr).unwrap();
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains(why), "{err}");
+    }
+    assert_eq!(snapshot(top, &[]), before);
+
+    // Positive control: the same export into a new directory writes docs/a.txt, mode 0700 on
+    // the directory export created (the store's modes are anyone's to set).
+    let fresh = top.join("fresh");
+    assert_success(
+        &export(&v.backing, fresh.to_str().unwrap(), &[])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(fs::read(fresh.join("docs/a.txt")).unwrap(), b"alpha");
+    assert_eq!(mode(&fresh), 0o700);
+    assert_eq!(snapshot(top, &[&fresh]), before);
+}
+
+#[test]
+fn a_hard_link_planted_on_the_store_does_not_give_a_file_another_name() {
+    let v = common::TestVolume::new(4096);
+    v.write("a.txt", b"alpha");
+    v.write("b.txt", b"bravo");
+    // The attacker links a.txt's backing file under a name kmsfs never bound it to.
+    fs::hard_link(v.backing_file("a.txt"), v.backing_file("0stolen")).unwrap();
+    fs::hard_link(v.backing_file("a.txt"), v.backing_file("z-stolen")).unwrap();
+    let top = v.dir.path();
+    let out = top.join("out");
+    let before = snapshot(top, &[&out]);
+    let run = export(&v.backing, out.to_str().unwrap(), &[])
+        .output()
+        .unwrap();
+    assert_eq!(run.status.code(), Some(3));
+    let err = String::from_utf8(run.stderr).unwrap();
+    assert!(
+        err.contains("not exported: /0stolen: context mismatch")
+            && err.contains("not exported: /z-stolen: context mismatch"),
+        "{err}"
+    );
+    // Positive control: the names kmsfs bound are exported (a.txt alone, not linked).
+    assert_eq!(fs::read(out.join("a.txt")).unwrap(), b"alpha");
+    assert_eq!(fs::read(out.join("b.txt")).unwrap(), b"bravo");
+    assert_eq!(fs::metadata(out.join("a.txt")).unwrap().nlink(), 1);
+    let mut names: Vec<_> = fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["a.txt", "b.txt"]);
+    // A tar stream ends at the first one, with no member for it.
+    let run = export(&v.backing, "-", &[]).output().unwrap();
+    assert_eq!(run.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&run.stderr).contains("/0stolen: context mismatch"));
+    assert_eq!(snapshot(top, &[&out]), before);
+}

@@ -7,7 +7,7 @@ use std::time::Instant;
 use clap::Args;
 
 use super::{volume_path, VolumeArgs};
-use crate::core::export::{export, Destination, ExportSummary};
+use crate::core::export::{export, Destination, ExportOptions, ExportSummary};
 use crate::error::{Error, Result};
 use crate::format::context::CanonicalPath;
 
@@ -20,6 +20,13 @@ pub struct ExportArgs {
     /// Export only this file or directory (relative to the volume root)
     #[arg(long, value_name = "PATH")]
     pub subtree: Option<PathBuf>,
+    /// Give entries the owners recorded on the store (attacker-controlled metadata); without
+    /// it they belong to the user running export
+    #[arg(long)]
+    pub same_owner: bool,
+    /// Recreate device nodes found on the store; without it they are skipped and reported
+    #[arg(long)]
+    pub devices: bool,
 }
 
 pub fn run(args: ExportArgs) -> Result<()> {
@@ -51,12 +58,16 @@ pub fn run(args: ExportArgs) -> Result<()> {
             eprint!("\rexport: {} files, {} MB", s.files, s.bytes / 1_000_000);
         }
     };
-    let summary = export(&volume, &subtree, dest, &progress)?;
+    let options = ExportOptions {
+        same_owner: args.same_owner,
+        devices: args.devices,
+    };
+    let summary = export(&volume, &subtree, dest, options, &progress)?;
     if terminal {
         eprint!("\r");
     }
     let secs = started.elapsed().as_secs_f64();
-    let line = format!(
+    let mut line = format!(
         "exported {} files ({} bytes), {} directories, {} hard links, {} symlinks, {} special files in {:.1} s; {} failed",
         summary.files,
         summary.bytes,
@@ -67,7 +78,15 @@ pub fn run(args: ExportArgs) -> Result<()> {
         secs,
         summary.failures.len()
     );
+    if !summary.skipped.is_empty() {
+        line.push_str(&format!(", {} device nodes skipped", summary.skipped.len()));
+    }
     // With a tar stream on stdout, the report goes to stderr.
+    for (path, what) in &summary.skipped {
+        // The name is the store's: a newline in it must not make a line of its own.
+        let path: String = path.as_str().chars().flat_map(char::escape_debug).collect();
+        eprintln!("skipped: {path}: a {what} (not recreated without --devices)");
+    }
     for (_, why) in &summary.failures {
         eprintln!("not exported: {why}");
     }

@@ -2,20 +2,46 @@
 //! into a plain directory or a tar stream.
 //!
 //! The walk is depth-first in name order (so a tar stream is reproducible). Files are
-//! decrypted block by block as they are written out; directories, symlinks, fifos and device
-//! nodes are recreated; modes, owners (when run as root) and times are kept, directories'
-//! after their contents; a file with several names is written once and linked for the rest.
-//! Files that fail authentication are listed and skipped in a directory export; in a tar
-//! stream, where a half-written entry cannot be taken back, the first one ends the export.
+//! decrypted block by block as they are written out; directories, symlinks and fifos are
+//! recreated; modes (without the set-user-id and set-group-id bits) and times are kept,
+//! directories' after their contents; a file with several names is written once and linked
+//! for the rest. Files that fail authentication are listed and skipped in a directory export;
+//! in a tar stream, where a half-written entry cannot be taken back, the first one ends the
+//! export.
+//!
+//! Everything on the backing store but file contents is unauthenticated: an attacker who can
+//! write to it chooses every name's type, mode, owner, device number and symlink target, and
+//! can swap a directory for a symlink at any moment. Export is often run as root, so it must
+//! not lend root's privileges to that attacker:
+//!
+//! - the store is read only through [`Backing`] (an `O_PATH` root, every path resolved beneath
+//!   it with no symlink followed), so a symlink planted in a directory's place is exported as
+//!   a symlink and never read through;
+//! - the destination directory is written only through its own [`Backing`]: every entry is
+//!   created relative to a directory descriptor resolved beneath `DEST` with no symlink
+//!   followed, files with `O_CREAT | O_EXCL | O_NOFOLLOW`, so nothing is written through a
+//!   symlink, whether export created it or it was there before;
+//! - set-user-id and set-group-id bits are never set (the sticky bit is kept: it only limits
+//!   who may delete entries of a directory); device nodes are skipped unless
+//!   [`ExportOptions::devices`]; owners are the exporter's unless
+//!   [`ExportOptions::same_owner`] (in a tar stream too: its headers carry the exporting user's
+//!   uid and gid and no user or group names);
+//! - every name of a hard-linked file is authenticated at its own path before the output is
+//!   linked, so a hard link planted on the store cannot give a file's plaintext another name;
+//! - entries are created mode 0600 (directories 0700) and get their stored mode only once
+//!   complete; a `DEST` export creates is itself mode 0700 and never takes the store's mode.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs;
 use std::io::{Read, Write};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
+use rustix::fs::{AtFlags, Mode, OFlags};
+
+use crate::backing::{Atime, Backing};
 use crate::error::{Error, Result};
 use crate::format::context::CanonicalPath;
 
@@ -30,6 +56,16 @@ pub enum Destination {
     Tar(Box<dyn Write>),
 }
 
+/// What export may take from the store's (unauthenticated) metadata.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ExportOptions {
+    /// Give entries the owners recorded on the store (directory export), or write those in the
+    /// tar headers; otherwise entries belong to the user running export.
+    pub same_owner: bool,
+    /// Recreate character and block device nodes; otherwise each is skipped and reported.
+    pub devices: bool,
+}
+
 #[derive(Debug, Default)]
 pub struct ExportSummary {
     pub files: u64,
@@ -39,7 +75,12 @@ pub struct ExportSummary {
     pub special: u64,
     pub bytes: u64,
     pub failures: Vec<(CanonicalPath, String)>,
+    /// Device nodes not recreated (no `--devices`), each with what it is.
+    pub skipped: Vec<(CanonicalPath, String)>,
 }
+
+/// The permission bits export ever sets: no set-user-id, no set-group-id.
+pub const MODE_MASK: u32 = 0o1777;
 
 /// Plaintext of an encrypted file as a `Read`, for copying out.
 struct PlainReader<'a> {
@@ -82,20 +123,26 @@ impl Read for PlainReader<'_> {
     }
 }
 
-/// The destination while exporting (one tar builder for the whole stream).
+/// The destination while exporting: the output directory (every change beneath it made
+/// relative to its descriptor, never through a symlink), or one tar builder for the stream.
 enum Sink {
-    Dir(PathBuf),
+    Dir(Backing),
     Tar(tar::Builder<Box<dyn Write>>),
 }
 
 struct Exporter<'a> {
     volume: &'a Volume,
+    /// The backing store, read without following any symlink beneath its root.
+    store: &'a Backing,
     dest: Sink,
-    root: CanonicalPath,
-    /// First exported name of each multiply-linked backing inode.
-    seen: HashMap<(u64, u64), PathBuf>,
+    /// Where `DEST` is, for messages.
+    shown: PathBuf,
+    /// First exported name (in the output) of each multiply-linked backing inode.
+    seen: HashMap<(u64, u64), CanonicalPath>,
     summary: ExportSummary,
-    as_root: bool,
+    options: ExportOptions,
+    /// The exporting user's uid and gid, for tar headers without `same_owner`.
+    me: (u32, u32),
     progress: &'a dyn Fn(&ExportSummary),
 }
 
@@ -104,47 +151,41 @@ pub fn export(
     volume: &Volume,
     subtree: &CanonicalPath,
     dest: Destination,
+    options: ExportOptions,
     progress: &dyn Fn(&ExportSummary),
 ) -> Result<ExportSummary> {
-    if let Destination::Dir(dir) = &dest {
-        match fs::read_dir(dir) {
-            Ok(mut entries) => {
-                if entries.next().is_some() {
-                    return Err(Error::Refused(format!(
-                        "{} is not empty; export needs a new or empty directory",
-                        dir.display()
-                    )));
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                fs::create_dir(dir)
-                    .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
-            }
-            Err(e) => return Err(Error::io(format!("cannot read {}", dir.display()), e)),
-        }
-    }
-    let meta = volume
-        .backing()
-        .metadata(subtree)
-        .map_err(|e| Error::io(format!("cannot stat {subtree}"), e))?;
+    let store = volume.backing();
+    let meta = store_metadata(store, subtree)?;
+    let (sink, shown) = match dest {
+        Destination::Dir(dir) => (Sink::Dir(open_dest(&dir, store)?), dir),
+        Destination::Tar(w) => (Sink::Tar(tar::Builder::new(w)), PathBuf::from("-")),
+    };
+    let out = if subtree.is_root() {
+        CanonicalPath::root()
+    } else {
+        let rel = subtree.to_relative_path();
+        let name = rel
+            .file_name()
+            .expect("a path other than the root has a name");
+        CanonicalPath::root()
+            .join(name.as_bytes())
+            .map_err(|e| Error::format(subtree, e))?
+    };
     let mut ex = Exporter {
         volume,
-        dest: match dest {
-            Destination::Dir(d) => Sink::Dir(d),
-            Destination::Tar(w) => Sink::Tar(tar::Builder::new(w)),
-        },
-        root: subtree.clone(),
+        store,
+        dest: sink,
+        shown,
         seen: HashMap::new(),
         summary: ExportSummary::default(),
-        // SAFETY: geteuid has no preconditions.
-        as_root: unsafe { libc::geteuid() } == 0,
+        options,
+        me: (
+            rustix::process::geteuid().as_raw(),
+            rustix::process::getegid().as_raw(),
+        ),
         progress,
     };
-    if meta.is_dir() {
-        ex.dir(subtree, &meta)?;
-    } else {
-        ex.entry(subtree, &meta)?;
-    }
+    ex.walk(subtree, &out, &meta)?;
     if let Sink::Tar(b) = ex.dest {
         // The end-of-archive blocks, then everything out.
         b.into_inner()
@@ -154,210 +195,429 @@ pub fn export(
     Ok(ex.summary)
 }
 
-impl Exporter<'_> {
-    /// The path of `p` inside the export (relative for tar, under the directory otherwise).
-    fn rel(&self, p: &CanonicalPath) -> PathBuf {
-        let root = self.root.to_relative_path();
-        let rel = p.to_relative_path();
-        let inside = rel.strip_prefix(&root).unwrap_or(&rel).to_path_buf();
-        let base: PathBuf = if self.root.is_root() {
-            PathBuf::new()
-        } else {
-            root.file_name().map(PathBuf::from).unwrap_or_default()
-        };
-        base.join(inside)
+/// `lstat` of `p` on the store, resolved beneath its root with no symlink followed.
+fn store_metadata(store: &Backing, p: &CanonicalPath) -> Result<fs::Metadata> {
+    if p.is_root() {
+        store.root_metadata()
+    } else {
+        store.metadata(p)
     }
+    .map_err(|e| Error::io(format!("cannot stat {p}"), e))
+}
 
-    fn out(&self, p: &CanonicalPath) -> PathBuf {
-        match &self.dest {
-            Sink::Dir(d) => d.join(self.rel(p)),
-            Sink::Tar(_) => self.rel(p),
+fn stat_fd(fd: &impl rustix::fd::AsFd) -> std::io::Result<(u64, u64)> {
+    let st = rustix::fs::fstat(fd)?;
+    Ok((st.st_dev, st.st_ino))
+}
+
+/// Whether the directory `fd` holds is `target` or lies beneath it.
+fn is_within(fd: rustix::fd::OwnedFd, target: (u64, u64)) -> std::io::Result<bool> {
+    let mut cur = fd;
+    let mut id = stat_fd(&cur)?;
+    loop {
+        if id == target {
+            return Ok(true);
+        }
+        let up = rustix::fs::openat(
+            &cur,
+            "..",
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let up_id = stat_fd(&up)?;
+        if up_id == id {
+            return Ok(false);
+        }
+        (cur, id) = (up, up_id);
+    }
+}
+
+/// Opens (creating it, mode 0700, if missing) the directory `dir` to export into, refusing one
+/// that is not empty or lies inside the backing store. `dir` is the operator's: symlinks in it
+/// are followed; nothing beneath it ever is.
+fn open_dest(dir: &Path, store: &Backing) -> Result<Backing> {
+    let shown = dir.display();
+    let store_id = store
+        .root_metadata()
+        .map(|m| (m.dev(), m.ino()))
+        .map_err(|e| Error::io("cannot stat the backing store", e))?;
+    let inside = |fd| {
+        is_within(fd, store_id)
+            .map_err(|e| Error::io(format!("cannot check where {shown} is"), e))
+            .and_then(|inside| match inside {
+                true => Err(Error::Refused(format!(
+                    "{shown} is inside the backing store; export to a directory outside it"
+                ))),
+                false => Ok(()),
+            })
+    };
+    let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    match rustix::fs::open(dir, flags, Mode::empty()) {
+        Ok(fd) => inside(fd)?,
+        Err(rustix::io::Errno::NOENT) => {
+            let parent = match dir.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => Path::new("."),
+            };
+            let pfd = rustix::fs::open(parent, flags, Mode::empty()).map_err(|e| {
+                Error::io(format!("cannot create {shown}"), std::io::Error::from(e))
+            })?;
+            inside(pfd)?;
+            match rustix::fs::mkdir(dir, Mode::from_raw_mode(0o700)) {
+                Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                Err(e) => return Err(Error::io(format!("cannot create {shown}"), e.into())),
+            }
+        }
+        Err(rustix::io::Errno::NOTDIR) => {
+            return Err(Error::Refused(format!(
+                "{shown} is not a directory; export needs a new or empty directory"
+            )))
+        }
+        Err(e) => return Err(Error::io(format!("cannot open {shown}"), e.into())),
+    }
+    let dest = Backing::open(dir).map_err(|e| Error::io(format!("cannot open {shown}"), e))?;
+    // Checked through the descriptor every entry will be created under.
+    let root = CanonicalPath::root();
+    let entries = dest
+        .list_dir(&root, Atime::Update)
+        .map_err(|e| Error::io(format!("cannot read {shown}"), e))?;
+    if !entries.is_empty() {
+        return Err(Error::Refused(format!(
+            "{shown} is not empty; export needs a new or empty directory"
+        )));
+    }
+    // And checked again on the directory itself, now that it is open.
+    inside(
+        dest.open_dir(&root, Atime::Update)
+            .map_err(|e| Error::io(format!("cannot open {shown}"), e))?
+            .into(),
+    )?;
+    Ok(dest)
+}
+
+/// The last component of a path other than the root, as raw bytes.
+fn name_of(p: &CanonicalPath) -> OsString {
+    p.to_relative_path()
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default()
+}
+
+fn timestamps(meta: &fs::Metadata) -> rustix::fs::Timestamps {
+    let t = super::times_of(meta);
+    let ts = |t: &libc::timespec| rustix::fs::Timespec {
+        tv_sec: t.tv_sec,
+        tv_nsec: t.tv_nsec as _,
+    };
+    rustix::fs::Timestamps {
+        last_access: ts(&t[0]),
+        last_modification: ts(&t[1]),
+    }
+}
+
+impl Exporter<'_> {
+    /// How `out` is named in messages: under `DEST`, or as the tar member.
+    fn shown(&self, out: &CanonicalPath) -> String {
+        match self.dest {
+            Sink::Dir(_) => self
+                .shown
+                .join(out.to_relative_path())
+                .display()
+                .to_string(),
+            Sink::Tar(_) => out.to_relative_path().display().to_string(),
         }
     }
 
-    fn dir(&mut self, p: &CanonicalPath, meta: &fs::Metadata) -> Result<()> {
+    /// The error for a change to `out` in `DEST`. [`Backing`] words what it refuses (a
+    /// symlink, or an entry of another type, on the way) for the backing store; here it is
+    /// the destination.
+    fn dest_err(&self, what: &str, out: &CanonicalPath, e: std::io::Error) -> Error {
+        let shown = self.shown(out);
+        if e.raw_os_error().is_none() {
+            return Error::Refused(format!(
+                "cannot {what} {shown}: a symlink (or an entry export did not create) stands in \
+                 the way in the destination; export never writes through one"
+            ));
+        }
+        Error::io(format!("cannot {what} {shown}"), e)
+    }
+
+    /// Exports the store's `p` (whose metadata is `meta`) as `out`.
+    fn walk(&mut self, p: &CanonicalPath, out: &CanonicalPath, meta: &fs::Metadata) -> Result<()> {
+        if meta.is_dir() {
+            self.dir(p, out, meta)
+        } else {
+            self.entry(p, out, meta)
+        }
+    }
+
+    fn dir(&mut self, p: &CanonicalPath, out: &CanonicalPath, meta: &fs::Metadata) -> Result<()> {
         let mut names: Vec<OsString> = self
-            .volume
-            .backing()
-            .list_dir(p, crate::backing::Atime::Keep)
+            .store
+            .list_dir(p, Atime::Keep)
             .map_err(|e| Error::io(format!("cannot read {p}"), e))?
             .into_iter()
             .map(|e| e.name)
             .filter(|n| !is_reserved_name(n.as_bytes(), p.is_root()))
             .collect();
         names.sort();
-        let out = self.out(p);
-        match &mut self.dest {
-            Sink::Dir(_) => {
-                if !out.as_os_str().is_empty() && !out.is_dir() {
-                    fs::create_dir(&out)
-                        .map_err(|e| Error::io(format!("cannot create {}", out.display()), e))?;
-                }
-            }
-            Sink::Tar(w) => {
-                if !out.as_os_str().is_empty() {
-                    let mut h = header(meta, tar::EntryType::Directory);
-                    w.append_data(&mut h, &out, std::io::empty())
-                        .map_err(|e| Error::io("cannot write the tar stream", e))?;
-                }
+        if !out.is_root() {
+            if let Sink::Dir(d) = &self.dest {
+                // Only the exporter can enter it until it is complete.
+                d.mkdir(out, 0o700)
+                    .map_err(|e| self.dest_err("create", out, e))?;
+            } else {
+                let mut h = self.header(meta, tar::EntryType::Directory);
+                self.append(&mut h, out, std::io::empty())?;
             }
         }
         for name in names {
             let child = p.join(name.as_bytes()).map_err(|e| Error::format(p, e))?;
-            let m = self
-                .volume
-                .backing()
-                .metadata(&child)
-                .map_err(|e| Error::io(format!("cannot stat {child}"), e))?;
-            if m.is_dir() {
-                self.dir(&child, &m)?;
-            } else {
-                self.entry(&child, &m)?;
-            }
+            let child_out = out
+                .join(name.as_bytes())
+                .map_err(|e| Error::format(&child, e))?;
+            let m = store_metadata(&self.store, &child)?;
+            self.walk(&child, &child_out, &m)?;
         }
         self.summary.dirs += 1;
-        if let Sink::Dir(_) = self.dest {
-            self.finish(&out, meta)?;
+        // DEST itself is the operator's: it keeps its own mode and owner.
+        if !out.is_root() {
+            if let Sink::Dir(_) = self.dest {
+                self.finish(out, meta)?;
+            }
         }
         Ok(())
     }
 
-    /// Mode, owner and times of an exported directory entry (directory exports only).
-    fn finish(&self, out: &Path, meta: &fs::Metadata) -> Result<()> {
-        let c = std::ffi::CString::new(out.as_os_str().as_bytes())
-            .map_err(|_| Error::Usage("path with NUL".into()))?;
-        if self.as_root {
-            // SAFETY: valid path.
-            unsafe { libc::lchown(c.as_ptr(), meta.uid(), meta.gid()) };
+    /// Appends one tar member (never for a directory export).
+    fn append(&mut self, h: &mut tar::Header, out: &CanonicalPath, data: impl Read) -> Result<()> {
+        if let Sink::Tar(w) = &mut self.dest {
+            w.append_data(h, out.to_relative_path(), data)
+                .map_err(|e| Error::io("cannot write the tar stream", e))?;
         }
-        if !meta.file_type().is_symlink() {
-            fs::set_permissions(out, fs::Permissions::from_mode(meta.mode() & 0o7777))
-                .map_err(|e| Error::io(format!("cannot chmod {}", out.display()), e))?;
+        Ok(())
+    }
+
+    /// Appends a tar member that names another: a symlink or a hard link.
+    fn append_link(
+        &mut self,
+        h: &mut tar::Header,
+        out: &CanonicalPath,
+        target: &Path,
+    ) -> Result<()> {
+        if let Sink::Tar(w) = &mut self.dest {
+            h.set_size(0);
+            w.append_link(h, out.to_relative_path(), target)
+                .map_err(|e| Error::io("cannot write the tar stream", e))?;
         }
+        Ok(())
+    }
+
+    /// Owner (with `same_owner`), mode (masked) and times of a finished entry of a directory
+    /// export, set on the entry itself, resolved beneath `DEST` with no symlink followed.
+    fn finish(&self, out: &CanonicalPath, meta: &fs::Metadata) -> Result<()> {
+        let Sink::Dir(d) = &self.dest else {
+            return Ok(());
+        };
+        if self.options.same_owner {
+            d.chown(out, Some(meta.uid()), Some(meta.gid()), None)
+                .map_err(|e| {
+                    let what = format!("chown to {}:{}", meta.uid(), meta.gid());
+                    self.dest_err(&what, out, e)
+                })?;
+        }
+        if meta.file_type().is_symlink() {
+            // A symlink has no mode of its own; its times are set on the link itself.
+            if let Some(parent) = out.parent() {
+                if let Ok(dir) = d.open_dir(&parent, Atime::Keep) {
+                    let _ = rustix::fs::utimensat(
+                        &dir,
+                        name_of(out).as_os_str(),
+                        &timestamps(meta),
+                        AtFlags::SYMLINK_NOFOLLOW,
+                    );
+                }
+            }
+            return Ok(());
+        }
+        d.chmod(out, meta.mode() & MODE_MASK, None)
+            .map_err(|e| self.dest_err("chmod", out, e))?;
         // Times are best effort, as before: an export is not refused over them.
-        let _ = super::set_times_at(&c, &super::times_of(meta));
+        let _ = d.set_times(out, &super::times_of(meta), None);
         Ok(())
     }
 
-    fn entry(&mut self, p: &CanonicalPath, meta: &fs::Metadata) -> Result<()> {
-        let out = self.out(p);
+    /// As [`Exporter::finish`], on a file export just wrote (through its descriptor).
+    fn finish_file(&self, file: &fs::File, out: &CanonicalPath, meta: &fs::Metadata) -> Result<()> {
+        let shown = self.shown(out);
+        if self.options.same_owner {
+            let id = |v: u32| (v != u32::MAX).then_some(v);
+            rustix::fs::fchown(
+                file,
+                id(meta.uid()).map(rustix::fs::Uid::from_raw),
+                id(meta.gid()).map(rustix::fs::Gid::from_raw),
+            )
+            .map_err(|e| {
+                Error::io(
+                    format!("cannot chown {shown} to {}:{}", meta.uid(), meta.gid()),
+                    e.into(),
+                )
+            })?;
+        }
+        crate::backing::open::chmod(file, meta.mode() & MODE_MASK)
+            .map_err(|e| Error::io(format!("cannot chmod {shown}"), e))?;
+        let _ = crate::backing::open::set_times(file, &super::times_of(meta));
+        Ok(())
+    }
+
+    fn entry(&mut self, p: &CanonicalPath, out: &CanonicalPath, meta: &fs::Metadata) -> Result<()> {
         let ft = meta.file_type();
-        if ft.is_file() && meta.nlink() > 1 {
-            if let Some(first) = self.seen.get(&(meta.dev(), meta.ino())).cloned() {
-                match &mut self.dest {
-                    Sink::Dir(_) => fs::hard_link(&first, &out)
-                        .map_err(|e| Error::io(format!("cannot link {}", out.display()), e))?,
-                    Sink::Tar(w) => {
-                        let mut h = header(meta, tar::EntryType::Link);
-                        h.set_size(0);
-                        w.append_link(&mut h, &out, &first)
-                            .map_err(|e| Error::io("cannot write the tar stream", e))?;
-                    }
+        if ft.is_file() {
+            return self.file(p, out);
+        }
+        if ft.is_symlink() {
+            // The target exactly as stored; created, never followed.
+            let target = self
+                .store
+                .read_link(p)
+                .map_err(|e| Error::io(format!("cannot read {p}"), e))?;
+            let target = PathBuf::from(OsString::from_vec(target));
+            if let Sink::Dir(d) = &self.dest {
+                d.symlink(target.as_os_str().as_bytes(), out)
+                    .map_err(|e| self.dest_err("create", out, e))?;
+                self.finish(out, meta)?;
+            } else {
+                let mut h = self.header(meta, tar::EntryType::Symlink);
+                self.append_link(&mut h, out, &target)?;
+            }
+            self.summary.symlinks += 1;
+            return Ok(());
+        }
+        // Sockets belong to a running program.
+        if ft.is_socket() {
+            return Ok(());
+        }
+        let (kind, ifmt) = if ft.is_fifo() {
+            (tar::EntryType::Fifo, libc::S_IFIFO)
+        } else if ft.is_char_device() {
+            (tar::EntryType::Char, libc::S_IFCHR)
+        } else {
+            (tar::EntryType::Block, libc::S_IFBLK)
+        };
+        let rdev = meta.rdev();
+        if kind != tar::EntryType::Fifo && !self.options.devices {
+            let what = format!(
+                "{} device {}:{}",
+                if ft.is_char_device() {
+                    "character"
+                } else {
+                    "block"
+                },
+                libc::major(rdev),
+                libc::minor(rdev)
+            );
+            self.summary.skipped.push((p.clone(), what));
+            return Ok(());
+        }
+        if let Sink::Dir(d) = &self.dest {
+            let rdev = if kind == tar::EntryType::Fifo {
+                0
+            } else {
+                rdev
+            };
+            if let Err(e) = d.mknod(out, ifmt | 0o600, rdev) {
+                let e = self.dest_err("create", out, e);
+                return self.failed(p, e);
+            }
+            self.finish(out, meta)?;
+        } else {
+            let mut h = self.header(meta, kind);
+            h.set_size(0);
+            if kind != tar::EntryType::Fifo {
+                let _ = h.set_device_major(libc::major(rdev));
+                let _ = h.set_device_minor(libc::minor(rdev));
+            }
+            self.append(&mut h, out, std::io::empty())?;
+        }
+        self.summary.special += 1;
+        Ok(())
+    }
+
+    /// A regular file: decrypted at its own path, or, for a further name of a multiply-linked
+    /// file already exported, authenticated at its own path and linked to the first.
+    fn file(&mut self, p: &CanonicalPath, out: &CanonicalPath) -> Result<()> {
+        // Opened beneath the store root with no symlink followed, and only if it is a regular
+        // file; its metadata is the opened inode's.
+        let opened = self
+            .store
+            .open_file(p, false, Atime::Keep)
+            .map_err(|e| Error::io(format!("cannot open {p}"), e))
+            .and_then(|f| {
+                let m = f
+                    .metadata()
+                    .map_err(|e| Error::io(format!("cannot stat {p}"), e))?;
+                Ok((f, m))
+            });
+        let (backing_file, meta) = match opened {
+            Ok(x) => x,
+            Err(e) => return self.failed(p, e),
+        };
+        let inode = (meta.dev(), meta.ino());
+        // Every name is authenticated where it is, a further name of a hard-linked file too:
+        // one planted on the store (a link nobody made through kmsfs) has no envelope for its
+        // path and is refused like a moved file.
+        let file = match EncryptedFile::from_file(self.volume, p, backing_file) {
+            Ok(f) => f,
+            Err(e) => return self.failed(p, e),
+        };
+        if meta.nlink() > 1 {
+            if let Some(first) = self.seen.get(&inode).cloned() {
+                if let Sink::Dir(d) = &self.dest {
+                    // Both names resolved beneath DEST, neither followed if a symlink.
+                    d.link(&first, out)
+                        .map_err(|e| self.dest_err("link", out, e))?;
+                } else {
+                    let mut h = self.header(&meta, tar::EntryType::Link);
+                    self.append_link(&mut h, out, &first.to_relative_path())?;
                 }
                 self.summary.links += 1;
                 return Ok(());
             }
         }
-        if ft.is_file() {
-            let file = match EncryptedFile::open(self.volume, p, false) {
-                Ok(f) => f,
-                Err(e) => {
-                    return self.failed(p, e);
-                }
+        if let Sink::Dir(d) = &self.dest {
+            // New (O_EXCL), never through a symlink (O_NOFOLLOW, parents resolved beneath
+            // DEST), readable by the exporter alone until complete.
+            let created = d
+                .create_file(out, 0o600)
+                .map_err(|e| self.dest_err("create", out, e))?;
+            let copied = {
+                let mut w = &created;
+                let mut r = PlainReader::new(&file);
+                std::io::copy(&mut r, &mut w).map_err(|e| r.failure(p, e))
             };
-            match &mut self.dest {
-                Sink::Dir(_) => {
-                    let copied = fs::File::create(&out)
-                        .map_err(|e| Error::io(format!("cannot create {}", out.display()), e))
-                        .and_then(|mut w| {
-                            let mut r = PlainReader::new(&file);
-                            std::io::copy(&mut r, &mut w).map_err(|e| r.failure(p, e))
-                        });
-                    if let Err(e) = copied {
-                        let _ = fs::remove_file(&out);
-                        return self.failed(p, e);
-                    }
-                    self.finish(&out, meta)?;
-                }
-                Sink::Tar(w) => {
-                    let mut h = header(meta, tar::EntryType::Regular);
-                    h.set_size(file.size());
-                    let mut r = PlainReader::new(&file);
-                    if let Err(e) = w.append_data(&mut h, &out, &mut r) {
-                        let e = r.failure(p, e);
-                        return Err(Error::Integrity(format!(
-                            "{e}; the tar stream is incomplete"
-                        )));
-                    }
-                }
+            if let Err(e) = copied {
+                drop(created);
+                let _ = d.unlink(out, None);
+                return self.failed(p, e);
             }
-            self.summary.files += 1;
-            self.summary.bytes += file.size();
-            if ft.is_file() && meta.nlink() > 1 {
-                self.seen.insert((meta.dev(), meta.ino()), out);
-            }
-            (self.progress)(&self.summary);
-            return Ok(());
-        }
-        if ft.is_symlink() {
-            let target = self
-                .volume
-                .backing()
-                .read_link(p)
-                .map(|t| PathBuf::from(std::ffi::OsStr::from_bytes(&t)))
-                .map_err(|e| Error::io(format!("cannot read {p}"), e))?;
-            match &mut self.dest {
-                Sink::Dir(_) => {
-                    std::os::unix::fs::symlink(&target, &out)
-                        .map_err(|e| Error::io(format!("cannot create {}", out.display()), e))?;
-                    self.finish(&out, meta)?;
-                }
-                Sink::Tar(w) => {
-                    let mut h = header(meta, tar::EntryType::Symlink);
-                    h.set_size(0);
-                    w.append_link(&mut h, &out, &target)
-                        .map_err(|e| Error::io("cannot write the tar stream", e))?;
-                }
-            }
-            self.summary.symlinks += 1;
-            return Ok(());
-        }
-        // Fifos and device nodes are recreated; sockets belong to a running program.
-        if ft.is_socket() {
-            return Ok(());
-        }
-        match &mut self.dest {
-            Sink::Dir(_) => {
-                let c = std::ffi::CString::new(out.as_os_str().as_bytes())
-                    .map_err(|_| Error::Usage("path with NUL".into()))?;
-                // SAFETY: valid path.
-                if unsafe { libc::mknod(c.as_ptr(), meta.mode(), meta.rdev() as libc::dev_t) } != 0
-                {
-                    return self.failed(
-                        p,
-                        Error::io("cannot recreate", std::io::Error::last_os_error()),
-                    );
-                }
-                self.finish(&out, meta)?;
-            }
-            Sink::Tar(w) => {
-                let kind = if ft.is_fifo() {
-                    tar::EntryType::Fifo
-                } else if ft.is_char_device() {
-                    tar::EntryType::Char
-                } else {
-                    tar::EntryType::Block
-                };
-                let mut h = header(meta, kind);
-                h.set_size(0);
-                let rdev = meta.rdev();
-                let _ = h.set_device_major(libc::major(rdev));
-                let _ = h.set_device_minor(libc::minor(rdev));
-                w.append_data(&mut h, &out, std::io::empty())
-                    .map_err(|e| Error::io("cannot write the tar stream", e))?;
+            self.finish_file(&created, out, &meta)?;
+        } else {
+            let mut h = self.header(&meta, tar::EntryType::Regular);
+            h.set_size(file.size());
+            let mut r = PlainReader::new(&file);
+            if let Err(e) = self.append(&mut h, out, &mut r) {
+                let e = r.error.take().unwrap_or(e);
+                return Err(Error::Integrity(format!(
+                    "{e}; the tar stream is incomplete"
+                )));
             }
         }
-        self.summary.special += 1;
+        self.summary.files += 1;
+        self.summary.bytes += file.size();
+        if meta.nlink() > 1 {
+            self.seen.insert(inode, out.clone());
+        }
+        (self.progress)(&self.summary);
         Ok(())
     }
 
@@ -369,15 +629,166 @@ impl Exporter<'_> {
         self.summary.failures.push((p.clone(), e.to_string()));
         Ok(())
     }
+
+    /// A tar header with an entry's mode (no set-id bits), owner and mtime. The owner is the
+    /// stored one only with `same_owner`, else the exporting user's; user and group names are
+    /// left empty, so an extracting tar goes by these numbers and no name it would look up.
+    fn header(&self, meta: &fs::Metadata, kind: tar::EntryType) -> tar::Header {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        // Set for every member: the field is octal digits, not empty, for strict readers.
+        h.set_size(0);
+        h.set_mode(meta.mode() & MODE_MASK);
+        let (uid, gid) = if self.options.same_owner {
+            (meta.uid(), meta.gid())
+        } else {
+            self.me
+        };
+        h.set_uid(uid as u64);
+        h.set_gid(gid as u64);
+        h.set_mtime(meta.mtime().max(0) as u64);
+        h
+    }
 }
 
-/// A tar header with an entry's mode, owner and mtime.
-fn header(meta: &fs::Metadata, kind: tar::EntryType) -> tar::Header {
-    let mut h = tar::Header::new_gnu();
-    h.set_entry_type(kind);
-    h.set_mode(meta.mode() & 0o7777);
-    h.set_uid(meta.uid() as u64);
-    h.set_gid(meta.gid() as u64);
-    h.set_mtime(meta.mtime().max(0) as u64);
-    h
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::volume::InitOptions;
+    use crate::keys::spec::KeySpec;
+
+    fn path(p: &str) -> CanonicalPath {
+        CanonicalPath::from_user(Path::new(p)).unwrap()
+    }
+
+    /// A volume with `/docs/a.txt` and `/top.txt`, in a fresh temporary directory.
+    fn volume() -> (tempfile::TempDir, Volume) {
+        let dir = tempfile::tempdir().unwrap();
+        let backing = dir.path().join("backing");
+        fs::create_dir(&backing).unwrap();
+        let report = Volume::init(
+            &backing,
+            InitOptions {
+                keys: vec![KeySpec::Local(dir.path().join("keys/master.key"))],
+                block_size: 4096,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let v = report.volume;
+        fs::create_dir(backing.join("docs")).unwrap();
+        crate::core::file::write_new_file(&v, &path("docs/a.txt"), &mut &b"alpha"[..]).unwrap();
+        crate::core::file::write_new_file(&v, &path("top.txt"), &mut &b"top"[..]).unwrap();
+        (dir, v)
+    }
+
+    /// Exports into `dest` as it stands, past the check that it is empty (as if someone else
+    /// planted entries in it after that check).
+    fn export_into(v: &Volume, dest: &Path) -> Result<ExportSummary> {
+        export_watching(v, dest, &|_| {})
+    }
+
+    /// As [`export_into`], calling `progress` after each file.
+    fn export_watching(
+        v: &Volume,
+        dest: &Path,
+        progress: &dyn Fn(&ExportSummary),
+    ) -> Result<ExportSummary> {
+        let store = v.backing();
+        let meta = store.root_metadata().unwrap();
+        let mut ex = Exporter {
+            volume: v,
+            store,
+            dest: Sink::Dir(Backing::open(dest).unwrap()),
+            shown: dest.to_path_buf(),
+            seen: HashMap::new(),
+            summary: ExportSummary::default(),
+            options: ExportOptions::default(),
+            me: (0, 0),
+            progress,
+        };
+        ex.walk(&CanonicalPath::root(), &CanonicalPath::root(), &meta)?;
+        Ok(ex.summary)
+    }
+
+    fn listing(dir: &Path) -> Vec<(String, Vec<u8>)> {
+        let mut out: Vec<_> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let bytes = fs::read(e.path()).unwrap_or_default();
+                (e.file_name().to_string_lossy().into_owned(), bytes)
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn export_never_writes_through_a_symlink_planted_in_dest() {
+        let (dir, v) = volume();
+        let outside = dir.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        fs::write(outside.join("top.txt"), b"precious").unwrap();
+
+        // Positive control: into an empty directory, both files arrive.
+        let clean = dir.path().join("clean");
+        fs::create_dir(&clean).unwrap();
+        let s = export_into(&v, &clean).unwrap();
+        assert_eq!((s.files, s.failures.len()), (2, 0));
+        assert_eq!(fs::read(clean.join("docs/a.txt")).unwrap(), b"alpha");
+        assert_eq!(fs::read(clean.join("top.txt")).unwrap(), b"top");
+
+        // DEST holds `docs -> outside` (a directory's name) and `top.txt -> outside/top.txt`
+        // (a file's): neither is written through, and nothing outside changes.
+        let before = listing(&outside);
+        let dest = dir.path().join("dest");
+        fs::create_dir(&dest).unwrap();
+        std::os::unix::fs::symlink(&outside, dest.join("docs")).unwrap();
+        let e = export_into(&v, &dest).map(|s| s.files).unwrap_err();
+        assert!(e.to_string().contains("dest/docs: File exists"), "{e}");
+        assert_eq!(listing(&outside), before);
+        let dest2 = dir.path().join("dest2");
+        fs::create_dir(&dest2).unwrap();
+        std::os::unix::fs::symlink(outside.join("top.txt"), dest2.join("top.txt")).unwrap();
+        let e = export_into(&v, &dest2).map(|s| s.files).unwrap_err();
+        assert!(e.to_string().contains("dest2/top.txt: File exists"), "{e}");
+        assert_eq!(listing(&outside), before);
+        assert_eq!(fs::read(outside.join("top.txt")).unwrap(), b"precious");
+    }
+
+    #[test]
+    fn export_never_writes_through_a_directory_swapped_for_a_symlink_while_it_runs() {
+        let (dir, v) = volume();
+        crate::core::file::write_new_file(&v, &path("docs/0first"), &mut &b"first"[..]).unwrap();
+        let outside = dir.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        let dest = dir.path().join("dest");
+        fs::create_dir(&dest).unwrap();
+        // After the first file (docs/0first), DEST/docs becomes a symlink to `outside`, as if
+        // someone who can write to DEST swapped it: docs/a.txt must not land in `outside`.
+        let swapped = std::cell::Cell::new(false);
+        let swap = |_: &ExportSummary| {
+            if !swapped.replace(true) {
+                fs::rename(dest.join("docs"), dir.path().join("docs-was")).unwrap();
+                std::os::unix::fs::symlink(&outside, dest.join("docs")).unwrap();
+            }
+        };
+        let e = export_watching(&v, &dest, &swap)
+            .map(|s| s.files)
+            .unwrap_err();
+        assert!(swapped.get());
+        assert!(
+            e.to_string().contains(
+                "dest/docs/a.txt: a symlink (or an entry export did not create) stands in the way"
+            ),
+            "{e}"
+        );
+        assert!(listing(&outside).is_empty());
+        // Positive control: what was written before the swap is where it should be.
+        assert_eq!(
+            fs::read(dir.path().join("docs-was/0first")).unwrap(),
+            b"first"
+        );
+    }
 }

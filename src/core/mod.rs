@@ -32,23 +32,3 @@ pub(crate) fn times_of(meta: &std::fs::Metadata) -> [libc::timespec; 2] {
         },
     ]
 }
-
-/// Sets the times of the entry at `path` itself (a symlink is not followed).
-pub(crate) fn set_times_at(
-    path: &std::ffi::CStr,
-    times: &[libc::timespec; 2],
-) -> std::io::Result<()> {
-    // SAFETY: a valid C string and a two-element timespec array.
-    let r = unsafe {
-        libc::utimensat(
-            libc::AT_FDCWD,
-            path.as_ptr(),
-            times.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
