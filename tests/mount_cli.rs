@@ -475,9 +475,9 @@ fn can_act_as_nobody() -> bool {
             .status()
             .is_ok_and(|s| s.success())
     };
-    let ok = runs(env!("CARGO_BIN_EXE_kmsfs").as_ref(), &["--version"])
+    let ok = runs(&nobody_kmsfs(), &["--version"])
         && runs(
-            &std::env::current_exe().unwrap(),
+            &common::runnable_by_nobody(&std::env::current_exe().unwrap()),
             &["--list", "--exact", "fake_status_server"],
         )
         && std::process::Command::new("setpriv")
@@ -495,10 +495,19 @@ fn can_act_as_nobody() -> bool {
     ok
 }
 
+/// The kmsfs binary at a path other users can run.
+fn nobody_kmsfs() -> std::path::PathBuf {
+    common::runnable_by_nobody(env!("CARGO_BIN_EXE_kmsfs").as_ref())
+}
+
 /// `kmsfs` run as `uid` (group too) with XDG_RUNTIME_DIR=`runtime`.
 fn kmsfs_as(uid: u32, runtime: &std::path::Path) -> std::process::Command {
-    let mut c = kmsfs();
-    c.uid(uid).gid(uid).env("XDG_RUNTIME_DIR", runtime);
+    let mut c = std::process::Command::new(nobody_kmsfs());
+    c.env_remove("RUST_LOG")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .uid(uid)
+        .gid(uid)
+        .env("XDG_RUNTIME_DIR", runtime);
     c
 }
 
@@ -521,7 +530,7 @@ impl NobodyDaemon {
                 "--inh-caps=+sys_admin,+dac_override",
                 "--ambient-caps=+sys_admin,+dac_override",
             ])
-            .arg(env!("CARGO_BIN_EXE_kmsfs"))
+            .arg(nobody_kmsfs())
             .arg("mount")
             .arg(&m.backing)
             .arg(&m.mnt)
@@ -750,7 +759,9 @@ impl FakeServer {
         let answer_file = runtime.join("answer");
         fs::write(&answer_file, answer).unwrap();
         fs::set_permissions(&answer_file, fs::Permissions::from_mode(0o644)).unwrap();
-        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        let mut child = std::process::Command::new(common::runnable_by_nobody(
+            &std::env::current_exe().unwrap(),
+        ))
             .args(["--exact", "fake_status_server", "--nocapture", "-q"])
             .env("KMSFS_TEST_FAKE_STATUS_SERVER", &socket)
             .env("KMSFS_TEST_FAKE_STATUS_ANSWER", &answer_file)

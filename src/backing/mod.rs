@@ -27,6 +27,9 @@
 //! by the daemon's uid, and read, written and unlinked only through its descriptor, with a
 //! size cap on every read.
 
+// This module is the one place that makes syscalls on the store (see clippy.toml).
+#![allow(clippy::disallowed_methods)]
+
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::fs::{File, Metadata};
 use std::io::{self, Read, Write};
@@ -611,6 +614,13 @@ impl Backing {
         set_times_fd(&fd, times)
     }
 
+    /// Sets the times of the symlink at `path` itself (never its target).
+    pub fn set_link_times(&self, path: &CanonicalPath, times: &[libc::timespec; 2]) -> io::Result<()> {
+        let (dir, name) = self.parent(path)?;
+        rustix::fs::utimensat(&dir, name.as_c_str(), &timestamps(times), AtFlags::SYMLINK_NOFOLLOW)?;
+        Ok(())
+    }
+
     pub fn set_xattr(
         &self,
         path: &CanonicalPath,
@@ -784,16 +794,19 @@ fn chown_fd(fd: &OwnedFd, uid: Option<u32>, gid: Option<u32>) -> io::Result<()> 
     Ok(())
 }
 
-fn set_times_fd(fd: &OwnedFd, times: &[libc::timespec; 2]) -> io::Result<()> {
+fn timestamps(times: &[libc::timespec; 2]) -> rustix::fs::Timestamps {
     let ts = |t: &libc::timespec| rustix::fs::Timespec {
         tv_sec: t.tv_sec,
         tv_nsec: t.tv_nsec as _,
     };
-    let stamps = rustix::fs::Timestamps {
+    rustix::fs::Timestamps {
         last_access: ts(&times[0]),
         last_modification: ts(&times[1]),
-    };
-    rustix::fs::utimensat(CWD, proc_path(fd).as_c_str(), &stamps, AtFlags::empty())?;
+    }
+}
+
+fn set_times_fd(fd: &OwnedFd, times: &[libc::timespec; 2]) -> io::Result<()> {
+    rustix::fs::utimensat(CWD, proc_path(fd).as_c_str(), &timestamps(times), AtFlags::empty())?;
     Ok(())
 }
 
@@ -832,16 +845,16 @@ pub mod open {
 
     /// Times, owner and mode of an open file, set through its descriptor.
     pub fn set_times(file: &File, times: &[libc::timespec; 2]) -> io::Result<()> {
-        let ts = |t: &libc::timespec| rustix::fs::Timespec {
-            tv_sec: t.tv_sec,
-            tv_nsec: t.tv_nsec as _,
-        };
-        rustix::fs::futimens(
+        rustix::fs::futimens(file, &timestamps(times))?;
+        Ok(())
+    }
+
+    /// Changes the owner of an open file (None: keep).
+    pub fn chown(file: &File, uid: Option<u32>, gid: Option<u32>) -> io::Result<()> {
+        rustix::fs::fchown(
             file,
-            &rustix::fs::Timestamps {
-                last_access: ts(&times[0]),
-                last_modification: ts(&times[1]),
-            },
+            uid.map(rustix::fs::Uid::from_raw),
+            gid.map(rustix::fs::Gid::from_raw),
         )?;
         Ok(())
     }

@@ -7,6 +7,9 @@
 //! exits with that result. SIGINT, SIGTERM and SIGHUP detach the mount (files already open
 //! work on), and the daemon exits after their last close.
 
+// The mount point, /proc, /sys and /dev/null: the host's paths, not the store's.
+#![allow(clippy::disallowed_methods)]
+
 use std::ffi::CString;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};

@@ -12,6 +12,9 @@
 //! goes on. The client reads only from a daemon of its own user or root (`SO_PEERCRED`), reads
 //! at most [`MAX_ANSWER`] bytes, and shows every control character it received escaped.
 
+// The status socket's directory: the host's paths, not the store's.
+#![allow(clippy::disallowed_methods)]
+
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};

@@ -174,3 +174,31 @@ pub fn assert_success(out: &std::process::Output) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `exe` at a path uid 65534 can run: itself when every directory above it lets others
+/// through, else a hard link (or a copy) in a 0755 directory under /tmp, made once per binary
+/// and process. CI may check the project out under a directory only root can enter.
+#[allow(dead_code)]
+pub fn runnable_by_nobody(exe: &Path) -> PathBuf {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let reachable = exe
+        .ancestors()
+        .skip(1)
+        .filter(|d| !d.as_os_str().is_empty())
+        .all(|d| std::fs::metadata(d).is_ok_and(|m| m.mode() & 0o001 != 0));
+    if reachable && std::fs::metadata(exe).is_ok_and(|m| m.mode() & 0o001 != 0) {
+        return exe.to_path_buf();
+    }
+    let dir = std::env::temp_dir().join(format!("kmsfs-test-bins-{}", std::process::id()));
+    if let Err(e) = std::fs::create_dir(&dir) {
+        assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists, "{e}");
+    }
+    let meta = std::fs::symlink_metadata(&dir).unwrap();
+    assert!(meta.is_dir() && meta.uid() == 0, "{} is not root's", dir.display());
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let to = dir.join(exe.file_name().unwrap());
+    if !to.exists() && std::fs::hard_link(exe, &to).is_err() {
+        std::fs::copy(exe, &to).unwrap();
+    }
+    to
+}
