@@ -317,7 +317,7 @@ fn assert_unchanged(what: &str, before: &[String], after: &[String], context: &s
     let new: Vec<&String> = after.iter().filter(|l| !before.contains(l)).collect();
     assert!(
         gone.is_empty() && new.is_empty(),
-        "{what}: the daemon acted outside the store ({context})\nbefore: {gone:#?}\nafter: {new:#?}"
+        "{what}: kmsfs acted outside the store ({context})\nbefore: {gone:#?}\nafter: {new:#?}"
     );
 }
 
@@ -405,6 +405,10 @@ impl Stage {
             fs::write(m.p("n/x2"), pattern(3000, 3)).unwrap();
         });
         assert_eq!(fs::metadata(m.b("n/d/f")).unwrap().uid(), NOBODY);
+        // Root's group on what nobody may chown, so that its chown to itself shows.
+        for p in ["n/c", "n/c/f", "n/d", "n/d/f"] {
+            std::os::unix::fs::chown(m.p(p), None, Some(0)).unwrap();
+        }
         let outside = top.join("outside");
         fs::create_dir(&outside).unwrap();
         fs::set_permissions(&outside, fs::Permissions::from_mode(0o700)).unwrap();
@@ -455,8 +459,10 @@ impl Stage {
                 }
             };
             let c = held("c", "x2");
+            (attack.prepare)(&c).unwrap();
             let control = (attack.call)(&c);
             let d = held("d", "x");
+            (attack.prepare)(&d).unwrap();
             let (what, target) = match attack.swap {
                 Swap::Dir => (m.b("n/d"), self.outside.clone()),
                 Swap::File => (m.b("n/d/f"), self.outside.join("f")),
@@ -516,8 +522,14 @@ struct Attack {
     name: &'static str,
     swap: Swap,
     hold: Hold,
+    /// Made before the swap (on `d` as on `c`).
+    prepare: fn(&Held) -> io::Result<String>,
     call: fn(&Held) -> io::Result<String>,
     took_effect: fn(&Mount) -> bool,
+}
+
+fn nothing(_: &Held) -> io::Result<String> {
+    Ok(String::new())
 }
 
 /// Makes each attack on a fresh stage; fails listing every one that reached outside the store.
@@ -668,6 +680,7 @@ fn chmod_through_held_fds_after_a_swap_for_a_symlink_stays_in_the_store() {
             name: "fchmod of a held file, its directory swapped",
             swap: Swap::Dir,
             hold: Hold::Fd,
+            prepare: nothing,
             call: |h| fchmod(&h.file, 0o777),
             took_effect: |m| mode(&m.p("n/c/f")) == 0o777,
         },
@@ -675,6 +688,7 @@ fn chmod_through_held_fds_after_a_swap_for_a_symlink_stays_in_the_store() {
             name: "fchmod of a held directory, swapped itself",
             swap: Swap::Dir,
             hold: Hold::Fd,
+            prepare: nothing,
             call: |h| fchmod(&h.dir, 0o777),
             took_effect: |m| mode(&m.p("n/c")) == 0o777,
         },
@@ -682,7 +696,21 @@ fn chmod_through_held_fds_after_a_swap_for_a_symlink_stays_in_the_store() {
             name: "fchmod of a held file, swapped itself",
             swap: Swap::File,
             hold: Hold::Fd,
+            prepare: nothing,
             call: |h| fchmod(&h.file, 0o777),
+            took_effect: |m| mode(&m.p("n/c/f")) == 0o777,
+        },
+        Attack {
+            // A write by someone other than root clears set-id bits: the daemon's chmod.
+            name: "write to a held set-user-id file, its directory swapped",
+            swap: Swap::Dir,
+            hold: Hold::Fd,
+            prepare: |h| fchmod(&h.file, 0o4777),
+            call: |h| {
+                // SAFETY: an open descriptor and a buffer of the given length.
+                let n = unsafe { libc::pwrite(h.file.as_raw_fd(), b"w".as_ptr().cast(), 1, 0) };
+                sys(n as libc::c_int)
+            },
             took_effect: |m| mode(&m.p("n/c/f")) == 0o777,
         },
     ]);
@@ -690,29 +718,32 @@ fn chmod_through_held_fds_after_a_swap_for_a_symlink_stays_in_the_store() {
 
 #[test]
 fn chown_through_held_fds_after_a_swap_for_a_symlink_stays_in_the_store() {
-    // Nobody can only give itself what it has: the control is that the call succeeds (it
-    // reaches the daemon: the kernel does not skip a chown to the same owner).
+    // Nobody gives itself what is its own (the group was root's): outside, root's file
+    // would become nobody's.
     attack(&[
         Attack {
             name: "fchown of a held file, its directory swapped",
             swap: Swap::Dir,
             hold: Hold::Fd,
+            prepare: nothing,
             call: |h| fchown(&h.file),
-            took_effect: |m| fs::metadata(m.b("n/c/f")).unwrap().uid() == NOBODY,
+            took_effect: |m| fs::metadata(m.p("n/c/f")).unwrap().gid() == NOBODY,
         },
         Attack {
             name: "fchown of a held directory, swapped itself",
             swap: Swap::Dir,
             hold: Hold::Fd,
+            prepare: nothing,
             call: |h| fchown(&h.dir),
-            took_effect: |m| fs::metadata(m.b("n/c")).unwrap().uid() == NOBODY,
+            took_effect: |m| fs::metadata(m.p("n/c")).unwrap().gid() == NOBODY,
         },
         Attack {
             name: "fchown of a held file, swapped itself",
             swap: Swap::File,
             hold: Hold::Fd,
+            prepare: nothing,
             call: |h| fchown(&h.file),
-            took_effect: |m| fs::metadata(m.b("n/c/f")).unwrap().uid() == NOBODY,
+            took_effect: |m| fs::metadata(m.p("n/c/f")).unwrap().gid() == NOBODY,
         },
     ]);
 }
@@ -724,6 +755,7 @@ fn xattrs_through_held_fds_after_a_swap_for_a_symlink_stay_in_the_store() {
             name: "fsetxattr of a held file, its directory swapped",
             swap: Swap::Dir,
             hold: Hold::Fd,
+            prepare: nothing,
             call: |h| fsetxattr(&h.file),
             took_effect: |m| has_xattr(m, "n/c/f"),
         },
@@ -731,6 +763,7 @@ fn xattrs_through_held_fds_after_a_swap_for_a_symlink_stay_in_the_store() {
             name: "fsetxattr of a held directory, swapped itself",
             swap: Swap::Dir,
             hold: Hold::Fd,
+            prepare: nothing,
             call: |h| fsetxattr(&h.dir),
             took_effect: |m| has_xattr(m, "n/c"),
         },
@@ -738,6 +771,7 @@ fn xattrs_through_held_fds_after_a_swap_for_a_symlink_stay_in_the_store() {
             name: "fsetxattr of a held file, swapped itself",
             swap: Swap::File,
             hold: Hold::Fd,
+            prepare: nothing,
             call: |h| fsetxattr(&h.file),
             took_effect: |m| has_xattr(m, "n/c/f"),
         },
@@ -745,6 +779,7 @@ fn xattrs_through_held_fds_after_a_swap_for_a_symlink_stay_in_the_store() {
             name: "fgetxattr of a held file, its directory swapped",
             swap: Swap::Dir,
             hold: Hold::Fd,
+            prepare: nothing,
             // The control has no user.secret: ENODATA shows the call was answered.
             call: |h| match fgetxattr(&h.file) {
                 Err(e) if e.raw_os_error() == Some(libc::ENODATA) => Ok("no such xattr".into()),
@@ -762,6 +797,7 @@ fn utimes_through_held_fds_after_a_swap_for_a_symlink_stay_in_the_store() {
             name: "futimens of a held file, its directory swapped",
             swap: Swap::Dir,
             hold: Hold::Fd,
+            prepare: nothing,
             call: |h| futimens(&h.file),
             took_effect: |m| mtime_is_attack_time(m, "n/c/f"),
         },
@@ -769,6 +805,7 @@ fn utimes_through_held_fds_after_a_swap_for_a_symlink_stay_in_the_store() {
             name: "futimens of a held directory, swapped itself",
             swap: Swap::Dir,
             hold: Hold::Fd,
+            prepare: nothing,
             call: |h| futimens(&h.dir),
             took_effect: |m| mtime_is_attack_time(m, "n/c"),
         },
@@ -776,6 +813,7 @@ fn utimes_through_held_fds_after_a_swap_for_a_symlink_stay_in_the_store() {
             name: "futimens of a held file, swapped itself",
             swap: Swap::File,
             hold: Hold::Fd,
+            prepare: nothing,
             call: |h| futimens(&h.file),
             took_effect: |m| mtime_is_attack_time(m, "n/c/f"),
         },
@@ -789,6 +827,7 @@ fn create_in_a_held_dir_swapped_for_a_symlink_stays_in_the_store() {
             name: "create (O_CREAT | O_EXCL) in a held directory, swapped",
             swap: Swap::Dir,
             hold: Hold::Fd,
+            prepare: nothing,
             call: |h| {
                 // SAFETY: an open directory and a C string.
                 fd_of(unsafe {
@@ -807,6 +846,7 @@ fn create_in_a_held_dir_swapped_for_a_symlink_stays_in_the_store() {
             name: "mkdir in a held directory, swapped",
             swap: Swap::Dir,
             hold: Hold::Fd,
+            prepare: nothing,
             // SAFETY: an open directory and a C string.
             call: |h| sys(unsafe { libc::mkdirat(h.dir.as_raw_fd(), c"new".as_ptr(), 0o755) }),
             took_effect: |m| m.p("n/c/new").is_dir(),
@@ -815,6 +855,7 @@ fn create_in_a_held_dir_swapped_for_a_symlink_stays_in_the_store() {
             name: "symlink in a held directory, swapped",
             swap: Swap::Dir,
             hold: Hold::Fd,
+            prepare: nothing,
             call: |h| {
                 // SAFETY: an open directory and C strings.
                 sys(unsafe { libc::symlinkat(c"f".as_ptr(), h.dir.as_raw_fd(), c"new".as_ptr()) })
@@ -825,6 +866,7 @@ fn create_in_a_held_dir_swapped_for_a_symlink_stays_in_the_store() {
             name: "mkfifo in a held directory, swapped",
             swap: Swap::Dir,
             hold: Hold::Fd,
+            prepare: nothing,
             call: |h| {
                 // SAFETY: an open directory and a C string.
                 sys(unsafe {
@@ -843,6 +885,7 @@ fn unlink_and_rmdir_after_a_swap_for_a_symlink_stay_in_the_store() {
             name: "unlink in a held directory, swapped",
             swap: Swap::Dir,
             hold: Hold::Fd,
+            prepare: nothing,
             call: |h| unlinkat(&h.dir, "keep", 0),
             took_effect: |m| !exists(m, "n/c/keep"),
         },
@@ -850,6 +893,7 @@ fn unlink_and_rmdir_after_a_swap_for_a_symlink_stay_in_the_store() {
             name: "rmdir in a held directory, swapped",
             swap: Swap::Dir,
             hold: Hold::Fd,
+            prepare: nothing,
             call: |h| unlinkat(&h.dir, "sub", libc::AT_REMOVEDIR),
             took_effect: |m| !exists(m, "n/c/sub"),
         },
@@ -857,6 +901,7 @@ fn unlink_and_rmdir_after_a_swap_for_a_symlink_stay_in_the_store() {
             name: "unlink of a file swapped itself",
             swap: Swap::File,
             hold: Hold::Fd,
+            prepare: nothing,
             call: |h| unlinkat(&h.dir, "f", 0),
             took_effect: |m| !exists(m, "n/c/f"),
         },
@@ -870,6 +915,7 @@ fn rename_after_a_swap_for_a_symlink_stays_in_the_store() {
             name: "rename of a store file over a name in a held directory, swapped",
             swap: Swap::Dir,
             hold: Hold::Fd,
+            prepare: nothing,
             call: |h| renameat(&h.n, h.src, &h.dir, "f"),
             took_effect: |m| reads(m, "n/c/f", &pattern(3000, 3)),
         },
@@ -877,6 +923,7 @@ fn rename_after_a_swap_for_a_symlink_stays_in_the_store() {
             name: "rename out of a held directory, swapped",
             swap: Swap::Dir,
             hold: Hold::Fd,
+            prepare: nothing,
             call: |h| renameat(&h.dir, "sub", &h.n, &format!("sub-of-{}", h.name)),
             took_effect: |m| m.p("n/sub-of-c").is_dir(),
         },
@@ -884,6 +931,7 @@ fn rename_after_a_swap_for_a_symlink_stays_in_the_store() {
             name: "rename within a held directory, swapped",
             swap: Swap::Dir,
             hold: Hold::Fd,
+            prepare: nothing,
             call: |h| renameat(&h.dir, "keep", &h.dir, "keep2"),
             took_effect: |m| reads(m, "n/c/keep2", b"kept"),
         },
@@ -891,6 +939,7 @@ fn rename_after_a_swap_for_a_symlink_stays_in_the_store() {
             name: "rename of a file swapped itself",
             swap: Swap::File,
             hold: Hold::Fd,
+            prepare: nothing,
             call: |h| renameat(&h.dir, "f", &h.n, &format!("f-of-{}", h.name)),
             took_effect: |m| reads(m, "n/f-of-c", &pattern(5000, 1)),
         },
@@ -904,6 +953,7 @@ fn link_after_a_swap_for_a_symlink_stays_in_the_store() {
             name: "link of a store file into a held directory, swapped",
             swap: Swap::Dir,
             hold: Hold::Fd,
+            prepare: nothing,
             call: |h| linkat(&h.n, h.src, &h.dir, "linked"),
             took_effect: |m| reads(m, "n/c/linked", &pattern(3000, 3)),
         },
@@ -911,6 +961,7 @@ fn link_after_a_swap_for_a_symlink_stays_in_the_store() {
             name: "link out of a held directory, swapped",
             swap: Swap::Dir,
             hold: Hold::Fd,
+            prepare: nothing,
             call: |h| linkat(&h.dir, "keep", &h.n, &format!("keep-of-{}", h.name)),
             took_effect: |m| reads(m, "n/keep-of-c", b"kept"),
         },
@@ -918,6 +969,7 @@ fn link_after_a_swap_for_a_symlink_stays_in_the_store() {
             name: "link of a file swapped itself",
             swap: Swap::File,
             hold: Hold::Fd,
+            prepare: nothing,
             call: |h| linkat(&h.dir, "f", &h.n, &format!("f-of-{}", h.name)),
             took_effect: |m| reads(m, "n/f-of-c", &pattern(5000, 1)),
         },
@@ -931,6 +983,7 @@ fn truncate_after_a_swap_for_a_symlink_stays_in_the_store() {
             name: "truncate by path of a file, its directory swapped",
             swap: Swap::Dir,
             hold: Hold::Path,
+            prepare: nothing,
             call: |h| truncate(fd_path(&h.file), 10),
             took_effect: |m| reads(m, "n/c/f", &pattern(10, 1)),
         },
@@ -938,6 +991,7 @@ fn truncate_after_a_swap_for_a_symlink_stays_in_the_store() {
             name: "ftruncate of a held file, its directory swapped",
             swap: Swap::Dir,
             hold: Hold::Fd,
+            prepare: nothing,
             call: |h| ftruncate(&h.file, 10),
             took_effect: |m| reads(m, "n/c/f", &pattern(10, 1)),
         },
@@ -945,6 +999,7 @@ fn truncate_after_a_swap_for_a_symlink_stays_in_the_store() {
             name: "truncate by path of a file swapped itself",
             swap: Swap::File,
             hold: Hold::Path,
+            prepare: nothing,
             call: |h| truncate(fd_path(&h.file), 10),
             took_effect: |m| reads(m, "n/c/f", &pattern(10, 1)),
         },
@@ -952,6 +1007,7 @@ fn truncate_after_a_swap_for_a_symlink_stays_in_the_store() {
             name: "ftruncate of a held file, swapped itself",
             swap: Swap::File,
             hold: Hold::Fd,
+            prepare: nothing,
             call: |h| ftruncate(&h.file, 10),
             took_effect: |m| reads(m, "n/c/f", &pattern(10, 1)),
         },
@@ -967,6 +1023,7 @@ fn open_read_and_write_after_a_swap_for_a_symlink_stay_in_the_store() {
             name: "reopen and write a file, its directory swapped",
             swap: Swap::Dir,
             hold: Hold::Path,
+            prepare: nothing,
             call: reopen_and_write,
             took_effect: written,
         },
@@ -974,6 +1031,7 @@ fn open_read_and_write_after_a_swap_for_a_symlink_stay_in_the_store() {
             name: "reopen and write a file swapped itself",
             swap: Swap::File,
             hold: Hold::Path,
+            prepare: nothing,
             call: reopen_and_write,
             took_effect: written,
         },
@@ -981,6 +1039,7 @@ fn open_read_and_write_after_a_swap_for_a_symlink_stay_in_the_store() {
             name: "reopen and read a file, its directory swapped",
             swap: Swap::Dir,
             hold: Hold::Path,
+            prepare: nothing,
             call: reopen_and_read,
             took_effect: |_| true,
         },
@@ -988,6 +1047,7 @@ fn open_read_and_write_after_a_swap_for_a_symlink_stay_in_the_store() {
             name: "reopen and read a file swapped itself",
             swap: Swap::File,
             hold: Hold::Path,
+            prepare: nothing,
             call: reopen_and_read,
             took_effect: |_| true,
         },
@@ -1000,6 +1060,7 @@ fn listing_a_held_dir_swapped_for_a_symlink_shows_nothing_outside() {
         name: "list a held directory, swapped",
         swap: Swap::Dir,
         hold: Hold::Fd,
+        prepare: nothing,
         call: |h| list(&fd_path(&h.dir)),
         took_effect: |m| list(m.p("n/c").to_str().unwrap()).is_ok_and(|l| l.contains("keep")),
     }]);
@@ -1062,30 +1123,38 @@ fn reading_a_file_swapped_for_a_fifo_on_a_read_only_mount_gives_eio_without_hang
     fifo_in_a_files_place(true);
 }
 
-/// A stopped volume with one file, whose writable mounts are shown to tidy the rebind journal:
-/// a torn record left in `.kmsfs/pending/` is gone after a mount, and another after
-/// `kmsfs fsck --repair` (the positive control of the journal attacks).
+/// A rebind record naming `/a`, as a rename of `/a` cut short leaves it.
+const RECORD: &[u8] = b"kmsfs-rebind-1\0/a\0";
+
+/// A stopped volume with the file `/a`, whose writable mounts are shown to read the rebind
+/// journal (the positive control of the journal attacks): a record left in `.kmsfs/pending/`
+/// (made there by the daemon, for a rename) is tidied and gone after a mount, and another after
+/// `kmsfs fsck --repair`.
 fn journal_volume() -> Option<Mount> {
     if !fuse_available() || !root_available() {
         return None;
     }
     let mut m = Mount::new(4096, &[]);
-    fs::write(m.p("a"), pattern(100, 6)).unwrap();
+    fs::write(m.p("b"), pattern(100, 6)).unwrap();
+    fs::rename(m.p("b"), m.p("a")).unwrap();
     m.stop();
     let pending = m.b(".kmsfs/pending");
-    fs::create_dir_all(&pending).unwrap();
-    fs::write(pending.join("torn"), b"not a record").unwrap();
+    assert!(
+        pending.is_dir(),
+        "control: a rename made no journal directory"
+    );
+    fs::write(pending.join("left"), RECORD).unwrap();
     m.start();
     m.stop();
     assert!(
-        !pending.join("torn").exists(),
-        "control: a mount left a torn record"
+        !pending.join("left").exists(),
+        "control: a mount left a record in place"
     );
-    fs::write(pending.join("torn"), b"not a record").unwrap();
-    fsck_repair(&m);
+    fs::write(pending.join("left"), RECORD).unwrap();
+    let fsck = fsck_repair(&m);
     assert!(
-        !pending.join("torn").exists(),
-        "control: fsck --repair left a torn record"
+        !pending.join("left").exists(),
+        "control: fsck --repair left a record in place: {fsck}"
     );
     Some(m)
 }
@@ -1113,7 +1182,7 @@ fn outside_records(m: &Mount, name: &str) -> PathBuf {
     let dir = m.backing.parent().unwrap().join(name);
     fs::create_dir(&dir).unwrap();
     fs::write(dir.join("0001-torn"), b"root's own file").unwrap();
-    fs::write(dir.join("0002-record"), b"kmsfs-rebind-1\0/a\0").unwrap();
+    fs::write(dir.join("0002-record"), RECORD).unwrap();
     fs::create_dir(dir.join("sub")).unwrap();
     fs::write(dir.join("sub/inner"), b"root's own file").unwrap();
     for f in ["0001-torn", "0002-record", "sub/inner"] {
@@ -1122,49 +1191,97 @@ fn outside_records(m: &Mount, name: &str) -> PathBuf {
     dir
 }
 
-#[test]
-fn a_pending_dir_symlinked_outside_is_left_alone_by_mount_and_fsck_repair() {
+/// What reads the journal of a stopped volume.
+#[derive(Clone, Copy, Debug)]
+enum Reader {
+    /// A writable mount (which then renames `/a` through the mount, if it mounted).
+    Mount,
+    /// `kmsfs fsck --repair`.
+    FsckRepair,
+}
+
+/// A journal volume on which `setup` puts a symlink to root's directory outside the store
+/// (which it returns); after `reader` reads the journal, that directory must be as it was.
+fn journal_attack(reader: Reader, setup: fn(&Mount) -> PathBuf) {
     let Some(mut m) = journal_volume() else {
         return;
     };
-    let outside = outside_records(&m, "outside");
+    let outside = setup(&m);
+    let before = snapshot(&outside);
+    let what = match reader {
+        Reader::Mount => {
+            let mounted = m.try_start();
+            let renamed = mounted.as_ref().map(|()| fs::rename(m.p("a"), m.p("b")));
+            m.stop();
+            format!("mount: {mounted:?}, rename: {renamed:?}")
+        }
+        Reader::FsckRepair => fsck_repair(&m),
+    };
+    assert_unchanged(&format!("{reader:?}"), &before, &snapshot(&outside), &what);
+}
+
+/// `.kmsfs/pending` is a symlink to root's directory of files (some look like records).
+fn pending_dir_symlinked(m: &Mount) -> PathBuf {
+    let outside = outside_records(m, "outside");
     let pending = m.b(".kmsfs/pending");
     fs::remove_dir_all(&pending).unwrap();
     std::os::unix::fs::symlink(&outside, &pending).unwrap();
-    let before = snapshot(&outside);
-    let mounted = m.try_start();
-    m.stop();
-    assert_unchanged(
-        "a writable mount",
-        &before,
-        &snapshot(&outside),
-        &format!("mount: {mounted:?}"),
-    );
-    let fsck = fsck_repair(&m);
-    assert_unchanged("fsck --repair", &before, &snapshot(&outside), &fsck);
+    outside
+}
+
+/// Records in `.kmsfs/pending` are symlinks to root's files.
+fn pending_records_symlinked(m: &Mount) -> PathBuf {
+    let outside = outside_records(m, "outside");
+    for f in ["0001-torn", "0002-record"] {
+        std::os::unix::fs::symlink(outside.join(f), m.b(".kmsfs/pending").join(f)).unwrap();
+    }
+    outside
+}
+
+/// `.kmsfs` itself is a symlink to root's copy of it outside the store (an authentic config:
+/// the old daemon opens the volume through it), with things in its journal.
+fn kmsfs_dir_symlinked(m: &Mount) -> PathBuf {
+    let outside = m.backing.parent().unwrap().join("outside-kmsfs");
+    copy_tree(&m.b(".kmsfs"), &outside);
+    fs::create_dir_all(outside.join("pending")).unwrap();
+    fs::write(outside.join("pending/0001-torn"), b"root's own file").unwrap();
+    fs::write(outside.join("pending/0002-record"), RECORD).unwrap();
+    for f in ["pending/0001-torn", "pending/0002-record"] {
+        age_atime(&outside.join(f));
+    }
+    fs::remove_dir_all(m.b(".kmsfs")).unwrap();
+    std::os::unix::fs::symlink(&outside, m.b(".kmsfs")).unwrap();
+    outside
 }
 
 #[test]
-fn a_pending_record_symlinked_outside_is_neither_read_nor_followed() {
-    let Some(mut m) = journal_volume() else {
-        return;
-    };
-    let outside = outside_records(&m, "outside");
-    let pending = m.b(".kmsfs/pending");
-    for f in ["0001-torn", "0002-record"] {
-        std::os::unix::fs::symlink(outside.join(f), pending.join(f)).unwrap();
-    }
-    let before = snapshot(&outside);
-    let mounted = m.try_start();
-    m.stop();
-    assert_unchanged(
-        "a writable mount",
-        &before,
-        &snapshot(&outside),
-        &format!("mount: {mounted:?}"),
-    );
-    let fsck = fsck_repair(&m);
-    assert_unchanged("fsck --repair", &before, &snapshot(&outside), &fsck);
+fn a_pending_dir_symlinked_outside_is_left_alone_by_a_writable_mount() {
+    journal_attack(Reader::Mount, pending_dir_symlinked);
+}
+
+#[test]
+fn a_pending_dir_symlinked_outside_is_left_alone_by_fsck_repair() {
+    journal_attack(Reader::FsckRepair, pending_dir_symlinked);
+}
+
+#[test]
+fn pending_records_symlinked_outside_are_not_read_by_a_writable_mount() {
+    journal_attack(Reader::Mount, pending_records_symlinked);
+}
+
+#[test]
+fn pending_records_symlinked_outside_are_not_read_by_fsck_repair() {
+    journal_attack(Reader::FsckRepair, pending_records_symlinked);
+}
+
+#[test]
+fn a_kmsfs_dir_symlinked_outside_is_left_alone_by_a_writable_mount() {
+    journal_attack(Reader::Mount, kmsfs_dir_symlinked);
+}
+
+#[test]
+fn a_kmsfs_dir_symlinked_outside_is_left_alone_by_fsck_repair() {
+    journal_attack(Reader::FsckRepair, kmsfs_dir_symlinked);
 }
 
 /// Copies a directory tree (files, directories), keeping modes.
@@ -1182,49 +1299,19 @@ fn copy_tree(from: &Path, to: &Path) {
 }
 
 #[test]
-fn a_kmsfs_dir_symlinked_outside_is_left_alone_by_mount_and_fsck_repair() {
-    let Some(mut m) = journal_volume() else {
-        return;
-    };
-    // Root's copy of the volume's own directory, outside the store (an authentic config: the
-    // old daemon opens the volume through it), with things in its journal.
-    let outside = m.backing.parent().unwrap().join("outside-kmsfs");
-    copy_tree(&m.b(".kmsfs"), &outside);
-    fs::create_dir_all(outside.join("pending")).unwrap();
-    fs::write(outside.join("pending/0001-torn"), b"root's own file").unwrap();
-    fs::write(outside.join("pending/0002-record"), b"kmsfs-rebind-1\0/a\0").unwrap();
-    fs::remove_dir_all(m.b(".kmsfs")).unwrap();
-    std::os::unix::fs::symlink(&outside, m.b(".kmsfs")).unwrap();
-    let before = snapshot(&outside);
-    let mounted = m.try_start();
-    if mounted.is_ok() {
-        // A rename writes the journal.
-        let _ = fs::rename(m.p("a"), m.p("b"));
-    }
-    m.stop();
-    assert_unchanged(
-        "a writable mount",
-        &before,
-        &snapshot(&outside),
-        &format!("mount: {mounted:?}"),
-    );
-    let fsck = fsck_repair(&m);
-    assert_unchanged("fsck --repair", &before, &snapshot(&outside), &fsck);
-}
-
-#[test]
 fn a_pending_dir_swapped_for_a_symlink_while_mounted_gets_no_record_outside() {
     if !fuse_available() || !root_available() {
         return;
     }
     let m = Mount::new(4096, &[]);
     fs::write(m.p("a"), pattern(100, 7)).unwrap();
-    // Control: a rename writes (and removes) a record in the real journal directory.
+    // Control: a rename writes (and removes) a record in the real journal directory (which
+    // the first one makes).
+    fs::rename(m.p("a"), m.p("a2")).unwrap();
     let pending = m.b(".kmsfs/pending");
-    fs::create_dir_all(&pending).unwrap();
     let stamp = || fs::metadata(&pending).map(|m| (m.mtime(), m.mtime_nsec()));
     let was = stamp().unwrap();
-    fs::rename(m.p("a"), m.p("b")).unwrap();
+    fs::rename(m.p("a2"), m.p("b")).unwrap();
     assert_ne!(stamp().unwrap(), was, "control: a rename wrote no record");
     let outside = outside_records(&m, "outside");
     fs::remove_dir_all(&pending).unwrap();
