@@ -1326,3 +1326,114 @@ fn a_pending_dir_swapped_for_a_symlink_while_mounted_gets_no_record_outside() {
         &format!("rename: {renamed:?}, link: {linked:?}"),
     );
 }
+
+/// Names in a buffer of inotify events.
+fn inotify_names(buf: &[u8]) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut at = 0;
+    let head = std::mem::size_of::<libc::inotify_event>();
+    while at + head <= buf.len() {
+        let len = u32::from_ne_bytes(buf[at + 12..at + 16].try_into().unwrap()) as usize;
+        let name = &buf[at + head..at + head + len];
+        let end = name.iter().position(|&b| b == 0).unwrap_or(len);
+        names.push(String::from_utf8_lossy(&name[..end]).into_owned());
+        at += head + len;
+    }
+    names
+}
+
+/// Not deterministic, so bounded: nobody watches its backing directory with inotify and,
+/// the moment the daemon makes a new entry there (a create or mkdir through the mount), swaps
+/// it for a symlink to root's file, between the daemon making the entry and setting its mode.
+/// Root's file must keep its mode however often the race is won. (Positive control: entries
+/// made in `c` get the mode asked for.)
+#[test]
+fn create_and_mkdir_raced_by_a_symlink_on_the_store_stay_in_the_store() {
+    const ROUNDS: usize = 150;
+    let Some(s) = Stage::new() else { return };
+    let m = &s.m;
+    let before = snapshot(&s.outside);
+    let victim = s.outside.join("keep");
+    let (won, results) = as_nobody(|| {
+        let watched = cstr(m.b("n/d"));
+        // SAFETY: inotify_init1 has no preconditions; the descriptor is owned below.
+        let ino = fd_of(unsafe { libc::inotify_init1(libc::IN_CLOEXEC) }).unwrap();
+        // SAFETY: an inotify descriptor and a valid path.
+        let wd =
+            unsafe { libc::inotify_add_watch(ino.as_raw_fd(), watched.as_ptr(), libc::IN_CREATE) };
+        assert!(wd >= 0, "inotify_add_watch: {}", io::Error::last_os_error());
+        std::thread::scope(|scope| {
+            // The racer (nobody too: a thread has its creator's credentials).
+            let racer = scope.spawn(|| {
+                let mut won = 0;
+                let mut swapped = std::collections::HashSet::new();
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    // SAFETY: an inotify descriptor and a buffer of the given length.
+                    let n =
+                        unsafe { libc::read(ino.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+                    assert!(n > 0, "inotify read: {}", io::Error::last_os_error());
+                    for name in inotify_names(&buf[..n as usize]) {
+                        if name == "stop" {
+                            return won;
+                        }
+                        if name.starts_with('r')
+                            && !name.ends_with(".orig")
+                            && swapped.insert(name.clone())
+                        {
+                            let at = m.b(&format!("n/d/{name}"));
+                            if fs::rename(&at, m.b(&format!("n/d/{name}.orig"))).is_ok()
+                                && std::os::unix::fs::symlink(&victim, &at).is_ok()
+                            {
+                                won += 1;
+                            }
+                        }
+                    }
+                }
+            });
+            let mut results = Vec::new();
+            for i in 0..ROUNDS {
+                let p = m.p(&format!("n/d/r{i}"));
+                let made = if i % 2 == 0 {
+                    use std::os::unix::fs::OpenOptionsExt;
+                    fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o640)
+                        .open(&p)
+                        .map(drop)
+                } else {
+                    use std::os::unix::fs::DirBuilderExt;
+                    fs::DirBuilder::new().mode(0o750).create(&p)
+                };
+                results.push(made.map_err(|e| e.to_string()));
+            }
+            fs::create_dir(m.p("n/d/stop")).unwrap();
+            (racer.join().unwrap(), results)
+        })
+    });
+    // Control: what is made where nobody races gets the mode asked for (umask 022 aside).
+    as_nobody(|| {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o640)
+            .open(m.p("n/c/made"))
+            .unwrap();
+        fs::DirBuilder::new()
+            .mode(0o750)
+            .create(m.p("n/c/made-dir"))
+            .unwrap();
+    });
+    assert_eq!(mode(&m.p("n/c/made")), 0o640, "control: create");
+    assert_eq!(mode(&m.p("n/c/made-dir")), 0o750, "control: mkdir");
+    let failed = results.iter().filter(|r| r.is_err()).count();
+    assert_unchanged(
+        "creates raced by a symlink",
+        &before,
+        &snapshot(&s.outside),
+        &format!("{won} of {ROUNDS} new entries swapped (in time or not); {failed} calls failed"),
+    );
+    eprintln!("{won} of {ROUNDS} entries swapped, {failed} calls failed; root's file unchanged");
+}
