@@ -1131,6 +1131,8 @@ fn reading_a_file_swapped_for_a_fifo_on_a_read_only_mount_gives_eio_without_hang
 
 /// A rebind record naming `/a`, as a rename of `/a` cut short leaves it.
 const RECORD: &[u8] = b"kmsfs-rebind-1\0/a\0";
+/// A record's name as the daemon makes them (stamp, pid, counter).
+const LEFT: &str = "0000000000000000187a5c1f00000000-4242-0";
 
 /// A stopped volume with the file `/a`, whose writable mounts are shown to read the rebind
 /// journal (the positive control of the journal attacks): a record left in `.kmsfs/pending/`
@@ -1149,17 +1151,17 @@ fn journal_volume() -> Option<Mount> {
         pending.is_dir(),
         "control: a rename made no journal directory"
     );
-    fs::write(pending.join("left"), RECORD).unwrap();
+    fs::write(pending.join(LEFT), RECORD).unwrap();
     m.start();
     m.stop();
     assert!(
-        !pending.join("left").exists(),
+        !pending.join(LEFT).exists(),
         "control: a mount left a record in place"
     );
-    fs::write(pending.join("left"), RECORD).unwrap();
+    fs::write(pending.join(LEFT), RECORD).unwrap();
     let fsck = fsck_repair(&m);
     assert!(
-        !pending.join("left").exists(),
+        !pending.join(LEFT).exists(),
         "control: fsck --repair left a record in place: {fsck}"
     );
     Some(m)
