@@ -377,10 +377,12 @@ struct Held {
 
 /// A root daemon's `--allow-other` mount with `mnt/n` owned by nobody, in which nobody made
 /// (through the mount) two identical directories: `d`, the one attacked, and `c`, the control.
-/// Each holds `f` (a file), `keep` (a file) and `sub/` (an empty directory); `mnt/n` also holds
+/// Each holds `f` (a file), `keep` (a file), `sub/` (an empty directory) and `link` (a symlink
+/// to `f`); `mnt/n` also holds
 /// the files `x` and `x2`. Outside the store, `outside/` is root's (0700), holding `f` (a byte
 /// copy of `store/n/d/f`, as a backup of the store would be, root's, 0600), `keep`,
-/// `outside-only` (root's, 0600) and `sub/` (empty, 0700); `f` carries the xattr
+/// `outside-only` (root's, 0600), `sub/` (empty, 0700) and `link` (a symlink to
+/// `/root/outside-only`); `f` carries the xattr
 /// `user.secret=outside-only`. A call through the mount that returns `outside-only` has read
 /// root's directory.
 struct Stage {
@@ -406,6 +408,7 @@ impl Stage {
                 fs::write(m.p(&format!("{d}/f")), pattern(5000, 1)).unwrap();
                 fs::write(m.p(&format!("{d}/keep")), b"kept").unwrap();
                 fs::create_dir(m.p(&format!("{d}/sub"))).unwrap();
+                std::os::unix::fs::symlink("f", m.p(&format!("{d}/link"))).unwrap();
             }
             fs::write(m.p("n/x"), pattern(3000, 2)).unwrap();
             fs::write(m.p("n/x2"), pattern(3000, 3)).unwrap();
@@ -422,6 +425,7 @@ impl Stage {
         fs::write(outside.join("keep"), b"root's own file").unwrap();
         fs::write(outside.join("outside-only"), b"root's secret").unwrap();
         fs::create_dir(outside.join("sub")).unwrap();
+        std::os::unix::fs::symlink("/root/outside-only", outside.join("link")).unwrap();
         fs::set_permissions(outside.join("sub"), fs::Permissions::from_mode(0o700)).unwrap();
         let (f, v) = (cstr(outside.join("f")), b"outside-only");
         // SAFETY: a valid path, name and value of the given length.
@@ -1061,15 +1065,40 @@ fn open_read_and_write_after_a_swap_for_a_symlink_stay_in_the_store() {
 }
 
 #[test]
-fn listing_a_held_dir_swapped_for_a_symlink_shows_nothing_outside() {
-    attack(&[Attack {
-        name: "list a held directory, swapped",
-        swap: Swap::Dir,
-        hold: Hold::Fd,
-        prepare: nothing,
-        call: |h| list(&fd_path(&h.dir)),
-        took_effect: |m| list(m.p("n/c").to_str().unwrap()).is_ok_and(|l| l.contains("keep")),
-    }]);
+fn listing_and_readlink_in_a_held_dir_swapped_for_a_symlink_show_nothing_outside() {
+    attack(&[
+        Attack {
+            name: "readlink in a held directory, swapped",
+            swap: Swap::Dir,
+            hold: Hold::Fd,
+            prepare: nothing,
+            call: |h| {
+                let mut buf = vec![0u8; 4096];
+                // SAFETY: an open directory, a C string and a buffer of the given length.
+                let n = unsafe {
+                    libc::readlinkat(
+                        h.dir.as_raw_fd(),
+                        c"link".as_ptr(),
+                        buf.as_mut_ptr().cast(),
+                        buf.len(),
+                    )
+                };
+                if n < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(String::from_utf8_lossy(&buf[..n as usize]).into_owned())
+            },
+            took_effect: |m| fs::read_link(m.p("n/c/link")).is_ok_and(|t| t == Path::new("f")),
+        },
+        Attack {
+            name: "list a held directory, swapped",
+            swap: Swap::Dir,
+            hold: Hold::Fd,
+            prepare: nothing,
+            call: |h| list(&fd_path(&h.dir)),
+            took_effect: |m| list(m.p("n/c").to_str().unwrap()).is_ok_and(|l| l.contains("keep")),
+        },
+    ]);
 }
 
 /// `store/f` is swapped for a fifo while the kernel still takes `mnt/f` for a regular file: a
