@@ -135,6 +135,14 @@ impl Mount {
 
     /// Mounts (again), in the foreground, and waits until the mount is live.
     pub fn start(&mut self) {
+        if let Err(e) = self.try_start() {
+            panic!("{e}");
+        }
+    }
+
+    /// As `start`, but a daemon that exits instead of mounting (a volume it refuses) is an
+    /// error with what it logged, not a panic.
+    pub fn try_start(&mut self) -> Result<(), String> {
         assert!(self.child.is_none());
         let child = kmsfs()
             .arg("mount")
@@ -158,16 +166,8 @@ impl Mount {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !mounted(&self.mnt) {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                let mut err = String::new();
-                use std::io::Read;
-                let _ = self
-                    .child
-                    .take()
-                    .unwrap()
-                    .stderr
-                    .unwrap()
-                    .read_to_string(&mut err);
-                panic!("kmsfs mount exited ({status}): {err}");
+                self.child = None;
+                return Err(format!("kmsfs mount exited ({status}): {}", self.log()));
             }
             assert!(
                 Instant::now() < deadline,
@@ -175,6 +175,7 @@ impl Mount {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+        Ok(())
     }
 
     /// Unmounts cleanly (as `kmsfs umount` does) and waits for the daemon to exit.
