@@ -1158,8 +1158,34 @@ fn reading_a_file_swapped_for_a_fifo_on_a_read_only_mount_gives_eio_without_hang
     fifo_in_a_files_place(true);
 }
 
-/// A rebind record naming `/a`, as a rename of `/a` cut short leaves it.
-const RECORD: &[u8] = b"kmsfs-rebind-1\0/a\0";
+/// A genuine rebind record naming `/a`, as a rename of `/a` cut short leaves it: written by
+/// the volume's own journal (records are MACed under the volume key, so a hand-made one would
+/// be ignored and prove nothing). The volume must not be mounted.
+fn record(m: &Mount) -> Vec<u8> {
+    let volume = kmsfs::core::Volume::open(
+        &m.backing,
+        &kmsfs::core::OpenOptions {
+            pin: vec![kmsfs::keys::spec::KeySpec::Local(m.key.clone())],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let journal = kmsfs::core::journal::Journal::new(&volume, false).unwrap();
+    let pending = m.b(".kmsfs/pending");
+    let before: Vec<_> = fs::read_dir(&pending)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let written = journal.begin(&[common::path("a")]).unwrap();
+    let new = fs::read_dir(&pending)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| !before.contains(p))
+        .unwrap();
+    let bytes = fs::read(new).unwrap();
+    written.finish();
+    bytes
+}
 /// A record's name as the daemon makes them (stamp, pid, counter).
 const LEFT: &str = "0000000000000000187a5c1f00000000-4242-0";
 
@@ -1180,14 +1206,14 @@ fn journal_volume() -> Option<Mount> {
         pending.is_dir(),
         "control: a rename made no journal directory"
     );
-    fs::write(pending.join(LEFT), RECORD).unwrap();
+    fs::write(pending.join(LEFT), record(&m)).unwrap();
     m.start();
     m.stop();
     assert!(
         !pending.join(LEFT).exists(),
         "control: a mount left a record in place"
     );
-    fs::write(pending.join(LEFT), RECORD).unwrap();
+    fs::write(pending.join(LEFT), record(&m)).unwrap();
     let fsck = fsck_repair(&m);
     assert!(
         !pending.join(LEFT).exists(),
@@ -1219,7 +1245,7 @@ fn outside_records(m: &Mount, name: &str) -> PathBuf {
     let dir = m.backing.parent().unwrap().join(name);
     fs::create_dir(&dir).unwrap();
     fs::write(dir.join("0001-torn"), b"root's own file").unwrap();
-    fs::write(dir.join("0002-record"), RECORD).unwrap();
+    fs::write(dir.join("0002-record"), record(m)).unwrap();
     fs::create_dir(dir.join("sub")).unwrap();
     fs::write(dir.join("sub/inner"), b"root's own file").unwrap();
     for f in ["0001-torn", "0002-record", "sub/inner"] {
@@ -1282,7 +1308,7 @@ fn kmsfs_dir_symlinked(m: &Mount) -> PathBuf {
     copy_tree(&m.b(".kmsfs"), &outside);
     fs::create_dir_all(outside.join("pending")).unwrap();
     fs::write(outside.join("pending/0001-torn"), b"root's own file").unwrap();
-    fs::write(outside.join("pending/0002-record"), RECORD).unwrap();
+    fs::write(outside.join("pending/0002-record"), record(m)).unwrap();
     for f in ["pending/0001-torn", "pending/0002-record"] {
         age_atime(&outside.join(f));
     }

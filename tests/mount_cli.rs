@@ -762,14 +762,14 @@ impl FakeServer {
         let mut child = std::process::Command::new(common::runnable_by_nobody(
             &std::env::current_exe().unwrap(),
         ))
-            .args(["--exact", "fake_status_server", "--nocapture", "-q"])
-            .env("KMSFS_TEST_FAKE_STATUS_SERVER", &socket)
-            .env("KMSFS_TEST_FAKE_STATUS_ANSWER", &answer_file)
-            .uid(uid)
-            .gid(uid)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+        .args(["--exact", "fake_status_server", "--nocapture", "-q"])
+        .env("KMSFS_TEST_FAKE_STATUS_SERVER", &socket)
+        .env("KMSFS_TEST_FAKE_STATUS_ANSWER", &answer_file)
+        .uid(uid)
+        .gid(uid)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         while !socket.exists() {
             if let Some(status) = child.try_wait().unwrap() {

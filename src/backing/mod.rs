@@ -615,9 +615,18 @@ impl Backing {
     }
 
     /// Sets the times of the symlink at `path` itself (never its target).
-    pub fn set_link_times(&self, path: &CanonicalPath, times: &[libc::timespec; 2]) -> io::Result<()> {
+    pub fn set_link_times(
+        &self,
+        path: &CanonicalPath,
+        times: &[libc::timespec; 2],
+    ) -> io::Result<()> {
         let (dir, name) = self.parent(path)?;
-        rustix::fs::utimensat(&dir, name.as_c_str(), &timestamps(times), AtFlags::SYMLINK_NOFOLLOW)?;
+        rustix::fs::utimensat(
+            &dir,
+            name.as_c_str(),
+            &timestamps(times),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )?;
         Ok(())
     }
 
@@ -806,7 +815,12 @@ fn timestamps(times: &[libc::timespec; 2]) -> rustix::fs::Timestamps {
 }
 
 fn set_times_fd(fd: &OwnedFd, times: &[libc::timespec; 2]) -> io::Result<()> {
-    rustix::fs::utimensat(CWD, proc_path(fd).as_c_str(), &timestamps(times), AtFlags::empty())?;
+    rustix::fs::utimensat(
+        CWD,
+        proc_path(fd).as_c_str(),
+        &timestamps(times),
+        AtFlags::empty(),
+    )?;
     Ok(())
 }
 

@@ -194,7 +194,11 @@ pub fn runnable_by_nobody(exe: &Path) -> PathBuf {
         assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists, "{e}");
     }
     let meta = std::fs::symlink_metadata(&dir).unwrap();
-    assert!(meta.is_dir() && meta.uid() == 0, "{} is not root's", dir.display());
+    assert!(
+        meta.is_dir() && meta.uid() == 0,
+        "{} is not root's",
+        dir.display()
+    );
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     let to = dir.join(exe.file_name().unwrap());
     if !to.exists() && std::fs::hard_link(exe, &to).is_err() {
