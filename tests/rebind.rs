@@ -162,8 +162,16 @@ fn a_record_left_by_a_crash_is_finished_at_the_next_mount() {
     let volume = v.reopen().unwrap();
     drop(KmsFs::new(volume, true).unwrap());
     assert_eq!(pending_records(&v), 2);
-    let (_core, _) = mount(&v);
-    assert_eq!(pending_records(&v), 0, "the record is finished");
+    let (core, _) = mount(&v);
+    // The genuine record is finished; the torn one is reported and left (a torn record and
+    // a planted one look alike, and neither is the daemon's to delete).
+    assert_eq!(
+        pending_records(&v),
+        1,
+        "the record is finished, the torn one left"
+    );
+    assert!(v.backing.join(".kmsfs/pending/torn").exists());
+    assert_eq!(core.unusable_records(), 1);
     for i in 0..10 {
         let p = format!("tree/f{i}");
         assert_eq!(envelope_paths(&v.backing.join(&p)), vec![format!("/{p}")]);
@@ -273,6 +281,64 @@ fn a_crash_between_the_two_slot_writes_of_an_unbind_is_tidied_too() {
             .unwrap(),
     );
     let (_core, _) = mount(&v);
+    assert_eq!(pending_records(&v), 0);
+    assert_eq!(envelope_paths(&v.backing.join("a")), ["/a"]);
+    assert_eq!(read(&v, "a"), b"alpha");
+}
+
+#[test]
+fn a_forged_record_is_neither_acted_on_nor_deleted() {
+    let v = TestVolume::new(4096);
+    v.write("a", b"alpha");
+    // The file has a stale envelope for /b in its current slot: what a record naming /a would
+    // have the next mount tidy.
+    let (a, b) = (common::path("a"), common::path("b"));
+    let mut f = EncryptedFile::open(&v.volume, &a, true).unwrap();
+    let mine = f.envelopes()[0].clone();
+    let key = v
+        .volume
+        .keyring()
+        .rewrap(
+            &mine.key,
+            &v.volume.file_context(&a),
+            &mine.key.key_id,
+            &v.volume.file_context(&b),
+        )
+        .unwrap();
+    f.replace_envelopes(vec![mine, Envelope { path: b, key }])
+        .unwrap();
+    drop(f);
+    let pending = v.backing.join(".kmsfs/pending");
+    fs::create_dir_all(&pending).unwrap();
+    // What a store writer can make: the record's magic and paths (the root, to make every
+    // mount walk the whole volume), under no key or another; and a huge one.
+    let mut forged = b"kmsfs-rebind-2\0/\0".to_vec();
+    forged.extend_from_slice(&[0x5a; 32]);
+    fs::write(pending.join("forged"), &forged).unwrap();
+    fs::write(pending.join("huge"), vec![b'/'; 2 << 20]).unwrap();
+    let (core, _) = mount(&v);
+    assert_eq!(core.unusable_records(), 2);
+    drop(core);
+    assert_eq!(fs::read(pending.join("forged")).unwrap(), forged);
+    assert!(pending.join("huge").exists());
+    assert_eq!(envelope_paths(&v.backing.join("a")), ["/a", "/b"]);
+    let fsck = kmsfs::core::fsck::check(&v.volume, false, true).unwrap();
+    let unusable = fsck
+        .problems
+        .iter()
+        .filter(|p| p.kind == "unusable-rebind-record" && !p.repaired)
+        .count();
+    assert_eq!(unusable, 2);
+    assert!(pending.join("forged").exists() && pending.join("huge").exists());
+
+    // Positive control: a record the volume's journal wrote is acted on and removed.
+    fs::remove_file(pending.join("forged")).unwrap();
+    fs::remove_file(pending.join("huge")).unwrap();
+    let journal = Journal::new(&v.volume, false).unwrap();
+    std::mem::forget(journal.begin(&[common::path("a")]).unwrap());
+    let (core, _) = mount(&v);
+    assert_eq!(core.unusable_records(), 0);
+    drop(core);
     assert_eq!(pending_records(&v), 0);
     assert_eq!(envelope_paths(&v.backing.join("a")), ["/a"]);
     assert_eq!(read(&v, "a"), b"alpha");

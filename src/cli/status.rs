@@ -258,6 +258,7 @@ fn snapshot(core: &KmsFs, mountpoint: &Path, uptime: Duration) -> serde_json::Va
         },
         "kms_calls": calls,
         "io_errors": core.io_errors(),
+        "unusable_rebind_records": core.unusable_records(),
         "inodes": core.known_inodes(),
         "memory": { "rss_kib": rss_kib, "peak_rss_kib": peak_rss_kib },
         // SAFETY: PR_GET_DUMPABLE reads a flag of this process.
@@ -421,6 +422,12 @@ pub fn run(args: StatusArgs) -> Result<()> {
         show(&v["memory"]["rss_kib"]),
         show(&v["memory"]["peak_rss_kib"])
     );
+    if v["unusable_rebind_records"].as_u64().is_some_and(|n| n > 0) {
+        println!(
+            "rebind records left in place, unread (see kmsfs fsck): {}",
+            show(&v["unusable_rebind_records"])
+        );
+    }
     println!("I/O errors returned: {}", show(&v["io_errors"]));
     Ok(())
 }
