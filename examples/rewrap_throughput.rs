@@ -5,6 +5,8 @@
 //! Each file is rewrapped from key A to key B and then back, so every measurement moves the
 //! same N envelopes. Between two local key files a rewrap is a Decrypt and an Encrypt (with
 //! KMS keys it is one ReEncrypt), each paying the injected latency.
+// An example on paths it is given, not a mounted store.
+#![allow(clippy::disallowed_methods)]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

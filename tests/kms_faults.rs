@@ -7,6 +7,8 @@
 //! Faults come from the fault wrapper (`KMSFS_INJECT_KMS_FAULTS`, around the local provider),
 //! and, for the real AWS SDK path, from a proxy in front of moto that answers
 //! `ThrottlingException`, hangs, or drops every connection for 10 s.
+// Tests play the attacker and the operator: they touch the store by path on purpose.
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 

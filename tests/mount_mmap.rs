@@ -1,5 +1,7 @@
 //! `mmap` through a real mount: shared mappings read the plaintext and their writes reach
 //! the encrypted file (through the page cache and FUSE writes), surviving a remount.
+// Tests play the attacker and the operator: they touch the store by path on purpose.
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 

@@ -1,6 +1,8 @@
 //! Real programs on a real mount: git, tar, cp -a, rsync -a and sqlite3 work as on a local
 //! directory, checked against the same work done on a plain directory (diff -r, git fsck,
 //! sqlite's integrity check).
+// Tests play the attacker and the operator: they touch the store by path on purpose.
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 

@@ -1,5 +1,7 @@
 //! A read-only mount serves reads and refuses every change, writes nothing to the backing
 //! store (not even access times), and asks the key service for nothing but `Decrypt`.
+// Tests play the attacker and the operator: they touch the store by path on purpose.
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 

@@ -2,6 +2,8 @@
 //! the create/replace flags, too-small buffers, directories, and that attributes follow a file
 //! through a rename and a remount. (Values are stored as the backing file's own attributes,
 //! not encrypted: docs/SEMANTICS.md.)
+// Tests play the attacker and the operator: they touch the store by path on purpose.
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 

@@ -1,6 +1,8 @@
 //! Key prefetch (core, no mount): opening one file of a directory fetches the keys of the files
 //! beside it in parallel, so reading the whole directory waits for about one key-service round
 //! trip, not one per file; it is bounded, and off when set to 0.
+// Tests play the attacker and the operator: they touch the store by path on purpose.
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 

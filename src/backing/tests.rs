@@ -211,7 +211,7 @@ fn a_fifo_in_a_files_place_is_refused_without_blocking() {
         std::fs::remove_file(s.store.join("d/f")).unwrap();
         rustix::fs::mknodat(
             CWD,
-            &s.store.join("d/f"),
+            s.store.join("d/f"),
             rustix::fs::FileType::Fifo,
             Mode::from_raw_mode(0o600),
             0,
@@ -281,7 +281,7 @@ fn kmsfs_directories_must_be_real_and_owned() {
     if rustix::process::geteuid().is_root() {
         rustix::fs::chownat(
             CWD,
-            &s.store.join(".kmsfs"),
+            s.store.join(".kmsfs"),
             Some(rustix::fs::Uid::from_raw(65534)),
             None,
             AtFlags::empty(),

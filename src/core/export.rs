@@ -625,6 +625,7 @@ impl Exporter<'_> {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests play the attacker on the store, by path
 mod tests {
     use super::*;
     use crate::core::volume::InitOptions;

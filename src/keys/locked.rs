@@ -108,6 +108,7 @@ impl Drop for LockedArena {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests play the attacker on the store, by path
 mod tests {
     use super::*;
 
