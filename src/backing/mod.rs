@@ -659,7 +659,7 @@ impl Backing {
         let (fd, _) = self.object(path, Want::NotSymlink, expect)?;
         let p = proc_path(&fd);
         if size == 0 {
-            let n = rustix::fs::getxattr(p.as_c_str(), name, &mut [0u8; 0][..])?;
+            let n = rustix::fs::getxattr_query(p.as_c_str(), name)?;
             return Ok(vec![0; n]);
         }
         let mut buf = vec![0u8; size];
@@ -678,7 +678,7 @@ impl Backing {
         let (fd, _) = self.object(path, Want::NotSymlink, expect)?;
         let p = proc_path(&fd);
         if size == 0 {
-            let n = rustix::fs::listxattr(p.as_c_str(), &mut [0u8; 0][..])?;
+            let n = rustix::fs::listxattr_query(p.as_c_str())?;
             return Ok(vec![0; n]);
         }
         let mut buf = vec![0u8; size];
