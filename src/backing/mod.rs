@@ -705,7 +705,8 @@ impl Backing {
 
     /// kmsfs's own directory `name` at the backing root (see [`MetaDir`]).
     pub fn meta_dir(&self, name: &str, create: bool) -> io::Result<MetaDir> {
-        MetaDir::open_in(&self.root, &self.root_path, name, create)
+        let root_owner = self.root_metadata()?.uid();
+        MetaDir::open_in(&self.root, &self.root_path, name, create, root_owner)
     }
 }
 
@@ -912,6 +913,8 @@ pub const MAX_RECORD: u64 = 1 << 20;
 pub struct MetaDir {
     fd: OwnedFd,
     shown: PathBuf,
+    /// The backing root's owner, who may own kmsfs's directories too.
+    root_owner: u32,
 }
 
 impl std::fmt::Debug for MetaDir {
@@ -921,11 +924,15 @@ impl std::fmt::Debug for MetaDir {
 }
 
 impl MetaDir {
+    /// The directory must be owned by the user kmsfs runs as, by root, or by the backing
+    /// root's owner (who controls everything beneath it anyway): so root can serve or export
+    /// a user's volume, and nobody else who can write to the root can plant one.
     fn open_in(
         parent: &OwnedFd,
         parent_shown: &Path,
         name: &str,
         create: bool,
+        root_owner: u32,
     ) -> io::Result<MetaDir> {
         let shown = parent_shown.join(name);
         if create {
@@ -949,9 +956,10 @@ impl MetaDir {
         })?;
         let meta = metadata_of(&fd)?;
         let me = rustix::process::geteuid().as_raw();
-        if meta.uid() != me {
+        if ![me, 0, root_owner].contains(&meta.uid()) {
             return Err(io::Error::other(format!(
-                "{} is owned by uid {}, not by uid {me} who runs kmsfs; refusing to use it",
+                "{} is owned by uid {}, not by uid {me} who runs kmsfs, root, or the backing \
+                 directory's owner; refusing to use it",
                 shown.display(),
                 meta.uid()
             )));
@@ -963,7 +971,11 @@ impl MetaDir {
                 meta.mode() & 0o7777
             )));
         }
-        Ok(MetaDir { fd, shown })
+        Ok(MetaDir {
+            fd,
+            shown,
+            root_owner,
+        })
     }
 
     /// Where this directory is, for messages.
@@ -973,7 +985,7 @@ impl MetaDir {
 
     /// A directory of kmsfs's own inside this one.
     pub fn subdir(&self, name: &str, create: bool) -> io::Result<MetaDir> {
-        MetaDir::open_in(&self.fd, &self.shown, name, create)
+        MetaDir::open_in(&self.fd, &self.shown, name, create, self.root_owner)
     }
 
     /// The metadata of the entry `name` itself (not followed).

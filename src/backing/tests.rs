@@ -279,19 +279,26 @@ fn kmsfs_directories_must_be_real_and_owned() {
     )
     .unwrap();
     if rustix::process::geteuid().is_root() {
-        rustix::fs::chownat(
-            CWD,
-            s.store.join(".kmsfs"),
-            Some(rustix::fs::Uid::from_raw(65534)),
-            None,
-            AtFlags::empty(),
-        )
-        .unwrap();
+        // Another user's directory in a store root owned by root: refused. The store root's
+        // owner's: accepted (they control everything beneath it anyway).
+        let nobody = Some(rustix::fs::Uid::from_raw(65534));
+        rustix::fs::chownat(CWD, s.store.join(".kmsfs"), nobody, None, AtFlags::empty()).unwrap();
         assert!(b
             .meta_dir(".kmsfs", false)
             .unwrap_err()
             .to_string()
             .contains("owned by"));
+        rustix::fs::chownat(CWD, &s.store, nobody, None, AtFlags::empty()).unwrap();
+        let b = Backing::open(&s.store).unwrap();
+        b.meta_dir(".kmsfs", false).unwrap();
+        rustix::fs::chownat(
+            CWD,
+            &s.store,
+            Some(rustix::fs::Uid::ROOT),
+            None,
+            AtFlags::empty(),
+        )
+        .unwrap();
     }
 
     // A record planted as a symlink is neither read nor followed when unlinked.
