@@ -87,7 +87,15 @@ impl KmsFs {
         if let Some(node) = node {
             return Ok(HeaderHandle::Open(node));
         }
-        crate::core::file::open_backing(&self.volume, path, true).map(HeaderHandle::Closed)
+        // The inode the caller named (0: whatever file stands there, e.g. a tidy by path).
+        let file = if ino == 0 {
+            self.store().open_file(path, true, Atime::Update)
+        } else {
+            self.store()
+                .open_file_expecting(path, true, Atime::Update, self.expected(ino))
+        };
+        file.map(HeaderHandle::Closed)
+            .map_err(|e| Error::io(format!("cannot open {path}"), e))
     }
 
     /// Those of `envelopes` whose path still names the file `me` (and any for `also`, a name
