@@ -246,6 +246,7 @@ impl Backing {
 
     /// Resolves with the `O_NOFOLLOW` component walk instead of `openat2` (for tests of the
     /// fallback; kernels before 5.6 take it by themselves).
+    #[cfg(test)]
     pub fn use_component_walk(&self) {
         self.walk.store(true, Ordering::Relaxed);
     }
