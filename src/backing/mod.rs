@@ -155,16 +155,11 @@ fn check_kind(meta: &Metadata, want: Want, path: &dyn std::fmt::Display) -> io::
     }
 }
 
-fn check_identity(
-    meta: &Metadata,
-    expect: Option<Identity>,
-    path: &dyn std::fmt::Display,
-) -> io::Result<()> {
+/// `ESTALE` when another inode stands where `expect` was (logged once, with the path, by
+/// whoever reports the failed call).
+fn check_identity(meta: &Metadata, expect: Option<Identity>) -> io::Result<()> {
     match expect {
-        Some(id) if id != Identity::of(meta) => {
-            tracing::warn!("{path}: another inode stands at this name on the backing store now");
-            Err(errno(libc::ESTALE))
-        }
+        Some(id) if id != Identity::of(meta) => Err(errno(libc::ESTALE)),
         _ => Ok(()),
     }
 }
@@ -371,7 +366,7 @@ impl Backing {
         let fd = self.resolve(path, OFlags::PATH | OFlags::NOFOLLOW)?;
         let meta = metadata_of(&fd)?;
         check_kind(&meta, want, path)?;
-        check_identity(&meta, expect, path)?;
+        check_identity(&meta, expect)?;
         Ok((fd, meta))
     }
 
@@ -538,9 +533,6 @@ impl Backing {
         if let Some(id) = expect {
             let st = rustix::fs::statat(&dir, name.as_c_str(), AtFlags::SYMLINK_NOFOLLOW)?;
             if (st.st_dev, st.st_ino) != (id.dev, id.ino) {
-                tracing::warn!(
-                    "{path}: another inode stands at this name on the backing store now"
-                );
                 return Err(errno(libc::ESTALE));
             }
         }
@@ -599,7 +591,7 @@ impl Backing {
     ) -> io::Result<()> {
         let fd = self.resolve(path, OFlags::PATH | OFlags::NOFOLLOW)?;
         let meta = metadata_of(&fd)?;
-        check_identity(&meta, expect, path)?;
+        check_identity(&meta, expect)?;
         chown_fd(&fd, uid, gid)
     }
 
