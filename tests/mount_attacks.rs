@@ -1502,3 +1502,160 @@ fn create_and_mkdir_raced_by_a_symlink_on_the_store_stay_in_the_store() {
     );
     eprintln!("{won} of {ROUNDS} entries swapped, {failed} calls failed; root's file unchanged");
 }
+
+/// The red team's race: nobody hard-links a root-owned file it may write (root's group, mode
+/// 0666, outside the store on the same filesystem) into its own backing directory, then, as
+/// each new directory, fifo or symlink made through the mount appears there, exchanges it with
+/// that link (`RENAME_EXCHANGE`), in a set-group-id directory. A daemon that set the owner and
+/// mode by name after making the entry would chown root's file to nobody and give it the
+/// fifo's set-id bits with root's group. The owner and mode are set before the entry has its
+/// name, so the file outside keeps its owner, group and mode.
+#[test]
+fn new_entries_exchanged_with_a_hard_link_leave_the_linked_file_alone() {
+    const ROUNDS: usize = 120;
+    let Some(s) = Stage::new() else { return };
+    let m = &s.m;
+    let victim = m.backing.parent().unwrap().join("shared-rw");
+    fs::write(&victim, b"root's file others may write").unwrap();
+    fs::set_permissions(&victim, fs::Permissions::from_mode(0o666)).unwrap();
+    let owner = |p: &Path| {
+        let st = fs::metadata(p).unwrap();
+        (st.uid(), st.gid(), st.mode() & 0o7777)
+    };
+    let before = owner(&victim);
+    // Set-group-id, root's group: what made the red team's fifo setgid-root.
+    std::os::unix::fs::chown(m.p("n/d"), None, Some(0)).unwrap();
+    fs::set_permissions(m.p("n/d"), fs::Permissions::from_mode(0o2777)).unwrap();
+    let (won, failed) = as_nobody(|| {
+        // Nobody may link root's file: protected_hardlinks allows a file it may write.
+        fs::hard_link(&victim, m.b("n/d/L-probe")).expect("a hard link to root's file");
+        let watched = cstr(m.b("n/d"));
+        // SAFETY: inotify_init1 has no preconditions; the descriptor is owned below.
+        let ino = fd_of(unsafe { libc::inotify_init1(libc::IN_CLOEXEC) }).unwrap();
+        let mask = libc::IN_CREATE | libc::IN_MOVED_TO;
+        // SAFETY: an inotify descriptor and a valid path.
+        let wd = unsafe { libc::inotify_add_watch(ino.as_raw_fd(), watched.as_ptr(), mask) };
+        assert!(wd >= 0, "inotify_add_watch: {}", io::Error::last_os_error());
+        std::thread::scope(|scope| {
+            let racer = scope.spawn(|| {
+                let mut won = 0;
+                let mut seen = std::collections::HashSet::new();
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    // SAFETY: an inotify descriptor and a buffer of the given length.
+                    let n =
+                        unsafe { libc::read(ino.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+                    assert!(n > 0, "inotify read: {}", io::Error::last_os_error());
+                    for name in inotify_names(&buf[..n as usize]) {
+                        if name == "stop" {
+                            return won;
+                        }
+                        if !name.starts_with('r') || !seen.insert(name.clone()) {
+                            continue;
+                        }
+                        // A fresh link per entry, exchanged with it and left there.
+                        let link = m.b(&format!("n/d/L{name}"));
+                        if fs::hard_link(&victim, &link).is_err() {
+                            continue;
+                        }
+                        let (at, l) = (cstr(m.b(&format!("n/d/{name}"))), cstr(&link));
+                        // SAFETY: two valid paths; the exchange swaps the two names.
+                        let r = unsafe {
+                            libc::renameat2(
+                                libc::AT_FDCWD,
+                                at.as_ptr(),
+                                libc::AT_FDCWD,
+                                l.as_ptr(),
+                                libc::RENAME_EXCHANGE,
+                            )
+                        };
+                        won += usize::from(r == 0);
+                    }
+                }
+            });
+            let mut failed = 0;
+            for i in 0..ROUNDS {
+                let p = m.p(&format!("n/d/r{i}"));
+                let made = match i % 3 {
+                    0 => {
+                        use std::os::unix::fs::DirBuilderExt;
+                        fs::DirBuilder::new().mode(0o750).create(&p)
+                    }
+                    1 => {
+                        let c = cstr(&p);
+                        // SAFETY: a valid path; a fifo asking for set-id bits.
+                        match unsafe { libc::mknod(c.as_ptr(), libc::S_IFIFO | 0o6755, 0) } {
+                            0 => Ok(()),
+                            _ => Err(io::Error::last_os_error()),
+                        }
+                    }
+                    _ => std::os::unix::fs::symlink("target", &p),
+                };
+                failed += usize::from(made.is_err());
+            }
+            fs::create_dir(m.p("n/d/stop")).unwrap();
+            (racer.join().unwrap(), failed)
+        })
+    });
+    // Control: made where nobody races, the entries get their owner, group and mode.
+    as_nobody(|| {
+        use std::os::unix::fs::DirBuilderExt;
+        fs::DirBuilder::new()
+            .mode(0o750)
+            .create(m.p("n/d/made-dir"))
+            .unwrap();
+    });
+    assert_eq!(
+        owner(&m.b("n/d/made-dir")),
+        (NOBODY, 0, 0o2750),
+        "control: a new directory is nobody's, in root's group, set-group-id"
+    );
+    assert!(
+        won > 0,
+        "the racer never exchanged an entry: the test proves nothing"
+    );
+    assert_eq!(
+        owner(&victim),
+        before,
+        "root's file changed owner or mode ({won} of {ROUNDS} entries exchanged, {failed} calls failed)"
+    );
+    eprintln!("{won} of {ROUNDS} entries exchanged, {failed} calls failed; root's file unchanged");
+}
+
+/// A local user who can open a backing file (0644 by default) holds `flock(LOCK_EX)` on it
+/// forever. Header updates lock a range of kmsfs's own lock file instead, so a rename of that
+/// file through the mount (which rewrites its header) and everything after it go on.
+#[test]
+fn a_lock_held_on_a_backing_file_does_not_stall_the_mount() {
+    let Some(s) = Stage::new() else { return };
+    let m = &s.m;
+    let backing = m.b("n/d/f");
+    let backing = &backing;
+    let (held_tx, held_rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::scope(|scope| {
+        scope.spawn(move || {
+            let done_rx = std::sync::Mutex::new(done_rx);
+            as_nobody(|| {
+                let f = fs::File::open(&backing).unwrap();
+                // SAFETY: flock on an open descriptor.
+                assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) }, 0);
+                held_tx.send(()).unwrap();
+                let _ = done_rx
+                    .lock()
+                    .unwrap()
+                    .recv_timeout(Duration::from_secs(30));
+            })
+        });
+        held_rx.recv().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (from, to) = (m.p("n/d/f"), m.p("n/d/g"));
+        scope.spawn(move || tx.send(fs::rename(&from, &to)).unwrap());
+        let renamed = rx.recv_timeout(Duration::from_secs(10));
+        done_tx.send(()).unwrap();
+        let renamed = renamed.expect("the rename waited on the user's lock");
+        renamed.unwrap();
+    });
+    // The file moved with its keys: it reads at its new name.
+    assert_eq!(fs::read(m.p("n/d/g")).unwrap(), pattern(5000, 1));
+}

@@ -481,6 +481,87 @@ impl Backing {
         self.open_dir(path, Atime::Update)?.sync_all()
     }
 
+    /// Makes `what` at `path` owned by `owner` (uid, gid; root only) with permission bits
+    /// `perm`, so that no change is ever made through a name another user can swap: the
+    /// entry is made in kmsfs's private staging directory (`.kmsfs/staging`, reachable only
+    /// by the user kmsfs runs as), given its owner and mode there through its descriptor, and
+    /// only then renamed into place (`RENAME_NOREPLACE`). In a set-group-id directory it
+    /// takes the directory's group (and a directory the set-group-id bit), as the kernel would
+    /// give it. Returns the new entry's metadata.
+    pub fn make_entry(
+        &self,
+        path: &CanonicalPath,
+        what: NewEntry<'_>,
+        owner: Option<(u32, u32)>,
+        perm: Option<u32>,
+    ) -> io::Result<Metadata> {
+        let (dir, name) = self.parent(path)?;
+        let parent = metadata_of(&dir)?;
+        let sgid = parent.mode() & libc::S_ISGID != 0;
+        let staging = self.meta_dir(META_DIR, true)?.private_subdir(STAGING_DIR)?;
+        let tmp = format!("{:016x}", rand::random::<u64>());
+        match what {
+            NewEntry::Dir => {
+                rustix::fs::mkdirat(&staging.fd, tmp.as_str(), Mode::from_raw_mode(0o700))?
+            }
+            NewEntry::Node { kind, rdev } => rustix::fs::mknodat(
+                &staging.fd,
+                tmp.as_str(),
+                rustix::fs::FileType::from_raw_mode(kind),
+                Mode::empty(),
+                rdev,
+            )?,
+            NewEntry::Symlink(target) => {
+                rustix::fs::symlinkat(OsStr::from_bytes(target), &staging.fd, tmp.as_str())?
+            }
+        }
+        let is_dir = matches!(what, NewEntry::Dir);
+        let remove = || {
+            let flags = if is_dir {
+                AtFlags::REMOVEDIR
+            } else {
+                AtFlags::empty()
+            };
+            let _ = rustix::fs::unlinkat(&staging.fd, tmp.as_str(), flags);
+        };
+        let finish = || -> io::Result<Metadata> {
+            let obj = rustix::fs::openat(
+                &staging.fd,
+                tmp.as_str(),
+                OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            let group = sgid.then(|| parent.gid());
+            match owner {
+                Some((uid, gid)) => chown_fd(&obj, Some(uid), Some(group.unwrap_or(gid)))?,
+                // Not root: the directory's group where it is one of ours, as the kernel does.
+                None => {
+                    if let Some(g) = group {
+                        let _ = chown_fd(&obj, None, Some(g));
+                    }
+                }
+            }
+            if let Some(perm) = perm {
+                let perm = if is_dir && sgid {
+                    perm | libc::S_ISGID
+                } else {
+                    perm
+                };
+                chmod_fd(&obj, perm)?;
+            }
+            let meta = metadata_of(&obj)?;
+            rustix::fs::renameat_with(
+                &staging.fd,
+                tmp.as_str(),
+                &dir,
+                name.as_c_str(),
+                RenameFlags::NOREPLACE,
+            )?;
+            Ok(meta)
+        };
+        finish().inspect_err(|_| remove())
+    }
+
     pub fn mkdir(&self, path: &CanonicalPath, mode: u32) -> io::Result<()> {
         let (dir, name) = self.parent(path)?;
         rustix::fs::mkdirat(&dir, name.as_c_str(), Mode::from_raw_mode(mode))?;
@@ -603,8 +684,39 @@ impl Backing {
         times: &[libc::timespec; 2],
         expect: Option<Identity>,
     ) -> io::Result<()> {
-        let (fd, _) = self.object(path, Want::NotSymlink, expect)?;
-        set_times_fd(&fd, times)
+        let t = self.itself(path, expect)?;
+        let flags = if t.link {
+            AtFlags::SYMLINK_NOFOLLOW
+        } else {
+            AtFlags::empty()
+        };
+        rustix::fs::utimensat(CWD, t.path.as_c_str(), &timestamps(times), flags)?;
+        Ok(())
+    }
+
+    /// How to reach the entry at `path` itself (if it is the inode `expect`) with a
+    /// path-taking call: anything but a symlink through its own descriptor's `/proc/self/fd`
+    /// link; a symlink (whose own times and xattrs are its own business) by name in its
+    /// parent's descriptor, with the call's no-follow form, so its target is never reached.
+    fn itself(&self, path: &CanonicalPath, expect: Option<Identity>) -> io::Result<Itself> {
+        let fd = self.resolve(path, OFlags::PATH | OFlags::NOFOLLOW)?;
+        let meta = metadata_of(&fd)?;
+        check_identity(&meta, expect)?;
+        if !meta.file_type().is_symlink() {
+            return Ok(Itself {
+                path: proc_path(&fd),
+                link: false,
+                _hold: vec![fd],
+            });
+        }
+        let (dir, name) = self.parent(path)?;
+        let mut p = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
+        p.extend_from_slice(name.as_bytes());
+        Ok(Itself {
+            path: CString::new(p).map_err(|_| errno(libc::EINVAL))?,
+            link: true,
+            _hold: vec![fd, dir],
+        })
     }
 
     /// Sets the times of the symlink at `path` itself (never its target).
@@ -631,13 +743,13 @@ impl Backing {
         flags: i32,
         expect: Option<Identity>,
     ) -> io::Result<()> {
-        let (fd, _) = self.object(path, Want::NotSymlink, expect)?;
-        rustix::fs::setxattr(
-            proc_path(&fd).as_c_str(),
-            name,
-            value,
-            rustix::fs::XattrFlags::from_bits_retain(flags as u32),
-        )?;
+        let t = self.itself(path, expect)?;
+        let flags = rustix::fs::XattrFlags::from_bits_retain(flags as u32);
+        if t.link {
+            rustix::fs::lsetxattr(t.path.as_c_str(), name, value, flags)?;
+        } else {
+            rustix::fs::setxattr(t.path.as_c_str(), name, value, flags)?;
+        }
         Ok(())
     }
 
@@ -649,14 +761,22 @@ impl Backing {
         size: usize,
         expect: Option<Identity>,
     ) -> io::Result<Vec<u8>> {
-        let (fd, _) = self.object(path, Want::NotSymlink, expect)?;
-        let p = proc_path(&fd);
+        let t = self.itself(path, expect)?;
+        let p = t.path.as_c_str();
         if size == 0 {
-            let n = rustix::fs::getxattr_query(p.as_c_str(), name)?;
+            let n = if t.link {
+                rustix::fs::lgetxattr_query(p, name)?
+            } else {
+                rustix::fs::getxattr_query(p, name)?
+            };
             return Ok(vec![0; n]);
         }
         let mut buf = vec![0u8; size];
-        let n = rustix::fs::getxattr(p.as_c_str(), name, &mut buf[..])?;
+        let n = if t.link {
+            rustix::fs::lgetxattr(p, name, &mut buf[..])?
+        } else {
+            rustix::fs::getxattr(p, name, &mut buf[..])?
+        };
         buf.truncate(n);
         Ok(buf)
     }
@@ -668,14 +788,22 @@ impl Backing {
         size: usize,
         expect: Option<Identity>,
     ) -> io::Result<Vec<u8>> {
-        let (fd, _) = self.object(path, Want::NotSymlink, expect)?;
-        let p = proc_path(&fd);
+        let t = self.itself(path, expect)?;
+        let p = t.path.as_c_str();
         if size == 0 {
-            let n = rustix::fs::listxattr_query(p.as_c_str())?;
+            let n = if t.link {
+                rustix::fs::llistxattr_query(p)?
+            } else {
+                rustix::fs::listxattr_query(p)?
+            };
             return Ok(vec![0; n]);
         }
         let mut buf = vec![0u8; size];
-        let n = rustix::fs::listxattr(p.as_c_str(), &mut buf[..])?;
+        let n = if t.link {
+            rustix::fs::llistxattr(p, &mut buf[..])?
+        } else {
+            rustix::fs::listxattr(p, &mut buf[..])?
+        };
         buf.truncate(n);
         Ok(buf)
     }
@@ -686,14 +814,48 @@ impl Backing {
         name: &CStr,
         expect: Option<Identity>,
     ) -> io::Result<()> {
-        let (fd, _) = self.object(path, Want::NotSymlink, expect)?;
-        rustix::fs::removexattr(proc_path(&fd).as_c_str(), name)?;
+        let t = self.itself(path, expect)?;
+        if t.link {
+            rustix::fs::lremovexattr(t.path.as_c_str(), name)?;
+        } else {
+            rustix::fs::removexattr(t.path.as_c_str(), name)?;
+        }
         Ok(())
     }
 
     /// The backing filesystem's `statvfs`.
     pub fn statvfs(&self) -> io::Result<rustix::fs::StatVfs> {
         Ok(rustix::fs::fstatvfs(&self.root)?)
+    }
+
+    /// Serializes changes to the header of the open backing `file` with every other kmsfs
+    /// process and thread (a mount, `rewrap`, `fsck --repair`), until the guard drops. The
+    /// lock is a byte range (the file's inode number) of `.kmsfs/header.lock`, not a lock on
+    /// the backing file itself: anyone who can open a backing file could hold that forever,
+    /// while kmsfs's own directory is reachable only by the user it runs as. Each call opens
+    /// the lock file anew, so two threads of one process exclude each other too.
+    pub fn lock_header(&self, file: &File) -> io::Result<HeaderLock> {
+        let at = file.metadata()?.ino() % (1 << 62);
+        let lock = self
+            .meta_dir(META_DIR, true)?
+            .open_lock_file(HEADER_LOCKS)?;
+        let range = libc::flock {
+            l_type: libc::F_WRLCK as libc::c_short,
+            l_whence: libc::SEEK_SET as libc::c_short,
+            l_start: at as libc::off_t,
+            l_len: 1,
+            l_pid: 0,
+        };
+        loop {
+            // SAFETY: an open descriptor and a valid `struct flock` for F_OFD_SETLKW.
+            if unsafe { libc::fcntl(lock.as_raw_fd(), libc::F_OFD_SETLKW, &range) } == 0 {
+                return Ok(HeaderLock { _file: lock });
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
     }
 
     /// kmsfs's own directory `name` at the backing root (see [`MetaDir`]).
@@ -705,6 +867,39 @@ impl Backing {
 
 /// Prefix of kmsfs's temporary files in any directory of the store (hidden from the mount).
 pub const TEMP_PREFIX: &str = ".kmsfs-tmp-";
+/// kmsfs's own directory at the backing root.
+pub const META_DIR: &str = ".kmsfs";
+/// Where new directories, device nodes, fifos and symlinks get their owner and mode before
+/// they are renamed into place (see [`Backing::make_entry`]).
+const STAGING_DIR: &str = "staging";
+/// The lock file whose byte ranges (one per inode) serialize header updates.
+const HEADER_LOCKS: &str = "header.lock";
+
+/// A path-taking call's way to an entry itself (see [`Backing::itself`]); the descriptors
+/// it names stay open while it lives.
+struct Itself {
+    path: CString,
+    /// A symlink, reached by name: use the call's no-follow form.
+    link: bool,
+    _hold: Vec<OwnedFd>,
+}
+
+/// A header lock held (see [`Backing::lock_header`]); released when dropped.
+pub struct HeaderLock {
+    _file: File,
+}
+
+/// What [`Backing::make_entry`] makes.
+#[derive(Debug, Clone, Copy)]
+pub enum NewEntry<'a> {
+    Dir,
+    /// A fifo, socket or device node: `kind` is its `S_IFMT` bits.
+    Node {
+        kind: u32,
+        rdev: u64,
+    },
+    Symlink(&'a [u8]),
+}
 
 /// A file being written that gets its name only when complete; see
 /// [`Backing::new_temporary_file`].
@@ -806,16 +1001,6 @@ fn timestamps(times: &[libc::timespec; 2]) -> rustix::fs::Timestamps {
         last_access: ts(&times[0]),
         last_modification: ts(&times[1]),
     }
-}
-
-fn set_times_fd(fd: &OwnedFd, times: &[libc::timespec; 2]) -> io::Result<()> {
-    rustix::fs::utimensat(
-        CWD,
-        proc_path(fd).as_c_str(),
-        &timestamps(times),
-        AtFlags::empty(),
-    )?;
-    Ok(())
 }
 
 fn list_fd(fd: OwnedFd) -> io::Result<Vec<Entry>> {
@@ -981,6 +1166,25 @@ impl MetaDir {
         MetaDir::open_in(&self.fd, &self.shown, name, create, self.root_owner)
     }
 
+    /// A directory inside this one that only the user kmsfs runs as may enter: created mode
+    /// 0700 if missing, refused unless it is exactly that (owned by this user, no group or
+    /// other bits). Entries in it cannot be swapped by anyone else, wherever it is moved.
+    fn private_subdir(&self, name: &str) -> io::Result<MetaDir> {
+        let dir = self.subdir(name, true)?;
+        let meta = metadata_of(&dir.fd)?;
+        let me = rustix::process::geteuid().as_raw();
+        if meta.uid() != me || meta.mode() & 0o077 != 0 {
+            return Err(io::Error::other(format!(
+                "{} must be a directory of uid {me} with mode 0700 (it is uid {}, mode {:o}); \
+                 refusing to use it",
+                dir.shown.display(),
+                meta.uid(),
+                meta.mode() & 0o7777
+            )));
+        }
+        Ok(dir)
+    }
+
     /// The metadata of the entry `name` itself (not followed).
     pub fn metadata(&self, name: &str) -> io::Result<Metadata> {
         let fd = rustix::fs::openat(
@@ -990,6 +1194,21 @@ impl MetaDir {
             Mode::empty(),
         )?;
         metadata_of(&fd)
+    }
+
+    /// Opens (creating, mode 0600) the regular file `name` for locking; nothing else there is
+    /// accepted.
+    fn open_lock_file(&self, name: &str) -> io::Result<File> {
+        let fd = rustix::fs::openat(
+            &self.fd,
+            name,
+            OFlags::CREATE | OFlags::RDWR | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )?;
+        let file = File::from(fd);
+        let meta = file.metadata()?;
+        check_kind(&meta, Want::File, &self.shown.join(name).display())?;
+        Ok(file)
     }
 
     /// Reads the regular file `name`, refusing anything else or more than `cap` bytes.

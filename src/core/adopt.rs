@@ -22,6 +22,7 @@ pub fn adopt(volume: &Volume, path: &CanonicalPath, from: &CanonicalPath) -> Res
     let (from_ctx, to_ctx) = (volume.file_context(from), volume.file_context(path));
     let mut moved = 0;
     update_envelopes(
+        volume.backing(),
         &file,
         path,
         |id| volume.header_mac_key(id),

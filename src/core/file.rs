@@ -14,7 +14,7 @@
 
 use std::fs::File;
 
-use crate::backing::Atime;
+use crate::backing::{Atime, Backing};
 use std::os::unix::fs::FileExt;
 
 use crate::error::{Error, Result};
@@ -57,6 +57,8 @@ fn seal_blocks(cipher: &BlockCipher, blocks: &[(u64, &[u8])], final_block: u64) 
 
 pub struct EncryptedFile {
     file: File,
+    /// The store, for the lock that header updates take.
+    backing: std::sync::Arc<Backing>,
     path: CanonicalPath,
     preamble: Preamble,
     layout: Layout,
@@ -143,6 +145,7 @@ impl EncryptedFile {
         };
         Ok(EncryptedFile {
             file,
+            backing: volume.backing_shared(),
             path: path.clone(),
             preamble,
             layout,
@@ -239,6 +242,7 @@ impl EncryptedFile {
                     }
                     return Ok(EncryptedFile {
                         file,
+                        backing: volume.backing_shared(),
                         path: path.clone(),
                         preamble: preamble.clone(),
                         layout,
@@ -559,6 +563,7 @@ impl EncryptedFile {
     ) -> Result<bool> {
         let mac_key = &self.mac_key;
         let updated = update_envelopes(
+            &self.backing,
             &self.file,
             &self.path,
             |_| DerivedKey::new(*mac_key.expose()),
@@ -617,28 +622,6 @@ pub fn open_backing(volume: &Volume, path: &CanonicalPath, writable: bool) -> Re
         .map_err(|e| Error::io(format!("cannot open {path}"), e))
 }
 
-/// Holds `flock(LOCK_EX)` on a backing file while it lives: header updates by the daemon and
-/// by `kmsfs rewrap` never interleave.
-struct HeaderLock<'a>(&'a File);
-
-impl<'a> HeaderLock<'a> {
-    fn take(file: &'a File, path: &CanonicalPath) -> Result<Self> {
-        loop {
-            match crate::backing::open::lock_exclusive(file) {
-                Ok(()) => return Ok(HeaderLock(file)),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(Error::io(format!("cannot lock {path}"), e)),
-            }
-        }
-    }
-}
-
-impl Drop for HeaderLock<'_> {
-    fn drop(&mut self) {
-        crate::backing::open::unlock(self.0);
-    }
-}
-
 /// Changes a file's envelope set with no data key: under the file's advisory lock, read the
 /// header, let `change` see the envelope sets of the slots whose MAC verifies under the key
 /// `mac_key` gives for the file id (the volume-derived header key), newest first, and write the
@@ -648,13 +631,16 @@ impl Drop for HeaderLock<'_> {
 /// retired key. Returns the slot now in force and its content, or None when `change` left the
 /// set as it was.
 pub fn update_envelopes(
+    backing: &Backing,
     file: &File,
     path: &CanonicalPath,
     mac_key: impl FnOnce(&[u8; 16]) -> DerivedKey,
     both_slots: bool,
     change: impl FnOnce(&[&[Envelope]]) -> Result<Option<Vec<Envelope>>>,
 ) -> Result<Option<(usize, SlotContent)>> {
-    let _lock = HeaderLock::take(file, path)?;
+    let _lock = backing
+        .lock_header(file)
+        .map_err(|e| Error::io(format!("cannot lock the header of {path}"), e))?;
     let (header, _) = read_header(file, path)?;
     let mac_key = mac_key(&header.preamble.file_id);
     let authentic = header.authentic(&mac_key);

@@ -75,6 +75,7 @@ pub fn rewrap_file(
     }
     let mut moved = None;
     update_envelopes(
+        volume.backing(),
         &file,
         path,
         |id| volume.header_mac_key(id),

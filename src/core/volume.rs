@@ -31,7 +31,7 @@ use crate::keys::spec::KeySpec;
 use crate::keys::{KeyProvider, UnavailableKey};
 
 /// Directory at the backing root holding kmsfs's own files; hidden from the mount.
-pub const META_DIR: &str = ".kmsfs";
+pub use crate::backing::META_DIR;
 pub const CONFIG_NAME: &str = "config";
 /// Prefix of kmsfs's temporary files (an import in progress), in any directory.
 pub use crate::backing::TEMP_PREFIX;
@@ -781,6 +781,11 @@ impl Volume {
     /// The backing store, through which every syscall on it is made.
     pub fn backing(&self) -> &Backing {
         &self.backing
+    }
+
+    /// The backing store, shared (for what outlives a borrow of the volume).
+    pub fn backing_shared(&self) -> Arc<Backing> {
+        self.backing.clone()
     }
 
     /// Where kmsfs keeps its own files in the store (see [`MetaDir`]).

@@ -38,7 +38,7 @@ use super::file::{read_header, EncryptedFile};
 use super::instance::{KeyRequests, OpenNode};
 use super::journal::Journal;
 use super::volume::{is_reserved_name, Volume};
-use crate::backing::{Atime, Backing, Identity};
+use crate::backing::{Atime, Backing, Identity, NewEntry};
 
 mod inodes;
 mod rebind;
@@ -331,54 +331,50 @@ impl KmsFs {
         }
     }
 
-    /// Gives a newly created entry its owner and exact permissions `perm` (None for symlinks)
-    /// and hands out its attributes (counting the kernel's lookup). The permissions are set
-    /// after the owner because chown clears set-id bits, and because the daemon's own umask
-    /// must not apply. In a set-group-id directory the entry keeps the directory's group (and
-    /// a new directory its set-group-id bit), as on any Linux filesystem.
-    ///
-    /// Every change names the inode just made (`made`), so an entry swapped on the store in
-    /// the meantime is refused, never changed.
-    fn created(
+    /// Makes a directory, fifo, socket, device node or symlink at `path` for `caller`: owned
+    /// by them (when the daemon is root) with exactly `perm` (None for symlinks), not the
+    /// daemon's umask. The owner and mode are set before the entry has its name (see
+    /// [`Backing::make_entry`]), so nothing is ever changed through a name someone else can
+    /// swap. Hands out its attributes (counting the kernel's lookup).
+    fn make(
         &self,
         path: &CanonicalPath,
+        what: NewEntry<'_>,
         caller: Caller,
         perm: Option<u32>,
-        made: Identity,
     ) -> Result<Attr> {
-        let store = self.store();
-        let parent_sgid = path
-            .parent()
-            .and_then(|p| store.metadata(&p).ok())
-            .is_some_and(|m| m.is_dir() && m.mode() & libc::S_ISGID != 0);
-        if rustix::process::geteuid().is_root() {
-            let gid = (!parent_sgid).then_some(caller.gid);
-            store
-                .chown(path, Some(caller.uid), gid, Some(made))
-                .map_err(|e| io_err("cannot chown", path, e))?;
-        }
-        if let Some(mut perm) = perm {
-            let meta = store
-                .metadata(path)
-                .map_err(|e| io_err("cannot stat", path, e))?;
-            if parent_sgid && meta.is_dir() {
-                perm |= libc::S_ISGID;
-            }
-            store
-                .chmod(path, perm, Some(made))
-                .map_err(|e| io_err("cannot chmod", path, e))?;
-        }
-        let attr = self.stat_path(path)?;
+        let owner = rustix::process::geteuid()
+            .is_root()
+            .then_some((caller.uid, caller.gid));
+        let meta = self
+            .store()
+            .make_entry(path, what, owner, perm)
+            .map_err(|e| io_err("cannot create", path, e))?;
+        let attr = self.attr_from(path, &meta)?;
         self.remember(attr.ino, path);
         Ok(attr)
     }
 
-    /// The identity of what was just made at `path` (to check before changing it).
-    fn made_at(&self, path: &CanonicalPath) -> Result<Identity> {
-        self.store()
-            .metadata(path)
-            .map(|m| Identity::of(&m))
-            .map_err(|e| io_err("cannot stat", path, e))
+    /// Gives a new regular file, through its open descriptor, its owner (`caller`, when the
+    /// daemon is root; in a set-group-id directory it keeps the group the kernel gave it) and
+    /// exactly `perm` (after the owner: chown clears set-id bits).
+    fn own_new_file(
+        &self,
+        file: &File,
+        path: &CanonicalPath,
+        caller: Caller,
+        perm: u32,
+    ) -> Result<()> {
+        if rustix::process::geteuid().is_root() {
+            let parent_sgid = path
+                .parent()
+                .and_then(|p| self.store().metadata(&p).ok())
+                .is_some_and(|m| m.is_dir() && m.mode() & libc::S_ISGID != 0);
+            let gid = (!parent_sgid).then_some(caller.gid);
+            crate::backing::open::chown(file, Some(caller.uid), gid)
+                .map_err(|e| io_err("cannot chown", path, e))?;
+        }
+        crate::backing::open::chmod(file, perm).map_err(|e| io_err("cannot chmod", path, e))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -518,23 +514,23 @@ impl KmsFs {
         }
         // Fifos, sockets and device nodes are made as themselves on the backing store (device
         // nodes need root there, and the mount is nodev, so they never open a device).
-        // Made without permissions for anyone until its owner and mode are set.
-        self.store()
-            .mknod(&path, mode & libc::S_IFMT, rdev as u64)
-            .map_err(|e| io_err("cannot mknod", &path, e))?;
-        let made = self.made_at(&path)?;
-        self.created(&path, caller, Some(mode & !caller.umask & 0o7777), made)
+        let what = NewEntry::Node {
+            kind: mode & libc::S_IFMT,
+            rdev: rdev as u64,
+        };
+        self.make(&path, what, caller, Some(mode & !caller.umask & 0o7777))
     }
 
     pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, caller: Caller) -> Result<Attr> {
         self.check_writable()?;
         let _ns = self.namespace.lock().unwrap();
         let path = self.child(parent, name)?;
-        self.store()
-            .mkdir(&path, 0o700)
-            .map_err(|e| io_err("cannot mkdir", &path, e))?;
-        let made = self.made_at(&path)?;
-        self.created(&path, caller, Some(mode & !caller.umask & 0o7777), made)
+        self.make(
+            &path,
+            NewEntry::Dir,
+            caller,
+            Some(mode & !caller.umask & 0o7777),
+        )
     }
 
     pub fn symlink(
@@ -547,11 +543,8 @@ impl KmsFs {
         self.check_writable()?;
         let _ns = self.namespace.lock().unwrap();
         let path = self.child(parent, name)?;
-        self.store()
-            .symlink(target.as_os_str().as_bytes(), &path)
-            .map_err(|e| io_err("cannot symlink", &path, e))?;
-        let made = self.made_at(&path)?;
-        self.created(&path, caller, None, made)
+        let target = NewEntry::Symlink(target.as_os_str().as_bytes());
+        self.make(&path, target, caller, None)
     }
 
     pub fn unlink(&self, parent: u64, name: &OsStr) -> Result<()> {
@@ -787,12 +780,18 @@ impl KmsFs {
     /// unnamed (`O_TMPFILE`, or a hidden temporary name where the backing filesystem has
     /// none) in its directory, given its key and header, then linked to its name. A crash can
     /// then never leave a file without a header.
-    fn create_linked(&self, path: &CanonicalPath, perm: u32) -> Result<(EncryptedFile, u64)> {
+    fn create_linked(
+        &self,
+        path: &CanonicalPath,
+        perm: u32,
+        caller: Caller,
+    ) -> Result<(EncryptedFile, u64)> {
         let dir = path.parent().unwrap_or_else(CanonicalPath::root);
         let tmp = self
             .store()
             .new_temporary_file(&dir, perm)
             .map_err(|e| io_err("cannot create", path, e))?;
+        self.own_new_file(tmp.file(), path, caller, perm)?;
         let file = tmp
             .file()
             .try_clone()
@@ -813,8 +812,8 @@ impl KmsFs {
     fn create_file(&self, path: &CanonicalPath, mode: u32, caller: Caller) -> Result<(Attr, u64)> {
         let perm = mode & !caller.umask & 0o7777;
         if !self.key_requests.would_take() {
-            let (enc, backing_ino) = self.create_linked(path, perm)?;
-            return self.open_created(path, caller, perm, OpenNode::ready(enc), backing_ino);
+            let (enc, backing_ino) = self.create_linked(path, perm, caller)?;
+            return self.open_created(path, OpenNode::ready(enc), backing_ino);
         }
         let store = self.store();
         let file = store
@@ -834,34 +833,40 @@ impl KmsFs {
         let Ok(backing_ino) = backing_ino else {
             return Err(os(format!("cannot stat the new {path}"), libc::EIO));
         };
+        self.own_new_file(&file, path, caller, perm)
+            .map_err(remove)?;
         let pending = Arc::new(OpenNode::pending(
             path.clone(),
             file.try_clone()
                 .map_err(|e| remove(io_err("cannot reopen", path, e)))?,
         ));
         if self.key_requests.submit(&pending) {
-            return self.open_created(path, caller, perm, pending, backing_ino);
+            return self.open_created(path, pending, backing_ino);
         }
         let started = std::time::Instant::now();
         let enc = EncryptedFile::create(&self.volume, path, file).map_err(remove)?;
         self.key_requests.answered(started.elapsed());
-        self.open_created(path, caller, perm, OpenNode::ready(enc), backing_ino)
+        self.open_created(path, OpenNode::ready(enc), backing_ino)
     }
 
     /// A created file's instance goes in the table (before the first stat: a pending file's
-    /// size is the instance's), then its owner and permissions, then a writable handle.
+    /// size is the instance's), then a writable handle.
     fn open_created(
         &self,
         path: &CanonicalPath,
-        caller: Caller,
-        perm: u32,
         node: impl Into<Arc<OpenNode>>,
         backing_ino: u64,
     ) -> Result<(Attr, u64)> {
         let node = node.into();
         let ino = self.ino_of(backing_ino);
         self.open.lock().unwrap().insert(ino, Arc::downgrade(&node));
-        let attr = self.created(path, caller, Some(perm), self.expected(ino))?;
+        // The attributes of the file made, from its descriptor (not of whatever its name
+        // holds by now).
+        let meta = node
+            .backing_metadata()
+            .map_err(|e| io_err("cannot stat", path, e))?;
+        let attr = self.attr_from(path, &meta)?;
+        self.remember(attr.ino, path);
         let fh = self.new_handle(attr.ino, node, true, false);
         Ok((attr, fh))
     }

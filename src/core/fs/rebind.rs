@@ -54,6 +54,7 @@ impl HeaderHandle {
                 node.with_mut(|file| file.update_envelopes(both_slots, change))
             }
             HeaderHandle::Closed(file) => Ok(crate::core::file::update_envelopes(
+                volume.backing(),
                 file,
                 path,
                 |id| volume.header_mac_key(id),
