@@ -28,7 +28,7 @@ fn scene() -> Scene {
     std::fs::create_dir_all(outside.join("vdir")).unwrap();
     std::fs::write(outside.join("victim"), b"secret").unwrap();
     rustix::fs::setxattr(
-        &outside.join("victim"),
+        outside.join("victim"),
         c"user.secret",
         b"secret",
         rustix::fs::XattrFlags::empty(),
@@ -160,7 +160,7 @@ fn a_file_swapped_for_a_symlink_is_never_followed() {
         // user.* xattrs are not allowed on symlinks (EPERM): the target's are never reached
         // (its user.secret is readable by path, the positive control).
         assert_eq!(
-            rustix::fs::getxattr(&s.outside.join("victim"), c"user.secret", &mut [0u8; 8][..])
+            rustix::fs::getxattr(s.outside.join("victim"), c"user.secret", &mut [0u8; 8][..])
                 .unwrap(),
             6
         );
