@@ -1637,7 +1637,7 @@ fn a_lock_held_on_a_backing_file_does_not_stall_the_mount() {
         scope.spawn(move || {
             let done_rx = std::sync::Mutex::new(done_rx);
             as_nobody(|| {
-                let f = fs::File::open(&backing).unwrap();
+                let f = fs::File::open(backing).unwrap();
                 // SAFETY: flock on an open descriptor.
                 assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) }, 0);
                 held_tx.send(()).unwrap();
