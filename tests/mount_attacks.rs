@@ -1423,9 +1423,10 @@ fn create_and_mkdir_raced_by_a_symlink_on_the_store_stay_in_the_store() {
         let watched = cstr(m.b("n/d"));
         // SAFETY: inotify_init1 has no preconditions; the descriptor is owned below.
         let ino = fd_of(unsafe { libc::inotify_init1(libc::IN_CLOEXEC) }).unwrap();
+        // New directories arrive by rename (made in kmsfs's staging directory first).
+        let mask = libc::IN_CREATE | libc::IN_MOVED_TO;
         // SAFETY: an inotify descriptor and a valid path.
-        let wd =
-            unsafe { libc::inotify_add_watch(ino.as_raw_fd(), watched.as_ptr(), libc::IN_CREATE) };
+        let wd = unsafe { libc::inotify_add_watch(ino.as_raw_fd(), watched.as_ptr(), mask) };
         assert!(wd >= 0, "inotify_add_watch: {}", io::Error::last_os_error());
         std::thread::scope(|scope| {
             // The racer (nobody too: a thread has its creator's credentials).
