@@ -373,6 +373,14 @@ impl Backing {
         Ok((fd, meta))
     }
 
+    /// `lstat`, keeping the entry's `O_PATH` descriptor: a stat that must then read a regular
+    /// file's first bytes opens that very inode, without resolving the path again.
+    pub fn lookup(&self, path: &CanonicalPath) -> io::Result<Found> {
+        let fd = self.resolve(path, OFlags::PATH | OFlags::NOFOLLOW)?;
+        let meta = metadata_of(&fd)?;
+        Ok(Found { fd, meta })
+    }
+
     /// `lstat`: the entry itself, whatever it is.
     pub fn metadata(&self, path: &CanonicalPath) -> io::Result<Metadata> {
         let fd = self.resolve(path, OFlags::PATH | OFlags::NOFOLLOW)?;
@@ -877,6 +885,21 @@ pub const META_DIR: &str = ".kmsfs";
 const STAGING_DIR: &str = "staging";
 /// The lock file whose byte ranges (one per inode) serialize header updates.
 const HEADER_LOCKS: &str = "header.lock";
+
+/// An entry found by [`Backing::lookup`]: its metadata, and its descriptor while this lives.
+pub struct Found {
+    fd: OwnedFd,
+    pub meta: Metadata,
+}
+
+impl Found {
+    /// Opens the regular file found, to read it without updating its access time; anything
+    /// else is refused before it is opened.
+    pub fn open_read(&self) -> io::Result<File> {
+        check_kind(&self.meta, Want::File, &"the entry")?;
+        reopen(&self.fd, false, Atime::Keep)
+    }
+}
 
 /// A path-taking call's way to an entry itself (see [`Backing::itself`]); the descriptors
 /// it names stay open while it lives.

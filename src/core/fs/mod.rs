@@ -268,10 +268,21 @@ impl KmsFs {
     }
 
     fn attr_from(&self, path: &CanonicalPath, meta: &fs::Metadata) -> Result<Attr> {
+        self.attr_of(path, meta, None)
+    }
+
+    /// As [`Self::attr_from`], reading a file's preamble through `found` (the entry just
+    /// looked up) when there is one.
+    fn attr_of(
+        &self,
+        path: &CanonicalPath,
+        meta: &fs::Metadata,
+        found: Option<&crate::backing::Found>,
+    ) -> Result<Attr> {
         let ino = self.ino_of(meta.ino());
         let kind = kind_of(meta.file_type());
         let size = if kind == Kind::File {
-            self.plaintext_size(ino, path, meta)?
+            self.plaintext_size(ino, path, meta, found)?
         } else {
             meta.len()
         };
@@ -300,11 +311,11 @@ impl KmsFs {
     }
 
     fn stat_path(&self, path: &CanonicalPath) -> Result<Attr> {
-        let meta = self
+        let found = self
             .store()
-            .metadata(path)
+            .lookup(path)
             .map_err(|e| io_err("cannot stat", path, e))?;
-        self.attr_from(path, &meta)
+        self.attr_of(path, &found.meta, Some(&found))
     }
 
     pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr> {

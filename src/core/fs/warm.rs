@@ -202,6 +202,7 @@ impl KmsFs {
         ino: u64,
         path: &CanonicalPath,
         meta: &fs::Metadata,
+        found: Option<&crate::backing::Found>,
     ) -> Result<u64> {
         let len = meta.len();
         if let Some(node) = self.open_node(ino) {
@@ -214,11 +215,14 @@ impl KmsFs {
                 .map_err(|e| Error::format(path, e));
         }
         // A stat is not an access: the preamble read leaves the access time alone. It reads
-        // the inode just stat'ed, or fails.
-        let file = self
-            .store()
-            .open_file_expecting(path, false, Atime::Keep, Identity::of(meta))
-            .map_err(|e| io_err("cannot open", path, e))?;
+        // the inode just stat'ed (through its descriptor, if the caller kept it), or fails.
+        let file = match found {
+            Some(found) => found.open_read(),
+            None => self
+                .store()
+                .open_file_expecting(path, false, Atime::Keep, Identity::of(meta)),
+        }
+        .map_err(|e| io_err("cannot open", path, e))?;
         let mut pre = [0u8; crate::format::header::PREAMBLE_LEN];
         std::os::unix::fs::FileExt::read_exact_at(&file, &mut pre, 0)
             .map_err(|_| os(format!("{path}: shorter than a header"), libc::EIO))?;
