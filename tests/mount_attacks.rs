@@ -1393,6 +1393,19 @@ fn a_pending_dir_swapped_for_a_symlink_while_mounted_gets_no_record_outside() {
 }
 
 /// Names in a buffer of inotify events.
+/// An inotify descriptor reporting every entry that appears in `dir`: made there, or renamed
+/// into it (kmsfs makes new directories, nodes and symlinks in its staging directory first).
+fn watch_new_entries(dir: &Path) -> OwnedFd {
+    let watched = cstr(dir);
+    // SAFETY: inotify_init1 has no preconditions; the descriptor is owned below.
+    let ino = fd_of(unsafe { libc::inotify_init1(libc::IN_CLOEXEC) }).unwrap();
+    let mask = libc::IN_CREATE | libc::IN_MOVED_TO;
+    // SAFETY: an inotify descriptor and a valid path.
+    let wd = unsafe { libc::inotify_add_watch(ino.as_raw_fd(), watched.as_ptr(), mask) };
+    assert!(wd >= 0, "inotify_add_watch: {}", io::Error::last_os_error());
+    ino
+}
+
 fn inotify_names(buf: &[u8]) -> Vec<String> {
     let mut names = Vec::new();
     let mut at = 0;
@@ -1420,14 +1433,7 @@ fn create_and_mkdir_raced_by_a_symlink_on_the_store_stay_in_the_store() {
     let before = snapshot(&s.outside);
     let victim = s.outside.join("keep");
     let (won, results) = as_nobody(|| {
-        let watched = cstr(m.b("n/d"));
-        // SAFETY: inotify_init1 has no preconditions; the descriptor is owned below.
-        let ino = fd_of(unsafe { libc::inotify_init1(libc::IN_CLOEXEC) }).unwrap();
-        // New directories arrive by rename (made in kmsfs's staging directory first).
-        let mask = libc::IN_CREATE | libc::IN_MOVED_TO;
-        // SAFETY: an inotify descriptor and a valid path.
-        let wd = unsafe { libc::inotify_add_watch(ino.as_raw_fd(), watched.as_ptr(), mask) };
-        assert!(wd >= 0, "inotify_add_watch: {}", io::Error::last_os_error());
+        let ino = watch_new_entries(&m.b("n/d"));
         std::thread::scope(|scope| {
             // The racer (nobody too: a thread has its creator's credentials).
             let racer = scope.spawn(|| {
@@ -1530,13 +1536,7 @@ fn new_entries_exchanged_with_a_hard_link_leave_the_linked_file_alone() {
     let (won, failed) = as_nobody(|| {
         // Nobody may link root's file: protected_hardlinks allows a file it may write.
         fs::hard_link(&victim, m.b("n/d/L-probe")).expect("a hard link to root's file");
-        let watched = cstr(m.b("n/d"));
-        // SAFETY: inotify_init1 has no preconditions; the descriptor is owned below.
-        let ino = fd_of(unsafe { libc::inotify_init1(libc::IN_CLOEXEC) }).unwrap();
-        let mask = libc::IN_CREATE | libc::IN_MOVED_TO;
-        // SAFETY: an inotify descriptor and a valid path.
-        let wd = unsafe { libc::inotify_add_watch(ino.as_raw_fd(), watched.as_ptr(), mask) };
-        assert!(wd >= 0, "inotify_add_watch: {}", io::Error::last_os_error());
+        let ino = watch_new_entries(&m.b("n/d"));
         std::thread::scope(|scope| {
             let racer = scope.spawn(|| {
                 let mut won = 0;

@@ -61,6 +61,25 @@ fn envelope_paths(backing: &Path) -> Vec<String> {
     paths
 }
 
+/// The file at `at` opened for writing, its envelope, and an envelope of its data key for
+/// `other` (a name it does not have: what an interrupted rebind leaves).
+fn with_envelope_for(v: &TestVolume, at: &str, other: &str) -> (EncryptedFile, Envelope, Envelope) {
+    let (a, b) = (common::path(at), common::path(other));
+    let f = EncryptedFile::open(&v.volume, &a, true).unwrap();
+    let mine = f.envelopes()[0].clone();
+    let key = v
+        .volume
+        .keyring()
+        .rewrap(
+            &mine.key,
+            &v.volume.file_context(&a),
+            &mine.key.key_id,
+            &v.volume.file_context(&b),
+        )
+        .unwrap();
+    (f, mine, Envelope { path: b, key })
+}
+
 fn pending_records(v: &TestVolume) -> usize {
     fs::read_dir(v.backing.join(".kmsfs/pending"))
         .map(|d| d.count())
@@ -258,21 +277,8 @@ fn a_crash_between_the_two_slot_writes_of_an_unbind_is_tidied_too() {
     v.write("a", b"alpha");
     // The older slot still names /b (the unbind's second write never happened); the newer
     // one is already clean.
-    let (a, b) = (common::path("a"), common::path("b"));
-    let mut f = EncryptedFile::open(&v.volume, &a, true).unwrap();
-    let mine = f.envelopes()[0].clone();
-    let key = v
-        .volume
-        .keyring()
-        .rewrap(
-            &mine.key,
-            &v.volume.file_context(&a),
-            &mine.key.key_id,
-            &v.volume.file_context(&b),
-        )
-        .unwrap();
-    f.replace_envelopes(vec![mine.clone(), Envelope { path: b, key }])
-        .unwrap();
+    let (mut f, mine, extra) = with_envelope_for(&v, "a", "b");
+    f.replace_envelopes(vec![mine.clone(), extra]).unwrap();
     f.replace_envelopes(vec![mine]).unwrap();
     drop(f);
     assert_eq!(envelope_paths(&v.backing.join("a")), ["/a", "/b"]);
@@ -294,21 +300,8 @@ fn a_forged_record_is_neither_acted_on_nor_deleted() {
     v.write("a", b"alpha");
     // The file has a stale envelope for /b in its current slot: what a record naming /a would
     // have the next mount tidy.
-    let (a, b) = (common::path("a"), common::path("b"));
-    let mut f = EncryptedFile::open(&v.volume, &a, true).unwrap();
-    let mine = f.envelopes()[0].clone();
-    let key = v
-        .volume
-        .keyring()
-        .rewrap(
-            &mine.key,
-            &v.volume.file_context(&a),
-            &mine.key.key_id,
-            &v.volume.file_context(&b),
-        )
-        .unwrap();
-    f.replace_envelopes(vec![mine, Envelope { path: b, key }])
-        .unwrap();
+    let (mut f, mine, extra) = with_envelope_for(&v, "a", "b");
+    f.replace_envelopes(vec![mine, extra]).unwrap();
     drop(f);
     let pending = v.backing.join(".kmsfs/pending");
     fs::create_dir_all(&pending).unwrap();

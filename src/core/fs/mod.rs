@@ -490,14 +490,7 @@ impl KmsFs {
         if let Some(node) = node {
             return node.with_mut(f);
         }
-        let writable = !self.read_only;
-        let atime = if writable { Atime::Update } else { Atime::Keep };
-        let backing = self
-            .store()
-            .open_file_expecting(path, writable, atime, self.expected(ino))
-            .map_err(|e| io_err("cannot open", path, e))?;
-        let mut file = EncryptedFile::from_file(&self.volume, path, backing)?;
-        f(&mut file)
+        f(&mut self.open_expected(ino, path)?)
     }
 
     pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
