@@ -123,6 +123,8 @@ fn a_file_swapped_for_a_symlink_is_never_followed() {
         b.set_xattr(&f, c"user.x", b"1", 0, Some(id)).unwrap();
         assert_eq!(b.get_xattr(&f, c"user.x", 8, Some(id)).unwrap(), b"1");
         assert_eq!(b.get_xattr(&f, c"user.x", 0, Some(id)).unwrap().len(), 1);
+        assert_eq!(b.get_xattr(&f, c"user.x", 8, None).unwrap(), b"1");
+        assert_eq!(b.list_xattr(&f, 64, None).unwrap(), b"user.x\0");
         b.set_times(
             &f,
             &[libc::timespec {
