@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark: a plain directory, gocryptfs and kmsfs (local key provider, and the
 # same with KMS_LATENCY_MS of injected latency per key call) on the same disk, in one run.
-# Workloads (SPEC §8): streaming write and read of 512 MiB in 128 KiB blocks (caches dropped
+# Workloads (the project's benchmark set): streaming write and read of 512 MiB in 128 KiB blocks (caches dropped
 # between; then once more with only the backing store's cache warm), untar of a generated
 # ~15k-file source-like tree, ls -lR, reading every file,
 # rm -rf, fio random 4 KiB read and write. Prints a table with seconds (or IOPS), the ratio

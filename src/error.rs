@@ -100,8 +100,9 @@ impl Error {
 
 impl Error {
     /// The errno a FUSE reply carries for this error: integrity failures and key-service
-    /// failures are EIO (SPEC §2, §7) except a refusal by policy, which is EACCES; I/O errors
-    /// keep their own errno.
+    /// failures are EIO (the contract: what is not authentic, or cannot be unwrapped, is
+    /// never returned) except a refusal by policy, which is EACCES; I/O errors keep their own
+    /// errno.
     pub fn errno(&self) -> i32 {
         match self {
             Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),

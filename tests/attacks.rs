@@ -1,6 +1,6 @@
-//! SPEC §2, at the format and core layers: every attack on the backing store that can be
-//! made without a mount, each as a test named after the attack. The read must fail (and say
-//! why); nothing wrong is ever returned.
+//! The threat model's attacks (docs/SECURITY.md) at the format and core layers: every attack
+//! on the backing store that can be made without a mount, each as a test named after the
+//! attack. The read must fail (and say why); nothing wrong is ever returned.
 // Tests play the attacker and the operator: they touch the store by path on purpose.
 #![allow(clippy::disallowed_methods)]
 

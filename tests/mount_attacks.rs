@@ -1,6 +1,6 @@
-//! SPEC §2 attacks made on the backing store while the volume is mounted (and after a
-//! remount): the application gets EIO, the daemon logs the path and the reason once, never
-//! returns wrong data, and keeps serving every other file.
+//! The threat model's attacks (docs/SECURITY.md) made on the backing store while the volume
+//! is mounted (and after a remount): the application gets EIO, the daemon logs the path and
+//! the reason once, never returns wrong data, and keeps serving every other file.
 //!
 //! And issue #14: entries of the store swapped for symlinks (by its owner, or by another local
 //! user of a root `--allow-other` mount, in the part of the store it owns), a file swapped for

@@ -383,8 +383,7 @@ impl Backing {
 
     /// `lstat`: the entry itself, whatever it is.
     pub fn metadata(&self, path: &CanonicalPath) -> io::Result<Metadata> {
-        let fd = self.resolve(path, OFlags::PATH | OFlags::NOFOLLOW)?;
-        metadata_of(&fd)
+        self.lookup(path).map(|found| found.meta)
     }
 
     /// Whether something (anything) stands at `path`.
@@ -705,6 +704,19 @@ impl Backing {
         Ok(())
     }
 
+    /// The entry at `path` by name in its parent's descriptor, for a path-taking call's
+    /// no-follow form.
+    fn by_name_in_parent(&self, path: &CanonicalPath) -> io::Result<Itself> {
+        let (dir, name) = self.parent(path)?;
+        let mut p = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
+        p.extend_from_slice(name.as_bytes());
+        Ok(Itself {
+            path: CString::new(p).map_err(|_| errno(libc::EINVAL))?,
+            link: true,
+            _hold: vec![dir],
+        })
+    }
+
     /// How to reach the entry at `path` itself (if it is the inode `expect`) with a
     /// path-taking call: anything but a symlink through its own descriptor's `/proc/self/fd`
     /// link; a symlink (whose own times and xattrs are its own business) by name in its
@@ -713,14 +725,7 @@ impl Backing {
         if expect.is_none() && !path.is_root() {
             // A read needs no identity: by name in the parent, no-follow form, whatever
             // the entry is (one resolution, no stat).
-            let (dir, name) = self.parent(path)?;
-            let mut p = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
-            p.extend_from_slice(name.as_bytes());
-            return Ok(Itself {
-                path: CString::new(p).map_err(|_| errno(libc::EINVAL))?,
-                link: true,
-                _hold: vec![dir],
-            });
+            return self.by_name_in_parent(path);
         }
         let fd = self.resolve(path, OFlags::PATH | OFlags::NOFOLLOW)?;
         let meta = metadata_of(&fd)?;
@@ -732,14 +737,7 @@ impl Backing {
                 _hold: vec![fd],
             });
         }
-        let (dir, name) = self.parent(path)?;
-        let mut p = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
-        p.extend_from_slice(name.as_bytes());
-        Ok(Itself {
-            path: CString::new(p).map_err(|_| errno(libc::EINVAL))?,
-            link: true,
-            _hold: vec![fd, dir],
-        })
+        self.by_name_in_parent(path)
     }
 
     /// Sets the times of the symlink at `path` itself (never its target).
@@ -1097,26 +1095,6 @@ pub mod open {
 
     pub fn statvfs(file: &File) -> io::Result<rustix::fs::StatVfs> {
         Ok(rustix::fs::fstatvfs(file)?)
-    }
-
-    /// `flock` that waits; released when the guard's descriptor closes or on `unlock`.
-    pub fn lock_exclusive(file: &File) -> io::Result<()> {
-        rustix::fs::flock(file, rustix::fs::FlockOperation::LockExclusive)?;
-        Ok(())
-    }
-
-    pub fn unlock(file: &File) {
-        let _ = rustix::fs::flock(file, rustix::fs::FlockOperation::Unlock);
-    }
-
-    pub fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> io::Result<()> {
-        rustix::fs::fallocate(
-            file,
-            rustix::fs::FallocateFlags::from_bits_retain(mode as u32),
-            offset,
-            len,
-        )?;
-        Ok(())
     }
 }
 

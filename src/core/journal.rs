@@ -152,13 +152,8 @@ impl Journal {
 
     /// Removes a record whose paths are tidy (only ever one that parsed and authenticated).
     pub fn remove(&self, record: &Record) {
-        if record.paths.is_err() {
-            return;
-        }
-        if let Some(dir) = &self.dir {
-            if let Err(e) = dir.unlink(&record.name) {
-                tracing::warn!("cannot remove the rebind record {}: {e}", record.name);
-            }
+        if record.paths.is_ok() {
+            self.remove_name(&record.name);
         }
     }
 

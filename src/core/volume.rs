@@ -787,11 +787,6 @@ impl Volume {
     pub fn backing_shared(&self) -> Arc<Backing> {
         self.backing.clone()
     }
-
-    /// Where kmsfs keeps its own files in the store (see [`MetaDir`]).
-    pub fn meta_dir(&self) -> std::io::Result<MetaDir> {
-        self.backing.meta_dir(META_DIR, true)
-    }
 }
 
 fn trusted_list(config: &VolumeConfig) -> String {
