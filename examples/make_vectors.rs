@@ -10,12 +10,14 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use kmsfs::core::file::write_new_file;
+use kmsfs::core::file::{encode_object, write_new_file};
 use kmsfs::core::volume::{InitOptions, OpenOptions};
 use kmsfs::core::{EncryptedFile, Volume};
 use kmsfs::format::codec::hex;
 use kmsfs::format::context::CanonicalPath;
-use kmsfs::format::header::{seal_slot, slot_checksum, Header, Preamble, SlotState};
+use kmsfs::format::header::{
+    seal_slot, slot_checksum, Attrs as ObjectAttrs, Header, ObjectKind, Preamble, SlotState,
+};
 use kmsfs::keys::spec::KeySpec;
 
 const BLOCK: u32 = 512;
@@ -219,6 +221,41 @@ fn main() {
     remac(&o.vol, &mut raw, 0);
     o.put("bad_commitment", &raw);
     o.case("bad_commitment", "error", "key commitment mismatch");
+
+    // A mode edited on the store (0600 to 0666), checksum fixed: the slot MAC covers it.
+    let mut raw = o.file("mode_rewritten_unmaced", &small);
+    assert_eq!(raw[77..79], [0x01, 0x80]);
+    raw[78] = 0xb6;
+    fix_checksum(&mut raw, 0);
+    o.put("mode_rewritten_unmaced", &raw);
+    o.case(
+        "mode_rewritten_unmaced",
+        "error",
+        "header authentication failed",
+    );
+
+    // A symlink: an object whose content is its target, keyed under the volume.
+    let target = b"good_small";
+    let link = ObjectAttrs {
+        kind: ObjectKind::Symlink,
+        mode: 0o777,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+    };
+    let bytes = encode_object(&o.vol, &p("good_symlink"), link, target).unwrap();
+    o.put("good_symlink", &bytes);
+    o.case("good_symlink", "ok", &hex(target));
+
+    // A header of format version 1 (before attributes were authenticated).
+    let mut raw = o.file("version_1_header", &small);
+    raw[5] = 1;
+    o.put("version_1_header", &raw);
+    o.case(
+        "version_1_header",
+        "error",
+        "header of format version 1, which this kmsfs does not read",
+    );
 
     let mut raw = o.file("slot_generation_forged", &small);
     raw[64 + 7] = 9;

@@ -24,7 +24,7 @@ fn adopt(v: &TestVolume, path: &str, from: &str) -> std::process::Output {
 #[test]
 fn a_restored_file_is_adopted_where_it_is() {
     let v = TestVolume::new(512);
-    fs::create_dir(v.backing.join("archive")).unwrap();
+    v.mkdir("archive");
     v.write("report.pdf", b"quarterly numbers");
     fs::rename(
         v.backing_file("report.pdf"),

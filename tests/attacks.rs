@@ -8,6 +8,7 @@ mod common;
 
 use std::fs;
 
+use common::mount::kmsfs;
 use common::{path, pattern, TestVolume};
 use kmsfs::core::volume::OpenOptions;
 use kmsfs::core::{EncryptedFile, Volume};
@@ -159,7 +160,7 @@ fn moved_file_is_a_context_mismatch() {
 #[test]
 fn moved_directory_is_a_context_mismatch() {
     let v = TestVolume::new(BS);
-    fs::create_dir(v.backing_file("dir")).unwrap();
+    v.mkdir("dir");
     v.write("dir/f", b"data");
     fs::rename(v.backing_file("dir"), v.backing_file("other")).unwrap();
     assert!(matches!(v.read("other/f"), Err(Error::Moved { .. })));
@@ -386,4 +387,28 @@ fn remac(v: &TestVolume, raw: &mut [u8], slot: usize) {
     let sealed = seal_slot(pre, content, &v.volume.header_mac_key(&pre.file_id)).unwrap();
     let start = pre.slot_offset(slot) as usize;
     raw[start..start + sealed.len()].copy_from_slice(&sealed);
+}
+
+#[test]
+fn a_symlink_on_the_store_is_never_read_through() {
+    let v = TestVolume::new(4096);
+    v.write("a.txt", b"alpha");
+    v.write("b.txt", b"bravo");
+    // Positive control: a.txt reads as written.
+    assert_eq!(v.read("a.txt").unwrap(), b"alpha");
+    // a.txt replaced by a symlink to b.txt (authentic, but another file): refused, and b's
+    // content is never returned under a's name.
+    fs::remove_file(v.backing_file("a.txt")).unwrap();
+    std::os::unix::fs::symlink("b.txt", v.backing_file("a.txt")).unwrap();
+    let err = v.read("a.txt").unwrap_err();
+    assert!(err.to_string().contains("cannot open /a.txt"), "{err}");
+    assert_eq!(v.read("b.txt").unwrap(), b"bravo");
+    let out = kmsfs()
+        .arg("cat")
+        .arg(&v.backing)
+        .arg("a.txt")
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    assert!(out.stdout.is_empty());
 }

@@ -69,7 +69,7 @@ fn remac(v: &TestVolume, raw: &mut [u8]) {
 #[test]
 fn a_clean_volume_is_clean() {
     let v = TestVolume::new(512);
-    fs::create_dir(v.backing.join("dir")).unwrap();
+    v.mkdir("dir");
     for i in 0..20 {
         v.write(&format!("dir/f{i}"), &pattern(i * 100, i as u8));
     }
@@ -139,6 +139,17 @@ fn every_planted_defect_is_found() {
     let mut raw = rogue.bytes("rogue");
     remac(&v, &mut raw);
     v.put_bytes("rogue", &raw);
+    // Entries kmsfs never makes: a symlink, a directory made on the store (no record), and a
+    // directory whose record was swapped for another's (bound to another path).
+    std::os::unix::fs::symlink("good", v.backing_file("planted-link")).unwrap();
+    fs::create_dir(v.backing_file("bare-dir")).unwrap();
+    v.mkdir("a-dir");
+    v.mkdir("b-dir");
+    fs::copy(
+        v.backing_file("a-dir/.kmsfs-dir"),
+        v.backing_file("b-dir/.kmsfs-dir"),
+    )
+    .unwrap();
 
     let (code, report) = fsck(&v, &[]);
     assert_eq!(code, 3, "{report}");
@@ -146,9 +157,12 @@ fn every_planted_defect_is_found() {
     assert_eq!(
         problems(&report),
         vec![
+            pair("/b-dir/.kmsfs-dir", "moved"),
+            pair("/bare-dir", "missing-dir-record"),
             pair("/cut", "tampered-block"),
             pair("/cut_inside", "truncated"),
             pair("/moved_to", "moved"),
+            pair("/planted-link", "not-kmsfs"),
             pair("/rogue", "untrusted-key"),
             pair("/stale", "stale-envelope"),
             pair("/x", "moved"),

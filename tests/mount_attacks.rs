@@ -1660,3 +1660,215 @@ fn a_lock_held_on_a_backing_file_does_not_stall_the_mount() {
     // The file moved with its keys: it reads at its new name.
     assert_eq!(fs::read(m.p("n/d/g")).unwrap(), pattern(5000, 1));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Issue #15: what the mount shows is authenticated: kinds, symlink targets, modes and owners
+// come from headers the store cannot forge; anything on the store kmsfs did not make is not
+// shown. Each attack is made on the backing store by its owner while the volume is mounted.
+
+fn errno_of(r: io::Result<impl Sized>) -> Option<i32> {
+    r.err().and_then(|e| e.raw_os_error())
+}
+
+#[test]
+fn a_file_replaced_by_a_symlink_on_the_store_is_not_shown() {
+    if !fuse_available() {
+        return;
+    }
+    let m = Mount::new(4096, &[]);
+    fs::write(m.p("a.txt"), b"alpha").unwrap();
+    fs::write(m.p("b.txt"), b"bravo").unwrap();
+    fs::write(m.p("c.txt"), b"charlie").unwrap();
+    // Positive control: both read as written.
+    assert_eq!(fs::read(m.p("a.txt")).unwrap(), b"alpha");
+    // a.txt becomes a symlink to b.txt (authentic content under another name): no content,
+    // no type, no target of it is shown.
+    fs::remove_file(m.b("a.txt")).unwrap();
+    std::os::unix::fs::symlink("b.txt", m.b("a.txt")).unwrap();
+    assert_eq!(errno_of(fs::read(m.p("a.txt"))), Some(libc::EIO));
+    assert_eq!(
+        errno_of(fs::symlink_metadata(m.p("a.txt"))),
+        Some(libc::EIO)
+    );
+    assert_eq!(errno_of(fs::read_link(m.p("a.txt"))), Some(libc::EIO));
+    // A symlink planted outright, to a file outside the store, likewise.
+    std::os::unix::fs::symlink("/etc/hostname", m.b("planted")).unwrap();
+    assert_eq!(errno_of(fs::read(m.p("planted"))), Some(libc::EIO));
+    // The untouched files still read.
+    assert_eq!(fs::read(m.p("b.txt")).unwrap(), b"bravo");
+    assert_eq!(fs::read(m.p("c.txt")).unwrap(), b"charlie");
+    let log = m.log();
+    assert!(
+        log.contains("/a.txt: a symlink on the backing store, which kmsfs did not make"),
+        "{log}"
+    );
+}
+
+#[test]
+fn symlinks_are_encrypted_objects_bound_to_their_path() {
+    if !fuse_available() {
+        return;
+    }
+    let mut m = Mount::new(4096, &[]);
+    fs::create_dir(m.p("d")).unwrap();
+    fs::write(m.p("d/target-of-the-link"), b"t").unwrap();
+    std::os::unix::fs::symlink("target-of-the-link", m.p("d/l1")).unwrap();
+    std::os::unix::fs::symlink("target-of-the-link", m.p("d/l2")).unwrap();
+    assert_eq!(
+        fs::read_link(m.p("d/l1")).unwrap(),
+        Path::new("target-of-the-link")
+    );
+    assert_eq!(fs::read(m.p("d/l1")).unwrap(), b"t");
+    // On the store: regular files, and the target appears in none of them.
+    for l in ["d/l1", "d/l2"] {
+        let meta = fs::symlink_metadata(m.b(l)).unwrap();
+        assert!(meta.file_type().is_file(), "{l}");
+        let raw = fs::read(m.b(l)).unwrap();
+        assert!(!raw.windows(18).any(|w| w == b"target-of-the-link"), "{l}");
+    }
+    // Swapping two symlinks' objects on the store: neither is shown.
+    let (a, b) = (
+        fs::read(m.b("d/l1")).unwrap(),
+        fs::read(m.b("d/l2")).unwrap(),
+    );
+    fs::write(m.b("d/l1"), &b).unwrap();
+    fs::write(m.b("d/l2"), &a).unwrap();
+    m.remount();
+    assert_eq!(errno_of(fs::read_link(m.p("d/l1"))), Some(libc::EIO));
+    fs::write(m.b("d/l1"), &a).unwrap();
+    fs::write(m.b("d/l2"), &b).unwrap();
+    m.remount();
+    // Positive control: put back, both are symlinks again; a rename through the mount rebinds
+    // one (its own directory and a whole directory's), and it keeps its target.
+    assert_eq!(
+        fs::read_link(m.p("d/l2")).unwrap(),
+        Path::new("target-of-the-link")
+    );
+    fs::rename(m.p("d/l1"), m.p("d/renamed")).unwrap();
+    fs::rename(m.p("d"), m.p("e")).unwrap();
+    m.remount();
+    assert_eq!(
+        fs::read_link(m.p("e/renamed")).unwrap(),
+        Path::new("target-of-the-link")
+    );
+    assert_eq!(fs::read(m.p("e/l2")).unwrap(), b"t");
+    // Moved on the store (not through the mount): not shown.
+    fs::rename(m.b("e/renamed"), m.b("e/moved")).unwrap();
+    assert_eq!(errno_of(fs::read_link(m.p("e/moved"))), Some(libc::EIO));
+}
+
+#[test]
+fn modes_and_owners_shown_are_the_authenticated_ones() {
+    if !fuse_available() || !root_available() {
+        return;
+    }
+    let mut m = Mount::new(4096, &["--allow-other"]);
+    let top = m.backing.parent().unwrap().to_path_buf();
+    fs::set_permissions(&top, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::write(m.p("secret"), b"the owner's eyes only").unwrap();
+    fs::set_permissions(m.p("secret"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::write(m.p("shared"), b"for everyone").unwrap();
+    fs::set_permissions(m.p("shared"), fs::Permissions::from_mode(0o644)).unwrap();
+    fs::create_dir(m.p("private")).unwrap();
+    fs::set_permissions(m.p("private"), fs::Permissions::from_mode(0o700)).unwrap();
+    fs::write(m.p("private/inner"), b"inner").unwrap();
+    fs::set_permissions(m.p("private/inner"), fs::Permissions::from_mode(0o644)).unwrap();
+    let nobody_reads = |p: PathBuf| as_nobody(move || fs::read(p).map_err(|e| e.raw_os_error()));
+    // Positive control: nobody reads the shared file, not the others.
+    assert_eq!(nobody_reads(m.p("shared")).unwrap(), b"for everyone");
+    assert_eq!(nobody_reads(m.p("secret")), Err(Some(libc::EACCES)));
+    assert_eq!(nobody_reads(m.p("private/inner")), Err(Some(libc::EACCES)));
+
+    // The store's owner opens everything up on the store: modes, owners, set-id bits.
+    for p in ["secret", "private", "private/inner", "private/.kmsfs-dir"] {
+        fs::set_permissions(m.b(p), fs::Permissions::from_mode(0o4777)).unwrap();
+        std::os::unix::fs::chown(m.b(p), Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    m.remount();
+    for p in ["secret", "private", "private/inner"] {
+        let meta = fs::metadata(m.p(p)).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (0, 0), "{p}");
+        assert_eq!(meta.mode() & 0o4000, 0, "{p}");
+    }
+    assert_eq!(fs::metadata(m.p("secret")).unwrap().mode() & 0o7777, 0o600);
+    assert_eq!(fs::metadata(m.p("private")).unwrap().mode() & 0o7777, 0o700);
+    assert_eq!(nobody_reads(m.p("secret")), Err(Some(libc::EACCES)));
+    assert_eq!(nobody_reads(m.p("private/inner")), Err(Some(libc::EACCES)));
+
+    // An edit of a header's mode bytes on the store: the file is not shown at all.
+    let mut raw = fs::read(m.b("secret")).unwrap();
+    assert_eq!(
+        raw[77..79],
+        [0x01, 0x80],
+        "mode 0600 at its documented offset"
+    );
+    raw[78] = 0xa4; // 0644
+    fs::write(m.b("secret"), &raw).unwrap();
+    m.remount();
+    assert_eq!(errno_of(fs::metadata(m.p("secret"))), Some(libc::EIO));
+    assert_eq!(nobody_reads(m.p("secret")), Err(Some(libc::EIO)));
+    // A directory's record swapped for another's (here: the root's, which is 0755).
+    fs::copy(m.b(".kmsfs-dir"), m.b("private/.kmsfs-dir")).unwrap();
+    m.remount();
+    assert_eq!(errno_of(fs::metadata(m.p("private"))), Some(libc::EIO));
+    assert_eq!(nobody_reads(m.p("private/inner")), Err(Some(libc::EIO)));
+    // And one removed: the directory is not shown either.
+    fs::remove_file(m.b("private/.kmsfs-dir")).unwrap();
+    m.remount();
+    assert_eq!(errno_of(fs::metadata(m.p("private"))), Some(libc::EIO));
+
+    // chmod and chown through the mount change what is shown, and nothing on the store's
+    // entries (they stay the store owner's business).
+    fs::set_permissions(m.p("shared"), fs::Permissions::from_mode(0o640)).unwrap();
+    std::os::unix::fs::chown(m.p("shared"), Some(NOBODY), None).unwrap();
+    m.remount();
+    let meta = fs::metadata(m.p("shared")).unwrap();
+    assert_eq!((meta.mode() & 0o7777, meta.uid()), (0o640, NOBODY));
+    assert_eq!(nobody_reads(m.p("shared")).unwrap(), b"for everyone");
+    let backing = fs::metadata(m.b("shared")).unwrap();
+    assert_eq!((backing.mode() & 0o7777, backing.uid()), (0o600, 0));
+}
+
+#[test]
+fn fifos_and_device_nodes_are_objects_and_planted_ones_are_not_shown() {
+    if !fuse_available() {
+        return;
+    }
+    let mut m = Mount::new(4096, &[]);
+    let fifo = CString::new(m.p("fifo").as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o640) }, 0);
+    let meta = fs::symlink_metadata(m.p("fifo")).unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_fifo(&meta.file_type()));
+    assert_eq!(meta.mode() & 0o7777, 0o640);
+    assert!(fs::symlink_metadata(m.b("fifo")).unwrap().is_file());
+    // A fifo planted on the store, and a device node: not shown.
+    let planted = CString::new(m.b("planted-fifo").as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid path.
+    assert_eq!(unsafe { libc::mkfifo(planted.as_ptr(), 0o666) }, 0);
+    let null = CString::new(m.b("null").as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid path; /dev/null's device number.
+    let made = unsafe { libc::mknod(null.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) };
+    m.remount();
+    assert_eq!(
+        errno_of(fs::symlink_metadata(m.p("planted-fifo"))),
+        Some(libc::EIO)
+    );
+    if made == 0 {
+        assert_eq!(errno_of(fs::symlink_metadata(m.p("null"))), Some(libc::EIO));
+    }
+    // fsck names them; the fifo made through the mount is fine.
+    let out = kmsfs()
+        .args(["fsck", "--key"])
+        .arg(format!("local:{}", m.key.display()))
+        .arg(&m.backing)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("/planted-fifo") && text.contains("not-kmsfs"),
+        "{text}"
+    );
+    assert!(!text.contains("/fifo:"), "{text}");
+}

@@ -31,7 +31,7 @@ fn slow_core(v: &TestVolume, prefetch: usize) -> (KmsFs, Arc<FaultyProvider>) {
 
 fn volume(files: usize) -> TestVolume {
     let v = TestVolume::new(4096);
-    std::fs::create_dir(v.backing.join("dir")).unwrap();
+    v.mkdir("dir");
     for i in 0..files {
         v.write(&format!("dir/f{i:03}"), &pattern(100 + i, i as u8));
     }

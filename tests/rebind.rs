@@ -139,7 +139,7 @@ fn directory_rename_refused_midway_leaves_nothing_stale() {
 #[test]
 fn a_record_left_by_a_crash_is_finished_at_the_next_mount() {
     let v = TestVolume::new(4096);
-    fs::create_dir(v.backing.join("tree")).unwrap();
+    v.mkdir("tree");
     for i in 0..10 {
         v.write(&format!("tree/f{i}"), &pattern(50 + i, i as u8));
     }

@@ -27,7 +27,7 @@ fn content(i: usize) -> Vec<u8> {
 fn volume_with_files(n: usize) -> TestVolume {
     let v = TestVolume::new(4096);
     for d in 0..10 {
-        fs::create_dir(v.backing.join(format!("d{d}"))).unwrap();
+        v.mkdir(&format!("d{d}"));
     }
     for i in 0..n {
         v.write(&format!("d{}/f{i}", i % 10), &content(i));

@@ -35,7 +35,7 @@ use std::fs::{File, Metadata};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -491,75 +491,36 @@ impl Backing {
         self.open_dir(path, Atime::Update)?.sync_all()
     }
 
-    /// Makes `what` at `path` owned by `owner` (uid, gid; root only) with permission bits
-    /// `perm`, so that no change is ever made through a name another user can swap: the
-    /// entry is made in kmsfs's private staging directory (`.kmsfs/staging`, reachable only
-    /// by the user kmsfs runs as), given its owner and mode there through its descriptor, and
-    /// only then renamed into place (`RENAME_NOREPLACE`). In a set-group-id directory it
-    /// takes the directory's group (and a directory the set-group-id bit), as the kernel would
-    /// give it. Returns the new entry's metadata.
-    pub fn make_entry(
+    /// Makes the directory `path` holding the file `record_name` with `record` (its kmsfs
+    /// record): made and filled in kmsfs's private staging directory, then renamed into place
+    /// without replacing anything, so the directory appears with its record or not at all and
+    /// nothing is ever done through a name someone else can swap. Backing directories are
+    /// 0700 and belong to the daemon's user: what the mount shows comes from the record.
+    pub fn make_dir(
         &self,
         path: &CanonicalPath,
-        what: NewEntry<'_>,
-        owner: Option<(u32, u32)>,
-        perm: Option<u32>,
+        record_name: &str,
+        record: &[u8],
     ) -> io::Result<Metadata> {
         let (dir, name) = self.parent(path)?;
-        let parent = metadata_of(&dir)?;
-        let sgid = parent.mode() & libc::S_ISGID != 0;
         let staging = self.meta_dir(META_DIR, true)?.private_subdir(STAGING_DIR)?;
         let tmp = format!("{:016x}", rand::random::<u64>());
-        match what {
-            NewEntry::Dir => {
-                rustix::fs::mkdirat(&staging.fd, tmp.as_str(), Mode::from_raw_mode(0o700))?
-            }
-            NewEntry::Node { kind, rdev } => rustix::fs::mknodat(
+        rustix::fs::mkdirat(&staging.fd, tmp.as_str(), Mode::from_raw_mode(0o700))?;
+        let made = || -> io::Result<Metadata> {
+            let new = rustix::fs::openat(
                 &staging.fd,
                 tmp.as_str(),
-                rustix::fs::FileType::from_raw_mode(kind),
-                Mode::empty(),
-                rdev,
-            )?,
-            NewEntry::Symlink(target) => {
-                rustix::fs::symlinkat(OsStr::from_bytes(target), &staging.fd, tmp.as_str())?
-            }
-        }
-        let is_dir = matches!(what, NewEntry::Dir);
-        let remove = || {
-            let flags = if is_dir {
-                AtFlags::REMOVEDIR
-            } else {
-                AtFlags::empty()
-            };
-            let _ = rustix::fs::unlinkat(&staging.fd, tmp.as_str(), flags);
-        };
-        let finish = || -> io::Result<Metadata> {
-            let obj = rustix::fs::openat(
-                &staging.fd,
-                tmp.as_str(),
-                OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                 Mode::empty(),
             )?;
-            let group = sgid.then(|| parent.gid());
-            match owner {
-                Some((uid, gid)) => chown_fd(&obj, Some(uid), Some(group.unwrap_or(gid)))?,
-                // Not root: the directory's group where it is one of ours, as the kernel does.
-                None => {
-                    if let Some(g) = group {
-                        let _ = chown_fd(&obj, None, Some(g));
-                    }
-                }
-            }
-            if let Some(perm) = perm {
-                let perm = if is_dir && sgid {
-                    perm | libc::S_ISGID
-                } else {
-                    perm
-                };
-                chmod_fd(&obj, perm)?;
-            }
-            let meta = metadata_of(&obj)?;
+            let file = File::from(rustix::fs::openat(
+                &new,
+                record_name,
+                OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o600),
+            )?);
+            file.write_all_at(record, 0)?;
+            let meta = metadata_of(&new)?;
             rustix::fs::renameat_with(
                 &staging.fd,
                 tmp.as_str(),
@@ -569,7 +530,25 @@ impl Backing {
             )?;
             Ok(meta)
         };
-        finish().inspect_err(|_| remove())
+        made().inspect_err(|_| {
+            let _ = rustix::fs::unlinkat(
+                &staging.fd,
+                format!("{tmp}/{record_name}"),
+                AtFlags::empty(),
+            );
+            let _ = rustix::fs::unlinkat(&staging.fd, tmp.as_str(), AtFlags::REMOVEDIR);
+        })
+    }
+
+    /// Makes `path` a regular file holding `bytes` (a kmsfs object), complete before it has
+    /// its name; never replaces anything.
+    pub fn write_new(&self, path: &CanonicalPath, bytes: &[u8]) -> io::Result<Metadata> {
+        let dir = path.parent().ok_or_else(|| errno(libc::EEXIST))?;
+        let tmp = self.new_temporary_file(&dir, 0o600)?;
+        tmp.file().write_all_at(bytes, 0)?;
+        let meta = tmp.file().metadata()?;
+        tmp.persist_noclobber(path)?;
+        Ok(meta)
     }
 
     pub fn mkdir(&self, path: &CanonicalPath, mode: u32) -> io::Result<()> {
@@ -612,6 +591,78 @@ impl Backing {
     /// Removes the empty directory at `path`, if it is still the inode `expect`.
     pub fn rmdir(&self, path: &CanonicalPath, expect: Option<Identity>) -> io::Result<()> {
         self.remove(path, expect, AtFlags::REMOVEDIR)
+    }
+
+    /// Removes the directory `path` if it holds nothing but its record `record_name`: it is
+    /// first renamed into kmsfs's private staging directory (out of everyone else's reach),
+    /// checked there to be the directory `expect` names and empty but for the record (else
+    /// put back: `ENOTEMPTY` or `ESTALE`), and only then emptied and removed. A crash part way
+    /// leaves it in the staging directory, never a directory without its record in the tree.
+    pub fn remove_dir(
+        &self,
+        path: &CanonicalPath,
+        record_name: &str,
+        expect: Identity,
+    ) -> io::Result<()> {
+        let (dir, name) = self.parent(path)?;
+        let staging = self.meta_dir(META_DIR, true)?.private_subdir(STAGING_DIR)?;
+        let tmp = format!("{:016x}", rand::random::<u64>());
+        rustix::fs::renameat_with(
+            &dir,
+            name.as_c_str(),
+            &staging.fd,
+            tmp.as_str(),
+            RenameFlags::NOREPLACE,
+        )?;
+        let check = || -> io::Result<OwnedFd> {
+            let moved = rustix::fs::openat(
+                &staging.fd,
+                tmp.as_str(),
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            if Identity::of(&metadata_of(&moved)?) != expect {
+                return Err(errno(libc::ESTALE));
+            }
+            let listing = rustix::fs::openat(
+                &moved,
+                ".",
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            if list_fd(listing)?
+                .iter()
+                .any(|e| e.name.as_bytes() != record_name.as_bytes())
+            {
+                return Err(errno(libc::ENOTEMPTY));
+            }
+            Ok(moved)
+        };
+        let moved = match check() {
+            Ok(fd) => fd,
+            Err(e) => {
+                let back = rustix::fs::renameat_with(
+                    &staging.fd,
+                    tmp.as_str(),
+                    &dir,
+                    name.as_c_str(),
+                    RenameFlags::NOREPLACE,
+                );
+                if let Err(b) = back {
+                    return Err(io::Error::other(format!(
+                        "cannot put back {path} from {}: {b}",
+                        staging.shown.join(&tmp).display()
+                    )));
+                }
+                return Err(e);
+            }
+        };
+        match rustix::fs::unlinkat(&moved, record_name, AtFlags::empty()) {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+            Err(e) => return Err(e.into()),
+        }
+        rustix::fs::unlinkat(&staging.fd, tmp.as_str(), AtFlags::REMOVEDIR)?;
+        Ok(())
     }
 
     fn remove(
@@ -890,8 +941,8 @@ impl Backing {
 pub const TEMP_PREFIX: &str = ".kmsfs-tmp-";
 /// kmsfs's own directory at the backing root.
 pub const META_DIR: &str = ".kmsfs";
-/// Where new directories, device nodes, fifos and symlinks get their owner and mode before
-/// they are renamed into place (see [`Backing::make_entry`]).
+/// Where a new directory gets its record before it is renamed into place, and where a
+/// directory goes to be removed (see [`Backing::make_dir`], [`Backing::remove_dir`]).
 const STAGING_DIR: &str = "staging";
 /// The lock file whose byte ranges (one per inode) serialize header updates.
 const HEADER_LOCKS: &str = "header.lock";
@@ -923,18 +974,6 @@ struct Itself {
 /// A header lock held (see [`Backing::lock_header`]); released when dropped.
 pub struct HeaderLock {
     _file: File,
-}
-
-/// What [`Backing::make_entry`] makes.
-#[derive(Debug, Clone, Copy)]
-pub enum NewEntry<'a> {
-    Dir,
-    /// A fifo, socket or device node: `kind` is its `S_IFMT` bits.
-    Node {
-        kind: u32,
-        rdev: u64,
-    },
-    Symlink(&'a [u8]),
 }
 
 /// A file being written that gets its name only when complete; see

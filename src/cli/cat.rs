@@ -8,6 +8,7 @@ use clap::Args;
 use super::{volume_path, VolumeArgs};
 use crate::core::EncryptedFile;
 use crate::error::{Error, Result};
+use crate::format::header::ObjectKind;
 
 #[derive(Debug, Args)]
 pub struct CatArgs {
@@ -21,6 +22,12 @@ pub fn run(args: CatArgs) -> Result<()> {
     let path = volume_path(&args.path)?;
     let volume = args.volume.open()?;
     let file = EncryptedFile::open(&volume, &path, false)?;
+    if file.attrs().kind != ObjectKind::File {
+        return Err(Error::Refused(format!(
+            "{path} is a {:?}, not a file",
+            file.attrs().kind
+        )));
+    }
     let mut out = std::io::stdout().lock();
     let mut buf = vec![0u8; 1 << 20];
     let mut offset = 0;

@@ -31,6 +31,7 @@ pub fn run(args: ImportArgs) -> Result<()> {
         )
     };
     let volume = args.volume.open()?;
+    // Owned by whoever imports it, readable by them alone (chmod through a mount to share).
     let size = write_new_file(&volume, &path, &mut input)?;
     println!("wrote {size} bytes to {path}");
     Ok(())

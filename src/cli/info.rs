@@ -61,9 +61,13 @@ pub fn run(args: InfoArgs) -> Result<()> {
                     SlotState::Damaged(why) => println!("slot {i}:      damaged: {why}"),
                     SlotState::Sealed(c) => {
                         println!(
-                            "slot {i}:      generation {}, {} envelope(s)",
+                            "slot {i}:      generation {}, {} envelope(s), {:?} mode {:04o} owner {}:{}",
                             c.generation,
-                            c.envelopes.len()
+                            c.envelopes.len(),
+                            c.attrs.kind,
+                            c.attrs.mode,
+                            c.attrs.uid,
+                            c.attrs.gid
                         );
                         for e in &c.envelopes {
                             let here = if e.path == path {

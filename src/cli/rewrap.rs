@@ -56,7 +56,9 @@ pub fn run(args: RewrapArgs) -> Result<()> {
         volume.add_trusted_key(&to)?
     };
     let old = volume.other_trusted_keys(&to_id);
-    let files = volume.files_beneath(&CanonicalPath::root())?;
+    // Files only: every other object's key is wrapped under the volume, not a trusted key.
+    let mut files = volume.files_beneath(&CanonicalPath::root())?;
+    files.retain(|p| !crate::core::file::is_dir_record(p));
     let terminal = std::io::stderr().is_terminal() && !args.json;
     let total = files.len();
     let shown = std::sync::atomic::AtomicU64::new(0);

@@ -19,7 +19,6 @@ pub fn adopt(volume: &Volume, path: &CanonicalPath, from: &CanonicalPath) -> Res
         ));
     }
     let file = crate::core::file::open_backing(volume, path, true)?;
-    let (from_ctx, to_ctx) = (volume.file_context(from), volume.file_context(path));
     let mut moved = 0;
     update_envelopes(
         volume.backing(),
@@ -44,10 +43,7 @@ pub fn adopt(volume: &Volume, path: &CanonicalPath, from: &CanonicalPath) -> Res
                 .cloned()
                 .collect();
             for e in current.iter().filter(|e| &e.path == from) {
-                let key = volume
-                    .keyring()
-                    .rewrap(&e.key, &from_ctx, &e.key.key_id, &to_ctx)
-                    .map_err(|err| Error::key(path, err))?;
+                let key = volume.rewrap_for_path(&e.key, from, path)?;
                 moved += 1;
                 out.push(Envelope {
                     path: path.clone(),

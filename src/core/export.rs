@@ -36,7 +36,7 @@ use std::ffi::OsString;
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use rustix::fs::{Mode, OFlags};
@@ -45,8 +45,9 @@ use crate::backing::{Atime, Backing};
 use crate::error::{Error, Result};
 use crate::format::context::CanonicalPath;
 
-use super::file::EncryptedFile;
+use super::file::{dir_record, EncryptedFile};
 use super::volume::{is_reserved_name, Volume};
+use crate::format::header::{Attrs, ObjectKind};
 
 /// Where an export goes.
 pub enum Destination {
@@ -324,16 +325,41 @@ impl Exporter<'_> {
         Error::io(format!("cannot {what} {shown}"), e)
     }
 
-    /// Exports the store's `p` (whose metadata is `meta`) as `out`.
+    /// Exports the store's `p` (whose metadata is `meta`) as `out`: a directory with the
+    /// attributes its record gives, an object as its header says, anything else (a symlink,
+    /// fifo or device node kmsfs did not make) not at all.
     fn walk(&mut self, p: &CanonicalPath, out: &CanonicalPath, meta: &fs::Metadata) -> Result<()> {
         if meta.is_dir() {
-            self.dir(p, out, meta)
+            let record = dir_record(p);
+            let attrs =
+                EncryptedFile::open(self.volume, &record, false).and_then(|r| match r.attrs() {
+                    a if a.kind == ObjectKind::Dir => Ok(a),
+                    _ => Err(Error::Integrity(format!(
+                        "{record}: not a directory record"
+                    ))),
+                });
+            match attrs {
+                Ok(attrs) => self.dir(p, out, meta, &attrs),
+                Err(e) if p.is_root() || out.is_root() => Err(e),
+                Err(e) => self.failed(p, e),
+            }
+        } else if meta.is_file() {
+            self.entry(p, out)
         } else {
-            self.entry(p, out, meta)
+            let e = Error::Integrity(format!(
+                "{p}: an entry on the backing store that kmsfs did not make; not exported"
+            ));
+            self.failed(p, e)
         }
     }
 
-    fn dir(&mut self, p: &CanonicalPath, out: &CanonicalPath, meta: &fs::Metadata) -> Result<()> {
+    fn dir(
+        &mut self,
+        p: &CanonicalPath,
+        out: &CanonicalPath,
+        meta: &fs::Metadata,
+        attrs: &Attrs,
+    ) -> Result<()> {
         let mut names: Vec<OsString> = self
             .store
             .list_dir(p, Atime::Keep)
@@ -349,7 +375,7 @@ impl Exporter<'_> {
                 d.mkdir(out, 0o700)
                     .map_err(|e| self.dest_err("create", out, e))?;
             } else {
-                let mut h = self.header(meta, tar::EntryType::Directory);
+                let mut h = self.header(meta, attrs, tar::EntryType::Directory);
                 self.append(&mut h, out, std::io::empty())?;
             }
         }
@@ -365,7 +391,7 @@ impl Exporter<'_> {
         // DEST itself is the operator's: it keeps its own mode and owner.
         if !out.is_root() {
             if let Sink::Dir(_) = self.dest {
-                self.finish(out, meta)?;
+                self.finish(out, meta, attrs)?;
             }
         }
         Ok(())
@@ -397,23 +423,23 @@ impl Exporter<'_> {
 
     /// Owner (with `same_owner`), mode (masked) and times of a finished entry of a directory
     /// export, set on the entry itself, resolved beneath `DEST` with no symlink followed.
-    fn finish(&self, out: &CanonicalPath, meta: &fs::Metadata) -> Result<()> {
+    fn finish(&self, out: &CanonicalPath, meta: &fs::Metadata, attrs: &Attrs) -> Result<()> {
         let Sink::Dir(d) = &self.dest else {
             return Ok(());
         };
         if self.options.same_owner {
-            d.chown(out, Some(meta.uid()), Some(meta.gid()), None)
+            d.chown(out, Some(attrs.uid), Some(attrs.gid), None)
                 .map_err(|e| {
-                    let what = format!("chown to {}:{}", meta.uid(), meta.gid());
+                    let what = format!("chown to {}:{}", attrs.uid, attrs.gid);
                     self.dest_err(&what, out, e)
                 })?;
         }
-        if meta.file_type().is_symlink() {
+        if attrs.kind == ObjectKind::Symlink {
             // A symlink has no mode of its own; its times are set on the link itself.
             let _ = d.set_link_times(out, &super::times_of(meta));
             return Ok(());
         }
-        d.chmod(out, meta.mode() & MODE_MASK, None)
+        d.chmod(out, attrs.mode & MODE_MASK, None)
             .map_err(|e| self.dest_err("chmod", out, e))?;
         // Times are best effort, as before: an export is not refused over them.
         let _ = d.set_times(out, &super::times_of(meta), None);
@@ -421,67 +447,92 @@ impl Exporter<'_> {
     }
 
     /// As [`Exporter::finish`], on a file export just wrote (through its descriptor).
-    fn finish_file(&self, file: &fs::File, out: &CanonicalPath, meta: &fs::Metadata) -> Result<()> {
+    fn finish_file(
+        &self,
+        file: &fs::File,
+        out: &CanonicalPath,
+        meta: &fs::Metadata,
+        attrs: &Attrs,
+    ) -> Result<()> {
         let shown = self.shown(out);
         if self.options.same_owner {
             let id = |v: u32| (v != u32::MAX).then_some(v);
             rustix::fs::fchown(
                 file,
-                id(meta.uid()).map(rustix::fs::Uid::from_raw),
-                id(meta.gid()).map(rustix::fs::Gid::from_raw),
+                id(attrs.uid).map(rustix::fs::Uid::from_raw),
+                id(attrs.gid).map(rustix::fs::Gid::from_raw),
             )
             .map_err(|e| {
                 Error::io(
-                    format!("cannot chown {shown} to {}:{}", meta.uid(), meta.gid()),
+                    format!("cannot chown {shown} to {}:{}", attrs.uid, attrs.gid),
                     e.into(),
                 )
             })?;
         }
-        crate::backing::open::chmod(file, meta.mode() & MODE_MASK)
+        crate::backing::open::chmod(file, attrs.mode & MODE_MASK)
             .map_err(|e| Error::io(format!("cannot chmod {shown}"), e))?;
         let _ = crate::backing::open::set_times(file, &super::times_of(meta));
         Ok(())
     }
 
-    fn entry(&mut self, p: &CanonicalPath, out: &CanonicalPath, meta: &fs::Metadata) -> Result<()> {
-        let ft = meta.file_type();
-        if ft.is_file() {
-            return self.file(p, out);
-        }
-        if ft.is_symlink() {
-            // The target exactly as stored; created, never followed.
-            let target = self
-                .store
-                .read_link(p)
-                .map_err(|e| Error::io(format!("cannot read {p}"), e))?;
-            let target = PathBuf::from(OsString::from_vec(target));
-            if let Sink::Dir(d) = &self.dest {
-                d.symlink(target.as_os_str().as_bytes(), out)
-                    .map_err(|e| self.dest_err("create", out, e))?;
-                self.finish(out, meta)?;
-            } else {
-                let mut h = self.header(meta, tar::EntryType::Symlink);
-                self.append_link(&mut h, out, &target)?;
-            }
-            self.summary.symlinks += 1;
-            return Ok(());
-        }
-        // Sockets belong to a running program.
-        if ft.is_socket() {
-            return Ok(());
-        }
-        let (kind, ifmt) = if ft.is_fifo() {
-            (tar::EntryType::Fifo, libc::S_IFIFO)
-        } else if ft.is_char_device() {
-            (tar::EntryType::Char, libc::S_IFCHR)
-        } else {
-            (tar::EntryType::Block, libc::S_IFBLK)
+    /// An object: opened beneath the store root with no symlink followed, and only if it is
+    /// a regular backing file; authenticated at its own path (every name of a hard-linked one
+    /// too: one planted on the store has no envelope for its path and is refused like a moved
+    /// file); then exported as what its header says it is.
+    fn entry(&mut self, p: &CanonicalPath, out: &CanonicalPath) -> Result<()> {
+        let opened = self
+            .store
+            .open_file(p, false, Atime::Keep)
+            .map_err(|e| Error::io(format!("cannot open {p}"), e))
+            .and_then(|f| {
+                let m = f
+                    .metadata()
+                    .map_err(|e| Error::io(format!("cannot stat {p}"), e))?;
+                Ok((f, m))
+            })
+            .and_then(|(f, m)| Ok((EncryptedFile::from_file(self.volume, p, f)?, m)));
+        let (object, meta) = match opened {
+            Ok(x) => x,
+            Err(e) => return self.failed(p, e),
         };
-        let rdev = meta.rdev();
+        let attrs = object.attrs();
+        match attrs.kind {
+            ObjectKind::File => return self.file(p, out, object, &meta),
+            ObjectKind::Dir => {
+                let e = Error::Integrity(format!("{p}: a directory record where a name is"));
+                return self.failed(p, e);
+            }
+            ObjectKind::Symlink => {
+                // The authenticated target, created as a symlink, never followed.
+                let target = match object.read_all() {
+                    Ok(t) => PathBuf::from(OsString::from_vec(t)),
+                    Err(e) => return self.failed(p, e),
+                };
+                if let Sink::Dir(d) = &self.dest {
+                    d.symlink(target.as_os_str().as_bytes(), out)
+                        .map_err(|e| self.dest_err("create", out, e))?;
+                    self.finish(out, &meta, &attrs)?;
+                } else {
+                    let mut h = self.header(&meta, &attrs, tar::EntryType::Symlink);
+                    self.append_link(&mut h, out, &target)?;
+                }
+                self.summary.symlinks += 1;
+                return Ok(());
+            }
+            // Sockets belong to a running program.
+            ObjectKind::Socket => return Ok(()),
+            ObjectKind::Fifo | ObjectKind::CharDevice | ObjectKind::BlockDevice => {}
+        }
+        let (kind, ifmt) = match attrs.kind {
+            ObjectKind::Fifo => (tar::EntryType::Fifo, libc::S_IFIFO),
+            ObjectKind::CharDevice => (tar::EntryType::Char, libc::S_IFCHR),
+            _ => (tar::EntryType::Block, libc::S_IFBLK),
+        };
+        let rdev = attrs.rdev;
         if kind != tar::EntryType::Fifo && !self.options.devices {
             let what = format!(
                 "{} device {}:{}",
-                if ft.is_char_device() {
+                if attrs.kind == ObjectKind::CharDevice {
                     "character"
                 } else {
                     "block"
@@ -493,18 +544,13 @@ impl Exporter<'_> {
             return Ok(());
         }
         if let Sink::Dir(d) = &self.dest {
-            let rdev = if kind == tar::EntryType::Fifo {
-                0
-            } else {
-                rdev
-            };
             if let Err(e) = d.mknod(out, ifmt | 0o600, rdev) {
                 let e = self.dest_err("create", out, e);
                 return self.failed(p, e);
             }
-            self.finish(out, meta)?;
+            self.finish(out, &meta, &attrs)?;
         } else {
-            let mut h = self.header(meta, kind);
+            let mut h = self.header(&meta, &attrs, kind);
             h.set_size(0);
             if kind != tar::EntryType::Fifo {
                 let _ = h.set_device_major(libc::major(rdev));
@@ -518,31 +564,15 @@ impl Exporter<'_> {
 
     /// A regular file: decrypted at its own path, or, for a further name of a multiply-linked
     /// file already exported, authenticated at its own path and linked to the first.
-    fn file(&mut self, p: &CanonicalPath, out: &CanonicalPath) -> Result<()> {
-        // Opened beneath the store root with no symlink followed, and only if it is a regular
-        // file; its metadata is the opened inode's.
-        let opened = self
-            .store
-            .open_file(p, false, Atime::Keep)
-            .map_err(|e| Error::io(format!("cannot open {p}"), e))
-            .and_then(|f| {
-                let m = f
-                    .metadata()
-                    .map_err(|e| Error::io(format!("cannot stat {p}"), e))?;
-                Ok((f, m))
-            });
-        let (backing_file, meta) = match opened {
-            Ok(x) => x,
-            Err(e) => return self.failed(p, e),
-        };
+    fn file(
+        &mut self,
+        p: &CanonicalPath,
+        out: &CanonicalPath,
+        file: EncryptedFile,
+        meta: &fs::Metadata,
+    ) -> Result<()> {
         let inode = (meta.dev(), meta.ino());
-        // Every name is authenticated where it is, a further name of a hard-linked file too:
-        // one planted on the store (a link nobody made through kmsfs) has no envelope for its
-        // path and is refused like a moved file.
-        let file = match EncryptedFile::from_file(self.volume, p, backing_file) {
-            Ok(f) => f,
-            Err(e) => return self.failed(p, e),
-        };
+        let attrs = file.attrs();
         if meta.nlink() > 1 {
             if let Some(first) = self.seen.get(&inode).cloned() {
                 if let Sink::Dir(d) = &self.dest {
@@ -550,7 +580,7 @@ impl Exporter<'_> {
                     d.link(&first, out)
                         .map_err(|e| self.dest_err("link", out, e))?;
                 } else {
-                    let mut h = self.header(&meta, tar::EntryType::Link);
+                    let mut h = self.header(meta, &attrs, tar::EntryType::Link);
                     self.append_link(&mut h, out, &first.to_relative_path())?;
                 }
                 self.summary.links += 1;
@@ -573,9 +603,9 @@ impl Exporter<'_> {
                 let _ = d.unlink(out, None);
                 return self.failed(p, e);
             }
-            self.finish_file(&created, out, &meta)?;
+            self.finish_file(&created, out, meta, &attrs)?;
         } else {
-            let mut h = self.header(&meta, tar::EntryType::Regular);
+            let mut h = self.header(meta, &attrs, tar::EntryType::Regular);
             h.set_size(file.size());
             let mut r = PlainReader::new(&file);
             if let Err(e) = self.append(&mut h, out, &mut r) {
@@ -606,14 +636,14 @@ impl Exporter<'_> {
     /// A tar header with an entry's mode (no set-id bits), owner and mtime. The owner is the
     /// stored one only with `same_owner`, else the exporting user's; user and group names are
     /// left empty, so an extracting tar goes by these numbers and no name it would look up.
-    fn header(&self, meta: &fs::Metadata, kind: tar::EntryType) -> tar::Header {
+    fn header(&self, meta: &fs::Metadata, attrs: &Attrs, kind: tar::EntryType) -> tar::Header {
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(kind);
         // Set for every member: the field is octal digits, not empty, for strict readers.
         h.set_size(0);
-        h.set_mode(meta.mode() & MODE_MASK);
+        h.set_mode(attrs.mode & MODE_MASK);
         let (uid, gid) = if self.options.same_owner {
-            (meta.uid(), meta.gid())
+            (attrs.uid, attrs.gid)
         } else {
             self.me
         };
@@ -650,7 +680,9 @@ mod tests {
         )
         .unwrap();
         let v = report.volume;
-        fs::create_dir(backing.join("docs")).unwrap();
+        let mut attrs = crate::core::file::own_file_attrs(0o755);
+        attrs.kind = ObjectKind::Dir;
+        crate::core::file::make_dir(&v, &path("docs"), attrs).unwrap();
         crate::core::file::write_new_file(&v, &path("docs/a.txt"), &mut &b"alpha"[..]).unwrap();
         crate::core::file::write_new_file(&v, &path("top.txt"), &mut &b"top"[..]).unwrap();
         (dir, v)

@@ -22,7 +22,7 @@ use crate::format::block::{BlockCipher, Layout, BLOCK_OVERHEAD, NONCE_LEN};
 use crate::format::context::CanonicalPath;
 use crate::format::envelope::{Envelope, WrappedKey};
 use crate::format::header::{
-    encode_new_header, seal_slot, slot_size_for, Header, Preamble, SlotContent, SlotState,
+    encode_new_header, seal_slot, slot_size_for, Attrs, Header, Preamble, SlotContent, SlotState,
     SUITE_AES256GCM_HKDF_SHA256,
 };
 use crate::format::{kdf, FormatError};
@@ -82,18 +82,24 @@ fn random_nonces(count: usize) -> Vec<u8> {
 }
 
 impl EncryptedFile {
-    /// Makes `file` (empty, opened read-write) the encrypted file for `path`.
-    pub fn create(volume: &Volume, path: &CanonicalPath, file: File) -> Result<Self> {
+    /// Makes `file` (empty, opened read-write) the object for `path` with `attrs`: a file's
+    /// data key comes from the key service (one `GenerateDataKey`), any other object's is
+    /// random and wrapped under the volume (no key call).
+    pub fn create(volume: &Volume, path: &CanonicalPath, file: File, attrs: Attrs) -> Result<Self> {
         if path.is_root() {
             return Err(Error::Usage(
                 "the volume root is a directory, not a file".into(),
             ));
         }
-        let (dek, wrapped) = volume
-            .keyring()
-            .generate(&volume.file_context(path))
-            .map_err(|e| Error::key(path, e))?;
-        Self::create_with_key(volume, path, file, &dek, wrapped)
+        let (dek, wrapped) = if attrs.kind.uses_key_service() {
+            volume
+                .keyring()
+                .generate(&volume.file_context(path))
+                .map_err(|e| Error::key(path, e))?
+        } else {
+            volume.object_data_key(path)
+        };
+        Self::create_with_key(volume, path, file, &dek, wrapped, attrs)
     }
 
     /// [`EncryptedFile::create`] with a data key already generated for `path`'s context
@@ -104,55 +110,21 @@ impl EncryptedFile {
         file: File,
         dek: &DataKey,
         wrapped: Vec<WrappedKey>,
+        attrs: Attrs,
     ) -> Result<Self> {
-        let mut file_id = [0u8; 16];
-        getrandom::getrandom(&mut file_id).expect("the OS random number generator failed");
-        let envelopes: Vec<Envelope> = wrapped
-            .into_iter()
-            .map(|key| Envelope {
-                path: path.clone(),
-                key,
-            })
-            .collect();
-        let preamble = Preamble {
-            suite: SUITE_AES256GCM_HKDF_SHA256,
-            block_size: volume.config().block_size,
-            slot_size: slot_size_for(&envelopes),
-            file_id,
-            commitment: kdf::commitment(dek, &file_id),
-        };
-        let mac_key = volume.header_mac_key(&file_id);
-        let content = SlotContent {
-            generation: 1,
-            envelopes,
-        };
-        let mut bytes =
-            encode_new_header(&preamble, &content, &mac_key).map_err(|e| Error::format(path, e))?;
-        let cipher = BlockCipher::new(&kdf::content_key(dek, &file_id), file_id);
-        let nonce = random_nonces(1);
-        cipher.seal(
-            0,
-            true,
-            nonce[..NONCE_LEN].try_into().expect("12"),
-            &[],
-            &mut bytes,
-        );
-        file.write_all_at(&bytes, 0)
+        let new = NewObject::make(volume, path, dek, wrapped, attrs, &[])?;
+        file.write_all_at(&new.bytes, 0)
             .map_err(|e| Error::io(format!("cannot write {path}"), e))?;
-        let layout = Layout {
-            data_offset: preamble.data_offset(),
-            block_size: preamble.block_size,
-        };
         Ok(EncryptedFile {
             file,
             backing: volume.backing_shared(),
             path: path.clone(),
-            preamble,
-            layout,
-            cipher,
-            mac_key,
+            layout: new.layout(),
+            preamble: new.preamble,
+            cipher: new.cipher,
+            mac_key: new.mac_key,
             active_slot: 0,
-            content,
+            content: new.content,
             size: 0,
         })
     }
@@ -219,9 +191,7 @@ impl EncryptedFile {
                 })
             } else {
                 volume
-                    .keyring()
-                    .unwrap(&mine, &ctx)
-                    .map_err(|e| Error::key(path, e))
+                    .unwrap_data_key(content.attrs.kind, &mine, path, &ctx)
                     .and_then(|dek| {
                         let id = &preamble.file_id;
                         if !kdf::commitment_matches(&dek, id, &preamble.commitment) {
@@ -282,6 +252,11 @@ impl EncryptedFile {
 
     pub fn envelopes(&self) -> &[Envelope] {
         &self.content.envelopes
+    }
+
+    /// The authenticated attributes in force (kind, mode, owner).
+    pub fn attrs(&self) -> Attrs {
+        self.content.attrs
     }
 
     pub fn generation(&self) -> u64 {
@@ -561,8 +536,28 @@ impl EncryptedFile {
         both_slots: bool,
         change: impl FnOnce(&[&[Envelope]]) -> Result<Option<Vec<Envelope>>>,
     ) -> Result<bool> {
+        self.update_slot(both_slots, envelope_change(change))
+    }
+
+    /// Changes the attributes (mode, owner) under the file's advisory lock: `change` sees
+    /// those on disk now and returns the new ones, or None to leave them. One slot write, no
+    /// key call. Says whether the header changed.
+    pub fn update_attrs(&mut self, change: impl Fn(Attrs) -> Option<Attrs>) -> Result<bool> {
+        // Nothing to change in what this instance holds: no header read (this runs before
+        // every write by someone who may not keep set-id bits).
+        if change(self.content.attrs).is_none() {
+            return Ok(false);
+        }
+        self.update_slot(false, attrs_change(change))
+    }
+
+    fn update_slot(
+        &mut self,
+        both_slots: bool,
+        change: impl FnOnce(&[&SlotContent]) -> Result<Option<(Attrs, Vec<Envelope>)>>,
+    ) -> Result<bool> {
         let mac_key = &self.mac_key;
-        let updated = update_envelopes(
+        let updated = update_slot(
             &self.backing,
             &self.file,
             &self.path,
@@ -610,6 +605,152 @@ impl EncryptedFile {
     }
 }
 
+/// A new object's bytes (header and sealed content), before they are written anywhere.
+struct NewObject {
+    preamble: Preamble,
+    content: SlotContent,
+    mac_key: DerivedKey,
+    cipher: BlockCipher,
+    bytes: Vec<u8>,
+}
+
+impl NewObject {
+    fn make(
+        volume: &Volume,
+        path: &CanonicalPath,
+        dek: &DataKey,
+        wrapped: Vec<WrappedKey>,
+        attrs: Attrs,
+        data: &[u8],
+    ) -> Result<Self> {
+        let mut file_id = [0u8; 16];
+        getrandom::getrandom(&mut file_id).expect("the OS random number generator failed");
+        let envelopes: Vec<Envelope> = wrapped
+            .into_iter()
+            .map(|key| Envelope {
+                path: path.clone(),
+                key,
+            })
+            .collect();
+        let preamble = Preamble {
+            suite: SUITE_AES256GCM_HKDF_SHA256,
+            block_size: volume.config().block_size,
+            slot_size: slot_size_for(&envelopes),
+            file_id,
+            commitment: kdf::commitment(dek, &file_id),
+        };
+        let mac_key = volume.header_mac_key(&file_id);
+        let content = SlotContent {
+            generation: 1,
+            attrs,
+            envelopes,
+        };
+        let mut bytes =
+            encode_new_header(&preamble, &content, &mac_key).map_err(|e| Error::format(path, e))?;
+        let cipher = BlockCipher::new(&kdf::content_key(dek, &file_id), file_id);
+        let bs = preamble.block_size as usize;
+        let blocks: Vec<(u64, &[u8])> = if data.is_empty() {
+            vec![(0, &[][..])]
+        } else {
+            data.chunks(bs)
+                .enumerate()
+                .map(|(i, c)| (i as u64, c))
+                .collect()
+        };
+        let last = blocks.len() as u64 - 1;
+        bytes.extend_from_slice(&seal_blocks(&cipher, &blocks, last));
+        Ok(NewObject {
+            preamble,
+            content,
+            mac_key,
+            cipher,
+            bytes,
+        })
+    }
+
+    fn layout(&self) -> Layout {
+        Layout {
+            data_offset: self.preamble.data_offset(),
+            block_size: self.preamble.block_size,
+        }
+    }
+}
+
+/// The complete bytes of a new object that is not a file (a symlink with its target as
+/// `data`, a special file, a directory record) at `path`: its data key is wrapped under the
+/// volume, so this costs no key call.
+pub fn encode_object(
+    volume: &Volume,
+    path: &CanonicalPath,
+    attrs: Attrs,
+    data: &[u8],
+) -> Result<Vec<u8>> {
+    debug_assert!(!attrs.kind.uses_key_service());
+    let (dek, wrapped) = volume.object_data_key(path);
+    Ok(NewObject::make(volume, path, &dek, wrapped, attrs, data)?.bytes)
+}
+
+/// The record of directory `dir`: a path beneath it, with a reserved name.
+pub fn dir_record(dir: &CanonicalPath) -> CanonicalPath {
+    dir.join(crate::format::object::DIR_RECORD.as_bytes())
+        .expect("the record's name is a valid name")
+}
+
+/// A file's attributes with mode `mode`, owned by the user running this (for files made
+/// outside a mount: `import`).
+pub fn own_file_attrs(mode: u32) -> Attrs {
+    Attrs {
+        kind: crate::format::header::ObjectKind::File,
+        mode,
+        uid: rustix::process::geteuid().as_raw(),
+        gid: rustix::process::getegid().as_raw(),
+        rdev: 0,
+    }
+}
+
+/// Makes the directory `path` with `attrs` (a `Dir`), with its record, outside a mount.
+pub fn make_dir(volume: &Volume, path: &CanonicalPath, attrs: Attrs) -> Result<()> {
+    let bytes = encode_object(volume, &dir_record(path), attrs, &[])?;
+    volume
+        .backing()
+        .make_dir(path, crate::format::object::DIR_RECORD, &bytes)
+        .map_err(|e| Error::io(format!("cannot create {path}"), e))?;
+    Ok(())
+}
+
+/// Whether `path` names a directory record.
+pub fn is_dir_record(path: &CanonicalPath) -> bool {
+    path.as_str()
+        .rsplit('/')
+        .next()
+        .is_some_and(|name| name == crate::format::object::DIR_RECORD)
+}
+
+/// Gives the volume root its record, with the mode and owner the backing root has now (what
+/// the mount showed before the volume had one). For `init`.
+pub fn write_root_record(volume: &Volume) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let root = CanonicalPath::root();
+    let meta = volume
+        .backing()
+        .root_metadata()
+        .map_err(|e| Error::io(format!("cannot stat {}", volume.root().display()), e))?;
+    let attrs = Attrs {
+        kind: crate::format::header::ObjectKind::Dir,
+        mode: meta.mode() & 0o7777,
+        uid: meta.uid(),
+        gid: meta.gid(),
+        rdev: 0,
+    };
+    let record = dir_record(&root);
+    let bytes = encode_object(volume, &record, attrs, &[])?;
+    volume
+        .backing()
+        .write_new(&record, &bytes)
+        .map_err(|e| Error::io(format!("cannot create {record}"), e))?;
+    Ok(())
+}
+
 /// Opens the regular backing file of `path` (anything else there is refused); one opened
 /// only to read does not update its access time (`O_NOATIME`, where the caller owns the file
 /// or is root), so reading a volume, through a read-only mount or an export, writes nothing to
@@ -622,14 +763,29 @@ pub fn open_backing(volume: &Volume, path: &CanonicalPath, writable: bool) -> Re
         .map_err(|e| Error::io(format!("cannot open {path}"), e))
 }
 
-/// Changes a file's envelope set with no data key: under the file's advisory lock, read the
-/// header, let `change` see the envelope sets of the slots whose MAC verifies under the key
-/// `mac_key` gives for the file id (the volume-derived header key), newest first, and write the
-/// set it returns to the slot not in force with the next generation, made durable before it
-/// counts. With `both_slots` the set is then written over the older slot too (next generation
-/// again), so no slot keeps envelopes that are gone: a rename's dropped name, or a rewrap's
-/// retired key. Returns the slot now in force and its content, or None when `change` left the
-/// set as it was.
+/// A slot change that sees the envelope sets (newest first) and keeps the attributes.
+pub fn envelope_change(
+    change: impl FnOnce(&[&[Envelope]]) -> Result<Option<Vec<Envelope>>>,
+) -> impl FnOnce(&[&SlotContent]) -> Result<Option<(Attrs, Vec<Envelope>)>> {
+    |slots: &[&SlotContent]| {
+        let sets: Vec<&[Envelope]> = slots.iter().map(|c| &c.envelopes[..]).collect();
+        Ok(change(&sets)?.map(|envelopes| (slots[0].attrs, envelopes)))
+    }
+}
+
+/// A slot change that sees the attributes in force and keeps the envelopes.
+pub fn attrs_change(
+    change: impl FnOnce(Attrs) -> Option<Attrs>,
+) -> impl FnOnce(&[&SlotContent]) -> Result<Option<(Attrs, Vec<Envelope>)>> {
+    |slots: &[&SlotContent]| {
+        let current = slots[0];
+        Ok(change(current.attrs)
+            .filter(|a| *a != current.attrs)
+            .map(|a| (a, current.envelopes.clone())))
+    }
+}
+
+/// Changes a file's envelope set with no data key (see [`update_slot`]).
 pub fn update_envelopes(
     backing: &Backing,
     file: &File,
@@ -637,6 +793,32 @@ pub fn update_envelopes(
     mac_key: impl FnOnce(&[u8; 16]) -> DerivedKey,
     both_slots: bool,
     change: impl FnOnce(&[&[Envelope]]) -> Result<Option<Vec<Envelope>>>,
+) -> Result<Option<(usize, SlotContent)>> {
+    update_slot(
+        backing,
+        file,
+        path,
+        mac_key,
+        both_slots,
+        envelope_change(change),
+    )
+}
+
+/// Changes an object's slot with no data key: under the file's advisory lock, read the
+/// header, let `change` see the slots whose MAC verifies under the key `mac_key` gives for the
+/// file id (the volume-derived header key), newest first, and write the attributes and
+/// envelopes it returns to the slot not in force with the next generation, made durable before
+/// it counts. With `both_slots` the content is then written over the older slot too (next
+/// generation again), so no slot keeps envelopes that are gone: a rename's dropped name, or a
+/// rewrap's retired key. Returns the slot now in force and its content, or None when `change`
+/// left the slot as it was.
+pub fn update_slot(
+    backing: &Backing,
+    file: &File,
+    path: &CanonicalPath,
+    mac_key: impl FnOnce(&[u8; 16]) -> DerivedKey,
+    both_slots: bool,
+    change: impl FnOnce(&[&SlotContent]) -> Result<Option<(Attrs, Vec<Envelope>)>>,
 ) -> Result<Option<(usize, SlotContent)>> {
     let _lock = backing
         .lock_header(file)
@@ -650,8 +832,8 @@ pub fn update_envelopes(
             FormatError::HeaderAuthFailed("no slot with a valid MAC".into()),
         ));
     };
-    let sets: Vec<&[Envelope]> = authentic.iter().map(|(_, c)| &c.envelopes[..]).collect();
-    let Some(envelopes) = change(&sets)? else {
+    let slots: Vec<&SlotContent> = authentic.iter().map(|(_, c)| *c).collect();
+    let Some((attrs, envelopes)) = change(&slots)? else {
         return Ok(None);
     };
     let mut generation = current.generation;
@@ -661,6 +843,7 @@ pub fn update_envelopes(
         generation += 1;
         let content = SlotContent {
             generation,
+            attrs,
             envelopes: envelopes.clone(),
         };
         let sealed =
@@ -673,6 +856,7 @@ pub fn update_envelopes(
         target,
         SlotContent {
             generation,
+            attrs,
             envelopes,
         },
     )))
@@ -699,6 +883,16 @@ pub fn write_new_file(
     path: &CanonicalPath,
     data: &mut dyn std::io::Read,
 ) -> Result<u64> {
+    write_new_file_as(volume, path, data, own_file_attrs(0o600))
+}
+
+/// [`write_new_file`] with the given attributes.
+pub fn write_new_file_as(
+    volume: &Volume,
+    path: &CanonicalPath,
+    data: &mut dyn std::io::Read,
+    attrs: Attrs,
+) -> Result<u64> {
     let backing = volume.backing();
     if backing.exists(path) {
         return Err(Error::Refused(format!("{path} already exists")));
@@ -716,7 +910,7 @@ pub fn write_new_file(
         .file()
         .try_clone()
         .map_err(|e| Error::io("cannot clone a file handle", e))?;
-    let mut enc = EncryptedFile::create(volume, path, file)?;
+    let mut enc = EncryptedFile::create(volume, path, file, attrs)?;
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = match data.read(&mut buf) {
@@ -737,4 +931,76 @@ pub fn write_new_file(
         .sync_dir(&dir)
         .map_err(|e| Error::io(format!("cannot sync the directory of {path}"), e))?;
     Ok(size)
+}
+
+/// What a `stat` needs from an object's header, learnt with no key call.
+#[derive(Debug, Clone)]
+pub struct HeaderFacts {
+    /// The attributes in force for the path asked about.
+    pub attrs: Attrs,
+    pub layout: Layout,
+    /// Every path the slot in force binds (the object's names, or names it is gaining).
+    pub paths: Vec<CanonicalPath>,
+}
+
+/// Reads an object's header through `file` (of length `len`) and returns what the newest slot
+/// that authenticates and binds `path` says: the same slot an open would use. A header that
+/// binds `path` in no authentic slot (moved or swapped on the store, or not kmsfs's) is an
+/// error, so nothing about it is shown.
+pub fn header_facts(
+    volume: &Volume,
+    file: &File,
+    len: u64,
+    path: &CanonicalPath,
+) -> Result<HeaderFacts> {
+    let io = |e| Error::io(format!("cannot read {path}"), e);
+    // One read covers the header of any object with slots up to 2 KiB (nearly all).
+    let mut head = vec![0u8; (len as usize).min(4096)];
+    file.read_exact_at(&mut head, 0).map_err(io)?;
+    let preamble = Preamble::decode(&head).map_err(|e| Error::format(path, e))?;
+    let end = preamble.data_offset().min(len) as usize;
+    if end > head.len() {
+        head.resize(end, 0);
+        file.read_exact_at(&mut head[4096..], 4096).map_err(io)?;
+    }
+    let header = Header::parse(&head).map_err(|e| Error::format(path, e))?;
+    let layout = Layout {
+        data_offset: preamble.data_offset(),
+        block_size: preamble.block_size,
+    };
+    let mac_key = volume.header_mac_key(&preamble.file_id);
+    let authentic = header.authentic(&mac_key);
+    let chosen = authentic
+        .iter()
+        .find(|(_, c)| c.envelopes.iter().any(|e| &e.path == path));
+    match chosen {
+        Some((_, content)) => {
+            let mut paths: Vec<CanonicalPath> =
+                content.envelopes.iter().map(|e| e.path.clone()).collect();
+            paths.sort();
+            paths.dedup();
+            Ok(HeaderFacts {
+                attrs: content.attrs,
+                layout,
+                paths,
+            })
+        }
+        None if authentic.is_empty() => Err(Error::format(
+            path,
+            FormatError::HeaderAuthFailed("no slot with a valid MAC".into()),
+        )),
+        None => {
+            let mut bound: Vec<&str> = authentic[0]
+                .1
+                .envelopes
+                .iter()
+                .map(|e| e.path.as_str())
+                .collect();
+            bound.dedup();
+            Err(Error::Moved {
+                path: path.to_string(),
+                bound: bound.join(", "),
+            })
+        }
+    }
 }

@@ -14,9 +14,11 @@ use std::os::unix::fs::MetadataExt;
 use crate::error::{Error, Result};
 use crate::format::context::CanonicalPath;
 
-use super::file::{read_header, EncryptedFile};
+use super::file::{is_dir_record, read_header, EncryptedFile};
 use super::journal::Journal;
 use super::volume::{Volume, TEMP_PREFIX};
+use crate::format::header::ObjectKind;
+use crate::format::object::DIR_RECORD;
 
 /// One thing wrong, found at `path`.
 #[derive(Debug, Clone)]
@@ -88,6 +90,23 @@ fn check_file(volume: &Volume, path: &CanonicalPath, deep: bool, repair: bool) -
             return out;
         }
     };
+    // A directory record only under its own name, and nothing else there.
+    let is_record = is_dir_record(path);
+    if is_record != (file.attrs().kind == ObjectKind::Dir) {
+        out.push(problem(
+            "misplaced-object",
+            format!(
+                "holds a {:?} object where {} belongs",
+                file.attrs().kind,
+                if is_record {
+                    "a directory record"
+                } else {
+                    "no directory record"
+                }
+            ),
+        ));
+        return out;
+    }
     let check = if deep {
         file.verify_all()
     } else {
@@ -154,8 +173,9 @@ fn check_file(volume: &Volume, path: &CanonicalPath, deep: bool, repair: bool) -
 /// Checks the whole volume.
 pub fn check(volume: &Volume, deep: bool, repair: bool) -> Result<Report> {
     let files = volume.files_beneath(&CanonicalPath::root())?;
+    let records = files.iter().filter(|p| is_dir_record(p)).count();
     let mut report = Report {
-        files: files.len(),
+        files: files.len() - records,
         ..Default::default()
     };
     for path in &files {
@@ -190,18 +210,31 @@ pub fn check(volume: &Volume, deep: bool, repair: bool) -> Result<Report> {
         }
         report.problems.push(p);
     }
-    temp_files(volume, &mut report)?;
+    store_walk(volume, &mut report)?;
     Ok(report)
 }
 
-/// Leftovers of interrupted imports (never removed by fsck: they may be an import running now).
-fn temp_files(volume: &Volume, report: &mut Report) -> Result<()> {
+/// What the backing store holds besides objects: leftovers of interrupted imports (never
+/// removed by fsck: they may be an import running now), directories without their record, and
+/// entries kmsfs never makes (symlinks, fifos, device nodes, sockets: the mount never shows
+/// them). None is removed: they are evidence, and the operator's to judge.
+fn store_walk(volume: &Volume, report: &mut Report) -> Result<()> {
     let store = volume.backing();
     let mut stack = vec![CanonicalPath::root()];
     while let Some(dir) = stack.pop() {
         let entries = store
             .list_dir(&dir, crate::backing::Atime::Keep)
             .map_err(|e| Error::io(format!("cannot read {dir}"), e))?;
+        if !entries.iter().any(|e| e.name == DIR_RECORD) {
+            report.problems.push(Problem {
+                path: dir.to_string(),
+                kind: "missing-dir-record",
+                detail: "a directory without its record (made on the store, not through \
+                         kmsfs, or its record deleted); the mount does not show it"
+                    .into(),
+                repaired: false,
+            });
+        }
         for entry in entries {
             let name = entry.name;
             if dir.is_root() && name == super::volume::META_DIR {
@@ -218,11 +251,27 @@ fn temp_files(volume: &Volume, report: &mut Report) -> Result<()> {
                         .into(),
                     repaired: false,
                 });
-            } else if entry.kind == libc::DT_DIR
-                || (entry.kind == libc::DT_UNKNOWN
-                    && store.metadata(&child).is_ok_and(|m| m.is_dir()))
-            {
-                stack.push(child);
+                continue;
+            }
+            let kind = match entry.kind {
+                libc::DT_UNKNOWN => match store.metadata(&child) {
+                    Ok(m) if m.is_dir() => libc::DT_DIR,
+                    Ok(m) if m.is_file() => libc::DT_REG,
+                    _ => libc::DT_UNKNOWN,
+                },
+                k => k,
+            };
+            match kind {
+                libc::DT_DIR => stack.push(child),
+                libc::DT_REG => {}
+                _ => report.problems.push(Problem {
+                    path: child.to_string(),
+                    kind: "not-kmsfs",
+                    detail: "an entry kmsfs never makes (a symlink, fifo, socket or device \
+                             node planted on the backing store); the mount does not show it"
+                        .into(),
+                    repaired: false,
+                }),
             }
         }
     }

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use crate::error::{os, Error, Result};
 use crate::format::context::CanonicalPath;
 use crate::format::envelope::{Envelope, WrappedKey};
+use crate::format::header::Attrs;
 use crate::secret::DataKey;
 
 use super::file::EncryptedFile;
@@ -46,6 +47,8 @@ enum Instance {
     /// Created; the data key is on its way.
     Pending {
         path: CanonicalPath,
+        /// What its header will say (and what a stat shows meanwhile).
+        attrs: Attrs,
         file: File,
         data: Vec<u8>,
     },
@@ -86,9 +89,10 @@ impl OpenNode {
     }
 
     /// A file just created at `path` (its backing `file` empty) whose key is still to come.
-    pub fn pending(path: CanonicalPath, file: File) -> Self {
+    pub fn pending(path: CanonicalPath, attrs: Attrs, file: File) -> Self {
         Self::with_state(Instance::Pending {
             path,
+            attrs,
             file,
             data: Vec::new(),
         })
@@ -165,6 +169,35 @@ impl OpenNode {
             Instance::Pending { file, .. } => f(file),
             Instance::Failed { .. } => Err(std::io::Error::from_raw_os_error(libc::EIO)),
         }
+    }
+
+    /// The authenticated attributes, if the instance is bound to `path` (a pending file only
+    /// to the path it was created at).
+    pub fn attrs_for(&self, at: &CanonicalPath) -> Option<Attrs> {
+        match &*self.state.read().unwrap() {
+            Instance::Ready(file) => file
+                .envelopes()
+                .iter()
+                .any(|e| &e.path == at)
+                .then(|| file.attrs()),
+            Instance::Pending { path, attrs, .. } => (path == at).then_some(*attrs),
+            Instance::Failed { .. } => None,
+        }
+    }
+
+    /// Changes the attributes (a header slot rewrite; in memory for a pending file, whose
+    /// header is written with them). Says whether they changed.
+    pub fn update_attrs(&self, change: impl Fn(Attrs) -> Option<Attrs>) -> Result<bool> {
+        if let Instance::Pending { attrs, .. } = &mut *self.state.write().unwrap() {
+            return Ok(match change(*attrs) {
+                Some(new) => {
+                    *attrs = new;
+                    true
+                }
+                None => false,
+            });
+        }
+        self.with_mut(|file| file.update_attrs(change))
     }
 
     /// The envelope set in force (waits for the key of a pending file).
@@ -289,7 +322,13 @@ impl OpenNode {
         key: std::result::Result<(DataKey, Vec<WrappedKey>), Error>,
     ) -> Result<()> {
         let mut state = self.state.write().unwrap();
-        let Instance::Pending { path, file, data } = &*state else {
+        let Instance::Pending {
+            path,
+            attrs,
+            file,
+            data,
+        } = &*state
+        else {
             return Ok(());
         };
         let path = path.clone();
@@ -297,7 +336,8 @@ impl OpenNode {
             let io = |what: &str, e| Error::io(format!("cannot {what} {path}"), e);
             let times = file.metadata().map_err(|e| io("stat", e))?;
             let dup = file.try_clone().map_err(|e| io("reopen", e))?;
-            let mut ready = EncryptedFile::create_with_key(volume, &path, dup, &dek, wrapped)?;
+            let mut ready =
+                EncryptedFile::create_with_key(volume, &path, dup, &dek, wrapped, *attrs)?;
             ready.write_at(0, data)?;
             keep_times(ready.backing_file(), &times).map_err(|e| io("set the times of", e))?;
             Ok(ready)

@@ -19,8 +19,10 @@ use crate::format::block::{valid_block_size, DEFAULT_BLOCK_SIZE};
 use crate::format::codec::hex;
 use crate::format::config::{TrustedKey, UnverifiedConfig, VolumeConfig};
 use crate::format::context::{validate_static_pair, CanonicalPath, EncryptionContext};
+use crate::format::envelope::WrappedKey;
+use crate::format::header::ObjectKind;
 use crate::format::header::SUITE_AES256GCM_HKDF_SHA256;
-use crate::format::kdf;
+use crate::format::{kdf, object};
 use crate::keys::aws::{AwsKmsProvider, AwsOptions};
 use crate::keys::cache::CacheConfig;
 use crate::keys::keyring::{
@@ -29,6 +31,7 @@ use crate::keys::keyring::{
 use crate::keys::local::{LocalKey, LocalProvider};
 use crate::keys::spec::KeySpec;
 use crate::keys::{KeyProvider, UnavailableKey};
+use crate::secret::DataKey;
 
 /// Directory at the backing root holding kmsfs's own files; hidden from the mount.
 pub use crate::backing::META_DIR;
@@ -396,6 +399,7 @@ impl Volume {
                 config,
                 keyring,
             };
+            crate::core::file::write_root_record(&volume)?;
             volume.follow_key_changes();
             Ok(volume)
         })();
@@ -729,13 +733,70 @@ impl Volume {
         hex(&self.config.volume_id)
     }
 
+    /// A random data key for an object that is not a file (a symlink, a directory record, ...)
+    /// at `path`, wrapped under the volume: no key call (see [`crate::format::object`]).
+    pub fn object_data_key(&self, path: &CanonicalPath) -> (DataKey, Vec<WrappedKey>) {
+        let mut bytes = zeroize::Zeroizing::new([0u8; 32]);
+        getrandom::getrandom(&mut bytes[..]).expect("the OS random number generator failed");
+        let dek = DataKey::from_bytes(&bytes);
+        let wrapped = object::wrap_random(&self.header_key, &dek, &self.file_context(path));
+        (dek, vec![wrapped])
+    }
+
+    /// Unwraps the data key of an object of `kind` at `path` from `candidates` (envelopes for
+    /// that path): through the key service for a file, under the volume for anything else.
+    pub fn unwrap_data_key(
+        &self,
+        kind: ObjectKind,
+        candidates: &[&WrappedKey],
+        path: &CanonicalPath,
+        ctx: &EncryptionContext,
+    ) -> Result<DataKey> {
+        if kind.uses_key_service() {
+            return self
+                .keyring()
+                .unwrap(candidates, ctx)
+                .map_err(|e| Error::key(path, e));
+        }
+        candidates
+            .iter()
+            .find_map(|w| object::unwrap(&self.header_key, w, ctx))
+            .ok_or_else(|| Error::Moved {
+                path: path.to_string(),
+                bound: "another path or volume (its volume-wrapped key does not open here)".into(),
+            })
+    }
+
+    /// `key` (wrapped for `from`) wrapped for `to` instead: a `ReEncrypt` for a key-service
+    /// key, a local unwrap and wrap for a volume-wrapped one.
+    pub fn rewrap_for_path(
+        &self,
+        key: &WrappedKey,
+        from: &CanonicalPath,
+        to: &CanonicalPath,
+    ) -> Result<WrappedKey> {
+        let (from_ctx, to_ctx) = (self.file_context(from), self.file_context(to));
+        if key.key_id == object::OBJECT_KEY_ID {
+            let dek =
+                object::unwrap(&self.header_key, key, &from_ctx).ok_or_else(|| Error::Moved {
+                    path: from.to_string(),
+                    bound: "another path or volume".into(),
+                })?;
+            return Ok(object::wrap_random(&self.header_key, &dek, &to_ctx));
+        }
+        self.keyring()
+            .rewrap(key, &from_ctx, &key.key_id, &to_ctx)
+            .map_err(|e| Error::key(from, e))
+    }
+
     /// The encryption context of the file at `path`.
     pub fn file_context(&self, path: &CanonicalPath) -> EncryptionContext {
         EncryptionContext::for_file(&self.config.volume_id, path, &self.config.context)
     }
 
-    /// Regular files at and beneath `path` (the whole volume from the root), as paths;
-    /// kmsfs's own names are skipped. Sorted. Directories are listed without following
+    /// Objects (regular backing files: files, symlinks, special files and directory
+    /// records) at and beneath `path` (the whole volume from the root), as paths; kmsfs's
+    /// other names are skipped. Sorted. Directories are listed without following
     /// symlinks, so a symlink planted in the store is neither a file nor a way out.
     pub fn files_beneath(&self, path: &CanonicalPath) -> Result<Vec<CanonicalPath>> {
         use std::os::unix::ffi::OsStrExt;
@@ -745,7 +806,8 @@ impl Volume {
             let read = |e| Error::io(format!("cannot read {dir}"), e);
             for entry in self.backing.list_dir(&dir, Atime::Keep).map_err(read)? {
                 let name = entry.name;
-                if is_reserved_name(name.as_bytes(), dir.is_root()) {
+                let record = name.as_bytes() == object::DIR_RECORD.as_bytes();
+                if is_reserved_name(name.as_bytes(), dir.is_root()) && !record {
                     continue;
                 }
                 let child = dir
@@ -799,9 +861,11 @@ fn trusted_list(config: &VolumeConfig) -> String {
 }
 
 /// Whether a backing-store name is kmsfs's own, never a user file: the volume's `.kmsfs`
-/// directory at the root, and temporary files anywhere.
+/// directory at the root, and temporary files and directory records anywhere.
 pub fn is_reserved_name(name: &[u8], in_root: bool) -> bool {
-    (in_root && name == META_DIR.as_bytes()) || name.starts_with(TEMP_PREFIX.as_bytes())
+    (in_root && name == META_DIR.as_bytes())
+        || name.starts_with(TEMP_PREFIX.as_bytes())
+        || name == object::DIR_RECORD.as_bytes()
 }
 
 /// How a trusted key is reached: its provider, or why it cannot be (a missing key file is
@@ -889,6 +953,9 @@ fn write_config(backing: &Backing, bytes: &[u8]) -> Result<()> {
 
 /// Undoes a failed `init`: the config and kmsfs's directory, never anything they point to.
 fn remove_new_meta_dir(backing: &Backing) {
+    if let Ok(p) = CanonicalPath::root().join(object::DIR_RECORD.as_bytes()) {
+        let _ = backing.unlink(&p, None);
+    }
     if let Ok(dir) = backing.meta_dir(META_DIR, false) {
         for name in dir.list().unwrap_or_default() {
             if let Some(name) = name.to_str() {

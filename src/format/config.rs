@@ -21,7 +21,7 @@ use super::FormatError;
 use crate::secret::DerivedKey;
 
 pub const MAGIC: &[u8; 8] = b"KMSFSVOL";
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Feature flags this version understands. A config naming any other flag is refused, so an
 /// older kmsfs never half-understands a volume written by a newer one.
 pub const KNOWN_FEATURES: &[&str] = &[];
@@ -109,6 +109,9 @@ impl VolumeConfig {
                 || k.locator.len() > 4096
             {
                 return bad("empty or oversized trusted key".into());
+            }
+            if k.id.starts_with(super::context::RESERVED_PREFIX) {
+                return bad(format!("key id {} uses the reserved prefix kmsfs:", k.id));
             }
             if self.trusted_keys[..i].iter().any(|o| o.id == k.id) {
                 return bad(format!("key {} is listed twice", k.id));

@@ -1,14 +1,19 @@
-//! The per-file header: a fixed preamble and two rewritable slots.
+//! The per-object header: a fixed preamble and two rewritable slots.
 //!
-//! The preamble never changes after a file is created: magic, version, algorithm suite, block
-//! size, slot size, the random file id and the key commitment. The envelopes (which keys wrap
-//! the DEK, for which paths) change on rename, link and rewrap, so they live in two slots of
-//! fixed size. An update writes the slot *not* holding the newest valid generation, with the
-//! generation plus one; a torn write damages only that slot, and the reader falls back to the
-//! other. Each slot carries an unkeyed checksum (cheap torn-write detection before any KMS
-//! call) and an HMAC under a key derived from the DEK (authenticity: nobody without the DEK
-//! can forge a slot or raise its generation). Blocks start right after the two slots, so the
-//! header can be rewritten in place without touching the body. docs/FORMAT.md has the bytes.
+//! Every object on the backing store is a regular file with this header: a file, and also a
+//! symlink, fifo, socket or device node (its "content" is the symlink target, or nothing), and
+//! each directory's record. The preamble never changes after the object is created: magic,
+//! version, algorithm suite, block size, slot size, the random file id and the key commitment.
+//! What does change lives in two slots of fixed size: the object's attributes (kind, mode,
+//! owner) and its envelopes (which keys wrap the DEK, for which paths: rename, link, rewrap,
+//! chmod and chown rewrite them). An update writes the slot *not* holding the newest valid
+//! generation, with the generation plus one; a torn write damages only that slot, and the
+//! reader falls back to the other. Each slot carries an unkeyed checksum (cheap torn-write
+//! detection) and an HMAC under a key derived from the *volume* key and the file id (see
+//! [`super::kdf`]): nobody without the volume key can forge a slot, change its attributes or
+//! raise its generation, and it is checked with no key call. Blocks start right after the two
+//! slots, so the header can be rewritten in place without touching the body. docs/FORMAT.md
+//! has the bytes.
 
 use sha2::{Digest, Sha256};
 
@@ -16,11 +21,12 @@ use super::block::valid_block_size;
 use super::codec::{Reader, Writer};
 use super::envelope::Envelope;
 use super::kdf;
+use super::object::OBJECT_KEY_ID;
 use super::FormatError;
 use crate::secret::DerivedKey;
 
 pub const MAGIC: &[u8; 4] = b"KMFS";
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// AES-256-GCM blocks, HKDF-SHA256 key derivation, HMAC-SHA256 key commitment and slot MAC.
 pub const SUITE_AES256GCM_HKDF_SHA256: u16 = 1;
 pub const PREAMBLE_LEN: usize = 64;
@@ -38,6 +44,94 @@ pub const PATH_SLACK: usize = 32;
 pub const MAX_SLOT_SIZE: u32 = 1 << 20;
 pub const MAX_ENVELOPES: usize = 256;
 const CHECKSUM_LABEL: &[u8] = b"kmsfs/v1 slot checksum";
+/// Bytes of [`Attrs`] at the start of a slot body.
+pub const ATTRS_LEN: usize = 19;
+
+/// What an object is. Only files hold data keys from the key service; the other kinds hold a
+/// key wrapped under the volume (see [`super::object`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ObjectKind {
+    File = 1,
+    Dir = 2,
+    Symlink = 3,
+    Fifo = 4,
+    Socket = 5,
+    CharDevice = 6,
+    BlockDevice = 7,
+}
+
+impl ObjectKind {
+    fn from_u8(b: u8) -> Option<Self> {
+        Some(match b {
+            1 => ObjectKind::File,
+            2 => ObjectKind::Dir,
+            3 => ObjectKind::Symlink,
+            4 => ObjectKind::Fifo,
+            5 => ObjectKind::Socket,
+            6 => ObjectKind::CharDevice,
+            7 => ObjectKind::BlockDevice,
+            _ => return None,
+        })
+    }
+
+    /// Whether the object's data key comes from the key service (a file) or is wrapped under
+    /// the volume (everything else).
+    pub fn uses_key_service(self) -> bool {
+        self == ObjectKind::File
+    }
+}
+
+/// An object's authenticated attributes: what the mount reports, and so what the kernel
+/// enforces. Times are not here (they stay the backing store's, unauthenticated).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Attrs {
+    pub kind: ObjectKind,
+    /// Permission bits with set-user-id, set-group-id and sticky (`0o7777` at most).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Device number of a device node, else 0.
+    pub rdev: u64,
+}
+
+impl Attrs {
+    fn encode(&self, w: &mut Writer) {
+        w.u8(self.kind as u8)
+            .u16(self.mode as u16)
+            .u32(self.uid)
+            .u32(self.gid)
+            .u64(self.rdev);
+    }
+
+    fn decode(r: &mut Reader) -> Result<Self, String> {
+        let kind = r.u8().map_err(|_| "truncated attributes")?;
+        let kind = ObjectKind::from_u8(kind).ok_or(format!("unknown object kind {kind}"))?;
+        let mode = r.u16().map_err(|_| "truncated attributes")? as u32;
+        let uid = r.u32().map_err(|_| "truncated attributes")?;
+        let gid = r.u32().map_err(|_| "truncated attributes")?;
+        let rdev = r.u64().map_err(|_| "truncated attributes")?;
+        let attrs = Attrs {
+            kind,
+            mode,
+            uid,
+            gid,
+            rdev,
+        };
+        attrs.validate()?;
+        Ok(attrs)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.mode & !0o7777 != 0 {
+            return Err(format!("mode {:o} has bits beyond 07777", self.mode));
+        }
+        let device = matches!(self.kind, ObjectKind::CharDevice | ObjectKind::BlockDevice);
+        if !device && self.rdev != 0 {
+            return Err("a device number on an object that is not a device".into());
+        }
+        Ok(())
+    }
+}
 
 /// The fixed first 64 bytes of a file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,12 +212,12 @@ pub fn valid_slot_size(n: u32) -> bool {
 /// names like it, each `PATH_SLACK` bytes longer, rounded up to `SLOT_ALIGN`.
 pub fn slot_size_for(envelopes: &[Envelope]) -> u32 {
     let per_name = body_len(envelopes) - 2 + PATH_SLACK * envelopes.len();
-    let need = SLOT_PREFIX_LEN + 2 + NAME_ROOM * per_name + SLOT_TRAILER_LEN;
+    let need = SLOT_PREFIX_LEN + ATTRS_LEN + 2 + NAME_ROOM * per_name + SLOT_TRAILER_LEN;
     let size = (need as u32).div_ceil(SLOT_ALIGN) * SLOT_ALIGN;
     size.min(MAX_SLOT_SIZE)
 }
 
-fn encode_body(envelopes: &[Envelope]) -> Vec<u8> {
+fn encode_envelopes(envelopes: &[Envelope]) -> Vec<u8> {
     let mut w = Writer::new();
     w.u16(envelopes.len() as u16);
     for e in envelopes {
@@ -133,17 +227,32 @@ fn encode_body(envelopes: &[Envelope]) -> Vec<u8> {
 }
 
 fn body_len(envelopes: &[Envelope]) -> usize {
-    encode_body(envelopes).len()
+    encode_envelopes(envelopes).len()
+}
+
+fn encode_body(content: &SlotContent) -> Vec<u8> {
+    let mut w = Writer::new();
+    content.attrs.encode(&mut w);
+    let mut body = w.into_bytes();
+    body.extend_from_slice(&encode_envelopes(&content.envelopes));
+    body
+}
+
+/// Whether an envelope's key fits the object's kind: a file's data key comes only from the key
+/// service, every other object's only from the volume.
+pub fn key_fits_kind(key_id: &str, kind: ObjectKind) -> bool {
+    (key_id == OBJECT_KEY_ID) != kind.uses_key_service()
 }
 
 /// What one slot holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlotContent {
     pub generation: u64,
+    pub attrs: Attrs,
     pub envelopes: Vec<Envelope>,
 }
 
-/// One slot as read from disk, before its MAC is checked (that needs the DEK).
+/// One slot as read from disk, before its MAC is checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SlotState {
     /// Never written (all zero bytes).
@@ -182,7 +291,21 @@ pub fn seal_slot(
             content.envelopes.len()
         )));
     }
-    let body = encode_body(&content.envelopes);
+    content
+        .attrs
+        .validate()
+        .map_err(|e| FormatError::InvalidHeader(e.to_string()))?;
+    if let Some(e) = content
+        .envelopes
+        .iter()
+        .find(|e| !key_fits_kind(&e.key.key_id, content.attrs.kind))
+    {
+        return Err(FormatError::InvalidHeader(format!(
+            "a {:?} cannot hold an envelope under {}",
+            content.attrs.kind, e.key.key_id
+        )));
+    }
+    let body = encode_body(content);
     let slot_size = preamble.slot_size as usize;
     if SLOT_PREFIX_LEN + body.len() + SLOT_TRAILER_LEN > slot_size {
         return Err(FormatError::TooLarge(format!(
@@ -234,6 +357,7 @@ pub fn read_slot(preamble: &Preamble, slot: &[u8]) -> SlotState {
     let bad = |s: &str| FormatError::InvalidHeader(s.to_string());
     let mut br = Reader::new(body);
     let parsed = (|| {
+        let attrs = Attrs::decode(&mut br).map_err(|e| bad(&e))?;
         let count = br.u16().map_err(|_| bad("truncated envelope count"))? as usize;
         if count == 0 || count > MAX_ENVELOPES {
             return Err(bad("envelope count out of range"));
@@ -247,23 +371,27 @@ pub fn read_slot(preamble: &Preamble, slot: &[u8]) -> SlotState {
             {
                 return Err(bad("duplicate envelope"));
             }
+            if !key_fits_kind(&e.key.key_id, attrs.kind) {
+                return Err(bad("an envelope's key does not fit the object's kind"));
+            }
             envelopes.push(e);
         }
         if br.remaining() != 0 {
             return Err(bad("trailing bytes after envelopes"));
         }
-        Ok(envelopes)
+        Ok((attrs, envelopes))
     })();
     match parsed {
-        Ok(envelopes) => SlotState::Sealed(SlotContent {
+        Ok((attrs, envelopes)) => SlotState::Sealed(SlotContent {
             generation,
+            attrs,
             envelopes,
         }),
         Err(e) => SlotState::Damaged(e.to_string()),
     }
 }
 
-/// Checks a slot's MAC under the key derived from the file's DEK.
+/// Checks a slot's MAC under the file's header MAC key (from the volume key and file id).
 pub fn verify_slot_mac(preamble: &Preamble, slot: &[u8], mac_key: &DerivedKey) -> bool {
     if slot.len() != preamble.slot_size as usize {
         return false;
@@ -368,6 +496,16 @@ mod tests {
         }
     }
 
+    fn attrs() -> Attrs {
+        Attrs {
+            kind: ObjectKind::File,
+            mode: 0o640,
+            uid: 1000,
+            gid: 100,
+            rdev: 0,
+        }
+    }
+
     fn preamble(envs: &[Envelope]) -> Preamble {
         Preamble {
             suite: SUITE_AES256GCM_HKDF_SHA256,
@@ -386,6 +524,7 @@ mod tests {
         let key = DerivedKey::new([1; 32]);
         let content = SlotContent {
             generation: 1,
+            attrs: attrs(),
             envelopes: envs,
         };
         let bytes = encode_new_header(&pre, &content, &key).unwrap();
@@ -408,6 +547,7 @@ mod tests {
             &pre,
             &SlotContent {
                 generation: 1,
+                attrs: attrs(),
                 envelopes: envs,
             },
             &key,
@@ -428,6 +568,7 @@ mod tests {
             &pre,
             &SlotContent {
                 generation: 4,
+                attrs: attrs(),
                 envelopes: envs.clone(),
             },
             &key,
@@ -437,6 +578,7 @@ mod tests {
             &pre,
             &SlotContent {
                 generation: 5,
+                attrs: attrs(),
                 envelopes: envs,
             },
             &key,
@@ -446,6 +588,72 @@ mod tests {
         let h = Header::parse(&bytes).unwrap();
         let order: Vec<usize> = h.candidates().iter().map(|c| c.0).collect();
         assert_eq!(order, vec![1, 0]);
+    }
+
+    #[test]
+    fn attributes_are_sealed_and_checked() {
+        let envs = vec![envelope("a")];
+        let pre = preamble(&envs);
+        let key = DerivedKey::new([1; 32]);
+        let mut a = attrs();
+        a.mode = 0o4755;
+        let content = SlotContent {
+            generation: 1,
+            attrs: a,
+            envelopes: envs.clone(),
+        };
+        let bytes = encode_new_header(&pre, &content, &key).unwrap();
+        let h = Header::parse(&bytes).unwrap();
+        assert_eq!(h.slots[0], SlotState::Sealed(content));
+        // Bits beyond 07777, and a device number on a file, are refused on write...
+        for bad in [Attrs { mode: 0o10000, ..a }, Attrs { rdev: 5, ..a }] {
+            let c = SlotContent {
+                generation: 1,
+                attrs: bad,
+                envelopes: envs.clone(),
+            };
+            assert!(seal_slot(&pre, &c, &key).is_err());
+        }
+        // ...and a file cannot hold a volume-wrapped key, nor a symlink a key-service one.
+        let mut volume_wrapped = envs.clone();
+        volume_wrapped[0].key.key_id = OBJECT_KEY_ID.into();
+        let c = SlotContent {
+            generation: 1,
+            attrs: a,
+            envelopes: volume_wrapped.clone(),
+        };
+        assert!(seal_slot(&pre, &c, &key).is_err());
+        let link = Attrs {
+            kind: ObjectKind::Symlink,
+            ..a
+        };
+        let c = SlotContent {
+            generation: 1,
+            attrs: link,
+            envelopes: envs.clone(),
+        };
+        assert!(seal_slot(&pre, &c, &key).is_err());
+        let c = SlotContent {
+            generation: 1,
+            attrs: link,
+            envelopes: volume_wrapped,
+        };
+        assert!(seal_slot(&pre, &c, &key).is_ok());
+        // On read, such a slot is damaged: patch the kind byte of a sealed file slot.
+        let mut bytes = bytes;
+        bytes[64 + 12] = ObjectKind::Symlink as u8;
+        let sum = slot_checksum(
+            bytes[..64].try_into().unwrap(),
+            &bytes[64..64 + pre.slot_size as usize - 16],
+        );
+        let end = 64 + pre.slot_size as usize;
+        bytes[end - 16..end].copy_from_slice(&sum);
+        let h = Header::parse(&bytes).unwrap();
+        assert!(
+            matches!(h.slots[0], SlotState::Damaged(_)),
+            "{:?}",
+            h.slots[0]
+        );
     }
 
     #[test]
@@ -475,6 +683,7 @@ mod tests {
                 &pre,
                 &SlotContent {
                     generation: 1,
+                    attrs: attrs(),
                     envelopes: envs
                 },
                 &key

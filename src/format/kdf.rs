@@ -24,6 +24,7 @@ pub const LABEL_HEADER_KEY: &[u8] = b"kmsfs/v1 volume header key";
 pub const LABEL_HEADER_MAC: &[u8] = b"kmsfs/v1 header mac";
 pub const LABEL_CONFIG_MAC: &[u8] = b"kmsfs/v1 config mac";
 pub const LABEL_REBIND_RECORD_MAC: &[u8] = b"kmsfs/v1 rebind record mac";
+pub const LABEL_OBJECT_WRAP: &[u8] = b"kmsfs/v2 object wrap key";
 
 fn expand(dek: &DataKey, salt: &[u8], label: &[u8]) -> DerivedKey {
     expand_bytes(dek.expose(), salt, label)
@@ -70,6 +71,11 @@ pub fn rebind_record_mac_key(volume_header_key: &DerivedKey, volume_id: &[u8; 16
         volume_id,
         LABEL_REBIND_RECORD_MAC,
     )
+}
+
+/// The one-use key that wraps an object's data key (see [`super::object`]), from a fresh salt.
+pub fn object_wrap_key(volume_header_key: &DerivedKey, salt: &[u8]) -> DerivedKey {
+    expand_bytes(volume_header_key.expose(), salt, LABEL_OBJECT_WRAP)
 }
 
 /// The key of the volume config's MAC, derived from the volume key.

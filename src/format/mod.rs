@@ -16,6 +16,7 @@ pub mod context;
 pub mod envelope;
 pub mod header;
 pub mod kdf;
+pub mod object;
 
 use thiserror::Error;
 
@@ -28,7 +29,7 @@ pub enum FormatError {
     InvalidConfig(String),
     #[error("volume config uses unknown feature flag '{0}' (written by a newer kmsfs?)")]
     UnknownFeature(String),
-    #[error("unsupported {what} version {version}")]
+    #[error("{what} of format version {version}, which this kmsfs does not read (it reads version 2 only)")]
     UnsupportedVersion { what: &'static str, version: u16 },
     #[error("volume config authentication failed (the config was edited or is not this volume's)")]
     ConfigAuthFailed,

@@ -14,6 +14,7 @@ use kmsfs::core::volume::{InitOptions, OpenOptions};
 use kmsfs::core::{EncryptedFile, Volume};
 use kmsfs::error::Error;
 use kmsfs::format::context::CanonicalPath;
+pub use kmsfs::format::header::{Attrs, ObjectKind};
 use kmsfs::keys::spec::KeySpec;
 
 pub struct TestVolume {
@@ -101,6 +102,59 @@ impl TestVolume {
         EncryptedFile::open(&volume, &path(p), false)?.read_all()
     }
 
+    /// Makes the directory `p` (mode 0755, owned by the test's user), record and all.
+    pub fn mkdir(&self, p: &str) {
+        self.mkdir_as(p, 0o755, None);
+    }
+
+    /// Makes the directory `p` with the authenticated mode `mode` and owner (uid, gid), or
+    /// the test's user.
+    pub fn mkdir_as(&self, p: &str, mode: u32, owner: Option<(u32, u32)>) {
+        let attrs = attrs(ObjectKind::Dir, mode, owner);
+        kmsfs::core::file::make_dir(&self.volume, &path(p), attrs).unwrap();
+    }
+
+    /// Writes the file `p` with the authenticated mode `mode` and owner.
+    pub fn write_as(&self, p: &str, data: &[u8], mode: u32, owner: Option<(u32, u32)>) {
+        let attrs = attrs(ObjectKind::File, mode, owner);
+        kmsfs::core::file::write_new_file_as(&self.volume, &path(p), &mut &data[..], attrs)
+            .unwrap();
+    }
+
+    /// Makes the object `p` of `kind` (a symlink with `data` as its target, a fifo, a device
+    /// node numbered `rdev`) as kmsfs would through a mount.
+    pub fn object(&self, p: &str, kind: ObjectKind, mode: u32, rdev: u64, data: &[u8]) {
+        let mut attrs = attrs(kind, mode, None);
+        attrs.rdev = rdev;
+        let bytes = kmsfs::core::file::encode_object(&self.volume, &path(p), attrs, data).unwrap();
+        self.volume.backing().write_new(&path(p), &bytes).unwrap();
+    }
+
+    /// Sets the authenticated owner of the object `p` (a directory: its record) as a chown
+    /// through a mount would.
+    pub fn chown(&self, p: &str, uid: u32, gid: u32) {
+        let is_dir = fs::symlink_metadata(self.backing_file(p)).unwrap().is_dir();
+        let at = if is_dir {
+            kmsfs::core::file::dir_record(&path(p))
+        } else {
+            path(p)
+        };
+        let file = self
+            .volume
+            .backing()
+            .open_file(&at, true, kmsfs::backing::Atime::Keep)
+            .unwrap();
+        kmsfs::core::file::update_slot(
+            self.volume.backing(),
+            &file,
+            &at,
+            |id| self.volume.header_mac_key(id),
+            false,
+            kmsfs::core::file::attrs_change(|a| Some(Attrs { uid, gid, ..a })),
+        )
+        .unwrap();
+    }
+
     pub fn backing_file(&self, p: &str) -> PathBuf {
         self.backing.join(p)
     }
@@ -121,6 +175,16 @@ impl TestVolume {
 }
 
 /// Deterministic, non-repeating test content.
+/// Attributes of `kind` with `mode`, owned by (uid, gid) or the test's user.
+pub fn attrs(kind: ObjectKind, mode: u32, owner: Option<(u32, u32)>) -> Attrs {
+    let mut a = kmsfs::core::file::own_file_attrs(mode);
+    a.kind = kind;
+    if let Some((uid, gid)) = owner {
+        (a.uid, a.gid) = (uid, gid);
+    }
+    a
+}
+
 pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| ((i * 31 + i / 251) as u8).wrapping_add(seed))

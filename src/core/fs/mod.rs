@@ -1,7 +1,10 @@
 //! The filesystem core behind the mount: POSIX operations on a volume, in plain Rust values.
 //!
-//! The backing store mirrors the plaintext tree: one backing file per file, plain directories,
-//! symlinks and fifos as themselves. Every syscall on it goes through [`crate::backing`],
+//! The backing store mirrors the plaintext tree: one backing directory per directory (holding
+//! its record), and one object, a regular backing file with an authenticated header, per file,
+//! symlink, fifo, socket or device node. What a `stat` reports as kind, mode and owner comes
+//! from that header (see [`warm::Facts`]), never from the backing entry; an entry kmsfs did not
+//! make is not shown. Every syscall on the store goes through [`crate::backing`],
 //! which resolves each path beneath the backing root without following symlinks; this module
 //! names what it expects there (a regular file, the inode the kernel named), so an entry
 //! swapped on the store since the kernel looked it up fails the call (`EIO`, `ESTALE`) and
@@ -32,13 +35,14 @@ use std::time::SystemTime;
 use crate::error::{os, Error, Result};
 use crate::format::context::CanonicalPath;
 use crate::format::envelope::Envelope;
-use crate::format::header::Preamble;
+use crate::format::header::{Attrs, ObjectKind};
+use crate::format::object::DIR_RECORD;
 
-use super::file::{read_header, EncryptedFile};
+use super::file::{attrs_change, dir_record, encode_object, read_header, EncryptedFile};
 use super::instance::{KeyRequests, OpenNode};
 use super::journal::Journal;
 use super::volume::{is_reserved_name, Volume};
-use crate::backing::{Atime, Backing, Identity, NewEntry};
+use crate::backing::{Atime, Backing, Identity};
 
 mod inodes;
 mod rebind;
@@ -46,7 +50,7 @@ mod warm;
 
 use inodes::Node;
 use rebind::envelope_paths;
-use warm::{Layouts, Prefetch};
+use warm::{Facts, Prefetch};
 
 pub const ROOT_INO: u64 = 1;
 /// Most names one file can have: each costs an envelope per trusted key in its header, whose
@@ -124,7 +128,7 @@ pub struct KmsFs {
     unusable_records: AtomicU64,
     prefetch: Prefetch,
     key_requests: KeyRequests,
-    layouts: Layouts,
+    facts: Facts,
 }
 
 fn dotted(name: &OsStr) -> bool {
@@ -152,21 +156,39 @@ impl Attr {
     }
 }
 
-fn kind_of(ft: fs::FileType) -> Kind {
-    if ft.is_dir() {
-        Kind::Dir
-    } else if ft.is_symlink() {
-        Kind::Symlink
+/// Something on the backing store that kmsfs did not make, or that is not where kmsfs put
+/// it: never shown (EIO), and logged once by the adapter.
+fn not_shown(path: &CanonicalPath, what: &str) -> Error {
+    Error::Integrity(format!(
+        "{path}: {what} on the backing store, which kmsfs did not make there; not shown"
+    ))
+}
+
+fn kind_name(ft: fs::FileType) -> &'static str {
+    if ft.is_symlink() {
+        "a symlink"
     } else if ft.is_fifo() {
-        Kind::Fifo
+        "a fifo"
     } else if ft.is_socket() {
-        Kind::Socket
-    } else if ft.is_char_device() {
-        Kind::CharDevice
-    } else if ft.is_block_device() {
-        Kind::BlockDevice
+        "a socket"
+    } else if ft.is_char_device() || ft.is_block_device() {
+        "a device node"
     } else {
-        Kind::File
+        "an entry of unknown type"
+    }
+}
+
+impl Kind {
+    fn of(kind: ObjectKind) -> Kind {
+        match kind {
+            ObjectKind::File => Kind::File,
+            ObjectKind::Dir => Kind::Dir,
+            ObjectKind::Symlink => Kind::Symlink,
+            ObjectKind::Fifo => Kind::Fifo,
+            ObjectKind::Socket => Kind::Socket,
+            ObjectKind::CharDevice => Kind::CharDevice,
+            ObjectKind::BlockDevice => Kind::BlockDevice,
+        }
     }
 }
 
@@ -210,7 +232,7 @@ impl KmsFs {
             journal,
             io_errors,
             unusable_records: AtomicU64::new(0),
-            layouts: Layouts::default(),
+            facts: Facts::default(),
             prefetch: Prefetch {
                 limit: DEFAULT_PREFETCH,
                 every: std::time::Duration::from_secs(60),
@@ -271,8 +293,11 @@ impl KmsFs {
         self.attr_of(path, meta, None)
     }
 
-    /// As [`Self::attr_from`], reading a file's preamble through `found` (the entry just
-    /// looked up) when there is one.
+    /// What the mount reports for the backing entry `meta` at `path`: kind, mode and owner
+    /// from the object's authenticated header (a directory's from its record), never from the
+    /// backing store; sizes and times from the store. Reads through `found` (the entry just
+    /// looked up) when there is one. Anything kmsfs did not make (a symlink, fifo or device
+    /// node on the store, a directory without its record) is refused.
     fn attr_of(
         &self,
         path: &CanonicalPath,
@@ -280,11 +305,17 @@ impl KmsFs {
         found: Option<&crate::backing::Found>,
     ) -> Result<Attr> {
         let ino = self.ino_of(meta.ino());
-        let kind = kind_of(meta.file_type());
-        let size = if kind == Kind::File {
-            self.plaintext_size(ino, path, meta, found)?
+        let ft = meta.file_type();
+        let (attrs, size) = if ft.is_file() {
+            let (attrs, size) = self.object_facts(ino, path, meta, found)?;
+            if attrs.kind == ObjectKind::Dir {
+                return Err(not_shown(path, "a directory record"));
+            }
+            (attrs, size)
+        } else if ft.is_dir() {
+            (self.dir_attrs(path)?, meta.len())
         } else {
-            meta.len()
+            return Err(not_shown(path, kind_name(ft)));
         };
         let time = |s: i64, ns: i64| {
             if s >= 0 {
@@ -300,14 +331,33 @@ impl KmsFs {
             atime: time(meta.atime(), meta.atime_nsec()),
             mtime: time(meta.mtime(), meta.mtime_nsec()),
             ctime: time(meta.ctime(), meta.ctime_nsec()),
-            kind,
-            perm: (meta.mode() & 0o7777) as u16,
+            kind: Kind::of(attrs.kind),
+            perm: attrs.mode as u16,
             nlink: meta.nlink() as u32,
-            uid: meta.uid(),
-            gid: meta.gid(),
-            rdev: meta.rdev() as u32,
+            uid: attrs.uid,
+            gid: attrs.gid,
+            rdev: attrs.rdev as u32,
             blksize: self.volume.config().block_size,
         })
+    }
+
+    /// A directory's authenticated attributes, from its record (see
+    /// [`crate::format::object::DIR_RECORD`]): one that is missing, or is not bound to this
+    /// directory, refuses the directory.
+    fn dir_attrs(&self, dir: &CanonicalPath) -> Result<Attrs> {
+        let record = dir_record(dir);
+        let found = self.store().lookup(&record).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => not_shown(dir, "a directory without its record"),
+            _ => io_err("cannot stat", &record, e),
+        })?;
+        if !found.meta.is_file() {
+            return Err(not_shown(dir, "a directory whose record is not a file"));
+        }
+        let (attrs, _) = self.object_facts(0, &record, &found.meta, Some(&found))?;
+        if attrs.kind != ObjectKind::Dir {
+            return Err(not_shown(dir, "a directory whose record is another object"));
+        }
+        Ok(attrs)
     }
 
     fn stat_path(&self, path: &CanonicalPath) -> Result<Attr> {
@@ -342,50 +392,99 @@ impl KmsFs {
         }
     }
 
-    /// Makes a directory, fifo, socket, device node or symlink at `path` for `caller`: owned
-    /// by them (when the daemon is root) with exactly `perm` (None for symlinks), not the
-    /// daemon's umask. The owner and mode are set before the entry has its name (see
-    /// [`Backing::make_entry`]), so nothing is ever changed through a name someone else can
-    /// swap. Hands out its attributes (counting the kernel's lookup).
-    fn make(
+    /// The authenticated attributes of a new object of `kind` at `path` made by `caller` with
+    /// permission bits `perm`: owned by the caller when the daemon is root (else by the
+    /// daemon's user, as a filesystem it mounted would make it); in a set-group-id directory
+    /// it takes the directory's group, and a new directory the set-group-id bit, as the
+    /// kernel would give them. The parent's attributes are its record's.
+    fn new_attrs(
         &self,
         path: &CanonicalPath,
-        what: NewEntry<'_>,
+        kind: ObjectKind,
+        perm: u32,
         caller: Caller,
-        perm: Option<u32>,
-    ) -> Result<Attr> {
-        let owner = rustix::process::geteuid()
-            .is_root()
-            .then_some((caller.uid, caller.gid));
+        rdev: u64,
+    ) -> Result<Attrs> {
+        let parent = path.parent().unwrap_or_else(CanonicalPath::root);
+        let parent = self.dir_attrs(&parent)?;
+        let (uid, gid) = if rustix::process::geteuid().is_root() {
+            (caller.uid, caller.gid)
+        } else {
+            (
+                rustix::process::geteuid().as_raw(),
+                rustix::process::getegid().as_raw(),
+            )
+        };
+        let sgid = parent.mode & libc::S_ISGID != 0;
+        let mode = if kind == ObjectKind::Dir && sgid {
+            perm | libc::S_ISGID
+        } else {
+            perm
+        };
+        Ok(Attrs {
+            kind,
+            mode: mode & 0o7777,
+            uid,
+            gid: if sgid { parent.gid } else { gid },
+            rdev,
+        })
+    }
+
+    /// Makes the object (symlink, fifo, socket, device node) `attrs` with content `data` at
+    /// `path`: a regular backing file, complete before it has its name. No key call. Hands out
+    /// its attributes (counting the kernel's lookup).
+    fn make_object(&self, path: &CanonicalPath, attrs: Attrs, data: &[u8]) -> Result<Attr> {
+        let bytes = encode_object(&self.volume, path, attrs, data)?;
         let meta = self
             .store()
-            .make_entry(path, what, owner, perm)
+            .write_new(path, &bytes)
             .map_err(|e| io_err("cannot create", path, e))?;
         let attr = self.attr_from(path, &meta)?;
         self.remember(attr.ino, path);
         Ok(attr)
     }
 
-    /// Gives a new regular file, through its open descriptor, its owner (`caller`, when the
-    /// daemon is root; in a set-group-id directory it keeps the group the kernel gave it) and
-    /// exactly `perm` (after the owner: chown clears set-id bits).
-    fn own_new_file(
+    /// Changes the authenticated attributes of `ino` at `path` (a header slot rewrite, no key
+    /// call): through its open instance if it has one, else its backing file or, for a
+    /// directory, its record.
+    fn change_attrs(
         &self,
-        file: &File,
+        ino: u64,
         path: &CanonicalPath,
-        caller: Caller,
-        perm: u32,
+        change: impl Fn(Attrs) -> Option<Attrs>,
     ) -> Result<()> {
-        if rustix::process::geteuid().is_root() {
-            let parent_sgid = path
-                .parent()
-                .and_then(|p| self.store().metadata(&p).ok())
-                .is_some_and(|m| m.is_dir() && m.mode() & libc::S_ISGID != 0);
-            let gid = (!parent_sgid).then_some(caller.gid);
-            crate::backing::open::chown(file, Some(caller.uid), gid)
-                .map_err(|e| io_err("cannot chown", path, e))?;
+        if let Some(node) = self.open_node(ino) {
+            return node.update_attrs(change).map(|_| ());
         }
-        crate::backing::open::chmod(file, perm).map_err(|e| io_err("cannot chmod", path, e))
+        let meta = self
+            .store()
+            .metadata(path)
+            .map_err(|e| io_err("cannot stat", path, e))?;
+        if Identity::of(&meta) != self.expected(ino) {
+            return Err(os(format!("{path}: another inode there now"), libc::ESTALE));
+        }
+        let (at, file) = if meta.is_dir() {
+            let record = dir_record(path);
+            let file = self.store().open_file(&record, true, Atime::Update);
+            (record, file)
+        } else {
+            let file =
+                self.store()
+                    .open_file_expecting(path, true, Atime::Update, self.expected(ino));
+            (path.clone(), file)
+        };
+        let file = file.map_err(|e| io_err("cannot open", &at, e))?;
+        let record_ino = file.metadata().map(|m| m.ino()).unwrap_or(0);
+        let changed = crate::core::file::update_slot(
+            self.store(),
+            &file,
+            &at,
+            |id| self.volume.header_mac_key(id),
+            false,
+            attrs_change(change),
+        );
+        self.facts.forget(record_ino);
+        changed.map(|_| ())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -407,15 +506,9 @@ impl KmsFs {
         let path = self.path_of(ino)?;
         let expect = self.expected(ino);
         if kill_setid && mode.is_none() {
-            let meta = self
-                .store()
-                .metadata(&path)
-                .map_err(|e| io_err("cannot stat", &path, e))?;
-            if let Some(kept) = setid_cleared(&meta) {
-                self.store()
-                    .chmod(&path, kept, Some(expect))
-                    .map_err(|e| io_err("cannot chmod", &path, e))?;
-            }
+            self.change_attrs(ino, &path, |a| {
+                setid_cleared(a).map(|mode| Attrs { mode, ..a })
+            })?;
         }
         if let Some(size) = size {
             match fh.and_then(|fh| self.handles.lock().unwrap().get(&fh).cloned()) {
@@ -423,15 +516,26 @@ impl KmsFs {
                 None => self.with_file(ino, &path, |f| f.set_len(size))?,
             }
         }
-        if let Some(mode) = mode {
-            self.store()
-                .chmod(&path, mode, Some(expect))
-                .map_err(|e| io_err("cannot chmod", &path, e))?;
-        }
-        if uid.is_some() || gid.is_some() {
-            self.store()
-                .chown(&path, uid, gid, Some(expect))
-                .map_err(|e| io_err("cannot chown", &path, e))?;
+        if mode.is_some() || uid.is_some() || gid.is_some() {
+            self.change_attrs(ino, &path, |a| {
+                let mut new = Attrs {
+                    mode: mode.map_or(a.mode, |m| m & 0o7777),
+                    uid: uid.unwrap_or(a.uid),
+                    gid: gid.unwrap_or(a.gid),
+                    ..a
+                };
+                // A change of owner clears set-id bits, as chown(2) does (the kernel leaves
+                // that to the filesystem here); a chmod in the same call says what it wants.
+                let owner_changed =
+                    uid.is_some_and(|u| u != a.uid) || gid.is_some_and(|g| g != a.gid);
+                if mode.is_none() && owner_changed && a.kind != ObjectKind::Dir {
+                    new.mode &= !(libc::S_ISUID | libc::S_ISGID);
+                    if a.mode & libc::S_IXGRP == 0 {
+                        new.mode |= a.mode & libc::S_ISGID;
+                    }
+                }
+                Some(new)
+            })?;
         }
         if atime.is_some() || mtime.is_some() || atime_now || mtime_now {
             let spec = |t: Option<SystemTime>, now: bool| {
@@ -493,11 +597,18 @@ impl KmsFs {
         f(&mut self.open_expected(ino, path)?)
     }
 
+    /// A symlink's target: the content of its object, authenticated for this path.
     pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
         let path = self.path_of(ino)?;
-        self.store()
-            .read_link(&path)
-            .map_err(|e| io_err("cannot readlink", &path, e))
+        let backing = self
+            .store()
+            .open_file_expecting(&path, false, Atime::Keep, self.expected(ino))
+            .map_err(|e| io_err("cannot open", &path, e))?;
+        let link = EncryptedFile::from_file(&self.volume, &path, backing)?;
+        if link.attrs().kind != ObjectKind::Symlink {
+            return Err(os(format!("{path} is not a symlink"), libc::EINVAL));
+        }
+        link.read_all()
     }
 
     pub fn mknod(
@@ -516,27 +627,42 @@ impl KmsFs {
             self.release(fh);
             return Ok(attr);
         }
-        // Fifos, sockets and device nodes are made as themselves on the backing store (device
-        // nodes need root there, and the mount is nodev, so they never open a device).
-        let what = NewEntry::Node {
-            kind: mode & libc::S_IFMT,
-            rdev: rdev as u64,
+        // Fifos, sockets and device nodes are objects like symlinks: regular backing files
+        // whose header says what they are (the mount is nodev: a device never opens).
+        let (kind, rdev) = match mode & libc::S_IFMT {
+            libc::S_IFIFO => (ObjectKind::Fifo, 0),
+            libc::S_IFSOCK => (ObjectKind::Socket, 0),
+            libc::S_IFCHR => (ObjectKind::CharDevice, rdev as u64),
+            libc::S_IFBLK => (ObjectKind::BlockDevice, rdev as u64),
+            _ => return Err(os("unknown file type", libc::EINVAL)),
         };
-        self.make(&path, what, caller, Some(mode & !caller.umask & 0o7777))
+        let attrs = self.new_attrs(&path, kind, mode & !caller.umask & 0o7777, caller, rdev)?;
+        self.make_object(&path, attrs, &[])
     }
 
     pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, caller: Caller) -> Result<Attr> {
         self.check_writable()?;
         let _ns = self.namespace.lock().unwrap();
         let path = self.child(parent, name)?;
-        self.make(
+        let attrs = self.new_attrs(
             &path,
-            NewEntry::Dir,
+            ObjectKind::Dir,
+            mode & !caller.umask & 0o7777,
             caller,
-            Some(mode & !caller.umask & 0o7777),
-        )
+            0,
+        )?;
+        let record = encode_object(&self.volume, &dir_record(&path), attrs, &[])?;
+        let meta = self
+            .store()
+            .make_dir(&path, DIR_RECORD, &record)
+            .map_err(|e| io_err("cannot create", &path, e))?;
+        let attr = self.attr_from(&path, &meta)?;
+        self.remember(attr.ino, &path);
+        Ok(attr)
     }
 
+    /// A symlink is an object whose content is its target: encrypted, and bound to its path
+    /// like a file's data. No key call.
     pub fn symlink(
         &self,
         parent: u64,
@@ -547,8 +673,12 @@ impl KmsFs {
         self.check_writable()?;
         let _ns = self.namespace.lock().unwrap();
         let path = self.child(parent, name)?;
-        let target = NewEntry::Symlink(target.as_os_str().as_bytes());
-        self.make(&path, target, caller, None)
+        let target = target.as_os_str().as_bytes();
+        if target.is_empty() || target.len() >= libc::PATH_MAX as usize {
+            return Err(os("bad symlink target length", libc::ENAMETOOLONG));
+        }
+        let attrs = self.new_attrs(&path, ObjectKind::Symlink, 0o777, caller, 0)?;
+        self.make_object(&path, attrs, target)
     }
 
     pub fn unlink(&self, parent: u64, name: &OsStr) -> Result<()> {
@@ -588,8 +718,11 @@ impl KmsFs {
             .store()
             .metadata(&path)
             .map_err(|e| io_err("cannot rmdir", &path, e))?;
+        if !meta.is_dir() {
+            return Err(os(format!("{path} is not a directory"), libc::ENOTDIR));
+        }
         self.store()
-            .rmdir(&path, Some(Identity::of(&meta)))
+            .remove_dir(&path, DIR_RECORD, Identity::of(&meta))
             .map_err(|e| io_err("cannot rmdir", &path, e))?;
         self.forget_path(self.ino_of(meta.ino()), &path);
         Ok(())
@@ -622,6 +755,19 @@ impl KmsFs {
         if meta.is_dir() && to.as_str().starts_with(&format!("{}/", from.as_str())) {
             return Err(os("cannot move a directory into itself", libc::EINVAL));
         }
+        // A directory replaced must be empty: on the store it still holds its record.
+        let replaced_dir = match &target {
+            Some(m) if m.is_dir() => {
+                let entries = store
+                    .list_dir(&to, Atime::Keep)
+                    .map_err(|e| io_err("cannot read", &to, e))?;
+                if entries.iter().any(|e| e.name != DIR_RECORD) {
+                    return Err(os(format!("{to} is not empty"), libc::ENOTEMPTY));
+                }
+                Some(Identity::of(m))
+            }
+            _ => None,
+        };
         let files = if meta.is_dir() {
             self.volume.files_beneath(&from)?
         } else if meta.is_file() {
@@ -691,7 +837,12 @@ impl KmsFs {
             }
             return Err(e);
         }
-        // 2. The name changes.
+        // 2. The name changes (over an empty directory: that goes first, record and all).
+        if let Some(id) = replaced_dir {
+            store
+                .remove_dir(&to, DIR_RECORD, id)
+                .map_err(|e| io_err("cannot replace", &to, e))?;
+        }
         let flags = if noreplace {
             rustix::fs::RenameFlags::NOREPLACE
         } else {
@@ -757,9 +908,7 @@ impl KmsFs {
             }
             pending.finish();
         } else {
-            self.store()
-                .link(&from, &to)
-                .map_err(|e| io_err("cannot link", &from, e))?;
+            return Err(os(format!("{from} cannot be linked"), libc::EPERM));
         }
         let attr = self.stat_path(&to)?;
         self.remember(attr.ino, &to);
@@ -784,24 +933,18 @@ impl KmsFs {
     /// unnamed (`O_TMPFILE`, or a hidden temporary name where the backing filesystem has
     /// none) in its directory, given its key and header, then linked to its name. A crash can
     /// then never leave a file without a header.
-    fn create_linked(
-        &self,
-        path: &CanonicalPath,
-        perm: u32,
-        caller: Caller,
-    ) -> Result<(EncryptedFile, u64)> {
+    fn create_linked(&self, path: &CanonicalPath, attrs: Attrs) -> Result<(EncryptedFile, u64)> {
         let dir = path.parent().unwrap_or_else(CanonicalPath::root);
         let tmp = self
             .store()
-            .new_temporary_file(&dir, perm)
+            .new_temporary_file(&dir, 0o600)
             .map_err(|e| io_err("cannot create", path, e))?;
-        self.own_new_file(tmp.file(), path, caller, perm)?;
         let file = tmp
             .file()
             .try_clone()
             .map_err(|e| io_err("cannot reopen", path, e))?;
         let started = std::time::Instant::now();
-        let enc = EncryptedFile::create(&self.volume, path, file)?;
+        let enc = EncryptedFile::create(&self.volume, path, file, attrs)?;
         self.key_requests.answered(started.elapsed());
         let ino = enc
             .backing_file()
@@ -815,13 +958,14 @@ impl KmsFs {
 
     fn create_file(&self, path: &CanonicalPath, mode: u32, caller: Caller) -> Result<(Attr, u64)> {
         let perm = mode & !caller.umask & 0o7777;
+        let attrs = self.new_attrs(path, ObjectKind::File, perm, caller, 0)?;
         if !self.key_requests.would_take() {
-            let (enc, backing_ino) = self.create_linked(path, perm, caller)?;
+            let (enc, backing_ino) = self.create_linked(path, attrs)?;
             return self.open_created(path, OpenNode::ready(enc), backing_ino);
         }
         let store = self.store();
         let file = store
-            .create_file(path, perm)
+            .create_file(path, 0o600)
             .map_err(|e| io_err("cannot create", path, e))?;
         let made = file
             .metadata()
@@ -837,10 +981,9 @@ impl KmsFs {
         let Ok(backing_ino) = backing_ino else {
             return Err(os(format!("cannot stat the new {path}"), libc::EIO));
         };
-        self.own_new_file(&file, path, caller, perm)
-            .map_err(remove)?;
         let pending = Arc::new(OpenNode::pending(
             path.clone(),
+            attrs,
             file.try_clone()
                 .map_err(|e| remove(io_err("cannot reopen", path, e)))?,
         ));
@@ -848,7 +991,7 @@ impl KmsFs {
             return self.open_created(path, pending, backing_ino);
         }
         let started = std::time::Instant::now();
-        let enc = EncryptedFile::create(&self.volume, path, file).map_err(remove)?;
+        let enc = EncryptedFile::create(&self.volume, path, file, attrs).map_err(remove)?;
         self.key_requests.answered(started.elapsed());
         self.open_created(path, OpenNode::ready(enc), backing_ino)
     }
@@ -905,7 +1048,15 @@ impl KmsFs {
         let node = {
             let mut open = self.open.lock().unwrap();
             match open.get(&ino).and_then(|w| w.upgrade()) {
-                Some(n) => n,
+                // The open instance is this inode's; it must also be bound to this name (a
+                // hard link made on the store to an open file is not).
+                Some(n) if n.attrs_for(&path).is_some() => n,
+                Some(n) => {
+                    return Err(Error::Moved {
+                        path: path.to_string(),
+                        bound: n.path().to_string(),
+                    })
+                }
                 None => {
                     let file = self.open_expected(ino, &path).inspect_err(|e| {
                         self.io_errors.fetch_add(1, Ordering::Relaxed);
@@ -933,7 +1084,11 @@ impl KmsFs {
             .store()
             .open_file_expecting(path, writable, atime, self.expected(ino))
             .map_err(|e| io_err("cannot open", path, e))?;
-        EncryptedFile::from_file(&self.volume, path, backing)
+        let file = EncryptedFile::from_file(&self.volume, path, backing)?;
+        if file.attrs().kind != ObjectKind::File {
+            return Err(os(format!("{path} is not a regular file"), libc::EINVAL));
+        }
+        Ok(file)
     }
 
     fn handle(&self, fh: u64) -> Result<Arc<Handle>> {
@@ -963,17 +1118,10 @@ impl KmsFs {
         if !h.writable {
             return Err(os("not open for writing", libc::EBADF));
         }
-        // The open backing file answers without a path walk: this runs before every write
-        // by someone other than root.
+        // The instance's attributes answer with no syscall: this runs before every write by
+        // someone other than root.
         h.node
-            .with_backing_file(|file| {
-                let meta = file.metadata()?;
-                match setid_cleared(&meta) {
-                    Some(kept) => crate::backing::open::chmod(file, kept).map(|()| true),
-                    None => Ok(false),
-                }
-            })
-            .map_err(|e| Error::io("cannot clear set-id bits", e))
+            .update_attrs(|a| setid_cleared(a).map(|mode| Attrs { mode, ..a }))
     }
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<usize> {
@@ -1057,6 +1205,9 @@ impl KmsFs {
             .map_err(|e| io_err("cannot read", &path, e))?;
         entries.retain(|e| !is_reserved_name(e.name.as_bytes(), path.is_root()));
         entries.sort_by(|a, b| a.name.cmp(&b.name));
+        // A regular backing file may hold any kind of object: its header says which (read
+        // now, on a few threads, unless remembered).
+        self.warm_facts(&path, &entries);
         for crate::backing::Entry {
             name,
             ino,
@@ -1064,22 +1215,22 @@ impl KmsFs {
         } in entries
         {
             let kind = match d_type {
-                libc::DT_REG => Kind::File,
                 libc::DT_DIR => Kind::Dir,
-                libc::DT_LNK => Kind::Symlink,
-                libc::DT_FIFO => Kind::Fifo,
-                libc::DT_SOCK => Kind::Socket,
-                libc::DT_CHR => Kind::CharDevice,
-                libc::DT_BLK => Kind::BlockDevice,
+                // Shown as a file when its header could not be read: the lookup that follows
+                // fails, and says why.
+                libc::DT_REG => self.facts.kind(ino).map_or(Kind::File, Kind::of),
                 // The filesystem does not record types: ask.
-                _ => match path
+                libc::DT_UNKNOWN => match path
                     .join(name.as_bytes())
                     .ok()
-                    .and_then(|p| store.metadata(&p).ok())
+                    .and_then(|p| self.stat_path(&p).ok())
                 {
-                    Some(m) => kind_of(m.file_type()),
+                    Some(attr) => attr.kind,
                     None => continue,
                 },
+                // Not made by kmsfs (a symlink, fifo or device node planted on the store):
+                // listed, so that its lookup fails where it is seen (EIO, logged), never shown.
+                _ => Kind::File,
             };
             out.push(DirEntry {
                 ino: self.ino_of(ino),
@@ -1104,9 +1255,6 @@ impl KmsFs {
     ) -> Result<()> {
         let dir = self.path_of(ino)?;
         let entries = self.readdir(ino)?;
-        if offset == 0 {
-            self.warm_layouts(&dir, &entries);
-        }
         for (at, e) in entries.iter().enumerate().skip(offset) {
             let found = match e.name.as_bytes() {
                 b"." => self.stat_path(&dir).ok().map(|a| (None, a)),
@@ -1193,11 +1341,11 @@ impl KmsFs {
 /// execute it marks mandatory locking, which stays). The mode to set, or None when there is
 /// nothing to clear. A `security.capability` attribute needs nothing here: the backing
 /// filesystem drops it when the daemon writes the file.
-fn setid_cleared(meta: &fs::Metadata) -> Option<u32> {
-    let mode = meta.mode() & 0o7777;
+fn setid_cleared(attrs: Attrs) -> Option<u32> {
+    let mode = attrs.mode;
     let mut kept = mode & !libc::S_ISUID;
     if mode & libc::S_IXGRP != 0 {
         kept &= !libc::S_ISGID;
     }
-    (kept != mode && meta.file_type().is_file()).then_some(kept)
+    (kept != mode && attrs.kind == ObjectKind::File).then_some(kept)
 }

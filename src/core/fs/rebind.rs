@@ -41,8 +41,28 @@ impl HeaderHandle {
         }
     }
 
-    /// See [`crate::core::file::update_envelopes`]; says whether the header changed.
+    /// See [`crate::core::file::update_envelopes`]; says whether the header changed. What
+    /// the header said is forgotten by `facts` (the names it binds change).
     pub(super) fn update(
+        &self,
+        facts: &super::warm::Facts,
+        volume: &Volume,
+        path: &CanonicalPath,
+        both_slots: bool,
+        change: impl FnOnce(&[&[Envelope]]) -> Result<Option<Vec<Envelope>>>,
+    ) -> Result<bool> {
+        let forget = || {
+            if let Ok(m) = self.metadata() {
+                facts.forget(m.ino());
+            }
+        };
+        forget();
+        let changed = self.update_inner(volume, path, both_slots, change);
+        forget();
+        changed
+    }
+
+    fn update_inner(
         &self,
         volume: &Volume,
         path: &CanonicalPath,
@@ -127,13 +147,12 @@ impl KmsFs {
         from: &CanonicalPath,
         to: &CanonicalPath,
     ) -> Result<()> {
-        let (from_ctx, to_ctx) = (self.volume.file_context(from), self.volume.file_context(to));
         // Names this file no longer has (replaced by a rename over them, or a crash between
         // steps) only take header room: drop their envelopes first.
         let me = header
             .metadata()
             .map_err(|e| io_err("cannot stat", from, e))?;
-        header.update(&self.volume, from, false, |slots| {
+        header.update(&self.facts, &self.volume, from, false, |slots| {
             let current = slots[0];
             let mut envelopes = self.live_envelopes(current, &me, from);
             let pruned = envelopes.len() != current.len();
@@ -145,11 +164,7 @@ impl KmsFs {
                 {
                     continue;
                 }
-                let key = self
-                    .volume
-                    .keyring()
-                    .rewrap(&e.key, &from_ctx, &e.key.key_id, &to_ctx)
-                    .map_err(|err| Error::key(from, err))?;
+                let key = self.volume.rewrap_for_path(&e.key, from, to)?;
                 added.push(Envelope {
                     path: to.clone(),
                     key,
@@ -176,7 +191,7 @@ impl KmsFs {
         let me = header
             .metadata()
             .map_err(|e| io_err("cannot stat", path, e))?;
-        header.update(&self.volume, path, true, |slots| {
+        header.update(&self.facts, &self.volume, path, true, |slots| {
             // The older slot counts too: a crash between the two writes of an unbind leaves
             // the dropped name there.
             let stale_in_some_slot = slots
@@ -255,7 +270,7 @@ impl KmsFs {
         path: &CanonicalPath,
         gone: &CanonicalPath,
     ) -> Result<()> {
-        header.update(&self.volume, path, true, |slots| {
+        header.update(&self.facts, &self.volume, path, true, |slots| {
             let current = slots[0];
             let keep: Vec<Envelope> = current
                 .iter()

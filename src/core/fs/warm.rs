@@ -1,36 +1,75 @@
 //! Warm caches: what makes a walk cheap without changing what it returns.
 //!
-//! [`Layouts`] remembers each file's block layout after its first stat, so a repeated walk
-//! reads no preambles; [`Prefetch`] unwraps the keys of a directory's files in the background
-//! when one of them is opened cold. Both are bounded and both only ever save work: a stat
-//! still stats, and an open still authenticates the header it reads.
+//! [`Facts`] remembers what each object's header said (its authenticated attributes, block
+//! layout and bound names) after its first stat, so a repeated walk reads no headers;
+//! [`Prefetch`] unwraps the keys of a directory's files in the background when one of them is
+//! opened cold. Both are bounded and both only ever save work: a stat still stats, and an open
+//! still authenticates the header it reads.
 
 use super::*;
+use crate::core::file::{header_facts, HeaderFacts};
+use crate::format::header::{Attrs, ObjectKind};
 
-/// Block layouts (header size, block size) of files whose preamble a stat has read, by backing
-/// file identity (device, inode, birth time): a preamble never changes for the life of a
-/// backing file, so the next stat of it (`ls -l` then `rm -rf`, a second walk) reads nothing.
-/// A file rewritten in place on the backing store keeps its identity and could be sized from
-/// the old preamble; reading it still authenticates the real header. Bounded; where the
-/// filesystem has no birth time nothing is remembered.
+/// What headers said, by backing inode: valid while the backing file keeps its identity
+/// (device, birth time) and its change time, which every write to it moves (a header rewrite
+/// by kmsfs or anyone else). Everything remembered was authenticated when read, so a stale
+/// entry can only show an earlier authentic state of that object (the rollback docs/SECURITY.md
+/// describes), never something kmsfs did not write. Bounded.
 #[derive(Default)]
-pub(super) struct Layouts(
-    Mutex<HashMap<(u64, u64, std::time::Duration), crate::format::block::Layout>>,
-);
+pub(super) struct Facts(Mutex<HashMap<u64, (FactsStamp, HeaderFacts)>>);
 
-impl Layouts {
+/// When a remembered header is still the one on disk.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) struct FactsStamp {
+    dev: u64,
+    born: std::time::Duration,
+    changed: (i64, i64),
+    len: u64,
+}
+
+impl FactsStamp {
+    /// None where the filesystem keeps no birth time (nothing is remembered there).
+    pub(super) fn of(meta: &fs::Metadata) -> Option<Self> {
+        let born = meta
+            .created()
+            .ok()
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())?;
+        Some(FactsStamp {
+            dev: meta.dev(),
+            born,
+            changed: (meta.ctime(), meta.ctime_nsec()),
+            len: meta.len(),
+        })
+    }
+}
+
+impl Facts {
     const MAX: usize = 200_000;
 
-    fn get(&self, id: &(u64, u64, std::time::Duration)) -> Option<crate::format::block::Layout> {
-        self.0.lock().unwrap().get(id).copied()
+    fn get(&self, ino: u64, stamp: &FactsStamp) -> Option<HeaderFacts> {
+        let map = self.0.lock().unwrap();
+        map.get(&ino)
+            .filter(|(s, _)| s == stamp)
+            .map(|(_, f)| f.clone())
     }
 
-    fn put(&self, id: (u64, u64, std::time::Duration), layout: crate::format::block::Layout) {
+    /// The kind remembered for backing inode `ino`, whatever its stamp (a hint for listings).
+    pub(super) fn kind(&self, ino: u64) -> Option<ObjectKind> {
+        self.0.lock().unwrap().get(&ino).map(|(_, f)| f.attrs.kind)
+    }
+
+    /// Forgets what the header of backing inode `ino` said (kmsfs just rewrote it: its change
+    /// time may not have moved at the clock's granularity).
+    pub(super) fn forget(&self, ino: u64) {
+        self.0.lock().unwrap().remove(&ino);
+    }
+
+    fn put(&self, ino: u64, stamp: FactsStamp, facts: HeaderFacts) {
         let mut map = self.0.lock().unwrap();
         if map.len() >= Self::MAX {
             map.clear();
         }
-        map.insert(id, layout);
+        map.insert(ino, (stamp, facts));
     }
 }
 
@@ -50,15 +89,6 @@ pub(super) struct Prefetch {
 impl Prefetch {
     const MAX_JOBS: u64 = 4;
     const THREADS: usize = 16;
-}
-
-/// A backing file's identity for [`Layouts`]: device, inode and birth time (None where the
-/// filesystem keeps no birth time).
-pub(super) fn layout_identity(meta: &fs::Metadata) -> Option<(u64, u64, std::time::Duration)> {
-    meta.created()
-        .ok()
-        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-        .map(|born| (meta.dev(), meta.ino(), born))
 }
 
 /// Unwraps into the key cache the data keys of up to `limit` regular files in `dir` (other
@@ -161,27 +191,20 @@ impl KmsFs {
         }
     }
 
-    /// Before a directory's first listing with attributes: if its files' layouts are not known
-    /// (a fresh mount, a cold cache), read their preambles on a few threads at once, so the
-    /// disk sees them in parallel rather than one per entry as the listing goes.
-    pub(super) fn warm_layouts(&self, dir: &CanonicalPath, entries: &[DirEntry]) {
+    /// Before a directory's first listing: if its objects' headers are not known (a fresh
+    /// mount, a cold cache), read them on a few threads at once, so the disk sees them in
+    /// parallel rather than one per entry as the listing goes.
+    pub(super) fn warm_facts(&self, dir: &CanonicalPath, entries: &[crate::backing::Entry]) {
         const THREADS: usize = 4;
         let files: Vec<CanonicalPath> = entries
             .iter()
-            .filter(|e| e.kind == Kind::File)
+            .filter(|e| e.kind == libc::DT_REG && self.facts.kind(e.ino).is_none())
             .filter_map(|e| dir.join(e.name.as_bytes()).ok())
             .collect();
         if files.len() < 2 * THREADS {
-            return;
-        }
-        // One file tells whether this directory was seen already.
-        let known = self
-            .store()
-            .metadata(&files[0])
-            .ok()
-            .and_then(|m| layout_identity(&m))
-            .is_some_and(|id| self.layouts.get(&id).is_some());
-        if known {
+            for p in &files {
+                let _ = self.stat_path(p);
+            }
             return;
         }
         std::thread::scope(|s| {
@@ -195,47 +218,65 @@ impl KmsFs {
         });
     }
 
-    /// The plaintext size of a regular file: from its open instance, else from its preamble
-    /// and length (one 64-byte read, no key; remembered, see [`Layouts`]).
-    pub(super) fn plaintext_size(
+    /// The authenticated attributes of the object in the regular backing file `meta` at
+    /// `path`, and its size (plaintext bytes of a file, the target's length of a symlink):
+    /// from its open instance, else from its header (one read, no key; remembered, see
+    /// [`Facts`]). An object its header does not bind to `path` is refused.
+    pub(super) fn object_facts(
         &self,
         ino: u64,
         path: &CanonicalPath,
         meta: &fs::Metadata,
         found: Option<&crate::backing::Found>,
-    ) -> Result<u64> {
-        let len = meta.len();
+    ) -> Result<(Attrs, u64)> {
         if let Some(node) = self.open_node(ino) {
-            return Ok(node.size());
+            if let Some(attrs) = node.attrs_for(path) {
+                return Ok((attrs, node.size()));
+            }
         }
-        let identity = layout_identity(meta);
-        if let Some(layout) = identity.and_then(|id| self.layouts.get(&id)) {
-            return layout
-                .plaintext_len(len)
-                .map_err(|e| Error::format(path, e));
-        }
-        // A stat is not an access: the preamble read leaves the access time alone. It reads
-        // the inode just stat'ed (through its descriptor, if the caller kept it), or fails.
-        let file = match found {
-            Some(found) => found.open_read(),
-            None => self
-                .store()
-                .open_file_expecting(path, false, Atime::Keep, Identity::of(meta)),
-        }
-        .map_err(|e| io_err("cannot open", path, e))?;
-        let mut pre = [0u8; crate::format::header::PREAMBLE_LEN];
-        std::os::unix::fs::FileExt::read_exact_at(&file, &mut pre, 0)
-            .map_err(|_| os(format!("{path}: shorter than a header"), libc::EIO))?;
-        let pre = Preamble::decode(&pre).map_err(|e| Error::format(path, e))?;
-        let layout = crate::format::block::Layout {
-            data_offset: pre.data_offset(),
-            block_size: pre.block_size,
+        let stamp = FactsStamp::of(meta);
+        let remembered = stamp.and_then(|s| self.facts.get(meta.ino(), &s));
+        let facts = match remembered {
+            Some(f) if f.paths.contains(path) => f,
+            Some(f) => {
+                return Err(Error::Moved {
+                    path: path.to_string(),
+                    bound: f
+                        .paths
+                        .iter()
+                        .map(|p| p.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                })
+            }
+            None => {
+                // A stat is not an access: the header read leaves the access time alone. It
+                // reads the inode just stat'ed (through its descriptor, if the caller kept
+                // it), or fails.
+                let file = match found {
+                    Some(found) => found.open_read(),
+                    None => self.store().open_file_expecting(
+                        path,
+                        false,
+                        Atime::Keep,
+                        Identity::of(meta),
+                    ),
+                }
+                .map_err(|e| io_err("cannot open", path, e))?;
+                let facts = header_facts(&self.volume, &file, meta.len(), path)?;
+                if let Some(stamp) = stamp {
+                    self.facts.put(meta.ino(), stamp, facts.clone());
+                }
+                facts
+            }
         };
-        if let Some(id) = identity {
-            self.layouts.put(id, layout);
-        }
-        layout
-            .plaintext_len(len)
-            .map_err(|e| Error::format(path, e))
+        let size = match facts.attrs.kind {
+            ObjectKind::File | ObjectKind::Symlink => facts
+                .layout
+                .plaintext_len(meta.len())
+                .map_err(|e| Error::format(path, e))?,
+            _ => 0,
+        };
+        Ok((facts.attrs, size))
     }
 }
