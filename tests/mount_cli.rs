@@ -544,8 +544,7 @@ impl NobodyDaemon {
             .env_remove("RUST_LOG")
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .env("XDG_RUNTIME_DIR", runtime)
-            // m.dir is nobody's in these tests.
-            .env("KMSFS_STATE_DIR", m.dir.path().join("nobody-state"))
+            .env("KMSFS_STATE_DIR", runtime.join("state"))
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(fs::File::create(log).unwrap())
@@ -616,6 +615,14 @@ fn a_users_status_socket_directory_must_be_its_own_and_0700() {
     fs::create_dir(&runtime).unwrap();
     std::os::unix::fs::chown(&runtime, Some(65534), Some(65534)).unwrap();
     fs::set_permissions(&runtime, fs::Permissions::from_mode(0o700)).unwrap();
+    // Recorded for nobody first, so the daemon's only log line is about its status socket.
+    assert_success(
+        &kmsfs_as(65534, &runtime)
+            .arg("trust")
+            .arg(&m.backing)
+            .output()
+            .unwrap(),
+    );
     let dir = runtime.join("kmsfs");
     let name = kmsfs::cli::status::socket_path(&m.mnt);
     let socket = dir.join(name.file_name().unwrap());
