@@ -51,6 +51,8 @@ impl TestVolume {
             InitOptions {
                 keys: vec![KeySpec::Local(key_path.clone())],
                 block_size,
+                // Recorded where the kmsfs processes of the tests look, as `kmsfs init` does.
+                record: Some(state_dir()),
                 ..Default::default()
             },
         )
