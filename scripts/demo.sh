@@ -24,10 +24,11 @@ kmsfs="$PWD/target/release/kmsfs"
 demo=${KMSFS_DEMO_DIR:-$(mktemp -d /tmp/kmsfs-demo.XXXXXX)}
 mnt="$demo/mnt"
 if grep -q " $mnt " /proc/self/mountinfo 2>/dev/null; then "$kmsfs" umount "$mnt"; fi
-rm -rf "$demo/backing" "$demo/config" "$mnt"
+rm -rf "$demo/backing" "$demo/config" "$demo/state" "$mnt"
 mkdir -p "$demo/backing" "$mnt"
-# Keep the demo's key file beside it rather than in ~/.config/kmsfs.
-export XDG_CONFIG_HOME="$demo/config"
+# Keep the demo's key file and this host's trust record beside it rather than in
+# ~/.config/kmsfs and /var/lib/kmsfs (or ~/.local/state/kmsfs).
+export XDG_CONFIG_HOME="$demo/config" KMSFS_STATE_DIR="$demo/state"
 quiet=${KMSFS_DEMO_QUIET:-}
 say() { [ -n "$quiet" ] || printf '%s\n' "$*"; }
 step() { [ -n "$quiet" ] || printf '\n$ %s\n' "$*"; "$@"; }

@@ -412,3 +412,243 @@ fn a_symlink_on_the_store_is_never_read_through() {
     assert_ne!(out.status.code(), Some(0));
     assert!(out.stdout.is_empty());
 }
+
+/// The attacker's forgery of the victim's config: the victim's volume id, context and key
+/// listed (ids are public), but the attacker's key first, with a volume key of their own
+/// wrapped under it only (they cannot wrap under the victim's key) and a valid MAC under it.
+fn forge_config_under(v: &TestVolume, attacker_key: &std::path::Path) -> Vec<u8> {
+    use kmsfs::format::config::{TrustedKey, UnverifiedConfig};
+    use kmsfs::format::context::EncryptionContext;
+    use kmsfs::keys::local::{LocalKey, LocalProvider};
+    use kmsfs::keys::KeyProvider;
+    let genuine = fs::read(v.backing.join(".kmsfs/config")).unwrap();
+    let mut forged = UnverifiedConfig::parse(&genuine).unwrap().claimed().clone();
+    let key = LocalKey::create(attacker_key).unwrap();
+    let id = key.id().to_string();
+    let ctx = EncryptionContext::for_volume_config(&forged.volume_id, &forged.context);
+    let (volume_key, wrapped) = LocalProvider::new([key])
+        .generate_data_key(&id, &ctx)
+        .unwrap();
+    forged.trusted_keys.insert(
+        0,
+        TrustedKey {
+            id,
+            locator: format!("local:{}", attacker_key.display()),
+        },
+    );
+    forged.volume_keys = vec![wrapped];
+    let mac_key = kmsfs::format::kdf::config_mac_key(&volume_key, &forged.volume_id);
+    forged.encode(&mac_key).unwrap()
+}
+
+fn open_checked(
+    v: &TestVolume,
+    pin: &[&std::path::Path],
+    state: &std::path::Path,
+) -> Result<Volume, Error> {
+    use kmsfs::core::volume::HostRecord;
+    Volume::open(
+        &v.backing,
+        &OpenOptions {
+            pin: pin
+                .iter()
+                .map(|p| KeySpec::Local(p.to_path_buf()))
+                .collect(),
+            record: HostRecord::Check(state.to_path_buf()),
+            ..Default::default()
+        },
+    )
+}
+
+#[test]
+fn a_forged_config_listing_the_attackers_key_first_is_refused_under_a_pin_and_a_record() {
+    let v = TestVolume::new(BS);
+    three_block_file(&v, "before", 1);
+    let state = v.dir.path().join("state");
+    // Positive control: the genuine config opens pinned, and records itself on first use.
+    open_checked(&v, &[&v.key_path], &state).unwrap();
+    open_checked(&v, &[], &state).unwrap();
+    let cfg = v.backing.join(".kmsfs/config");
+    let genuine = fs::read(&cfg).unwrap();
+    let attacker_key = tempfile::tempdir().unwrap();
+    let attacker_key = attacker_key.path().join("attacker.key");
+    let forged = forge_config_under(&v, &attacker_key);
+    fs::write(&cfg, &forged).unwrap();
+    // Before this was fixed, the pin was satisfied because the victim's key was listed, and
+    // every new data key went to the attacker's key.
+    let err = open_checked(&v, &[&v.key_path], &state).unwrap_err();
+    assert!(matches!(err, Error::KeyPin(_)), "{err}");
+    assert!(
+        err.to_string()
+            .contains("its volume key is not wrapped under it"),
+        "{err}"
+    );
+    // Without --key, the record refuses it, naming the key added and the change of first key.
+    let err = open_checked(&v, &[], &state).unwrap_err().to_string();
+    let attacker_id = kmsfs::keys::local::LocalKey::load(&attacker_key)
+        .unwrap()
+        .id()
+        .to_string();
+    assert!(
+        err.contains("its trusted keys changed since this host recorded them (added ")
+            && err.contains(&attacker_id)
+            && err.contains("approve it with 'kmsfs trust "),
+        "{err}"
+    );
+    // Nothing was written under the attacker's key; the genuine config still works.
+    assert_eq!(
+        fs::read_dir(&v.backing).unwrap().count(),
+        2,
+        ".kmsfs and before"
+    );
+    fs::write(&cfg, &genuine).unwrap();
+    assert_eq!(
+        EncryptedFile::open(
+            &open_checked(&v, &[], &state).unwrap(),
+            &path("before"),
+            false
+        )
+        .unwrap()
+        .read_all()
+        .unwrap(),
+        pattern(2 * BS as usize + 100, 1)
+    );
+}
+
+#[test]
+fn a_pin_that_is_not_the_key_new_files_use_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = TestVolume::new(BS);
+    let second = dir.path().join("second.key");
+    // A genuine two-key volume: the original key first, then `second`.
+    let mut vol = v.reopen().unwrap();
+    vol.add_trusted_key(&KeySpec::Local(second.clone()))
+        .unwrap();
+    vol.add_trusted_key(&KeySpec::Local(v.key_path.clone()))
+        .unwrap();
+    assert_eq!(vol.config().trusted_keys.len(), 2);
+    let state = dir.path().join("state");
+    // The volume key opens through `second`, but new files get their keys from the first key.
+    let err = open_checked(&v, &[&second], &state).unwrap_err();
+    assert!(matches!(err, Error::KeyPin(_)), "{err}");
+    assert!(
+        err.to_string()
+            .contains("new files would get their keys from"),
+        "{err}"
+    );
+    // Positive controls: the first key pinned, or both.
+    open_checked(&v, &[&v.key_path], &state).unwrap();
+    open_checked(&v, &[&second, &v.key_path], &state).unwrap();
+}
+
+#[test]
+fn a_local_key_file_inside_the_backing_directory_is_refused() {
+    let v = TestVolume::new(BS);
+    let state = v.dir.path().join("state");
+    let cfg = v.backing.join(".kmsfs/config");
+    // The attacker's key file planted in the store, named first by a forged config: on first
+    // use (no record, no pin) it is not read, so the volume key does not open.
+    fs::create_dir(v.backing.join("keys")).unwrap();
+    let planted = v.backing.join("keys/attacker.key");
+    fs::write(&cfg, forge_config_under(&v, &planted)).unwrap();
+    let err = open_checked(&v, &[], &state).unwrap_err().to_string();
+    assert!(err.contains("inside the backing directory"), "{err}");
+    assert!(!state.join("volumes").exists(), "nothing recorded");
+    // Pinned, it is refused as such too.
+    let err = open_checked(&v, &[&planted], &state).unwrap_err();
+    assert!(matches!(err, Error::Usage(_)), "{err}");
+    assert!(
+        err.to_string().contains("inside the backing directory"),
+        "{err}"
+    );
+    // Positive control: the same key file outside the store works for its own volume.
+    let outside = TestVolume::new(BS);
+    open_checked(&outside, &[&outside.key_path], &state).unwrap();
+}
+
+#[test]
+fn a_volume_replaced_in_place_is_refused_until_approved() {
+    use kmsfs::core::volume::HostRecord;
+    let v = TestVolume::new(BS);
+    let rogue = TestVolume::new(BS);
+    let state = v.dir.path().join("state");
+    open_checked(&v, &[], &state).unwrap();
+    let cfg = v.backing.join(".kmsfs/config");
+    let genuine = fs::read(&cfg).unwrap();
+    fs::copy(rogue.backing.join(".kmsfs/config"), &cfg).unwrap();
+    let err = open_checked(&v, &[], &state).unwrap_err().to_string();
+    assert!(
+        err.contains(&format!("it holds volume {}", rogue.volume.id_hex()))
+            && err.contains(&format!(
+                "not the volume {} this host recorded",
+                v.volume.id_hex()
+            )),
+        "{err}"
+    );
+    // Approving needs a key that opens it: the recorded keys do not open the rogue config.
+    let approve = |pin: Vec<KeySpec>| {
+        Volume::open(
+            &v.backing,
+            &OpenOptions {
+                pin,
+                record: HostRecord::Approve(state.clone()),
+                ..Default::default()
+            },
+        )
+    };
+    let err = approve(vec![]).unwrap_err().to_string();
+    assert!(err.contains("none of the keys this host recorded"), "{err}");
+    // Positive control: the operator who did replace it approves it with its key.
+    let vol = approve(vec![KeySpec::Local(rogue.key_path.clone())]).unwrap();
+    assert!(
+        vol.record_note().unwrap().contains("in place of volume"),
+        "{:?}",
+        vol.record_note()
+    );
+    open_checked(&v, &[], &state).unwrap();
+    // And now the old volume is the stranger there.
+    fs::write(&cfg, &genuine).unwrap();
+    assert!(open_checked(&v, &[], &state).is_err());
+}
+
+#[test]
+fn a_changed_key_set_is_refused_until_approved_and_rewrap_updates_the_record() {
+    use kmsfs::core::volume::HostRecord;
+    let v = TestVolume::new(BS);
+    let state = v.dir.path().join("state");
+    open_checked(&v, &[], &state).unwrap();
+    // A change made without this host's record (another host, or a library user).
+    let other = v.dir.path().join("other.key");
+    v.reopen()
+        .unwrap()
+        .add_trusted_key(&KeySpec::Local(other.clone()))
+        .unwrap();
+    let err = open_checked(&v, &[], &state).unwrap_err().to_string();
+    assert!(
+        err.contains("its trusted keys changed since this host recorded them (added local:")
+            && err.contains("; new files now use local:"),
+        "{err}"
+    );
+    let vol = Volume::open(
+        &v.backing,
+        &OpenOptions {
+            record: HostRecord::Approve(state.clone()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(vol
+        .record_note()
+        .unwrap()
+        .starts_with("approved: added local:"));
+    drop(vol);
+    // A change made through a volume opened with the record updates it.
+    let mut vol = open_checked(&v, &[], &state).unwrap();
+    let ids = vol.other_trusted_keys("");
+    vol.add_trusted_key(&KeySpec::Local(v.dir.path().join("third.key")))
+        .unwrap();
+    vol.retire_keys(&ids).unwrap();
+    drop(vol);
+    let vol = open_checked(&v, &[], &state).unwrap();
+    assert_eq!(vol.config().trusted_keys.len(), 1);
+}

@@ -68,6 +68,7 @@ fn open(dir: &Path, key_options: KeyOptions) -> Result<Volume, Error> {
         &OpenOptions {
             pin: vec![],
             key_options,
+            ..Default::default()
         },
     )
 }
@@ -198,6 +199,7 @@ fn volume_on_kms_counts_its_calls() {
     let pinned = OpenOptions {
         pin: vec![KeySpec::Kms("alias/kmsfs-test".into())],
         key_options: options.clone(),
+        ..Default::default()
     };
     let vol = Volume::open(dir.path(), &pinned).unwrap();
     assert_eq!(vol.keyring().op_stats(KmsOp::Decrypt).requests, 1);
@@ -213,6 +215,7 @@ fn volume_on_kms_counts_its_calls() {
     let wrong = OpenOptions {
         pin: vec![KeySpec::Kms(other)],
         key_options: options,
+        ..Default::default()
     };
     let err = Volume::open(dir.path(), &wrong).unwrap_err();
     assert!(matches!(err, Error::KeyPin(_)), "{err}");
@@ -501,6 +504,7 @@ fn cli_init_import_cat_with_a_kms_key_arn() {
             .env("AWS_SECRET_ACCESS_KEY", "testing")
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .env("XDG_CONFIG_HOME", dir.path().join("config"))
+            .env("KMSFS_STATE_DIR", common::state_dir())
             .env_remove("KMSFS_KMS_ENDPOINTS")
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
@@ -631,4 +635,59 @@ fn rewrap_moves_every_file_from_one_kms_key_to_another_with_re_encrypt_only() {
         let f = EncryptedFile::open(&vol, &path(&format!("f{i}")), false).unwrap();
         assert_eq!(f.read_all().unwrap(), vec![i as u8; 100]);
     }
+}
+
+/// A KMS pin is matched against the key's ARN as KMS resolves it, never against a locator the
+/// config (whoever writes the store) wrote: a forged config naming the attacker's key by the
+/// locator string `alias/victim` does not satisfy `--key alias/victim`.
+#[test]
+fn a_kms_pin_matches_the_resolved_arn_never_a_locator_in_the_config() {
+    let moto = MotoServer::start();
+    let (attacker, victim) = (moto.create_key(EAST), moto.create_key(EAST));
+    let options = key_options(&[(EAST, &moto.endpoint)]);
+    let init = |dir: &Path| {
+        Volume::init(
+            dir,
+            InitOptions {
+                keys: vec![KeySpec::Kms("alias/victim".into())],
+                key_options: options.clone(),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .volume
+    };
+    // The attacker's volume, made while the alias named their key: its config says
+    // id = the attacker's ARN, locator = "alias/victim".
+    moto.create_alias(EAST, "alias/victim", &attacker);
+    let rogue = tempfile::tempdir().unwrap();
+    let t = init(rogue.path()).config().trusted_keys[0].clone();
+    assert_eq!(
+        (t.id.as_str(), t.locator.as_str()),
+        (attacker.as_str(), "alias/victim")
+    );
+    moto.update_alias(EAST, "alias/victim", &victim);
+    let genuine = tempfile::tempdir().unwrap();
+    let vol = init(genuine.path());
+    assert_eq!(vol.config().trusted_keys[0].id, victim);
+    write_new_file(&vol, &path("f"), &mut &b"victim data"[..]).unwrap();
+    let pinned = OpenOptions {
+        pin: vec![KeySpec::Kms("alias/victim".into())],
+        key_options: options.clone(),
+        ..Default::default()
+    };
+    // Positive control: the genuine config opens under the pin.
+    Volume::open(genuine.path(), &pinned).unwrap();
+    // The forged one does not, though its locator is the pin's very string.
+    std::fs::copy(
+        rogue.path().join(".kmsfs/config"),
+        genuine.path().join(".kmsfs/config"),
+    )
+    .unwrap();
+    let err = Volume::open(genuine.path(), &pinned).unwrap_err();
+    assert!(matches!(err, Error::KeyPin(_)), "{err}");
+    assert!(
+        err.to_string().contains(&victim),
+        "names the resolved ARN: {err}"
+    );
 }

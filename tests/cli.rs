@@ -40,14 +40,25 @@ impl Env {
         self.dir.path().join("config")
     }
 
+    /// Where this environment's kmsfs processes keep their trust records.
+    fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
     fn p(&self, rel: &str) -> String {
         self.dir.path().join(rel).display().to_string()
     }
 
     fn run(&self, args: &[&str], stdin: &[u8]) -> Out {
+        self.run_in(&self.state_dir(), args, stdin)
+    }
+
+    /// As `run`, as another host would (its own trust records in `state`).
+    fn run_in(&self, state: &Path, args: &[&str], stdin: &[u8]) -> Out {
         let mut child = Command::new(env!("CARGO_BIN_EXE_kmsfs"))
             .args(args)
             .env("XDG_CONFIG_HOME", self.config_home())
+            .env("KMSFS_STATE_DIR", state)
             .env_remove("RUST_LOG")
             // AWS settings that keep every request on this machine: no instance metadata
             // probe, and a KMS endpoint on a loopback port nothing listens on.
@@ -472,6 +483,7 @@ fn completion_scripts_cover_every_command_and_bash_parses_them() {
         "adopt",
         "export",
         "status",
+        "trust",
         "completions",
     ] {
         assert!(script.contains(cmd), "bash completion lacks {cmd}");
@@ -599,4 +611,112 @@ fn mounting_on_a_busy_mountpoint_is_refused() {
         msg.contains("already") || msg.contains("busy") || msg.contains("mounted"),
         "{msg}"
     );
+}
+
+/// The trusted keys as `info` lists them (first: the key new files use).
+fn trusted_ids(info_stdout: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(info_stdout)
+        .lines()
+        .filter(|l| l.starts_with("  local:") || l.starts_with("  arn:"))
+        .map(|l| l.split_whitespace().next().unwrap().to_string())
+        .collect()
+}
+
+/// Without --key, init records the volume's keys on this host; a change made elsewhere (here
+/// a rewrap run with another host's records) is refused by every command that opens the
+/// volume, in one line saying what changed and how to approve it; `kmsfs trust` approves it;
+/// a rewrap run here updates the record itself.
+#[test]
+fn every_command_refuses_a_key_set_changed_elsewhere_until_trust_approves_it() {
+    let env = Env::new();
+    env.volume();
+    let b = env.backing().display().to_string();
+    let records = env.state_dir().join("volumes");
+    assert_eq!(fs::read_dir(&records).unwrap().count(), 1, "init records");
+    let old = trusted_ids(&env.run(&["info", &b], b"").stdout);
+    // Another host rotates the key.
+    let elsewhere = env.dir.path().join("elsewhere");
+    let new_key = format!("local:{}", env.p("new.key"));
+    let out = env.run_in(&elsewhere, &["rewrap", &b, "--to-key", &new_key], b"");
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let new = trusted_ids(&env.run_in(&elsewhere, &["info", &b], b"").stdout);
+    assert_eq!(new[0..1], [new[0].clone()]);
+    assert_ne!(new[0], old[0]);
+    let expected = format!(
+        "kmsfs: {b}: its trusted keys changed since this host recorded them (added {}; new files now use {}, not {}); if you made this change, approve it with 'kmsfs trust {b}'",
+        new[0], new[0], old[0]
+    );
+    fs::create_dir(env.dir.path().join("mnt")).unwrap();
+    let dest = env.p("exported");
+    let mnt = env.p("mnt");
+    for args in [
+        vec!["info", &b],
+        vec!["cat", &b, "hello.txt"],
+        vec!["import", &b, "new.txt"],
+        vec!["fsck", &b],
+        vec!["export", &b, &dest],
+        vec!["rewrap", &b, "--to-key", &new_key],
+        vec!["adopt", &b, "hello.txt", "--from", "hello.txt"],
+        vec!["mount", &b, &mnt, "--foreground"],
+    ] {
+        assert_eq!(env.fails(&args, 3), expected, "{args:?}");
+    }
+    // Approving: one line of what changed, and the commands work again.
+    let out = env.run(&["trust", &b], b"");
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let said = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        said.contains(&format!(
+            "approved: added {}; new files now use {}",
+            new[0], new[0]
+        )),
+        "{said}"
+    );
+    let out = env.run(&["cat", &b, "hello.txt"], b"");
+    assert_eq!(
+        (out.code, out.stdout.as_slice()),
+        (0, &b"hello, kmsfs\n"[..]),
+        "{}",
+        out.stderr
+    );
+    // A rewrap run here updates the record for its own change.
+    let third = format!("local:{}", env.p("third.key"));
+    let out = env.run(&["rewrap", &b, "--to-key", &third], b"");
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let out = env.run(&["info", &b], b"");
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(trusted_ids(&out.stdout).len(), 3);
+    // A pin the config only lists (the old key, still trusted but no longer the first) is
+    // refused: new files would not get their keys from it.
+    let out = env.run_in(&elsewhere, &["info", &b, "--key", &new_key], b"");
+    assert_eq!(out.code, 3, "{}", out.stderr);
+    assert_eq!(
+        out.stderr.trim_end(),
+        format!(
+            "kmsfs: {b}: new files would get their keys from {}, which is not pinned; pin it too (--key), or make a pinned key the first with 'kmsfs rewrap --to-key'",
+            trusted_ids(&env.run(&["info", &b], b"").stdout)[0]
+        )
+    );
+    // Positive control: the first key pinned.
+    let out = env.run_in(&elsewhere, &["info", &b, "--key", &third], b"");
+    assert_eq!(out.code, 0, "{}", out.stderr);
+}
+
+/// A `local:` key file inside the backing directory is refused, pinned or named by the
+/// config; and the record never follows a locator the config wrote.
+#[test]
+fn a_key_file_inside_the_backing_directory_is_refused_when_pinned() {
+    let env = Env::new();
+    env.volume();
+    let b = env.backing().display().to_string();
+    let inside = env.backing().join("stolen.key");
+    fs::write(&inside, [9u8; 32]).unwrap();
+    fs::set_permissions(&inside, fs::Permissions::from_mode(0o600)).unwrap();
+    let msg = env.fails(
+        &["info", &b, "--key", &format!("local:{}", inside.display())],
+        2,
+    );
+    assert!(msg.contains("is inside the backing directory"), "{msg}");
+    // Positive control: unpinned, through the record, the volume opens.
+    assert_eq!(env.run(&["info", &b], b"").code, 0);
 }

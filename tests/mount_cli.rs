@@ -318,6 +318,7 @@ fn mount_8_and_fstab_lines_go_through_mount_kmsfs() {
     let key = format!("key=local:{}", m.key.display());
     // mount -t kmsfs, read-only.
     let st = std::process::Command::new("mount")
+        .env("KMSFS_STATE_DIR", common::state_dir())
         .args(["-t", "kmsfs", "-o", &format!("ro,{key}")])
         .arg(&m.backing)
         .arg(&m.mnt)
@@ -348,6 +349,7 @@ fn mount_8_and_fstab_lines_go_through_mount_kmsfs() {
     )
     .unwrap();
     let st = std::process::Command::new("mount")
+        .env("KMSFS_STATE_DIR", common::state_dir())
         .arg("-T")
         .arg(&fstab)
         .arg(&m.mnt)
@@ -363,6 +365,7 @@ fn mount_8_and_fstab_lines_go_through_mount_kmsfs() {
         .success());
     // A bad option is one line and a usage exit, and nothing is mounted.
     let out = std::process::Command::new("/sbin/mount.kmsfs")
+        .env("KMSFS_STATE_DIR", common::state_dir())
         .arg(&m.backing)
         .arg(&m.mnt)
         .args(["-o", "bogus"])
@@ -509,7 +512,8 @@ fn kmsfs_as(uid: u32, runtime: &std::path::Path) -> std::process::Command {
         .env("AWS_EC2_METADATA_DISABLED", "true")
         .uid(uid)
         .gid(uid)
-        .env("XDG_RUNTIME_DIR", runtime);
+        .env("XDG_RUNTIME_DIR", runtime)
+        .env("KMSFS_STATE_DIR", runtime.join("state"));
     c
 }
 
@@ -540,6 +544,7 @@ impl NobodyDaemon {
             .env_remove("RUST_LOG")
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .env("XDG_RUNTIME_DIR", runtime)
+            .env("KMSFS_STATE_DIR", runtime.join("state"))
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(fs::File::create(log).unwrap())
@@ -610,6 +615,14 @@ fn a_users_status_socket_directory_must_be_its_own_and_0700() {
     fs::create_dir(&runtime).unwrap();
     std::os::unix::fs::chown(&runtime, Some(65534), Some(65534)).unwrap();
     fs::set_permissions(&runtime, fs::Permissions::from_mode(0o700)).unwrap();
+    // Recorded for nobody first, so the daemon's only log line is about its status socket.
+    assert_success(
+        &kmsfs_as(65534, &runtime)
+            .arg("trust")
+            .arg(&m.backing)
+            .output()
+            .unwrap(),
+    );
     let dir = runtime.join("kmsfs");
     let name = kmsfs::cli::status::socket_path(&m.mnt);
     let socket = dir.join(name.file_name().unwrap());

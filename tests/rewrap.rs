@@ -188,7 +188,7 @@ fn killed_at_random_points_a_second_run_completes() {
         let status = child.wait().unwrap();
         interrupted += usize::from(!status.success());
         // Whatever the moment, every file reads with both keys at hand.
-        assert_all_read(&open_with(&v, &v.key_path), n);
+        assert_all_read(&v.reopen().unwrap(), n);
         eprintln!("round {round}: killed after {} ms", 20 + seed % 300);
     }
     assert!(interrupted > 0, "no run was interrupted");
@@ -303,5 +303,5 @@ fn a_file_that_cannot_be_rewrapped_is_listed_and_blocks_retiring() {
         "{stderr}"
     );
     // Both keys are still trusted, and every good file reads.
-    assert_all_read(&open_with(&v, &v.key_path), 30);
+    assert_all_read(&v.reopen().unwrap(), 30);
 }

@@ -62,7 +62,14 @@ pub fn run(args: InitArgs) -> Result<()> {
         .iter()
         .map(|k| KeySpec::parse(k).map_err(Error::Usage))
         .collect::<Result<Vec<_>>>()?;
+    // Every volume made here is recorded (with --key, if a state directory can be found).
+    let record = match crate::core::trust::state_dir() {
+        Ok(dir) => Some(dir),
+        Err(_) if !keys.is_empty() => None,
+        Err(e) => return Err(e),
+    };
     let options = InitOptions {
+        record,
         keys,
         context: parse_context(&args.context)?,
         block_size: args.block_size,

@@ -15,12 +15,13 @@ pub mod mount;
 pub mod mount_helper;
 pub mod rewrap;
 pub mod status;
+pub mod trust;
 
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::core::volume::{is_reserved_name, KeyOptions, OpenOptions, Volume};
+use crate::core::volume::{is_reserved_name, HostRecord, KeyOptions, OpenOptions, Volume};
 use crate::error::{Error, Result};
 use crate::format::context::CanonicalPath;
 use crate::keys::aws::AwsOptions;
@@ -62,6 +63,8 @@ pub enum Command {
     Adopt(adopt::AdoptArgs),
     /// Decrypt a volume (or a subtree) to a directory, or to a tar stream with -
     Export(export::ExportArgs),
+    /// Approve a volume's trusted keys as they are now (after a change kmsfs refused)
+    Trust(trust::TrustArgs),
     /// Show a running mount's key cache, key-service calls and errors
     Status(status::StatusArgs),
     /// Print a shell completion script (bash, zsh, fish, ...)
@@ -73,25 +76,35 @@ pub enum Command {
 pub struct VolumeArgs {
     /// The backing directory (the ciphertext store)
     pub backing: PathBuf,
-    /// Refuse the volume unless it trusts KEY (local:PATH also locates a moved key file)
+    /// Pin KEY: the volume key must open through it and new files get their keys from it
+    /// (local:PATH also locates a moved key file). Without --key: the keys this host recorded
     #[arg(long = "key", value_name = "KEY")]
     pub keys: Vec<String>,
 }
 
 impl VolumeArgs {
-    pub fn open(&self) -> Result<Volume> {
-        let pin = self
+    /// How to open the volume: the pinned keys, else this host's trust record.
+    pub fn open_options(&self, key_options: KeyOptions) -> Result<OpenOptions> {
+        let pin: Vec<KeySpec> = self
             .keys
             .iter()
             .map(|k| KeySpec::parse(k).map_err(Error::Usage))
             .collect::<Result<_>>()?;
-        Volume::open(
-            &self.backing,
-            &OpenOptions {
-                pin,
-                key_options: key_options()?,
-            },
-        )
+        let record = match crate::core::trust::state_dir() {
+            Ok(dir) => HostRecord::Check(dir),
+            // A pin needs no record (rewrap updates one only if it exists).
+            Err(_) if !pin.is_empty() => HostRecord::Off,
+            Err(e) => return Err(e),
+        };
+        Ok(OpenOptions {
+            pin,
+            key_options,
+            record,
+        })
+    }
+
+    pub fn open(&self) -> Result<Volume> {
+        Volume::open(&self.backing, &self.open_options(key_options()?)?)
     }
 }
 
@@ -173,6 +186,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Adopt(args) => adopt::run(args),
         Command::Export(args) => export::run(args),
         Command::Status(args) => status::run(args),
+        Command::Trust(args) => trust::run(args),
         Command::Completions(args) => completions::run(args),
     }
 }

@@ -22,12 +22,11 @@ use clap::Args;
 
 use super::VolumeArgs;
 use crate::core::fs::KmsFs;
-use crate::core::volume::{OpenOptions, Volume};
+use crate::core::volume::Volume;
 use crate::error::{Error, Result};
 use crate::fuse::FuseFs;
 use crate::keys::cache::{CacheConfig, DEFAULT_ENTRIES};
 use crate::keys::keyring::DEFAULT_CONCURRENCY;
-use crate::keys::spec::KeySpec;
 
 #[derive(Debug, Args)]
 pub struct MountArgs {
@@ -199,19 +198,16 @@ fn serve(args: &MountArgs, ready: impl FnOnce()) -> Result<()> {
     unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
 
     check_mountpoint(args)?;
-    let pin = args
-        .volume
-        .keys
-        .iter()
-        .map(|k| KeySpec::parse(k).map_err(Error::Usage))
-        .collect::<Result<_>>()?;
     let mut key_options = super::key_options()?;
     key_options.cache = CacheConfig {
         max_entries: args.key_cache_entries,
         ttl: args.key_cache_ttl,
     };
     key_options.concurrency = args.kms_concurrency.max(1);
-    let volume = Volume::open(&args.volume.backing, &OpenOptions { pin, key_options })?;
+    let volume = Volume::open(
+        &args.volume.backing,
+        &args.volume.open_options(key_options)?,
+    )?;
     let backing = args
         .volume
         .backing

@@ -13,6 +13,7 @@ pub mod fsck;
 pub mod instance;
 pub mod journal;
 pub mod rewrap;
+pub mod trust;
 pub mod volume;
 
 pub use file::EncryptedFile;

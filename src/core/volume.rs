@@ -33,6 +33,8 @@ use crate::keys::spec::KeySpec;
 use crate::keys::{KeyProvider, UnavailableKey};
 use crate::secret::DataKey;
 
+use super::trust::{describe_change, Record, RecordedKey, TrustStore};
+
 /// Directory at the backing root holding kmsfs's own files; hidden from the mount.
 pub use crate::backing::META_DIR;
 pub const CONFIG_NAME: &str = "config";
@@ -70,6 +72,9 @@ pub struct InitOptions {
     pub context: BTreeMap<String, String>,
     pub block_size: u32,
     pub key_options: KeyOptions,
+    /// The state directory to record the new volume's trusted keys in (see [`super::trust`]);
+    /// None: record nothing.
+    pub record: Option<PathBuf>,
 }
 
 impl Default for InitOptions {
@@ -79,16 +84,36 @@ impl Default for InitOptions {
             context: BTreeMap::new(),
             block_size: DEFAULT_BLOCK_SIZE,
             key_options: KeyOptions::default(),
+            record: None,
         }
     }
 }
 
+/// Whether an open consults this host's record of the volume's trusted keys
+/// ([`super::trust`]). Pinned keys (`--key`) take its place: with a pin the record is neither
+/// consulted nor created (but one that exists is kept up to date by `rewrap`).
+#[derive(Default, Clone, Debug)]
+pub enum HostRecord {
+    /// Neither consult nor write a record (library use, tests).
+    #[default]
+    Off,
+    /// Reach only the recorded keys before the MAC is checked and refuse a config whose
+    /// trusted keys differ from the record; with no record yet, record them (trust on first
+    /// use). The state directory.
+    Check(PathBuf),
+    /// `kmsfs trust`: authenticate the config through the recorded (or pinned) keys, then
+    /// record the keys it trusts now.
+    Approve(PathBuf),
+}
+
 #[derive(Default, Clone)]
 pub struct OpenOptions {
-    /// Keys the operator expects (`--key`): the volume must trust each; a local one also says
-    /// where its key file is now.
+    /// Keys the operator expects (`--key`): the volume key must be unwrapped through one of
+    /// them, the key new data keys are generated under must be one of them, and the volume
+    /// must trust each; a local one also says where its key file is now.
     pub pin: Vec<KeySpec>,
     pub key_options: KeyOptions,
+    pub record: HostRecord,
 }
 
 /// What `init` did, for the command to report.
@@ -110,6 +135,10 @@ pub struct Volume {
     /// For rewriting the config when the trusted keys change.
     config_mac_key: crate::secret::DerivedKey,
     key_options: KeyOptions,
+    /// The host's trust record this volume keeps up to date when its keys change (rewrap).
+    record: Option<TrustStore>,
+    /// What opening it did to the host's record, for `kmsfs trust` to report.
+    record_note: Option<String>,
 }
 
 impl std::fmt::Debug for Volume {
@@ -237,6 +266,11 @@ impl<'a> Providers<'a> {
                 provider: self.wrap(provider),
             })
             .collect();
+        self.keyring_of(trusted)
+    }
+
+    /// A keyring of providers already wrapped.
+    fn keyring_of(&self, trusted: Vec<TrustedProvider>) -> Result<Keyring> {
         let o = self.options;
         let keyring = Keyring::new(trusted, o.cache, o.retry, o.concurrency)
             .map_err(|e| Error::io("cannot allocate the key cache", e))?;
@@ -390,6 +424,10 @@ impl Volume {
                 .encode(&kdf::config_mac_key(&volume_key, &volume_id))
                 .map_err(|e| Error::format(root.display(), e))?;
             write_config(&backing, &bytes)?;
+            let record = options.record.as_deref().map(TrustStore::new);
+            if let Some(store) = &record {
+                store.put(&record_of(&config, &root_abs, &[]))?;
+            }
             let mut volume = Volume {
                 root: root.to_path_buf(),
                 backing: backing.clone(),
@@ -398,6 +436,8 @@ impl Volume {
                 key_options: options.key_options.clone(),
                 config,
                 keyring,
+                record,
+                record_note: None,
             };
             crate::core::file::write_root_record(&volume)?;
             volume.follow_key_changes();
@@ -445,6 +485,8 @@ impl Volume {
         check_config_permissions(&meta_dir)?;
         let unverified = UnverifiedConfig::parse(&bytes).map_err(|e| Error::format(&shown, e))?;
         let claimed = unverified.claimed();
+        let root_abs =
+            resolve(root).map_err(|e| Error::io("cannot resolve the backing directory", e))?;
         let mut providers = Providers::new(&options.key_options);
         let not_trusted = |what: &str, id: &str| {
             Error::KeyPin(format!(
@@ -453,53 +495,145 @@ impl Volume {
                 trusted_list(claimed)
             ))
         };
+        let (store, approve) = match &options.record {
+            HostRecord::Off => (None, false),
+            HostRecord::Check(dir) => (Some(TrustStore::new(dir)), false),
+            HostRecord::Approve(dir) => (Some(TrustStore::new(dir)), true),
+        };
+        let pinned = !options.pin.is_empty();
 
-        // Pinned keys: the volume must trust each; local pins also locate key files.
-        let mut pinned_local: Vec<LocalKey> = Vec::new();
-        for pin in &options.pin {
-            match pin {
-                KeySpec::Local(path) => {
-                    let key = LocalKey::load(path).map_err(Error::KeyFile)?;
-                    if !claimed.is_trusted(key.id()) {
-                        return Err(not_trusted(&format!("in {}", path.display()), key.id()));
+        // The keys that may be reached before the MAC is checked: the pinned ones; else the
+        // ones this host recorded; else (no record yet: trust on first use, or no record kept)
+        // the ones the config names. Each with the key file it was read from, if local.
+        let mut gate: Vec<(String, Arc<dyn KeyProvider>, Option<PathBuf>)> = Vec::new();
+        let mut unreachable: Vec<String> = Vec::new();
+        let mut unavailable = |reason: String| -> Arc<dyn KeyProvider> {
+            unreachable.push(reason.clone());
+            Arc::new(UnavailableKey { reason })
+        };
+        let mut recorded: Option<Record> = None;
+        if pinned {
+            for pin in &options.pin {
+                match pin {
+                    KeySpec::Local(path) => {
+                        let key = load_local(path, &root_abs).map_err(|e| match e {
+                            LocalLoad::Inside(m) => Error::Usage(m),
+                            LocalLoad::Failed(m) => Error::KeyFile(m),
+                        })?;
+                        if !claimed.is_trusted(key.id()) {
+                            return Err(not_trusted(&format!("in {}", path.display()), key.id()));
+                        }
+                        let path = key.path().to_path_buf();
+                        gate.push((
+                            key.id().to_string(),
+                            Arc::new(LocalProvider::new([key])),
+                            Some(path),
+                        ));
                     }
-                    pinned_local.push(key);
-                }
-                KeySpec::Kms(name) => {
-                    let named = claimed
-                        .trusted_keys
-                        .iter()
-                        .any(|t| &t.id == name || &t.locator == name);
-                    if !named {
+                    KeySpec::Kms(name) => {
+                        // The key's ARN as KMS resolves it: never a locator the config
+                        // (anyone who can write the store) wrote.
                         let arn = providers.describe(name)?;
                         if !claimed.is_trusted(&arn) {
                             return Err(not_trusted(name, &arn));
                         }
+                        gate.push((arn, providers.aws()?, None));
                     }
                 }
             }
-        }
-        let mut keys: Vec<(String, Arc<dyn KeyProvider>)> = Vec::new();
-        let mut unreachable = Vec::new();
-        for t in &claimed.trusted_keys {
-            let provider = match reach_key(t, &mut providers, &mut pinned_local)? {
-                Ok(p) => p,
-                Err(reason) => {
-                    unreachable.push(reason.clone());
-                    Arc::new(UnavailableKey { reason })
+        } else if let Some(store) = &store {
+            recorded = store.get(&claimed.volume_id)?;
+            if recorded.is_none() {
+                if let Some(other) = store.other_at(&root_abs, &claimed.volume_id)? {
+                    if !approve {
+                        return Err(Error::KeyPin(format!(
+                            "{}: it holds volume {}, not the volume {} this host recorded there; if you replaced the volume, approve it with 'kmsfs trust {}'",
+                            root.display(),
+                            hex(&claimed.volume_id),
+                            hex(&other.volume_id),
+                            root.display()
+                        )));
+                    }
+                    recorded = Some(other);
                 }
-            };
-            keys.push((t.id.clone(), provider));
+            }
+            if let Some(rec) = &recorded {
+                let now: Vec<&str> = claimed.trusted_keys.iter().map(|t| t.id.as_str()).collect();
+                let change = describe_change(&rec.key_ids(), &now);
+                if !approve && !change.is_empty() {
+                    return Err(Error::KeyPin(format!(
+                        "{}: its trusted keys changed since this host recorded them ({change}); if you made this change, approve it with 'kmsfs trust {}'",
+                        root.display(),
+                        root.display()
+                    )));
+                }
+                for k in &rec.keys {
+                    let provider: Arc<dyn KeyProvider> = match &k.path {
+                        Some(path) => match load_local(path, &root_abs) {
+                            Ok(key) if key.id() == k.id => Arc::new(LocalProvider::new([key])),
+                            Ok(key) => unavailable(format!(
+                                "key file {} holds {}, not {}",
+                                path.display(),
+                                key.id(),
+                                k.id
+                            )),
+                            Err(LocalLoad::Inside(reason) | LocalLoad::Failed(reason)) => {
+                                unavailable(reason)
+                            }
+                        },
+                        None => providers.aws()?,
+                    };
+                    gate.push((k.id.clone(), provider, k.path.clone()));
+                }
+            }
         }
-        if unreachable.len() == claimed.trusted_keys.len() {
+        if gate.is_empty() {
+            for t in &claimed.trusted_keys {
+                let provider = match reach_key(t, &mut providers, &root_abs)? {
+                    Ok(p) => p,
+                    Err(reason) => unavailable(reason),
+                };
+                gate.push((t.id.clone(), provider, locator_path(&t.locator)));
+            }
+        }
+        if unreachable.len() == gate.len() {
             return Err(Error::KeyFile(format!(
                 "{} (pass --key local:PATH if it moved)",
                 unreachable[0]
             )));
         }
-        let keyring = providers.keyring(keys)?;
+        let gate_ids: Vec<String> = gate.iter().map(|(id, _, _)| id.clone()).collect();
+        let candidates: Vec<_> = claimed
+            .volume_keys
+            .iter()
+            .filter(|w| gate_ids.contains(&w.key_id))
+            .collect();
+        if candidates.is_empty() && pinned {
+            // A pin the config merely lists: the volume key is not wrapped under it.
+            return Err(Error::KeyPin(format!(
+                "{} is not protected by the key {} ({}): its volume key is not wrapped under it; it trusts {}",
+                root.display(),
+                options.pin[0].locator(),
+                gate_ids.join(", "),
+                trusted_list(claimed)
+            )));
+        }
+        if candidates.is_empty() && recorded.is_some() {
+            return Err(Error::KeyPin(format!(
+                "{}: none of the keys this host recorded for it opens its config; approve it with 'kmsfs trust {} --key KEY' naming a key it is wrapped under",
+                root.display(),
+                root.display()
+            )));
+        }
+        let reachable: Vec<TrustedProvider> = gate
+            .iter()
+            .map(|(id, p, _)| TrustedProvider {
+                key_id: id.clone(),
+                provider: providers.wrap(p.clone()),
+            })
+            .collect();
+        let keyring = providers.keyring_of(reachable.clone())?;
         let ctx = EncryptionContext::for_volume_config(&claimed.volume_id, &claimed.context);
-        let candidates: Vec<_> = claimed.volume_keys.iter().collect();
         let volume_key = keyring.unwrap(&candidates, &ctx).map_err(|e| {
             if e.kind.is_integrity() {
                 Error::format(&shown, crate::format::FormatError::ConfigAuthFailed)
@@ -511,6 +645,86 @@ impl Volume {
         let config = unverified
             .verify(&kdf::config_mac_key(&volume_key, &volume_id))
             .map_err(|e| Error::format(&shown, e))?;
+
+        // Authenticated. Under a pin, new data keys must be generated under a pinned key.
+        let first = &config.trusted_keys[0].id;
+        if pinned && !gate_ids.contains(first) {
+            return Err(Error::KeyPin(format!(
+                "{}: new files would get their keys from {first}, which is not pinned; pin it too (--key), or make a pinned key the first with 'kmsfs rewrap --to-key'",
+                root.display()
+            )));
+        }
+        // The other trusted keys, now that the config naming them is authentic.
+        let mut keys = Vec::new();
+        for t in &config.trusted_keys {
+            let provider = match reachable.iter().find(|k| k.key_id == t.id) {
+                Some(k) => k.provider.clone(),
+                None => match reach_key(t, &mut providers, &root_abs)? {
+                    Ok(p) => providers.wrap(p),
+                    Err(reason) => providers.wrap(Arc::new(UnavailableKey { reason })),
+                },
+            };
+            keys.push(TrustedProvider {
+                key_id: t.id.clone(),
+                provider,
+            });
+        }
+        keyring.set_keys(keys);
+
+        // This host's record.
+        let mut record_note = None;
+        let mut record = None;
+        if let Some(store) = store {
+            let known: Vec<(String, PathBuf)> = gate
+                .iter()
+                .filter_map(|(id, _, p)| p.clone().map(|p| (id.clone(), p)))
+                .collect();
+            let now = record_of(&config, &root_abs, &known);
+            if approve {
+                // Under a pin the record was not consulted: what it held, for the report.
+                let previous = match recorded.clone() {
+                    Some(r) => Some(r),
+                    None => match store.get(&volume_id)? {
+                        Some(r) => Some(r),
+                        None => store.other_at(&root_abs, &volume_id)?,
+                    },
+                };
+                let before = previous.as_ref().map(|r| r.key_ids()).unwrap_or_default();
+                let change = describe_change(&before, &now.key_ids());
+                record_note = Some(match (&previous, change.is_empty()) {
+                    (None, _) => format!("recorded its trusted keys: {}", now.key_ids().join(", ")),
+                    (Some(r), _) if r.volume_id != volume_id => format!(
+                        "recorded volume {} in place of volume {}: trusted keys {}",
+                        hex(&volume_id),
+                        hex(&r.volume_id),
+                        now.key_ids().join(", ")
+                    ),
+                    (Some(_), true) => "its trusted keys are as recorded; nothing changed".into(),
+                    (Some(_), false) => format!("approved: {change}"),
+                });
+                store.put(&now)?;
+                record = Some(store);
+            } else if !pinned {
+                match &recorded {
+                    None => {
+                        store.put(&now)?;
+                        tracing::warn!(
+                            "{}: trusting its keys on first use on this host ({}); later changes need 'kmsfs trust'",
+                            root.display(),
+                            now.key_ids().join(", ")
+                        );
+                    }
+                    // Moved: the record follows it, so another volume put at the old path
+                    // is not trusted on first use there.
+                    Some(r) if r.backing != root_abs => store.put(&now)?,
+                    Some(_) => {}
+                }
+                record = Some(store);
+            } else if store.get(&volume_id)?.is_some() {
+                record = Some(store);
+            }
+        }
+
         let mut volume = Volume {
             root: root.to_path_buf(),
             backing,
@@ -519,6 +733,8 @@ impl Volume {
             key_options: options.key_options.clone(),
             config,
             keyring,
+            record,
+            record_note,
         };
         volume.follow_key_changes();
         Ok(volume)
@@ -533,6 +749,7 @@ impl Volume {
         let backing = self.backing.clone();
         let mac_key = crate::secret::DerivedKey::new(*self.config_mac_key.expose());
         let options = self.key_options.clone();
+        let root_abs = resolve(&root).unwrap_or_else(|_| root.clone());
         // The last check: when, and what the config looked like. Every create asks, so the
         // config is looked at no more than once a second unless a key is missing.
         let seen = std::sync::Mutex::new((Instant::now(), config_stamp(&backing)));
@@ -569,7 +786,7 @@ impl Volume {
                         keys.push(had.clone());
                         continue;
                     }
-                    match reach_key(t, &mut providers, &mut Vec::new()) {
+                    match reach_key(t, &mut providers, &root_abs) {
                         Ok(Ok(p)) => keys.push(TrustedProvider {
                             key_id: t.id.clone(),
                             provider: providers.wrap(p),
@@ -704,7 +921,27 @@ impl Volume {
             .map_err(|e| Error::format(self.root.display(), e))?;
         write_config(&self.backing, &bytes)?;
         self.config = config;
+        if let Some(store) = &self.record {
+            // The change is the operator's own: this host's record follows it.
+            let root_abs = resolve(&self.root)
+                .map_err(|e| Error::io("cannot resolve the backing directory", e))?;
+            let known: Vec<(String, PathBuf)> = store
+                .get(&self.config.volume_id)?
+                .map(|r| {
+                    r.keys
+                        .into_iter()
+                        .filter_map(|k| k.path.map(|p| (k.id, p)))
+                        .collect()
+                })
+                .unwrap_or_default();
+            store.put(&record_of(&self.config, &root_abs, &known))?;
+        }
         Ok(())
+    }
+
+    /// What opening the volume did to this host's trust record (`kmsfs trust` prints it).
+    pub fn record_note(&self) -> Option<&str> {
+        self.record_note.as_deref()
     }
 
     pub fn root(&self) -> &Path {
@@ -868,35 +1105,82 @@ pub fn is_reserved_name(name: &[u8], in_root: bool) -> bool {
         || name == object::DIR_RECORD.as_bytes()
 }
 
-/// How a trusted key is reached: its provider, or why it cannot be (a missing key file is
-/// not fatal while another key works). Local keys the operator pinned are taken first.
+/// How a trusted key is reached, from its locator in an authenticated config (or, for trust
+/// on first use, the config as found): its provider, or why it cannot be (a missing key file
+/// is not fatal while another key works). A KMS key is reached by its id (ARN).
 fn reach_key(
     t: &TrustedKey,
     providers: &mut Providers,
-    pinned_local: &mut Vec<LocalKey>,
+    root_abs: &Path,
 ) -> Result<std::result::Result<Arc<dyn KeyProvider>, String>> {
     Ok(match KeySpec::parse(&t.locator) {
         Ok(KeySpec::Kms(_)) => Ok(providers.aws()?),
-        Ok(KeySpec::Local(path)) => {
-            let key = match pinned_local.iter().position(|k| k.id() == t.id) {
-                Some(i) => Ok(pinned_local.remove(i)),
-                None => LocalKey::load(&path).and_then(|k| {
-                    if k.id() == t.id {
-                        Ok(k)
-                    } else {
-                        Err(format!(
-                            "key file {} holds {}, not {}",
-                            path.display(),
-                            k.id(),
-                            t.id
-                        ))
-                    }
-                }),
-            };
-            key.map(|k| Arc::new(LocalProvider::new([k])) as Arc<dyn KeyProvider>)
-        }
+        Ok(KeySpec::Local(path)) => match load_local(&path, root_abs) {
+            Ok(k) if k.id() == t.id => {
+                Ok(Arc::new(LocalProvider::new([k])) as Arc<dyn KeyProvider>)
+            }
+            Ok(k) => Err(format!(
+                "key file {} holds {}, not {}",
+                path.display(),
+                k.id(),
+                t.id
+            )),
+            Err(LocalLoad::Inside(e) | LocalLoad::Failed(e)) => Err(e),
+        },
         Err(reason) => Err(reason),
     })
+}
+
+/// Why a local key file was not loaded.
+enum LocalLoad {
+    /// It lies inside the backing directory (where whoever writes the store could put one).
+    Inside(String),
+    Failed(String),
+}
+
+/// Loads a local key file, refusing one inside the backing directory `root_abs` (both paths
+/// resolved).
+fn load_local(path: &Path, root_abs: &Path) -> std::result::Result<LocalKey, LocalLoad> {
+    let abs = resolve(path)
+        .map_err(|e| LocalLoad::Failed(format!("cannot resolve {}: {e}", path.display())))?;
+    if abs.starts_with(root_abs) {
+        return Err(LocalLoad::Inside(format!(
+            "key file {} is inside the backing directory {}; keep keys outside what you store or back up",
+            abs.display(),
+            root_abs.display()
+        )));
+    }
+    LocalKey::load(&abs).map_err(LocalLoad::Failed)
+}
+
+/// The key file a `local:` locator names.
+fn locator_path(locator: &str) -> Option<PathBuf> {
+    match KeySpec::parse(locator) {
+        Ok(KeySpec::Local(path)) => Some(path),
+        _ => None,
+    }
+}
+
+/// This host's record of `config`'s trusted keys at `root_abs`: local keys with the file they
+/// were read from (`known`), else the one their locator names.
+fn record_of(config: &VolumeConfig, root_abs: &Path, known: &[(String, PathBuf)]) -> Record {
+    Record {
+        volume_id: config.volume_id,
+        backing: root_abs.to_path_buf(),
+        keys: config
+            .trusted_keys
+            .iter()
+            .map(|t| RecordedKey {
+                id: t.id.clone(),
+                path: known
+                    .iter()
+                    .find(|(id, _)| id == &t.id)
+                    .map(|(_, p)| p.clone())
+                    .or_else(|| locator_path(&t.locator))
+                    .map(|p| resolve(&p).unwrap_or(p)),
+            })
+            .collect(),
+    }
 }
 
 /// The config names the keys the volume trusts. Its MAC stops edits, but not someone else

@@ -6,7 +6,8 @@
 //! 32 bytes are an HMAC-SHA256 over everything before them, under a key derived from the
 //! volume key, so an edit by anyone who cannot unwrap the volume key (e.g. adding their own
 //! key to the trusted set) is detected at load. Replacing the whole config with one made
-//! under an attacker's key cannot be detected this way; `--key` pins the expected key.
+//! under an attacker's key cannot be detected this way; `--key` pins the expected key, and
+//! without it the host's trust record ([`crate::core::trust`]) holds the volume to its keys.
 //! docs/FORMAT.md has the bytes.
 
 use std::collections::BTreeMap;

@@ -161,6 +161,13 @@ impl Keyring {
         self.keys().iter().map(|k| k.key_id.clone()).collect()
     }
 
+    /// Replaces the trusted keys, in preference order (once the config naming them is
+    /// authenticated: before that, a volume's keyring holds only the keys it may reach).
+    pub fn set_keys(&self, keys: Vec<TrustedProvider>) {
+        assert!(!keys.is_empty(), "a keyring needs at least one trusted key");
+        *self.keys.write().unwrap() = Arc::new(keys);
+    }
+
     /// Trusts one more key, first in preference order (new data keys are generated under it).
     pub fn add_first(&self, key: TrustedProvider) {
         let mut keys = self.keys.write().unwrap();

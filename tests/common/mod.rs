@@ -24,6 +24,12 @@ pub struct TestVolume {
     pub volume: Volume,
 }
 
+/// The state directory (`KMSFS_STATE_DIR`) every kmsfs process a test starts is given, so
+/// that trust records never go to the real `/var/lib/kmsfs` or `~/.local/state`.
+pub fn state_dir() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("kmsfs-state")
+}
+
 pub fn path(p: &str) -> CanonicalPath {
     CanonicalPath::from_user(Path::new(p)).unwrap()
 }
@@ -46,6 +52,8 @@ impl TestVolume {
             InitOptions {
                 keys: vec![KeySpec::Local(key_path.clone())],
                 block_size,
+                // Recorded where the kmsfs processes of the tests look, as `kmsfs init` does.
+                record: Some(state_dir()),
                 ..Default::default()
             },
         )

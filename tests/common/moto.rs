@@ -102,6 +102,19 @@ impl MotoServer {
         .unwrap();
     }
 
+    /// Points an existing alias at another key.
+    pub fn update_alias(&self, region: &str, alias: &str, key_arn: &str) {
+        let (rt, client) = self.client(region);
+        rt.block_on(
+            client
+                .update_alias()
+                .alias_name(alias)
+                .target_key_id(key_arn)
+                .send(),
+        )
+        .unwrap();
+    }
+
     pub fn disable_key(&self, region: &str, key_arn: &str) {
         let (rt, client) = self.client(region);
         // moto's DisableKey wants the bare key id, not the ARN.

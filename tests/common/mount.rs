@@ -35,7 +35,8 @@ pub fn fuse_available() -> bool {
 pub fn kmsfs() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_kmsfs"));
     c.env_remove("RUST_LOG")
-        .env("AWS_EC2_METADATA_DISABLED", "true");
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("KMSFS_STATE_DIR", super::state_dir());
     c
 }
 
