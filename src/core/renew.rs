@@ -312,6 +312,8 @@ fn finish_one(volume: &Volume, record: &Record) -> Result<bool> {
 }
 
 #[cfg(test)]
+// The tests make their volume's directory by path, in a temporary directory of their own.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
     use crate::core::volume::InitOptions;
@@ -455,5 +457,24 @@ mod tests {
         assert_eq!(finish_interrupted(&s.volume), 0);
         assert_eq!(read(&s.volume, "f").unwrap(), b"keep me");
         assert_eq!(dir.list().unwrap().len(), 1, "left in place");
+    }
+
+    /// An open instance refuses writes once its seal count would pass the limit; truncating
+    /// the file to zero gives it a new key and a new count.
+    #[test]
+    fn writes_past_the_seal_limit_are_refused_until_a_renewal() {
+        use crate::core::instance::OpenNode;
+        let s = setup();
+        write(&s.volume, "f", b"data");
+        let node = OpenNode::ready(EncryptedFile::open(&s.volume, &path("f"), true).unwrap());
+        node.write_at(Some(0), b"fine").unwrap();
+        node.set_seals(SEAL_LIMIT - 2);
+        let err = node.write_at(Some(0), b"one too many").unwrap_err();
+        assert!(err.to_string().contains("too many blocks sealed"), "{err}");
+        assert_eq!(read(&s.volume, "f").unwrap(), b"fine");
+        node.set_len(&s.volume, 0).unwrap();
+        assert!(node.seals() < 4);
+        node.write_at(Some(0), b"renewed").unwrap();
+        assert_eq!(read(&s.volume, "f").unwrap(), b"renewed");
     }
 }
