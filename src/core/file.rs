@@ -816,6 +816,15 @@ impl EncryptedFile {
         })
     }
 
+    /// Refuses (ENOSPC, EFBIG) growth to `new_size` the backing filesystem cannot hold, as a
+    /// growing write or `set_len` would: checked before the seal count (`super::instance`).
+    pub(crate) fn check_growth(&self, new_size: u64) -> Result<()> {
+        if new_size > self.size {
+            self.check_room_to_grow(new_size)?;
+        }
+        Ok(())
+    }
+
     /// The open file is now `renewal` (its bytes are on disk): empty, under the new key.
     pub(crate) fn adopt_renewal(&mut self, renewal: Renewal) {
         self.preamble = renewal.preamble;

@@ -121,6 +121,8 @@ impl OpenNode {
     /// block it touches, and the old final block it reseals), refusing it if the count would
     /// pass [`SEAL_LIMIT`].
     fn count_seals(&self, file: &EncryptedFile, from: u64, to: u64) -> Result<()> {
+        // A growth the backing store cannot hold fails as such (ENOSPC, EFBIG), not here.
+        file.check_growth(to)?;
         let bs = file.preamble().block_size as u64;
         let first = from.min(file.size()) / bs;
         let last = to.max(1).div_ceil(bs);
