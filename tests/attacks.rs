@@ -652,3 +652,130 @@ fn a_changed_key_set_is_refused_until_approved_and_rewrap_updates_the_record() {
     let vol = open_checked(&v, &[], &state).unwrap();
     assert_eq!(vol.config().trusted_keys.len(), 1);
 }
+
+// Issue 15, point 4: truncation to zero renews a file (new file id, data key, commitment).
+
+mod renewal {
+    use super::*;
+    use kmsfs::core::fs::{Caller, KmsFs, ROOT_INO};
+    use kmsfs::format::header::Preamble;
+    use kmsfs::keys::fault::Faults;
+    use kmsfs::keys::KmsOp;
+    use std::ffi::OsStr;
+
+    const CALLER: Caller = Caller {
+        uid: 0,
+        gid: 0,
+        umask: 0o022,
+    };
+
+    fn file_id(v: &TestVolume, p: &str) -> [u8; 16] {
+        Preamble::decode(&v.bytes(p)).unwrap().file_id
+    }
+
+    /// `raw` with its block `index` replaced by the same block of `from`.
+    fn splice(v: &TestVolume, p: &str, from: &[u8], index: usize) {
+        let (off, sb) = v.geometry(p);
+        let mut raw = v.bytes(p);
+        let at = off + index * sb;
+        raw[at..at + sb].copy_from_slice(&from[at..at + sb]);
+        v.put_bytes(p, &raw);
+    }
+
+    /// A file's blocks from before `O_TRUNC` (and `truncate(0)`) do not authenticate in what
+    /// is written after it, at the same index; the renewal costs one `GenerateDataKey`
+    /// (plus a `ReEncrypt` for a second name), keeps the inode number, and a handle opened
+    /// before the truncation reads what is written after it.
+    #[test]
+    fn blocks_from_before_a_truncation_to_zero_do_not_authenticate_after_it() {
+        let v = TestVolume::new(BS);
+        let (volume, provider) = v.open_faulty(3, Faults::default());
+        let core = KmsFs::new(volume, false).unwrap();
+        let old = pattern(3 * BS as usize, 1);
+        let (attr, fh) = core
+            .create(ROOT_INO, OsStr::new("f"), 0o644, libc::O_RDWR, CALLER)
+            .unwrap();
+        core.write(fh, 0, &old).unwrap();
+        core.release(fh);
+        core.link(attr.ino, ROOT_INO, OsStr::new("g")).unwrap();
+        let before = v.bytes("f");
+        let id_before = file_id(&v, "f");
+        let reader = core.open(attr.ino, libc::O_RDONLY).unwrap();
+        let (gdk, rewrap) = (
+            provider.calls(KmsOp::GenerateDataKey),
+            provider.calls(KmsOp::ReEncrypt),
+        );
+        let fh = core.open(attr.ino, libc::O_RDWR | libc::O_TRUNC).unwrap();
+        assert_eq!(provider.calls(KmsOp::GenerateDataKey), gdk + 1);
+        assert_eq!(provider.calls(KmsOp::ReEncrypt), rewrap + 1, "one for /g");
+        let new = pattern(3 * BS as usize, 2);
+        core.write(fh, 0, &new).unwrap();
+        core.release(fh);
+        assert_ne!(file_id(&v, "f"), id_before);
+        assert_eq!(
+            core.lookup(ROOT_INO, OsStr::new("f")).unwrap().ino,
+            attr.ino
+        );
+        // The handle opened before the truncation sees the new content.
+        assert_eq!(core.read(reader, 0, 3 * BS).unwrap(), new);
+        core.release(reader);
+        // Both names open under the new key.
+        assert_eq!(v.read("f").unwrap(), new);
+        assert_eq!(v.read("g").unwrap(), new);
+        // An old block spliced in at its own index fails.
+        splice(&v, "f", &before, 1);
+        assert_block_failure(v.read("f"), 1);
+
+        // truncate(2) with no open handle (setattr of the size): the same.
+        let fresh = pattern(3 * BS as usize, 3);
+        let fh = core.open(attr.ino, libc::O_RDWR).unwrap();
+        core.write(fh, 0, &fresh).unwrap();
+        core.release(fh);
+        let before = v.bytes("f");
+        let id_before = file_id(&v, "f");
+        let gdk = provider.calls(KmsOp::GenerateDataKey);
+        core.setattr(
+            attr.ino,
+            None,
+            None,
+            None,
+            Some(0),
+            None,
+            None,
+            false,
+            false,
+            None,
+            false,
+        )
+        .unwrap();
+        assert_eq!(provider.calls(KmsOp::GenerateDataKey), gdk + 1);
+        assert_ne!(file_id(&v, "f"), id_before);
+        assert_eq!(v.read("f").unwrap(), b"");
+        let fh = core.open(attr.ino, libc::O_RDWR).unwrap();
+        core.write(fh, 0, &new).unwrap();
+        core.release(fh);
+        splice(&v, "f", &before, 2);
+        assert_block_failure(v.read("f"), 2);
+    }
+
+    /// Positive control and the residual risk (docs/SECURITY.md, "Rolling back blocks"): a
+    /// file rewritten in place keeps its key, so a block of an earlier state spliced in at its
+    /// own index authenticates, and the file reads as a state that was never written.
+    #[test]
+    fn a_block_of_an_earlier_state_of_a_file_rewritten_in_place_authenticates() {
+        let v = TestVolume::new(BS);
+        let old = pattern(3 * BS as usize, 1);
+        v.write("f", &old);
+        let before = v.bytes("f");
+        let new = pattern(3 * BS as usize, 2);
+        let mut f = EncryptedFile::open(&v.volume, &path("f"), true).unwrap();
+        f.write_at(0, &new).unwrap();
+        drop(f);
+        splice(&v, "f", &before, 1);
+        let mixed = v.read("f").unwrap();
+        let bs = BS as usize;
+        assert_eq!(mixed[..bs], new[..bs]);
+        assert_eq!(mixed[bs..2 * bs], old[bs..2 * bs]);
+        assert_eq!(mixed[2 * bs..], new[2 * bs..]);
+    }
+}

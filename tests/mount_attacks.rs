@@ -119,6 +119,71 @@ fn truncation_and_spliced_headers_and_foreign_files_give_eio() {
     assert_eq!(fs::read(m.p("donor")).unwrap(), pattern(2 * 4096 + 5, 3));
 }
 
+/// Issue 15, point 4, on a live mount: `O_TRUNC` gives a file a new file id and key (same
+/// inode number, a handle opened before reads the new content), so a block saved before it
+/// and spliced into the rewritten file at its own index gives EIO. Positive control (and the
+/// residual risk of point 5): the same splice into a file rewritten in place, without
+/// truncation, reads without error as a mix of two states.
+#[test]
+fn o_trunc_renews_the_file_and_blocks_from_before_it_give_eio() {
+    if !fuse_available() {
+        return;
+    }
+    use std::io::{Read, Seek, Write};
+    let m = Mount::new(4096, &[]);
+    let sealed = 4096 + 28;
+    let (old, new) = (pattern(3 * 4096, 1), pattern(3 * 4096, 2));
+    for name in ["t", "control"] {
+        fs::write(m.p(name), &old).unwrap();
+    }
+    let saved_t = fs::read(m.b("t")).unwrap();
+    let saved_control = fs::read(m.b("control")).unwrap();
+    let header = saved_t.len() - 3 * sealed;
+    let ino = fs::metadata(m.p("t")).unwrap().ino();
+    let mut held = fs::File::open(m.p("t")).unwrap();
+    // O_TRUNC, then a rewrite of the whole file.
+    fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(m.p("t"))
+        .unwrap()
+        .write_all(&new)
+        .unwrap();
+    assert_eq!(fs::metadata(m.p("t")).unwrap().ino(), ino);
+    let raw = fs::read(m.b("t")).unwrap();
+    assert_ne!(raw[16..32], saved_t[16..32], "the file id changed");
+    let mut seen = Vec::new();
+    held.rewind().unwrap();
+    held.read_to_end(&mut seen).unwrap();
+    assert_eq!(
+        seen, new,
+        "a handle opened before O_TRUNC reads the new content"
+    );
+    drop(held);
+    // Rewritten in place, without truncation: same file id.
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .open(m.p("control"))
+        .unwrap();
+    f.write_all(&new).unwrap();
+    drop(f);
+    let control = fs::read(m.b("control")).unwrap();
+    assert_eq!(control[16..32], saved_control[16..32]);
+    // Splice the old block 1 into each.
+    let at = header + sealed;
+    let splice = |name: &str, raw: &[u8], saved: &[u8]| {
+        let mut spliced = raw.to_vec();
+        spliced[at..at + sealed].copy_from_slice(&saved[at..at + sealed]);
+        fs::write(m.b(name), spliced).unwrap();
+    };
+    splice("t", &raw, &saved_t);
+    splice("control", &control, &saved_control);
+    eio(m.p("t"));
+    let mixed = fs::read(m.p("control")).unwrap();
+    assert_eq!(mixed[4096..8192], old[4096..8192]);
+    assert_eq!(mixed[..4096], new[..4096]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Issue #14: the daemon never acts outside the store.
 //

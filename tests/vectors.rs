@@ -212,8 +212,8 @@ fn local_wrapped_keys_have_the_documented_layout() {
         panic!()
     };
     let key = &content.envelopes[0].key;
-    assert_eq!(key.blob.len(), 77);
-    assert_eq!(key.blob[0], 1);
+    assert_eq!(key.blob.len(), 97);
+    assert_eq!(key.blob[0], 2);
     assert_eq!(key.key_id, format!("local:{}", hex(&key.blob[1..17])));
     assert_eq!(vol.config().trusted_keys[0].id, key.key_id);
 }

@@ -554,7 +554,7 @@ impl EncryptedFile {
     fn update_slot(
         &mut self,
         both_slots: bool,
-        change: impl FnOnce(&[&SlotContent]) -> Result<Option<(Attrs, Vec<Envelope>)>>,
+        change: impl FnOnce(&[&SlotContent]) -> Result<Option<NewSlot>>,
     ) -> Result<bool> {
         let mac_key = &self.mac_key;
         let updated = update_slot(
@@ -763,10 +763,13 @@ pub fn open_backing(volume: &Volume, path: &CanonicalPath, writable: bool) -> Re
         .map_err(|e| Error::io(format!("cannot open {path}"), e))
 }
 
+/// What a slot change writes: the attributes and the envelopes (the generation is the next).
+pub type NewSlot = (Attrs, Vec<Envelope>);
+
 /// A slot change that sees the envelope sets (newest first) and keeps the attributes.
 pub fn envelope_change(
     change: impl FnOnce(&[&[Envelope]]) -> Result<Option<Vec<Envelope>>>,
-) -> impl FnOnce(&[&SlotContent]) -> Result<Option<(Attrs, Vec<Envelope>)>> {
+) -> impl FnOnce(&[&SlotContent]) -> Result<Option<NewSlot>> {
     |slots: &[&SlotContent]| {
         let sets: Vec<&[Envelope]> = slots.iter().map(|c| &c.envelopes[..]).collect();
         Ok(change(&sets)?.map(|envelopes| (slots[0].attrs, envelopes)))
@@ -776,7 +779,7 @@ pub fn envelope_change(
 /// A slot change that sees the attributes in force and keeps the envelopes.
 pub fn attrs_change(
     change: impl FnOnce(Attrs) -> Option<Attrs>,
-) -> impl FnOnce(&[&SlotContent]) -> Result<Option<(Attrs, Vec<Envelope>)>> {
+) -> impl FnOnce(&[&SlotContent]) -> Result<Option<NewSlot>> {
     |slots: &[&SlotContent]| {
         let current = slots[0];
         Ok(change(current.attrs)
@@ -818,7 +821,7 @@ pub fn update_slot(
     path: &CanonicalPath,
     mac_key: impl FnOnce(&[u8; 16]) -> DerivedKey,
     both_slots: bool,
-    change: impl FnOnce(&[&SlotContent]) -> Result<Option<(Attrs, Vec<Envelope>)>>,
+    change: impl FnOnce(&[&SlotContent]) -> Result<Option<NewSlot>>,
 ) -> Result<Option<(usize, SlotContent)>> {
     let _lock = backing
         .lock_header(file)
@@ -1002,5 +1005,103 @@ pub fn header_facts(
                 bound: bound.join(", "),
             })
         }
+    }
+}
+
+/// A file's next identity, made by [`EncryptedFile::renewal`]: the bytes of a new empty file
+/// (preamble, slot 0, an empty slot 1, a sealed empty final block) under a new file id and
+/// data key, and the state the open file takes once they are on disk (see `super::renew`).
+pub(crate) struct Renewal {
+    pub(crate) bytes: Vec<u8>,
+    preamble: Preamble,
+    layout: Layout,
+    cipher: BlockCipher,
+    mac_key: DerivedKey,
+    content: SlotContent,
+}
+
+impl Renewal {
+    pub(crate) fn file_id(&self) -> [u8; 16] {
+        self.preamble.file_id
+    }
+}
+
+/// Renewal: the same backing inode gets a new file id, data key and commitment.
+impl EncryptedFile {
+    /// A new identity for this file under `dek` (fresh from `GenerateDataKey`), with
+    /// `envelopes` (one per bound path and trusted key). The slot size never shrinks, so every
+    /// name the file has still fits; it grows if the new envelopes need it.
+    pub(crate) fn renewal(
+        &self,
+        volume: &Volume,
+        dek: &DataKey,
+        envelopes: Vec<Envelope>,
+    ) -> Result<Renewal> {
+        let mut file_id = [0u8; 16];
+        getrandom::getrandom(&mut file_id).expect("the OS random number generator failed");
+        let mut preamble = self.preamble.clone();
+        preamble.file_id = file_id;
+        preamble.commitment = kdf::commitment(dek, &file_id);
+        let own: Vec<Envelope> = envelopes
+            .iter()
+            .filter(|e| e.path == self.path)
+            .cloned()
+            .collect();
+        preamble.slot_size = self.preamble.slot_size.max(slot_size_for(&own));
+        let mac_key = volume.header_mac_key(&file_id);
+        // Whatever else the slot holds (besides envelopes and generation) stays as it is.
+        let mut content = self.content.clone();
+        content.generation = 1;
+        content.envelopes = envelopes;
+        let mut bytes = loop {
+            match encode_new_header(&preamble, &content, &mac_key) {
+                Ok(bytes) => break bytes,
+                Err(_) if preamble.slot_size < crate::format::header::MAX_SLOT_SIZE => {
+                    preamble.slot_size += 512;
+                }
+                Err(e) => return Err(Error::format(&self.path, e)),
+            }
+        };
+        let cipher = BlockCipher::new(&kdf::content_key(dek, &file_id), file_id);
+        let nonce = random_nonces(1);
+        cipher.seal(
+            0,
+            true,
+            nonce[..NONCE_LEN].try_into().expect("12"),
+            &[],
+            &mut bytes,
+        );
+        let layout = Layout {
+            data_offset: preamble.data_offset(),
+            block_size: preamble.block_size,
+        };
+        Ok(Renewal {
+            bytes,
+            preamble,
+            layout,
+            cipher,
+            mac_key,
+            content,
+        })
+    }
+
+    /// Refuses (ENOSPC, EFBIG) growth to `new_size` the backing filesystem cannot hold, as a
+    /// growing write or `set_len` would: checked before the seal count (`super::instance`).
+    pub(crate) fn check_growth(&self, new_size: u64) -> Result<()> {
+        if new_size > self.size {
+            self.check_room_to_grow(new_size)?;
+        }
+        Ok(())
+    }
+
+    /// The open file is now `renewal` (its bytes are on disk): empty, under the new key.
+    pub(crate) fn adopt_renewal(&mut self, renewal: Renewal) {
+        self.preamble = renewal.preamble;
+        self.layout = renewal.layout;
+        self.cipher = renewal.cipher;
+        self.mac_key = renewal.mac_key;
+        self.content = renewal.content;
+        self.active_slot = 0;
+        self.size = 0;
     }
 }

@@ -18,6 +18,13 @@
 //! that) is logged and counted (`kmsfs status`), and the file stays as an empty backing file
 //! that reads fail on and fsck reports, as would a crash before the key arrived: data never
 //! fsynced is what a crash may lose on any filesystem. docs/SEMANTICS.md says this to users.
+//!
+//! The instance also counts the blocks it seals under the file's content key (an upper bound
+//! per write) and refuses writes, with a line saying why and what to do, once that count would
+//! pass [`SEAL_LIMIT`] (2^30, far below the AES-GCM random-nonce bound of 2^32 per key).
+//! Truncating the file to zero gives it a new key (see [`super::renew`]) and starts the count
+//! again. The count lives as long as the instance: docs/FORMAT.md ("Limits") states what that
+//! bounds across opens.
 
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -31,6 +38,7 @@ use crate::format::header::Attrs;
 use crate::secret::DataKey;
 
 use super::file::EncryptedFile;
+use super::renew::{self, SEAL_LIMIT};
 use super::volume::Volume;
 
 /// Most bytes a pending file holds in memory before a write waits for its key.
@@ -64,6 +72,11 @@ pub struct OpenNode {
     /// Signalled (under `arrival`) when a pending instance becomes ready or failed.
     arrived: Condvar,
     arrival: Mutex<()>,
+    /// Blocks sealed under the file's current content key by this instance (an upper bound).
+    seals: AtomicU64,
+    /// The current key was made by this instance (a create, a renewal) and has sealed nothing
+    /// but the empty final block: truncating to zero again needs no new key.
+    fresh: AtomicBool,
 }
 
 fn failed(path: &CanonicalPath, reason: &str) -> Error {
@@ -103,7 +116,48 @@ impl OpenNode {
             state: RwLock::new(state),
             arrived: Condvar::new(),
             arrival: Mutex::new(()),
+            seals: AtomicU64::new(0),
+            fresh: AtomicBool::new(false),
         }
+    }
+
+    /// Counts the blocks a change of `file` covering plaintext `[from, to)` may seal (every
+    /// block it touches, and the old final block it reseals), refusing it if the count would
+    /// pass [`SEAL_LIMIT`].
+    fn count_seals(&self, file: &EncryptedFile, from: u64, to: u64) -> Result<()> {
+        // A growth the backing store cannot hold fails as such (ENOSPC, EFBIG), not here.
+        file.check_growth(to)?;
+        let bs = file.preamble().block_size as u64;
+        let first = from.min(file.size()) / bs;
+        let last = to.max(1).div_ceil(bs);
+        let blocks = last.saturating_sub(first) + 2;
+        let before = self.seals.fetch_add(blocks, Ordering::Relaxed);
+        self.fresh.store(false, Ordering::Relaxed);
+        if before + blocks > SEAL_LIMIT {
+            self.seals.fetch_sub(blocks, Ordering::Relaxed);
+            let path = file.path();
+            tracing::error!(
+                path = %path,
+                sealed = before,
+                "refusing to write: this open has sealed {before} blocks under the file's key,                  close to the limit of {SEAL_LIMIT} (the AES-GCM random-nonce bound is 2^32);                  copy the file to a new one, or truncate it to zero, to give it a new key"
+            );
+            return Err(os(
+                format!("{path}: too many blocks sealed under one key; copy the file to renew it"),
+                libc::EIO,
+            ));
+        }
+        Ok(())
+    }
+
+    /// Blocks sealed under the current key by this instance (an upper bound).
+    pub fn seals(&self) -> u64 {
+        self.seals.load(Ordering::Relaxed)
+    }
+
+    /// Sets the seal count (tests: to reach the limit without writing terabytes).
+    #[doc(hidden)]
+    pub fn set_seals(&self, seals: u64) {
+        self.seals.store(seals, Ordering::Relaxed);
     }
 
     /// Waits (at most [`WAIT_AT_MOST`]) until the instance is no longer pending.
@@ -274,16 +328,31 @@ impl OpenNode {
             },
             |f| {
                 let at = offset.unwrap_or(f.size());
+                self.count_seals(f, at, at + bytes.len() as u64)?;
                 f.write_at(at, bytes)?;
                 Ok(at)
             },
         )
     }
 
-    pub fn set_len(&self, size: u64) -> Result<()> {
+    /// Truncates or extends the file; truncating to zero renews it (new file id and data key,
+    /// see [`super::renew`]), unless its key is still fresh.
+    pub fn set_len(&self, volume: &Volume, size: u64) -> Result<()> {
         self.change(
             |data| (size <= PENDING_BYTES).then(|| data.resize(size as usize, 0)),
-            |f| f.set_len(size),
+            |f| {
+                if size > 0 {
+                    self.count_seals(f, size.min(f.size()), size)?;
+                    return f.set_len(size);
+                }
+                if self.fresh.load(Ordering::Relaxed) && f.size() == 0 {
+                    return Ok(());
+                }
+                renew::set_len(volume, f, 0)?;
+                self.seals.store(1, Ordering::Relaxed);
+                self.fresh.store(true, Ordering::Relaxed);
+                Ok(())
+            },
         )
     }
 
@@ -299,6 +368,7 @@ impl OpenNode {
             },
             |f| {
                 if size > f.size() {
+                    self.count_seals(f, f.size(), size)?;
                     f.set_len(size)
                 } else {
                     Ok(())
@@ -344,6 +414,10 @@ impl OpenNode {
         });
         let outcome = match result {
             Ok(ready) => {
+                let held = data.len() as u64;
+                let bs = ready.preamble().block_size as u64;
+                self.seals.store(held.div_ceil(bs) + 1, Ordering::Relaxed);
+                self.fresh.store(held == 0, Ordering::Relaxed);
                 *state = Instance::Ready(ready);
                 Ok(())
             }

@@ -7,8 +7,15 @@
 //! `local:<fingerprint>`, a keyed hash of the master key, so it names the key without
 //! revealing it and survives moving the key file.
 //!
-//! A wrapped key is `0x01 ‖ fingerprint (16) ‖ nonce (12) ‖ AES-GCM(DEK) (32) ‖ tag (16)`,
-//! 77 bytes; the fingerprint lets a key tell "not mine" apart from "context mismatch".
+//! A wrapped key is `0x02 ‖ fingerprint (16) ‖ salt (32) ‖ AES-GCM(DEK) (32) ‖ tag (16)`,
+//! 97 bytes; the fingerprint lets a key tell "not mine" apart from "context mismatch".
+//!
+//! Each wrap has a key of its own: HKDF-SHA256(IKM = master, salt = a random 32-byte value
+//! stored in the blob, info = `kmsfs/v2 local wrap key`), used for that one AES-256-GCM
+//! encryption with an all-zero nonce. One AES-GCM key with random 96-bit nonces would have to
+//! stay under 2^32 wraps (the random-nonce bound), and a volume wraps a key per file and per
+//! name; with a key per wrap, two wraps share a key only if two random 256-bit salts collide,
+//! so the master key has no wrap budget to run out of.
 
 // Key files are the operator's paths, never inside the store (init and rewrap refuse that).
 #![allow(clippy::disallowed_methods)]
@@ -32,15 +39,19 @@ use crate::format::context::EncryptionContext;
 use crate::format::envelope::WrappedKey;
 use crate::secret::DataKey;
 
-const BLOB_VERSION: u8 = 1;
-pub const WRAPPED_LEN: usize = 1 + 16 + 12 + 32 + 16;
+const BLOB_VERSION: u8 = 2;
+const SALT_LEN: usize = 32;
+pub const WRAPPED_LEN: usize = 1 + 16 + SALT_LEN + 32 + 16;
 const AAD_LABEL: &[u8] = b"kmsfs/v1 local wrap";
+const WRAP_KEY_LABEL: &[u8] = b"kmsfs/v2 local wrap key";
+/// Each derived key encrypts exactly once, so a fixed nonce is sound.
+const WRAP_NONCE: [u8; 12] = [0; 12];
 
 /// One master key loaded from its file.
 pub struct LocalKey {
     id: String,
     fingerprint: [u8; 16],
-    wrap: Aes256Gcm,
+    master: Zeroizing<[u8; 32]>,
     path: PathBuf,
 }
 
@@ -106,16 +117,21 @@ impl LocalKey {
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(master).expect("any key length");
         mac.update(b"kmsfs/v1 local key id");
         let fingerprint: [u8; 16] = mac.finalize().into_bytes()[..16].try_into().expect("16");
-        let mut wrap_key = Zeroizing::new([0u8; 32]);
-        Hkdf::<Sha256>::new(None, master)
-            .expand(b"kmsfs/v1 local wrap key", &mut wrap_key[..])
-            .expect("32 bytes is a valid HKDF length");
         LocalKey {
             id: format!("local:{}", hex(&fingerprint)),
             fingerprint,
-            wrap: Aes256Gcm::new((&*wrap_key).into()),
+            master: Zeroizing::new(*master),
             path: path.to_path_buf(),
         }
+    }
+
+    /// The AES-256-GCM key of the one wrap made with `salt`.
+    fn wrap_cipher(&self, salt: &[u8]) -> Aes256Gcm {
+        let mut wrap_key = Zeroizing::new([0u8; 32]);
+        Hkdf::<Sha256>::new(Some(salt), &self.master[..])
+            .expand(WRAP_KEY_LABEL, &mut wrap_key[..])
+            .expect("32 bytes is a valid HKDF length");
+        Aes256Gcm::new((&*wrap_key).into())
     }
 
     pub fn id(&self) -> &str {
@@ -139,8 +155,8 @@ impl LocalKey {
         key: &DataKey,
         ctx: &EncryptionContext,
     ) -> Result<WrappedKey, KeyError> {
-        let mut nonce = [0u8; 12];
-        getrandom::getrandom(&mut nonce).map_err(|e| {
+        let mut salt = [0u8; SALT_LEN];
+        getrandom::getrandom(&mut salt).map_err(|e| {
             KeyError::new(
                 KeyErrorKind::Unavailable,
                 op,
@@ -149,9 +165,9 @@ impl LocalKey {
             )
         })?;
         let ct = self
-            .wrap
+            .wrap_cipher(&salt)
             .encrypt(
-                Nonce::from_slice(&nonce),
+                Nonce::from_slice(&WRAP_NONCE),
                 Payload {
                     msg: key.expose(),
                     aad: &self.aad(ctx),
@@ -161,7 +177,7 @@ impl LocalKey {
         let mut blob = Vec::with_capacity(WRAPPED_LEN);
         blob.push(BLOB_VERSION);
         blob.extend_from_slice(&self.fingerprint);
-        blob.extend_from_slice(&nonce);
+        blob.extend_from_slice(&salt);
         blob.extend_from_slice(&ct);
         Ok(WrappedKey {
             key_id: self.id.clone(),
@@ -187,11 +203,11 @@ impl LocalKey {
             ));
         }
         let plain = Zeroizing::new(
-            self.wrap
+            self.wrap_cipher(&b[17..17 + SALT_LEN])
                 .decrypt(
-                    Nonce::from_slice(&b[17..29]),
+                    Nonce::from_slice(&WRAP_NONCE),
                     Payload {
-                        msg: &b[29..],
+                        msg: &b[17 + SALT_LEN..],
                         aad: &self.aad(ctx),
                     },
                 )
@@ -315,6 +331,30 @@ mod tests {
             p.decrypt(&w, &ctx("f", 2)).unwrap_err().kind,
             KeyErrorKind::ContextMismatch
         );
+    }
+
+    #[test]
+    fn every_wrap_has_its_own_key_and_the_old_layout_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, ids) = provider(dir.path(), &["a.key"]);
+        let (dek, w1) = p.generate_data_key(&ids[0], &ctx("f", 1)).unwrap();
+        let w2 = p.encrypt(&ids[0], &dek, &ctx("f", 1)).unwrap();
+        assert_eq!(w1.blob[0], BLOB_VERSION);
+        // Fresh salts: the same key under the same context wraps to unrelated blobs.
+        assert_ne!(w1.blob[17..49], w2.blob[17..49]);
+        assert_ne!(w1.blob[49..], w2.blob[49..]);
+        // A salt changed: another wrap key, the blob no longer opens.
+        let mut bad = w1.clone();
+        bad.blob[20] ^= 1;
+        assert_eq!(
+            p.decrypt(&bad, &ctx("f", 1)).unwrap_err().kind,
+            KeyErrorKind::ContextMismatch
+        );
+        // The version 1 layout (77 bytes, one wrap key with random nonces) is not read.
+        let mut v1 = w1.clone();
+        v1.blob[0] = 1;
+        v1.blob.truncate(77);
+        assert!(p.decrypt(&v1, &ctx("f", 1)).is_err());
     }
 
     #[test]

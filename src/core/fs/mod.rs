@@ -241,6 +241,7 @@ impl KmsFs {
             },
         };
         if !read_only {
+            super::renew::finish_interrupted(&core.volume);
             core.finish_interrupted_rebinds();
         }
         Ok(core)
@@ -511,9 +512,22 @@ impl KmsFs {
             })?;
         }
         if let Some(size) = size {
-            match fh.and_then(|fh| self.handles.lock().unwrap().get(&fh).cloned()) {
-                Some(h) => h.node.set_len(size)?,
-                None => self.with_file(ino, &path, |f| f.set_len(size))?,
+            // Through the open instance if there is one (it counts seals, and its handles
+            // must see a renewal), else on the file alone.
+            let node = fh
+                .and_then(|fh| {
+                    self.handles
+                        .lock()
+                        .unwrap()
+                        .get(&fh)
+                        .map(|h| h.node.clone())
+                })
+                .or_else(|| self.open_node(ino));
+            match node {
+                Some(node) => node.set_len(&self.volume, size)?,
+                None => {
+                    self.with_file(ino, &path, |f| super::renew::set_len(&self.volume, f, size))?
+                }
             }
         }
         if mode.is_some() || uid.is_some() || gid.is_some() {
@@ -1070,7 +1084,7 @@ impl KmsFs {
             }
         };
         if flags & libc::O_TRUNC != 0 {
-            node.set_len(0)?;
+            node.set_len(&self.volume, 0)?;
         }
         Ok(self.new_handle(ino, node, writable, flags & libc::O_APPEND != 0))
     }

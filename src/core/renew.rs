@@ -1,0 +1,480 @@
+//! Renewal: truncating a file to zero gives it a new file id, data key and commitment.
+//!
+//! Blocks are bound to their file by the file id and content key, not to a version of the
+//! file, so while a file keeps its key every block it ever had authenticates again at the
+//! same index (docs/SECURITY.md, "Rolling back blocks"). Truncation to zero (`O_TRUNC`,
+//! `truncate(0)`, which is also how a whole file is usually rewritten) ends that: the file
+//! gets a new identity and no block from before authenticates in it. It costs one
+//! `GenerateDataKey` under the file's path (plus one `Encrypt` per further trusted key, and one
+//! `ReEncrypt` per further name and key for a hard-linked file) and four syncs.
+//!
+//! The backing inode stays (inode numbers are the backing ones, and hard links share it), so
+//! the new header is written in place, which no single write can do: the preamble (file id,
+//! commitment) and the final block are far apart. So, under the file's header lock:
+//!
+//! 1. the new file's bytes `N` (preamble, slots, sealed empty final block) are written to a
+//!    renewal record `.kmsfs/renew/<ino>-…` (MACed under the volume's record key, written to a
+//!    temporary name, fsynced, renamed, directory fsynced);
+//! 2. `N` without its preamble is written at offset 64 and the file cut to `N`'s length, then
+//!    fdatasync (the old preamble is still in place: the file reads as damaged for a moment);
+//! 3. `N`'s preamble is written (64 bytes, one sector), then fdatasync;
+//! 4. the record is removed (not synced: a record that comes back is harmless, below).
+//!
+//! A crash before 1 completes leaves the file as it was. After it, the next writable mount
+//! finds the record: a file whose preamble is already `N`'s went past step 3, so is complete
+//! (and may have been written since): the record is dropped. Any other file is given `N` again
+//! (steps 2 and 3), so it reads as empty. So after a crash the file reads as its old content
+//! or as empty, never as damaged, once a writable mount has started; until then (offline
+//! commands, a read-only mount) a file cut short in steps 2-3 reads as damaged.
+//!
+//! Seal counting: each open instance counts the blocks it seals under its key
+//! ([`SEAL_LIMIT`]), see `super::instance`.
+
+use std::fs::File;
+use std::os::unix::fs::{FileExt, MetadataExt};
+
+use crate::backing::{Atime, MetaDir};
+use crate::error::{Error, Result};
+use crate::format::context::CanonicalPath;
+use crate::format::envelope::Envelope;
+use crate::format::header::PREAMBLE_LEN;
+use crate::format::kdf;
+
+use super::file::{read_header, EncryptedFile};
+use super::volume::{Volume, META_DIR};
+
+/// Most blocks an open instance seals under one content key before it refuses to write:
+/// far below the 2^32 that AES-GCM with random 96-bit nonces allows per key (NIST SP 800-38D).
+pub const SEAL_LIMIT: u64 = 1 << 30;
+
+const DIR_NAME: &str = "renew";
+const MAGIC: &[u8] = b"kmsfs-renew-1\0";
+const TAG_LEN: usize = 32;
+/// Most bytes a record may have: a path, two numbers and a header of two slots of at most
+/// 1 MiB each.
+const MAX_RECORD: u64 = 3 << 20;
+
+/// How far a renewal goes: all the way, or (tests) up to a simulated crash after a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Step {
+    /// The record is durable; the file is untouched.
+    Recorded,
+    /// The body of the new header and its final block are on disk, the old preamble too.
+    Body,
+    /// The new preamble is on disk; the record is still there.
+    Preamble,
+    /// Done, record removed.
+    Done,
+}
+
+/// `set_len` that renews the file when it is cut to zero.
+pub fn set_len(volume: &Volume, file: &mut EncryptedFile, size: u64) -> Result<()> {
+    if size == 0 {
+        renew(volume, file, Step::Done)
+    } else {
+        file.set_len(size)
+    }
+}
+
+fn io(what: String) -> impl FnOnce(std::io::Error) -> Error {
+    move |e| Error::io(what, e)
+}
+
+fn record_dir(volume: &Volume, create: bool) -> std::io::Result<MetaDir> {
+    volume
+        .backing()
+        .meta_dir(META_DIR, create)?
+        .subdir(DIR_NAME, create)
+}
+
+/// Renews `file` (open, writable) as an empty file with a new file id and data key, bound to
+/// every path its current envelopes name; stops after `until` (tests simulate a crash so).
+pub fn renew(volume: &Volume, file: &mut EncryptedFile, until: Step) -> Result<()> {
+    let path = file.path().clone();
+    let backing = file
+        .backing_file()
+        .try_clone()
+        .map_err(io(format!("cannot reopen {path}")))?;
+    let _lock = volume
+        .backing()
+        .lock_header(&backing)
+        .map_err(io(format!("cannot lock the header of {path}")))?;
+    // The envelopes on disk now (a rewrap beside the mount may have changed them).
+    let (header, _) = read_header(&backing, &path)?;
+    let authentic = header.authentic(&volume.header_mac_key(&header.preamble.file_id));
+    let current: Vec<Envelope> = match authentic.first() {
+        Some((_, c)) => c.envelopes.clone(),
+        None => file.envelopes().to_vec(),
+    };
+    let mut paths = vec![path.clone()];
+    for e in &current {
+        if !paths.contains(&e.path) {
+            paths.push(e.path.clone());
+        }
+    }
+    let ctx = volume.file_context(&path);
+    let (dek, wrapped) = volume
+        .keyring()
+        .generate(&ctx)
+        .map_err(|e| Error::key(&path, e))?;
+    let mut envelopes: Vec<Envelope> = wrapped
+        .iter()
+        .map(|key| Envelope {
+            path: path.clone(),
+            key: key.clone(),
+        })
+        .collect();
+    // Each further name gets the new key too (hard links): a ReEncrypt per name and key.
+    for other in &paths[1..] {
+        let to = volume.file_context(other);
+        for w in &wrapped {
+            let key = volume
+                .keyring()
+                .rewrap(w, &ctx, &w.key_id, &to)
+                .map_err(|e| Error::key(&path, e))?;
+            envelopes.push(Envelope {
+                path: other.clone(),
+                key,
+            });
+        }
+    }
+    let renewal = file.renewal(volume, &dek, envelopes)?;
+    drop(dek);
+    let meta = backing
+        .metadata()
+        .map_err(io(format!("cannot stat {path}")))?;
+    let dir = record_dir(volume, true).map_err(io(format!(
+        "cannot open the renewal records of the volume for {path}"
+    )))?;
+    let name = format!(
+        "{:016x}-{}",
+        meta.ino(),
+        crate::format::codec::hex(&renewal.file_id())
+    );
+    let record = encode(volume, &path, meta.dev(), meta.ino(), &renewal.bytes);
+    dir.write_atomic(&name, &record)
+        .map_err(io(format!("cannot write the renewal record of {path}")))?;
+    if until == Step::Recorded {
+        return Ok(());
+    }
+    apply(&backing, &renewal.bytes, until).map_err(io(format!("cannot renew {path}")))?;
+    if until < Step::Done {
+        return Ok(());
+    }
+    if let Err(e) = dir.unlink(&name) {
+        tracing::warn!("cannot remove the renewal record {name}: {e}");
+    }
+    file.adopt_renewal(renewal);
+    tracing::debug!(path = %path, "renewed: new file id and data key");
+    Ok(())
+}
+
+/// Steps 2 and 3: the new header's body and final block, the length, then the preamble.
+fn apply(file: &File, bytes: &[u8], until: Step) -> std::io::Result<()> {
+    file.write_all_at(&bytes[PREAMBLE_LEN..], PREAMBLE_LEN as u64)?;
+    file.set_len(bytes.len() as u64)?;
+    file.sync_data()?;
+    if until == Step::Body {
+        return Ok(());
+    }
+    file.write_all_at(&bytes[..PREAMBLE_LEN], 0)?;
+    file.sync_data()
+}
+
+fn encode(volume: &Volume, path: &CanonicalPath, dev: u64, ino: u64, bytes: &[u8]) -> Vec<u8> {
+    let mut out = MAGIC.to_vec();
+    out.extend_from_slice(&dev.to_be_bytes());
+    out.extend_from_slice(&ino.to_be_bytes());
+    out.extend_from_slice(&(path.as_str().len() as u32).to_be_bytes());
+    out.extend_from_slice(path.as_str().as_bytes());
+    out.extend_from_slice(bytes);
+    let tag = kdf::hmac(&volume.rebind_record_mac_key(), &[&out]);
+    out.extend_from_slice(&tag);
+    out
+}
+
+struct Record {
+    dev: u64,
+    ino: u64,
+    path: CanonicalPath,
+    bytes: Vec<u8>,
+}
+
+fn decode(volume: &Volume, record: &[u8]) -> Option<Record> {
+    let split = record.len().checked_sub(TAG_LEN)?;
+    let (body, tag) = record.split_at(split);
+    if !kdf::hmac_verify(
+        &volume.rebind_record_mac_key(),
+        &[body],
+        tag.try_into().ok()?,
+    ) {
+        return None;
+    }
+    let rest = body.strip_prefix(MAGIC)?;
+    let num = |b: &[u8]| u64::from_be_bytes(b.try_into().expect("8"));
+    let (dev, ino) = (num(rest.get(..8)?), num(rest.get(8..16)?));
+    let len = u32::from_be_bytes(rest.get(16..20)?.try_into().ok()?) as usize;
+    let path = std::str::from_utf8(rest.get(20..20 + len)?).ok()?;
+    let path = CanonicalPath::from_encoded(path).ok()?;
+    let bytes = rest.get(20 + len..)?.to_vec();
+    (bytes.len() > PREAMBLE_LEN).then_some(Record {
+        dev,
+        ino,
+        path,
+        bytes,
+    })
+}
+
+/// At a writable mount: finishes renewals a crash cut short (see the module comment). A record
+/// that does not authenticate is logged and left in place; so is one whose file cannot be
+/// finished now (an I/O error). Returns how many files were given their new header.
+pub fn finish_interrupted(volume: &Volume) -> usize {
+    let dir = match record_dir(volume, false) {
+        Ok(dir) => dir,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return 0,
+        Err(e) => {
+            tracing::warn!("cannot open the renewal records: {e}");
+            return 0;
+        }
+    };
+    let mut names: Vec<String> = match dir.list() {
+        Ok(names) => names
+            .into_iter()
+            .filter_map(|n| n.into_string().ok())
+            .collect(),
+        Err(e) => {
+            tracing::warn!("cannot list the renewal records: {e}");
+            return 0;
+        }
+    };
+    names.sort();
+    let mut finished = 0;
+    for name in names {
+        // A record's temporary name: the crash came before the record counted.
+        if name.starts_with('.') {
+            let _ = dir.unlink(&name);
+            continue;
+        }
+        let shown = dir.shown().join(&name).display().to_string();
+        let Some(record) = dir
+            .read(&name, MAX_RECORD)
+            .ok()
+            .and_then(|b| decode(volume, &b))
+        else {
+            tracing::warn!(
+                "{shown} is not an authentic renewal record of this volume; left in place \
+                 (remove it by hand once you know where it came from)"
+            );
+            continue;
+        };
+        match finish_one(volume, &record) {
+            Ok(changed) => {
+                finished += changed as usize;
+                if changed {
+                    tracing::warn!(path = %record.path, "a renewal was cut short: the file is now empty, as it was being truncated");
+                }
+                if let Err(e) = dir.unlink(&name) {
+                    tracing::warn!("cannot remove the renewal record {shown}: {e}");
+                }
+            }
+            Err(e) => tracing::warn!("cannot yet finish the renewal in {shown}: {e}"),
+        }
+    }
+    finished
+}
+
+/// Gives the file its new header unless its preamble is already the new one (the renewal got
+/// past its last sync). Says whether it changed the file.
+fn finish_one(volume: &Volume, record: &Record) -> Result<bool> {
+    let path = &record.path;
+    let file = match volume.backing().open_file(path, true, Atime::Update) {
+        Ok(f) => f,
+        // Gone, or no longer a file: nothing to finish.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(Error::io(format!("cannot open {path}"), e)),
+    };
+    let meta = file.metadata().map_err(io(format!("cannot stat {path}")))?;
+    if meta.ino() != record.ino || meta.dev() != record.dev {
+        tracing::warn!(path = %path, "a renewal record names another file than stands there now; dropped");
+        return Ok(false);
+    }
+    let _lock = volume
+        .backing()
+        .lock_header(&file)
+        .map_err(io(format!("cannot lock the header of {path}")))?;
+    let mut head = vec![0u8; PREAMBLE_LEN];
+    let have = file.read_at(&mut head, 0).unwrap_or(0);
+    if have == PREAMBLE_LEN && head == record.bytes[..PREAMBLE_LEN] {
+        return Ok(false);
+    }
+    apply(&file, &record.bytes, Step::Done).map_err(io(format!("cannot renew {path}")))?;
+    Ok(true)
+}
+
+#[cfg(test)]
+// The tests make their volume's directory by path, in a temporary directory of their own.
+#[allow(clippy::disallowed_methods)]
+mod tests {
+    use super::*;
+    use crate::core::volume::InitOptions;
+    use crate::keys::spec::KeySpec;
+
+    struct Setup {
+        _dir: tempfile::TempDir,
+        volume: Volume,
+    }
+
+    fn setup() -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("store");
+        std::fs::create_dir(&store).unwrap();
+        let volume = Volume::init(
+            &store,
+            InitOptions {
+                keys: vec![KeySpec::Local(dir.path().join("keys/master.key"))],
+                block_size: 512,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .volume;
+        Setup { _dir: dir, volume }
+    }
+
+    fn path(p: &str) -> CanonicalPath {
+        CanonicalPath::from_user(std::path::Path::new(p)).unwrap()
+    }
+
+    fn write(v: &Volume, p: &str, data: &[u8]) {
+        super::super::file::write_new_file(v, &path(p), &mut &data[..]).unwrap();
+    }
+
+    fn read(v: &Volume, p: &str) -> Result<Vec<u8>> {
+        let f = EncryptedFile::open(v, &path(p), false)?;
+        f.verify_all()?;
+        f.read_all()
+    }
+
+    /// A crash after each step of a renewal, with the new header's write torn too: after
+    /// the next mount's recovery the file reads as its old content or as empty, never as
+    /// damaged, and a file the renewal finished keeps what was written to it afterwards.
+    #[test]
+    fn a_renewal_cut_short_at_any_step_reads_as_old_or_empty_after_recovery() {
+        let old = vec![7u8; 3000];
+        for until in [Step::Recorded, Step::Body, Step::Preamble] {
+            let s = setup();
+            write(&s.volume, "f", &old);
+            let mut f = EncryptedFile::open(&s.volume, &path("f"), true).unwrap();
+            renew(&s.volume, &mut f, until).unwrap();
+            drop(f);
+            let before = read(&s.volume, "f");
+            match until {
+                // Untouched so far.
+                Step::Recorded => assert_eq!(before.unwrap(), old),
+                // Cut short: damaged until recovery.
+                Step::Body => assert!(before.is_err()),
+                Step::Preamble => assert_eq!(before.unwrap(), b""),
+                Step::Done => unreachable!(),
+            }
+            let changed = finish_interrupted(&s.volume);
+            assert_eq!(changed, usize::from(until < Step::Preamble), "{until:?}");
+            let after = read(&s.volume, "f").unwrap();
+            assert!(after == old || after.is_empty(), "{until:?}");
+            if until != Step::Recorded {
+                assert!(after.is_empty());
+            }
+            assert!(record_dir(&s.volume, false)
+                .unwrap()
+                .list()
+                .unwrap()
+                .is_empty());
+        }
+        // Torn: the new preamble and part of the body on disk, not the rest (no sync order
+        // holds within one write on power loss), the record there.
+        let s = setup();
+        write(&s.volume, "f", &old);
+        let mut f = EncryptedFile::open(&s.volume, &path("f"), true).unwrap();
+        renew(&s.volume, &mut f, Step::Recorded).unwrap();
+        let dir = record_dir(&s.volume, false).unwrap();
+        let name = dir.list().unwrap()[0].clone().into_string().unwrap();
+        let record = decode(&s.volume, &dir.read(&name, MAX_RECORD).unwrap()).unwrap();
+        f.backing_file()
+            .write_all_at(&record.bytes[..PREAMBLE_LEN + 100], 0)
+            .unwrap();
+        drop(f);
+        assert!(read(&s.volume, "f").is_err());
+        // The preamble is the new one, so recovery takes the renewal as done: the one state
+        // the design rules out (the preamble is written only after the rest is synced).
+        assert_eq!(finish_interrupted(&s.volume), 0);
+        // With the old preamble and a torn body, recovery writes the new header.
+        let s = setup();
+        write(&s.volume, "f", &old);
+        let mut f = EncryptedFile::open(&s.volume, &path("f"), true).unwrap();
+        renew(&s.volume, &mut f, Step::Recorded).unwrap();
+        let dir = record_dir(&s.volume, false).unwrap();
+        let name = dir.list().unwrap()[0].clone().into_string().unwrap();
+        let record = decode(&s.volume, &dir.read(&name, MAX_RECORD).unwrap()).unwrap();
+        f.backing_file()
+            .write_all_at(&record.bytes[PREAMBLE_LEN..PREAMBLE_LEN + 300], 64)
+            .unwrap();
+        drop(f);
+        assert!(read(&s.volume, "f").is_err());
+        assert_eq!(finish_interrupted(&s.volume), 1);
+        assert_eq!(read(&s.volume, "f").unwrap(), b"");
+    }
+
+    /// A record left after the renewal finished (its removal was lost) never undoes what was
+    /// written to the file since.
+    #[test]
+    fn a_stale_renewal_record_leaves_later_writes_alone() {
+        let s = setup();
+        write(&s.volume, "f", b"old");
+        let mut f = EncryptedFile::open(&s.volume, &path("f"), true).unwrap();
+        renew(&s.volume, &mut f, Step::Preamble).unwrap();
+        drop(f);
+        let mut f = EncryptedFile::open(&s.volume, &path("f"), true).unwrap();
+        f.write_at(0, b"written after").unwrap();
+        drop(f);
+        assert_eq!(finish_interrupted(&s.volume), 0);
+        assert_eq!(read(&s.volume, "f").unwrap(), b"written after");
+    }
+
+    /// A forged record (not MACed under the volume key) is never acted on.
+    #[test]
+    fn a_forged_renewal_record_is_not_acted_on() {
+        let s = setup();
+        write(&s.volume, "f", b"keep me");
+        let mut f = EncryptedFile::open(&s.volume, &path("f"), true).unwrap();
+        renew(&s.volume, &mut f, Step::Recorded).unwrap();
+        drop(f);
+        let dir = record_dir(&s.volume, false).unwrap();
+        let name = dir.list().unwrap()[0].clone().into_string().unwrap();
+        let mut bytes = dir.read(&name, MAX_RECORD).unwrap();
+        let n = bytes.len();
+        bytes[n - 1] ^= 1;
+        dir.unlink(&name).unwrap();
+        dir.write_atomic(&name, &bytes).unwrap();
+        assert_eq!(finish_interrupted(&s.volume), 0);
+        assert_eq!(read(&s.volume, "f").unwrap(), b"keep me");
+        assert_eq!(dir.list().unwrap().len(), 1, "left in place");
+    }
+
+    /// An open instance refuses writes once its seal count would pass the limit; truncating
+    /// the file to zero gives it a new key and a new count.
+    #[test]
+    fn writes_past_the_seal_limit_are_refused_until_a_renewal() {
+        use crate::core::instance::OpenNode;
+        let s = setup();
+        write(&s.volume, "f", b"data");
+        let node = OpenNode::ready(EncryptedFile::open(&s.volume, &path("f"), true).unwrap());
+        node.write_at(Some(0), b"fine").unwrap();
+        node.set_seals(SEAL_LIMIT - 2);
+        let err = node.write_at(Some(0), b"one too many").unwrap_err();
+        assert!(err.to_string().contains("too many blocks sealed"), "{err}");
+        assert_eq!(read(&s.volume, "f").unwrap(), b"fine");
+        node.set_len(&s.volume, 0).unwrap();
+        assert!(node.seals() < 4);
+        node.write_at(Some(0), b"renewed").unwrap();
+        assert_eq!(read(&s.volume, "f").unwrap(), b"renewed");
+    }
+}
