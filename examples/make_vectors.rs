@@ -378,6 +378,9 @@ fn main() {
         o.cases.join(",\n")
     );
     fs::write(out_dir.join("manifest.json"), manifest).unwrap();
+    // The root directory's record is not a vector, and its reserved name would keep this
+    // repository's tree off a kmsfs mount with plaintext names (the tests copy it there).
+    fs::remove_file(root.join(".kmsfs-dir")).unwrap();
     // The config records where the key file was; point it nowhere useful on purpose: tests
     // pin the key with --key local:PATH, as an operator whose key file moved would.
     println!(

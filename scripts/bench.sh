@@ -37,6 +37,8 @@ KMSFS=$PWD/target/release/kmsfs
 
 work=${1:-$(mktemp -d /var/tmp/kmsfs-bench.XXXXXX)}
 mkdir -p "$work"
+# Trust records of the volumes it makes stay with them, not in /var/lib/kmsfs.
+export KMSFS_STATE_DIR=$work/state
 results=$work/results.tsv
 : > "$results"
 cleanup() {

@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 cargo build --release --quiet --bin kmsfs
 kmsfs=$PWD/target/release/kmsfs
 work=$(mktemp -d /tmp/kmsfs-bench-backup.XXXXXX)
+export KMSFS_STATE_DIR=$work/state
 mnt=$work/mnt
 cleanup() {
     "$kmsfs" umount "$mnt" 2>/dev/null || true

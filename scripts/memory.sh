@@ -16,6 +16,8 @@ KMSFS=$PWD/target/release/kmsfs
 
 work=${1:-$(mktemp -d /var/tmp/kmsfs-memory.XXXXXX)}
 mkdir -p "$work/backing" "$work/mnt"
+# Trust records of the volumes it makes stay with them, not in /var/lib/kmsfs.
+export KMSFS_STATE_DIR=$work/state
 export XDG_CONFIG_HOME=$work/config
 cleanup() {
     if mountpoint -q "$work/mnt" 2>/dev/null; then

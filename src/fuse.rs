@@ -95,15 +95,25 @@ fn time(t: Option<TimeOrNow>) -> (Option<SystemTime>, bool) {
     }
 }
 
+/// Logs a failure to show an entry that is about what the store holds (not authentic where it
+/// is, or not made by kmsfs), once per failed request; the others (ENOENT, ...) are routine.
+/// Opens, reads and writes log their own failures.
+fn noted(e: Error) -> Error {
+    if e.is_integrity() {
+        tracing::error!("{e}");
+    }
+    e
+}
+
 fn entry(reply: ReplyEntry, result: Result<Attr, Error>) {
-    match result {
+    match result.map_err(noted) {
         Ok(a) => reply.entry(&TTL, &attr(&a), Generation(0)),
         Err(e) => reply.error(errno(&e)),
     }
 }
 
 fn attributes(reply: ReplyAttr, result: Result<Attr, Error>) {
-    match result {
+    match result.map_err(noted) {
         Ok(a) => reply.attr(&TTL, &attr(&a)),
         Err(e) => reply.error(errno(&e)),
     }
@@ -195,7 +205,7 @@ impl Filesystem for FuseFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        data(reply, self.core.readlink(ino.0));
+        data(reply, self.core.readlink(ino.0).map_err(noted));
     }
 
     fn mknod(

@@ -498,8 +498,8 @@ fn a_forged_config_listing_the_attackers_key_first_is_refused_under_a_pin_and_a_
     // Nothing was written under the attacker's key; the genuine config still works.
     assert_eq!(
         fs::read_dir(&v.backing).unwrap().count(),
-        2,
-        ".kmsfs and before"
+        3,
+        ".kmsfs, the root's record and before"
     );
     fs::write(&cfg, &genuine).unwrap();
     assert_eq!(

@@ -203,6 +203,16 @@ fn o_trunc_renews_the_file_and_blocks_from_before_it_give_eio() {
 // 1 s TTL, pass on what the attacker owned a moment ago.
 // ---------------------------------------------------------------------------------------------
 
+/// Gives `root` and everything beneath it (not following symlinks) to `uid`:`uid`.
+fn chown_tree(root: &Path, uid: u32) {
+    std::os::unix::fs::lchown(root, Some(uid), Some(uid)).unwrap();
+    if fs::symlink_metadata(root).unwrap().is_dir() {
+        for e in fs::read_dir(root).unwrap() {
+            chown_tree(&e.unwrap().path(), uid);
+        }
+    }
+}
+
 /// The unprivileged attacker (uid and gid of `nobody`).
 const NOBODY: u32 = 65534;
 /// An access time in the past (2001), so that any read of a victim file moves it.
@@ -480,7 +490,10 @@ impl Stage {
             fs::write(m.p("n/x"), pattern(3000, 2)).unwrap();
             fs::write(m.p("n/x2"), pattern(3000, 3)).unwrap();
         });
-        assert_eq!(fs::metadata(m.b("n/d/f")).unwrap().uid(), NOBODY);
+        // Backing entries are the daemon's (root's); the store's owner opens this part of
+        // the store to nobody, who is then the store attacker there too.
+        assert_eq!(fs::metadata(m.b("n/d/f")).unwrap().uid(), 0);
+        chown_tree(&m.b("n"), NOBODY);
         // Root's group on what nobody may chown, so that its chown to itself shows.
         for p in ["n/c", "n/c/f", "n/d", "n/d/f"] {
             std::os::unix::fs::chown(m.p(p), None, Some(0)).unwrap();
@@ -1663,7 +1676,8 @@ fn new_entries_exchanged_with_a_hard_link_leave_the_linked_file_alone() {
             (racer.join().unwrap(), failed)
         })
     });
-    // Control: made where nobody races, the entries get their owner, group and mode.
+    // Control: made where nobody races, the entries get their owner, group and mode (as the
+    // mount shows them: the authenticated ones; backing entries carry none).
     as_nobody(|| {
         use std::os::unix::fs::DirBuilderExt;
         fs::DirBuilder::new()
@@ -1672,7 +1686,7 @@ fn new_entries_exchanged_with_a_hard_link_leave_the_linked_file_alone() {
             .unwrap();
     });
     assert_eq!(
-        owner(&m.b("n/d/made-dir")),
+        owner(&m.p("n/d/made-dir")),
         (NOBODY, 0, 0o2750),
         "control: a new directory is nobody's, in root's group, set-group-id"
     );
@@ -1740,25 +1754,29 @@ fn a_file_replaced_by_a_symlink_on_the_store_is_not_shown() {
     if !fuse_available() {
         return;
     }
-    let m = Mount::new(4096, &[]);
+    let mut m = Mount::new(4096, &[]);
     fs::write(m.p("a.txt"), b"alpha").unwrap();
     fs::write(m.p("b.txt"), b"bravo").unwrap();
     fs::write(m.p("c.txt"), b"charlie").unwrap();
     // Positive control: both read as written.
     assert_eq!(fs::read(m.p("a.txt")).unwrap(), b"alpha");
     // a.txt becomes a symlink to b.txt (authentic content under another name): no content,
-    // no type, no target of it is shown.
+    // no type, no target of it is shown (after a remount: the kernel caches what it saw for a
+    // second, and a live mount is attacked in `attacks_while_mounted_...` above).
     fs::remove_file(m.b("a.txt")).unwrap();
     std::os::unix::fs::symlink("b.txt", m.b("a.txt")).unwrap();
+    m.remount();
     assert_eq!(errno_of(fs::read(m.p("a.txt"))), Some(libc::EIO));
     assert_eq!(
         errno_of(fs::symlink_metadata(m.p("a.txt"))),
         Some(libc::EIO)
     );
     assert_eq!(errno_of(fs::read_link(m.p("a.txt"))), Some(libc::EIO));
-    // A symlink planted outright, to a file outside the store, likewise.
+    // A symlink planted outright, to a file outside the store, likewise (a name the kernel
+    // has not seen).
     std::os::unix::fs::symlink("/etc/hostname", m.b("planted")).unwrap();
     assert_eq!(errno_of(fs::read(m.p("planted"))), Some(libc::EIO));
+    assert_eq!(errno_of(fs::read_link(m.p("planted"))), Some(libc::EIO));
     // The untouched files still read.
     assert_eq!(fs::read(m.p("b.txt")).unwrap(), b"bravo");
     assert_eq!(fs::read(m.p("c.txt")).unwrap(), b"charlie");
@@ -1860,18 +1878,32 @@ fn modes_and_owners_shown_are_the_authenticated_ones() {
     assert_eq!(nobody_reads(m.p("secret")), Err(Some(libc::EACCES)));
     assert_eq!(nobody_reads(m.p("private/inner")), Err(Some(libc::EACCES)));
 
-    // An edit of a header's mode bytes on the store: the file is not shown at all.
-    let mut raw = fs::read(m.b("secret")).unwrap();
+    // An edit of a header's mode bytes on the store (a file whose only slot says 0600; the
+    // checksum fixed, as anyone can): the file is not shown at all.
+    let made = fs::File::options()
+        .create_new(true)
+        .write(true)
+        .mode(0o600)
+        .open(m.p("edited"))
+        .unwrap();
+    drop(made);
+    let mut raw = fs::read(m.b("edited")).unwrap();
     assert_eq!(
         raw[77..79],
         [0x01, 0x80],
         "mode 0600 at its documented offset"
     );
     raw[78] = 0xa4; // 0644
-    fs::write(m.b("secret"), &raw).unwrap();
+    let slot = u32::from_be_bytes(raw[12..16].try_into().unwrap()) as usize;
+    let sum = kmsfs::format::header::slot_checksum(
+        raw[..64].try_into().unwrap(),
+        &raw[64..64 + slot - 16],
+    );
+    raw[64 + slot - 16..64 + slot].copy_from_slice(&sum);
+    fs::write(m.b("edited"), &raw).unwrap();
     m.remount();
-    assert_eq!(errno_of(fs::metadata(m.p("secret"))), Some(libc::EIO));
-    assert_eq!(nobody_reads(m.p("secret")), Err(Some(libc::EIO)));
+    assert_eq!(errno_of(fs::metadata(m.p("edited"))), Some(libc::EIO));
+    assert_eq!(nobody_reads(m.p("edited")), Err(Some(libc::EIO)));
     // A directory's record swapped for another's (here: the root's, which is 0755).
     fs::copy(m.b(".kmsfs-dir"), m.b("private/.kmsfs-dir")).unwrap();
     m.remount();

@@ -77,7 +77,7 @@ fn enospc_reaches_the_application_and_loses_nothing_that_was_there() {
                     done += n;
                 }
                 Err(e) => {
-                    assert!(no_space(&e), "{e}");
+                    assert!(no_space(&e), "{e}: {}", m.log());
                     fails += 1;
                     break;
                 }

@@ -372,10 +372,11 @@ impl EncryptedFile {
             first = first.min(old_final);
         }
         let last = (end - 1) / bs;
-        // Growing reseals the old final block as "not last": keep its sealed form, so a write
-        // that fails part way (ENOSPC) can put the file back as it was, not leave it without
-        // a final block (unreadable as truncated). It is also what the merge below opens.
-        let old_final_sealed = if new_final > old_final {
+        // Growing rewrites the old final block (resealed as "not last", or longer): keep its
+        // sealed form, so a write that fails part way (ENOSPC after a short write) can put the
+        // file back as it was, not leave it with a torn or missing final block (unreadable).
+        // It is also what the merge below opens.
+        let old_final_sealed = if new_size > old_size {
             Some(self.read_sealed(old_final)?)
         } else {
             None

@@ -129,6 +129,8 @@ pub struct KmsFs {
     prefetch: Prefetch,
     key_requests: KeyRequests,
     facts: Facts,
+    /// Whether a backing entry's own mode or owner was found changed (logged once).
+    noted_backing_metadata: std::sync::atomic::AtomicBool,
 }
 
 fn dotted(name: &OsStr) -> bool {
@@ -233,6 +235,7 @@ impl KmsFs {
             io_errors,
             unusable_records: AtomicU64::new(0),
             facts: Facts::default(),
+            noted_backing_metadata: std::sync::atomic::AtomicBool::new(false),
             prefetch: Prefetch {
                 limit: DEFAULT_PREFETCH,
                 every: std::time::Duration::from_secs(60),
@@ -307,6 +310,7 @@ impl KmsFs {
     ) -> Result<Attr> {
         let ino = self.ino_of(meta.ino());
         let ft = meta.file_type();
+        self.note_backing_metadata(path, meta);
         let (attrs, size) = if ft.is_file() {
             let (attrs, size) = self.object_facts(ino, path, meta, found)?;
             if attrs.kind == ObjectKind::Dir {
@@ -340,6 +344,31 @@ impl KmsFs {
             rdev: attrs.rdev as u32,
             blksize: self.volume.config().block_size,
         })
+    }
+
+    /// Logs, once per mount, a backing entry whose own mode or owner is not what kmsfs gives
+    /// every entry it makes (0600 files, 0700 directories, the daemon's user): changed on the
+    /// store, or made there. It is ignored either way; the mount shows the authenticated one.
+    fn note_backing_metadata(&self, path: &CanonicalPath, meta: &fs::Metadata) {
+        // The root is the operator's own directory.
+        if path.is_root() {
+            return;
+        }
+        let expected = if meta.is_dir() { 0o700 } else { 0o600 };
+        let mine = meta.uid() == rustix::process::geteuid().as_raw();
+        if (meta.mode() & 0o7777 == expected && mine)
+            || self.noted_backing_metadata.swap(true, Ordering::Relaxed)
+        {
+            return;
+        }
+        tracing::warn!(
+            "{path}: its backing entry has mode {:o} and owner {}:{} on the store (kmsfs makes \
+             them {expected:o} and its own); ignored, the mount shows the authenticated mode and \
+             owner (logged once)",
+            meta.mode() & 0o7777,
+            meta.uid(),
+            meta.gid()
+        );
     }
 
     /// A directory's authenticated attributes, from its record (see
@@ -721,6 +750,8 @@ impl KmsFs {
                 .map_err(|e| io_err("cannot unlink", &path, e))?;
         }
         self.forget_path(self.ino_of(meta.ino()), &path);
+        // What its header said no longer describes whatever reuses the inode number.
+        self.facts.forget(meta.ino());
         Ok(())
     }
 
@@ -867,6 +898,7 @@ impl KmsFs {
             .map_err(|e| io_err("cannot rename", &from, e))?;
         if let Some(m) = &target {
             self.forget_path(self.ino_of(m.ino()), &to);
+            self.facts.forget(m.ino());
         }
         let moved = (!meta.is_dir()).then(|| self.ino_of(meta.ino()));
         self.move_paths(moved, &from, &to);
