@@ -13,7 +13,8 @@
 #
 # Usage: scripts/bench.sh [WORKDIR]    (default: a new directory under /var/tmp)
 # Environment: ROUNDS (3), STREAM_MIB (512), FILES (15000), FIO_SECONDS (10),
-# KMS_LATENCY_MS (5)
+# KMS_LATENCY_MS (5), KMSFS_BASELINE (the path of another kmsfs binary, e.g. a release build
+# of an earlier commit: run beside the others as "kmsfs-base", for an A/B in the same run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
@@ -82,10 +83,13 @@ now() { date +%s.%N; }
 round=0
 record() { printf '%s\t%s\t%s\t%s\t%s\n' "$round" "$1" "$2" "$3" "$4" >> "$results"; } # fs workload value calls
 
+# The kmsfs binary a variant runs.
+kmsfs_bin() { if [ "$1" = kmsfs-base ]; then echo "$KMSFS_BASELINE"; else echo "$KMSFS"; fi; }
+
 # Key-service calls so far (sum over kinds), for kmsfs mounts.
 kms_calls() {
-    if [ "$1" = kmsfs ] || [ "$1" = kmsfs-latency ]; then
-        "$KMSFS" status --json "$2" | python3 -c '
+    if [[ $1 == kmsfs* ]]; then
+        "$(kmsfs_bin "$1")" status --json "$2" | python3 -c '
 import json, sys
 calls = json.load(sys.stdin)["kms_calls"]
 print(" ".join("%s=%d" % (k, v["requests"]) for k, v in sorted(calls.items()) if v["requests"]))'
@@ -162,11 +166,12 @@ mount_kmsfs() { # variant
         XDG_CONFIG_HOME=$base/config KMSFS_INJECT_KMS_LATENCY_MS=$KMS_LATENCY_MS \
             "$KMSFS" mount "$base/backing" "$base/mnt"
     else
-        XDG_CONFIG_HOME=$base/config "$KMSFS" mount "$base/backing" "$base/mnt"
+        XDG_CONFIG_HOME=$base/config "$(kmsfs_bin "$1")" mount "$base/backing" "$base/mnt"
     fi
 }
 remount_kmsfs() { "$KMSFS" umount "$work/kmsfs/mnt"; mount_kmsfs kmsfs; }
 remount_kmsfs-latency() { "$KMSFS" umount "$work/kmsfs-latency/mnt"; mount_kmsfs kmsfs-latency; }
+remount_kmsfs-base() { "$KMSFS_BASELINE" umount "$work/kmsfs-base/mnt"; mount_kmsfs kmsfs-base; }
 
 bench_plain() {
     rm -rf "$work/plain"
@@ -186,13 +191,16 @@ bench_kmsfs() { # variant: kmsfs (local provider) or kmsfs-latency (the same, sl
     local base=$work/$1
     rm -rf "$base"
     mkdir -p "$base/backing" "$base/mnt"
-    XDG_CONFIG_HOME=$base/config "$KMSFS" init "$base/backing" >/dev/null
+    XDG_CONFIG_HOME=$base/config "$(kmsfs_bin "$1")" init "$base/backing" >/dev/null
     mount_kmsfs "$1"
     run_workloads "$1" "$base/mnt"
-    "$KMSFS" umount "$base/mnt"
+    "$(kmsfs_bin "$1")" umount "$base/mnt"
 }
 
 filesystems=(plain gocryptfs kmsfs kmsfs-latency)
+if [ -n "${KMSFS_BASELINE:-}" ]; then
+    filesystems+=(kmsfs-base)
+fi
 for round in $(seq 1 "$ROUNDS"); do
     n=${#filesystems[@]}
     for i in $(seq 0 $((n - 1))); do
@@ -236,4 +244,17 @@ for w in order:
     fmt = lambda v: "-" if v is None else (f"{v:.0f}" if "IOPS" in w else f"{v:.2f}")
     print(f"{w:<24} {fmt(vals[0]):>9} {fmt(vals[1]):>10} {fmt(vals[2]):>9} {ratio(w,'kmsfs'):>6} {fmt(vals[3]):>11} {ratio(w,'kmsfs-latency'):>6}  {per_round(w,'kmsfs')} | {per_round(w,'kmsfs-latency')}  {calls.get(('kmsfs',w),'-')} | {calls.get(('kmsfs-latency',w),'-')}")
 print("times in seconds (lower is better) except IOPS; k/g = kmsfs time / gocryptfs time (for IOPS: gocryptfs IOPS / kmsfs IOPS), so below 1 means kmsfs is faster; k/g is the ratio of the medians")
+if any(fs == "kmsfs-base" for fs, _ in data):
+    def ab(w, r=None):
+        k, b = data.get(("kmsfs", w), {}), data.get(("kmsfs-base", w), {})
+        rs = [r] if r is not None else sorted(k)
+        return [ratio_of(w, k[x], b[x]) for x in rs if x in b and k[x] and b[x]]
+    print()
+    print(f"A/B against KMSFS_BASELINE: {'workload':<24} {'kmsfs':>9} {'base':>9} {'k/base':>7}  k/base each round")
+    for w in order:
+        k, b = median("kmsfs", w), median("kmsfs-base", w)
+        fmt = lambda v: "-" if v is None else (f"{v:.0f}" if "IOPS" in w else f"{v:.2f}")
+        each = " ".join(f"{x:.2f}" for x in ab(w))
+        rat = f"{ratio_of(w, k, b):.2f}" if k and b else "-"
+        print(f"{'':<27}{w:<24} {fmt(k):>9} {fmt(b):>9} {rat:>7}  {each}")
 PY

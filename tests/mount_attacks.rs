@@ -1969,3 +1969,210 @@ fn fifos_and_device_nodes_are_objects_and_planted_ones_are_not_shown() {
     );
     assert!(!text.contains("/fifo:"), "{text}");
 }
+
+// Found by the red team of issue #15: the store writer chooses nothing the mount signs.
+
+/// The key ids of the envelopes in every slot of the backing file `p`.
+fn envelope_keys(p: &Path) -> Vec<String> {
+    let f = fs::File::open(p).unwrap();
+    let (h, _) =
+        kmsfs::core::file::read_header(&f, &kmsfs::format::context::CanonicalPath::root()).unwrap();
+    let mut ids: Vec<String> = h
+        .candidates()
+        .iter()
+        .flat_map(|(_, c)| c.envelopes.iter().map(|e| e.key.key_id.clone()))
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
+#[test]
+fn a_chmod_or_chown_never_signs_another_objects_header_put_in_place() {
+    if !fuse_available() {
+        return;
+    }
+    let mut m = Mount::new(4096, &[]);
+    fs::create_dir(m.p("vault")).unwrap();
+    fs::set_permissions(m.p("vault"), fs::Permissions::from_mode(0o700)).unwrap();
+    fs::write(m.p("vault/secret"), b"vault secret").unwrap();
+    fs::set_permissions(m.p("vault/secret"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::create_dir(m.p("home")).unwrap();
+    fs::write(m.p("home/mine"), b"mine").unwrap();
+    // Positive control: chmod and chown of one's own objects take effect.
+    fs::set_permissions(m.p("home/mine"), fs::Permissions::from_mode(0o640)).unwrap();
+    std::os::unix::fs::chown(m.p("home"), Some(1234), Some(1234)).unwrap();
+    assert_eq!(
+        fs::metadata(m.p("home/mine")).unwrap().mode() & 0o7777,
+        0o640
+    );
+    assert_eq!(fs::metadata(m.p("home")).unwrap().uid(), 1234);
+    // The store writer puts the vault's record and the secret's header under the attacker's
+    // own names, then the attacker chmods and chowns those names through the mount (with
+    // descriptors opened before, so the kernel asks the daemon).
+    let (dir_fd, file_fd) = (
+        fs::File::open(m.p("home")).unwrap(),
+        fs::File::open(m.p("home/mine")).unwrap(),
+    );
+    let (vault_record, secret) = (
+        fs::read(m.b("vault/.kmsfs-dir")).unwrap(),
+        fs::read(m.b("vault/secret")).unwrap(),
+    );
+    fs::write(m.b("home/.kmsfs-dir"), &vault_record).unwrap();
+    fs::write(m.b("home/mine"), &secret).unwrap();
+    let dir_chmod = dir_fd.set_permissions(fs::Permissions::from_mode(0o777));
+    let file_chmod = file_fd.set_permissions(fs::Permissions::from_mode(0o666));
+    let file_chown = std::os::unix::fs::fchown(&file_fd, Some(65534), Some(65534));
+    assert!(dir_chmod.is_err() && file_chmod.is_err() && file_chown.is_err());
+    // What was signed is still the vault's own, and nothing else: put back on its own path,
+    // it shows exactly what its owner set.
+    assert_eq!(fs::read(m.b("home/.kmsfs-dir")).unwrap(), vault_record);
+    assert_eq!(fs::read(m.b("home/mine")).unwrap(), secret);
+    m.remount();
+    let vault = fs::metadata(m.p("vault")).unwrap();
+    assert_eq!((vault.mode() & 0o7777, vault.uid()), (0o700, 0));
+    let secret = fs::metadata(m.p("vault/secret")).unwrap();
+    assert_eq!((secret.mode() & 0o7777, secret.uid()), (0o600, 0));
+    assert_eq!(errno_of(fs::metadata(m.p("home"))), Some(libc::EIO));
+}
+
+#[test]
+fn a_damaged_newer_slot_does_not_undo_a_chmod() {
+    if !fuse_available() {
+        return;
+    }
+    let mut m = Mount::new(4096, &[]);
+    fs::write(m.p("diary"), b"dear diary").unwrap();
+    fs::set_permissions(m.p("diary"), fs::Permissions::from_mode(0o644)).unwrap();
+    fs::set_permissions(m.p("diary"), fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(fs::metadata(m.p("diary")).unwrap().mode() & 0o7777, 0o600);
+    // Flip one checksum byte of each slot in turn: whichever is left says 0600.
+    let raw = fs::read(m.b("diary")).unwrap();
+    let slot = u32::from_be_bytes(raw[12..16].try_into().unwrap()) as usize;
+    for s in 0..2 {
+        let mut torn = raw.clone();
+        torn[64 + (s + 1) * slot - 1] ^= 1;
+        fs::write(m.b("diary"), &torn).unwrap();
+        m.remount();
+        assert_eq!(
+            fs::metadata(m.p("diary")).unwrap().mode() & 0o7777,
+            0o600,
+            "slot {s} torn"
+        );
+    }
+}
+
+#[test]
+fn acls_cannot_be_set_through_the_mount() {
+    if !fuse_available() {
+        return;
+    }
+    let m = Mount::new(4096, &[]);
+    fs::create_dir(m.p("d")).unwrap();
+    let set = |name: &str, value: &[u8]| {
+        let (p, n) = (cstr(m.p("d")), CString::new(name).unwrap());
+        // SAFETY: a valid path, name and value of the given length.
+        let r = unsafe {
+            libc::setxattr(
+                p.as_ptr(),
+                n.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error().raw_os_error())
+        }
+    };
+    // Positive control: a user attribute is kept.
+    assert_eq!(set("user.note", b"kept"), Ok(()));
+    // An ACL giving everyone rwx (version 2, USER_OBJ, GROUP_OBJ, OTHER, all rwx) would open
+    // the backing directory itself.
+    let mut acl = 2u32.to_le_bytes().to_vec();
+    for tag in [0x01u16, 0x04, 0x20] {
+        acl.extend_from_slice(&tag.to_le_bytes());
+        acl.extend_from_slice(&7u16.to_le_bytes());
+        acl.extend_from_slice(&u32::MAX.to_le_bytes());
+    }
+    let before = fs::metadata(m.b("d")).unwrap().mode();
+    assert_eq!(
+        set("system.posix_acl_access", &acl),
+        Err(Some(libc::EOPNOTSUPP))
+    );
+    assert_eq!(fs::metadata(m.b("d")).unwrap().mode(), before);
+    assert_eq!(before & 0o777, 0o700);
+}
+
+#[test]
+fn a_config_put_back_while_mounted_is_not_followed() {
+    if !fuse_available() {
+        return;
+    }
+    let mut m = Mount::new(4096, &[]);
+    m.stop();
+    let old_config = fs::read(m.b(".kmsfs/config")).unwrap();
+    let old_id = envelope_keys_of_config(&old_config);
+    let new_key = m.dir.path().join("keys/new.key");
+    let out = kmsfs()
+        .arg("rewrap")
+        .arg(&m.backing)
+        .arg("--to-key")
+        .arg(format!("local:{}", new_key.display()))
+        .arg("--retire-old")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new_id = kmsfs::keys::local::LocalKey::load(&new_key)
+        .unwrap()
+        .id()
+        .to_string();
+    for pin in [None, Some(format!("local:{}", new_key.display()))] {
+        if let Some(pin) = &pin {
+            m.set_extra(&["--pending-creates", "0", "--key", pin]);
+        } else {
+            m.set_extra(&["--pending-creates", "0"]);
+        }
+        m.start();
+        // Positive control: a new file's key is under the volume's (new) key.
+        fs::write(m.p("f1"), b"one").unwrap();
+        assert_eq!(envelope_keys(&m.b("f1")), [new_id.clone()]);
+        // The retired key's config, authentic, put back on the store while mounted.
+        let genuine = fs::read(m.b(".kmsfs/config")).unwrap();
+        fs::write(m.b(".kmsfs/config"), &old_config).unwrap();
+        std::thread::sleep(Duration::from_millis(1200));
+        fs::write(m.p("f2"), b"two").unwrap();
+        std::thread::sleep(Duration::from_millis(1200));
+        fs::write(m.p("f3"), b"three").unwrap();
+        for f in ["f2", "f3"] {
+            assert_eq!(envelope_keys(&m.b(f)), [new_id.clone()], "{f} ({pin:?})");
+        }
+        assert!(
+            m.log().contains("not following the trusted keys changed"),
+            "{}",
+            m.log()
+        );
+        fs::write(m.b(".kmsfs/config"), &genuine).unwrap();
+        m.stop();
+        for f in ["f1", "f2", "f3"] {
+            fs::remove_file(m.b(f)).unwrap();
+        }
+    }
+    assert_ne!(old_id, new_id);
+}
+
+/// The first trusted key id of a config's bytes (parsed, not authenticated).
+fn envelope_keys_of_config(bytes: &[u8]) -> String {
+    kmsfs::format::config::UnverifiedConfig::parse(bytes)
+        .unwrap()
+        .claimed()
+        .trusted_keys[0]
+        .id
+        .clone()
+}

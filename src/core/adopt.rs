@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 use crate::format::context::CanonicalPath;
 use crate::format::envelope::Envelope;
 
-use super::file::{update_envelopes, EncryptedFile};
+use super::file::{update_envelopes_of_moved, EncryptedFile};
 use super::volume::Volume;
 
 /// Rebinds the file now at `path` from `from` to `path`; returns the envelopes re-encrypted.
@@ -20,12 +20,11 @@ pub fn adopt(volume: &Volume, path: &CanonicalPath, from: &CanonicalPath) -> Res
     }
     let file = crate::core::file::open_backing(volume, path, true)?;
     let mut moved = 0;
-    update_envelopes(
+    update_envelopes_of_moved(
         volume.backing(),
         &file,
         path,
         |id| volume.header_mac_key(id),
-        true,
         |slots| {
             // Checked under the lock, against the slot in force.
             let current = slots[0];

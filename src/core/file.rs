@@ -541,15 +541,16 @@ impl EncryptedFile {
     }
 
     /// Changes the attributes (mode, owner) under the file's advisory lock: `change` sees
-    /// those on disk now and returns the new ones, or None to leave them. One slot write, no
-    /// key call. Says whether the header changed.
+    /// those on disk now and returns the new ones, or None to leave them. Both slots are
+    /// written (two slot writes, no key call), so that no slot keeps the old attributes for a
+    /// damaged newer one to fall back to. Says whether the header changed.
     pub fn update_attrs(&mut self, change: impl Fn(Attrs) -> Option<Attrs>) -> Result<bool> {
         // Nothing to change in what this instance holds: no header read (this runs before
         // every write by someone who may not keep set-id bits).
         if change(self.content.attrs).is_none() {
             return Ok(false);
         }
-        self.update_slot(false, attrs_change(change))
+        self.update_slot(true, attrs_change(change))
     }
 
     fn update_slot(
@@ -824,6 +825,42 @@ pub fn update_slot(
     both_slots: bool,
     change: impl FnOnce(&[&SlotContent]) -> Result<Option<NewSlot>>,
 ) -> Result<Option<(usize, SlotContent)>> {
+    rewrite_slot(backing, file, path, true, mac_key, both_slots, change)
+}
+
+/// [`update_envelopes`] of a file whose slot in force does not bind `path` (where it is now):
+/// only for `adopt`, whose `change` checks the path it was bound to.
+pub fn update_envelopes_of_moved(
+    backing: &Backing,
+    file: &File,
+    path: &CanonicalPath,
+    mac_key: impl FnOnce(&[u8; 16]) -> DerivedKey,
+    change: impl FnOnce(&[&[Envelope]]) -> Result<Option<Vec<Envelope>>>,
+) -> Result<Option<(usize, SlotContent)>> {
+    rewrite_slot(
+        backing,
+        file,
+        path,
+        false,
+        mac_key,
+        true,
+        envelope_change(change),
+    )
+}
+
+/// See [`update_slot`]. With `bound`, the slot in force must bind `path`: the header read is
+/// the one the caller authenticated at that path, not another object's put in its place on
+/// the store (whose slots the volume's MAC key would otherwise re-sign with the caller's
+/// change: a chmod through a user's own file must never write another file's mode).
+fn rewrite_slot(
+    backing: &Backing,
+    file: &File,
+    path: &CanonicalPath,
+    bound: bool,
+    mac_key: impl FnOnce(&[u8; 16]) -> DerivedKey,
+    both_slots: bool,
+    change: impl FnOnce(&[&SlotContent]) -> Result<Option<NewSlot>>,
+) -> Result<Option<(usize, SlotContent)>> {
     let _lock = backing
         .lock_header(file)
         .map_err(|e| Error::io(format!("cannot lock the header of {path}"), e))?;
@@ -836,6 +873,14 @@ pub fn update_slot(
             FormatError::HeaderAuthFailed("no slot with a valid MAC".into()),
         ));
     };
+    if bound && !current.envelopes.iter().any(|e| &e.path == path) {
+        let mut names: Vec<&str> = current.envelopes.iter().map(|e| e.path.as_str()).collect();
+        names.dedup();
+        return Err(Error::Moved {
+            path: path.to_string(),
+            bound: names.join(", "),
+        });
+    }
     let slots: Vec<&SlotContent> = authentic.iter().map(|(_, c)| *c).collect();
     let Some((attrs, envelopes)) = change(&slots)? else {
         return Ok(None);

@@ -440,7 +440,7 @@ impl Volume {
                 record_note: None,
             };
             crate::core::file::write_root_record(&volume)?;
-            volume.follow_key_changes();
+            volume.follow_key_changes(None);
             Ok(volume)
         })();
         match result {
@@ -736,7 +736,8 @@ impl Volume {
             record,
             record_note,
         };
-        volume.follow_key_changes();
+        let pins = pinned.then_some(gate_ids);
+        volume.follow_key_changes(pins);
         Ok(volume)
     }
 
@@ -744,7 +745,43 @@ impl Volume {
     /// `kmsfs rewrap` beside a mount): when the config file changes (checked at most once a
     /// second, on creates), or a key it does not know turns up, it re-reads the config, authenticates it with the volume key it already
     /// holds, and reaches any new key (reusing providers of keys it had).
-    fn follow_key_changes(&mut self) {
+    ///
+    /// A config that changed on the store is followed only if it passes what `open` checked:
+    /// under a pin (`pins`, the pinned key ids), its first key (new data keys) must be pinned;
+    /// with this host's record, its keys must be the recorded ones (a `rewrap` on this host
+    /// updates the record, and is followed once it has). Otherwise it is logged and the keys
+    /// stay as they were until a remount: an older, authentic config put back on the store
+    /// while mounted does not send new data keys to a key since retired.
+    fn follow_key_changes(&mut self, pins: Option<Vec<String>>) {
+        let record = self.record.clone();
+        let volume_id = self.config.volume_id;
+        let acceptable = move |config: &VolumeConfig| -> std::result::Result<(), String> {
+            let first = &config.trusted_keys[0].id;
+            if let Some(pins) = &pins {
+                if !pins.contains(first) {
+                    return Err(format!(
+                        "new files would get their keys from {first}, which this mount did not pin"
+                    ));
+                }
+                return Ok(());
+            }
+            if let Some(store) = &record {
+                let recorded = store.get(&volume_id).map_err(|e| e.to_string())?;
+                let now: Vec<&str> = config.trusted_keys.iter().map(|t| t.id.as_str()).collect();
+                match recorded {
+                    Some(r) if describe_change(&r.key_ids(), &now).is_empty() => {}
+                    Some(r) => {
+                        return Err(format!(
+                            "they differ from this host's record ({}); approve with 'kmsfs trust' and remount",
+                            describe_change(&r.key_ids(), &now)
+                        ))
+                    }
+                    None => return Err("this host has no record of the volume".into()),
+                }
+            }
+            Ok(())
+        };
+        let refused = std::sync::Mutex::new(None);
         let root = self.root.clone();
         let backing = self.backing.clone();
         let mac_key = crate::secret::DerivedKey::new(*self.config_mac_key.expose());
@@ -779,6 +816,16 @@ impl Volume {
                         return None;
                     }
                 };
+                if let Err(why) = acceptable(&config) {
+                    // Logged once per config seen; looked at again next time (the record may
+                    // catch up: a rewrap writes the config, then the record).
+                    let stamp = config_stamp(&backing);
+                    if std::mem::replace(&mut *refused.lock().unwrap(), stamp.clone()) != stamp {
+                        tracing::warn!("not following the trusted keys changed in {shown}: {why}");
+                    }
+                    seen.lock().unwrap().1 = None;
+                    return None;
+                }
                 let mut providers = Providers::new(&options);
                 let mut keys = Vec::new();
                 for t in &config.trusted_keys {

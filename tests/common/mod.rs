@@ -157,7 +157,7 @@ impl TestVolume {
             &file,
             &at,
             |id| self.volume.header_mac_key(id),
-            false,
+            true,
             kmsfs::core::file::attrs_change(|a| Some(Attrs { uid, gid, ..a })),
         )
         .unwrap();

@@ -510,7 +510,7 @@ impl KmsFs {
             &file,
             &at,
             |id| self.volume.header_mac_key(id),
-            false,
+            true,
             attrs_change(change),
         );
         self.facts.forget(record_ino);
@@ -1338,6 +1338,20 @@ impl KmsFs {
             .map_err(|e| Error::io("cannot statfs the backing store", e))
     }
 
+    /// `system.*` attributes (POSIX ACLs above all) are the backing filesystem's access
+    /// control of the backing entry itself, not data kept for the user: set through the mount,
+    /// an ACL would open the store's entry to them (the mount's own permissions are the
+    /// authenticated mode and owner; it does not do ACLs).
+    fn refuse_system_xattr(name: &OsStr) -> Result<()> {
+        if name.as_bytes().starts_with(b"system.") {
+            return Err(os(
+                "system.* extended attributes (ACLs) are not supported",
+                libc::EOPNOTSUPP,
+            ));
+        }
+        Ok(())
+    }
+
     fn xattr_name(name: &OsStr) -> Result<CString> {
         // (kept as a C string: the backing module passes it to the kernel as is)
         CString::new(name.as_bytes()).map_err(|_| os("xattr name with NUL", libc::EINVAL))
@@ -1345,6 +1359,7 @@ impl KmsFs {
 
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
         self.check_writable()?;
+        Self::refuse_system_xattr(name)?;
         let path = self.path_of(ino)?;
         self.store()
             .set_xattr(
@@ -1375,6 +1390,7 @@ impl KmsFs {
 
     pub fn removexattr(&self, ino: u64, name: &OsStr) -> Result<()> {
         self.check_writable()?;
+        Self::refuse_system_xattr(name)?;
         let path = self.path_of(ino)?;
         self.store()
             .remove_xattr(&path, &Self::xattr_name(name)?, Some(self.expected(ino)))
