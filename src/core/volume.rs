@@ -820,7 +820,7 @@ impl Volume {
                     // Logged once per config seen; looked at again next time (the record may
                     // catch up: a rewrap writes the config, then the record).
                     let stamp = config_stamp(&backing);
-                    if std::mem::replace(&mut *refused.lock().unwrap(), stamp.clone()) != stamp {
+                    if std::mem::replace(&mut *refused.lock().unwrap(), stamp) != stamp {
                         tracing::warn!("not following the trusted keys changed in {shown}: {why}");
                     }
                     seen.lock().unwrap().1 = None;
