@@ -2142,7 +2142,7 @@ fn a_config_put_back_while_mounted_is_not_followed() {
         m.start();
         // Positive control: a new file's key is under the volume's (new) key.
         fs::write(m.p("f1"), b"one").unwrap();
-        assert_eq!(envelope_keys(&m.b("f1")), [new_id.clone()]);
+        assert_eq!(envelope_keys(&m.b("f1")), vec![new_id.clone()]);
         // The retired key's config, authentic, put back on the store while mounted.
         let genuine = fs::read(m.b(".kmsfs/config")).unwrap();
         fs::write(m.b(".kmsfs/config"), &old_config).unwrap();
@@ -2151,7 +2151,11 @@ fn a_config_put_back_while_mounted_is_not_followed() {
         std::thread::sleep(Duration::from_millis(1200));
         fs::write(m.p("f3"), b"three").unwrap();
         for f in ["f2", "f3"] {
-            assert_eq!(envelope_keys(&m.b(f)), [new_id.clone()], "{f} ({pin:?})");
+            assert_eq!(
+                envelope_keys(&m.b(f)),
+                vec![new_id.clone()],
+                "{f} ({pin:?})"
+            );
         }
         assert!(
             m.log().contains("not following the trusted keys changed"),
