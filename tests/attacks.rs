@@ -682,6 +682,47 @@ mod renewal {
         v.put_bytes(p, &raw);
     }
 
+    /// A store writer puts another file's header under a file the attacker has open, and the
+    /// attacker truncates it to zero: the renewal must not bind a new key (and what is written
+    /// next) to the other file's name, where the store writer could then put the file and have
+    /// it shown as authentic.
+    #[test]
+    fn a_renewal_never_binds_the_names_of_a_header_put_in_place() {
+        let v = TestVolume::new(BS);
+        let (volume, _) = v.open_faulty(1, Faults::default());
+        let core = KmsFs::new(volume, false).unwrap();
+        for name in ["victim", "mine", "control"] {
+            let (_, fh) = core
+                .create(ROOT_INO, OsStr::new(name), 0o600, libc::O_RDWR, CALLER)
+                .unwrap();
+            core.write(fh, 0, name.as_bytes()).unwrap();
+            core.release(fh);
+        }
+        let mine = core.lookup(ROOT_INO, OsStr::new("mine")).unwrap();
+        let control = core.lookup(ROOT_INO, OsStr::new("control")).unwrap();
+        let held = core.open(mine.ino, libc::O_RDWR).unwrap();
+        // Positive control: truncating one's own file renews it and it keeps its name.
+        let fh = core
+            .open(control.ino, libc::O_RDWR | libc::O_TRUNC)
+            .unwrap();
+        core.write(fh, 0, b"rewritten").unwrap();
+        core.release(fh);
+        assert_eq!(v.read("control").unwrap(), b"rewritten");
+        // The victim's header and body in place of mine (same inode), then O_TRUNC.
+        v.put_bytes("mine", &v.bytes("victim"));
+        let renewed = core.open(mine.ino, libc::O_RDWR | libc::O_TRUNC);
+        assert!(renewed.is_err(), "renewed under another file's header");
+        core.release(held);
+        // Nothing on the store binds the victim's name but the victim.
+        let raw = v.bytes("mine");
+        let header = kmsfs::format::header::Header::parse(&raw).unwrap();
+        for (_, c) in header.candidates() {
+            assert!(c.envelopes.iter().all(|e| e.path.as_str() == "/victim"));
+        }
+        assert_eq!(file_id(&v, "mine"), file_id(&v, "victim"));
+        assert_eq!(v.read("victim").unwrap(), b"victim");
+    }
+
     /// A file's blocks from before `O_TRUNC` (and `truncate(0)`) do not authenticate in what
     /// is written after it, at the same index; the renewal costs one `GenerateDataKey`
     /// (plus a `ReEncrypt` for a second name), keeps the inode number, and a handle opened

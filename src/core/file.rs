@@ -67,6 +67,10 @@ pub struct EncryptedFile {
     active_slot: usize,
     content: SlotContent,
     size: u64,
+    /// Whether the file has ever been made durable: false for a file this instance created
+    /// (or renewed) until its first sync. Header rewrites of a file that never was skip their
+    /// syncs: they order a new slot after a durable older one, and there is none yet.
+    durable: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for EncryptedFile {
@@ -126,6 +130,7 @@ impl EncryptedFile {
             active_slot: 0,
             content: new.content,
             size: 0,
+            durable: false.into(),
         })
     }
 
@@ -221,6 +226,7 @@ impl EncryptedFile {
                         active_slot: *slot,
                         content: (*content).clone(),
                         size,
+                        durable: true.into(),
                     });
                 }
                 Err(e) => {
@@ -559,10 +565,13 @@ impl EncryptedFile {
         change: impl FnOnce(&[&SlotContent]) -> Result<Option<NewSlot>>,
     ) -> Result<bool> {
         let mac_key = &self.mac_key;
-        let updated = update_slot(
+        let durable = self.durable.load(std::sync::atomic::Ordering::Relaxed);
+        let updated = rewrite_slot(
             &self.backing,
             &self.file,
             &self.path,
+            true,
+            durable,
             |_| DerivedKey::new(*mac_key.expose()),
             both_slots,
             change,
@@ -577,7 +586,10 @@ impl EncryptedFile {
 
     /// Makes written data durable (fdatasync of the backing file).
     pub fn sync(&self) -> Result<()> {
-        self.file.sync_data().map_err(|e| self.io_err("sync", e))
+        self.file.sync_data().map_err(|e| self.io_err("sync", e))?;
+        self.durable
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     /// Opens the final block: a file cut at a block boundary, or extended, fails here.
@@ -825,7 +837,7 @@ pub fn update_slot(
     both_slots: bool,
     change: impl FnOnce(&[&SlotContent]) -> Result<Option<NewSlot>>,
 ) -> Result<Option<(usize, SlotContent)>> {
-    rewrite_slot(backing, file, path, true, mac_key, both_slots, change)
+    rewrite_slot(backing, file, path, true, true, mac_key, both_slots, change)
 }
 
 /// [`update_envelopes`] of a file whose slot in force does not bind `path` (where it is now):
@@ -842,6 +854,7 @@ pub fn update_envelopes_of_moved(
         file,
         path,
         false,
+        true,
         mac_key,
         true,
         envelope_change(change),
@@ -851,12 +864,15 @@ pub fn update_envelopes_of_moved(
 /// See [`update_slot`]. With `bound`, the slot in force must bind `path`: the header read is
 /// the one the caller authenticated at that path, not another object's put in its place on
 /// the store (whose slots the volume's MAC key would otherwise re-sign with the caller's
-/// change: a chmod through a user's own file must never write another file's mode).
+/// change: a chmod through a user's own file must never write another file's mode). Without
+/// `durable` (a file never synced, so no older slot is on disk to keep), writes are not synced.
+#[allow(clippy::too_many_arguments)]
 fn rewrite_slot(
     backing: &Backing,
     file: &File,
     path: &CanonicalPath,
     bound: bool,
+    durable: bool,
     mac_key: impl FnOnce(&[u8; 16]) -> DerivedKey,
     both_slots: bool,
     change: impl FnOnce(&[&SlotContent]) -> Result<Option<NewSlot>>,
@@ -898,7 +914,7 @@ fn rewrite_slot(
         let sealed =
             seal_slot(&header.preamble, &content, &mac_key).map_err(|e| Error::format(path, e))?;
         file.write_all_at(&sealed, header.preamble.slot_offset(target))
-            .and_then(|_| file.sync_data())
+            .and_then(|_| if durable { file.sync_data() } else { Ok(()) })
             .map_err(|e| Error::io(format!("cannot write the header of {path}"), e))?;
     }
     Ok(Some((
@@ -1142,6 +1158,9 @@ impl EncryptedFile {
 
     /// The open file is now `renewal` (its bytes are on disk): empty, under the new key.
     pub(crate) fn adopt_renewal(&mut self, renewal: Renewal) {
+        // A renewal is made durable before it is adopted.
+        self.durable
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         self.preamble = renewal.preamble;
         self.layout = renewal.layout;
         self.cipher = renewal.cipher;

@@ -99,16 +99,36 @@ pub fn renew(volume: &Volume, file: &mut EncryptedFile, until: Step) -> Result<(
         .backing()
         .lock_header(&backing)
         .map_err(io(format!("cannot lock the header of {path}")))?;
-    // The envelopes on disk now (a rewrap beside the mount may have changed them).
+    // The envelopes on disk now (a rewrap beside the mount may have changed them), of this
+    // file: the header there must be the one this instance opened (same file id) and bind this
+    // path, and only names that still link to this inode are carried over. Anything else (a
+    // header put in place on the store) is refused: a renewal would bind a new key, and what
+    // is written next, to the names another header gave.
     let (header, _) = read_header(&backing, &path)?;
+    if header.preamble.file_id != file.preamble().file_id {
+        return Err(Error::Integrity(format!(
+            "{path}: the header on the backing store is not the one this file was opened with; not renewed"
+        )));
+    }
     let authentic = header.authentic(&volume.header_mac_key(&header.preamble.file_id));
     let current: Vec<Envelope> = match authentic.first() {
-        Some((_, c)) => c.envelopes.clone(),
-        None => file.envelopes().to_vec(),
+        Some((_, c)) if c.envelopes.iter().any(|e| e.path == path) => c.envelopes.clone(),
+        _ => {
+            return Err(Error::Integrity(format!(
+                "{path}: no authentic header slot binds it; not renewed"
+            )))
+        }
     };
+    let me = backing
+        .metadata()
+        .map_err(io(format!("cannot stat {path}")))?;
     let mut paths = vec![path.clone()];
     for e in &current {
-        if !paths.contains(&e.path) {
+        let linked = volume
+            .backing()
+            .metadata(&e.path)
+            .is_ok_and(|m| m.dev() == me.dev() && m.ino() == me.ino());
+        if linked && !paths.contains(&e.path) {
             paths.push(e.path.clone());
         }
     }
