@@ -1034,10 +1034,18 @@ pub fn header_facts(
         block_size: preamble.block_size,
     };
     let mac_key = volume.header_mac_key(&preamble.file_id);
-    let authentic = header.authentic(&mac_key);
-    let chosen = authentic
-        .iter()
-        .find(|(_, c)| c.envelopes.iter().any(|e| &e.path == path));
+    // Newest first; each MAC checked only if the slot before it did not serve.
+    let mut authentic = Vec::new();
+    let mut chosen = None;
+    for (slot, content) in header.candidates() {
+        if header.verify_mac(slot, &mac_key) {
+            authentic.push((slot, content));
+            if content.envelopes.iter().any(|e| &e.path == path) {
+                chosen = Some((slot, content));
+                break;
+            }
+        }
+    }
     match chosen {
         Some((_, content)) => {
             let mut paths: Vec<CanonicalPath> =

@@ -131,6 +131,8 @@ pub struct KmsFs {
     facts: Facts,
     /// Whether a backing entry's own mode or owner was found changed (logged once).
     noted_backing_metadata: std::sync::atomic::AtomicBool,
+    /// The daemon's effective uid (asked once: a stat checks it).
+    euid: u32,
 }
 
 fn dotted(name: &OsStr) -> bool {
@@ -236,6 +238,7 @@ impl KmsFs {
             unusable_records: AtomicU64::new(0),
             facts: Facts::default(),
             noted_backing_metadata: std::sync::atomic::AtomicBool::new(false),
+            euid: rustix::process::geteuid().as_raw(),
             prefetch: Prefetch {
                 limit: DEFAULT_PREFETCH,
                 every: std::time::Duration::from_secs(60),
@@ -355,7 +358,7 @@ impl KmsFs {
             return;
         }
         let expected = if meta.is_dir() { 0o700 } else { 0o600 };
-        let mine = meta.uid() == rustix::process::geteuid().as_raw();
+        let mine = meta.uid() == self.euid;
         if (meta.mode() & 0o7777 == expected && mine)
             || self.noted_backing_metadata.swap(true, Ordering::Relaxed)
         {
@@ -437,7 +440,7 @@ impl KmsFs {
     ) -> Result<Attrs> {
         let parent = path.parent().unwrap_or_else(CanonicalPath::root);
         let parent = self.dir_attrs(&parent)?;
-        let (uid, gid) = if rustix::process::geteuid().is_root() {
+        let (uid, gid) = if self.euid == 0 {
             (caller.uid, caller.gid)
         } else {
             (
