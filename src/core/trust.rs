@@ -25,7 +25,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::format::codec::hex;
+use crate::format::codec::{hex, unhex};
 
 /// The environment variable that overrides the state directory (tests, unusual layouts).
 pub const STATE_DIR_ENV: &str = "KMSFS_STATE_DIR";
@@ -153,16 +153,6 @@ impl Record {
     pub fn key_ids(&self) -> Vec<&str> {
         self.keys.iter().map(|k| k.id.as_str()).collect()
     }
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 /// The records of one state directory: `volumes/<volume id>` for each volume, and
