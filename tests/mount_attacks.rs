@@ -2180,3 +2180,42 @@ fn envelope_keys_of_config(bytes: &[u8]) -> String {
         .id
         .clone()
 }
+
+#[test]
+fn a_listing_never_takes_a_kind_from_another_names_header() {
+    if !fuse_available() {
+        return;
+    }
+    let m = Mount::new(4096, &[]);
+    fs::create_dir_all(m.p("pub/dd")).unwrap();
+    fs::write(m.p("pub/f"), b"f").unwrap();
+    let kinds = |m: &Mount| -> Vec<(String, bool)> {
+        let mut out: Vec<(String, bool)> = fs::read_dir(m.p("pub"))
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    e.file_type().unwrap().is_dir(),
+                )
+            })
+            .collect();
+        out.sort();
+        out
+    };
+    // Positive control (and it warms the daemon's header cache with the record's inode).
+    assert_eq!(kinds(&m), [("dd".into(), true), ("f".into(), false)]);
+    let _ = fs::metadata(m.p("pub/dd"));
+    // The store writer hard-links dd's record under a new name: listed as what a name of no
+    // header of its own is (a file whose lookup fails), never as a directory.
+    fs::hard_link(m.b("pub/dd/.kmsfs-dir"), m.b("pub/xx")).unwrap();
+    assert_eq!(
+        kinds(&m),
+        [
+            ("dd".into(), true),
+            ("f".into(), false),
+            ("xx".into(), false)
+        ]
+    );
+    assert_eq!(errno_of(fs::metadata(m.p("pub/xx"))), Some(libc::EIO));
+}

@@ -769,9 +769,15 @@ impl KmsFs {
         if !meta.is_dir() {
             return Err(os(format!("{path} is not a directory"), libc::ENOTDIR));
         }
+        let record = self.store().metadata(&dir_record(&path)).ok();
         self.store()
             .remove_dir(&path, DIR_RECORD, Identity::of(&meta))
             .map_err(|e| io_err("cannot rmdir", &path, e))?;
+        // What their headers said describes nothing that may reuse the inode numbers.
+        if let Some(record) = record {
+            self.facts.forget(record.ino());
+        }
+        self.facts.forget(meta.ino());
         self.forget_path(self.ino_of(meta.ino()), &path);
         Ok(())
     }
@@ -1267,7 +1273,11 @@ impl KmsFs {
                 libc::DT_DIR => Kind::Dir,
                 // Shown as a file when its header could not be read: the lookup that follows
                 // fails, and says why.
-                libc::DT_REG => self.facts.kind(ino).map_or(Kind::File, Kind::of),
+                libc::DT_REG => path
+                    .join(name.as_bytes())
+                    .ok()
+                    .and_then(|p| self.facts.kind(ino, &p))
+                    .map_or(Kind::File, Kind::of),
                 // The filesystem does not record types: ask.
                 libc::DT_UNKNOWN => match path
                     .join(name.as_bytes())

@@ -53,9 +53,16 @@ impl Facts {
             .map(|(_, f)| f.clone())
     }
 
-    /// The kind remembered for backing inode `ino`, whatever its stamp (a hint for listings).
-    pub(super) fn kind(&self, ino: u64) -> Option<ObjectKind> {
-        self.0.lock().unwrap().get(&ino).map(|(_, f)| f.attrs.kind)
+    /// The kind remembered for backing inode `ino` listed as `path`, for a listing: only if
+    /// the header remembered binds that name (an inode linked elsewhere on the store, a
+    /// directory's record above all, tells nothing about this one).
+    pub(super) fn kind(&self, ino: u64, path: &CanonicalPath) -> Option<ObjectKind> {
+        self.0
+            .lock()
+            .unwrap()
+            .get(&ino)
+            .filter(|(_, f)| f.paths.contains(path) && f.attrs.kind != ObjectKind::Dir)
+            .map(|(_, f)| f.attrs.kind)
     }
 
     /// Forgets what the header of backing inode `ino` said (kmsfs just rewrote it: its change
@@ -198,8 +205,10 @@ impl KmsFs {
         const THREADS: usize = 4;
         let files: Vec<CanonicalPath> = entries
             .iter()
-            .filter(|e| e.kind == libc::DT_REG && self.facts.kind(e.ino).is_none())
-            .filter_map(|e| dir.join(e.name.as_bytes()).ok())
+            .filter(|e| e.kind == libc::DT_REG)
+            .filter_map(|e| Some((e.ino, dir.join(e.name.as_bytes()).ok()?)))
+            .filter(|(ino, p)| self.facts.kind(*ino, p).is_none())
+            .map(|(_, p)| p)
             .collect();
         if files.len() < 2 * THREADS {
             for p in &files {
