@@ -1322,16 +1322,30 @@ impl MetaDir {
     }
 
     /// Writes `bytes` as a new file `name` (never replacing one), durably.
+    /// Complete before it has its name: written and synced under a temporary name beginning
+    /// with `.` (which readers of the directory skip), then renamed without replacing, so a
+    /// crash (even `kill -9` part way) never leaves a torn `name`.
     pub fn write_new(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
+        let tmp = format!(".{name}.tmp{}", rand::random::<u64>());
         let fd = rustix::fs::openat(
             &self.fd,
-            name,
+            tmp.as_str(),
             OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::from_raw_mode(0o600),
         )?;
         let mut file = File::from(fd);
-        if let Err(e) = file.write_all(bytes).and_then(|_| file.sync_all()) {
-            let _ = rustix::fs::unlinkat(&self.fd, name, AtFlags::empty());
+        let written = file.write_all(bytes).and_then(|_| file.sync_all()).and_then(|_| {
+            rustix::fs::renameat_with(
+                &self.fd,
+                tmp.as_str(),
+                &self.fd,
+                name,
+                RenameFlags::NOREPLACE,
+            )
+            .map_err(io::Error::from)
+        });
+        if let Err(e) = written {
+            let _ = rustix::fs::unlinkat(&self.fd, tmp.as_str(), AtFlags::empty());
             return Err(e);
         }
         self.sync()

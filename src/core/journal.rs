@@ -120,9 +120,12 @@ impl Journal {
             return Vec::new();
         };
         let mut names: Vec<String> = match dir.list() {
+            // A name beginning with `.` is a record still being written (or one a crash cut
+            // short before it had its name): never a record.
             Ok(names) => names
                 .into_iter()
                 .filter_map(|n| n.into_string().ok())
+                .filter(|n| !n.starts_with('.'))
                 .collect(),
             Err(e) => {
                 tracing::warn!("cannot list the rebind journal {}: {e}", self.shown());
