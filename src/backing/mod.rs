@@ -1334,16 +1334,19 @@ impl MetaDir {
             Mode::from_raw_mode(0o600),
         )?;
         let mut file = File::from(fd);
-        let written = file.write_all(bytes).and_then(|_| file.sync_all()).and_then(|_| {
-            rustix::fs::renameat_with(
-                &self.fd,
-                tmp.as_str(),
-                &self.fd,
-                name,
-                RenameFlags::NOREPLACE,
-            )
-            .map_err(io::Error::from)
-        });
+        let written = file
+            .write_all(bytes)
+            .and_then(|_| file.sync_all())
+            .and_then(|_| {
+                rustix::fs::renameat_with(
+                    &self.fd,
+                    tmp.as_str(),
+                    &self.fd,
+                    name,
+                    RenameFlags::NOREPLACE,
+                )
+                .map_err(io::Error::from)
+            });
         if let Err(e) = written {
             let _ = rustix::fs::unlinkat(&self.fd, tmp.as_str(), AtFlags::empty());
             return Err(e);
