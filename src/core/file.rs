@@ -144,10 +144,7 @@ impl EncryptedFile {
     pub fn from_file(volume: &Volume, path: &CanonicalPath, file: File) -> Result<Self> {
         let (header, len) = read_header(&file, path)?;
         let preamble = header.preamble.clone();
-        let layout = Layout {
-            data_offset: preamble.data_offset(),
-            block_size: preamble.block_size,
-        };
+        let layout = preamble.layout();
         let size = layout
             .plaintext_len(len)
             .map_err(|e| Error::format(path, e))?;
@@ -187,13 +184,7 @@ impl EncryptedFile {
                     FormatError::HeaderAuthFailed(format!("slot {slot} MAC mismatch")),
                 ))
             } else if mine.is_empty() {
-                let mut bound: Vec<&str> =
-                    content.envelopes.iter().map(|e| e.path.as_str()).collect();
-                bound.dedup();
-                Err(Error::Moved {
-                    path: path.to_string(),
-                    bound: bound.join(", "),
-                })
+                Err(moved(path, &content.envelopes))
             } else {
                 volume
                     .unwrap_data_key(content.attrs.kind, &mine, path, &ctx)
@@ -619,16 +610,19 @@ impl EncryptedFile {
     }
 }
 
-/// A new object's bytes (header and sealed content), before they are written anywhere.
-struct NewObject {
+/// A new object's bytes (header and sealed content), before they are written anywhere, and
+/// the state an open file takes once they are on disk (a create; a renewal, see
+/// `super::renew`).
+pub(crate) struct NewObject {
     preamble: Preamble,
     content: SlotContent,
     mac_key: DerivedKey,
     cipher: BlockCipher,
-    bytes: Vec<u8>,
+    pub(crate) bytes: Vec<u8>,
 }
 
 impl NewObject {
+    /// A new object at `path` whose data key `dek` is wrapped as `wrapped`.
     fn make(
         volume: &Volume,
         path: &CanonicalPath,
@@ -637,19 +631,39 @@ impl NewObject {
         attrs: Attrs,
         data: &[u8],
     ) -> Result<Self> {
-        let mut file_id = [0u8; 16];
-        getrandom::getrandom(&mut file_id).expect("the OS random number generator failed");
-        let envelopes: Vec<Envelope> = wrapped
+        let envelopes = wrapped
             .into_iter()
             .map(|key| Envelope {
                 path: path.clone(),
                 key,
             })
             .collect();
-        let preamble = Preamble {
+        Self::build(volume, path, dek, envelopes, attrs, data, 0)
+    }
+
+    /// A new object (fresh file id) under `dek` with `envelopes`, `path`'s first among them.
+    /// Its slots hold at least `min_slot` bytes and room for names like `path`'s, and grow if
+    /// `envelopes` need more.
+    fn build(
+        volume: &Volume,
+        path: &CanonicalPath,
+        dek: &DataKey,
+        envelopes: Vec<Envelope>,
+        attrs: Attrs,
+        data: &[u8],
+        min_slot: u32,
+    ) -> Result<Self> {
+        let mut file_id = [0u8; 16];
+        getrandom::getrandom(&mut file_id).expect("the OS random number generator failed");
+        let own: Vec<Envelope> = envelopes
+            .iter()
+            .filter(|e| &e.path == path)
+            .cloned()
+            .collect();
+        let mut preamble = Preamble {
             suite: SUITE_AES256GCM_HKDF_SHA256,
             block_size: volume.config().block_size,
-            slot_size: slot_size_for(&envelopes),
+            slot_size: slot_size_for(&own).max(min_slot),
             file_id,
             commitment: kdf::commitment(dek, &file_id),
         };
@@ -659,8 +673,17 @@ impl NewObject {
             attrs,
             envelopes,
         };
-        let mut bytes =
-            encode_new_header(&preamble, &content, &mac_key).map_err(|e| Error::format(path, e))?;
+        let mut bytes = loop {
+            match encode_new_header(&preamble, &content, &mac_key) {
+                Ok(bytes) => break bytes,
+                Err(FormatError::TooLarge(_))
+                    if preamble.slot_size < crate::format::header::MAX_SLOT_SIZE =>
+                {
+                    preamble.slot_size += crate::format::header::SLOT_ALIGN;
+                }
+                Err(e) => return Err(Error::format(path, e)),
+            }
+        };
         let cipher = BlockCipher::new(&kdf::content_key(dek, &file_id), file_id);
         let bs = preamble.block_size as usize;
         let blocks: Vec<(u64, &[u8])> = if data.is_empty() {
@@ -680,6 +703,11 @@ impl NewObject {
             cipher,
             bytes,
         })
+    }
+
+    /// The new file id (a renewal's record is named after it).
+    pub(crate) fn file_id(&self) -> [u8; 16] {
+        self.preamble.file_id
     }
 
     fn layout(&self) -> Layout {
@@ -775,6 +803,16 @@ pub fn open_backing(volume: &Volume, path: &CanonicalPath, writable: bool) -> Re
         .backing()
         .open_file(path, writable, atime)
         .map_err(|e| Error::io(format!("cannot open {path}"), e))
+}
+
+/// The error for a header whose slot in force does not bind `path`: naming where it is bound.
+fn moved(path: &CanonicalPath, envelopes: &[Envelope]) -> Error {
+    let mut bound: Vec<&str> = envelopes.iter().map(|e| e.path.as_str()).collect();
+    bound.dedup();
+    Error::Moved {
+        path: path.to_string(),
+        bound: bound.join(", "),
+    }
 }
 
 /// What a slot change writes: the attributes and the envelopes (the generation is the next).
@@ -890,12 +928,7 @@ fn rewrite_slot(
         ));
     };
     if bound && !current.envelopes.iter().any(|e| &e.path == path) {
-        let mut names: Vec<&str> = current.envelopes.iter().map(|e| e.path.as_str()).collect();
-        names.dedup();
-        return Err(Error::Moved {
-            path: path.to_string(),
-            bound: names.join(", "),
-        });
+        return Err(moved(path, &current.envelopes));
     }
     let slots: Vec<&SlotContent> = authentic.iter().map(|(_, c)| *c).collect();
     let Some((attrs, envelopes)) = change(&slots)? else {
@@ -1029,10 +1062,7 @@ pub fn header_facts(
         file.read_exact_at(&mut head[4096..], 4096).map_err(io)?;
     }
     let header = Header::parse(&head).map_err(|e| Error::format(path, e))?;
-    let layout = Layout {
-        data_offset: preamble.data_offset(),
-        block_size: preamble.block_size,
-    };
+    let layout = preamble.layout();
     let mac_key = volume.header_mac_key(&preamble.file_id);
     // Newest first; each MAC checked only if the slot before it did not serve.
     let mut authentic = Vec::new();
@@ -1062,37 +1092,7 @@ pub fn header_facts(
             path,
             FormatError::HeaderAuthFailed("no slot with a valid MAC".into()),
         )),
-        None => {
-            let mut bound: Vec<&str> = authentic[0]
-                .1
-                .envelopes
-                .iter()
-                .map(|e| e.path.as_str())
-                .collect();
-            bound.dedup();
-            Err(Error::Moved {
-                path: path.to_string(),
-                bound: bound.join(", "),
-            })
-        }
-    }
-}
-
-/// A file's next identity, made by [`EncryptedFile::renewal`]: the bytes of a new empty file
-/// (preamble, slot 0, an empty slot 1, a sealed empty final block) under a new file id and
-/// data key, and the state the open file takes once they are on disk (see `super::renew`).
-pub(crate) struct Renewal {
-    pub(crate) bytes: Vec<u8>,
-    preamble: Preamble,
-    layout: Layout,
-    cipher: BlockCipher,
-    mac_key: DerivedKey,
-    content: SlotContent,
-}
-
-impl Renewal {
-    pub(crate) fn file_id(&self) -> [u8; 16] {
-        self.preamble.file_id
+        None => Err(moved(path, &authentic[0].1.envelopes)),
     }
 }
 
@@ -1106,53 +1106,17 @@ impl EncryptedFile {
         volume: &Volume,
         dek: &DataKey,
         envelopes: Vec<Envelope>,
-    ) -> Result<Renewal> {
-        let mut file_id = [0u8; 16];
-        getrandom::getrandom(&mut file_id).expect("the OS random number generator failed");
-        let mut preamble = self.preamble.clone();
-        preamble.file_id = file_id;
-        preamble.commitment = kdf::commitment(dek, &file_id);
-        let own: Vec<Envelope> = envelopes
-            .iter()
-            .filter(|e| e.path == self.path)
-            .cloned()
-            .collect();
-        preamble.slot_size = self.preamble.slot_size.max(slot_size_for(&own));
-        let mac_key = volume.header_mac_key(&file_id);
-        // Whatever else the slot holds (besides envelopes and generation) stays as it is.
-        let mut content = self.content.clone();
-        content.generation = 1;
-        content.envelopes = envelopes;
-        let mut bytes = loop {
-            match encode_new_header(&preamble, &content, &mac_key) {
-                Ok(bytes) => break bytes,
-                Err(_) if preamble.slot_size < crate::format::header::MAX_SLOT_SIZE => {
-                    preamble.slot_size += 512;
-                }
-                Err(e) => return Err(Error::format(&self.path, e)),
-            }
-        };
-        let cipher = BlockCipher::new(&kdf::content_key(dek, &file_id), file_id);
-        let nonce = random_nonces(1);
-        cipher.seal(
-            0,
-            true,
-            nonce[..NONCE_LEN].try_into().expect("12"),
+    ) -> Result<NewObject> {
+        // The attributes stay as they are.
+        NewObject::build(
+            volume,
+            &self.path,
+            dek,
+            envelopes,
+            self.content.attrs,
             &[],
-            &mut bytes,
-        );
-        let layout = Layout {
-            data_offset: preamble.data_offset(),
-            block_size: preamble.block_size,
-        };
-        Ok(Renewal {
-            bytes,
-            preamble,
-            layout,
-            cipher,
-            mac_key,
-            content,
-        })
+            self.preamble.slot_size,
+        )
     }
 
     /// Refuses (ENOSPC, EFBIG) growth to `new_size` the backing filesystem cannot hold, as a
@@ -1165,12 +1129,12 @@ impl EncryptedFile {
     }
 
     /// The open file is now `renewal` (its bytes are on disk): empty, under the new key.
-    pub(crate) fn adopt_renewal(&mut self, renewal: Renewal) {
+    pub(crate) fn adopt_renewal(&mut self, renewal: NewObject) {
         // A renewal is made durable before it is adopted.
         self.durable
             .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.layout = renewal.layout();
         self.preamble = renewal.preamble;
-        self.layout = renewal.layout;
         self.cipher = renewal.cipher;
         self.mac_key = renewal.mac_key;
         self.content = renewal.content;

@@ -17,7 +17,7 @@
 
 use sha2::{Digest, Sha256};
 
-use super::block::valid_block_size;
+use super::block::{valid_block_size, Layout};
 use super::codec::{Reader, Writer};
 use super::envelope::Envelope;
 use super::kdf;
@@ -191,6 +191,14 @@ impl Preamble {
             file_id,
             commitment,
         })
+    }
+
+    /// Where the blocks are: after the preamble and both slots, `block_size` each.
+    pub fn layout(&self) -> Layout {
+        Layout {
+            data_offset: self.data_offset(),
+            block_size: self.block_size,
+        }
     }
 
     /// Where the first block starts: after the preamble and both slots.

@@ -11,6 +11,7 @@
 //! before any key call. The slot's envelopes still need the key service to open, and the
 //! commitment still binds the DEK they give to the file.
 
+use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use hkdf::Hkdf;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -73,9 +74,52 @@ pub fn rebind_record_mac_key(volume_header_key: &DerivedKey, volume_id: &[u8; 16
     )
 }
 
-/// The one-use key that wraps an object's data key (see [`super::object`]), from a fresh salt.
-pub fn object_wrap_key(volume_header_key: &DerivedKey, salt: &[u8]) -> DerivedKey {
-    expand_bytes(volume_header_key.expose(), salt, LABEL_OBJECT_WRAP)
+/// Seals a 32-byte key once: AES-256-GCM with the all-zero nonce under the key
+/// HKDF-SHA256(IKM = `ikm`, salt = `salt`, info = `label`). The key wrap of local master keys
+/// and of volume-wrapped object keys: each wrap has a fresh random 32-byte salt, so each
+/// derived key seals once and the fixed nonce never repeats under it. Returns ciphertext ‖ tag.
+pub fn seal_key_once(
+    ikm: &[u8; 32],
+    salt: &[u8],
+    label: &[u8],
+    aad: &[u8],
+    key: &DataKey,
+) -> [u8; 48] {
+    let mut sealed = key.expose().to_vec();
+    once_aead(ikm, salt, label)
+        .seal_in_place_append_tag(
+            Nonce::assume_unique_for_key([0; 12]),
+            Aad::from(aad),
+            &mut sealed,
+        )
+        .expect("AES-GCM seals 32 bytes");
+    sealed.try_into().expect("32 bytes and a 16-byte tag")
+}
+
+/// Opens what [`seal_key_once`] sealed; None if it does not authenticate.
+pub fn open_key_once(
+    ikm: &[u8; 32],
+    salt: &[u8],
+    label: &[u8],
+    aad: &[u8],
+    sealed: &[u8],
+) -> Option<DataKey> {
+    let mut buf = zeroize::Zeroizing::new(sealed.to_vec());
+    let plain = once_aead(ikm, salt, label)
+        .open_in_place(
+            Nonce::assume_unique_for_key([0; 12]),
+            Aad::from(aad),
+            &mut buf,
+        )
+        .ok()?;
+    DataKey::from_slice(plain)
+}
+
+fn once_aead(ikm: &[u8; 32], salt: &[u8], label: &[u8]) -> LessSafeKey {
+    let key = expand_bytes(ikm, salt, label);
+    LessSafeKey::new(
+        UnboundKey::new(&AES_256_GCM, key.expose()).expect("a 32-byte key is an AES-256 key"),
+    )
 }
 
 /// The key of the volume config's MAC, derived from the volume key.

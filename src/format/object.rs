@@ -12,8 +12,6 @@
 //! Each wrap derives its own AES-256-GCM key from a fresh random 32-byte salt, so a key is
 //! used for exactly one encryption and the all-zero nonce is safe; no wrap budget applies.
 
-use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
-
 use super::context::EncryptionContext;
 use super::envelope::WrappedKey;
 use super::kdf;
@@ -30,13 +28,6 @@ const SALT_LEN: usize = 32;
 /// version (1) ‖ salt (32) ‖ AES-256-GCM(DEK) (32) ‖ tag (16).
 pub const WRAPPED_LEN: usize = 1 + SALT_LEN + 32 + 16;
 
-fn aead(volume_header_key: &DerivedKey, salt: &[u8]) -> LessSafeKey {
-    let key = kdf::object_wrap_key(volume_header_key, salt);
-    LessSafeKey::new(
-        UnboundKey::new(&AES_256_GCM, key.expose()).expect("a 32-byte key is an AES-256 key"),
-    )
-}
-
 /// Wraps `dek` for an object whose context is `ctx`, with the caller's random `salt`.
 pub fn wrap(
     volume_header_key: &DerivedKey,
@@ -44,14 +35,13 @@ pub fn wrap(
     ctx: &EncryptionContext,
     salt: [u8; SALT_LEN],
 ) -> WrappedKey {
-    let mut sealed = dek.expose().to_vec();
-    aead(volume_header_key, &salt)
-        .seal_in_place_append_tag(
-            Nonce::assume_unique_for_key([0; 12]),
-            Aad::from(ctx.serialize()),
-            &mut sealed,
-        )
-        .expect("AES-GCM seals 32 bytes");
+    let sealed = kdf::seal_key_once(
+        volume_header_key.expose(),
+        &salt,
+        kdf::LABEL_OBJECT_WRAP,
+        &ctx.serialize(),
+        dek,
+    );
     let mut blob = Vec::with_capacity(WRAPPED_LEN);
     blob.push(BLOB_VERSION);
     blob.extend_from_slice(&salt);
@@ -83,17 +73,13 @@ pub fn unwrap(
     if wrapped.key_id != OBJECT_KEY_ID || b.len() != WRAPPED_LEN || b[0] != BLOB_VERSION {
         return None;
     }
-    let mut sealed = b[1 + SALT_LEN..].to_vec();
-    let plain = aead(volume_header_key, &b[1..1 + SALT_LEN])
-        .open_in_place(
-            Nonce::assume_unique_for_key([0; 12]),
-            Aad::from(ctx.serialize()),
-            &mut sealed,
-        )
-        .ok()?;
-    let dek = DataKey::from_slice(plain);
-    zeroize::Zeroize::zeroize(&mut sealed);
-    dek
+    kdf::open_key_once(
+        volume_header_key.expose(),
+        &b[1..1 + SALT_LEN],
+        kdf::LABEL_OBJECT_WRAP,
+        &ctx.serialize(),
+        &b[1 + SALT_LEN..],
+    )
 }
 
 #[cfg(test)]

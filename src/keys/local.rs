@@ -26,9 +26,6 @@ use std::io::Write;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
-use hkdf::Hkdf;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use zeroize::Zeroizing;
@@ -37,15 +34,15 @@ use super::{KeyError, KeyErrorKind, KeyProvider, KmsOp};
 use crate::format::codec::hex;
 use crate::format::context::EncryptionContext;
 use crate::format::envelope::WrappedKey;
+use crate::format::kdf;
 use crate::secret::DataKey;
 
 const BLOB_VERSION: u8 = 2;
 const SALT_LEN: usize = 32;
 pub const WRAPPED_LEN: usize = 1 + 16 + SALT_LEN + 32 + 16;
 const AAD_LABEL: &[u8] = b"kmsfs/v1 local wrap";
+/// The label of each wrap's own key (see [`kdf::seal_key_once`]).
 const WRAP_KEY_LABEL: &[u8] = b"kmsfs/v2 local wrap key";
-/// Each derived key encrypts exactly once, so a fixed nonce is sound.
-const WRAP_NONCE: [u8; 12] = [0; 12];
 
 /// One master key loaded from its file.
 pub struct LocalKey {
@@ -125,15 +122,6 @@ impl LocalKey {
         }
     }
 
-    /// The AES-256-GCM key of the one wrap made with `salt`.
-    fn wrap_cipher(&self, salt: &[u8]) -> Aes256Gcm {
-        let mut wrap_key = Zeroizing::new([0u8; 32]);
-        Hkdf::<Sha256>::new(Some(salt), &self.master[..])
-            .expand(WRAP_KEY_LABEL, &mut wrap_key[..])
-            .expect("32 bytes is a valid HKDF length");
-        Aes256Gcm::new((&*wrap_key).into())
-    }
-
     pub fn id(&self) -> &str {
         &self.id
     }
@@ -164,16 +152,7 @@ impl LocalKey {
                 format!("no randomness: {e}"),
             )
         })?;
-        let ct = self
-            .wrap_cipher(&salt)
-            .encrypt(
-                Nonce::from_slice(&WRAP_NONCE),
-                Payload {
-                    msg: key.expose(),
-                    aad: &self.aad(ctx),
-                },
-            )
-            .expect("AES-GCM encrypts 32 bytes");
+        let ct = kdf::seal_key_once(&self.master, &salt, WRAP_KEY_LABEL, &self.aad(ctx), key);
         let mut blob = Vec::with_capacity(WRAPPED_LEN);
         blob.push(BLOB_VERSION);
         blob.extend_from_slice(&self.fingerprint);
@@ -202,24 +181,19 @@ impl LocalKey {
                 "the wrapped key names another master key",
             ));
         }
-        let plain = Zeroizing::new(
-            self.wrap_cipher(&b[17..17 + SALT_LEN])
-                .decrypt(
-                    Nonce::from_slice(&WRAP_NONCE),
-                    Payload {
-                        msg: &b[17 + SALT_LEN..],
-                        aad: &self.aad(ctx),
-                    },
-                )
-                .map_err(|_| {
-                    err(
-                        KeyErrorKind::ContextMismatch,
-                        "the wrapped key does not open under this encryption context",
-                    )
-                })?,
-        );
-        DataKey::from_slice(&plain)
-            .ok_or_else(|| err(KeyErrorKind::InvalidResponse, "bad key length"))
+        kdf::open_key_once(
+            &self.master,
+            &b[17..17 + SALT_LEN],
+            WRAP_KEY_LABEL,
+            &self.aad(ctx),
+            &b[17 + SALT_LEN..],
+        )
+        .ok_or_else(|| {
+            err(
+                KeyErrorKind::ContextMismatch,
+                "the wrapped key does not open under this encryption context",
+            )
+        })
     }
 }
 
