@@ -22,7 +22,8 @@ pub fn run(args: AdoptArgs) -> Result<()> {
     let path = volume_path(&args.path)?;
     let from = volume_path(&args.from)?;
     let volume = args.volume.open()?;
-    let moved = crate::core::adopt::adopt(&volume, &path, &from)?;
+    let (stored, stored_from) = (volume.stored_path(&path)?, volume.stored_path(&from)?);
+    let moved = crate::core::adopt::adopt(&volume, &stored, &stored_from)?;
     tracing::info!(path = %path, from = %from, envelopes = moved, "adopted");
     println!(
         "adopted {path} (was bound to {from}): {moved} envelope(s) re-encrypted to its new path"

@@ -21,6 +21,7 @@ pub struct CatArgs {
 pub fn run(args: CatArgs) -> Result<()> {
     let path = volume_path(&args.path)?;
     let volume = args.volume.open()?;
+    let path = volume.stored_path(&path)?;
     let file = EncryptedFile::open(&volume, &path, false)?;
     if file.attrs().kind != ObjectKind::File {
         return Err(Error::Refused(format!(

@@ -41,6 +41,7 @@ pub fn run(args: ExportArgs) -> Result<()> {
         ));
     }
     let volume = args.volume.open()?;
+    let subtree = volume.stored_path(&subtree)?;
     let dest = if to_stdout {
         Destination::Tar(Box::new(std::io::BufWriter::with_capacity(
             1 << 20,

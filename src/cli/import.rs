@@ -32,7 +32,8 @@ pub fn run(args: ImportArgs) -> Result<()> {
     };
     let volume = args.volume.open()?;
     // Owned by whoever imports it, readable by them alone (chmod through a mount to share).
-    let size = write_new_file(&volume, &path, &mut input)?;
+    let stored = volume.prepare_entry(&path)?;
+    let size = write_new_file(&volume, &stored, &mut input)?;
     println!("wrote {size} bytes to {path}");
     Ok(())
 }

@@ -28,7 +28,8 @@ pub fn run(args: InfoArgs) -> Result<()> {
             print_volume(&volume);
             Ok(())
         }
-        Some(path) => {
+        Some(plain) => {
+            let path = volume.stored_path(&plain)?;
             let file = crate::core::file::open_backing(&volume, &path, false)?;
             let (header, len) = read_header(&file, &path)?;
             let preamble = &header.preamble;
@@ -36,7 +37,10 @@ pub fn run(args: InfoArgs) -> Result<()> {
                 data_offset: preamble.data_offset(),
                 block_size: preamble.block_size,
             };
-            println!("path:        {path}");
+            println!("path:        {plain}");
+            if path != plain {
+                println!("stored as:   {path}");
+            }
             println!(
                 "backing:     {}",
                 volume.root().join(path.to_relative_path()).display()
@@ -106,6 +110,12 @@ fn print_volume(volume: &Volume) {
         c.features.join(", ")
     };
     println!("features:    {features}");
+    let names = if volume.encrypted_names() {
+        "encrypted (AES-SIV, per-directory)"
+    } else {
+        "plaintext"
+    };
+    println!("names:       {names}");
     println!("trusted keys (new files use the first):");
     for k in &c.trusted_keys {
         println!("  {}  {}", k.id, k.locator);

@@ -24,6 +24,10 @@ pub struct InitArgs {
     /// Plaintext bytes per block: a power of two from 512 to 1M (suffixes K, M)
     #[arg(long, value_name = "N", default_value_t = DEFAULT_BLOCK_SIZE, value_parser = parse_size)]
     pub block_size: u32,
+    /// Store file names as they are instead of encrypted (they then show on the backing
+    /// store, in its backups and in the key service's audit log)
+    #[arg(long)]
+    pub plaintext_names: bool,
 }
 
 fn parse_size(s: &str) -> Result<u32, String> {
@@ -74,6 +78,7 @@ pub fn run(args: InitArgs) -> Result<()> {
         context: parse_context(&args.context)?,
         block_size: args.block_size,
         key_options: super::key_options()?,
+        plaintext_names: args.plaintext_names,
     };
     let report = Volume::init(&args.backing, options)?;
     let vol = &report.volume;
@@ -83,6 +88,12 @@ pub fn run(args: InitArgs) -> Result<()> {
         args.backing.display()
     );
     println!("  block size: {}", vol.config().block_size);
+    let names = if vol.encrypted_names() {
+        "encrypted (AES-SIV)"
+    } else {
+        "plaintext"
+    };
+    println!("  names: {names}");
     for k in &vol.config().trusted_keys {
         println!("  trusted key: {} ({})", k.id, k.locator);
     }

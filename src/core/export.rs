@@ -46,7 +46,8 @@ use crate::error::{Error, Result};
 use crate::format::context::CanonicalPath;
 
 use super::file::{dir_record, EncryptedFile};
-use super::volume::{is_reserved_name, Volume};
+use super::names::Listed;
+use super::volume::Volume;
 use crate::format::header::{Attrs, ObjectKind};
 
 /// Where an export goes.
@@ -164,7 +165,7 @@ pub fn export(
     let out = if subtree.is_root() {
         CanonicalPath::root()
     } else {
-        let rel = subtree.to_relative_path();
+        let rel = volume.plain_path(subtree)?.to_relative_path();
         let name = rel
             .file_name()
             .expect("a path other than the root has a name");
@@ -360,15 +361,34 @@ impl Exporter<'_> {
         meta: &fs::Metadata,
         attrs: &Attrs,
     ) -> Result<()> {
-        let mut names: Vec<OsString> = self
+        let listed = self
             .store
             .list_dir(p, Atime::Keep)
-            .map_err(|e| Error::io(format!("cannot read {p}"), e))?
-            .into_iter()
-            .map(|e| e.name)
-            .filter(|n| !is_reserved_name(n.as_bytes(), p.is_root()))
-            .collect();
-        names.sort();
+            .map_err(|e| Error::io(format!("cannot read {p}"), e))?;
+        let dir_id = match self.volume.encrypted_names() {
+            true => Some(self.volume.dir_id(p)?),
+            false => None,
+        };
+        // (stored name, plaintext name), in plaintext order.
+        let mut names: Vec<(OsString, Vec<u8>)> = Vec::new();
+        for e in listed {
+            match self
+                .volume
+                .listed_name(p, dir_id.as_ref(), e.name.as_bytes())?
+            {
+                Listed::Name(n) => names.push((e.name, n)),
+                Listed::Own => {}
+                Listed::Foreign(why) => {
+                    let child = p.join(e.name.as_bytes()).map_err(|e| Error::format(p, e))?;
+                    let e = Error::Integrity(format!(
+                        "{child}: an entry on the backing store whose name kmsfs did not write \
+                         there ({why}); not exported"
+                    ));
+                    self.failed(&child, e)?;
+                }
+            }
+        }
+        names.sort_by(|a, b| a.1.cmp(&b.1));
         if !out.is_root() {
             if let Sink::Dir(d) = &self.dest {
                 // Only the exporter can enter it until it is complete.
@@ -379,11 +399,9 @@ impl Exporter<'_> {
                 self.append(&mut h, out, std::io::empty())?;
             }
         }
-        for name in names {
+        for (name, plain) in names {
             let child = p.join(name.as_bytes()).map_err(|e| Error::format(p, e))?;
-            let child_out = out
-                .join(name.as_bytes())
-                .map_err(|e| Error::format(&child, e))?;
+            let child_out = out.join(&plain).map_err(|e| Error::format(&child, e))?;
             let m = store_metadata(self.store, &child)?;
             self.walk(&child, &child_out, &m)?;
         }
@@ -675,6 +693,8 @@ mod tests {
             InitOptions {
                 keys: vec![KeySpec::Local(dir.path().join("keys/master.key"))],
                 block_size: 4096,
+                // These play the attacker on the store by name.
+                plaintext_names: true,
                 ..Default::default()
             },
         )

@@ -1037,6 +1037,9 @@ pub struct HeaderFacts {
     /// The attributes in force for the path asked about.
     pub attrs: Attrs,
     pub layout: Layout,
+    /// The file id (authenticated: the slot MAC's key is derived from it). A directory
+    /// record's is the directory's id, which its entries' names are encrypted under.
+    pub file_id: [u8; 16],
     /// Every path the slot in force binds (the object's names, or names it is gaining).
     pub paths: Vec<CanonicalPath>,
 }
@@ -1085,6 +1088,7 @@ pub fn header_facts(
             Ok(HeaderFacts {
                 attrs: content.attrs,
                 layout,
+                file_id: preamble.file_id,
                 paths,
             })
         }

@@ -210,15 +210,77 @@ pub fn check(volume: &Volume, deep: bool, repair: bool) -> Result<Report> {
         }
         report.problems.push(p);
     }
-    store_walk(volume, &mut report)?;
+    store_walk(volume, repair, &mut report)?;
+    // Reported by the names the user knows, where they decrypt.
+    if volume.encrypted_names() {
+        let mut names = super::names::NameCache::default();
+        for p in &mut report.problems {
+            if let Ok(stored) = CanonicalPath::from_encoded(&p.path) {
+                p.path = match names.plain_path(volume, &stored) {
+                    Ok(plain) => plain.to_string(),
+                    Err(_) => format!("{stored} (as stored)"),
+                };
+            }
+        }
+    }
     Ok(report)
+}
+
+/// With encrypted names: an entry whose name kmsfs did not write in this directory (planted,
+/// moved there on the store, or a long name whose side record is lost), or a side record
+/// whose entry is gone (left by a crash; removed with `--repair`).
+fn check_name(
+    volume: &Volume,
+    dir: &CanonicalPath,
+    id: &[u8; 16],
+    child: &CanonicalPath,
+    name: &std::ffi::OsStr,
+    names: &std::collections::HashSet<std::ffi::OsString>,
+    repair: bool,
+) -> Option<Problem> {
+    use crate::format::names::{classify, EntryName, SIDE_SUFFIX};
+    let bytes = name.as_encoded_bytes();
+    if classify(bytes) == EntryName::SideRecord {
+        let entry = &bytes[..bytes.len() - SIDE_SUFFIX.len()];
+        if names.contains(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(entry)) {
+            return None;
+        }
+        let repaired = repair && volume.backing().unlink(child, None).is_ok();
+        return Some(Problem {
+            path: dir.to_string(),
+            kind: "orphan-side-record",
+            detail: format!(
+                "{}: a long name's side record whose entry is gone (left by a crash); safe to \
+                 delete",
+                name.to_string_lossy()
+            ),
+            repaired,
+        });
+    }
+    if name == DIR_RECORD || bytes.starts_with(TEMP_PREFIX.as_bytes()) {
+        return None;
+    }
+    match volume.listed_name(dir, Some(id), bytes) {
+        Ok(super::names::Listed::Foreign(why)) => Some(Problem {
+            path: dir.to_string(),
+            kind: "foreign-name",
+            detail: format!(
+                "{}: an entry whose name kmsfs did not write in this directory ({why}: made \
+                 on the store, or moved there from another directory); the mount does not show \
+                 it",
+                name.to_string_lossy()
+            ),
+            repaired: false,
+        }),
+        _ => None,
+    }
 }
 
 /// What the backing store holds besides objects: leftovers of interrupted imports (never
 /// removed by fsck: they may be an import running now), directories without their record, and
 /// entries kmsfs never makes (symlinks, fifos, device nodes, sockets: the mount never shows
 /// them). None is removed: they are evidence, and the operator's to judge.
-fn store_walk(volume: &Volume, report: &mut Report) -> Result<()> {
+fn store_walk(volume: &Volume, repair: bool, report: &mut Report) -> Result<()> {
     let store = volume.backing();
     let mut stack = vec![CanonicalPath::root()];
     while let Some(dir) = stack.pop() {
@@ -235,6 +297,13 @@ fn store_walk(volume: &Volume, report: &mut Report) -> Result<()> {
                 repaired: false,
             });
         }
+        let dir_id = if volume.encrypted_names() {
+            volume.dir_id(&dir).ok()
+        } else {
+            None
+        };
+        let names: std::collections::HashSet<std::ffi::OsString> =
+            entries.iter().map(|e| e.name.clone()).collect();
         for entry in entries {
             let name = entry.name;
             if dir.is_root() && name == super::volume::META_DIR {
@@ -243,6 +312,12 @@ fn store_walk(volume: &Volume, report: &mut Report) -> Result<()> {
             let Ok(child) = dir.join(name.as_encoded_bytes()) else {
                 continue;
             };
+            if let Some(id) = &dir_id {
+                if let Some(p) = check_name(volume, &dir, id, &child, &name, &names, repair) {
+                    report.problems.push(p);
+                    continue;
+                }
+            }
             if name.as_encoded_bytes().starts_with(TEMP_PREFIX.as_bytes()) {
                 report.problems.push(Problem {
                     path: child.to_string(),

@@ -12,6 +12,7 @@ pub mod fs;
 pub mod fsck;
 pub mod instance;
 pub mod journal;
+pub mod names;
 pub mod renew;
 pub mod rewrap;
 pub mod trust;

@@ -75,6 +75,8 @@ pub struct InitOptions {
     /// The state directory to record the new volume's trusted keys in (see [`super::trust`]);
     /// None: record nothing.
     pub record: Option<PathBuf>,
+    /// Store names as they are (`init --plaintext-names`) rather than encrypted.
+    pub plaintext_names: bool,
 }
 
 impl Default for InitOptions {
@@ -85,6 +87,7 @@ impl Default for InitOptions {
             block_size: DEFAULT_BLOCK_SIZE,
             key_options: KeyOptions::default(),
             record: None,
+            plaintext_names: false,
         }
     }
 }
@@ -132,6 +135,8 @@ pub struct Volume {
     keyring: Keyring,
     /// Root of the files' header MAC keys (docs/FORMAT.md, "Header slots").
     header_key: crate::secret::DerivedKey,
+    /// The key names are encrypted under; None with plaintext names (see [`super::names`]).
+    name_key: Option<crate::format::names::NameKey>,
     /// For rewriting the config when the trusted keys change.
     config_mac_key: crate::secret::DerivedKey,
     key_options: KeyOptions,
@@ -415,7 +420,11 @@ impl Volume {
                 volume_id,
                 suite: SUITE_AES256GCM_HKDF_SHA256,
                 block_size: options.block_size,
-                features: Vec::new(),
+                features: if options.plaintext_names {
+                    vec![crate::format::config::FEATURE_PLAINTEXT_NAMES.to_string()]
+                } else {
+                    Vec::new()
+                },
                 trusted_keys,
                 context: options.context.clone(),
                 volume_keys,
@@ -431,6 +440,7 @@ impl Volume {
             let mut volume = Volume {
                 root: root.to_path_buf(),
                 backing: backing.clone(),
+                name_key: name_key(&config, &volume_key),
                 header_key: kdf::volume_header_key(&volume_key, &volume_id),
                 config_mac_key: kdf::config_mac_key(&volume_key, &volume_id),
                 key_options: options.key_options.clone(),
@@ -728,6 +738,7 @@ impl Volume {
         let mut volume = Volume {
             root: root.to_path_buf(),
             backing,
+            name_key: name_key(&config, &volume_key),
             header_key: kdf::volume_header_key(&volume_key, &volume_id),
             config_mac_key: kdf::config_mac_key(&volume_key, &volume_id),
             key_options: options.key_options.clone(),
@@ -1004,6 +1015,11 @@ impl Volume {
     }
 
     /// The key that MACs the header slots of the file `file_id`.
+    /// The key names are encrypted under (None: plaintext names).
+    pub fn name_key(&self) -> Option<&crate::format::names::NameKey> {
+        self.name_key.as_ref()
+    }
+
     pub fn header_mac_key(&self, file_id: &[u8; 16]) -> crate::secret::DerivedKey {
         kdf::header_mac_key(&self.header_key, file_id)
     }
@@ -1091,7 +1107,7 @@ impl Volume {
             for entry in self.backing.list_dir(&dir, Atime::Keep).map_err(read)? {
                 let name = entry.name;
                 let record = name.as_bytes() == object::DIR_RECORD.as_bytes();
-                if is_reserved_name(name.as_bytes(), dir.is_root()) && !record {
+                if self.is_own_name(name.as_bytes(), dir.is_root()) && !record {
                     continue;
                 }
                 let child = dir
@@ -1133,6 +1149,16 @@ impl Volume {
     pub fn backing_shared(&self) -> Arc<Backing> {
         self.backing.clone()
     }
+}
+
+/// The name key of the volume `config` describes, if its names are encrypted.
+fn name_key(config: &VolumeConfig, volume_key: &DataKey) -> Option<crate::format::names::NameKey> {
+    (!config.plaintext_names()).then(|| {
+        crate::format::names::NameKey::derive(
+            &kdf::volume_header_key(volume_key, &config.volume_id),
+            &config.volume_id,
+        )
+    })
 }
 
 fn trusted_list(config: &VolumeConfig) -> String {

@@ -22,10 +22,12 @@ use super::FormatError;
 use crate::secret::DerivedKey;
 
 pub const MAGIC: &[u8; 8] = b"KMSFSVOL";
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// Feature flags this version understands. A config naming any other flag is refused, so an
 /// older kmsfs never half-understands a volume written by a newer one.
-pub const KNOWN_FEATURES: &[&str] = &[];
+pub const KNOWN_FEATURES: &[&str] = &[FEATURE_PLAINTEXT_NAMES];
+/// File names are stored as they are, not encrypted (`init --plaintext-names`).
+pub const FEATURE_PLAINTEXT_NAMES: &str = "plaintext-names";
 const MAC_LEN: usize = 32;
 
 /// A key the volume trusts: its id, as recorded in envelopes, and where to reach it.
@@ -134,6 +136,11 @@ impl VolumeConfig {
             }
         }
         Ok(())
+    }
+
+    /// Whether names are stored in plaintext (else encrypted: see [`super::names`]).
+    pub fn plaintext_names(&self) -> bool {
+        self.features.iter().any(|f| f == FEATURE_PLAINTEXT_NAMES)
     }
 
     pub fn is_trusted(&self, key_id: &str) -> bool {

@@ -26,7 +26,7 @@ use super::FormatError;
 use crate::secret::DerivedKey;
 
 pub const MAGIC: &[u8; 4] = b"KMFS";
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// AES-256-GCM blocks, HKDF-SHA256 key derivation, HMAC-SHA256 key commitment and slot MAC.
 pub const SUITE_AES256GCM_HKDF_SHA256: u16 = 1;
 pub const PREAMBLE_LEN: usize = 64;

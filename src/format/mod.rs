@@ -16,6 +16,7 @@ pub mod context;
 pub mod envelope;
 pub mod header;
 pub mod kdf;
+pub mod names;
 pub mod object;
 
 use thiserror::Error;
@@ -29,7 +30,7 @@ pub enum FormatError {
     InvalidConfig(String),
     #[error("volume config uses unknown feature flag '{0}' (written by a newer kmsfs?)")]
     UnknownFeature(String),
-    #[error("{what} of format version {version}, which this kmsfs does not read (it reads version 2 only)")]
+    #[error("{what} of format version {version}, which this kmsfs does not read (it reads version 3 only)")]
     UnsupportedVersion { what: &'static str, version: u16 },
     #[error("volume config authentication failed (the config was edited or is not this volume's)")]
     ConfigAuthFailed,

@@ -34,6 +34,41 @@ pub fn path(p: &str) -> CanonicalPath {
     CanonicalPath::from_user(Path::new(p)).unwrap()
 }
 
+/// Whether the tests make volumes with plaintext names (`KMSFS_TEST_NAMES=plaintext`; the
+/// suite runs the attack and model tests both ways) rather than encrypted ones (the default).
+pub fn plaintext_names() -> bool {
+    std::env::var("KMSFS_TEST_NAMES").as_deref() == Ok("plaintext")
+}
+
+/// The `kmsfs init` arguments of the name mode the tests run in.
+pub fn names_args() -> &'static [&'static str] {
+    if plaintext_names() {
+        &["--plaintext-names"]
+    } else {
+        &[]
+    }
+}
+
+/// The stored path of the user's path `p` (its directories must exist): kmsfs's own names
+/// (`.kmsfs/...`, a directory's `.kmsfs-dir`) are kept as they are.
+pub fn stored(volume: &Volume, p: &str) -> CanonicalPath {
+    let mut out = CanonicalPath::root();
+    for name in Path::new(p).iter().filter(|c| *c != "/") {
+        let bytes = name.as_encoded_bytes();
+        out = if volume.is_own_name(bytes, out.is_root()) || !volume.encrypted_names() {
+            out.join(bytes).unwrap()
+        } else {
+            volume.stored_child(&out, None, bytes).unwrap().path
+        };
+    }
+    out
+}
+
+/// The host path of the backing entry of the user's path `p` in the store at `backing`.
+pub fn host_path(volume: &Volume, backing: &Path, p: &str) -> PathBuf {
+    backing.join(stored(volume, p).to_relative_path())
+}
+
 impl TestVolume {
     pub fn new(block_size: u32) -> Self {
         Self::with_key(block_size, None)
@@ -54,6 +89,7 @@ impl TestVolume {
                 block_size,
                 // Recorded where the kmsfs processes of the tests look, as `kmsfs init` does.
                 record: Some(state_dir()),
+                plaintext_names: plaintext_names(),
                 ..Default::default()
             },
         )
@@ -101,13 +137,19 @@ impl TestVolume {
     }
 
     pub fn write(&self, p: &str, data: &[u8]) {
-        write_new_file(&self.volume, &path(p), &mut &data[..]).unwrap();
+        let at = self.volume.prepare_entry(&path(p)).unwrap();
+        write_new_file(&self.volume, &at, &mut &data[..]).unwrap();
+    }
+
+    /// The stored path of `p`.
+    pub fn stored(&self, p: &str) -> CanonicalPath {
+        stored(&self.volume, p)
     }
 
     /// Reads a file through a fresh open of the volume.
     pub fn read(&self, p: &str) -> Result<Vec<u8>, Error> {
         let volume = self.reopen()?;
-        EncryptedFile::open(&volume, &path(p), false)?.read_all()
+        EncryptedFile::open(&volume, &stored(&volume, p), false)?.read_all()
     }
 
     /// Makes the directory `p` (mode 0755, owned by the test's user), record and all.
@@ -119,14 +161,15 @@ impl TestVolume {
     /// the test's user.
     pub fn mkdir_as(&self, p: &str, mode: u32, owner: Option<(u32, u32)>) {
         let attrs = attrs(ObjectKind::Dir, mode, owner);
-        kmsfs::core::file::make_dir(&self.volume, &path(p), attrs).unwrap();
+        let at = self.volume.prepare_entry(&path(p)).unwrap();
+        kmsfs::core::file::make_dir(&self.volume, &at, attrs).unwrap();
     }
 
     /// Writes the file `p` with the authenticated mode `mode` and owner.
     pub fn write_as(&self, p: &str, data: &[u8], mode: u32, owner: Option<(u32, u32)>) {
         let attrs = attrs(ObjectKind::File, mode, owner);
-        kmsfs::core::file::write_new_file_as(&self.volume, &path(p), &mut &data[..], attrs)
-            .unwrap();
+        let at = self.volume.prepare_entry(&path(p)).unwrap();
+        kmsfs::core::file::write_new_file_as(&self.volume, &at, &mut &data[..], attrs).unwrap();
     }
 
     /// Makes the object `p` of `kind` (a symlink with `data` as its target, a fifo, a device
@@ -134,8 +177,9 @@ impl TestVolume {
     pub fn object(&self, p: &str, kind: ObjectKind, mode: u32, rdev: u64, data: &[u8]) {
         let mut attrs = attrs(kind, mode, None);
         attrs.rdev = rdev;
-        let bytes = kmsfs::core::file::encode_object(&self.volume, &path(p), attrs, data).unwrap();
-        self.volume.backing().write_new(&path(p), &bytes).unwrap();
+        let at = self.volume.prepare_entry(&path(p)).unwrap();
+        let bytes = kmsfs::core::file::encode_object(&self.volume, &at, attrs, data).unwrap();
+        self.volume.backing().write_new(&at, &bytes).unwrap();
     }
 
     /// Sets the authenticated owner of the object `p` (a directory: its record) as a chown
@@ -143,9 +187,9 @@ impl TestVolume {
     pub fn chown(&self, p: &str, uid: u32, gid: u32) {
         let is_dir = fs::symlink_metadata(self.backing_file(p)).unwrap().is_dir();
         let at = if is_dir {
-            kmsfs::core::file::dir_record(&path(p))
+            kmsfs::core::file::dir_record(&self.stored(p))
         } else {
-            path(p)
+            self.stored(p)
         };
         let file = self
             .volume
@@ -163,8 +207,9 @@ impl TestVolume {
         .unwrap();
     }
 
+    /// The host path of the backing entry of `p`.
     pub fn backing_file(&self, p: &str) -> PathBuf {
-        self.backing.join(p)
+        host_path(&self.volume, &self.backing, p)
     }
 
     pub fn bytes(&self, p: &str) -> Vec<u8> {

@@ -17,6 +17,8 @@ pub struct Mount {
     /// Filesystems mounted under the temp dir for the test (e.g. a small tmpfs as the backing
     /// store), unmounted after the daemon stops.
     pub cleanup_mounts: Vec<PathBuf>,
+    /// The volume, opened in the test to name backing entries ([`Mount::b`]).
+    volume: std::sync::OnceLock<kmsfs::core::Volume>,
 }
 
 /// Whether FUSE can be used here. Under CI=true it must be.
@@ -108,6 +110,7 @@ impl Mount {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             cleanup_mounts,
+            volume: std::sync::OnceLock::new(),
         };
         let key_arg = match kms_key {
             Some(arn) => arn.to_string(),
@@ -120,6 +123,7 @@ impl Mount {
                 "--block-size",
                 &bs.to_string(),
             ])
+            .args(super::names_args())
             .arg("--key")
             .arg(&key_arg)
             .envs(m.env.iter().map(|(k, v)| (k, v)))
@@ -252,8 +256,27 @@ impl Mount {
         self.mnt.join(rel)
     }
 
+    /// The host path of the backing entry of the user's path `rel` (its directories must
+    /// exist on the store).
     pub fn b(&self, rel: &str) -> PathBuf {
-        self.backing.join(rel)
+        if super::plaintext_names() {
+            return self.backing.join(rel);
+        }
+        let volume = self.volume.get_or_init(|| {
+            assert!(
+                self.key.exists(),
+                "Mount::b needs the local key (a KMS volume's stored names are not computed here)"
+            );
+            kmsfs::core::Volume::open(
+                &self.backing,
+                &kmsfs::core::OpenOptions {
+                    pin: vec![kmsfs::keys::spec::KeySpec::Local(self.key.clone())],
+                    ..Default::default()
+                },
+            )
+            .expect("open the volume to name its backing entries")
+        });
+        super::host_path(volume, &self.backing, rel)
     }
 
     /// `kmsfs info BACKING PATH` output (authenticates the file offline).

@@ -12,6 +12,9 @@ use super::*;
 pub(super) struct Node {
     pub(super) paths: Vec<CanonicalPath>,
     pub(super) lookups: u64,
+    /// A directory's id, which its entries' names are encrypted under (read from its record
+    /// when first needed; it never changes while the directory exists).
+    pub(super) dir_id: Option<[u8; 16]>,
 }
 
 impl KmsFs {
@@ -44,13 +47,41 @@ impl KmsFs {
         }
     }
 
-    pub(super) fn child(&self, parent: u64, name: &OsStr) -> Result<CanonicalPath> {
-        if is_reserved_name(name.as_bytes(), parent == ROOT_INO) {
+    /// Where the entry `name` of directory `parent` is stored (with the side record a long
+    /// encrypted name needs).
+    pub(super) fn child(&self, parent: u64, name: &OsStr) -> Result<StoredChild> {
+        let encrypted = self.volume.encrypted_names();
+        if !encrypted && is_reserved_name(name.as_bytes(), parent == ROOT_INO) {
             return Err(os(format!("{name:?} is reserved"), libc::EPERM));
         }
-        self.path_of(parent)?
-            .join(name.as_bytes())
-            .map_err(|_| os(format!("bad name {name:?}"), libc::EINVAL))
+        let dir = self.path_of(parent)?;
+        let id = if encrypted {
+            Some(self.dir_id_of(parent, &dir)?)
+        } else {
+            None
+        };
+        self.volume
+            .stored_child(&dir, id.as_ref(), name.as_bytes())
+            .map_err(|e| match e {
+                Error::Format {
+                    source: crate::format::FormatError::TooLarge(why),
+                    ..
+                } => os(format!("name too long: {why}"), libc::ENAMETOOLONG),
+                Error::Format { .. } => os(format!("bad name {name:?}"), libc::EINVAL),
+                e => e,
+            })
+    }
+
+    /// The id of directory `ino` at `dir` (remembered in its node).
+    pub(super) fn dir_id_of(&self, ino: u64, dir: &CanonicalPath) -> Result<[u8; 16]> {
+        if let Some(id) = self.nodes.lock().unwrap().get(&ino).and_then(|n| n.dir_id) {
+            return Ok(id);
+        }
+        let id = self.volume.dir_id(dir)?;
+        if let Some(node) = self.nodes.lock().unwrap().get_mut(&ino) {
+            node.dir_id = Some(id);
+        }
+        Ok(id)
     }
 
     /// Remembers that `ino` is reachable at `path` (now its preferred path) and counts one
@@ -60,6 +91,10 @@ impl KmsFs {
         {
             let mut nodes = self.nodes.lock().unwrap();
             let node = nodes.entry(ino).or_default();
+            if node.paths.is_empty() {
+                // Known by no name: whatever directory id it had was another directory's.
+                node.dir_id = None;
+            }
             if node.paths.first() != Some(path) {
                 node.paths.retain(|p| {
                     let here = p != path

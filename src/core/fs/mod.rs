@@ -25,7 +25,7 @@
 use std::collections::HashMap;
 use std::ffi::{CString, OsStr, OsString};
 use std::fs::{self, File};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,6 +41,7 @@ use crate::format::object::DIR_RECORD;
 use super::file::{attrs_change, dir_record, encode_object, read_header, EncryptedFile};
 use super::instance::{KeyRequests, OpenNode};
 use super::journal::Journal;
+use super::names::{Listed, StoredChild};
 use super::volume::{is_reserved_name, Volume};
 use crate::backing::{Atime, Backing, Identity};
 
@@ -131,6 +132,8 @@ pub struct KmsFs {
     facts: Facts,
     /// Whether a backing entry's own mode or owner was found changed (logged once).
     noted_backing_metadata: std::sync::atomic::AtomicBool,
+    /// Whether an entry whose name kmsfs did not write was found (logged once).
+    noted_foreign_name: std::sync::atomic::AtomicBool,
     /// The daemon's effective uid (asked once: a stat checks it).
     euid: u32,
 }
@@ -217,6 +220,7 @@ impl KmsFs {
             Node {
                 paths: vec![CanonicalPath::root()],
                 lookups: 1,
+                dir_id: None,
             },
         );
         let journal = Journal::new(&volume, read_only)?;
@@ -238,6 +242,7 @@ impl KmsFs {
             unusable_records: AtomicU64::new(0),
             facts: Facts::default(),
             noted_backing_metadata: std::sync::atomic::AtomicBool::new(false),
+            noted_foreign_name: std::sync::atomic::AtomicBool::new(false),
             euid: rustix::process::geteuid().as_raw(),
             prefetch: Prefetch {
                 limit: DEFAULT_PREFETCH,
@@ -404,7 +409,11 @@ impl KmsFs {
     pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr> {
         let path = self
             .child(parent, name)
-            .map_err(|_| os("no such name", libc::ENOENT))?;
+            .map_err(|e| match e.errno() {
+                libc::ENAMETOOLONG => e,
+                _ => os("no such name", libc::ENOENT),
+            })?
+            .path;
         let attr = self.stat_path(&path)?;
         self.remember(attr.ino, &path);
         Ok(attr)
@@ -466,8 +475,10 @@ impl KmsFs {
     /// Makes the object (symlink, fifo, socket, device node) `attrs` with content `data` at
     /// `path`: a regular backing file, complete before it has its name. No key call. Hands out
     /// its attributes (counting the kernel's lookup).
-    fn make_object(&self, path: &CanonicalPath, attrs: Attrs, data: &[u8]) -> Result<Attr> {
+    fn make_object(&self, child: &StoredChild, attrs: Attrs, data: &[u8]) -> Result<Attr> {
+        let path = &child.path;
         let bytes = encode_object(&self.volume, path, attrs, data)?;
+        self.put_side(child)?;
         let meta = self
             .store()
             .write_new(path, &bytes)
@@ -475,6 +486,14 @@ impl KmsFs {
         let attr = self.attr_from(path, &meta)?;
         self.remember(attr.ino, path);
         Ok(attr)
+    }
+
+    /// Writes the side record a long encrypted name needs, before its entry is made.
+    fn put_side(&self, child: &StoredChild) -> Result<()> {
+        match &child.side {
+            Some(side) => self.volume.put_side_record(side),
+            None => Ok(()),
+        }
     }
 
     /// Changes the authenticated attributes of `ino` at `path` (a header slot rewrite, no key
@@ -667,9 +686,10 @@ impl KmsFs {
     ) -> Result<Attr> {
         self.check_writable()?;
         let _ns = self.namespace.lock().unwrap();
-        let path = self.child(parent, name)?;
+        let child = self.child(parent, name)?;
+        let path = child.path.clone();
         if mode & libc::S_IFMT == libc::S_IFREG {
-            let (attr, fh) = self.create_file(&path, mode, caller)?;
+            let (attr, fh) = self.create_file(&child, mode, caller)?;
             self.release(fh);
             return Ok(attr);
         }
@@ -683,13 +703,14 @@ impl KmsFs {
             _ => return Err(os("unknown file type", libc::EINVAL)),
         };
         let attrs = self.new_attrs(&path, kind, mode & !caller.umask & 0o7777, caller, rdev)?;
-        self.make_object(&path, attrs, &[])
+        self.make_object(&child, attrs, &[])
     }
 
     pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, caller: Caller) -> Result<Attr> {
         self.check_writable()?;
         let _ns = self.namespace.lock().unwrap();
-        let path = self.child(parent, name)?;
+        let child = self.child(parent, name)?;
+        let path = child.path.clone();
         let attrs = self.new_attrs(
             &path,
             ObjectKind::Dir,
@@ -698,6 +719,7 @@ impl KmsFs {
             0,
         )?;
         let record = encode_object(&self.volume, &dir_record(&path), attrs, &[])?;
+        self.put_side(&child)?;
         let meta = self
             .store()
             .make_dir(&path, DIR_RECORD, &record)
@@ -718,19 +740,20 @@ impl KmsFs {
     ) -> Result<Attr> {
         self.check_writable()?;
         let _ns = self.namespace.lock().unwrap();
-        let path = self.child(parent, name)?;
+        let child = self.child(parent, name)?;
         let target = target.as_os_str().as_bytes();
         if target.is_empty() || target.len() >= libc::PATH_MAX as usize {
             return Err(os("bad symlink target length", libc::ENAMETOOLONG));
         }
-        let attrs = self.new_attrs(&path, ObjectKind::Symlink, 0o777, caller, 0)?;
-        self.make_object(&path, attrs, target)
+        let attrs = self.new_attrs(&child.path, ObjectKind::Symlink, 0o777, caller, 0)?;
+        self.make_object(&child, attrs, target)
     }
 
     pub fn unlink(&self, parent: u64, name: &OsStr) -> Result<()> {
         self.check_writable()?;
         let _ns = self.namespace.lock().unwrap();
-        let path = self.child(parent, name)?;
+        let child = self.child(parent, name)?;
+        let path = child.path.clone();
         let store = self.store();
         let meta = store
             .metadata(&path)
@@ -752,6 +775,7 @@ impl KmsFs {
                 .unlink(&path, me)
                 .map_err(|e| io_err("cannot unlink", &path, e))?;
         }
+        self.volume.drop_side_record(&child.side);
         self.forget_path(self.ino_of(meta.ino()), &path);
         // What its header said no longer describes whatever reuses the inode number.
         self.facts.forget(meta.ino());
@@ -761,7 +785,8 @@ impl KmsFs {
     pub fn rmdir(&self, parent: u64, name: &OsStr) -> Result<()> {
         self.check_writable()?;
         let _ns = self.namespace.lock().unwrap();
-        let path = self.child(parent, name)?;
+        let child = self.child(parent, name)?;
+        let path = child.path.clone();
         let meta = self
             .store()
             .metadata(&path)
@@ -778,7 +803,12 @@ impl KmsFs {
             self.facts.forget(record.ino());
         }
         self.facts.forget(meta.ino());
-        self.forget_path(self.ino_of(meta.ino()), &path);
+        self.volume.drop_side_record(&child.side);
+        let ino = self.ino_of(meta.ino());
+        self.forget_path(ino, &path);
+        if let Some(node) = self.nodes.lock().unwrap().get_mut(&ino) {
+            node.dir_id = None;
+        }
         Ok(())
     }
 
@@ -792,8 +822,9 @@ impl KmsFs {
     ) -> Result<()> {
         self.check_writable()?;
         let _ns = self.namespace.lock().unwrap();
-        let from = self.child(parent, name)?;
-        let to = self.child(newparent, newname)?;
+        let from_child = self.child(parent, name)?;
+        let to_child = self.child(newparent, newname)?;
+        let (from, to) = (from_child.path.clone(), to_child.path.clone());
         if from == to {
             return Ok(());
         }
@@ -892,6 +923,14 @@ impl KmsFs {
             return Err(e);
         }
         // 2. The name changes (over an empty directory: that goes first, record and all).
+        if let Err(e) = self.put_side(&to_child) {
+            if self.tidy_paths(std::slice::from_ref(&from)).is_ok() {
+                if let Some(pending) = pending {
+                    pending.finish();
+                }
+            }
+            return Err(e);
+        }
         if let Some(id) = replaced_dir {
             store
                 .remove_dir(&to, DIR_RECORD, id)
@@ -905,6 +944,7 @@ impl KmsFs {
         store
             .rename(&from, &to, flags)
             .map_err(|e| io_err("cannot rename", &from, e))?;
+        self.volume.drop_side_record(&from_child.side);
         if let Some(m) = &target {
             self.forget_path(self.ino_of(m.ino()), &to);
             self.facts.forget(m.ino());
@@ -929,7 +969,8 @@ impl KmsFs {
         self.check_writable()?;
         let _ns = self.namespace.lock().unwrap();
         let from = self.path_of(ino)?;
-        let to = self.child(newparent, newname)?;
+        let to_child = self.child(newparent, newname)?;
+        let to = to_child.path.clone();
         let meta = self
             .store()
             .metadata(&from)
@@ -948,6 +989,7 @@ impl KmsFs {
             let linked = self
                 .header_of(ino, &from)
                 .and_then(|h| self.bind_extra_path(&h, &from, &to))
+                .and_then(|()| self.put_side(&to_child))
                 .and_then(|()| {
                     self.store()
                         .link(&from, &to)
@@ -1011,9 +1053,11 @@ impl KmsFs {
         Ok((enc, ino))
     }
 
-    fn create_file(&self, path: &CanonicalPath, mode: u32, caller: Caller) -> Result<(Attr, u64)> {
+    fn create_file(&self, child: &StoredChild, mode: u32, caller: Caller) -> Result<(Attr, u64)> {
+        let path = &child.path;
         let perm = mode & !caller.umask & 0o7777;
         let attrs = self.new_attrs(path, ObjectKind::File, perm, caller, 0)?;
+        self.put_side(child)?;
         if !self.key_requests.would_take() {
             let (enc, backing_ino) = self.create_linked(path, attrs)?;
             return self.open_created(path, OpenNode::ready(enc), backing_ino);
@@ -1083,8 +1127,8 @@ impl KmsFs {
     ) -> Result<(Attr, u64)> {
         self.check_writable()?;
         let _ns = self.namespace.lock().unwrap();
-        let path = self.child(parent, name)?;
-        let (attr, fh) = self.create_file(&path, mode, caller)?;
+        let child = self.child(parent, name)?;
+        let (attr, fh) = self.create_file(&child, mode, caller)?;
         if flags & libc::O_APPEND != 0 {
             let h = self.handles.lock().unwrap().remove(&fh).expect("just made");
             let fh2 = self.new_handle(h.ino, h.node.clone(), true, true);
@@ -1226,6 +1270,12 @@ impl KmsFs {
     }
 
     pub fn readdir(&self, ino: u64) -> Result<Vec<DirEntry>> {
+        Ok(self.listing(ino)?.into_iter().map(|(e, _)| e).collect())
+    }
+
+    /// The entries of directory `ino` with their plaintext names, each (but `.` and `..`)
+    /// with its stored path.
+    fn listing(&self, ino: u64) -> Result<Vec<(DirEntry, Option<CanonicalPath>)>> {
         let path = self.path_of(ino)?;
         let store = self.store();
         let meta = store
@@ -1239,16 +1289,22 @@ impl KmsFs {
             None => ROOT_INO,
         };
         let mut out = vec![
-            DirEntry {
-                ino: self.ino_of(meta.ino()),
-                kind: Kind::Dir,
-                name: ".".into(),
-            },
-            DirEntry {
-                ino: parent_ino,
-                kind: Kind::Dir,
-                name: "..".into(),
-            },
+            (
+                DirEntry {
+                    ino: self.ino_of(meta.ino()),
+                    kind: Kind::Dir,
+                    name: ".".into(),
+                },
+                None,
+            ),
+            (
+                DirEntry {
+                    ino: parent_ino,
+                    kind: Kind::Dir,
+                    name: "..".into(),
+                },
+                None,
+            ),
         ];
         let atime = if self.read_only {
             Atime::Keep
@@ -1258,32 +1314,44 @@ impl KmsFs {
         let mut entries = store
             .list_dir(&path, atime)
             .map_err(|e| io_err("cannot read", &path, e))?;
-        entries.retain(|e| !is_reserved_name(e.name.as_bytes(), path.is_root()));
+        entries.retain(|e| !self.volume.is_own_name(e.name.as_bytes(), path.is_root()));
         entries.sort_by(|a, b| a.name.cmp(&b.name));
+        let dir_id = if self.volume.encrypted_names() {
+            Some(self.dir_id_of(ino, &path)?)
+        } else {
+            None
+        };
         // A regular backing file may hold any kind of object: its header says which (read
         // now, on a few threads, unless remembered).
         self.warm_facts(&path, &entries);
         for crate::backing::Entry {
-            name,
+            name: stored_name,
             ino,
             kind: d_type,
         } in entries
         {
+            let Ok(stored) = path.join(stored_name.as_bytes()) else {
+                continue;
+            };
+            let name =
+                match self
+                    .volume
+                    .listed_name(&path, dir_id.as_ref(), stored_name.as_bytes())?
+                {
+                    Listed::Name(n) => OsString::from_vec(n),
+                    Listed::Own => continue,
+                    Listed::Foreign(why) => {
+                        self.note_foreign(&stored, &why);
+                        continue;
+                    }
+                };
             let kind = match d_type {
                 libc::DT_DIR => Kind::Dir,
                 // Shown as a file when its header could not be read: the lookup that follows
                 // fails, and says why.
-                libc::DT_REG => path
-                    .join(name.as_bytes())
-                    .ok()
-                    .and_then(|p| self.facts.kind(ino, &p))
-                    .map_or(Kind::File, Kind::of),
+                libc::DT_REG => self.facts.kind(ino, &stored).map_or(Kind::File, Kind::of),
                 // The filesystem does not record types: ask.
-                libc::DT_UNKNOWN => match path
-                    .join(name.as_bytes())
-                    .ok()
-                    .and_then(|p| self.stat_path(&p).ok())
-                {
+                libc::DT_UNKNOWN => match self.stat_path(&stored).ok() {
                     Some(attr) => attr.kind,
                     None => continue,
                 },
@@ -1291,13 +1359,27 @@ impl KmsFs {
                 // listed, so that its lookup fails where it is seen (EIO, logged), never shown.
                 _ => Kind::File,
             };
-            out.push(DirEntry {
-                ino: self.ino_of(ino),
-                kind,
-                name,
-            });
+            out.push((
+                DirEntry {
+                    ino: self.ino_of(ino),
+                    kind,
+                    name,
+                },
+                Some(stored),
+            ));
         }
         Ok(out)
+    }
+
+    /// Logs, once per mount, a backing entry whose name kmsfs did not write in that directory
+    /// (with encrypted names it cannot be listed: it has no plaintext name).
+    fn note_foreign(&self, stored: &CanonicalPath, why: &str) {
+        if !self.noted_foreign_name.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                "{stored}: an entry on the backing store whose name kmsfs did not write in its \
+                 directory ({why}); not shown (logged once)"
+            );
+        }
     }
 
     /// `readdir` with every entry's attributes (FUSE `READDIRPLUS`), from entry `offset` on,
@@ -1313,18 +1395,16 @@ impl KmsFs {
         mut add: impl FnMut(&DirEntry, &Attr, bool, u64) -> bool,
     ) -> Result<()> {
         let dir = self.path_of(ino)?;
-        let entries = self.readdir(ino)?;
-        for (at, e) in entries.iter().enumerate().skip(offset) {
-            let found = match e.name.as_bytes() {
-                b"." => self.stat_path(&dir).ok().map(|a| (None, a)),
-                b".." => self
+        let entries = self.listing(ino)?;
+        for (at, (e, stored)) in entries.iter().enumerate().skip(offset) {
+            let found = match (e.name.as_bytes(), stored) {
+                (b".", None) => self.stat_path(&dir).ok().map(|a| (None, a)),
+                (b"..", None) => self
                     .stat_path(&dir.parent().unwrap_or(dir.clone()))
                     .ok()
                     .map(|a| (None, a)),
-                name => dir
-                    .join(name)
-                    .ok()
-                    .and_then(|p| self.stat_path(&p).ok().map(|a| (Some(p), a))),
+                (_, Some(p)) => self.stat_path(p).ok().map(|a| (Some(p.clone()), a)),
+                _ => None,
             };
             let real = found.is_some();
             let (path, attr) = found.unwrap_or_else(|| {
@@ -1338,8 +1418,8 @@ impl KmsFs {
             }
             if let Some(path) = path {
                 self.remember(attr.ino, &path);
-            } else if let (false, Ok(p)) = (dotted(&e.name), dir.join(e.name.as_bytes())) {
-                self.remember(e.ino, &p);
+            } else if let (false, Some(p)) = (dotted(&e.name), stored) {
+                self.remember(e.ino, p);
             }
         }
         Ok(())

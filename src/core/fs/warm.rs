@@ -113,7 +113,7 @@ pub(super) fn prefetch_dir(
         .into_iter()
         .filter(|e| e.kind == libc::DT_REG || e.kind == libc::DT_UNKNOWN)
         .map(|e| e.name)
-        .filter(|n| !is_reserved_name(n.as_bytes(), dir.is_root()))
+        .filter(|n| !volume.is_own_name(n.as_bytes(), dir.is_root()))
         .filter_map(|n| dir.join(n.as_bytes()).ok())
         .filter(|p| p != skip)
         .collect();
