@@ -46,6 +46,8 @@ fn volume(root: &Path, key: &Path) -> Volume {
         keys: vec![KeySpec::Local(key.into())],
         context,
         block_size: BLOCK,
+        // The file vectors are named after their defects; names/ has the name vectors.
+        plaintext_names: true,
         ..Default::default()
     };
     Volume::init(root, opts).unwrap().volume
@@ -109,6 +111,48 @@ fn remac(vol: &Volume, raw: &mut [u8], slot: usize) {
     let sealed = seal_slot(pre, content, &vol.header_mac_key(&pre.file_id)).unwrap();
     let start = pre.slot_offset(slot) as usize;
     raw[start..start + sealed.len()].copy_from_slice(&sealed);
+}
+
+/// Name vectors (docs/FORMAT.md, "Names"): a fixed volume header key and volume id, and for
+/// each case the directory id, the plaintext name and what is stored.
+fn name_vectors() -> String {
+    use kmsfs::format::names::{encrypt, NameKey, StoredName};
+    let header_key = [0x42u8; 32];
+    let volume_id = [0x11u8; 16];
+    let key = NameKey::derive(&kmsfs::secret::DerivedKey::new(header_key), &volume_id);
+    let cases: [(&str, [u8; 16], Vec<u8>); 5] = [
+        ("short", [0xd1; 16], b"patient-4711-hiv.pdf".to_vec()),
+        (
+            "same_name_other_dir",
+            [0xd2; 16],
+            b"patient-4711-hiv.pdf".to_vec(),
+        ),
+        (
+            "sixteen_bytes_pad_a_block",
+            [0xd1; 16],
+            b"0123456789abcdef".to_vec(),
+        ),
+        ("not_utf8", [0xd1; 16], vec![0xff, 0xfe, b'x']),
+        ("long", [0xd1; 16], vec![b'L'; 200]),
+    ];
+    let mut out = Vec::new();
+    for (case, dir_id, name) in cases {
+        let (backing, side) = match encrypt(&key, &dir_id, &name).unwrap() {
+            StoredName::Short(s) => (s, String::new()),
+            StoredName::Long { backing, encrypted } => (backing, encrypted),
+        };
+        out.push(format!(
+            "    {{\"case\": \"{case}\", \"dir_id_hex\": \"{}\", \"name_hex\": \"{}\", \"backing\": \"{backing}\", \"side_record\": \"{side}\"}}",
+            hex(&dir_id),
+            hex(&name)
+        ));
+    }
+    format!(
+        "{{\n  \"header_key_hex\": \"{}\",\n  \"volume_id_hex\": \"{}\",\n  \"names\": [\n{}\n  ]\n}}\n",
+        hex(&header_key),
+        hex(&volume_id),
+        out.join(",\n")
+    )
 }
 
 fn main() {
@@ -351,9 +395,11 @@ fn main() {
         &good_cfg[..good_cfg.len() - 1],
     )
     .unwrap();
+    // The vector volume has one feature (plaintext-names); a second, unknown one goes first.
     let mut flagged = good_cfg[..32].to_vec();
-    flagged.extend_from_slice(&[0, 1, 0, 15]);
-    flagged.extend_from_slice(b"encrypted-names");
+    assert_eq!(&good_cfg[32..34], &[0, 1]);
+    flagged.extend_from_slice(&[0, 2, 0, 17]);
+    flagged.extend_from_slice(b"compressed-blocks");
     flagged.extend_from_slice(&good_cfg[34..]);
     fs::write(configs.join("config_unknown_feature"), &flagged).unwrap();
     fs::copy(
@@ -372,12 +418,13 @@ fn main() {
     );
     assert!(reopened.is_ok());
     let manifest = format!(
-        "{{\n  \"master_key_hex\": \"{}\",\n  \"other_key_hex\": \"{}\",\n  \"block_size\": {BLOCK},\n  \"files\": [\n{}\n  ],\n  \"configs\": [\n    {{\"name\": \"config_edited\", \"error\": \"volume config authentication failed\"}},\n    {{\"name\": \"config_truncated\", \"error\": \"invalid volume config: truncated\"}},\n    {{\"name\": \"config_unknown_feature\", \"error\": \"unknown feature flag 'encrypted-names'\"}},\n    {{\"name\": \"config_under_other_key\", \"error\": \"is not protected by the key\"}}\n  ]\n}}\n",
+        "{{\n  \"master_key_hex\": \"{}\",\n  \"other_key_hex\": \"{}\",\n  \"block_size\": {BLOCK},\n  \"files\": [\n{}\n  ],\n  \"configs\": [\n    {{\"name\": \"config_edited\", \"error\": \"volume config authentication failed\"}},\n    {{\"name\": \"config_truncated\", \"error\": \"invalid volume config: truncated\"}},\n    {{\"name\": \"config_unknown_feature\", \"error\": \"unknown feature flag 'compressed-blocks'\"}},\n    {{\"name\": \"config_under_other_key\", \"error\": \"is not protected by the key\"}}\n  ]\n}}\n",
         hex(&MASTER),
         hex(&other_key_bytes),
         o.cases.join(",\n")
     );
     fs::write(out_dir.join("manifest.json"), manifest).unwrap();
+    fs::write(out_dir.join("names.json"), name_vectors()).unwrap();
     // The root directory's record is not a vector, and its reserved name would keep this
     // repository's tree off a kmsfs mount with plaintext names (the tests copy it there).
     fs::remove_file(root.join(".kmsfs-dir")).unwrap();

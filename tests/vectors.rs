@@ -262,3 +262,54 @@ fn format_doc_quotes_real_vector_bytes() {
         "docs/FORMAT.md must quote the vectors ({checked} blocks found)"
     );
 }
+
+/// The name vectors (tests/vectors/names.json): each plaintext name encrypts to exactly the
+/// stored name recorded (a long one to its hashed entry name and side record), decrypts back,
+/// and does not decrypt under another directory's id; docs/FORMAT.md quotes the first.
+#[test]
+fn name_vectors_encrypt_and_decrypt_as_documented() {
+    use kmsfs::format::names::{decrypt, encrypt, side_record_name, NameKey, StoredName};
+    let v: Value =
+        serde_json::from_str(&fs::read_to_string(format!("{VECTORS}/names.json")).unwrap())
+            .unwrap();
+    let arr = |k: &str| -> Vec<u8> { unhex(v[k].as_str().unwrap()).unwrap() };
+    let key = NameKey::derive(
+        &kmsfs::secret::DerivedKey::new(arr("header_key_hex").try_into().unwrap()),
+        &arr("volume_id_hex").try_into().unwrap(),
+    );
+    let doc = fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/FORMAT.md")).unwrap();
+    let cases = v["names"].as_array().unwrap();
+    assert!(cases.len() >= 5);
+    for c in cases {
+        let s = |k: &str| c[k].as_str().unwrap().to_string();
+        let dir_id: [u8; 16] = unhex(&s("dir_id_hex")).unwrap().try_into().unwrap();
+        let name = unhex(&s("name_hex")).unwrap();
+        let stored = encrypt(&key, &dir_id, &name).unwrap();
+        let encrypted = match &stored {
+            StoredName::Short(n) => {
+                assert_eq!(n, &s("backing"), "{}", s("case"));
+                assert!(s("side_record").is_empty());
+                n.clone()
+            }
+            StoredName::Long { backing, encrypted } => {
+                assert_eq!(backing, &s("backing"), "{}", s("case"));
+                assert_eq!(encrypted, &s("side_record"));
+                assert_eq!(
+                    &side_record_name(backing, encrypted.as_bytes()).unwrap(),
+                    encrypted
+                );
+                encrypted.clone()
+            }
+        };
+        assert_eq!(decrypt(&key, &dir_id, &encrypted).unwrap(), name);
+        let mut other = dir_id;
+        other[0] ^= 1;
+        assert!(decrypt(&key, &other, &encrypted).is_err());
+    }
+    // Equal names in two directories are stored differently.
+    assert_ne!(cases[0]["backing"], cases[1]["backing"]);
+    assert!(
+        doc.contains(cases[0]["backing"].as_str().unwrap()),
+        "docs/FORMAT.md quotes the short name vector"
+    );
+}

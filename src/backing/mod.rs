@@ -543,9 +543,22 @@ impl Backing {
     /// Makes `path` a regular file holding `bytes` (a kmsfs object), complete before it has
     /// its name; never replaces anything.
     pub fn write_new(&self, path: &CanonicalPath, bytes: &[u8]) -> io::Result<Metadata> {
+        self.write_new_as(path, bytes, false)
+    }
+
+    /// [`Backing::write_new`], with the data on disk before the name appears (`durable`).
+    pub fn write_new_as(
+        &self,
+        path: &CanonicalPath,
+        bytes: &[u8],
+        durable: bool,
+    ) -> io::Result<Metadata> {
         let dir = path.parent().ok_or_else(|| errno(libc::EEXIST))?;
         let tmp = self.new_temporary_file(&dir, 0o600)?;
         tmp.file().write_all_at(bytes, 0)?;
+        if durable {
+            tmp.file().sync_data()?;
+        }
         let meta = tmp.file().metadata()?;
         tmp.persist_noclobber(path)?;
         Ok(meta)

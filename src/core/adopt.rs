@@ -29,10 +29,14 @@ pub fn adopt(volume: &Volume, path: &CanonicalPath, from: &CanonicalPath) -> Res
             // Checked under the lock, against the slot in force.
             let current = slots[0];
             if !current.iter().any(|e| &e.path == from) {
-                let mut bound: Vec<&str> = current.iter().map(|e| e.path.as_str()).collect();
+                // Named as the user knows them (where they still decrypt).
+                let mut bound: Vec<String> =
+                    current.iter().map(|e| volume.shown_path(&e.path)).collect();
                 bound.dedup();
                 return Err(Error::Integrity(format!(
-                    "{path} is not bound to {from} (it is bound to {}); refusing to adopt",
+                    "{} is not bound to {} (it is bound to {}); refusing to adopt",
+                    volume.shown_path(path),
+                    volume.shown_path(from),
                     bound.join(", ")
                 )));
             }

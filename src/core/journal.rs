@@ -34,7 +34,7 @@ const DIR_NAME: &str = "pending";
 const MAGIC: &[u8] = b"kmsfs-rebind-2\0";
 const TAG_LEN: usize = 32;
 /// Most bytes a record may have (a rename records at most a few paths).
-pub const MAX_RECORD: u64 = 64 * 1024;
+pub const MAX_RECORD: u64 = 512 * 1024;
 
 /// Where a volume keeps its pending records.
 pub struct Journal {

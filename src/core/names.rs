@@ -181,7 +181,9 @@ impl Volume {
     pub fn put_side_record(&self, side: &SideRecord) -> Result<()> {
         match self
             .backing()
-            .write_new(&side.path, side.content.as_bytes())
+            // On disk before its entry can be: an entry whose side record a crash lost
+            // would have no name.
+            .write_new_as(&side.path, side.content.as_bytes(), true)
         {
             Ok(_) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {

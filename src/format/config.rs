@@ -300,13 +300,13 @@ mod tests {
     #[test]
     fn unknown_feature_is_refused() {
         let mut c = sample();
-        c.features.push("encrypted-names".into());
+        c.features.push("compressed-blocks".into());
         let body = c.encode_body();
         let mut bytes = body.clone();
         bytes.extend_from_slice(&[0; 32]);
         assert_eq!(
             UnverifiedConfig::parse(&bytes).unwrap_err(),
-            FormatError::UnknownFeature("encrypted-names".into())
+            FormatError::UnknownFeature("compressed-blocks".into())
         );
     }
 

@@ -29,8 +29,10 @@ pub const CONTEXT_PATH: &str = "kmsfs:path";
 pub const CONTEXT_PURPOSE: &str = "kmsfs:purpose";
 /// Prefix reserved for kmsfs's own context keys; user pairs may not use it.
 pub const RESERVED_PREFIX: &str = "kmsfs:";
-/// Longest encoded path accepted (Linux PATH_MAX is 4096 bytes; encoding can triple it).
-pub const MAX_ENCODED_PATH: usize = 3 * 4096;
+/// Longest encoded path accepted: what a u16 length holds (headers, rebind records and the
+/// context's serialization prefix it with one). A path the mount sees is at most 4096 bytes
+/// (PATH_MAX), but stored with encrypted names it is longer (docs/FORMAT.md, "Names").
+pub const MAX_ENCODED_PATH: usize = u16::MAX as usize;
 
 /// A canonical, validated encryption context.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
