@@ -151,8 +151,10 @@ fn moved_file_is_a_context_mismatch() {
     let v = TestVolume::new(BS);
     v.write("a", b"data");
     fs::rename(v.backing_file("a"), v.backing_file("b")).unwrap();
+    // Moved within its directory to b's stored name: the header binds a's stored path.
+    let bound = format!("bound to {}", v.stored("a"));
     match v.read("b") {
-        Err(e @ Error::Moved { .. }) => assert!(e.to_string().contains("bound to /a"), "{e}"),
+        Err(e @ Error::Moved { .. }) => assert!(e.to_string().contains(&bound), "{e}"),
         other => panic!("expected context mismatch, got {other:?}"),
     }
 }
@@ -162,8 +164,26 @@ fn moved_directory_is_a_context_mismatch() {
     let v = TestVolume::new(BS);
     v.mkdir("dir");
     v.write("dir/f", b"data");
+    let f_name = v.backing_file("dir/f").file_name().unwrap().to_owned();
     fs::rename(v.backing_file("dir"), v.backing_file("other")).unwrap();
-    assert!(matches!(v.read("other/f"), Err(Error::Moved { .. })));
+    // The file at its place under the moved directory, by stored path: its header binds the
+    // old one.
+    let vol = v.reopen().unwrap();
+    let moved = v.stored("other").join(f_name.as_encoded_bytes()).unwrap();
+    assert!(matches!(
+        EncryptedFile::open(&vol, &moved, false),
+        Err(Error::Moved { .. })
+    ));
+    if common::plaintext_names() {
+        assert!(matches!(v.read("other/f"), Err(Error::Moved { .. })));
+    } else {
+        // With encrypted names a lookup of other/f stops one step earlier: the names under
+        // `other` are encrypted under its record's id, and that record binds `dir`.
+        assert!(matches!(
+            vol.stored_path(&path("other/f")),
+            Err(Error::Moved { .. })
+        ));
+    }
 }
 
 #[test]
@@ -185,8 +205,12 @@ fn envelope_path_rewritten_is_refused_by_the_key_service() {
     let v = TestVolume::new(BS);
     v.write("aaaa", b"data");
     let mut raw = v.bytes("aaaa");
-    let at = raw.windows(5).position(|w| w == b"/aaaa").unwrap();
-    raw[at..at + 5].copy_from_slice(b"/bbbb");
+    // The envelope binds the stored path (as long as bbbb's: the same name length).
+    let (from, to) = (v.stored("aaaa"), v.stored("bbbb"));
+    let (from, to) = (from.as_str().as_bytes(), to.as_str().as_bytes());
+    assert_eq!(from.len(), to.len());
+    let at = raw.windows(from.len()).position(|w| w == from).unwrap();
+    raw[at..at + from.len()].copy_from_slice(to);
     fix_slot_checksum(&mut raw, 0);
     fs::write(v.backing_file("bbbb"), &raw).unwrap();
     assert_header_auth_failure(v.read("bbbb"));
@@ -209,14 +233,34 @@ fn file_copied_from_another_volume_fails() {
     fs::copy(v1.backing_file("f"), v2.backing_file("f")).unwrap();
     // The other volume's header key does not verify here.
     assert_header_auth_failure(v2.read("f"));
-    // Re-MACed by someone who can open v2: same key, same path, only the volume id in the
-    // context differs, and the key service refuses it.
+    // Re-MACed by someone who can open v2.
     let mut raw = v2.bytes("f");
     remac(&v2, &mut raw, 0);
     v2.put_bytes("f", &raw);
     match v2.read("f") {
-        Err(Error::Key { source, .. }) => assert_eq!(source.kind, KeyErrorKind::ContextMismatch),
+        // Same key, same path, only the volume id in the context differs, and the key service
+        // refuses it.
+        Err(Error::Key { source, .. }) if common::plaintext_names() => {
+            assert_eq!(source.kind, KeyErrorKind::ContextMismatch)
+        }
+        // With encrypted names f is stored under another name in each volume, so the header
+        // (binding v1's stored path) is refused as moved before the key service is asked.
+        Err(Error::Moved { bound, .. }) if !common::plaintext_names() => {
+            assert_eq!(bound, v1.stored("f").as_str())
+        }
         other => panic!("expected context mismatch, got {other:?}"),
+    }
+    if !common::plaintext_names() {
+        // Put under v1's stored name in v2 (no name v2 lists, but opened by that stored path):
+        // the path matches, only the volume id differs, and the key service refuses it.
+        let at = v1.stored("f");
+        fs::write(v2.backing.join(at.to_relative_path()), &raw).unwrap();
+        match EncryptedFile::open(&v2.reopen().unwrap(), &at, false).and_then(|f| f.read_all()) {
+            Err(Error::Key { source, .. }) => {
+                assert_eq!(source.kind, KeyErrorKind::ContextMismatch)
+            }
+            other => panic!("expected context mismatch, got {other:?}"),
+        }
     }
 }
 
@@ -231,8 +275,25 @@ fn file_under_an_untrusted_key_is_refused() {
     remac(&v, &mut raw, 0);
     v.put_bytes("f", &raw);
     match v.read("f") {
-        Err(Error::Key { source, .. }) => assert_eq!(source.kind, KeyErrorKind::UntrustedKey),
+        Err(Error::Key { source, .. }) if common::plaintext_names() => {
+            assert_eq!(source.kind, KeyErrorKind::UntrustedKey)
+        }
+        // With encrypted names f is stored under another name in each volume: the header
+        // (binding the rogue's stored path) is refused as moved before the key is looked at.
+        Err(Error::Moved { bound, .. }) if !common::plaintext_names() => {
+            assert_eq!(bound, rogue.stored("f").as_str())
+        }
         other => panic!("expected untrusted key, got {other:?}"),
+    }
+    if !common::plaintext_names() {
+        // Under the rogue's stored name (opened by that stored path, as no name of v's lists
+        // it): the path matches, and the key is not one v trusts.
+        let at = rogue.stored("f");
+        fs::write(v.backing.join(at.to_relative_path()), &raw).unwrap();
+        match EncryptedFile::open(&v.reopen().unwrap(), &at, false).and_then(|f| f.read_all()) {
+            Err(Error::Key { source, .. }) => assert_eq!(source.kind, KeyErrorKind::UntrustedKey),
+            other => panic!("expected untrusted key, got {other:?}"),
+        }
     }
 }
 
@@ -279,7 +340,7 @@ fn torn_newer_slot_falls_back_to_the_older_one() {
     v.write("f", b"data");
     {
         let vol = v.reopen().unwrap();
-        let mut f = EncryptedFile::open(&vol, &path("f"), true).unwrap();
+        let mut f = EncryptedFile::open(&vol, &v.stored("f"), true).unwrap();
         let envs = f.envelopes().to_vec();
         f.replace_envelopes(envs).unwrap();
         assert_eq!(f.generation(), 2);
@@ -289,7 +350,7 @@ fn torn_newer_slot_falls_back_to_the_older_one() {
     raw[64 + slot_size + 30] ^= 1; // tear slot 1 (generation 2)
     v.put_bytes("f", &raw);
     let vol = v.reopen().unwrap();
-    let f = EncryptedFile::open(&vol, &path("f"), false).unwrap();
+    let f = EncryptedFile::open(&vol, &v.stored("f"), false).unwrap();
     assert_eq!(f.generation(), 1);
     assert_eq!(f.read_all().unwrap(), b"data");
 }
@@ -346,7 +407,11 @@ fn every_failure_names_the_path_and_reason() {
     raw[off + sb + 20] ^= 1;
     v.put_bytes("dir_file", &raw);
     let msg = v.read("dir_file").unwrap_err().to_string();
-    assert_eq!(msg, "/dir_file: authentication failed at block 1");
+    // A core error names the stored path (the commands show the user's).
+    assert_eq!(
+        msg,
+        format!("{}: authentication failed at block 1", v.stored("dir_file"))
+    );
 }
 
 /// Recomputes slot `slot`'s unkeyed checksum, as an attacker who knows the format can.
@@ -399,9 +464,11 @@ fn a_symlink_on_the_store_is_never_read_through() {
     // a.txt replaced by a symlink to b.txt (authentic, but another file): refused, and b's
     // content is never returned under a's name.
     fs::remove_file(v.backing_file("a.txt")).unwrap();
-    std::os::unix::fs::symlink("b.txt", v.backing_file("a.txt")).unwrap();
+    let b_name = v.backing_file("b.txt").file_name().unwrap().to_owned();
+    std::os::unix::fs::symlink(b_name, v.backing_file("a.txt")).unwrap();
     let err = v.read("a.txt").unwrap_err();
-    assert!(err.to_string().contains("cannot open /a.txt"), "{err}");
+    let cannot = format!("cannot open {}", v.stored("a.txt"));
+    assert!(err.to_string().contains(&cannot), "{err}");
     assert_eq!(v.read("b.txt").unwrap(), b"bravo");
     let out = kmsfs()
         .arg("cat")
@@ -505,7 +572,7 @@ fn a_forged_config_listing_the_attackers_key_first_is_refused_under_a_pin_and_a_
     assert_eq!(
         EncryptedFile::open(
             &open_checked(&v, &[], &state).unwrap(),
-            &path("before"),
+            &v.stored("before"),
             false
         )
         .unwrap()
@@ -717,7 +784,7 @@ mod renewal {
         let raw = v.bytes("mine");
         let header = kmsfs::format::header::Header::parse(&raw).unwrap();
         for (_, c) in header.candidates() {
-            assert!(c.envelopes.iter().all(|e| e.path.as_str() == "/victim"));
+            assert!(c.envelopes.iter().all(|e| e.path == v.stored("victim")));
         }
         assert_eq!(file_id(&v, "mine"), file_id(&v, "victim"));
         assert_eq!(v.read("victim").unwrap(), b"victim");
@@ -809,7 +876,7 @@ mod renewal {
         v.write("f", &old);
         let before = v.bytes("f");
         let new = pattern(3 * BS as usize, 2);
-        let mut f = EncryptedFile::open(&v.volume, &path("f"), true).unwrap();
+        let mut f = EncryptedFile::open(&v.volume, &v.stored("f"), true).unwrap();
         f.write_at(0, &new).unwrap();
         drop(f);
         splice(&v, "f", &before, 1);

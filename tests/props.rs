@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{path, pattern, TestVolume};
+use common::{pattern, TestVolume};
 use kmsfs::core::EncryptedFile;
 use kmsfs::format::header::{Header, SlotState, PREAMBLE_LEN};
 use proptest::prelude::*;
@@ -36,7 +36,7 @@ proptest! {
         let v = TestVolume::new(512);
         v.write("f", b"");
         let mut volume = v.reopen().unwrap();
-        let mut file = EncryptedFile::open(&volume, &path("f"), true).unwrap();
+        let mut file = EncryptedFile::open(&volume, &v.stored("f"), true).unwrap();
         let mut model: Vec<u8> = Vec::new();
         for op in ops {
             match op {
@@ -56,7 +56,7 @@ proptest! {
                 Op::Reopen => {
                     drop(file);
                     volume = v.reopen().unwrap();
-                    file = EncryptedFile::open(&volume, &path("f"), true).unwrap();
+                    file = EncryptedFile::open(&volume, &v.stored("f"), true).unwrap();
                 }
                 Op::Read { offset, len } => {
                     let mut buf = vec![0xEE; len];
@@ -105,7 +105,7 @@ fn large_sparse_write_fills_the_gap_with_zeros() {
     let v = TestVolume::new(4096);
     v.write("f", b"head");
     let volume = v.reopen().unwrap();
-    let mut f = EncryptedFile::open(&volume, &path("f"), true).unwrap();
+    let mut f = EncryptedFile::open(&volume, &v.stored("f"), true).unwrap();
     f.write_at(3 << 20, b"tail").unwrap();
     assert_eq!(f.size(), (3 << 20) + 4);
     let all = f.read_all().unwrap();

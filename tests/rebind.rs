@@ -61,10 +61,17 @@ fn envelope_paths(backing: &Path) -> Vec<String> {
     paths
 }
 
+/// The stored paths of the user's paths `ps`, as [`envelope_paths`] lists them (sorted).
+fn stored_paths(v: &TestVolume, ps: &[&str]) -> Vec<String> {
+    let mut out: Vec<String> = ps.iter().map(|p| v.stored(p).to_string()).collect();
+    out.sort();
+    out
+}
+
 /// The file at `at` opened for writing, its envelope, and an envelope of its data key for
 /// `other` (a name it does not have: what an interrupted rebind leaves).
 fn with_envelope_for(v: &TestVolume, at: &str, other: &str) -> (EncryptedFile, Envelope, Envelope) {
-    let (a, b) = (common::path(at), common::path(other));
+    let (a, b) = (v.stored(at), v.stored(other));
     let f = EncryptedFile::open(&v.volume, &a, true).unwrap();
     let mine = f.envelopes()[0].clone();
     let key = v
@@ -88,7 +95,7 @@ fn pending_records(v: &TestVolume) -> usize {
 
 fn read(v: &TestVolume, p: &str) -> Vec<u8> {
     let volume = v.reopen().unwrap();
-    EncryptedFile::open(&volume, &common::path(p), false)
+    EncryptedFile::open(&volume, &common::stored(&volume, p), false)
         .and_then(|f| f.read_all())
         .unwrap_or_else(|e| panic!("{p}: {e}"))
 }
@@ -131,7 +138,7 @@ fn directory_rename_refused_midway_leaves_nothing_stale() {
     assert_eq!(pending_records(&v), 0);
     for i in 0..40 {
         let p = format!("tree/f{i}");
-        assert_eq!(envelope_paths(&v.backing.join(&p)), vec![format!("/{p}")]);
+        assert_eq!(envelope_paths(&v.backing_file(&p)), stored_paths(&v, &[&p]));
         assert_eq!(read(&v, &p), pattern(100 + i, i as u8));
     }
 }
@@ -148,14 +155,18 @@ fn a_record_left_by_a_crash_is_finished_at_the_next_mount() {
     let journal = Journal::new(&v.volume, false).unwrap();
     std::mem::forget(
         journal
-            .begin(&[common::path("tree"), common::path("moved")])
+            .begin(&[v.stored("tree"), v.stored("moved")])
             .unwrap(),
     );
     for i in 0..10 {
-        let (from, to) = (
-            common::path(&format!("tree/f{i}")),
-            common::path(&format!("moved/f{i}")),
-        );
+        // A directory's rename keeps the stored names beneath it (they are encrypted under
+        // its record's id, which moves with it): only the prefix changes.
+        let from = v.stored(&format!("tree/f{i}"));
+        let name = v.backing_file(&format!("tree/f{i}"));
+        let to = v
+            .stored("moved")
+            .join(name.file_name().unwrap().as_encoded_bytes())
+            .unwrap();
         let mut f = EncryptedFile::open(&v.volume, &from, true).unwrap();
         let mut envelopes = f.envelopes().to_vec();
         let key = v
@@ -171,10 +182,18 @@ fn a_record_left_by_a_crash_is_finished_at_the_next_mount() {
         envelopes.push(Envelope { path: to, key });
         f.replace_envelopes(envelopes).unwrap();
     }
-    assert_eq!(
-        envelope_paths(&v.backing.join("tree/f3")),
-        ["/moved/f3", "/tree/f3"]
-    );
+    let moved_f3 = v
+        .stored("moved")
+        .join(
+            v.backing_file("tree/f3")
+                .file_name()
+                .unwrap()
+                .as_encoded_bytes(),
+        )
+        .unwrap();
+    let mut both = vec![moved_f3.to_string(), v.stored("tree/f3").to_string()];
+    both.sort();
+    assert_eq!(envelope_paths(&v.backing_file("tree/f3")), both);
     // And a record torn by a crash while it was being written (before any step).
     fs::write(v.backing.join(".kmsfs/pending/torn"), b"kmsfs-rebi").unwrap();
     assert_eq!(pending_records(&v), 2);
@@ -195,7 +214,7 @@ fn a_record_left_by_a_crash_is_finished_at_the_next_mount() {
     assert_eq!(core.unusable_records(), 1);
     for i in 0..10 {
         let p = format!("tree/f{i}");
-        assert_eq!(envelope_paths(&v.backing.join(&p)), vec![format!("/{p}")]);
+        assert_eq!(envelope_paths(&v.backing_file(&p)), stored_paths(&v, &[&p]));
         assert_eq!(read(&v, &p), pattern(50 + i, i as u8));
     }
 }
@@ -205,7 +224,9 @@ fn a_rename_beyond_the_header_room_is_enametoolong_and_changes_nothing() {
     let v = TestVolume::new(4096);
     let (core, _) = mount(&v);
     write(&core, ROOT_INO, "a", b"short name");
-    let long = "n".repeat(250);
+    // The longest name stored as it is with encrypted names (235 bytes on the store; a longer
+    // one is stored as a short `kmsfs.long.` name): 8 deep, far beyond a's header room.
+    let long = "n".repeat(159);
     let mut dir = ROOT_INO;
     for _ in 0..8 {
         dir = core
@@ -219,7 +240,10 @@ fn a_rename_beyond_the_header_room_is_enametoolong_and_changes_nothing() {
     assert_eq!(err.errno(), libc::ENAMETOOLONG, "{err}");
     assert!(err.to_string().contains("copy the file"), "{err}");
     drop(core);
-    assert_eq!(envelope_paths(&v.backing.join("a")), ["/a"]);
+    assert_eq!(
+        envelope_paths(&v.backing_file("a")),
+        stored_paths(&v, &["a"])
+    );
     assert_eq!(pending_records(&v), 0);
     assert_eq!(read(&v, "a"), b"short name");
 }
@@ -237,12 +261,21 @@ fn finished_rebinds_leave_no_record_and_no_stale_envelope() {
         .unwrap();
     core.rename(ROOT_INO, OsStr::new("c"), ROOT_INO, OsStr::new("x"), false)
         .unwrap();
-    assert_eq!(envelope_paths(&v.backing.join("b")), vec!["/b".to_string()]);
-    assert_eq!(envelope_paths(&v.backing.join("x")), vec!["/x".to_string()]);
+    assert_eq!(
+        envelope_paths(&v.backing_file("b")),
+        stored_paths(&v, &["b"])
+    );
+    assert_eq!(
+        envelope_paths(&v.backing_file("x")),
+        stored_paths(&v, &["x"])
+    );
     core.link(ino(&core, "b"), ROOT_INO, OsStr::new("d"))
         .unwrap();
     core.unlink(ROOT_INO, OsStr::new("b")).unwrap();
-    assert_eq!(envelope_paths(&v.backing.join("d")), vec!["/d".to_string()]);
+    assert_eq!(
+        envelope_paths(&v.backing_file("d")),
+        stored_paths(&v, &["d"])
+    );
     assert_eq!(pending_records(&v), 0);
     drop(core);
     assert_eq!(read(&v, "d"), b"alpha");
@@ -264,10 +297,13 @@ fn a_link_refused_by_the_key_service_changes_nothing() {
     );
     let err = core.link(a, ROOT_INO, OsStr::new("b")).unwrap_err();
     assert_eq!(err.errno(), libc::EACCES, "{err}");
-    assert!(!v.backing.join("b").exists());
+    assert!(!v.backing_file("b").exists());
     drop(core);
     assert_eq!(pending_records(&v), 0);
-    assert_eq!(envelope_paths(&v.backing.join("a")), vec!["/a".to_string()]);
+    assert_eq!(
+        envelope_paths(&v.backing_file("a")),
+        stored_paths(&v, &["a"])
+    );
     assert_eq!(read(&v, "a"), b"alpha");
 }
 
@@ -281,16 +317,18 @@ fn a_crash_between_the_two_slot_writes_of_an_unbind_is_tidied_too() {
     f.replace_envelopes(vec![mine.clone(), extra]).unwrap();
     f.replace_envelopes(vec![mine]).unwrap();
     drop(f);
-    assert_eq!(envelope_paths(&v.backing.join("a")), ["/a", "/b"]);
-    let journal = Journal::new(&v.volume, false).unwrap();
-    std::mem::forget(
-        journal
-            .begin(&[common::path("a"), common::path("b")])
-            .unwrap(),
+    assert_eq!(
+        envelope_paths(&v.backing_file("a")),
+        stored_paths(&v, &["a", "b"])
     );
+    let journal = Journal::new(&v.volume, false).unwrap();
+    std::mem::forget(journal.begin(&[v.stored("a"), v.stored("b")]).unwrap());
     let (_core, _) = mount(&v);
     assert_eq!(pending_records(&v), 0);
-    assert_eq!(envelope_paths(&v.backing.join("a")), ["/a"]);
+    assert_eq!(
+        envelope_paths(&v.backing_file("a")),
+        stored_paths(&v, &["a"])
+    );
     assert_eq!(read(&v, "a"), b"alpha");
 }
 
@@ -316,7 +354,10 @@ fn a_forged_record_is_neither_acted_on_nor_deleted() {
     drop(core);
     assert_eq!(fs::read(pending.join("forged")).unwrap(), forged);
     assert!(pending.join("huge").exists());
-    assert_eq!(envelope_paths(&v.backing.join("a")), ["/a", "/b"]);
+    assert_eq!(
+        envelope_paths(&v.backing_file("a")),
+        stored_paths(&v, &["a", "b"])
+    );
     let fsck = kmsfs::core::fsck::check(&v.volume, false, true).unwrap();
     let unusable = fsck
         .problems
@@ -330,11 +371,14 @@ fn a_forged_record_is_neither_acted_on_nor_deleted() {
     fs::remove_file(pending.join("forged")).unwrap();
     fs::remove_file(pending.join("huge")).unwrap();
     let journal = Journal::new(&v.volume, false).unwrap();
-    std::mem::forget(journal.begin(&[common::path("a")]).unwrap());
+    std::mem::forget(journal.begin(&[v.stored("a")]).unwrap());
     let (core, _) = mount(&v);
     assert_eq!(core.unusable_records(), 0);
     drop(core);
     assert_eq!(pending_records(&v), 0);
-    assert_eq!(envelope_paths(&v.backing.join("a")), ["/a"]);
+    assert_eq!(
+        envelope_paths(&v.backing_file("a")),
+        stored_paths(&v, &["a"])
+    );
     assert_eq!(read(&v, "a"), b"alpha");
 }
