@@ -4,6 +4,8 @@
 // Tests play the attacker and the operator: they touch the store by path on purpose.
 #![allow(clippy::disallowed_methods)]
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
@@ -87,14 +89,18 @@ impl Env {
     /// A volume with one file, `hello.txt`.
     fn volume(&self) -> &Self {
         let b = self.backing().display().to_string();
-        let out = self.run(
-            &["init", &b, "--block-size", "1K", "--context", "tenant=t1"],
-            b"",
-        );
+        let mut args = vec!["init", &b, "--block-size", "1K", "--context", "tenant=t1"];
+        args.extend(common::names_args());
+        let out = self.run(&args, b"");
         assert_eq!(out.code, 0, "{}", out.stderr);
         let out = self.run(&["import", &b, "hello.txt"], b"hello, kmsfs\n");
         assert_eq!(out.code, 0, "{}", out.stderr);
         self
+    }
+
+    /// The volume, opened here (through the key file its config names), to name stored paths.
+    fn open(&self) -> kmsfs::core::Volume {
+        kmsfs::core::Volume::open(&self.backing(), &Default::default()).unwrap()
     }
 
     /// Every file and directory under the temp dir: type, mode, size, content hash, mtime.
@@ -154,7 +160,7 @@ impl Env {
 fn init_import_cat_info_happy_path() {
     let env = Env::new();
     let b = env.backing().display().to_string();
-    let out = env.run(&["init", &b], b"");
+    let out = env.run(&[&["init", &b][..], common::names_args()].concat(), b"");
     assert_eq!(out.code, 0, "{}", out.stderr);
     let stdout = String::from_utf8(out.stdout).unwrap();
     let key_line = stdout
@@ -181,6 +187,12 @@ fn init_import_cat_info_happy_path() {
         text.contains("block size:  4096") && text.contains("config:      authenticated"),
         "{text}"
     );
+    let names = if common::plaintext_names() {
+        "names:       plaintext"
+    } else {
+        "names:       encrypted"
+    };
+    assert!(text.contains(names), "{text}");
     let out = env.run(
         &[
             "info",
@@ -197,10 +209,23 @@ fn init_import_cat_info_happy_path() {
         text.contains("size:        100000 bytes in 25 blocks"),
         "{text}"
     );
+    // The user's path, also where the envelope is bound (its stored path shown beside).
     assert!(
-        text.contains("bound to /data.bin") && text.contains("status:      authenticated"),
+        text.contains("path:        /data.bin\n")
+            && text.contains("bound to /data.bin\n")
+            && text.contains("status:      authenticated"),
         "{text}"
     );
+    let stored = common::stored(&env.open(), "data.bin");
+    assert_eq!(
+        text.contains(&format!("stored as:   {stored}\n")),
+        !common::plaintext_names(),
+        "{text}"
+    );
+    assert!(text.contains(&format!(
+        "backing:     {}\n",
+        env.backing().join(stored.to_relative_path()).display()
+    )));
 }
 
 #[test]
@@ -402,15 +427,19 @@ fn damaged_configs_are_refused() {
     assert!(env
         .fails(&["cat", &b, "hello.txt"], 3)
         .contains("authentication failed"));
-    // An unknown feature flag (feature count at offset 32).
+    // An unknown feature flag (feature count at offset 32, each flag's length and name after
+    // it; a volume with plaintext names has one already).
+    let count = u16::from_be_bytes([good[32], good[33]]);
+    assert_eq!(count, u16::from(common::plaintext_names()));
     let mut flagged = good[..32].to_vec();
-    flagged.extend_from_slice(&[0, 1, 0, 15]);
-    flagged.extend_from_slice(b"encrypted-names");
+    flagged.extend_from_slice(&(count + 1).to_be_bytes());
+    flagged.extend_from_slice(&[0, 15]);
+    flagged.extend_from_slice(b"future-features");
     flagged.extend_from_slice(&good[34..]);
     fs::write(&cfg, &flagged).unwrap();
     let msg = env.fails(&["info", &b], 3);
     assert!(
-        msg.contains("unknown feature flag 'encrypted-names'"),
+        msg.contains("unknown feature flag 'future-features'"),
         "{msg}"
     );
     fs::write(&cfg, &good).unwrap();
@@ -422,20 +451,26 @@ fn cat_and_import_bad_paths() {
     let env = Env::new();
     env.volume();
     let b = env.backing().display().to_string();
-    assert!(env
-        .fails(&["cat", &b, "nope.txt"], 1)
-        .contains("No such file"));
+    // Named by the user's paths (with encrypted names too).
+    let msg = env.fails(&["cat", &b, "nope.txt"], 1);
+    assert!(
+        msg.contains("/nope.txt") && msg.contains("No such file"),
+        "{msg}"
+    );
     assert!(env.fails(&["cat", &b, "/"], 2).contains("volume root"));
     assert!(env.fails(&["cat", &b, "a/../hello.txt"], 2).contains(".."));
     assert!(env
         .fails(&["cat", &b, ".kmsfs/config"], 2)
         .contains("reserves"));
-    assert!(env
-        .fails(&["import", &b, "hello.txt"], 1)
-        .contains("already exists"));
-    assert!(env
-        .fails(&["import", &b, "no/such/dir/f"], 1)
-        .contains("parent directory"));
+    let msg = env.fails(&["import", &b, "hello.txt"], 1);
+    assert_eq!(msg, "kmsfs: /hello.txt already exists");
+    let msg = env.fails(&["import", &b, "no/such/dir/f"], 1);
+    assert_eq!(
+        msg,
+        "kmsfs: the parent directory of /no/such/dir/f does not exist"
+    );
+    let msg = env.fails(&["import", &b, "hello.txt/f"], 1);
+    assert!(msg.contains("parent directory of /hello.txt/f"), "{msg}");
     assert!(env
         .fails(&["import", &b, "x", "--from", &env.p("missing")], 1)
         .contains("cannot open"));
@@ -446,19 +481,24 @@ fn cat_of_tampered_or_moved_files_fails_with_the_reason() {
     let env = Env::new();
     env.volume();
     let b = env.backing().display().to_string();
-    let f = env.backing().join("hello.txt");
+    let volume = env.open();
+    let f = common::host_path(&volume, &env.backing(), "hello.txt");
     let mut raw = fs::read(&f).unwrap();
     let last = raw.len() - 1;
     raw[last] ^= 1;
     fs::write(&f, &raw).unwrap();
+    // The user's paths, not the stored ones.
     let msg = env.fails(&["cat", &b, "hello.txt"], 3);
     assert_eq!(msg, "kmsfs: /hello.txt: authentication failed at block 0");
     raw[last] ^= 1;
     fs::write(&f, &raw).unwrap();
-    fs::rename(&f, env.backing().join("renamed.txt")).unwrap();
+    // Moved within its directory, to the stored name of renamed.txt.
+    let renamed = common::host_path(&volume, &env.backing(), "renamed.txt");
+    fs::rename(&f, renamed).unwrap();
     let msg = env.fails(&["cat", &b, "renamed.txt"], 3);
     assert!(
-        msg.contains("context mismatch") && msg.contains("bound to /hello.txt"),
+        msg.starts_with("kmsfs: /renamed.txt: context mismatch")
+            && msg.contains("bound to /hello.txt"),
         "{msg}"
     );
 }

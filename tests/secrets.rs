@@ -10,14 +10,16 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
+use common::assert_success;
 use common::mount::{fuse_available, kmsfs, Mount};
-use common::{assert_success, path};
 use kmsfs::core::file::read_header;
 use kmsfs::core::volume::OpenOptions;
 use kmsfs::core::Volume;
 use kmsfs::format::kdf;
 
 const CANARY: &[u8] = b"kmsfs-plaintext-canary-7f3a91 patient record 0042";
+/// What every file name of the test starts with: with encrypted names, never seen on the store.
+const NAME_CANARY: &str = "name-canary-5e1d";
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -44,6 +46,17 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
+/// The name of every entry under `dir`, at any depth.
+fn all_names(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+    for e in fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        out.push(e.path());
+        if e.file_type().unwrap().is_dir() {
+            all_names(&e.path(), out);
+        }
+    }
+}
+
 /// Every regular file under `dir`, with its bytes.
 fn all_files(dir: &Path, out: &mut Vec<(std::path::PathBuf, Vec<u8>)>) {
     for e in fs::read_dir(dir).unwrap() {
@@ -65,22 +78,34 @@ fn no_key_or_plaintext_in_logs_or_on_the_backing_store() {
     let mut m = Mount::new(4096, &[]);
     m.set_env("RUST_LOG", "trace");
     m.remount();
-    fs::create_dir(m.p("dir")).unwrap();
+    let name = |n: &str| format!("{NAME_CANARY}-{n}");
+    // A long name too (stored as `kmsfs.long.HASH` and a side record, with encrypted names).
+    let long = name(&"long".repeat(50));
+    let (dir, record, renamed, linked) = (
+        name("dir"),
+        format!("{}/{}", name("dir"), name("record")),
+        format!("{}/{}", name("dir"), name("renamed")),
+        name("linked"),
+    );
+    fs::create_dir(m.p(&dir)).unwrap();
     let mut body = Vec::new();
     for _ in 0..200 {
         body.extend_from_slice(CANARY);
     }
-    fs::write(m.p("dir/record"), &body).unwrap();
-    fs::rename(m.p("dir/record"), m.p("dir/renamed")).unwrap();
-    fs::hard_link(m.p("dir/renamed"), m.p("linked")).unwrap();
+    fs::write(m.p(&record), &body).unwrap();
+    fs::rename(m.p(&record), m.p(&renamed)).unwrap();
+    fs::hard_link(m.p(&renamed), m.p(&linked)).unwrap();
+    fs::write(m.p(&long), b"x").unwrap();
+    std::os::unix::fs::symlink(&renamed, m.p(&name("symlink"))).unwrap();
     m.remount();
-    assert_eq!(fs::read(m.p("dir/renamed")).unwrap(), body);
+    assert_eq!(fs::read(m.p(&renamed)).unwrap(), body);
+    assert_eq!(fs::read(m.p(&long)).unwrap(), b"x");
     m.stop();
 
     // The file's data key and content key, recovered the legitimate way.
     let volume = Volume::open(&m.backing, &OpenOptions::default()).unwrap();
-    let at = path("/dir/renamed");
-    let file = fs::File::open(m.b("dir/renamed")).unwrap();
+    let at = common::stored(&volume, &renamed);
+    let file = fs::File::open(m.b(&renamed)).unwrap();
     let (header, _) = read_header(&file, &at).unwrap();
     let mac = volume.header_mac_key(&header.preamble.file_id);
     let authentic = header.authentic(&mac);
@@ -123,6 +148,34 @@ fn no_key_or_plaintext_in_logs_or_on_the_backing_store() {
             "plaintext appears in {}",
             place.display()
         );
+    }
+
+    // With encrypted names, no file name (nor a symlink's target) shows on the store: not as
+    // an entry's name, not in any header (the paths envelopes are bound to) or side record.
+    if !common::plaintext_names() {
+        let mut names = Vec::new();
+        all_names(&m.backing, &mut names);
+        assert!(names.len() > 6, "{names:?}");
+        for n in &names {
+            assert!(
+                !n.strip_prefix(&m.backing)
+                    .unwrap()
+                    .to_string_lossy()
+                    .contains(NAME_CANARY),
+                "a plaintext name on the store: {}",
+                n.display()
+            );
+        }
+        for (place, bytes) in &places[1..] {
+            assert!(
+                !contains(bytes, NAME_CANARY.as_bytes()),
+                "a plaintext name appears in {}",
+                place.display()
+            );
+        }
+    } else {
+        // Positive control: with plaintext names they are there to see.
+        assert!(m.backing.join(&renamed).exists());
     }
 }
 

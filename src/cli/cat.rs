@@ -5,9 +5,10 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::{volume_path, VolumeArgs};
-use crate::core::EncryptedFile;
+use super::{shown_error, volume_path, VolumeArgs};
+use crate::core::{EncryptedFile, Volume};
 use crate::error::{Error, Result};
+use crate::format::context::CanonicalPath;
 use crate::format::header::ObjectKind;
 
 #[derive(Debug, Args)]
@@ -19,13 +20,18 @@ pub struct CatArgs {
 }
 
 pub fn run(args: CatArgs) -> Result<()> {
-    let path = volume_path(&args.path)?;
+    let plain = volume_path(&args.path)?;
     let volume = args.volume.open()?;
-    let path = volume.stored_path(&path)?;
-    let file = EncryptedFile::open(&volume, &path, false)?;
+    // Errors name the file as the user does, not by its stored path.
+    cat(&volume, &plain).map_err(|e| shown_error(&volume, &plain, e))
+}
+
+fn cat(volume: &Volume, plain: &CanonicalPath) -> Result<()> {
+    let path = volume.stored_path(plain)?;
+    let file = EncryptedFile::open(volume, &path, false)?;
     if file.attrs().kind != ObjectKind::File {
         return Err(Error::Refused(format!(
-            "{path} is a {:?}, not a file",
+            "{plain} is a {:?}, not a file",
             file.attrs().kind
         )));
     }

@@ -4,12 +4,13 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::{volume_path, VolumeArgs};
+use super::{shown_error, volume_path, VolumeArgs};
 use crate::core::file::read_header;
 use crate::core::{EncryptedFile, Volume};
 use crate::error::Result;
 use crate::format::block::Layout;
 use crate::format::codec::hex;
+use crate::format::context::CanonicalPath;
 use crate::format::header::SlotState;
 
 #[derive(Debug, Args)]
@@ -28,71 +29,79 @@ pub fn run(args: InfoArgs) -> Result<()> {
             print_volume(&volume);
             Ok(())
         }
-        Some(plain) => {
-            let path = volume.stored_path(&plain)?;
-            let file = crate::core::file::open_backing(&volume, &path, false)?;
-            let (header, len) = read_header(&file, &path)?;
-            let preamble = &header.preamble;
-            let layout = Layout {
-                data_offset: preamble.data_offset(),
-                block_size: preamble.block_size,
-            };
-            println!("path:        {plain}");
-            if path != plain {
-                println!("stored as:   {path}");
-            }
-            println!(
-                "backing:     {}",
-                volume.root().join(path.to_relative_path()).display()
-            );
-            match layout.plaintext_len(len) {
-                Ok(size) => println!(
-                    "size:        {size} bytes in {} blocks of {} (backing file {len} bytes)",
-                    layout.block_count(size),
-                    preamble.block_size
-                ),
-                Err(e) => println!("size:        unknown: {e}"),
-            }
-            println!("file id:     {}", hex(&preamble.file_id));
-            println!(
-                "header:      {} bytes (two slots of {})",
-                preamble.data_offset(),
-                preamble.slot_size
-            );
-            for (i, slot) in header.slots.iter().enumerate() {
-                match slot {
-                    SlotState::Empty => println!("slot {i}:      empty"),
-                    SlotState::Damaged(why) => println!("slot {i}:      damaged: {why}"),
-                    SlotState::Sealed(c) => {
-                        println!(
-                            "slot {i}:      generation {}, {} envelope(s), {:?} mode {:04o} owner {}:{}",
-                            c.generation,
-                            c.envelopes.len(),
-                            c.attrs.kind,
-                            c.attrs.mode,
-                            c.attrs.uid,
-                            c.attrs.gid
-                        );
-                        for e in &c.envelopes {
-                            let here = if e.path == path {
-                                ""
-                            } else {
-                                "  (another path)"
-                            };
-                            println!("  key {} bound to {}{here}", e.key.key_id, e.path);
-                        }
-                    }
+        // Errors name the file as the user does, not by its stored path.
+        Some(plain) => file_info(&volume, &plain).map_err(|e| shown_error(&volume, &plain, e)),
+    }
+}
+
+fn file_info(volume: &Volume, plain: &CanonicalPath) -> Result<()> {
+    let path = volume.stored_path(plain)?;
+    let file = crate::core::file::open_backing(volume, &path, false)?;
+    let (header, len) = read_header(&file, &path)?;
+    let preamble = &header.preamble;
+    let layout = Layout {
+        data_offset: preamble.data_offset(),
+        block_size: preamble.block_size,
+    };
+    println!("path:        {plain}");
+    if &path != plain {
+        println!("stored as:   {path}");
+    }
+    println!(
+        "backing:     {}",
+        volume.root().join(path.to_relative_path()).display()
+    );
+    match layout.plaintext_len(len) {
+        Ok(size) => println!(
+            "size:        {size} bytes in {} blocks of {} (backing file {len} bytes)",
+            layout.block_count(size),
+            preamble.block_size
+        ),
+        Err(e) => println!("size:        unknown: {e}"),
+    }
+    println!("file id:     {}", hex(&preamble.file_id));
+    println!(
+        "header:      {} bytes (two slots of {})",
+        preamble.data_offset(),
+        preamble.slot_size
+    );
+    for (i, slot) in header.slots.iter().enumerate() {
+        match slot {
+            SlotState::Empty => println!("slot {i}:      empty"),
+            SlotState::Damaged(why) => println!("slot {i}:      damaged: {why}"),
+            SlotState::Sealed(c) => {
+                println!(
+                    "slot {i}:      generation {}, {} envelope(s), {:?} mode {:04o} owner {}:{}",
+                    c.generation,
+                    c.envelopes.len(),
+                    c.attrs.kind,
+                    c.attrs.mode,
+                    c.attrs.uid,
+                    c.attrs.gid
+                );
+                for e in &c.envelopes {
+                    let here = if e.path == path {
+                        ""
+                    } else {
+                        "  (another path)"
+                    };
+                    // The path as the user knows it, where it decrypts.
+                    println!(
+                        "  key {} bound to {}{here}",
+                        e.key.key_id,
+                        volume.shown_path(&e.path)
+                    );
                 }
             }
-            // Authenticate: unwrap through the keyring, check commitment and slot MAC.
-            let opened = EncryptedFile::from_file(&volume, &path, file)?;
-            println!(
-                "status:      authenticated (slot generation {})",
-                opened.generation()
-            );
-            Ok(())
         }
     }
+    // Authenticate: unwrap through the keyring, check commitment and slot MAC.
+    let opened = EncryptedFile::from_file(volume, &path, file)?;
+    println!(
+        "status:      authenticated (slot generation {})",
+        opened.generation()
+    );
+    Ok(())
 }
 
 fn print_volume(volume: &Volume) {
