@@ -538,10 +538,14 @@ fn a_symlink_planted_in_place_of_a_directory_is_never_exported_nor_followed() {
         assert_eq!(run.status.code(), Some(1));
         let err = String::from_utf8(run.stderr).unwrap();
         assert_eq!(err.lines().count(), 1, "{err}");
-        assert!(
-            err.contains("/d/secret: a symlink on the backing store"),
-            "{err}"
-        );
+        // With encrypted names the lookup of d/secret reads d's record first (for the id
+        // names in d are encrypted under), and that is where it meets the symlink.
+        let refused = if common::plaintext_names() {
+            "/d/secret: a symlink on the backing store"
+        } else {
+            "cannot open the record of /d: /d/.kmsfs-dir: a symlink on the backing store"
+        };
+        assert!(err.contains(refused), "{err}");
     }
     assert!(!sub.exists());
     assert_eq!(snapshot(top, &[&out, &first]), before);

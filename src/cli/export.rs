@@ -41,7 +41,10 @@ pub fn run(args: ExportArgs) -> Result<()> {
         ));
     }
     let volume = args.volume.open()?;
-    let subtree = volume.stored_path(&subtree)?;
+    // Errors name the subtree as the user does (those beneath it are named so by export).
+    let plain = subtree;
+    let shown = |e| super::shown_error(&volume, &plain, e);
+    let subtree = volume.stored_path(&plain).map_err(shown)?;
     let dest = if to_stdout {
         Destination::Tar(Box::new(std::io::BufWriter::with_capacity(
             1 << 20,
@@ -63,7 +66,7 @@ pub fn run(args: ExportArgs) -> Result<()> {
         same_owner: args.same_owner,
         devices: args.devices,
     };
-    let summary = export(&volume, &subtree, dest, options, &progress)?;
+    let summary = export(&volume, &subtree, dest, options, &progress).map_err(shown)?;
     if terminal {
         eprint!("\r");
     }

@@ -176,7 +176,6 @@ pub fn volume_path(path: &Path) -> Result<CanonicalPath> {
 /// `e`, an error about the user's path `plain` (found on the store, or not), as the user
 /// knows it: each stored path along `plain` (as far as it can be worked out) named by its
 /// plaintext path, and where a file is bound instead, that path's plaintext where it decrypts.
-/// With plaintext names, `e` as it is.
 pub fn shown_error(volume: &Volume, plain: &CanonicalPath, e: Error) -> Error {
     if !volume.encrypted_names() {
         return e;
@@ -193,42 +192,7 @@ pub fn shown_error(volume: &Volume, plain: &CanonicalPath, e: Error) -> Error {
             _ => break,
         }
     }
-    // The longest first, so a directory's path never replaces part of its child's.
-    pairs.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
-    let fix = |s: String| {
-        pairs
-            .iter()
-            .fold(s, |s, (stored, plain)| s.replace(stored.as_str(), plain))
-    };
-    match e {
-        Error::Usage(s) => Error::Usage(fix(s)),
-        Error::Refused(s) => Error::Refused(fix(s)),
-        Error::Io { what, source } => Error::Io {
-            what: fix(what),
-            source,
-        },
-        Error::Format { path, source } => Error::Format {
-            path: fix(path),
-            source,
-        },
-        Error::Key { path, source } => Error::Key {
-            path: fix(path),
-            source,
-        },
-        Error::Moved { path, bound } => Error::Moved {
-            path: fix(path),
-            bound: bound
-                .split(", ")
-                .map(|b| match CanonicalPath::from_encoded(b) {
-                    Ok(b) => volume.shown_path(&b),
-                    Err(_) => b.to_string(),
-                })
-                .collect::<Vec<_>>()
-                .join(", "),
-        },
-        Error::Integrity(s) => Error::Integrity(fix(s)),
-        e => e,
-    }
+    crate::core::export::with_user_paths(volume, e, &pairs)
 }
 
 pub fn run(cli: Cli) -> Result<()> {

@@ -50,6 +50,61 @@ use super::names::Listed;
 use super::volume::Volume;
 use crate::format::header::{Attrs, ObjectKind};
 
+/// `e` with the stored paths it names put as the user knows them: each `(stored, plain)` of
+/// `pairs` replaced (the longest first, so a directory's never replaces part of its child's),
+/// and the paths a moved file is bound to decrypted where they do (else left as stored). The
+/// kind of error, and so the exit code, stays. With plaintext names, `e` as it is. Export and
+/// the commands that take a user's path (`cat`, `info`, `import`, `adopt`) report through it.
+pub fn with_user_paths(volume: &Volume, e: Error, pairs: &[(String, String)]) -> Error {
+    if !volume.encrypted_names() {
+        return e;
+    }
+    let mut pairs: Vec<&(String, String)> = pairs.iter().filter(|(s, p)| s != p).collect();
+    pairs.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
+    let fix = |s: String| {
+        pairs
+            .iter()
+            .fold(s, |s, (stored, plain)| s.replace(stored.as_str(), plain))
+    };
+    match e {
+        Error::Usage(s) => Error::Usage(fix(s)),
+        Error::Refused(s) => Error::Refused(fix(s)),
+        Error::Io { what, source } => {
+            // The store's refusals name the path too (an OS error's text never does).
+            let said = source.to_string();
+            let shown = fix(said.clone());
+            Error::Io {
+                what: fix(what),
+                source: match shown == said {
+                    true => source,
+                    false => std::io::Error::new(source.kind(), shown),
+                },
+            }
+        }
+        Error::Format { path, source } => Error::Format {
+            path: fix(path),
+            source,
+        },
+        Error::Key { path, source } => Error::Key {
+            path: fix(path),
+            source,
+        },
+        Error::Moved { path, bound } => Error::Moved {
+            path: fix(path),
+            bound: bound
+                .split(", ")
+                .map(|b| match CanonicalPath::from_encoded(b) {
+                    Ok(b) => volume.shown_path(&b),
+                    Err(_) => b.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join(", "),
+        },
+        Error::Integrity(s) => Error::Integrity(fix(s)),
+        e => e,
+    }
+}
+
 /// Where an export goes.
 pub enum Destination {
     /// A directory that does not exist yet or is empty.
@@ -76,8 +131,9 @@ pub struct ExportSummary {
     pub symlinks: u64,
     pub special: u64,
     pub bytes: u64,
+    /// Entries not exported (by the user's path), each with why.
     pub failures: Vec<(CanonicalPath, String)>,
-    /// Device nodes not recreated (no `--devices`), each with what it is.
+    /// Device nodes not recreated (no `--devices`, by the user's path), each with what it is.
     pub skipped: Vec<(CanonicalPath, String)>,
 }
 
@@ -139,6 +195,9 @@ struct Exporter<'a> {
     dest: Sink,
     /// Where `DEST` is, for messages.
     shown: PathBuf,
+    /// The user's path of the directory holding the subtree exported (the root for a whole
+    /// volume): what an output path is beneath, in messages.
+    base: CanonicalPath,
     /// First exported name (in the output) of each multiply-linked backing inode.
     seen: HashMap<(u64, u64), CanonicalPath>,
     summary: ExportSummary,
@@ -162,22 +221,25 @@ pub fn export(
         Destination::Dir(dir) => (Sink::Dir(open_dest(&dir, store)?), dir),
         Destination::Tar(w) => (Sink::Tar(tar::Builder::new(w)), PathBuf::from("-")),
     };
-    let out = if subtree.is_root() {
-        CanonicalPath::root()
+    let (out, base) = if subtree.is_root() {
+        (CanonicalPath::root(), CanonicalPath::root())
     } else {
-        let rel = volume.plain_path(subtree)?.to_relative_path();
+        let plain = volume.plain_path(subtree)?;
+        let rel = plain.to_relative_path();
         let name = rel
             .file_name()
             .expect("a path other than the root has a name");
-        CanonicalPath::root()
+        let out = CanonicalPath::root()
             .join(name.as_bytes())
-            .map_err(|e| Error::format(subtree, e))?
+            .map_err(|e| Error::format(subtree, e))?;
+        (out, plain.parent().unwrap_or_else(CanonicalPath::root))
     };
     let mut ex = Exporter {
         volume,
         store,
         dest: sink,
         shown,
+        base,
         seen: HashMap::new(),
         summary: ExportSummary::default(),
         options,
@@ -300,6 +362,22 @@ fn open_dest(dir: &Path, store: &Backing) -> Result<Backing> {
 }
 
 impl Exporter<'_> {
+    /// The user's path of the entry exported as `out`.
+    fn plain(&self, out: &CanonicalPath) -> CanonicalPath {
+        match (self.base.is_root(), out.is_root()) {
+            (true, _) => out.clone(),
+            (false, true) => self.base.clone(),
+            (false, false) => CanonicalPath::from_encoded(&format!("{}{out}", self.base))
+                .unwrap_or_else(|_| out.clone()),
+        }
+    }
+
+    /// `e`, about the store's `p` (exported as `out`), naming `p` as the user knows it.
+    fn user_error(&self, p: &CanonicalPath, out: &CanonicalPath, e: Error) -> Error {
+        let pairs = [(p.to_string(), self.plain(out).to_string())];
+        with_user_paths(self.volume, e, &pairs)
+    }
+
     /// How `out` is named in messages: under `DEST`, or as the tar member.
     fn shown(&self, out: &CanonicalPath) -> String {
         match self.dest {
@@ -330,6 +408,16 @@ impl Exporter<'_> {
     /// attributes its record gives, an object as its header says, anything else (a symlink,
     /// fifo or device node kmsfs did not make) not at all.
     fn walk(&mut self, p: &CanonicalPath, out: &CanonicalPath, meta: &fs::Metadata) -> Result<()> {
+        self.walk_at(p, out, meta)
+            .map_err(|e| self.user_error(p, out, e))
+    }
+
+    fn walk_at(
+        &mut self,
+        p: &CanonicalPath,
+        out: &CanonicalPath,
+        meta: &fs::Metadata,
+    ) -> Result<()> {
         if meta.is_dir() {
             let record = dir_record(p);
             let attrs =
@@ -342,7 +430,7 @@ impl Exporter<'_> {
             match attrs {
                 Ok(attrs) => self.dir(p, out, meta, &attrs),
                 Err(e) if p.is_root() || out.is_root() => Err(e),
-                Err(e) => self.failed(p, e),
+                Err(e) => self.failed(p, out, e),
             }
         } else if meta.is_file() {
             self.entry(p, out)
@@ -350,7 +438,7 @@ impl Exporter<'_> {
             let e = Error::Integrity(format!(
                 "{p}: an entry on the backing store that kmsfs did not make; not exported"
             ));
-            self.failed(p, e)
+            self.failed(p, out, e)
         }
     }
 
@@ -380,11 +468,15 @@ impl Exporter<'_> {
                 Listed::Own => {}
                 Listed::Foreign(why) => {
                     let child = p.join(e.name.as_bytes()).map_err(|e| Error::format(p, e))?;
+                    // Named as it is stored, in the directory as the user knows it.
+                    let child_out = out
+                        .join(e.name.as_bytes())
+                        .map_err(|e| Error::format(p, e))?;
                     let e = Error::Integrity(format!(
                         "{child}: an entry on the backing store whose name kmsfs did not write \
                          there ({why}); not exported"
                     ));
-                    self.failed(&child, e)?;
+                    self.failed(&child, &child_out, e)?;
                 }
             }
         }
@@ -511,20 +603,20 @@ impl Exporter<'_> {
             .and_then(|(f, m)| Ok((EncryptedFile::from_file(self.volume, p, f)?, m)));
         let (object, meta) = match opened {
             Ok(x) => x,
-            Err(e) => return self.failed(p, e),
+            Err(e) => return self.failed(p, out, e),
         };
         let attrs = object.attrs();
         match attrs.kind {
             ObjectKind::File => return self.file(p, out, object, &meta),
             ObjectKind::Dir => {
                 let e = Error::Integrity(format!("{p}: a directory record where a name is"));
-                return self.failed(p, e);
+                return self.failed(p, out, e);
             }
             ObjectKind::Symlink => {
                 // The authenticated target, created as a symlink, never followed.
                 let target = match object.read_all() {
                     Ok(t) => PathBuf::from(OsString::from_vec(t)),
-                    Err(e) => return self.failed(p, e),
+                    Err(e) => return self.failed(p, out, e),
                 };
                 if let Sink::Dir(d) = &self.dest {
                     d.symlink(target.as_os_str().as_bytes(), out)
@@ -558,13 +650,13 @@ impl Exporter<'_> {
                 libc::major(rdev),
                 libc::minor(rdev)
             );
-            self.summary.skipped.push((p.clone(), what));
+            self.summary.skipped.push((self.plain(out), what));
             return Ok(());
         }
         if let Sink::Dir(d) = &self.dest {
             if let Err(e) = d.mknod(out, ifmt | 0o600, rdev) {
                 let e = self.dest_err("create", out, e);
-                return self.failed(p, e);
+                return self.failed(p, out, e);
             }
             self.finish(out, &meta, &attrs)?;
         } else {
@@ -619,7 +711,7 @@ impl Exporter<'_> {
             if let Err(e) = copied {
                 drop(created);
                 let _ = d.unlink(out, None);
-                return self.failed(p, e);
+                return self.failed(p, out, e);
             }
             self.finish_file(&created, out, meta, &attrs)?;
         } else {
@@ -643,11 +735,13 @@ impl Exporter<'_> {
     }
 
     /// Records a file that could not be exported; in a tar stream it ends the export.
-    fn failed(&mut self, p: &CanonicalPath, e: Error) -> Result<()> {
+    /// Both name the user's path of `p` (exported as `out`), not its stored one.
+    fn failed(&mut self, p: &CanonicalPath, out: &CanonicalPath, e: Error) -> Result<()> {
+        let e = self.user_error(p, out, e);
         if let Sink::Tar(_) = self.dest {
             return Err(e);
         }
-        self.summary.failures.push((p.clone(), e.to_string()));
+        self.summary.failures.push((self.plain(out), e.to_string()));
         Ok(())
     }
 
@@ -727,6 +821,7 @@ mod tests {
             store,
             dest: Sink::Dir(Backing::open(dest).unwrap()),
             shown: dest.to_path_buf(),
+            base: CanonicalPath::root(),
             seen: HashMap::new(),
             summary: ExportSummary::default(),
             options: ExportOptions::default(),
