@@ -9,7 +9,7 @@ mod common;
 use std::fs;
 
 use common::mount::kmsfs;
-use common::{path, pattern, TestVolume};
+use common::{pattern, TestVolume};
 use kmsfs::core::EncryptedFile;
 use kmsfs::format::envelope::Envelope;
 use kmsfs::format::header::{seal_slot, Header, SlotState};
@@ -116,10 +116,10 @@ fn every_planted_defect_is_found() {
     v.put_bytes("cut_inside", &raw[..raw.len() - 120]);
     // A stale envelope: the file also holds one for a name it does not have.
     {
-        let p = path("stale");
+        let p = v.stored("stale");
         let mut f = EncryptedFile::open(&v.volume, &p, true).unwrap();
         let mine = f.envelopes()[0].clone();
-        let gone = path("gone");
+        let gone = v.stored("gone");
         let key = v
             .volume
             .keyring()
@@ -133,10 +133,12 @@ fn every_planted_defect_is_found() {
         f.replace_envelopes(vec![mine, Envelope { path: gone, key }])
             .unwrap();
     }
-    // A file under a key the volume does not trust (re-MACed to get past the header MAC).
+    // A file under a key the volume does not trust (re-MACed to get past the header MAC),
+    // bound to the stored path it is put at (names on the store are there to read).
     let rogue = TestVolume::new(512);
-    rogue.write("rogue", b"attacker data");
-    let mut raw = rogue.bytes("rogue");
+    let at = v.stored("rogue");
+    kmsfs::core::file::write_new_file(&rogue.volume, &at, &mut &b"attacker data"[..]).unwrap();
+    let mut raw = fs::read(rogue.backing.join(at.to_relative_path())).unwrap();
     remac(&v, &mut raw);
     v.put_bytes("rogue", &raw);
     // Entries kmsfs never makes: a symlink, a directory made on the store (no record), and a
@@ -170,6 +172,30 @@ fn every_planted_defect_is_found() {
         ],
         "{report}"
     );
+    // The details name paths as the user knows them too (with encrypted names, not stored).
+    let detail = |p: &str| {
+        report["problems"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["path"] == p)
+            .unwrap()["detail"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(
+        detail("/y"),
+        "/y: context mismatch: the file is bound to /x (moved or copied on the backing store?)"
+    );
+    assert!(
+        detail("/b-dir/.kmsfs-dir").contains("bound to /a-dir/.kmsfs-dir"),
+        "{report}"
+    );
+    assert_eq!(
+        detail("/stale"),
+        "holds envelopes for names it no longer has: /gone"
+    );
     let (_, deep) = fsck(&v, &["--deep"]);
     assert!(
         problems(&deep).contains(&pair("/flipped", "tampered-block")),
@@ -201,7 +227,10 @@ fn the_human_report_is_one_line_per_problem_and_a_summary() {
     let stdout = String::from_utf8(out.stdout).unwrap();
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 2, "{stdout}");
-    assert!(lines[0].starts_with("/c: moved: "), "{stdout}");
+    assert!(
+        lines[0].starts_with("/c: moved: /c: context mismatch: the file is bound to /a "),
+        "{stdout}"
+    );
     assert_eq!(lines[1], "2 files checked: 1 problems");
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert_eq!(stderr.lines().count(), 1, "{stderr}");

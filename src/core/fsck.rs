@@ -211,19 +211,85 @@ pub fn check(volume: &Volume, deep: bool, repair: bool) -> Result<Report> {
         report.problems.push(p);
     }
     store_walk(volume, repair, &mut report)?;
-    // Reported by the names the user knows, where they decrypt.
+    // Reported by the names the user knows, where they decrypt: the path, and the paths the
+    // detail names (where a file is bound, its stale names, a record's paths).
     if volume.encrypted_names() {
         let mut names = super::names::NameCache::default();
         for p in &mut report.problems {
             if let Ok(stored) = CanonicalPath::from_encoded(&p.path) {
-                p.path = match names.plain_path(volume, &stored) {
-                    Ok(plain) => plain.to_string(),
-                    Err(_) => format!("{stored} (as stored)"),
+                p.path = match plain_path(volume, &mut names, &stored) {
+                    Some(plain) => plain.to_string(),
+                    None => format!("{stored} (as stored)"),
                 };
             }
+            p.detail = plain_paths_in(&p.detail, |s| plain_path(volume, &mut names, s));
         }
     }
     Ok(report)
+}
+
+/// The user's path of the stored path `stored`, if every component decrypts in its directory
+/// (kmsfs's own names, a directory's record among them, are kept as they are: no directory id
+/// is read for them, so a directory whose record is itself the problem is named too).
+fn plain_path(
+    volume: &Volume,
+    names: &mut super::names::NameCache,
+    stored: &CanonicalPath,
+) -> Option<CanonicalPath> {
+    use super::names::Listed;
+    let (mut dir, mut plain) = (CanonicalPath::root(), CanonicalPath::root());
+    for name in stored.to_relative_path().iter() {
+        let name = name.as_encoded_bytes();
+        let shown = if volume.is_own_name(name, dir.is_root()) {
+            name.to_vec()
+        } else {
+            let id = names.dir_id(volume, &dir).ok()?;
+            match volume.listed_name(&dir, Some(&id), name).ok()? {
+                Listed::Name(n) => n,
+                Listed::Own => name.to_vec(),
+                Listed::Foreign(_) => return None,
+            }
+        };
+        plain = plain.join(&shown).ok()?;
+        dir = dir.join(name).ok()?;
+    }
+    Some(plain)
+}
+
+/// `text` with each stored path in it (a `/` starting a word, up to the first character no
+/// stored path has) replaced by `plain` of it, where that gives one.
+fn plain_paths_in(
+    text: &str,
+    mut plain: impl FnMut(&CanonicalPath) -> Option<CanonicalPath>,
+) -> String {
+    let in_path = |c: char| c.is_ascii_alphanumeric() || "-_./".contains(c);
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find('/') {
+        let starts_word = rest[..at]
+            .chars()
+            .next_back()
+            .is_none_or(|c| c.is_whitespace() || "(,:;[".contains(c));
+        out.push_str(&rest[..at]);
+        rest = &rest[at..];
+        let len = rest.find(|c| !in_path(c)).unwrap_or(rest.len());
+        // A sentence's full stop is not part of a path (no stored name ends in '.').
+        let len = rest[..len].trim_end_matches('.').len().max(1);
+        let (word, after) = rest.split_at(len);
+        match CanonicalPath::from_encoded(word)
+            .ok()
+            .filter(|_| starts_word)
+        {
+            Some(stored) => match plain(&stored) {
+                Some(p) => out.push_str(p.as_str()),
+                None => out.push_str(word),
+            },
+            None => out.push_str(word),
+        }
+        rest = after;
+    }
+    out.push_str(rest);
+    out
 }
 
 /// With encrypted names: an entry whose name kmsfs did not write in this directory (planted,
@@ -351,4 +417,30 @@ fn store_walk(volume: &Volume, repair: bool, report: &mut Report) -> Result<()> 
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_paths_in_a_detail_are_replaced_where_they_decrypt() {
+        let plain = |p: &CanonicalPath| match p.as_str() {
+            "/AAAA" => CanonicalPath::from_encoded("/a").ok(),
+            "/AAAA/.kmsfs-dir" => CanonicalPath::from_encoded("/a/.kmsfs-dir").ok(),
+            _ => None,
+        };
+        assert_eq!(
+            plain_paths_in(
+                "/AAAA: bound to /AAAA/.kmsfs-dir, /BBBB (moved?); names: /AAAA.",
+                plain
+            ),
+            "/a: bound to /a/.kmsfs-dir, /BBBB (moved?); names: /a."
+        );
+        // Only a word that starts with '/', and only a whole path.
+        assert_eq!(
+            plain_paths_in("key/AAAA x/AAAA /AAAAB /", plain),
+            "key/AAAA x/AAAA /AAAAB /"
+        );
+    }
 }
