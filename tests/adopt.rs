@@ -78,6 +78,12 @@ fn a_wrong_origin_or_a_foreign_file_is_refused_and_nothing_changes() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Named as the user knows it (with encrypted names too).
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.starts_with("kmsfs: /foreign: header authentication failed"),
+        "{err}"
+    );
     assert_eq!(v.bytes("foreign"), before);
     assert!(v.read("foreign").is_err());
 }

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::mount::{fuse_available, kmsfs, Mount};
-use common::{assert_success, path, pattern, TestVolume};
+use common::{assert_success, pattern, TestVolume};
 use kmsfs::core::file::read_header;
 use kmsfs::core::volume::OpenOptions;
 use kmsfs::core::{EncryptedFile, Volume};
@@ -89,7 +89,7 @@ fn open_with(v: &TestVolume, key: &Path) -> Volume {
 fn assert_all_read(volume: &Volume, n: usize) {
     for i in 0..n {
         let p = format!("d{}/f{i}", i % 10);
-        let got = EncryptedFile::open(volume, &path(&p), false)
+        let got = EncryptedFile::open(volume, &common::stored(volume, &p), false)
             .and_then(|f| f.read_all())
             .unwrap_or_else(|e| panic!("{p}: {e}"));
         assert_eq!(got, content(i), "{p}");
@@ -241,7 +241,12 @@ fn rewrap_beside_a_mount_that_writes_and_renames_loses_nothing() {
         .output()
         .unwrap();
     let expected = writer.join().unwrap();
-    assert_success(&out);
+    assert!(
+        out.status.success(),
+        "{} {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Every write is there, through the mount and after a remount.
     let check = |m: &Mount| {
         for i in 0..300 {
@@ -290,11 +295,13 @@ fn a_file_that_cannot_be_rewrapped_is_listed_and_blocks_retiring() {
     assert_eq!(report["rewrapped"], 30);
     let failed = report["failed"].as_array().unwrap();
     assert_eq!(failed.len(), 1, "{report}");
+    // Named as the user knows it (with encrypted names too).
     assert_eq!(failed[0]["path"], "/d0/foreign");
-    assert!(failed[0]["error"]
-        .as_str()
-        .unwrap()
-        .contains("header authentication failed"));
+    let error = failed[0]["error"].as_str().unwrap();
+    assert!(
+        error.starts_with("/d0/foreign: ") && error.contains("header authentication failed"),
+        "{error}"
+    );
     assert_eq!(
         report["retired_keys"].as_array().unwrap().len(),
         0,

@@ -22,8 +22,13 @@ pub fn run(args: AdoptArgs) -> Result<()> {
     let path = volume_path(&args.path)?;
     let from = volume_path(&args.from)?;
     let volume = args.volume.open()?;
-    let (stored, stored_from) = (volume.stored_path(&path)?, volume.stored_path(&from)?);
-    let moved = crate::core::adopt::adopt(&volume, &stored, &stored_from)?;
+    // Errors name both paths as the user does, not by their stored paths.
+    let shown = |e| super::shown_error(&volume, &from, super::shown_error(&volume, &path, e));
+    let moved = volume
+        .stored_path(&path)
+        .and_then(|stored| Ok((stored, volume.stored_path(&from)?)))
+        .and_then(|(stored, stored_from)| crate::core::adopt::adopt(&volume, &stored, &stored_from))
+        .map_err(shown)?;
     tracing::info!(path = %path, from = %from, envelopes = moved, "adopted");
     println!(
         "adopted {path} (was bound to {from}): {moved} envelope(s) re-encrypted to its new path"

@@ -110,6 +110,19 @@ pub fn run(args: RewrapArgs) -> Result<()> {
         .iter()
         .map(|&op| (op, ring.op_stats(op).requests))
         .collect();
+    // Files named as the user knows them, not by their stored paths.
+    let mut names = crate::core::names::NameCache::default();
+    let mut shown = |list: &[(CanonicalPath, String)]| -> Vec<(String, String)> {
+        list.iter()
+            .map(|(p, why)| {
+                (
+                    crate::core::fsck::user_path(&volume, &mut names, p),
+                    crate::core::fsck::user_text(&volume, &mut names, why),
+                )
+            })
+            .collect()
+    };
+    let (failed, blockers) = (shown(&summary.failures), shown(&retire_blockers));
     let outcome = Outcome {
         dry_run: args.dry_run,
         to: &to_id,
@@ -117,7 +130,8 @@ pub fn run(args: RewrapArgs) -> Result<()> {
         summary: &summary,
         calls: &calls,
         retired: &retired,
-        blockers: &retire_blockers,
+        failed: &failed,
+        blockers: &blockers,
         seconds,
     };
     if args.json {
@@ -149,7 +163,9 @@ struct Outcome<'a> {
     summary: &'a Summary,
     calls: &'a [(KmsOp, u64)],
     retired: &'a [String],
-    blockers: &'a [(CanonicalPath, String)],
+    /// (path, why) of each file that failed, and of each that blocks retiring.
+    failed: &'a [(String, String)],
+    blockers: &'a [(String, String)],
     seconds: f64,
 }
 
@@ -184,7 +200,7 @@ impl Outcome<'_> {
                 calls.join(", ")
             }
         );
-        for (path, why) in s.failures.iter().chain(self.blockers) {
+        for (path, why) in self.failed.iter().chain(self.blockers) {
             println!("failed: {path}: {why}");
         }
         for id in self.retired {
@@ -199,9 +215,9 @@ impl Outcome<'_> {
             .iter()
             .map(|(op, n)| (op.to_string(), serde_json::json!(n)))
             .collect();
-        let failed = |list: &[(CanonicalPath, String)]| {
+        let failed = |list: &[(String, String)]| {
             list.iter()
-                .map(|(p, why)| serde_json::json!({"path": p.as_str(), "error": why}))
+                .map(|(p, why)| serde_json::json!({"path": p, "error": why}))
                 .collect::<Vec<_>>()
         };
         serde_json::json!({
@@ -212,7 +228,7 @@ impl Outcome<'_> {
             "rewrapped": s.rewrapped,
             "envelopes": s.envelopes,
             "already_done": s.already_done,
-            "failed": failed(&s.failures),
+            "failed": failed(self.failed),
             "retire_blocked_by": failed(self.blockers),
             "retired_keys": self.retired,
             "kms_calls": calls,

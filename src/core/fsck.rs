@@ -217,15 +217,34 @@ pub fn check(volume: &Volume, deep: bool, repair: bool) -> Result<Report> {
         let mut names = super::names::NameCache::default();
         for p in &mut report.problems {
             if let Ok(stored) = CanonicalPath::from_encoded(&p.path) {
-                p.path = match plain_path(volume, &mut names, &stored) {
-                    Some(plain) => plain.to_string(),
-                    None => format!("{stored} (as stored)"),
-                };
+                p.path = user_path(volume, &mut names, &stored);
             }
-            p.detail = plain_paths_in(&p.detail, |s| plain_path(volume, &mut names, s));
+            p.detail = user_text(volume, &mut names, &p.detail);
         }
     }
     Ok(report)
+}
+
+/// The stored path `stored` as a report names it: the user's path where every component
+/// decrypts, else the stored path marked "(as stored)". With plaintext names, as it is.
+pub fn user_path(
+    volume: &Volume,
+    names: &mut super::names::NameCache,
+    stored: &CanonicalPath,
+) -> String {
+    match plain_path(volume, names, stored) {
+        Some(plain) => plain.to_string(),
+        None => format!("{stored} (as stored)"),
+    }
+}
+
+/// `text` (an error's message, say) with each stored path in it replaced by the user's path,
+/// where it decrypts. With plaintext names, as it is.
+pub fn user_text(volume: &Volume, names: &mut super::names::NameCache, text: &str) -> String {
+    if !volume.encrypted_names() {
+        return text.to_string();
+    }
+    plain_paths_in(text, |s| plain_path(volume, names, s))
 }
 
 /// The user's path of the stored path `stored`, if every component decrypts in its directory
@@ -237,6 +256,9 @@ fn plain_path(
     stored: &CanonicalPath,
 ) -> Option<CanonicalPath> {
     use super::names::Listed;
+    if !volume.encrypted_names() {
+        return Some(stored.clone());
+    }
     let (mut dir, mut plain) = (CanonicalPath::root(), CanonicalPath::root());
     for name in stored.to_relative_path().iter() {
         let name = name.as_encoded_bytes();
