@@ -177,6 +177,7 @@ fn volume_on_kms_counts_its_calls() {
         InitOptions {
             keys: vec![KeySpec::Kms("alias/kmsfs-test".into())],
             key_options: options.clone(),
+            plaintext_names: common::plaintext_names(),
             ..Default::default()
         },
     )
@@ -188,7 +189,12 @@ fn volume_on_kms_counts_its_calls() {
     );
     // Creating a file: one GenerateDataKey.
     let vol = init.volume;
-    write_new_file(&vol, &path("f"), &mut &b"kms data"[..]).unwrap();
+    write_new_file(
+        &vol,
+        &vol.prepare_entry(&path("f")).unwrap(),
+        &mut &b"kms data"[..],
+    )
+    .unwrap();
     assert_eq!(
         vol.keyring().op_stats(KmsOp::GenerateDataKey).requests,
         2,
@@ -203,10 +209,10 @@ fn volume_on_kms_counts_its_calls() {
     };
     let vol = Volume::open(dir.path(), &pinned).unwrap();
     assert_eq!(vol.keyring().op_stats(KmsOp::Decrypt).requests, 1);
-    let f = EncryptedFile::open(&vol, &path("f"), false).unwrap();
+    let f = EncryptedFile::open(&vol, &common::stored(&vol, "f"), false).unwrap();
     assert_eq!(f.read_all().unwrap(), b"kms data");
     assert_eq!(vol.keyring().op_stats(KmsOp::Decrypt).requests, 2);
-    EncryptedFile::open(&vol, &path("f"), false).unwrap();
+    EncryptedFile::open(&vol, &common::stored(&vol, "f"), false).unwrap();
     assert_eq!(vol.keyring().op_stats(KmsOp::Decrypt).requests, 2);
     assert_eq!(vol.keyring().cache_stats().hits, 1);
 
@@ -232,6 +238,7 @@ fn disabled_key_is_refused_at_init() {
         InitOptions {
             keys: vec![KeySpec::Kms(arn)],
             key_options: key_options(&[(EAST, &moto.endpoint)]),
+            plaintext_names: common::plaintext_names(),
             ..Default::default()
         },
     )
@@ -258,12 +265,18 @@ fn two_region_volume_reads_through_either_key() {
         InitOptions {
             keys: vec![KeySpec::Kms(a.clone()), KeySpec::Kms(b.clone())],
             key_options: both,
+            plaintext_names: common::plaintext_names(),
             ..Default::default()
         },
     )
     .unwrap();
-    write_new_file(&init.volume, &path("f"), &mut &b"replicated"[..]).unwrap();
-    let envelopes = EncryptedFile::open(&init.volume, &path("f"), false)
+    write_new_file(
+        &init.volume,
+        &init.volume.prepare_entry(&path("f")).unwrap(),
+        &mut &b"replicated"[..],
+    )
+    .unwrap();
+    let envelopes = EncryptedFile::open(&init.volume, &common::stored(&init.volume, "f"), false)
         .unwrap()
         .envelopes()
         .to_vec();
@@ -280,7 +293,7 @@ fn two_region_volume_reads_through_either_key() {
         let options = key_options(&[(down, &dead), (up, up_endpoint)]);
         let t0 = Instant::now();
         let vol = open(dir.path(), options).unwrap();
-        let data = EncryptedFile::open(&vol, &path("f"), false)
+        let data = EncryptedFile::open(&vol, &common::stored(&vol, "f"), false)
             .unwrap()
             .read_all()
             .unwrap();
@@ -308,6 +321,7 @@ fn failed_key_generation_changes_nothing_on_disk() {
         InitOptions {
             keys: vec![KeySpec::Kms(arn)],
             key_options: options.clone(),
+            plaintext_names: common::plaintext_names(),
             ..Default::default()
         },
     )
@@ -338,7 +352,12 @@ fn failed_key_generation_changes_nothing_on_disk() {
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
-    let err = write_new_file(&vol, &path("f"), &mut &b"data"[..]).unwrap_err();
+    let err = write_new_file(
+        &vol,
+        &vol.prepare_entry(&path("f")).unwrap(),
+        &mut &b"data"[..],
+    )
+    .unwrap_err();
     assert!(
         matches!(&err, Error::Key { source, .. } if source.kind == KeyErrorKind::Throttled),
         "{err}"
@@ -515,17 +534,15 @@ fn cli_init_import_cat_with_a_kms_key_arn() {
         child.wait_with_output().unwrap()
     };
     let run = |args: &[&str], stdin: &[u8]| run_with_log(args, stdin, "warn");
-    let out = run(
-        &[
-            "init",
-            &b,
-            "--key",
-            &arn,
-            "--context",
-            "tenant_id=clinic-42",
-        ],
-        b"",
-    );
+    let init = [
+        "init",
+        &b,
+        "--key",
+        &arn,
+        "--context",
+        "tenant_id=clinic-42",
+    ];
+    let out = run(&[&init[..], common::names_args()].concat(), b"");
     assert!(
         out.status.success(),
         "{}",
@@ -545,23 +562,39 @@ fn cli_init_import_cat_with_a_kms_key_arn() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(out.stdout, data);
+    // info names the user's path, also where the key is bound; the store and the key
+    // service see the stored path (with encrypted names, not the plaintext name).
+    let out = run(&["info", &b, "record.txt"], b"");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        text.contains("path:        /record.txt\n")
+            && text.contains(&format!("key {arn} bound to /record.txt\n")),
+        "{text}"
+    );
+    let stored = match text.lines().find_map(|l| l.strip_prefix("stored as:   ")) {
+        Some(s) => s.to_string(),
+        None => {
+            assert!(common::plaintext_names(), "{text}");
+            "/record.txt".to_string()
+        }
+    };
     // Even at trace level, the logs carry no key material: kmsfs logs each call's operation,
     // key, context and latency, and the SDK redacts plaintext (no raw KMS bodies).
     let out = run_with_log(&["cat", &b, "record.txt"], b"", "trace");
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(
-        log.contains("kms call") && log.contains("kmsfs:path=/record.txt"),
+        log.contains("kms call") && log.contains(&format!("kmsfs:path={stored}")),
+        "{log}"
+    );
+    // What CloudTrail would show: the context names no plaintext name.
+    assert_eq!(
+        log.contains("kmsfs:path=/record.txt"),
+        common::plaintext_names(),
         "{log}"
     );
     assert!(
         !log.contains("\"Plaintext\"") && !log.contains("\"CiphertextBlob\""),
         "{log}"
-    );
-    let out = run(&["info", &b, "record.txt"], b"");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.contains(&format!("key {arn} bound to /record.txt")),
-        "{text}"
     );
     let out = run(&["cat", &b, "record.txt", "--key", &other], b"");
     assert_eq!(out.status.code(), Some(3));
@@ -583,18 +616,15 @@ fn rewrap_moves_every_file_from_one_kms_key_to_another_with_re_encrypt_only() {
         InitOptions {
             keys: vec![KeySpec::Kms(old.clone())],
             key_options: options.clone(),
+            plaintext_names: common::plaintext_names(),
             ..Default::default()
         },
     )
     .unwrap();
     let n = 60;
     for i in 0..n {
-        write_new_file(
-            &init.volume,
-            &path(&format!("f{i}")),
-            &mut &[i as u8; 100][..],
-        )
-        .unwrap();
+        let at = init.volume.prepare_entry(&path(&format!("f{i}"))).unwrap();
+        write_new_file(&init.volume, &at, &mut &[i as u8; 100][..]).unwrap();
     }
     drop(init);
     let mut vol = open(dir.path(), options.clone()).unwrap();
@@ -632,7 +662,8 @@ fn rewrap_moves_every_file_from_one_kms_key_to_another_with_re_encrypt_only() {
     let vol = open(dir.path(), options).unwrap();
     assert_eq!(vol.keyring().key_ids(), vec![new.clone()]);
     for i in 0..n {
-        let f = EncryptedFile::open(&vol, &path(&format!("f{i}")), false).unwrap();
+        let at = common::stored(&vol, &format!("f{i}"));
+        let f = EncryptedFile::open(&vol, &at, false).unwrap();
         assert_eq!(f.read_all().unwrap(), vec![i as u8; 100]);
     }
 }
@@ -651,6 +682,7 @@ fn a_kms_pin_matches_the_resolved_arn_never_a_locator_in_the_config() {
             InitOptions {
                 keys: vec![KeySpec::Kms("alias/victim".into())],
                 key_options: options.clone(),
+                plaintext_names: common::plaintext_names(),
                 ..Default::default()
             },
         )
@@ -670,7 +702,12 @@ fn a_kms_pin_matches_the_resolved_arn_never_a_locator_in_the_config() {
     let genuine = tempfile::tempdir().unwrap();
     let vol = init(genuine.path());
     assert_eq!(vol.config().trusted_keys[0].id, victim);
-    write_new_file(&vol, &path("f"), &mut &b"victim data"[..]).unwrap();
+    write_new_file(
+        &vol,
+        &vol.prepare_entry(&path("f")).unwrap(),
+        &mut &b"victim data"[..],
+    )
+    .unwrap();
     let pinned = OpenOptions {
         pin: vec![KeySpec::Kms("alias/victim".into())],
         key_options: options.clone(),
