@@ -108,11 +108,9 @@ fn a_copy_of_the_ciphertext_mounts_elsewhere_and_a_moved_file_needs_adopt() {
     // one made on the store has no record and is not shown) is refused until adopted.
     fs::create_dir(m.p("recovered")).unwrap();
     m.stop();
-    fs::copy(
-        restored.join("docs/FORMAT.md"),
-        restored.join("recovered/FORMAT.md"),
-    )
-    .unwrap();
+    // Copied to the name recovered/FORMAT.md has on the store (m.backing is the restored
+    // copy now): with encrypted names a name only decrypts in the directory it was made for.
+    fs::copy(m.b("docs/FORMAT.md"), m.b("recovered/FORMAT.md")).unwrap();
     m.start();
     let err = fs::read(m.p("recovered/FORMAT.md")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO));
