@@ -156,7 +156,7 @@ fn assert_tidy(m: &Mount, p: &str) {
     let (header, _) = read_header(&file, &CanonicalPath::root()).unwrap();
     for (_, slot) in header.candidates() {
         for e in &slot.envelopes {
-            assert_eq!(e.path.as_str(), format!("/{p}"), "stale envelope in {p}");
+            assert_eq!(e.path.as_str(), m.stored(p), "stale envelope in {p}");
         }
     }
     let pending = fs::read_dir(m.b(".kmsfs/pending")).map_or(0, |d| d.count());

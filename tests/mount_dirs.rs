@@ -44,15 +44,34 @@ fn directories_and_listing() {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     assert_eq!(root, vec!["a"], "the .kmsfs directory is hidden");
-    assert!(
-        fs::write(m.p(".kmsfs-tmp-x"), b"x").is_err(),
-        "temporary names are refused"
-    );
-    assert!(
-        fs::create_dir(m.p(".kmsfs")).is_err(),
-        "the root's .kmsfs is refused"
-    );
-    assert!(fs::metadata(m.p(".kmsfs")).is_err());
+    if common::plaintext_names() {
+        assert!(
+            fs::write(m.p(".kmsfs-tmp-x"), b"x").is_err(),
+            "temporary names are refused"
+        );
+        assert!(
+            fs::create_dir(m.p(".kmsfs")).is_err(),
+            "the root's .kmsfs is refused"
+        );
+        assert!(fs::metadata(m.p(".kmsfs")).is_err());
+    } else {
+        // Encrypted, kmsfs's own names are ordinary names: none is stored as itself.
+        fs::write(m.p(".kmsfs-tmp-x"), b"x").unwrap();
+        fs::create_dir(m.p(".kmsfs")).unwrap();
+        fs::write(m.p(".kmsfs/config"), b"mine").unwrap();
+        fs::write(m.p(".kmsfs-dir"), b"mine too").unwrap();
+        assert_eq!(fs::read(m.p(".kmsfs/config")).unwrap(), b"mine");
+        assert_eq!(fs::read(m.p(".kmsfs-dir")).unwrap(), b"mine too");
+        assert!(
+            fs::metadata(m.b(".kmsfs/config")).unwrap().len() > 100,
+            "the real config"
+        );
+        for n in [".kmsfs-tmp-x", ".kmsfs", ".kmsfs-dir"] {
+            fs::remove_dir_all(m.p(n))
+                .or_else(|_| fs::remove_file(m.p(n)))
+                .unwrap();
+        }
+    }
     // Below the root, .kmsfs is an ordinary name (a volume's backing store can live in a volume).
     fs::create_dir(m.p("a/.kmsfs")).unwrap();
     fs::write(m.p("a/.kmsfs/config"), b"nested").unwrap();
@@ -187,4 +206,134 @@ fn paths_longer_than_path_max_on_the_backing_store_work() {
     assert_eq!(fs::read(at("link")).unwrap(), b"deep content");
     fs::remove_file(at("link")).unwrap();
     fs::remove_file(at("renamed")).unwrap();
+}
+
+/// Every backing entry's name, content and extended attribute names beneath `dir`.
+fn store_bytes(dir: &std::path::Path, out: &mut Vec<(String, Vec<u8>)>) {
+    for e in fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let p = e.path();
+        let name = e.file_name().into_encoded_bytes();
+        out.push((format!("name of {}", p.display()), name));
+        let mut attrs = vec![0u8; 64 * 1024];
+        let n = rustix::fs::llistxattr(&p, &mut attrs[..]).unwrap_or(0);
+        attrs.truncate(n);
+        out.push((format!("xattr names of {}", p.display()), attrs));
+        let ft = e.file_type().unwrap();
+        if ft.is_dir() {
+            store_bytes(&p, out);
+        } else if ft.is_file() {
+            out.push((format!("content of {}", p.display()), fs::read(&p).unwrap()));
+        } else if ft.is_symlink() {
+            let t = fs::read_link(&p)
+                .unwrap()
+                .into_os_string()
+                .into_encoded_bytes();
+            out.push((format!("target of {}", p.display()), t));
+        }
+    }
+}
+
+/// With encrypted names, no plaintext name a user gave (of a file, a directory, a long name, a
+/// symlink's target, a hard link, a rename's new name, a fifo, a file since deleted) appears
+/// anywhere on the store: not as a backing name, not in a header, a record, a side record or
+/// an xattr name. Positive control: with plaintext names the same walk finds every one.
+#[test]
+fn no_plaintext_name_reaches_the_store() {
+    if !fuse_available() {
+        return;
+    }
+    let long = format!("long-{}", "q".repeat(200));
+    let names: Vec<String> = [
+        "patient-4711-hiv.pdf",
+        "acme-corp",
+        "payroll-2026-12.xlsx",
+        "tenant-omega",
+        "sub-delta",
+        "link-to-the-diagnosis",
+        "hardlink-alias",
+        "renamed-report.txt",
+        "renamed-tenant",
+        "deleted-draft.doc",
+        "fifo-named-pipe",
+        long.as_str(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut m = Mount::new(4096, &[]);
+    let data = common::pattern(9000, 7);
+    fs::write(m.p("patient-4711-hiv.pdf"), &data).unwrap();
+    fs::create_dir(m.p("acme-corp")).unwrap();
+    fs::write(m.p("acme-corp/payroll-2026-12.xlsx"), &data).unwrap();
+    fs::create_dir_all(m.p("tenant-omega/sub-delta")).unwrap();
+    fs::write(m.p(&format!("tenant-omega/sub-delta/{long}")), &data).unwrap();
+    std::os::unix::fs::symlink(
+        "../patient-4711-hiv.pdf",
+        m.p("acme-corp/link-to-the-diagnosis"),
+    )
+    .unwrap();
+    fs::hard_link(m.p("patient-4711-hiv.pdf"), m.p("acme-corp/hardlink-alias")).unwrap();
+    fs::write(m.p("acme-corp/report.txt"), &data).unwrap();
+    fs::rename(
+        m.p("acme-corp/report.txt"),
+        m.p("acme-corp/renamed-report.txt"),
+    )
+    .unwrap();
+    fs::rename(m.p("tenant-omega"), m.p("renamed-tenant")).unwrap();
+    fs::write(m.p("deleted-draft.doc"), &data).unwrap();
+    fs::remove_file(m.p("deleted-draft.doc")).unwrap();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        m.p("acme-corp/fifo-named-pipe"),
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o644),
+        0,
+    )
+    .unwrap();
+    // Everything reads back under its plaintext name, the long one too.
+    let listed: BTreeSet<String> = fs::read_dir(m.p("renamed-tenant/sub-delta"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(listed, BTreeSet::from([long.clone()]));
+    assert_eq!(
+        fs::read(m.p(&format!("renamed-tenant/sub-delta/{long}"))).unwrap(),
+        data
+    );
+    assert_eq!(
+        fs::read(m.p("acme-corp/link-to-the-diagnosis")).unwrap(),
+        data
+    );
+    m.stop();
+    let mut found = Vec::new();
+    store_bytes(&m.backing, &mut found);
+    let hits: Vec<String> = names
+        .iter()
+        .flat_map(|n| {
+            found
+                .iter()
+                .filter(|(_, bytes)| bytes.windows(n.len()).any(|w| w == n.as_bytes()))
+                .map(move |(what, _)| format!("{:.40}… in {what}", n))
+        })
+        .collect();
+    if common::plaintext_names() {
+        // The positive control: the walk sees names where they are (not the deleted one).
+        for n in names.iter().filter(|n| *n != "deleted-draft.doc") {
+            assert!(
+                hits.iter().any(|h| h.starts_with(&format!("{:.40}…", n))),
+                "{n} not found on a store with plaintext names: the walk misses something"
+            );
+        }
+    } else {
+        assert!(
+            hits.is_empty(),
+            "plaintext names on the store:\n{}",
+            hits.join("\n")
+        );
+        // The long name has its side record.
+        assert!(found
+            .iter()
+            .any(|(what, b)| what.starts_with("name of") && b.ends_with(b".name")));
+    }
 }

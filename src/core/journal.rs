@@ -160,6 +160,19 @@ impl Journal {
         }
     }
 
+    /// Removes what a crash left of records being written (names beginning with `.`: never a
+    /// record, see [`MetaDir::write_new`](crate::backing::MetaDir::write_new)). Only at a
+    /// writable mount's start, when none of its own rebinds is under way.
+    pub fn remove_unfinished_writes(&self) {
+        let Some(dir) = &self.dir else { return };
+        let Ok(names) = dir.list() else { return };
+        for name in names.into_iter().filter_map(|n| n.into_string().ok()) {
+            if name.starts_with('.') && name.contains(".tmp") {
+                self.remove_name(&name);
+            }
+        }
+    }
+
     fn remove_name(&self, name: &str) {
         if let Some(dir) = &self.dir {
             if let Err(e) = dir.unlink(name) {

@@ -232,7 +232,14 @@ impl Volume {
             .file_name()
             .map(|n| n.as_bytes().to_vec())
             .unwrap_or_default();
-        let dir = self.stored_path(&parent)?;
+        let missing = || Error::Refused(format!("the parent directory of {plain} does not exist"));
+        let dir = self.stored_path(&parent).map_err(|e| match &e {
+            Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => missing(),
+            _ => e,
+        })?;
+        if !self.backing().metadata(&dir).is_ok_and(|m| m.is_dir()) {
+            return Err(missing());
+        }
         let child = self.stored_child(&dir, None, &name)?;
         if let Some(side) = &child.side {
             self.put_side_record(side)?;

@@ -53,9 +53,12 @@ pub fn names_args() -> &'static [&'static str] {
 /// (`.kmsfs/...`, a directory's `.kmsfs-dir`) are kept as they are.
 pub fn stored(volume: &Volume, p: &str) -> CanonicalPath {
     let mut out = CanonicalPath::root();
+    // Beneath one of kmsfs's own names (`.kmsfs/...`) names are kept as they are.
+    let mut own = !volume.encrypted_names();
     for name in Path::new(p).iter().filter(|c| *c != "/") {
         let bytes = name.as_encoded_bytes();
-        out = if volume.is_own_name(bytes, out.is_root()) || !volume.encrypted_names() {
+        own = own || volume.is_own_name(bytes, out.is_root());
+        out = if own {
             out.join(bytes).unwrap()
         } else {
             volume.stored_child(&out, None, bytes).unwrap().path

@@ -19,6 +19,9 @@ pub struct Mount {
     pub cleanup_mounts: Vec<PathBuf>,
     /// The volume, opened in the test to name backing entries ([`Mount::b`]).
     volume: std::sync::OnceLock<kmsfs::core::Volume>,
+    /// What [`Mount::b`] found, for a thread that can no longer read the store (an attacker
+    /// running as nobody).
+    named: std::sync::Mutex<std::collections::HashMap<String, PathBuf>>,
 }
 
 /// Whether FUSE can be used here. Under CI=true it must be.
@@ -111,6 +114,7 @@ impl Mount {
                 .collect(),
             cleanup_mounts,
             volume: std::sync::OnceLock::new(),
+            named: Default::default(),
         };
         let key_arg = match kms_key {
             Some(arn) => arn.to_string(),
@@ -257,11 +261,35 @@ impl Mount {
     }
 
     /// The host path of the backing entry of the user's path `rel` (its directories must
-    /// exist on the store).
+    /// exist on the store). A thread that cannot read the store (running as nobody) gets
+    /// what an earlier call found.
     pub fn b(&self, rel: &str) -> PathBuf {
         if super::plaintext_names() {
             return self.backing.join(rel);
         }
+        let found = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.name(rel)));
+        let mut named = self.named.lock().unwrap();
+        match found {
+            Ok(p) => {
+                named.insert(rel.to_string(), p.clone());
+                p
+            }
+            Err(e) => match named.get(rel) {
+                Some(p) => p.clone(),
+                None => std::panic::resume_unwind(e),
+            },
+        }
+    }
+
+    /// The stored path of the user's path `rel`, as the daemon's log and the encryption
+    /// context name it (`/a.txt` with plaintext names).
+    pub fn stored(&self, rel: &str) -> String {
+        let host = self.b(rel);
+        let rel = host.strip_prefix(&self.backing).unwrap();
+        format!("/{}", rel.display())
+    }
+
+    fn name(&self, rel: &str) -> PathBuf {
         let volume = self.volume.get_or_init(|| {
             assert!(
                 self.key.exists(),

@@ -230,6 +230,7 @@ impl KmsFs {
     /// Tidies the names recorded by rebinds a crash cut short (see [`super::journal`]). A
     /// record whose files cannot all be tidied now is kept for the next mount.
     pub(super) fn finish_interrupted_rebinds(&self) {
+        self.journal.remove_unfinished_writes();
         for record in self.journal.pending() {
             let paths = match &record.paths {
                 Ok(paths) => paths,
