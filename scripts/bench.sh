@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark: a plain directory, gocryptfs and kmsfs (local key provider, and the
-# same with KMS_LATENCY_MS of injected latency per key call) on the same disk, in one run.
+# same with KMS_LATENCY_MS of injected latency per key call, and the same with plaintext names:
+# "kmsfs-plainnames") on the same disk, in one run.
 # Workloads (the project's benchmark set): streaming write and read of 512 MiB in 128 KiB blocks (caches dropped
 # between; then once more with only the backing store's cache warm), untar of a generated
 # ~15k-file source-like tree, ls -lR, reading every file,
@@ -14,7 +15,8 @@
 # Usage: scripts/bench.sh [WORKDIR]    (default: a new directory under /var/tmp)
 # Environment: ROUNDS (3), STREAM_MIB (512), FILES (15000), FIO_SECONDS (10),
 # KMS_LATENCY_MS (5), KMSFS_BASELINE (the path of another kmsfs binary, e.g. a release build
-# of an earlier commit: run beside the others as "kmsfs-base", for an A/B in the same run)
+# of an earlier commit: run beside the others as "kmsfs-base", for an A/B in the same run),
+# FILESYSTEMS (which of "plain gocryptfs kmsfs kmsfs-latency kmsfs-plainnames" to run; all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
@@ -172,6 +174,7 @@ mount_kmsfs() { # variant
 remount_kmsfs() { "$KMSFS" umount "$work/kmsfs/mnt"; mount_kmsfs kmsfs; }
 remount_kmsfs-latency() { "$KMSFS" umount "$work/kmsfs-latency/mnt"; mount_kmsfs kmsfs-latency; }
 remount_kmsfs-base() { "$KMSFS_BASELINE" umount "$work/kmsfs-base/mnt"; mount_kmsfs kmsfs-base; }
+remount_kmsfs-plainnames() { "$KMSFS" umount "$work/kmsfs-plainnames/mnt"; mount_kmsfs kmsfs-plainnames; }
 
 bench_plain() {
     rm -rf "$work/plain"
@@ -191,13 +194,15 @@ bench_kmsfs() { # variant: kmsfs (local provider) or kmsfs-latency (the same, sl
     local base=$work/$1
     rm -rf "$base"
     mkdir -p "$base/backing" "$base/mnt"
-    XDG_CONFIG_HOME=$base/config "$(kmsfs_bin "$1")" init "$base/backing" >/dev/null
+    local names=()
+    if [ "$1" = kmsfs-plainnames ]; then names=(--plaintext-names); fi
+    XDG_CONFIG_HOME=$base/config "$(kmsfs_bin "$1")" init "$base/backing" "${names[@]}" >/dev/null
     mount_kmsfs "$1"
     run_workloads "$1" "$base/mnt"
     "$(kmsfs_bin "$1")" umount "$base/mnt"
 }
 
-filesystems=(plain gocryptfs kmsfs kmsfs-latency)
+read -r -a filesystems <<< "${FILESYSTEMS:-plain gocryptfs kmsfs kmsfs-latency kmsfs-plainnames}"
 if [ -n "${KMSFS_BASELINE:-}" ]; then
     filesystems+=(kmsfs-base)
 fi
@@ -244,6 +249,18 @@ for w in order:
     fmt = lambda v: "-" if v is None else (f"{v:.0f}" if "IOPS" in w else f"{v:.2f}")
     print(f"{w:<24} {fmt(vals[0]):>9} {fmt(vals[1]):>10} {fmt(vals[2]):>9} {ratio(w,'kmsfs'):>6} {fmt(vals[3]):>11} {ratio(w,'kmsfs-latency'):>6}  {per_round(w,'kmsfs')} | {per_round(w,'kmsfs-latency')}  {calls.get(('kmsfs',w),'-')} | {calls.get(('kmsfs-latency',w),'-')}")
 print("times in seconds (lower is better) except IOPS; k/g = kmsfs time / gocryptfs time (for IOPS: gocryptfs IOPS / kmsfs IOPS), so below 1 means kmsfs is faster; k/g is the ratio of the medians")
+if any(fs == "kmsfs-plainnames" for fs, _ in data):
+    def en(w):
+        k, p = data.get(("kmsfs", w), {}), data.get(("kmsfs-plainnames", w), {})
+        return [ratio_of(w, k[x], p[x]) for x in sorted(k) if x in p and k[x] and p[x]]
+    print()
+    print(f"Encrypted names against plaintext names (kmsfs / kmsfs-plainnames; above 1: encrypted names cost):")
+    print(f"{'workload':<24} {'encrypted':>9} {'plaintext':>9} {'e/p':>6}  e/p each round")
+    for w in order:
+        k, p = median("kmsfs", w), median("kmsfs-plainnames", w)
+        fmt = lambda v: "-" if v is None else (f"{v:.0f}" if "IOPS" in w else f"{v:.2f}")
+        rat = f"{ratio_of(w, k, p):.2f}" if k and p else "-"
+        print(f"{w:<24} {fmt(k):>9} {fmt(p):>9} {rat:>6}  {' '.join(f'{x:.2f}' for x in en(w))}")
 if any(fs == "kmsfs-base" for fs, _ in data):
     def ab(w, r=None):
         k, b = data.get(("kmsfs", w), {}), data.get(("kmsfs-base", w), {})
