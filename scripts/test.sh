@@ -82,6 +82,12 @@ say "cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --all-targets --locked 2>&1 | tee "$log"
+# Volumes encrypt names by default; the attack, model, crash and name tests run again on
+# volumes with plaintext names (init --plaintext-names), the other mode users may choose.
+say "cargo test, plaintext names"
+KMSFS_TEST_NAMES=plaintext cargo test --locked --test attacks --test mount_attacks \
+    --test mount_model --test mount_dirs --test mount_rename --test mount_crash --test rebind \
+    --test export --test fsck --test secrets 2>&1 | tee -a "$log"
 passed=$(grep -oE 'test result: [a-zA-Z]+\. [0-9]+ passed' "$log" | awk '{s += $4} END {print s + 0}')
 failed=$(grep -oE '[0-9]+ failed;' "$log" | awk '{s += $1} END {print s + 0}')
 

@@ -337,3 +337,70 @@ fn no_plaintext_name_reaches_the_store() {
             .any(|(what, b)| what.starts_with("name of") && b.ends_with(b".name")));
     }
 }
+
+/// Names up to 255 bytes (stored under a hashed name with a side record when encrypted) work
+/// for files, directories, renames in both directions, hard links and removal, which leaves
+/// no side record behind; and so does a path as long as the mount allows (about 4000 bytes,
+/// whose stored form is four times that).
+#[test]
+fn long_names_and_deep_paths() {
+    if !fuse_available() {
+        return;
+    }
+    let m = Mount::new(4096, &[]);
+    let long = |c: char| c.to_string().repeat(255);
+    let (a, b, d) = (long('a'), long('b'), long('d'));
+    fs::write(m.p(&a), b"long").unwrap();
+    assert_eq!(fs::read(m.p(&a)).unwrap(), b"long");
+    assert!(fs::write(m.p(&"x".repeat(256)), b"x").is_err(), "256 bytes is too long");
+    fs::rename(m.p(&a), m.p("short")).unwrap();
+    fs::rename(m.p("short"), m.p(&b)).unwrap();
+    fs::hard_link(m.p(&b), m.p(&a)).unwrap();
+    fs::create_dir(m.p(&d)).unwrap();
+    fs::write(m.p(&format!("{d}/{a}")), b"inside").unwrap();
+    fs::rename(m.p(&b), m.p(&format!("{d}/{b}"))).unwrap();
+    let listed: BTreeSet<String> = fs::read_dir(m.p(&d))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(listed, BTreeSet::from([a.clone(), b.clone()]));
+    assert_eq!(fs::read(m.p(&format!("{d}/{b}"))).unwrap(), b"long");
+    assert_eq!(fs::read(m.p(&a)).unwrap(), b"long", "the hard link");
+    let side_records = || {
+        let mut n = 0;
+        let mut stack = vec![m.backing.clone()];
+        while let Some(dir) = stack.pop() {
+            for e in fs::read_dir(&dir).unwrap() {
+                let e = e.unwrap();
+                if e.file_type().unwrap().is_dir() {
+                    stack.push(e.path());
+                } else if e.file_name().to_string_lossy().ends_with(".name") {
+                    n += 1;
+                }
+            }
+        }
+        n
+    };
+    if !common::plaintext_names() {
+        assert_eq!(side_records(), 4, "one per long name on the store: /a /d /d/a /d/b");
+    }
+    fs::remove_file(m.p(&a)).unwrap();
+    fs::remove_dir_all(m.p(&d)).unwrap();
+    assert_eq!(fs::read_dir(&m.mnt).unwrap().count(), 0);
+    assert_eq!(side_records(), 0, "no side record outlives its entry");
+
+    // A path of about 4000 bytes, as deep as the mount allows.
+    let mut path = String::new();
+    while m.p(&path).as_os_str().len() + 11 + 20 < 4095 {
+        path.push_str(if path.is_empty() { "d123456789" } else { "/d123456789" });
+        fs::create_dir(m.p(&path)).unwrap();
+    }
+    let file = format!("{path}/f");
+    fs::write(m.p(&file), b"deep").unwrap();
+    assert_eq!(fs::read(m.p(&file)).unwrap(), b"deep");
+    assert!(m.p(&file).as_os_str().len() > 4000);
+    fs::rename(m.p("d123456789"), m.p("e123456789")).unwrap();
+    let moved = format!("e{}", &file[1..]);
+    assert_eq!(fs::read(m.p(&moved)).unwrap(), b"deep");
+    fs::remove_dir_all(m.p("e123456789")).unwrap();
+}
