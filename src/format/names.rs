@@ -233,6 +233,91 @@ pub fn side_record_name(backing: &str, content: &[u8]) -> Result<String, FormatE
     Ok(encrypted.to_string())
 }
 
+/// Prefix of the backing store's extended attribute names that hold a user's (encrypted)
+/// attribute: in the `user` namespace, whatever namespace the user named.
+pub const XATTR_PREFIX: &str = "user.kmsfs.";
+const XATTR_NAME_AD: &[u8] = b"kmsfs/v3 xattr name";
+const XATTR_VALUE_AD: &[u8] = b"kmsfs/v3 xattr value";
+/// What an encrypted value adds: a random 16-byte nonce and the 16-byte tag.
+pub const XATTR_VALUE_OVERHEAD: usize = 32;
+
+/// The backing name of the extended attribute `name` (e.g. `user.comment`): deterministic, so
+/// a get or remove names it without a listing. The same for every object of the volume (an
+/// attribute moves with a rename and survives a renewal), so the store shows which objects
+/// share an attribute name, never the name. Fails (`TooLarge`) past 159 bytes: the result
+/// must fit the backing store's 255.
+pub fn encrypt_xattr_name(key: &NameKey, name: &[u8]) -> Result<String, FormatError> {
+    if name.is_empty() || name.contains(&0) || name.len() > 159 {
+        return Err(FormatError::TooLarge(format!(
+            "an extended attribute name of {} bytes (at most 159 with encrypted names)",
+            name.len()
+        )));
+    }
+    let pad = PAD - name.len() % PAD;
+    let mut padded = Zeroizing::new(name.to_vec());
+    padded.resize(name.len() + pad, pad as u8);
+    let sealed = key
+        .cipher()
+        .encrypt([XATTR_NAME_AD], &padded[..])
+        .expect("AES-SIV encrypts any length");
+    Ok(format!("{XATTR_PREFIX}{}", URL_SAFE_NO_PAD.encode(sealed)))
+}
+
+/// The user's name of the backing attribute `stored`, if kmsfs encrypted it.
+pub fn decrypt_xattr_name(key: &NameKey, stored: &[u8]) -> Option<Vec<u8>> {
+    let b64 = stored.strip_prefix(XATTR_PREFIX.as_bytes())?;
+    let sealed = URL_SAFE_NO_PAD.decode(b64).ok()?;
+    if sealed.len() < 16 + PAD || (sealed.len() - 16) % PAD != 0 {
+        return None;
+    }
+    let mut padded = key.cipher().decrypt([XATTR_NAME_AD], &sealed).ok()?;
+    let pad = *padded.last()? as usize;
+    if pad == 0
+        || pad > PAD
+        || padded[padded.len() - pad..]
+            .iter()
+            .any(|&b| b as usize != pad)
+    {
+        return None;
+    }
+    let len = padded.len() - pad;
+    padded.truncate(len);
+    Some(padded)
+}
+
+/// Seals an attribute's value for the backing attribute `stored`: AES-SIV with a random nonce
+/// (equal values do not show), bound to the attribute's name (a value moved to another
+/// attribute does not open). Returns nonce ‖ tag ‖ ciphertext.
+pub fn seal_xattr_value(key: &NameKey, stored: &str, nonce: [u8; 16], value: &[u8]) -> Vec<u8> {
+    let sealed = key
+        .cipher()
+        .encrypt([XATTR_VALUE_AD, stored.as_bytes(), &nonce[..]], value)
+        .expect("AES-SIV encrypts any length");
+    let mut out = nonce.to_vec();
+    out.extend_from_slice(&sealed);
+    out
+}
+
+/// Opens what [`seal_xattr_value`] sealed for `stored`.
+pub fn open_xattr_value(
+    key: &NameKey,
+    stored: &str,
+    sealed: &[u8],
+) -> Result<Vec<u8>, FormatError> {
+    let bad = || {
+        FormatError::InvalidHeader(format!(
+            "{stored}: an attribute value that does not authenticate"
+        ))
+    };
+    if sealed.len() < XATTR_VALUE_OVERHEAD {
+        return Err(bad());
+    }
+    let (nonce, rest) = sealed.split_at(16);
+    key.cipher()
+        .decrypt([XATTR_VALUE_AD, stored.as_bytes(), nonce], rest)
+        .map_err(|_| bad())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -305,6 +390,37 @@ mod tests {
         for bad in [&b""[..], b".", b"..", b"a/b", b"a\0b", &[b'x'; 256]] {
             assert!(encrypt(&key, &[0; 16], bad).is_err());
         }
+    }
+
+    #[test]
+    fn xattr_names_and_values_round_trip_and_do_not_move() {
+        let key = key();
+        let stored = encrypt_xattr_name(&key, b"user.patient").unwrap();
+        assert!(stored.starts_with(XATTR_PREFIX) && stored.len() <= 255);
+        assert!(!stored.contains("patient"));
+        assert_eq!(
+            decrypt_xattr_name(&key, stored.as_bytes()).unwrap(),
+            b"user.patient"
+        );
+        assert_eq!(encrypt_xattr_name(&key, b"user.patient").unwrap(), stored);
+        assert!(decrypt_xattr_name(&key, b"user.plain").is_none());
+        assert!(encrypt_xattr_name(&key, &[b'x'; 160]).is_err());
+        assert!(encrypt_xattr_name(&key, &[b'x'; 159]).unwrap().len() <= 255);
+        let other = encrypt_xattr_name(&key, b"user.other").unwrap();
+        let v = seal_xattr_value(&key, &stored, [1; 16], b"hiv positive");
+        let w = seal_xattr_value(&key, &stored, [2; 16], b"hiv positive");
+        assert_ne!(v, w, "equal values do not show");
+        assert_eq!(
+            open_xattr_value(&key, &stored, &v).unwrap(),
+            b"hiv positive"
+        );
+        assert!(
+            open_xattr_value(&key, &other, &v).is_err(),
+            "moved to another name"
+        );
+        let mut t = v.clone();
+        t[20] ^= 1;
+        assert!(open_xattr_value(&key, &stored, &t).is_err());
     }
 
     #[test]

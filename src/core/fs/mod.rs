@@ -36,6 +36,7 @@ use crate::error::{os, Error, Result};
 use crate::format::context::CanonicalPath;
 use crate::format::envelope::Envelope;
 use crate::format::header::{Attrs, ObjectKind};
+use crate::format::names;
 use crate::format::object::DIR_RECORD;
 
 use super::file::{attrs_change, dir_record, encode_object, read_header, EncryptedFile};
@@ -1450,35 +1451,92 @@ impl KmsFs {
         CString::new(name.as_bytes()).map_err(|_| os("xattr name with NUL", libc::EINVAL))
     }
 
+    /// The backing attribute a user's attribute `name` is kept in: with encrypted names an
+    /// encrypted name in the `user` namespace (see [`crate::format::names::XATTR_PREFIX`]),
+    /// else the name itself.
+    fn stored_xattr(&self, name: &OsStr) -> Result<CString> {
+        match self.volume.name_key() {
+            Some(key) => {
+                let stored = names::encrypt_xattr_name(key, name.as_bytes())
+                    .map_err(|e| os(e.to_string(), libc::ERANGE))?;
+                Ok(CString::new(stored).expect("base64url has no NUL"))
+            }
+            None => Self::xattr_name(name),
+        }
+    }
+
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
         self.check_writable()?;
         Self::refuse_system_xattr(name)?;
         let path = self.path_of(ino)?;
+        let stored = self.stored_xattr(name)?;
+        let sealed;
+        let value = match self.volume.name_key() {
+            Some(key) => {
+                let at = stored.to_str().expect("base64url is UTF-8");
+                sealed = names::seal_xattr_value(key, at, rand::random(), value);
+                &sealed[..]
+            }
+            None => value,
+        };
         self.store()
-            .set_xattr(
-                &path,
-                &Self::xattr_name(name)?,
-                value,
-                flags,
-                Some(self.expected(ino)),
-            )
+            .set_xattr(&path, &stored, value, flags, Some(self.expected(ino)))
             .map_err(|e| io_err("setxattr", &path, e))
     }
 
     /// `size == 0` asks for the length only. Reads name no inode: they stay in the store
-    /// either way, and `ls -l` asks two per file.
+    /// either way, and `ls -l` asks two per file. `system.*` (ACLs) is never kept for the
+    /// user: none is there to read (the backing entry's own are not the user's).
     pub fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> Result<Vec<u8>> {
+        if name.as_bytes().starts_with(b"system.") {
+            return Err(os("no such attribute", libc::ENODATA));
+        }
         let path = self.path_of(ino)?;
-        self.store()
-            .get_xattr(&path, &Self::xattr_name(name)?, size as usize, None)
-            .map_err(|e| io_err("getxattr", &path, e))
+        let stored = self.stored_xattr(name)?;
+        let Some(key) = self.volume.name_key() else {
+            return self
+                .store()
+                .get_xattr(&path, &stored, size as usize, None)
+                .map_err(|e| io_err("getxattr", &path, e));
+        };
+        let at = stored.to_str().expect("base64url is UTF-8");
+        let sealed = self
+            .store()
+            .get_xattr(&path, &stored, XATTR_BUFFER, None)
+            .map_err(|e| io_err("getxattr", &path, e))?;
+        let value =
+            names::open_xattr_value(key, at, &sealed).map_err(|e| Error::format(&path, e))?;
+        if size != 0 && value.len() > size as usize {
+            return Err(os("attribute value larger than the buffer", libc::ERANGE));
+        }
+        Ok(value)
     }
 
     pub fn listxattr(&self, ino: u64, size: u32) -> Result<Vec<u8>> {
         let path = self.path_of(ino)?;
-        self.store()
-            .list_xattr(&path, size as usize, None)
-            .map_err(|e| io_err("listxattr", &path, e))
+        let Some(key) = self.volume.name_key() else {
+            return self
+                .store()
+                .list_xattr(&path, size as usize, None)
+                .map_err(|e| io_err("listxattr", &path, e));
+        };
+        let listed = self
+            .store()
+            .list_xattr(&path, XATTR_BUFFER, None)
+            .map_err(|e| io_err("listxattr", &path, e))?;
+        // Only the attributes kmsfs encrypted: what else the backing entry carries (a
+        // security label) is the backing filesystem's, not the user's.
+        let mut out = Vec::new();
+        for stored in listed.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+            if let Some(name) = names::decrypt_xattr_name(key, stored) {
+                out.extend_from_slice(&name);
+                out.push(0);
+            }
+        }
+        if size != 0 && out.len() > size as usize {
+            return Err(os("attribute list larger than the buffer", libc::ERANGE));
+        }
+        Ok(out)
     }
 
     pub fn removexattr(&self, ino: u64, name: &OsStr) -> Result<()> {
@@ -1486,10 +1544,14 @@ impl KmsFs {
         Self::refuse_system_xattr(name)?;
         let path = self.path_of(ino)?;
         self.store()
-            .remove_xattr(&path, &Self::xattr_name(name)?, Some(self.expected(ino)))
+            .remove_xattr(&path, &self.stored_xattr(name)?, Some(self.expected(ino)))
             .map_err(|e| io_err("removexattr", &path, e))
     }
 }
+
+/// Room for any backing attribute value or name list (Linux caps both at 64 KiB), with an
+/// encrypted value's overhead.
+const XATTR_BUFFER: usize = 64 * 1024 + names::XATTR_VALUE_OVERHEAD;
 
 /// What a write or truncate by someone without `CAP_FSETID` clears (as the kernel does for
 /// local filesystems): set-user-id always, set-group-id when group-executable (without group
