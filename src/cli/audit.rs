@@ -104,3 +104,39 @@ pub fn json(e: &AuditEvent) -> String {
         .collect();
     format!("{{{}}}", body.join(","))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_line_per_event_whatever_its_fields_hold() {
+        let event = AuditEvent {
+            time: Some("2026-12-01T09:00:00Z".into()),
+            principal: Some("arn:aws:iam::1:user/x\n2026-12-01T09:00:01Z forged".into()),
+            operation: "ReEncrypt".into(),
+            source_ip: None,
+            event_error: Some("AccessDeniedException".into()),
+            target: Named::Path {
+                stored: "/s".into(),
+                plain: "/evil\u{202e}xslx.exe".into(),
+            },
+            from: Some(Named::Undecoded {
+                stored: "/t".into(),
+                why: "gone".into(),
+            }),
+        };
+        assert_eq!(
+            text(&event),
+            "2026-12-01T09:00:00Z arn:aws:iam::1:user/x\\u{a}2026-12-01T09:00:01Z forged \
+             ReEncrypt(failed:AccessDeniedException) ? (gone) -> /evil\\u{202e}xslx.exe -"
+        );
+        let json: serde_json::Value = serde_json::from_str(&json(&event)).unwrap();
+        assert_eq!(json["path"], "/evil\u{202e}xslx.exe");
+        assert_eq!(json["from_path"], serde_json::Value::Null);
+        assert_eq!(json["from_error"], "gone");
+        assert_eq!(json["from_stored_path"], "/t");
+        assert_eq!(json["source_ip"], serde_json::Value::Null);
+        assert!(!json.to_string().contains('\n'));
+    }
+}
