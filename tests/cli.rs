@@ -524,6 +524,8 @@ fn completion_scripts_cover_every_command_and_bash_parses_them() {
         "export",
         "status",
         "trust",
+        "audit",
+        "decode",
         "completions",
     ] {
         assert!(script.contains(cmd), "bash completion lacks {cmd}");
@@ -571,6 +573,8 @@ fn every_command_refuses_bad_input_in_one_line() {
         ("fsck", vec![]),
         ("adopt", vec!["hello.txt", "--from", "old.txt"]),
         ("export", vec![&dest]),
+        ("audit", vec![]),
+        ("decode", vec!["/x"]),
     ];
     for (cmd, rest) in &commands {
         env.fails(&[cmd], 2);
@@ -759,4 +763,281 @@ fn a_key_file_inside_the_backing_directory_is_refused_when_pinned() {
     assert!(msg.contains("is inside the backing directory"), "{msg}");
     // Positive control: unpinned, through the record, the volume opens.
     assert_eq!(env.run(&["info", &b], b"").code, 0);
+}
+
+/// A CloudTrail event of a KMS call, in the format AWS documents for KMS's CloudTrail log
+/// entries (userIdentity, requestParameters with the key and the encryption context, ...).
+fn cloudtrail_event(
+    name: &str,
+    time: &str,
+    user: &str,
+    ip: &str,
+    params: serde_json::Value,
+) -> serde_json::Value {
+    let key = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab";
+    serde_json::json!({
+        "eventVersion": "1.11",
+        "userIdentity": {
+            "type": "IAMUser",
+            "principalId": "AIDAEXAMPLEPRINCIPAL",
+            "arn": format!("arn:aws:iam::111122223333:user/{user}"),
+            "accountId": "111122223333",
+            "accessKeyId": "AKIAEXAMPLEKEYID",
+            "userName": user
+        },
+        "eventTime": time,
+        "eventSource": "kms.amazonaws.com",
+        "eventName": name,
+        "awsRegion": "eu-west-1",
+        "sourceIPAddress": ip,
+        "userAgent": "aws-sdk-rust/1.3 os/linux lang/rust",
+        "requestParameters": params,
+        "responseElements": null,
+        "additionalEventData": {
+            "keyMaterialId": "123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef0"
+        },
+        "requestID": "e0eb83e3-63bc-11e4-bc2b-4198b6150d5c",
+        "eventID": "a9dea4f9-8395-46c0-942c-f509c02c2b71",
+        "readOnly": true,
+        "resources": [{ "accountId": "111122223333", "type": "AWS::KMS::Key", "ARN": key }],
+        "eventType": "AwsApiCall",
+        "managementEvent": true,
+        "recipientAccountId": "111122223333",
+        "eventCategory": "Management"
+    })
+}
+
+const LONG_NAME: &str = "board-minutes-2026-q4-acquisition-of-initech-and-globex-subsidiaries-\
+    final-redlined-version-approved-by-legal-and-finance-for-the-december-board-meeting-v3.docx";
+
+/// CloudTrail records of calls on a real volume (encrypted names): `kmsfs audit` names the
+/// files by their plaintext paths, which the records do not hold, in a gzipped log file and in
+/// JSON lines on standard input; `kmsfs decode` maps one stored path back.
+#[test]
+fn audit_and_decode_show_the_plaintext_paths_cloudtrail_hides() {
+    use serde_json::json;
+    if common::plaintext_names() {
+        eprintln!("skipping: this run makes volumes with plaintext names, nothing to decode");
+        return;
+    }
+    let env = Env::new();
+    let tv = common::TestVolume::new(4096);
+    let b = tv.backing.display().to_string();
+    let key = format!("local:{}", tv.key_path.display());
+    let volume_id = tv.volume.id_hex();
+    for d in ["acme-corp", "inbox", "old-reports"] {
+        tv.mkdir(d);
+    }
+    let long = format!("acme-corp/{LONG_NAME}");
+    assert!(LONG_NAME.len() >= 160, "a name stored under a side record");
+    for f in [
+        "acme-corp/payroll-2026-12.xlsx",
+        "a",
+        &long,
+        "inbox/payroll-draft.xlsx",
+        "old-reports/q3-board-deck.pdf",
+    ] {
+        tv.write(f, b"quarterly numbers");
+    }
+    let stored = |p: &str| tv.stored(p).to_string();
+    let payroll = stored("acme-corp/payroll-2026-12.xlsx");
+    let removed = stored("old-reports/q3-board-deck.pdf");
+    // The directory goes after the calls were logged (rm -r through a mount).
+    fs::remove_dir_all(tv.backing_file("old-reports")).unwrap();
+    let context = |stored: &str| json!({ "kmsfs:volume": volume_id, "kmsfs:path": stored, "tenant_id": "acme" });
+    let decrypt = |ctx: serde_json::Value| {
+        json!({
+            "encryptionAlgorithm": "SYMMETRIC_DEFAULT",
+            "keyId": "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab",
+            "encryptionContext": ctx
+        })
+    };
+    let mut denied = cloudtrail_event(
+        "Decrypt",
+        "2026-12-01T09:03:00Z",
+        "mallory",
+        "203.0.113.9",
+        decrypt(context(&stored("a"))),
+    );
+    denied["errorCode"] = json!("AccessDeniedException");
+    denied["errorMessage"] = json!("User is not authorized to perform: kms:Decrypt");
+    let mut other_volume = context(&payroll);
+    other_volume["kmsfs:volume"] = json!("0123456789abcdef0123456789abcdef");
+    let records = vec![
+        cloudtrail_event(
+            "Decrypt",
+            "2026-12-01T09:00:00Z",
+            "kmsfs-host",
+            "192.0.2.10",
+            decrypt(json!({
+                "kmsfs:volume": volume_id, "kmsfs:purpose": "volume-config", "tenant_id": "acme"
+            })),
+        ),
+        cloudtrail_event(
+            "GenerateDataKey",
+            "2026-12-01T09:01:00Z",
+            "kmsfs-host",
+            "192.0.2.10",
+            json!({ "keyId": "alias/kmsfs", "keySpec": "AES_256", "encryptionContext": context(&payroll) }),
+        ),
+        cloudtrail_event(
+            "Decrypt",
+            "2026-12-01T09:02:00Z",
+            "alice",
+            "198.51.100.7",
+            decrypt(context(&stored(&long))),
+        ),
+        denied,
+        cloudtrail_event(
+            "ReEncrypt",
+            "2026-12-01T09:04:00Z",
+            "kmsfs-host",
+            "192.0.2.10",
+            json!({
+                "sourceEncryptionAlgorithm": "SYMMETRIC_DEFAULT",
+                "sourceEncryptionContext": context(&stored("inbox/payroll-draft.xlsx")),
+                "destinationKeyId": "1234abcd-12ab-34cd-56ef-1234567890ab",
+                "destinationEncryptionAlgorithm": "SYMMETRIC_DEFAULT",
+                "destinationEncryptionContext": context(&payroll)
+            }),
+        ),
+        cloudtrail_event(
+            "Decrypt",
+            "2026-12-01T09:05:00Z",
+            "bob",
+            "198.51.100.8",
+            decrypt(context(&removed)),
+        ),
+        cloudtrail_event(
+            "Decrypt",
+            "2026-12-01T09:06:00Z",
+            "someone-else",
+            "192.0.2.99",
+            decrypt(other_volume),
+        ),
+    ];
+    let log = serde_json::to_vec(&json!({ "Records": records })).unwrap();
+    let text = String::from_utf8(log.clone()).unwrap();
+    assert!(tv.volume.encrypted_names());
+    {
+        for plain in [
+            "payroll-2026-12",
+            "acme-corp",
+            LONG_NAME,
+            "payroll-draft",
+            "old-reports",
+            "q3-board-deck",
+        ] {
+            assert!(!text.contains(plain), "CloudTrail names {plain}");
+        }
+    }
+    let expected = [
+        "2026-12-01T09:00:00Z arn:aws:iam::111122223333:user/kmsfs-host Decrypt ? (volume config) 192.0.2.10".to_string(),
+        "2026-12-01T09:01:00Z arn:aws:iam::111122223333:user/kmsfs-host GenerateDataKey /acme-corp/payroll-2026-12.xlsx 192.0.2.10".to_string(),
+        format!("2026-12-01T09:02:00Z arn:aws:iam::111122223333:user/alice Decrypt /acme-corp/{LONG_NAME} 198.51.100.7"),
+        "2026-12-01T09:03:00Z arn:aws:iam::111122223333:user/mallory Decrypt(failed:AccessDeniedException) /a 203.0.113.9".to_string(),
+        "2026-12-01T09:04:00Z arn:aws:iam::111122223333:user/kmsfs-host ReEncrypt /inbox/payroll-draft.xlsx -> /acme-corp/payroll-2026-12.xlsx 192.0.2.10".to_string(),
+    ];
+    let check_text = |out: &Out| {
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        let stdout = String::from_utf8(out.stdout.clone()).unwrap();
+        let lines: Vec<&str> = stdout.lines().collect();
+        assert_eq!(lines.len(), 6, "{stdout}");
+        assert_eq!(lines[..5], expected, "{stdout}");
+        assert!(
+            lines[5].starts_with(
+                "2026-12-01T09:05:00Z arn:aws:iam::111122223333:user/bob Decrypt ? (directory /old-reports no longer exists"
+            ) && lines[5].ends_with(") 198.51.100.8"),
+            "{}",
+            lines[5]
+        );
+        assert!(!stdout.contains("someone-else"), "{stdout}");
+        assert_eq!(
+            out.stderr,
+            "6 events for this volume, 1 skipped, 1 not decoded\n"
+        );
+    };
+    // A gzipped log file, recognized by its bytes (no .gz in its name).
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&log).unwrap();
+    let gzipped = gz.finish().unwrap();
+    let file = env
+        .dir
+        .path()
+        .join("111122223333_CloudTrail_eu-west-1_20261201T0905Z_x");
+    fs::write(&file, &gzipped).unwrap();
+    check_text(&env.run(
+        &["audit", &b, &file.display().to_string(), "--key", &key],
+        b"",
+    ));
+    // The same events one a line on standard input (blank lines ignored), as JSON.
+    let mut lines = Vec::new();
+    for r in &records {
+        lines.extend(serde_json::to_vec(r).unwrap());
+        lines.extend(b"\n\n");
+    }
+    check_text(&env.run(&["audit", &b, "--key", &key], &lines));
+    let out = env.run(&["audit", &b, "-", "--json", "--key", &key], &lines);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let events: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.len(), 6);
+    let field = |i: usize, k: &str| events[i][k].clone();
+    assert_eq!(field(0, "path"), json!(null));
+    assert_eq!(field(0, "error"), json!("volume config"));
+    assert_eq!(field(1, "path"), json!("/acme-corp/payroll-2026-12.xlsx"));
+    assert_eq!(field(1, "stored_path"), json!(payroll));
+    assert_eq!(field(1, "error"), json!(null));
+    assert_eq!(field(1, "operation"), json!("GenerateDataKey"));
+    assert_eq!(
+        field(1, "principal"),
+        json!("arn:aws:iam::111122223333:user/kmsfs-host")
+    );
+    assert_eq!(field(1, "source_ip"), json!("192.0.2.10"));
+    assert_eq!(field(1, "time"), json!("2026-12-01T09:01:00Z"));
+    assert_eq!(field(2, "path"), json!(format!("/acme-corp/{LONG_NAME}")));
+    assert_eq!(field(3, "event_error"), json!("AccessDeniedException"));
+    assert_eq!(field(3, "path"), json!("/a"));
+    assert_eq!(field(4, "from_path"), json!("/inbox/payroll-draft.xlsx"));
+    assert_eq!(
+        field(4, "from_stored_path"),
+        json!(stored("inbox/payroll-draft.xlsx"))
+    );
+    assert_eq!(field(4, "path"), json!("/acme-corp/payroll-2026-12.xlsx"));
+    assert_eq!(field(5, "path"), json!(null));
+    assert_eq!(field(5, "stored_path"), json!(removed));
+    assert!(
+        field(5, "error")
+            .as_str()
+            .unwrap()
+            .contains("/old-reports no longer exists"),
+        "{:?}",
+        events[5]
+    );
+
+    // decode: one stored path back, with or without its leading '/'.
+    let out = env.run(&["decode", &b, &payroll, "--key", &key], b"");
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.stdout, b"/acme-corp/payroll-2026-12.xlsx\n");
+    let out = env.run(&["decode", &b, &stored(&long)[1..], "--key", &key], b"");
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        format!("/acme-corp/{LONG_NAME}\n")
+    );
+    let msg = env.fails(&["decode", &b, &removed, "--key", &key], 1);
+    assert!(msg.contains("old-reports no longer exists"), "{msg}");
+    let msg = env.fails(&["decode", &b, "/a//b", "--key", &key], 2);
+    assert!(msg.contains("not a stored path"), "{msg}");
+    // Malformed input: one line, exit 2, nothing printed.
+    let msg = env.fails(&["audit", &b, "--key", &key], 2);
+    assert!(msg.contains("not CloudTrail JSON"), "{msg}");
+    fs::write(&file, br#"{"Events": []}"#).unwrap();
+    let msg = env.fails(
+        &["audit", &b, &file.display().to_string(), "--key", &key],
+        2,
+    );
+    assert!(msg.contains("lookup-events"), "{msg}");
 }

@@ -4,8 +4,10 @@
 //! code, so every command fails the same way.
 
 pub mod adopt;
+pub mod audit;
 pub mod cat;
 pub mod completions;
+pub mod decode;
 pub mod export;
 pub mod fsck;
 pub mod import;
@@ -63,6 +65,10 @@ pub enum Command {
     Adopt(adopt::AdoptArgs),
     /// Decrypt a volume (or a subtree) to a directory, or to a tar stream with -
     Export(export::ExportArgs),
+    /// Show CloudTrail's KMS events of a volume with the plaintext paths they were for
+    Audit(audit::AuditArgs),
+    /// Print the plaintext path of a stored path (as CloudTrail or fsck shows it)
+    Decode(decode::DecodeArgs),
     /// Approve a volume's trusted keys as they are now (after a change kmsfs refused)
     Trust(trust::TrustArgs),
     /// Show a running mount's key cache, key-service calls and errors
@@ -195,6 +201,23 @@ pub fn shown_error(volume: &Volume, plain: &CanonicalPath, e: Error) -> Error {
     crate::core::export::with_user_paths(volume, e, &pairs)
 }
 
+/// `s` for a terminal or a line-based log: control characters and the Unicode format
+/// characters that reorder text shown as `\u{..}` escapes, so a file name (or anything else
+/// read from the store or an untrusted input) can neither break a line nor disguise one.
+pub fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control()
+                || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
+            {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Init(args) => init::run(args),
@@ -207,6 +230,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Fsck(args) => fsck::run(args),
         Command::Adopt(args) => adopt::run(args),
         Command::Export(args) => export::run(args),
+        Command::Audit(args) => audit::run(args),
+        Command::Decode(args) => decode::run(args),
         Command::Status(args) => status::run(args),
         Command::Trust(args) => trust::run(args),
         Command::Completions(args) => completions::run(args),

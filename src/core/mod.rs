@@ -6,6 +6,7 @@
 //! the edges.
 
 pub mod adopt;
+pub mod audit;
 pub mod export;
 pub mod file;
 pub mod fs;
