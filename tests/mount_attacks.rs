@@ -2246,3 +2246,74 @@ fn a_listing_never_takes_a_kind_from_another_names_header() {
     );
     assert_eq!(errno_of(fs::metadata(m.p("pub/xx"))), Some(libc::EIO));
 }
+
+/// The names in directory `dir` of the mount.
+fn listed(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    names
+}
+
+/// With encrypted names a name decrypts only in the directory it was written in: an entry
+/// moved (or copied) into another directory on the store, under its stored name, is not shown
+/// there, nor is a long name whose side record was swapped for another's, and `fsck` names
+/// both. Positive control: the same entries in their own directories list and read.
+#[test]
+fn entries_moved_between_directories_on_the_store_are_not_shown() {
+    if !fuse_available() || common::plaintext_names() {
+        return;
+    }
+    let mut m = Mount::new(4096, &[]);
+    for d in ["a", "b"] {
+        fs::create_dir(m.p(d)).unwrap();
+    }
+    let (l1, l2) = ("x".repeat(200), "y".repeat(200));
+    fs::write(m.p("a/secret"), b"a's").unwrap();
+    fs::write(m.p(&format!("a/{l1}")), b"long one").unwrap();
+    fs::write(m.p(&format!("a/{l2}")), b"long two").unwrap();
+    fs::write(m.p("b/other"), b"b's").unwrap();
+    assert_eq!(
+        listed(&m.p("a")),
+        vec!["secret".to_string(), l1.clone(), l2.clone()]
+    );
+    // The store writer copies a's entry into b under its stored name, and swaps the two long
+    // names' side records.
+    let from = m.b("a/secret");
+    let copied = m.b("b").join(from.file_name().unwrap());
+    fs::copy(&from, &copied).unwrap();
+    let side = |p: PathBuf| PathBuf::from(format!("{}.name", p.display()));
+    let (s1, s2) = (side(m.b(&format!("a/{l1}"))), side(m.b(&format!("a/{l2}"))));
+    let (c1, c2) = (fs::read(&s1).unwrap(), fs::read(&s2).unwrap());
+    fs::write(&s1, &c2).unwrap();
+    fs::write(&s2, &c1).unwrap();
+    m.remount();
+    assert_eq!(listed(&m.p("b")), vec!["other".to_string()]);
+    assert_eq!(listed(&m.p("a")), vec!["secret".to_string()]);
+    assert_eq!(fs::read(m.p("a/secret")).unwrap(), b"a's");
+    assert_eq!(fs::read(m.p("b/other")).unwrap(), b"b's");
+    assert!(
+        m.log().contains("whose name kmsfs did not write"),
+        "{}",
+        m.log()
+    );
+    m.stop();
+    let out = kmsfs()
+        .arg("fsck")
+        .arg(&m.backing)
+        .arg("--key")
+        .arg(format!("local:{}", m.key.display()))
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{report}");
+    assert_eq!(report.matches("foreign-name").count(), 3, "{report}");
+    // Put back, they list again.
+    fs::write(&s1, &c1).unwrap();
+    fs::write(&s2, &c2).unwrap();
+    fs::remove_file(&copied).unwrap();
+    m.start();
+    assert_eq!(listed(&m.p("a")), vec!["secret".to_string(), l1, l2]);
+}
