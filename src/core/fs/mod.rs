@@ -489,6 +489,35 @@ impl KmsFs {
         Ok(attr)
     }
 
+    /// Removes the side records in `dir` whose entries are gone (a crash between removing an
+    /// entry and its side record leaves one), so that a directory that lists empty can be
+    /// removed. Under the namespace lock: no entry of this mount is being made meanwhile.
+    fn remove_orphan_side_records(&self, dir: &CanonicalPath) {
+        use crate::format::names::{classify, EntryName, SIDE_SUFFIX};
+        if !self.volume.encrypted_names() {
+            return;
+        }
+        let Ok(entries) = self.store().list_dir(dir, Atime::Keep) else {
+            return;
+        };
+        let names: std::collections::HashSet<&[u8]> =
+            entries.iter().map(|e| e.name.as_bytes()).collect();
+        for e in &entries {
+            let name = e.name.as_bytes();
+            if classify(name) == EntryName::SideRecord
+                && !names.contains(&name[..name.len() - SIDE_SUFFIX.len()])
+            {
+                if let Ok(side) = dir.join(name) {
+                    self.volume
+                        .drop_side_record(&Some(super::names::SideRecord {
+                            path: side,
+                            content: String::new(),
+                        }));
+                }
+            }
+        }
+    }
+
     /// Writes the side record a long encrypted name needs, before its entry is made.
     fn put_side(&self, child: &StoredChild) -> Result<()> {
         match &child.side {
@@ -796,6 +825,7 @@ impl KmsFs {
             return Err(os(format!("{path} is not a directory"), libc::ENOTDIR));
         }
         let record = self.store().metadata(&dir_record(&path)).ok();
+        self.remove_orphan_side_records(&path);
         self.store()
             .remove_dir(&path, DIR_RECORD, Identity::of(&meta))
             .map_err(|e| io_err("cannot rmdir", &path, e))?;
@@ -844,6 +874,7 @@ impl KmsFs {
         // A directory replaced must be empty: on the store it still holds its record.
         let replaced_dir = match &target {
             Some(m) if m.is_dir() => {
+                self.remove_orphan_side_records(&to);
                 let entries = store
                     .list_dir(&to, Atime::Keep)
                     .map_err(|e| io_err("cannot read", &to, e))?;
