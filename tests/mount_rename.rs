@@ -99,3 +99,34 @@ fn directory_rename_rebinds_every_file_beneath() {
     let (ok, info) = m.info("renamed/sub3/deep/f7");
     assert!(ok && !info.contains("/proj/"), "{info}");
 }
+
+/// Two mounts of one store see each other's names, long ones included, and each other's
+/// renames of files and directories (after the kernel's one-second attribute cache).
+#[test]
+fn two_mounts_of_one_store_see_each_others_names() {
+    if !fuse_available() {
+        return;
+    }
+    let m1 = Mount::new(4096, &[]);
+    let m2 = m1.another();
+    let long = "n".repeat(220);
+    fs::create_dir(m1.p("dir")).unwrap();
+    fs::write(m1.p(&format!("dir/{long}")), b"from one").unwrap();
+    fs::write(m1.p("dir/short"), b"short").unwrap();
+    let listed = |m: &Mount, d: &str| -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(m.p(d))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(listed(&m2, "dir"), vec![long.clone(), "short".to_string()]);
+    assert_eq!(fs::read(m2.p(&format!("dir/{long}"))).unwrap(), b"from one");
+    fs::rename(m2.p("dir"), m2.p("moved")).unwrap();
+    fs::rename(m2.p("moved/short"), m2.p(&format!("moved/{long}2"))).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    assert_eq!(listed(&m1, "moved"), vec![long.clone(), format!("{long}2")]);
+    assert_eq!(fs::read(m1.p(&format!("moved/{long}2"))).unwrap(), b"short");
+    assert!(!m1.p("dir").exists());
+}

@@ -142,6 +142,28 @@ impl Mount {
         m
     }
 
+    /// A second mount of the same backing store on a mountpoint of its own (stopped when
+    /// dropped; the store stays this mount's).
+    pub fn another(&self) -> Mount {
+        let dir = tempfile::tempdir().unwrap();
+        let mnt = dir.path().canonicalize().unwrap().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let mut m = Mount {
+            dir,
+            backing: self.backing.clone(),
+            mnt,
+            key: self.key.clone(),
+            child: None,
+            extra: self.extra.clone(),
+            env: self.env.clone(),
+            cleanup_mounts: Vec::new(),
+            volume: std::sync::OnceLock::new(),
+            named: Default::default(),
+        };
+        m.start();
+        m
+    }
+
     /// Mounts (again), in the foreground, and waits until the mount is live.
     pub fn start(&mut self) {
         if let Err(e) = self.try_start() {
