@@ -2317,3 +2317,188 @@ fn entries_moved_between_directories_on_the_store_are_not_shown() {
     m.start();
     assert_eq!(listed(&m.p("a")), vec!["secret".to_string(), l1, l2]);
 }
+
+/// The names in directory `dir` of the mount, as a set.
+fn listing_set(dir: &Path) -> std::collections::BTreeSet<String> {
+    fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect()
+}
+
+/// Red team: a directory removed on the store behind the mount leaves its node (and the id
+/// the daemon remembers of it); a new directory made through the mount that gets the same
+/// backing inode number (ext4 hands a freed number straight back) must name its entries under
+/// its own record's id, or they would list while mounted and be gone after a remount.
+#[test]
+fn a_new_directory_reusing_a_removed_ones_inode_keeps_its_names() {
+    if !fuse_available() || common::plaintext_names() {
+        return;
+    }
+    let mut m = Mount::new(4096, &[]);
+    let mut reused = Vec::new();
+    for i in 0..5 {
+        let old = format!("old{i}");
+        fs::create_dir(m.p(&old)).unwrap();
+        // A lookup in it has the daemon remember its id (no file: the kernel would keep that
+        // inode, whose number ext4 may hand to the next directory, a clash of its own).
+        assert!(!m.p(&format!("{old}/x")).exists());
+        let ino = fs::metadata(m.p(&old)).unwrap().ino();
+        // The attacker (or anyone writing the store) removes it there.
+        fs::remove_dir_all(m.b(&old)).unwrap();
+        let new = format!("new{i}");
+        fs::create_dir(m.p(&new)).unwrap();
+        fs::write(m.p(&format!("{new}/report.txt")), "written after").unwrap();
+        if fs::metadata(m.p(&new)).unwrap().ino() == ino {
+            reused.push(new);
+        }
+    }
+    if reused.is_empty() {
+        eprintln!("no inode number was reused on this backing filesystem; nothing shown");
+        return;
+    }
+    m.remount();
+    for new in &reused {
+        assert_eq!(
+            fs::read_to_string(m.p(&format!("{new}/report.txt")))
+                .ok()
+                .as_deref(),
+            Some("written after"),
+            "{new} (reusing a removed directory's inode): a file written through the mount \
+             is gone after a remount"
+        );
+    }
+}
+
+/// Red team: `fsck --repair` beside a writer (here `kmsfs import`) must never remove a long
+/// name's side record between the writer writing it and linking its entry: the name would be
+/// lost (the entry's name is only its hash). A young side record without its entry is left.
+#[test]
+fn fsck_repair_never_unnames_a_file_being_created() {
+    if !fuse_available() || common::plaintext_names() {
+        return;
+    }
+    let m = Mount::new(4096, &[]);
+    fs::create_dir(m.p("d")).unwrap();
+    let src = m.dir.path().join("src");
+    fs::write(&src, vec![7u8; 256 << 10]).unwrap();
+    let long = "z".repeat(190);
+    let n = 60;
+    let (backing, long2) = (m.backing.clone(), long.clone());
+    let importer = std::thread::spawn(move || {
+        let mut made = Vec::new();
+        for i in 0..n {
+            let out = kmsfs()
+                .arg("import")
+                .arg(&backing)
+                .arg(format!("d/{long2}{i}"))
+                .arg("--from")
+                .arg(&src)
+                .output()
+                .unwrap();
+            if out.status.success() {
+                made.push(i);
+            }
+        }
+        made
+    });
+    while !importer.is_finished() {
+        let _ = kmsfs()
+            .args(["fsck", "--repair"])
+            .arg(&m.backing)
+            .output()
+            .unwrap();
+    }
+    let made = importer.join().unwrap();
+    let listed = listing_set(&m.p("d"));
+    let unnamed: Vec<usize> = made
+        .into_iter()
+        .filter(|i| !listed.contains(&format!("{long}{i}")))
+        .collect();
+    assert!(
+        unnamed.is_empty(),
+        "{} files created beside `fsck --repair` are no longer listed: {unnamed:?}",
+        unnamed.len()
+    );
+}
+
+/// Red team: a failing `rmdir` (the directory is not empty) must never remove the side record
+/// of a long name another writer of the store (`kmsfs import`, a second mount) is creating
+/// there: side records are only removed with their directory, inside the staging directory.
+#[test]
+fn a_failing_rmdir_never_unnames_a_file_another_writer_is_creating() {
+    if !fuse_available() || common::plaintext_names() {
+        return;
+    }
+    let m = Mount::new(4096, &[]);
+    fs::create_dir(m.p("d")).unwrap();
+    fs::write(m.p("d/keep"), "keeps d non-empty").unwrap();
+    let src = m.dir.path().join("src");
+    fs::write(&src, "data").unwrap();
+    let long = "y".repeat(190);
+    let n = 150;
+    let (backing, long2) = (m.backing.clone(), long.clone());
+    let importer = std::thread::spawn(move || {
+        let mut made = Vec::new();
+        for i in 0..n {
+            let ok = kmsfs()
+                .arg("import")
+                .arg(&backing)
+                .arg(format!("d/{long2}{i}"))
+                .arg("--from")
+                .arg(&src)
+                .output()
+                .unwrap()
+                .status
+                .success();
+            if ok {
+                made.push(i);
+            }
+        }
+        made
+    });
+    while !importer.is_finished() {
+        assert!(fs::remove_dir(m.p("d")).is_err(), "d is not empty");
+    }
+    let made = importer.join().unwrap();
+    let listed = listing_set(&m.p("d"));
+    let unnamed: Vec<usize> = made
+        .into_iter()
+        .filter(|i| !listed.contains(&format!("{long}{i}")))
+        .collect();
+    assert!(
+        unnamed.is_empty(),
+        "{} imported files lost their side record to a failing rmdir: {unnamed:?}",
+        unnamed.len()
+    );
+}
+
+/// Red team: a side record needs no MAC only because its content must be a long name
+/// encrypted in its directory: a short entry's name copied into a side record beside a
+/// planted `kmsfs.long.H` entry (H its hash) must not list that name twice.
+#[test]
+fn a_side_record_holding_a_short_name_is_not_a_name() {
+    if !fuse_available() || common::plaintext_names() {
+        return;
+    }
+    use base64::Engine;
+    use sha2::Digest;
+    let m = Mount::new(4096, &[]);
+    fs::create_dir(m.p("q")).unwrap();
+    fs::write(m.p("q/patient.txt"), "secret").unwrap();
+    let short = m.b("q/patient.txt");
+    let s = short.file_name().unwrap().to_str().unwrap().to_string();
+    let h = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(&s));
+    let dir = short.parent().unwrap();
+    fs::hard_link(&short, dir.join(format!("kmsfs.long.{h}"))).unwrap();
+    fs::write(dir.join(format!("kmsfs.long.{h}.name")), &s).unwrap();
+    let names: Vec<String> = fs::read_dir(m.p("q"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        vec!["patient.txt".to_string()],
+        "listed twice: {names:?}"
+    );
+}

@@ -606,15 +606,17 @@ impl Backing {
         self.remove(path, expect, AtFlags::REMOVEDIR)
     }
 
-    /// Removes the directory `path` if it holds nothing but its record `record_name`: it is
-    /// first renamed into kmsfs's private staging directory (out of everyone else's reach),
-    /// checked there to be the directory `expect` names and empty but for the record (else
-    /// put back: `ENOTEMPTY` or `ESTALE`), and only then emptied and removed. A crash part way
+    /// Removes the directory `path` if it holds nothing but its record `record_name` (and
+    /// names `leftover` accepts: a side record a crash left behind its entry): it is first
+    /// renamed into kmsfs's private staging directory (out of everyone else's reach), checked
+    /// there to be the directory `expect` names and empty but for those (else put back:
+    /// `ENOTEMPTY` or `ESTALE`), and only then emptied and removed. A crash part way
     /// leaves it in the staging directory, never a directory without its record in the tree.
     pub fn remove_dir(
         &self,
         path: &CanonicalPath,
         record_name: &str,
+        leftover: &dyn Fn(&[u8]) -> bool,
         expect: Identity,
     ) -> io::Result<()> {
         let (dir, name) = self.parent(path)?;
@@ -627,7 +629,7 @@ impl Backing {
             tmp.as_str(),
             RenameFlags::NOREPLACE,
         )?;
-        let check = || -> io::Result<OwnedFd> {
+        let check = || -> io::Result<(OwnedFd, Vec<OsString>)> {
             let moved = rustix::fs::openat(
                 &staging.fd,
                 tmp.as_str(),
@@ -643,16 +645,20 @@ impl Backing {
                 OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
                 Mode::empty(),
             )?;
-            if list_fd(listing)?
-                .iter()
-                .any(|e| e.name.as_bytes() != record_name.as_bytes())
-            {
-                return Err(errno(libc::ENOTEMPTY));
+            let mut extra = Vec::new();
+            for e in list_fd(listing)? {
+                if e.name.as_bytes() == record_name.as_bytes() {
+                    continue;
+                }
+                if !leftover(e.name.as_bytes()) {
+                    return Err(errno(libc::ENOTEMPTY));
+                }
+                extra.push(e.name);
             }
-            Ok(moved)
+            Ok((moved, extra))
         };
-        let moved = match check() {
-            Ok(fd) => fd,
+        let (moved, extra) = match check() {
+            Ok(found) => found,
             Err(e) => {
                 let back = rustix::fs::renameat_with(
                     &staging.fd,
@@ -670,9 +676,15 @@ impl Backing {
                 return Err(e);
             }
         };
-        match rustix::fs::unlinkat(&moved, record_name, AtFlags::empty()) {
-            Ok(()) | Err(rustix::io::Errno::NOENT) => {}
-            Err(e) => return Err(e.into()),
+        for name in extra
+            .iter()
+            .map(|n| n.as_os_str())
+            .chain([OsStr::new(record_name)])
+        {
+            match rustix::fs::unlinkat(&moved, name, AtFlags::empty()) {
+                Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
         rustix::fs::unlinkat(&staging.fd, tmp.as_str(), AtFlags::REMOVEDIR)?;
         Ok(())

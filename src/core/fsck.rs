@@ -333,13 +333,26 @@ fn check_name(
         if names.contains(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(entry)) {
             return None;
         }
-        let repaired = repair && volume.backing().unlink(child, None).is_ok();
+        // A side record is written before its entry: a young one may be a create under way
+        // (a mount's or an import's, beside this fsck), whose name removing it would lose.
+        let old = volume
+            .backing()
+            .metadata(child)
+            .ok()
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age >= ORPHAN_AGE);
+        let repaired = repair && old && volume.backing().unlink(child, None).is_ok();
+        let note = if old {
+            "left by a crash; safe to delete"
+        } else {
+            "younger than an hour: may be a create under way, so --repair leaves it"
+        };
         return Some(Problem {
             path: dir.to_string(),
             kind: "orphan-side-record",
             detail: format!(
-                "{}: a long name's side record whose entry is gone (left by a crash); safe to \
-                 delete",
+                "{}: a long name's side record whose entry is gone ({note})",
                 name.to_string_lossy()
             ),
             repaired,
@@ -363,6 +376,9 @@ fn check_name(
         _ => None,
     }
 }
+
+/// How old a side record without its entry must be for `--repair` to remove it.
+const ORPHAN_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// What the backing store holds besides objects: leftovers of interrupted imports (never
 /// removed by fsck: they may be an import running now), directories without their record, and

@@ -227,6 +227,11 @@ pub fn decrypt(key: &NameKey, dir_id: &[u8; 16], encrypted: &str) -> Result<Vec<
 pub fn side_record_name(backing: &str, content: &[u8]) -> Result<String, FormatError> {
     let bad = |why: &str| FormatError::InvalidPath(format!("{backing}: side record {why}"));
     let encrypted = std::str::from_utf8(content).map_err(|_| bad("not text"))?;
+    // Only a name too long to be stored as itself has a side record: a short one there would
+    // show that name twice (its entry, and the entry this record is beside).
+    if encrypted.len() <= MAX_SHORT {
+        return Err(bad("holds a name that is not a long one"));
+    }
     if long_backing_name(encrypted) != backing {
         return Err(bad("does not match its entry"));
     }
@@ -387,6 +392,8 @@ mod tests {
         let other = NameKey::derive(&DerivedKey::new([8; 32]), &[1; 16]);
         assert!(decrypt(&other, &[0; 16], &s).is_err());
         assert!(side_record_name(&long_backing_name("abc"), b"abd").is_err());
+        // A short name in a side record (hashed to match) is not a name.
+        assert!(side_record_name(&long_backing_name(&s), s.as_bytes()).is_err());
         for bad in [&b""[..], b".", b"..", b"a/b", b"a\0b", &[b'x'; 256]] {
             assert!(encrypt(&key, &[0; 16], bad).is_err());
         }

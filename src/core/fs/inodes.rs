@@ -50,18 +50,43 @@ impl KmsFs {
     /// Where the entry `name` of directory `parent` is stored (with the side record a long
     /// encrypted name needs).
     pub(super) fn child(&self, parent: u64, name: &OsStr) -> Result<StoredChild> {
-        let encrypted = self.volume.encrypted_names();
-        if !encrypted && is_reserved_name(name.as_bytes(), parent == ROOT_INO) {
-            return Err(os(format!("{name:?} is reserved"), libc::EPERM));
-        }
         let dir = self.path_of(parent)?;
-        let id = if encrypted {
+        let id = if self.volume.encrypted_names() {
             Some(self.dir_id_of(parent, &dir)?)
         } else {
             None
         };
+        self.child_in(parent, &dir, id, name)
+    }
+
+    /// Where a new entry `name` of directory `parent` goes, and the directory's attributes:
+    /// its id read from its record as it is now (a name made under an id remembered of
+    /// another directory would not decrypt here later).
+    pub(super) fn new_child(&self, parent: u64, name: &OsStr) -> Result<(StoredChild, Attrs)> {
+        let dir = self.path_of(parent)?;
+        let (attrs, id) = self.dir_record_facts(&dir)?;
+        let encrypted = self.volume.encrypted_names();
+        if encrypted {
+            if let Some(node) = self.nodes.lock().unwrap().get_mut(&parent) {
+                node.dir_id = Some(id);
+            }
+        }
+        let child = self.child_in(parent, &dir, encrypted.then_some(id), name)?;
+        Ok((child, attrs))
+    }
+
+    fn child_in(
+        &self,
+        parent: u64,
+        dir: &CanonicalPath,
+        id: Option<[u8; 16]>,
+        name: &OsStr,
+    ) -> Result<StoredChild> {
+        if id.is_none() && is_reserved_name(name.as_bytes(), parent == ROOT_INO) {
+            return Err(os(format!("{name:?} is reserved"), libc::EPERM));
+        }
         self.volume
-            .stored_child(&dir, id.as_ref(), name.as_bytes())
+            .stored_child(dir, id.as_ref(), name.as_bytes())
             .map_err(|e| match e {
                 Error::Format {
                     source: crate::format::FormatError::TooLarge(why),
@@ -108,6 +133,11 @@ impl KmsFs {
                     here
                 });
                 node.paths.insert(0, path.clone());
+                if !gone.is_empty() {
+                    // Its old names hold it no more: the inode number may be a new
+                    // directory's (ext4 reuses them at once), with an id of its own.
+                    node.dir_id = None;
+                }
             }
             node.lookups += 1;
         }

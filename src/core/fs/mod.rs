@@ -384,6 +384,12 @@ impl KmsFs {
     /// [`crate::format::object::DIR_RECORD`]): one that is missing, or is not bound to this
     /// directory, refuses the directory.
     fn dir_attrs(&self, dir: &CanonicalPath) -> Result<Attrs> {
+        self.dir_record_facts(dir).map(|(attrs, _)| attrs)
+    }
+
+    /// [`KmsFs::dir_attrs`], and the directory's id: its record's file id, which the names
+    /// of its entries are encrypted under.
+    fn dir_record_facts(&self, dir: &CanonicalPath) -> Result<(Attrs, [u8; 16])> {
         let record = dir_record(dir);
         let found = self.store().lookup(&record).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => not_shown(dir, "a directory without its record"),
@@ -392,11 +398,11 @@ impl KmsFs {
         if !found.meta.is_file() {
             return Err(not_shown(dir, "a directory whose record is not a file"));
         }
-        let (attrs, _) = self.object_facts(0, &record, &found.meta, Some(&found))?;
+        let (attrs, _, id) = self.header_facts_of(&record, &found.meta, Some(&found))?;
         if attrs.kind != ObjectKind::Dir {
             return Err(not_shown(dir, "a directory whose record is another object"));
         }
-        Ok(attrs)
+        Ok((attrs, id))
     }
 
     fn stat_path(&self, path: &CanonicalPath) -> Result<Attr> {
@@ -442,14 +448,12 @@ impl KmsFs {
     /// kernel would give them. The parent's attributes are its record's.
     fn new_attrs(
         &self,
-        path: &CanonicalPath,
+        parent: Attrs,
         kind: ObjectKind,
         perm: u32,
         caller: Caller,
         rdev: u64,
     ) -> Result<Attrs> {
-        let parent = path.parent().unwrap_or_else(CanonicalPath::root);
-        let parent = self.dir_attrs(&parent)?;
         let (uid, gid) = if self.euid == 0 {
             (caller.uid, caller.gid)
         } else {
@@ -489,32 +493,16 @@ impl KmsFs {
         Ok(attr)
     }
 
-    /// Removes the side records in `dir` whose entries are gone (a crash between removing an
-    /// entry and its side record leaves one), so that a directory that lists empty can be
-    /// removed. Under the namespace lock: no entry of this mount is being made meanwhile.
-    fn remove_orphan_side_records(&self, dir: &CanonicalPath) {
-        use crate::format::names::{classify, EntryName, SIDE_SUFFIX};
-        if !self.volume.encrypted_names() {
-            return;
-        }
-        let Ok(entries) = self.store().list_dir(dir, Atime::Keep) else {
-            return;
-        };
-        let names: std::collections::HashSet<&[u8]> =
-            entries.iter().map(|e| e.name.as_bytes()).collect();
-        for e in &entries {
-            let name = e.name.as_bytes();
-            if classify(name) == EntryName::SideRecord
-                && !names.contains(&name[..name.len() - SIDE_SUFFIX.len()])
-            {
-                if let Ok(side) = dir.join(name) {
-                    self.volume
-                        .drop_side_record(&Some(super::names::SideRecord {
-                            path: side,
-                            content: String::new(),
-                        }));
-                }
-            }
+    /// Names a directory being removed may still hold besides its record: with encrypted
+    /// names, side records (one whose entry is there comes with that entry, which keeps the
+    /// directory). Only ever judged inside the staging directory (see
+    /// [`Backing::remove_dir`]), where no other writer adds entries.
+    fn leftover(&self) -> impl Fn(&[u8]) -> bool {
+        let encrypted = self.volume.encrypted_names();
+        move |name: &[u8]| {
+            encrypted
+                && crate::format::names::classify(name)
+                    == crate::format::names::EntryName::SideRecord
         }
     }
 
@@ -716,10 +704,9 @@ impl KmsFs {
     ) -> Result<Attr> {
         self.check_writable()?;
         let _ns = self.namespace.lock().unwrap();
-        let child = self.child(parent, name)?;
-        let path = child.path.clone();
+        let (child, dir) = self.new_child(parent, name)?;
         if mode & libc::S_IFMT == libc::S_IFREG {
-            let (attr, fh) = self.create_file(&child, mode, caller)?;
+            let (attr, fh) = self.create_file(&child, dir, mode, caller)?;
             self.release(fh);
             return Ok(attr);
         }
@@ -732,17 +719,17 @@ impl KmsFs {
             libc::S_IFBLK => (ObjectKind::BlockDevice, rdev as u64),
             _ => return Err(os("unknown file type", libc::EINVAL)),
         };
-        let attrs = self.new_attrs(&path, kind, mode & !caller.umask & 0o7777, caller, rdev)?;
+        let attrs = self.new_attrs(dir, kind, mode & !caller.umask & 0o7777, caller, rdev)?;
         self.make_object(&child, attrs, &[])
     }
 
     pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, caller: Caller) -> Result<Attr> {
         self.check_writable()?;
         let _ns = self.namespace.lock().unwrap();
-        let child = self.child(parent, name)?;
+        let (child, dir) = self.new_child(parent, name)?;
         let path = child.path.clone();
         let attrs = self.new_attrs(
-            &path,
+            dir,
             ObjectKind::Dir,
             mode & !caller.umask & 0o7777,
             caller,
@@ -756,6 +743,14 @@ impl KmsFs {
             .map_err(|e| io_err("cannot create", &path, e))?;
         let attr = self.attr_from(&path, &meta)?;
         self.remember(attr.ino, &path);
+        // Its entries' names go under the id of the record just made (never one remembered
+        // of a directory that had this inode number before).
+        let id = crate::format::header::Preamble::decode(&record)
+            .map_err(|e| Error::format(&path, e))?
+            .file_id;
+        if let Some(node) = self.nodes.lock().unwrap().get_mut(&attr.ino) {
+            node.dir_id = Some(id);
+        }
         Ok(attr)
     }
 
@@ -770,12 +765,12 @@ impl KmsFs {
     ) -> Result<Attr> {
         self.check_writable()?;
         let _ns = self.namespace.lock().unwrap();
-        let child = self.child(parent, name)?;
+        let (child, dir) = self.new_child(parent, name)?;
         let target = target.as_os_str().as_bytes();
         if target.is_empty() || target.len() >= libc::PATH_MAX as usize {
             return Err(os("bad symlink target length", libc::ENAMETOOLONG));
         }
-        let attrs = self.new_attrs(&child.path, ObjectKind::Symlink, 0o777, caller, 0)?;
+        let attrs = self.new_attrs(dir, ObjectKind::Symlink, 0o777, caller, 0)?;
         self.make_object(&child, attrs, target)
     }
 
@@ -825,9 +820,8 @@ impl KmsFs {
             return Err(os(format!("{path} is not a directory"), libc::ENOTDIR));
         }
         let record = self.store().metadata(&dir_record(&path)).ok();
-        self.remove_orphan_side_records(&path);
         self.store()
-            .remove_dir(&path, DIR_RECORD, Identity::of(&meta))
+            .remove_dir(&path, DIR_RECORD, &self.leftover(), Identity::of(&meta))
             .map_err(|e| io_err("cannot rmdir", &path, e))?;
         // What their headers said describes nothing that may reuse the inode numbers.
         if let Some(record) = record {
@@ -854,7 +848,7 @@ impl KmsFs {
         self.check_writable()?;
         let _ns = self.namespace.lock().unwrap();
         let from_child = self.child(parent, name)?;
-        let to_child = self.child(newparent, newname)?;
+        let (to_child, _) = self.new_child(newparent, newname)?;
         let (from, to) = (from_child.path.clone(), to_child.path.clone());
         if from == to {
             return Ok(());
@@ -874,11 +868,14 @@ impl KmsFs {
         // A directory replaced must be empty: on the store it still holds its record.
         let replaced_dir = match &target {
             Some(m) if m.is_dir() => {
-                self.remove_orphan_side_records(&to);
                 let entries = store
                     .list_dir(&to, Atime::Keep)
                     .map_err(|e| io_err("cannot read", &to, e))?;
-                if entries.iter().any(|e| e.name != DIR_RECORD) {
+                let leftover = self.leftover();
+                if entries
+                    .iter()
+                    .any(|e| e.name != DIR_RECORD && !leftover(e.name.as_bytes()))
+                {
                     return Err(os(format!("{to} is not empty"), libc::ENOTEMPTY));
                 }
                 Some(Identity::of(m))
@@ -965,7 +962,7 @@ impl KmsFs {
         }
         if let Some(id) = replaced_dir {
             store
-                .remove_dir(&to, DIR_RECORD, id)
+                .remove_dir(&to, DIR_RECORD, &self.leftover(), id)
                 .map_err(|e| io_err("cannot replace", &to, e))?;
         }
         let flags = if noreplace {
@@ -1001,7 +998,7 @@ impl KmsFs {
         self.check_writable()?;
         let _ns = self.namespace.lock().unwrap();
         let from = self.path_of(ino)?;
-        let to_child = self.child(newparent, newname)?;
+        let (to_child, _) = self.new_child(newparent, newname)?;
         let to = to_child.path.clone();
         let meta = self
             .store()
@@ -1085,10 +1082,16 @@ impl KmsFs {
         Ok((enc, ino))
     }
 
-    fn create_file(&self, child: &StoredChild, mode: u32, caller: Caller) -> Result<(Attr, u64)> {
+    fn create_file(
+        &self,
+        child: &StoredChild,
+        dir: Attrs,
+        mode: u32,
+        caller: Caller,
+    ) -> Result<(Attr, u64)> {
         let path = &child.path;
         let perm = mode & !caller.umask & 0o7777;
-        let attrs = self.new_attrs(path, ObjectKind::File, perm, caller, 0)?;
+        let attrs = self.new_attrs(dir, ObjectKind::File, perm, caller, 0)?;
         self.put_side(child)?;
         if !self.key_requests.would_take() {
             let (enc, backing_ino) = self.create_linked(path, attrs)?;
@@ -1159,8 +1162,8 @@ impl KmsFs {
     ) -> Result<(Attr, u64)> {
         self.check_writable()?;
         let _ns = self.namespace.lock().unwrap();
-        let child = self.child(parent, name)?;
-        let (attr, fh) = self.create_file(&child, mode, caller)?;
+        let (child, dir) = self.new_child(parent, name)?;
+        let (attr, fh) = self.create_file(&child, dir, mode, caller)?;
         if flags & libc::O_APPEND != 0 {
             let h = self.handles.lock().unwrap().remove(&fh).expect("just made");
             let fh2 = self.new_handle(h.ino, h.node.clone(), true, true);

@@ -243,6 +243,18 @@ impl KmsFs {
                 return Ok((attrs, node.size()));
             }
         }
+        self.header_facts_of(path, meta, found)
+            .map(|(attrs, size, _)| (attrs, size))
+    }
+
+    /// [`KmsFs::object_facts`] from the header alone (never an open instance), with the
+    /// object's file id: a directory record's is the directory's id.
+    pub(super) fn header_facts_of(
+        &self,
+        path: &CanonicalPath,
+        meta: &fs::Metadata,
+        found: Option<&crate::backing::Found>,
+    ) -> Result<(Attrs, u64, [u8; 16])> {
         let stamp = FactsStamp::of(meta);
         let remembered = stamp.and_then(|s| self.facts.get(meta.ino(), &s));
         let facts = match remembered {
@@ -286,6 +298,6 @@ impl KmsFs {
                 .map_err(|e| Error::format(path, e))?,
             _ => 0,
         };
-        Ok((facts.attrs, size))
+        Ok((facts.attrs, size, facts.file_id))
     }
 }
