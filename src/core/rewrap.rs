@@ -139,7 +139,18 @@ pub fn rewrap_files(
             s.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(path) = files.get(i) else { return };
-                match rewrap_file(volume, path, old, to, dry_run) {
+                // A rename through a live mount that lands between the open and the header
+                // lock leaves the file opened bound to its new name only: look again (the
+                // path now names nothing, or the file renamed to it). One moved on the store
+                // stays moved, and is reported.
+                let mut outcome = rewrap_file(volume, path, old, to, dry_run);
+                for _ in 0..2 {
+                    if !matches!(outcome, Err(Error::Moved { .. })) {
+                        break;
+                    }
+                    outcome = rewrap_file(volume, path, old, to, dry_run);
+                }
+                match outcome {
                     Ok(FileOutcome::Rewrapped { envelopes: n }) => {
                         rewrapped.fetch_add(1, Ordering::Relaxed);
                         envelopes.fetch_add(n as u64, Ordering::Relaxed);
