@@ -87,3 +87,56 @@ fn a_wrong_origin_or_a_foreign_file_is_refused_and_nothing_changes() {
     assert_eq!(v.bytes("foreign"), before);
     assert!(v.read("foreign").is_err());
 }
+
+/// What an operator does with only the commands (docs/BACKUP.md): a file restored from a
+/// backup copy of the store is put where its new name is stored (`decode --reverse`, which
+/// also writes a long name's side record) and adopted there; it then reads, is listed, and
+/// fsck is clean.
+#[test]
+fn a_file_restored_to_another_directory_is_put_in_place_with_decode_reverse_and_adopted() {
+    let v = TestVolume::new(512);
+    v.mkdir("projects");
+    v.mkdir("recovered");
+    let long = "r".repeat(200);
+    v.write("projects/report.pdf", b"from the backup");
+    let backup = v.dir.path().join("backup-copy");
+    fs::copy(v.backing_file("projects/report.pdf"), &backup).unwrap();
+    let stored_at = |p: &str| {
+        let out = kmsfs()
+            .arg("decode")
+            .arg(&v.backing)
+            .arg("--reverse")
+            .arg(p)
+            .output()
+            .unwrap();
+        assert_success(&out);
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    assert_eq!(
+        stored_at("projects/report.pdf"),
+        v.stored("projects/report.pdf").as_str()
+    );
+    let at = stored_at(&format!("recovered/{long}"));
+    fs::copy(&backup, v.backing.join(&at[1..])).unwrap();
+    assert_success(&adopt(
+        &v,
+        &format!("recovered/{long}"),
+        "projects/report.pdf",
+    ));
+    assert_eq!(
+        v.read(&format!("recovered/{long}")).unwrap(),
+        b"from the backup"
+    );
+    let fsck = kmsfs().arg("fsck").arg(&v.backing).output().unwrap();
+    assert!(
+        fsck.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    // With plaintext names the stored path is the path.
+    if common::plaintext_names() {
+        assert_eq!(at, format!("/recovered/{long}"));
+    } else {
+        assert!(at.contains("kmsfs.long."), "{at}");
+    }
+}
