@@ -2380,41 +2380,13 @@ fn fsck_repair_never_unnames_a_file_being_created() {
     }
     let m = Mount::new(4096, &[]);
     fs::create_dir(m.p("d")).unwrap();
-    let src = m.dir.path().join("src");
-    fs::write(&src, vec![7u8; 256 << 10]).unwrap();
-    let long = "z".repeat(190);
-    let n = 60;
-    let (backing, long2) = (m.backing.clone(), long.clone());
-    let importer = std::thread::spawn(move || {
-        let mut made = Vec::new();
-        for i in 0..n {
-            let out = kmsfs()
-                .arg("import")
-                .arg(&backing)
-                .arg(format!("d/{long2}{i}"))
-                .arg("--from")
-                .arg(&src)
-                .output()
-                .unwrap();
-            if out.status.success() {
-                made.push(i);
-            }
-        }
-        made
-    });
-    while !importer.is_finished() {
+    let unnamed = unnamed_imports(&m, "z", 60, 256 << 10, || {
         let _ = kmsfs()
             .args(["fsck", "--repair"])
             .arg(&m.backing)
             .output()
             .unwrap();
-    }
-    let made = importer.join().unwrap();
-    let listed = listing_set(&m.p("d"));
-    let unnamed: Vec<usize> = made
-        .into_iter()
-        .filter(|i| !listed.contains(&format!("{long}{i}")))
-        .collect();
+    });
     assert!(
         unnamed.is_empty(),
         "{} files created beside `fsck --repair` are no longer listed: {unnamed:?}",
@@ -2433,44 +2405,54 @@ fn a_failing_rmdir_never_unnames_a_file_another_writer_is_creating() {
     let m = Mount::new(4096, &[]);
     fs::create_dir(m.p("d")).unwrap();
     fs::write(m.p("d/keep"), "keeps d non-empty").unwrap();
-    let src = m.dir.path().join("src");
-    fs::write(&src, "data").unwrap();
-    let long = "y".repeat(190);
-    let n = 150;
-    let (backing, long2) = (m.backing.clone(), long.clone());
-    let importer = std::thread::spawn(move || {
-        let mut made = Vec::new();
-        for i in 0..n {
-            let ok = kmsfs()
-                .arg("import")
-                .arg(&backing)
-                .arg(format!("d/{long2}{i}"))
-                .arg("--from")
-                .arg(&src)
-                .output()
-                .unwrap()
-                .status
-                .success();
-            if ok {
-                made.push(i);
-            }
-        }
-        made
-    });
-    while !importer.is_finished() {
+    let unnamed = unnamed_imports(&m, "y", 150, 4, || {
         assert!(fs::remove_dir(m.p("d")).is_err(), "d is not empty");
-    }
-    let made = importer.join().unwrap();
-    let listed = listing_set(&m.p("d"));
-    let unnamed: Vec<usize> = made
-        .into_iter()
-        .filter(|i| !listed.contains(&format!("{long}{i}")))
-        .collect();
+    });
     assert!(
         unnamed.is_empty(),
         "{} imported files lost their side record to a failing rmdir: {unnamed:?}",
         unnamed.len()
     );
+}
+
+/// `kmsfs import`s `n` files of `size` bytes with long names (190 × `letter`, then a number)
+/// into `d`, calling `meanwhile` until they are all made; the numbers of those made that `d`
+/// does not list.
+fn unnamed_imports(
+    m: &Mount,
+    letter: &str,
+    n: usize,
+    size: usize,
+    mut meanwhile: impl FnMut(),
+) -> Vec<usize> {
+    let src = m.dir.path().join("src");
+    fs::write(&src, vec![7u8; size]).unwrap();
+    let long = letter.repeat(190);
+    let (backing, long2) = (m.backing.clone(), long.clone());
+    let importer = std::thread::spawn(move || {
+        (0..n)
+            .filter(|i| {
+                kmsfs()
+                    .arg("import")
+                    .arg(&backing)
+                    .arg(format!("d/{long2}{i}"))
+                    .arg("--from")
+                    .arg(&src)
+                    .output()
+                    .unwrap()
+                    .status
+                    .success()
+            })
+            .collect::<Vec<usize>>()
+    });
+    while !importer.is_finished() {
+        meanwhile();
+    }
+    let made = importer.join().unwrap();
+    let listed = listing_set(&m.p("d"));
+    made.into_iter()
+        .filter(|i| !listed.contains(&format!("{long}{i}")))
+        .collect()
 }
 
 /// Red team: a side record needs no MAC only because its content must be a long name
