@@ -43,8 +43,9 @@ pub const SIDE_SUFFIX: &str = ".name";
 pub const MAX_SIDE_RECORD: usize = 512;
 const PAD: usize = 16;
 
-/// The AES-SIV key (two AES-256 keys) names are encrypted under.
-pub struct NameKey(Box<Zeroizing<[u8; 64]>>);
+/// The AES-SIV key (two AES-256 keys) names are encrypted under, expanded once: a listing
+/// decrypts every name in it.
+pub struct NameKey(std::sync::Mutex<Aes256Siv>);
 
 impl std::fmt::Debug for NameKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -56,14 +57,17 @@ impl NameKey {
     /// The volume's name key, from its header key.
     pub fn derive(volume_header_key: &DerivedKey, volume_id: &[u8; 16]) -> NameKey {
         let hk = Hkdf::<Sha256>::new(Some(volume_id), volume_header_key.expose());
-        let mut out = Box::new(Zeroizing::new([0u8; 64]));
-        hk.expand(LABEL_NAME_KEY, &mut out[..])
+        let mut key = Zeroizing::new([0u8; 64]);
+        hk.expand(LABEL_NAME_KEY, &mut key[..])
             .expect("64 bytes is a valid HKDF-SHA256 length");
-        NameKey(out)
+        let cipher =
+            Aes256Siv::new_from_slice(&key[..]).expect("a 64-byte key is an AES-256-SIV key");
+        NameKey(std::sync::Mutex::new(cipher))
     }
 
-    fn cipher(&self) -> Aes256Siv {
-        Aes256Siv::new_from_slice(&self.0[..]).expect("a 64-byte key is an AES-256-SIV key")
+    fn cipher(&self) -> std::sync::MutexGuard<'_, Aes256Siv> {
+        // A panic while holding it leaves the cipher as it was (its state is only the keys).
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 

@@ -89,6 +89,9 @@ pub struct Attr {
     pub blksize: u32,
 }
 
+/// A directory's entries as a reply shows them, each (but `.` and `..`) with its stored path.
+type Listing = Vec<(DirEntry, Option<CanonicalPath>)>;
+
 #[derive(Debug, Clone)]
 pub struct DirEntry {
     pub ino: u64,
@@ -135,6 +138,9 @@ pub struct KmsFs {
     noted_backing_metadata: std::sync::atomic::AtomicBool,
     /// Whether an entry whose name kmsfs did not write was found (logged once).
     noted_foreign_name: std::sync::atomic::AtomicBool,
+    /// The listing each directory's current pass of replies is cut from (see
+    /// [`KmsFs::listing_from`]). Bounded.
+    listings: Mutex<HashMap<u64, Arc<Listing>>>,
     /// The daemon's effective uid (asked once: a stat checks it).
     euid: u32,
 }
@@ -244,6 +250,7 @@ impl KmsFs {
             facts: Facts::default(),
             noted_backing_metadata: std::sync::atomic::AtomicBool::new(false),
             noted_foreign_name: std::sync::atomic::AtomicBool::new(false),
+            listings: Mutex::new(HashMap::new()),
             euid: rustix::process::geteuid().as_raw(),
             prefetch: Prefetch {
                 limit: DEFAULT_PREFETCH,
@@ -1305,12 +1312,42 @@ impl KmsFs {
     }
 
     pub fn readdir(&self, ino: u64) -> Result<Vec<DirEntry>> {
-        Ok(self.listing(ino)?.into_iter().map(|(e, _)| e).collect())
+        self.readdir_from(ino, 0)
+    }
+
+    /// `readdir` for a reply from entry `offset` on (the whole listing, of which the caller
+    /// skips `offset` entries).
+    pub fn readdir_from(&self, ino: u64, offset: usize) -> Result<Vec<DirEntry>> {
+        Ok(self
+            .listing_from(ino, offset)?
+            .iter()
+            .map(|(e, _)| e.clone())
+            .collect())
+    }
+
+    /// The listing a reply from entry `offset` on is cut from: made afresh for the first
+    /// reply (offset 0, as after `opendir` or `rewinddir`), and kept for the replies that go
+    /// on from there, so a big directory is listed, sorted and its names decrypted once per
+    /// pass rather than once per reply. (What changes during a pass may or may not show in
+    /// it, as POSIX allows.)
+    fn listing_from(&self, ino: u64, offset: usize) -> Result<Arc<Listing>> {
+        if offset > 0 {
+            if let Some(kept) = self.listings.lock().unwrap().get(&ino) {
+                return Ok(kept.clone());
+            }
+        }
+        let fresh = Arc::new(self.listing(ino)?);
+        let mut kept = self.listings.lock().unwrap();
+        if kept.len() >= 64 {
+            kept.clear();
+        }
+        kept.insert(ino, fresh.clone());
+        Ok(fresh)
     }
 
     /// The entries of directory `ino` with their plaintext names, each (but `.` and `..`)
     /// with its stored path.
-    fn listing(&self, ino: u64) -> Result<Vec<(DirEntry, Option<CanonicalPath>)>> {
+    fn listing(&self, ino: u64) -> Result<Listing> {
         let path = self.path_of(ino)?;
         let store = self.store();
         let meta = store
@@ -1430,7 +1467,7 @@ impl KmsFs {
         mut add: impl FnMut(&DirEntry, &Attr, bool, u64) -> bool,
     ) -> Result<()> {
         let dir = self.path_of(ino)?;
-        let entries = self.listing(ino)?;
+        let entries = self.listing_from(ino, offset)?;
         for (at, (e, stored)) in entries.iter().enumerate().skip(offset) {
             let found = match (e.name.as_bytes(), stored) {
                 (b".", None) => self.stat_path(&dir).ok().map(|a| (None, a)),
@@ -1438,7 +1475,13 @@ impl KmsFs {
                     .stat_path(&dir.parent().unwrap_or(dir.clone()))
                     .ok()
                     .map(|a| (None, a)),
-                (_, Some(p)) => self.stat_path(p).ok().map(|a| (Some(p.clone()), a)),
+                (_, Some(p)) => match self.stat_path(p) {
+                    Ok(a) => Some((Some(p.clone()), a)),
+                    // Removed since this pass's listing was made (an `rm -rf` going on
+                    // through it): not shown.
+                    Err(e) if offset > 0 && e.errno() == libc::ENOENT => continue,
+                    Err(_) => None,
+                },
                 _ => None,
             };
             let real = found.is_some();
@@ -1534,10 +1577,15 @@ impl KmsFs {
                 .map_err(|e| io_err("getxattr", &path, e));
         };
         let at = stored.to_str().expect("base64url is UTF-8");
-        let sealed = self
-            .store()
-            .get_xattr(&path, &stored, XATTR_BUFFER, None)
-            .map_err(|e| io_err("getxattr", &path, e))?;
+        // Its length first: most asks are for attributes that are not there (`ls -l` asks two
+        // per file), and a buffer for the largest value would cost a 64 KiB fill each.
+        let get = |size| {
+            self.store()
+                .get_xattr(&path, &stored, size, None)
+                .map_err(|e| io_err("getxattr", &path, e))
+        };
+        let len = get(0)?.len();
+        let sealed = get(len.clamp(1, XATTR_BUFFER))?;
         let value =
             names::open_xattr_value(key, at, &sealed).map_err(|e| Error::format(&path, e))?;
         if size != 0 && value.len() > size as usize {
@@ -1554,10 +1602,17 @@ impl KmsFs {
                 .list_xattr(&path, size as usize, None)
                 .map_err(|e| io_err("listxattr", &path, e));
         };
-        let listed = self
-            .store()
-            .list_xattr(&path, XATTR_BUFFER, None)
-            .map_err(|e| io_err("listxattr", &path, e))?;
+        let list = |size| {
+            self.store()
+                .list_xattr(&path, size, None)
+                .map_err(|e| io_err("listxattr", &path, e))
+        };
+        let len = list(0)?.len();
+        let listed = if len == 0 {
+            Vec::new()
+        } else {
+            list(len.min(XATTR_BUFFER))?
+        };
         // Only the attributes kmsfs encrypted: what else the backing entry carries (a
         // security label) is the backing filesystem's, not the user's.
         let mut out = Vec::new();
