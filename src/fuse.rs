@@ -394,10 +394,13 @@ impl Filesystem for FuseFs {
     ) {
         match self.core.readdir_from(ino.0, offset as usize) {
             Ok(entries) => {
-                for (i, e) in entries.iter().enumerate().skip(offset as usize) {
-                    if reply.add(INodeNo(e.ino), (i + 1) as u64, kind(e.kind), &e.name) {
-                        break;
-                    }
+                let full = entries
+                    .iter()
+                    .enumerate()
+                    .skip(offset as usize)
+                    .any(|(i, e)| reply.add(INodeNo(e.ino), (i + 1) as u64, kind(e.kind), &e.name));
+                if !full {
+                    self.core.listing_done(ino.0);
                 }
                 reply.ok();
             }

@@ -139,7 +139,7 @@ pub struct KmsFs {
     /// Whether an entry whose name kmsfs did not write was found (logged once).
     noted_foreign_name: std::sync::atomic::AtomicBool,
     /// The listing each directory's current pass of replies is cut from (see
-    /// [`KmsFs::listing_from`]). Bounded.
+    /// [`KmsFs::listing_from`]), until the pass reaches the end. Bounded.
     listings: Mutex<HashMap<u64, Arc<Listing>>>,
     /// The daemon's effective uid (asked once: a stat checks it).
     euid: u32,
@@ -1338,7 +1338,7 @@ impl KmsFs {
         }
         let fresh = Arc::new(self.listing(ino)?);
         let mut kept = self.listings.lock().unwrap();
-        if kept.len() >= 64 {
+        if kept.len() >= 16 {
             kept.clear();
         }
         kept.insert(ino, fresh.clone());
@@ -1500,7 +1500,13 @@ impl KmsFs {
                 self.remember(e.ino, p);
             }
         }
+        self.listing_done(ino);
         Ok(())
+    }
+
+    /// A pass of `readdir` replies reached the end of directory `ino`: its listing goes.
+    pub fn listing_done(&self, ino: u64) {
+        self.listings.lock().unwrap().remove(&ino);
     }
 
     pub fn statfs(&self) -> Result<rustix::fs::StatVfs> {
