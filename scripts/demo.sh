@@ -46,18 +46,23 @@ cp "$demo/scan.bin" "$mnt/scans/scan.bin"
 cmp "$demo/scan.bin" "$mnt/scans/scan.bin"
 [ "$(cat "$mnt/notes.txt")" = "$secret" ] || { echo "demo: read-back through the mount failed" >&2; exit 1; }
 say "(read back through the mount: ok)"
-if grep -rq "AB negative" "$demo/backing"; then
-    echo "demo: plaintext found on the backing store" >&2
+if grep -rq "AB negative" "$demo/backing" || find "$demo/backing" | grep -q "notes\|scans"; then
+    echo "demo: plaintext (content or a name) found on the backing store" >&2
     exit 1
 fi
-say "(the backing store $demo/backing holds no plaintext:)"
-[ -n "$quiet" ] || head -c 96 "$demo/backing/notes.txt" | od -A d -t x1 | head -4
+# Names are encrypted on the store too: where notes.txt is stored.
+notes=$("$kmsfs" decode "$demo/backing" --reverse notes.txt)
+say "(the backing store $demo/backing holds no plaintext, names included:)"
+[ -n "$quiet" ] || ls "$demo/backing"
+[ -n "$quiet" ] || head -c 96 "$demo/backing$notes" | od -A d -t x1 | head -4
 step "$kmsfs" umount "$mnt"
 
 step "$kmsfs" info "$demo/backing" notes.txt
 [ "$("$kmsfs" cat "$demo/backing" notes.txt)" = "$secret" ] || { echo "demo: offline cat failed" >&2; exit 1; }
-mv "$demo/backing/notes.txt" "$demo/backing/stolen.txt"
-say "" && say "\$ mv backing/notes.txt backing/stolen.txt; kmsfs cat backing stolen.txt"
+stolen=$("$kmsfs" decode "$demo/backing" --reverse stolen.txt)
+mv "$demo/backing$notes" "$demo/backing$stolen"
+say "" && say "\$ mv backing$notes backing$stolen   # notes.txt, stored as stolen.txt would be"
+say "\$ kmsfs cat backing stolen.txt"
 if "$kmsfs" cat "$demo/backing" stolen.txt; then
     echo "demo: a moved file decrypted" >&2
     exit 1
