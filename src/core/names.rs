@@ -80,6 +80,14 @@ impl Volume {
         Ok(facts.file_id)
     }
 
+    /// `dir`'s id as the caller knows it, else read from its record.
+    fn given_or_read(&self, dir: &CanonicalPath, given: Option<&[u8; 16]>) -> Result<[u8; 16]> {
+        match given {
+            Some(id) => Ok(*id),
+            None => self.dir_id(dir),
+        }
+    }
+
     /// Where the entry `name` of the directory at stored path `dir` (whose id is `dir_id`,
     /// with encrypted names) is stored.
     pub fn stored_child(
@@ -95,10 +103,7 @@ impl Volume {
                 side: None,
             });
         };
-        let id = match dir_id {
-            Some(id) => *id,
-            None => self.dir_id(dir)?,
-        };
+        let id = self.given_or_read(dir, dir_id)?;
         match names::encrypt(key, &id, name).map_err(bad)? {
             StoredName::Short(s) => Ok(StoredChild {
                 path: dir.join(s.as_bytes()).map_err(bad)?,
@@ -152,10 +157,7 @@ impl Volume {
             EntryName::SideRecord => return Ok(Listed::Own),
             EntryName::Other => return Ok(Listed::Foreign("not an encrypted name".into())),
         };
-        let id = match dir_id {
-            Some(id) => *id,
-            None => self.dir_id(dir)?,
-        };
+        let id = self.given_or_read(dir, dir_id)?;
         Ok(match names::decrypt(key, &id, &encrypted) {
             Ok(n) => Listed::Name(n),
             Err(_) => Listed::Foreign("a name that does not decrypt in this directory".into()),

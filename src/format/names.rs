@@ -176,15 +176,7 @@ pub fn check_name(name: &[u8]) -> Result<(), FormatError> {
 /// Encrypts the name `name` of an entry of the directory whose id is `dir_id`.
 pub fn encrypt(key: &NameKey, dir_id: &[u8; 16], name: &[u8]) -> Result<StoredName, FormatError> {
     check_name(name)?;
-    let pad = PAD - name.len() % PAD;
-    let mut padded = Zeroizing::new(Vec::with_capacity(name.len() + pad));
-    padded.extend_from_slice(name);
-    padded.resize(name.len() + pad, pad as u8);
-    let sealed = key
-        .cipher()
-        .encrypt([&dir_id[..]], &padded)
-        .expect("AES-SIV encrypts any length");
-    let encrypted = URL_SAFE_NO_PAD.encode(sealed);
+    let encrypted = seal_padded(key, &dir_id[..], name);
     if encrypted.len() <= MAX_SHORT {
         return Ok(StoredName::Short(encrypted));
     }
@@ -194,34 +186,48 @@ pub fn encrypt(key: &NameKey, dir_id: &[u8; 16], name: &[u8]) -> Result<StoredNa
     })
 }
 
-/// Decrypts an encrypted name (a short backing name, or a long name's side record) found in
-/// the directory `dir_id`. Fails unless kmsfs encrypted exactly this name in exactly this
-/// directory of this volume.
-pub fn decrypt(key: &NameKey, dir_id: &[u8; 16], encrypted: &str) -> Result<Vec<u8>, FormatError> {
-    let bad = || FormatError::InvalidPath("a name that does not decrypt in its directory".into());
-    let sealed = URL_SAFE_NO_PAD
-        .decode(encrypted.as_bytes())
-        .map_err(|_| bad())?;
+/// base64url(AES-SIV(`name` padded to 16 bytes (PKCS#7), associated data `ad`)): a name's
+/// encryption, of an entry's or an attribute's.
+fn seal_padded(key: &NameKey, ad: &[u8], name: &[u8]) -> String {
+    let pad = PAD - name.len() % PAD;
+    let mut padded = Zeroizing::new(Vec::with_capacity(name.len() + pad));
+    padded.extend_from_slice(name);
+    padded.resize(name.len() + pad, pad as u8);
+    let sealed = key
+        .cipher()
+        .encrypt([ad], &padded[..])
+        .expect("AES-SIV encrypts any length");
+    URL_SAFE_NO_PAD.encode(sealed)
+}
+
+/// What [`seal_padded`] sealed under `ad`, unpadded; None unless it authenticates and its
+/// padding is exact.
+fn open_padded(key: &NameKey, ad: &[u8], encrypted: &[u8]) -> Option<Vec<u8>> {
+    let sealed = URL_SAFE_NO_PAD.decode(encrypted).ok()?;
     if sealed.len() < 16 + PAD || (sealed.len() - 16) % PAD != 0 {
-        return Err(bad());
+        return None;
     }
-    let mut padded = Zeroizing::new(
-        key.cipher()
-            .decrypt([&dir_id[..]], &sealed)
-            .map_err(|_| bad())?,
-    );
-    let pad = *padded.last().ok_or_else(bad)? as usize;
+    let mut padded = Zeroizing::new(key.cipher().decrypt([ad], &sealed).ok()?);
+    let pad = *padded.last()? as usize;
     if pad == 0
         || pad > PAD
         || padded[padded.len() - pad..]
             .iter()
             .any(|&b| b as usize != pad)
     {
-        return Err(bad());
+        return None;
     }
     let len = padded.len() - pad;
     padded.truncate(len);
-    let name = padded.to_vec();
+    Some(padded.to_vec())
+}
+
+/// Decrypts an encrypted name (a short backing name, or a long name's side record) found in
+/// the directory `dir_id`. Fails unless kmsfs encrypted exactly this name in exactly this
+/// directory of this volume.
+pub fn decrypt(key: &NameKey, dir_id: &[u8; 16], encrypted: &str) -> Result<Vec<u8>, FormatError> {
+    let bad = || FormatError::InvalidPath("a name that does not decrypt in its directory".into());
+    let name = open_padded(key, &dir_id[..], encrypted.as_bytes()).ok_or_else(bad)?;
     check_name(&name).map_err(|_| bad())?;
     Ok(name)
 }
@@ -262,36 +268,19 @@ pub fn encrypt_xattr_name(key: &NameKey, name: &[u8]) -> Result<String, FormatEr
             name.len()
         )));
     }
-    let pad = PAD - name.len() % PAD;
-    let mut padded = Zeroizing::new(name.to_vec());
-    padded.resize(name.len() + pad, pad as u8);
-    let sealed = key
-        .cipher()
-        .encrypt([XATTR_NAME_AD], &padded[..])
-        .expect("AES-SIV encrypts any length");
-    Ok(format!("{XATTR_PREFIX}{}", URL_SAFE_NO_PAD.encode(sealed)))
+    Ok(format!(
+        "{XATTR_PREFIX}{}",
+        seal_padded(key, XATTR_NAME_AD, name)
+    ))
 }
 
 /// The user's name of the backing attribute `stored`, if kmsfs encrypted it.
 pub fn decrypt_xattr_name(key: &NameKey, stored: &[u8]) -> Option<Vec<u8>> {
-    let b64 = stored.strip_prefix(XATTR_PREFIX.as_bytes())?;
-    let sealed = URL_SAFE_NO_PAD.decode(b64).ok()?;
-    if sealed.len() < 16 + PAD || (sealed.len() - 16) % PAD != 0 {
-        return None;
-    }
-    let mut padded = key.cipher().decrypt([XATTR_NAME_AD], &sealed).ok()?;
-    let pad = *padded.last()? as usize;
-    if pad == 0
-        || pad > PAD
-        || padded[padded.len() - pad..]
-            .iter()
-            .any(|&b| b as usize != pad)
-    {
-        return None;
-    }
-    let len = padded.len() - pad;
-    padded.truncate(len);
-    Some(padded)
+    open_padded(
+        key,
+        XATTR_NAME_AD,
+        stored.strip_prefix(XATTR_PREFIX.as_bytes())?,
+    )
 }
 
 /// Seals an attribute's value for the backing attribute `stored`: AES-SIV with a random nonce

@@ -102,7 +102,8 @@ impl KmsFs {
         if let Some(id) = self.nodes.lock().unwrap().get(&ino).and_then(|n| n.dir_id) {
             return Ok(id);
         }
-        let id = self.volume.dir_id(dir)?;
+        // Through the header cache a stat of the directory has just filled.
+        let (_, id) = self.dir_record_facts(dir)?;
         if let Some(node) = self.nodes.lock().unwrap().get_mut(&ino) {
             node.dir_id = Some(id);
         }
