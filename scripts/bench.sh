@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark: a plain directory, gocryptfs and kmsfs (local key provider, and the
 # same with KMS_LATENCY_MS of injected latency per key call, and the same with plaintext names:
-# "kmsfs-plainnames") on the same disk, in one run.
+# "kmsfs-plainnames") on the same disk, in one run; and two kmsfs mounts of one store untarring
+# at once against one after the other ("kmsfs-shared").
 # Workloads (the project's benchmark set): streaming write and read of 512 MiB in 128 KiB blocks (caches dropped
 # between; then once more with only the backing store's cache warm), untar of a generated
 # ~15k-file source-like tree, ls -lR, reading every file,
@@ -16,7 +17,8 @@
 # Environment: ROUNDS (3), STREAM_MIB (512), FILES (15000), FIO_SECONDS (10),
 # KMS_LATENCY_MS (5), KMSFS_BASELINE (the path of another kmsfs binary, e.g. a release build
 # of an earlier commit: run beside the others as "kmsfs-base", for an A/B in the same run),
-# FILESYSTEMS (which of "plain gocryptfs kmsfs kmsfs-latency kmsfs-plainnames" to run; all)
+# FILESYSTEMS (which of "plain gocryptfs kmsfs kmsfs-latency kmsfs-plainnames kmsfs-shared"
+# to run; all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
@@ -202,7 +204,33 @@ bench_kmsfs() { # variant: kmsfs (local provider) or kmsfs-latency (the same, sl
     "$(kmsfs_bin "$1")" umount "$base/mnt"
 }
 
-read -r -a filesystems <<< "${FILESYSTEMS:-plain gocryptfs kmsfs kmsfs-latency kmsfs-plainnames}"
+# Two mounts of one store (as two hosts sharing it would have): the tree untarred into two
+# directories, one mount each, one after the other and then both at once (the order swapped
+# every round). Together must not be slower than one after the other.
+bench_kmsfs-shared() {
+    local base=$work/kmsfs-shared
+    rm -rf "$base"
+    mkdir -p "$base/backing" "$base/mnt" "$base/mnt2"
+    XDG_CONFIG_HOME=$base/config "$KMSFS" init "$base/backing" >/dev/null
+    XDG_CONFIG_HOME=$base/config "$KMSFS" mount "$base/backing" "$base/mnt"
+    XDG_CONFIG_HOME=$base/config "$KMSFS" mount "$base/backing" "$base/mnt2"
+    local serial=(sh -c "mkdir '$base/mnt/s1' && tar -C '$base/mnt/s1' -xf '$tarball' && mkdir '$base/mnt2/s2' && tar -C '$base/mnt2/s2' -xf '$tarball'")
+    local parallel=(sh -c "mkdir '$base/mnt/p1' '$base/mnt2/p2' && { tar -C '$base/mnt/p1' -xf '$tarball' & tar -C '$base/mnt2/p2' -xf '$tarball'; wait; }")
+    sync
+    if [ $((round % 2)) = 1 ]; then
+        timed kmsfs-shared "$base/mnt" "untar x2, one after the other" "${serial[@]}"
+        sync
+        timed kmsfs-shared "$base/mnt" "untar x2, both at once" "${parallel[@]}"
+    else
+        timed kmsfs-shared "$base/mnt" "untar x2, both at once" "${parallel[@]}"
+        sync
+        timed kmsfs-shared "$base/mnt" "untar x2, one after the other" "${serial[@]}"
+    fi
+    "$KMSFS" umount "$base/mnt2"
+    "$KMSFS" umount "$base/mnt"
+}
+
+read -r -a filesystems <<< "${FILESYSTEMS:-plain gocryptfs kmsfs kmsfs-latency kmsfs-plainnames kmsfs-shared}"
 if [ -n "${KMSFS_BASELINE:-}" ]; then
     filesystems+=(kmsfs-base)
 fi
@@ -261,6 +289,14 @@ if any(fs == "kmsfs-plainnames" for fs, _ in data):
         fmt = lambda v: "-" if v is None else (f"{v:.0f}" if "IOPS" in w else f"{v:.2f}")
         rat = f"{ratio_of(w, k, p):.2f}" if k and p else "-"
         print(f"{w:<24} {fmt(k):>9} {fmt(p):>9} {rat:>6}  {' '.join(f'{x:.2f}' for x in en(w))}")
+if any(fs == "kmsfs-shared" for fs, _ in data):
+    sh = data.get(("kmsfs-shared", "untar x2, both at once"), {}), data.get(("kmsfs-shared", "untar x2, one after the other"), {})
+    rs = [r for r in sorted(sh[0]) if r in sh[1]]
+    print()
+    print("Two mounts of one store, untarring into two directories (both at once / one after the other; below 1: together is faster):")
+    both, serial = median("kmsfs-shared", "untar x2, both at once"), median("kmsfs-shared", "untar x2, one after the other")
+    if both and serial:
+        print(f"  both at once {both:.2f} s, one after the other {serial:.2f} s, ratio {both / serial:.2f}; each round: {' '.join(f'{sh[0][r] / sh[1][r]:.2f}' for r in rs)}")
 if any(fs == "kmsfs-base" for fs, _ in data):
     def ab(w, r=None):
         k, b = data.get(("kmsfs", w), {}), data.get(("kmsfs-base", w), {})

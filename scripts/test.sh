@@ -57,6 +57,18 @@ if [ ${#missing[@]} -gt 0 ]; then
     fi
 fi
 
+# GlusterFS: the shared-storage tests run a second time on a real distributed filesystem, a
+# GlusterFS volume on loopback with one client mount per kmsfs mount (scripts/gluster.sh).
+if ! command -v glusterd >/dev/null 2>&1 || ! command -v mount.glusterfs >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        say "installing glusterfs-server glusterfs-client"
+        apt-get update -qq && apt-get install -y -qq glusterfs-server glusterfs-client >/dev/null
+    elif [ "${CI:-}" = true ]; then
+        echo "scripts/test.sh: GlusterFS (glusterd, mount.glusterfs) is missing and cannot be installed" >&2
+        exit 1
+    fi
+fi
+
 # moto's KMS-compatible server, which the AWS KMS tests start on loopback ports.
 if ! command -v moto_server >/dev/null 2>&1; then
     say "installing moto[server] from PyPI"
@@ -87,7 +99,22 @@ cargo test --all-targets --locked 2>&1 | tee "$log"
 say "cargo test, plaintext names"
 KMSFS_TEST_NAMES=plaintext cargo test --locked --test attacks --test mount_attacks \
     --test mount_model --test mount_dirs --test mount_rename --test mount_crash --test rebind \
-    --test export --test fsck --test secrets 2>&1 | tee -a "$log"
+    --test export --test fsck --test secrets --test shared_storage 2>&1 | tee -a "$log"
+# Several mounts of one store, each on its own GlusterFS client (hosts sharing the store).
+if [ "$(id -u)" = 0 ] && command -v glusterd >/dev/null 2>&1; then
+    say "cargo test, shared storage on GlusterFS"
+    gluster_state=$(mktemp -d)
+    trap 'rm -f "$log"; scripts/gluster.sh down "$gluster_state"' EXIT
+    roots=$(scripts/gluster.sh up "$gluster_state" 3)
+    KMSFS_TEST_SHARED=gluster KMSFS_TEST_SHARED_ROOTS="$roots" \
+        cargo test --locked --test shared_storage 2>&1 | tee -a "$log"
+    scripts/gluster.sh down "$gluster_state"
+elif [ "${CI:-}" = true ]; then
+    echo "scripts/test.sh: the GlusterFS shared-storage tests need root and glusterd" >&2
+    exit 1
+else
+    say "skipping the GlusterFS shared-storage tests (they need root and glusterd)"
+fi
 passed=$(grep -oE 'test result: [a-zA-Z]+\. [0-9]+ passed' "$log" | awk '{s += $4} END {print s + 0}')
 failed=$(grep -oE '[0-9]+ failed;' "$log" | awk '{s += $1} END {print s + 0}')
 

@@ -18,12 +18,15 @@ use fuser::{
 use crate::core::fs::{Attr, Caller, Kind, KmsFs};
 use crate::error::Error;
 
-/// How long the kernel may cache attributes and names. Short: the backing store can change
-/// behind the mount (another mount, a restore), and sizes come from the backing files.
-const TTL: Duration = Duration::from_secs(1);
+/// How long the kernel may cache attributes and names, unless the mount says otherwise
+/// (`--cache-timeout`). Short: the backing store can change behind the mount (another mount,
+/// a restore), and sizes come from the backing files.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(1);
 
 pub struct FuseFs {
     core: Arc<KmsFs>,
+    /// How long the kernel may cache what a reply says (attributes, names).
+    ttl: Duration,
     /// Set once the session exists: tells the kernel when attributes it caches changed
     /// behind a request that does not return them.
     notifier: Arc<OnceLock<Notifier>>,
@@ -31,11 +34,12 @@ pub struct FuseFs {
 
 impl FuseFs {
     /// The adapter, and the slot its session's notifier goes in.
-    pub fn new(core: Arc<KmsFs>) -> (Self, Arc<OnceLock<Notifier>>) {
+    pub fn new(core: Arc<KmsFs>, ttl: Duration) -> (Self, Arc<OnceLock<Notifier>>) {
         let notifier = Arc::new(OnceLock::new());
         (
             FuseFs {
                 core,
+                ttl,
                 notifier: notifier.clone(),
             },
             notifier,
@@ -45,6 +49,18 @@ impl FuseFs {
 
 fn errno(e: &Error) -> Errno {
     Errno::from_i32(e.errno())
+}
+
+/// How the kernel is to treat a new handle. An `O_APPEND` one bypasses the page cache: the
+/// end of file it appends at is the one on the store when the write runs (another mount may
+/// have moved it), not the kernel's, so pages the kernel filled at its own idea of the end
+/// would be wrong.
+fn open_flags(flags: i32) -> FopenFlags {
+    if flags & libc::O_APPEND != 0 {
+        FopenFlags::FOPEN_DIRECT_IO
+    } else {
+        FopenFlags::empty()
+    }
 }
 
 fn kind(k: Kind) -> FileType {
@@ -105,16 +121,16 @@ fn noted(e: Error) -> Error {
     e
 }
 
-fn entry(reply: ReplyEntry, result: Result<Attr, Error>) {
+fn entry(reply: ReplyEntry, ttl: &Duration, result: Result<Attr, Error>) {
     match result.map_err(noted) {
-        Ok(a) => reply.entry(&TTL, &attr(&a), Generation(0)),
+        Ok(a) => reply.entry(ttl, &attr(&a), Generation(0)),
         Err(e) => reply.error(errno(&e)),
     }
 }
 
-fn attributes(reply: ReplyAttr, result: Result<Attr, Error>) {
+fn attributes(reply: ReplyAttr, ttl: &Duration, result: Result<Attr, Error>) {
     match result.map_err(noted) {
-        Ok(a) => reply.attr(&TTL, &attr(&a)),
+        Ok(a) => reply.attr(ttl, &attr(&a)),
         Err(e) => reply.error(errno(&e)),
     }
 }
@@ -156,7 +172,7 @@ impl Filesystem for FuseFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        entry(reply, self.core.lookup(parent.0, name));
+        entry(reply, &self.ttl, self.core.lookup(parent.0, name));
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -164,7 +180,7 @@ impl Filesystem for FuseFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        attributes(reply, self.core.getattr(ino.0));
+        attributes(reply, &self.ttl, self.core.getattr(ino.0));
     }
 
     fn setattr(
@@ -201,7 +217,7 @@ impl Filesystem for FuseFs {
             // but fuser 0.18 does not pass that flag on; a caller other than root stands in.
             size.is_some() && req.uid() != 0,
         );
-        attributes(reply, result);
+        attributes(reply, &self.ttl, result);
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -220,6 +236,7 @@ impl Filesystem for FuseFs {
     ) {
         entry(
             reply,
+            &self.ttl,
             self.core
                 .mknod(parent.0, name, mode, rdev, caller(req, umask)),
         );
@@ -236,6 +253,7 @@ impl Filesystem for FuseFs {
     ) {
         entry(
             reply,
+            &self.ttl,
             self.core.mkdir(parent.0, name, mode, caller(req, umask)),
         );
     }
@@ -258,6 +276,7 @@ impl Filesystem for FuseFs {
     ) {
         entry(
             reply,
+            &self.ttl,
             self.core
                 .symlink(parent.0, link_name, target, caller(req, 0)),
         );
@@ -292,12 +311,16 @@ impl Filesystem for FuseFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        entry(reply, self.core.link(ino.0, newparent.0, newname));
+        entry(
+            reply,
+            &self.ttl,
+            self.core.link(ino.0, newparent.0, newname),
+        );
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.core.open(ino.0, flags.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(fh) => reply.opened(FileHandle(fh), open_flags(flags.0)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -419,7 +442,7 @@ impl Filesystem for FuseFs {
         let result = self
             .core
             .readdirplus(ino.0, offset as usize, |e, a, real, next| {
-                let ttl = if real { TTL } else { Duration::ZERO };
+                let ttl = if real { self.ttl } else { Duration::ZERO };
                 reply.add(INodeNo(e.ino), next, &e.name, &ttl, &attr(a), Generation(0))
             });
         match result {
@@ -495,11 +518,11 @@ impl Filesystem for FuseFs {
             .create(parent.0, name, mode, flags, caller(req, umask))
         {
             Ok((a, fh)) => reply.created(
-                &TTL,
+                &self.ttl,
                 &attr(&a),
                 Generation(0),
                 FileHandle(fh),
-                FopenFlags::empty(),
+                open_flags(flags),
             ),
             Err(e) => reply.error(errno(&e)),
         }

@@ -130,3 +130,28 @@ fn two_mounts_of_one_store_see_each_others_names() {
     assert_eq!(fs::read(m1.p(&format!("moved/{long}2"))).unwrap(), b"short");
     assert!(!m1.p("dir").exists());
 }
+
+/// Found by the shared-storage model test: a directory rename binds each name of a file in
+/// turn (in parallel), and binding the second name must not drop the first's new envelope,
+/// which names nothing yet.
+#[test]
+fn a_directory_holding_two_names_of_one_file_renames_and_back() {
+    if !fuse_available() {
+        return;
+    }
+    let mut m = Mount::new(4096, &[]);
+    fs::create_dir(m.p("e")).unwrap();
+    fs::write(m.p("e/z"), pattern(3000, 9)).unwrap();
+    fs::hard_link(m.p("e/z"), m.p("e/w")).unwrap();
+    for (from, to) in [("e", "d"), ("d", "e"), ("e", "d")] {
+        fs::rename(m.p(from), m.p(to)).unwrap();
+        for name in ["z", "w"] {
+            assert_eq!(
+                fs::read(m.p(&format!("{to}/{name}"))).unwrap(),
+                pattern(3000, 9)
+            );
+        }
+    }
+    m.remount();
+    assert_eq!(fs::read(m.p("d/w")).unwrap(), pattern(3000, 9));
+}

@@ -153,11 +153,10 @@ fn a_record_left_by_a_crash_is_finished_at_the_next_mount() {
     // What a crash after step 1 of renaming tree to moved leaves: a record, and files with
     // envelopes for both names.
     let journal = Journal::new(&v.volume, false).unwrap();
-    std::mem::forget(
-        journal
-            .begin(&[v.stored("tree"), v.stored("moved")])
-            .unwrap(),
-    );
+    journal
+        .begin(&[v.stored("tree"), v.stored("moved")])
+        .unwrap()
+        .abandon();
     for i in 0..10 {
         // A directory's rename keeps the stored names beneath it (they are encrypted under
         // its record's id, which moves with it): only the prefix changes.
@@ -322,7 +321,10 @@ fn a_crash_between_the_two_slot_writes_of_an_unbind_is_tidied_too() {
         stored_paths(&v, &["a", "b"])
     );
     let journal = Journal::new(&v.volume, false).unwrap();
-    std::mem::forget(journal.begin(&[v.stored("a"), v.stored("b")]).unwrap());
+    journal
+        .begin(&[v.stored("a"), v.stored("b")])
+        .unwrap()
+        .abandon();
     let (_core, _) = mount(&v);
     assert_eq!(pending_records(&v), 0);
     assert_eq!(
@@ -371,7 +373,7 @@ fn a_forged_record_is_neither_acted_on_nor_deleted() {
     fs::remove_file(pending.join("forged")).unwrap();
     fs::remove_file(pending.join("huge")).unwrap();
     let journal = Journal::new(&v.volume, false).unwrap();
-    std::mem::forget(journal.begin(&[v.stored("a")]).unwrap());
+    journal.begin(&[v.stored("a")]).unwrap().abandon();
     let (core, _) = mount(&v);
     assert_eq!(core.unusable_records(), 0);
     drop(core);

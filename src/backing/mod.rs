@@ -33,7 +33,7 @@
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::fs::{File, Metadata};
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -521,13 +521,7 @@ impl Backing {
             )?);
             file.write_all_at(record, 0)?;
             let meta = metadata_of(&new)?;
-            rustix::fs::renameat_with(
-                &staging.fd,
-                tmp.as_str(),
-                &dir,
-                name.as_c_str(),
-                RenameFlags::NOREPLACE,
-            )?;
+            rename_noreplace(&staging.fd, tmp.as_str(), &dir, name.as_c_str())?;
             Ok(meta)
         };
         made().inspect_err(|_| {
@@ -622,13 +616,7 @@ impl Backing {
         let (dir, name) = self.parent(path)?;
         let staging = self.meta_dir(META_DIR, true)?.private_subdir(STAGING_DIR)?;
         let tmp = format!("{:016x}", rand::random::<u64>());
-        rustix::fs::renameat_with(
-            &dir,
-            name.as_c_str(),
-            &staging.fd,
-            tmp.as_str(),
-            RenameFlags::NOREPLACE,
-        )?;
+        rename_noreplace(&dir, name.as_c_str(), &staging.fd, tmp.as_str())?;
         let check = || -> io::Result<(OwnedFd, Vec<OsString>)> {
             let moved = rustix::fs::openat(
                 &staging.fd,
@@ -660,13 +648,7 @@ impl Backing {
         let (moved, extra) = match check() {
             Ok(found) => found,
             Err(e) => {
-                let back = rustix::fs::renameat_with(
-                    &staging.fd,
-                    tmp.as_str(),
-                    &dir,
-                    name.as_c_str(),
-                    RenameFlags::NOREPLACE,
-                );
+                let back = rename_noreplace(&staging.fd, tmp.as_str(), &dir, name.as_c_str());
                 if let Err(b) = back {
                     return Err(io::Error::other(format!(
                         "cannot put back {path} from {}: {b}",
@@ -716,6 +698,9 @@ impl Backing {
     ) -> io::Result<()> {
         let (fdir, fname) = self.parent(from)?;
         let (tdir, tname) = self.parent(to)?;
+        if flags == RenameFlags::NOREPLACE {
+            return rename_noreplace(&fdir, fname.as_c_str(), &tdir, tname.as_c_str());
+        }
         rustix::fs::renameat_with(&fdir, fname.as_c_str(), &tdir, tname.as_c_str(), flags)?;
         Ok(())
     }
@@ -926,33 +911,22 @@ impl Backing {
     }
 
     /// Serializes changes to the header of the open backing `file` with every other kmsfs
-    /// process and thread (a mount, `rewrap`, `fsck --repair`), until the guard drops. The
-    /// lock is a byte range (the file's inode number) of `.kmsfs/header.lock`, not a lock on
-    /// the backing file itself: anyone who can open a backing file could hold that forever,
-    /// while kmsfs's own directory is reachable only by the user it runs as. Each call opens
-    /// the lock file anew, so two threads of one process exclude each other too.
+    /// process and thread (a mount, on this host or another sharing the store, `rewrap`,
+    /// `fsck --repair`), until the guard drops. The lock is a byte range (the file's inode
+    /// number) of `.kmsfs/header.lock`, an `fcntl` open-file-description lock, which network
+    /// filesystems (NFS, GlusterFS, CephFS) pass to their server; not a lock on the backing
+    /// file itself: anyone who can open a backing file could hold that forever, while kmsfs's
+    /// own directory is reachable only by the user it runs as. Each call opens the lock file
+    /// anew, so two threads of one process exclude each other too.
     pub fn lock_header(&self, file: &File) -> io::Result<HeaderLock> {
-        let at = file.metadata()?.ino() % (1 << 62);
-        let lock = self
-            .meta_dir(META_DIR, true)?
-            .open_lock_file(HEADER_LOCKS)?;
-        let range = libc::flock {
-            l_type: libc::F_WRLCK as libc::c_short,
-            l_whence: libc::SEEK_SET as libc::c_short,
-            l_start: at as libc::off_t,
-            l_len: 1,
-            l_pid: 0,
-        };
-        loop {
-            // SAFETY: an open descriptor and a valid `struct flock` for F_OFD_SETLKW.
-            if unsafe { libc::fcntl(lock.as_raw_fd(), libc::F_OFD_SETLKW, &range) } == 0 {
-                return Ok(HeaderLock { _file: lock });
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-        }
+        let lock = self.open_locks()?;
+        lock_range(&lock, Range::Header(file.metadata()?.ino()), true, true)?;
+        Ok(HeaderLock { _file: lock })
+    }
+
+    /// The lock file whose byte ranges [`Backing::lock_header`] and [`DataLock`] take.
+    pub fn open_locks(&self) -> io::Result<File> {
+        self.meta_dir(META_DIR, true)?.open_lock_file(HEADER_LOCKS)
     }
 
     /// kmsfs's own directory `name` at the backing root (see [`MetaDir`]).
@@ -960,6 +934,41 @@ impl Backing {
         let root_owner = self.root_metadata()?.uid();
         MetaDir::open_in(&self.root, &self.root_path, name, create, root_owner)
     }
+}
+
+/// `renameat2(RENAME_NOREPLACE)`, or, on a filesystem without it (GlusterFS's and other FUSE
+/// clients answer EINVAL), the same with what it has: a regular file by `link` (which never
+/// replaces) and `unlink`; a directory by a plain `rename` once nothing is there. The latter
+/// can race with another client making the name at that moment, but a directory kmsfs makes
+/// always holds its record, and a rename never replaces a non-empty directory (ENOTEMPTY,
+/// given as EEXIST here).
+fn rename_noreplace<F, T>(from_dir: impl AsFd, from: F, to_dir: impl AsFd, to: T) -> io::Result<()>
+where
+    F: rustix::path::Arg + Copy,
+    T: rustix::path::Arg + Copy,
+{
+    static UNSUPPORTED: AtomicBool = AtomicBool::new(false);
+    if !UNSUPPORTED.load(Ordering::Relaxed) {
+        match rustix::fs::renameat_with(&from_dir, from, &to_dir, to, RenameFlags::NOREPLACE) {
+            Err(rustix::io::Errno::INVAL) => UNSUPPORTED.store(true, Ordering::Relaxed),
+            other => return Ok(other?),
+        }
+    }
+    let st = rustix::fs::statat(&from_dir, from, AtFlags::SYMLINK_NOFOLLOW)?;
+    if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory {
+        match rustix::fs::statat(&to_dir, to, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(_) => return Err(errno(libc::EEXIST)),
+            Err(rustix::io::Errno::NOENT) => {}
+            Err(e) => return Err(e.into()),
+        }
+        return match rustix::fs::renameat(&from_dir, from, &to_dir, to) {
+            Err(rustix::io::Errno::NOTEMPTY) => Err(errno(libc::EEXIST)),
+            other => Ok(other?),
+        };
+    }
+    rustix::fs::linkat(&from_dir, from, &to_dir, to, AtFlags::empty())?;
+    rustix::fs::unlinkat(&from_dir, from, AtFlags::empty())?;
+    Ok(())
 }
 
 /// Prefix of kmsfs's temporary files in any directory of the store (hidden from the mount).
@@ -999,6 +1008,102 @@ struct Itself {
 /// A header lock held (see [`Backing::lock_header`]); released when dropped.
 pub struct HeaderLock {
     _file: File,
+}
+
+/// Which byte range of `.kmsfs/header.lock` a lock takes: inode numbers cut to 61 bits (two
+/// files that share a range only wait for each other), data locks above them.
+#[derive(Clone, Copy)]
+enum Range {
+    Header(u64),
+    Data(u64),
+}
+
+const INODES: u64 = 1 << 61;
+
+fn lock_range(lock: &File, range: Range, exclusive: bool, wait: bool) -> io::Result<()> {
+    let at = match range {
+        Range::Header(ino) => ino % INODES,
+        Range::Data(ino) => INODES + ino % INODES,
+    };
+    set_lock(
+        lock,
+        at,
+        if exclusive {
+            libc::F_WRLCK
+        } else {
+            libc::F_RDLCK
+        },
+        wait,
+    )
+}
+
+/// An `fcntl` lock description: `len` bytes (0: to the end and beyond) from `at`.
+fn flock_at(at: u64, len: u64, kind: i32) -> libc::flock {
+    libc::flock {
+        l_type: kind as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: at as libc::off_t,
+        l_len: len as libc::off_t,
+        l_pid: 0,
+    }
+}
+
+fn set_lock(lock: &File, at: u64, kind: i32, wait: bool) -> io::Result<()> {
+    let range = flock_at(at, 1, kind);
+    let cmd = if wait {
+        libc::F_OFD_SETLKW
+    } else {
+        libc::F_OFD_SETLK
+    };
+    loop {
+        // SAFETY: an open descriptor and a valid `struct flock` for an OFD lock command.
+        if unsafe { libc::fcntl(lock.as_raw_fd(), cmd, &range) } == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// The lock on one file's blocks and length, which every mount takes across a change of
+/// them (a write, a truncate, a renewal) and a read that found the file changing: a writer
+/// then sees the length another mount left (so the final-block flag is on exactly one
+/// block), never half of another's write. Unlike [`HeaderLock`] it keeps its descriptor of
+/// the lock file between takes (a write is too frequent to reopen it each time); one holder
+/// per descriptor, so the holder serializes its own takes (a file's instance does).
+pub struct DataLock {
+    file: File,
+    ino: u64,
+}
+
+impl DataLock {
+    pub fn new(backing: &Backing, file: &File) -> io::Result<Self> {
+        Ok(DataLock {
+            file: backing.open_locks()?,
+            ino: file.metadata()?.ino(),
+        })
+    }
+
+    /// Takes the lock (shared or exclusive) until the guard drops.
+    pub fn take(&self, exclusive: bool) -> io::Result<DataGuard<'_>> {
+        lock_range(&self.file, Range::Data(self.ino), exclusive, true)?;
+        Ok(DataGuard { lock: self })
+    }
+}
+
+pub struct DataGuard<'a> {
+    lock: &'a DataLock,
+}
+
+impl Drop for DataGuard<'_> {
+    fn drop(&mut self) {
+        let at = INODES + self.lock.ino % INODES;
+        if let Err(e) = set_lock(&self.lock.file, at, libc::F_UNLCK, false) {
+            tracing::warn!("cannot release a file's data lock: {e}");
+        }
+    }
 }
 
 /// A file being written that gets its name only when complete; see
@@ -1351,6 +1456,14 @@ impl MetaDir {
     /// with `.` (which readers of the directory skip), then renamed without replacing, so a
     /// crash (even `kill -9` part way) never leaves a torn `name`.
     pub fn write_new(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
+        self.write_new_locked(name, bytes).map(|_| ())
+    }
+
+    /// [`MetaDir::write_new`], the file write-locked (an `fcntl` lock on the whole file,
+    /// taken before it has its name) for as long as the returned descriptor lives: so another
+    /// process, on this host or another sharing the store, can tell it is in use
+    /// ([`MetaDir::in_use`]).
+    pub fn write_new_locked(&self, name: &str, bytes: &[u8]) -> io::Result<File> {
         let tmp = format!(".{name}.tmp{}", rand::random::<u64>());
         let fd = rustix::fs::openat(
             &self.fd,
@@ -1359,24 +1472,45 @@ impl MetaDir {
             Mode::from_raw_mode(0o600),
         )?;
         let mut file = File::from(fd);
+        let range = flock_at(0, 0, libc::F_WRLCK);
+        // SAFETY: an open descriptor and a valid `struct flock` for F_OFD_SETLK.
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &range) } != 0 {
+            let e = io::Error::last_os_error();
+            let _ = rustix::fs::unlinkat(&self.fd, tmp.as_str(), AtFlags::empty());
+            return Err(e);
+        }
         let written = file
             .write_all(bytes)
             .and_then(|_| file.sync_all())
-            .and_then(|_| {
-                rustix::fs::renameat_with(
-                    &self.fd,
-                    tmp.as_str(),
-                    &self.fd,
-                    name,
-                    RenameFlags::NOREPLACE,
-                )
-                .map_err(io::Error::from)
-            });
+            .and_then(|_| rename_noreplace(&self.fd, tmp.as_str(), &self.fd, name));
         if let Err(e) = written {
             let _ = rustix::fs::unlinkat(&self.fd, tmp.as_str(), AtFlags::empty());
             return Err(e);
         }
-        self.sync()
+        self.sync()?;
+        Ok(file)
+    }
+
+    /// Whether some process holds the lock [`MetaDir::write_new_locked`] takes on `name`.
+    pub fn in_use(&self, name: &str) -> io::Result<bool> {
+        let fd = rustix::fs::openat(
+            &self.fd,
+            name,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let file = File::from(fd);
+        check_kind(
+            &file.metadata()?,
+            Want::File,
+            &self.shown.join(name).display(),
+        )?;
+        let mut range = flock_at(0, 0, libc::F_WRLCK);
+        // SAFETY: an open descriptor and a valid `struct flock` for F_OFD_GETLK to fill in.
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut range) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(range.l_type != libc::F_UNLCK as libc::c_short)
     }
 
     /// Removes the entry `name` (a file, or whatever stands there: it is never followed).

@@ -60,6 +60,10 @@ pub struct MountArgs {
     /// (their first writes wait in memory; fsync waits for the key; 0: every create waits)
     #[arg(long, value_name = "N", default_value_t = crate::core::fs::DEFAULT_PENDING)]
     pub pending_creates: usize,
+    /// How long the kernel may cache attributes and names before asking again (0: never),
+    /// which is how long another mount's changes may take to show here
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    pub cache_timeout: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -238,7 +242,7 @@ fn serve(args: &MountArgs, ready: impl FnOnce()) -> Result<()> {
     };
     config.n_threads = Some(4);
     config.clone_fd = true;
-    let (fuse_fs, notifier) = FuseFs::new(core.clone());
+    let (fuse_fs, notifier) = FuseFs::new(core.clone(), args.cache_timeout);
     let canonical_mountpoint = args.mountpoint.canonicalize();
     let session = fuser::Session::new(fuse_fs, &args.mountpoint, &config)
         .map_err(|e| Error::io(format!("cannot mount on {}", args.mountpoint.display()), e))?;

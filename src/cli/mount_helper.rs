@@ -79,7 +79,7 @@ pub fn translate(args: &[OsString]) -> Result<Vec<OsString>> {
             ("allow_other", None) => out.push("--allow-other".into()),
             (
                 "key" | "key_cache_entries" | "key_cache_ttl" | "kms_concurrency" | "key_prefetch"
-                | "pending_creates",
+                | "pending_creates" | "cache_timeout",
                 Some(v),
             ) => {
                 out.push(format!("--{}", name.replace('_', "-")).into());
@@ -90,7 +90,7 @@ pub fn translate(args: &[OsString]) -> Result<Vec<OsString>> {
                 return Err(Error::Usage(format!(
                     "unknown mount option '{o}' (kmsfs takes ro, allow_other, key=KEY, \
                      key_cache_entries=N, key_cache_ttl=DURATION, kms_concurrency=N, key_prefetch=N, \
-                     pending_creates=N)"
+                     pending_creates=N, cache_timeout=DURATION)"
                 )))
             }
         }

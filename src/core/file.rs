@@ -14,7 +14,7 @@
 
 use std::fs::File;
 
-use crate::backing::{Atime, Backing};
+use crate::backing::{Atime, Backing, DataLock};
 use std::os::unix::fs::FileExt;
 
 use crate::error::{Error, Result};
@@ -71,6 +71,8 @@ pub struct EncryptedFile {
     /// (or renewed) until its first sync. Header rewrites of a file that never was skip their
     /// syncs: they order a new slot after a durable older one, and there is none yet.
     durable: std::sync::atomic::AtomicBool,
+    /// This file's data lock (see [`DataLock`]), opened at its first write.
+    data_lock: std::sync::OnceLock<std::sync::Arc<DataLock>>,
 }
 
 impl std::fmt::Debug for EncryptedFile {
@@ -131,6 +133,7 @@ impl EncryptedFile {
             content: new.content,
             size: 0,
             durable: false.into(),
+            data_lock: Default::default(),
         })
     }
 
@@ -218,6 +221,7 @@ impl EncryptedFile {
                         content: (*content).clone(),
                         size,
                         durable: true.into(),
+                        data_lock: Default::default(),
                     });
                 }
                 Err(e) => {
@@ -230,6 +234,27 @@ impl EncryptedFile {
 
     pub fn path(&self) -> &CanonicalPath {
         &self.path
+    }
+
+    /// Takes the header on disk if it binds `path` (another mount renamed or linked the file
+    /// there since this instance read it): the same file (id), an authentic slot in force,
+    /// an envelope for `path`; no key call, the content key is the same. Says whether it did.
+    pub fn follow(&mut self, path: &CanonicalPath) -> Result<bool> {
+        let (header, _) = read_header(&self.file, path)?;
+        if header.preamble != self.preamble {
+            return Ok(false);
+        }
+        let authentic = header.authentic(&self.mac_key);
+        let Some(&(slot, current)) = authentic.first() else {
+            return Ok(false);
+        };
+        if !current.envelopes.iter().any(|e| &e.path == path) {
+            return Ok(false);
+        }
+        self.active_slot = slot;
+        self.content = current.clone();
+        self.path = path.clone();
+        Ok(true)
     }
 
     /// Records that the file now lives at `path` (after a rename rebound it).
@@ -245,6 +270,12 @@ impl EncryptedFile {
     /// Plaintext size in bytes.
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// The plaintext size were the backing file `len` bytes long (this instance's own if
+    /// that length is not one a file of this layout can have).
+    pub fn size_for(&self, len: u64) -> u64 {
+        self.layout.plaintext_len(len).unwrap_or(self.size)
     }
 
     pub fn envelopes(&self) -> &[Envelope] {
@@ -348,6 +379,71 @@ impl EncryptedFile {
 
     /// Writes `data` at `offset`, growing the file (with zeros in any gap) as needed.
     pub fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        self.write(Some(offset), data).map(|_| ())
+    }
+
+    /// Writes `data` at `offset`, or at the end (None: `O_APPEND`), under the file's data
+    /// lock and at the length the file has now (another mount may have changed it). Returns
+    /// where it wrote.
+    pub fn write(&mut self, offset: Option<u64>, data: &[u8]) -> Result<u64> {
+        let lock = self.data_lock()?;
+        let _held = lock.take(true).map_err(|e| self.io_err("lock", e))?;
+        self.refresh()?;
+        let at = offset.unwrap_or(self.size);
+        self.write_locked(at, data)?;
+        Ok(at)
+    }
+
+    /// This file's data lock, opened on first use.
+    pub(crate) fn data_lock(&self) -> Result<std::sync::Arc<DataLock>> {
+        if let Some(lock) = self.data_lock.get() {
+            return Ok(lock.clone());
+        }
+        let lock = DataLock::new(&self.backing, &self.file)
+            .map_err(|e| Error::io(format!("cannot open the data lock of {}", self.path), e))?;
+        Ok(self
+            .data_lock
+            .get_or_init(|| std::sync::Arc::new(lock))
+            .clone())
+    }
+
+    /// Catches up with changes another mount made to the file since this instance last
+    /// looked: its length (so the final block is the one on disk). Says whether it changed.
+    /// A file renewed elsewhere (truncated to zero: a new file id and key) cannot be caught up
+    /// with; this instance then fails with `ESTALE` (reopen it) rather than seal blocks that
+    /// would never authenticate under the new header. Callers that change the file hold its
+    /// data lock; a reader need not (a torn view fails to authenticate and is read again under
+    /// the lock).
+    pub fn refresh(&mut self) -> Result<bool> {
+        let mut head = [0u8; crate::format::header::PREAMBLE_LEN];
+        let read = self.file.read_exact_at(&mut head, 0);
+        let len = self
+            .file
+            .metadata()
+            .map_err(|e| self.io_err("stat", e))?
+            .len();
+        let same_file = read.is_ok()
+            && Preamble::decode(&head).is_ok_and(|p| p.file_id == self.preamble.file_id);
+        if !same_file {
+            return Err(crate::error::os(
+                format!(
+                    "{}: truncated to zero (renewed) or replaced by another mount since it was \
+                     opened here; reopen it",
+                    self.path
+                ),
+                libc::ESTALE,
+            ));
+        }
+        let size = self
+            .layout
+            .plaintext_len(len)
+            .map_err(|e| Error::format(&self.path, e))?;
+        let changed = size != self.size;
+        self.size = size;
+        Ok(changed)
+    }
+
+    fn write_locked(&mut self, offset: u64, data: &[u8]) -> Result<()> {
         if data.is_empty() {
             return Ok(());
         }
@@ -357,7 +453,7 @@ impl EncryptedFile {
         }
         while offset > self.size + GROW_CHUNK {
             let n = GROW_CHUNK as usize;
-            self.write_at(self.size, &vec![0u8; n])?;
+            self.write_locked(self.size, &vec![0u8; n])?;
         }
         let bs = self.layout.block_size as u64;
         let old_size = self.size;
@@ -482,13 +578,31 @@ impl EncryptedFile {
         Ok(())
     }
 
-    /// Truncates or extends (with zeros) to `new_size` bytes.
+    /// Truncates or extends (with zeros) to `new_size` bytes, under the file's data lock.
     pub fn set_len(&mut self, new_size: u64) -> Result<()> {
+        let lock = self.data_lock()?;
+        let _held = lock.take(true).map_err(|e| self.io_err("lock", e))?;
+        self.refresh()?;
+        self.set_len_locked(new_size)
+    }
+
+    /// Extends the file with zeros to `size` bytes if it is shorter now (`fallocate`).
+    pub fn grow_to(&mut self, size: u64) -> Result<()> {
+        let lock = self.data_lock()?;
+        let _held = lock.take(true).map_err(|e| self.io_err("lock", e))?;
+        self.refresh()?;
+        if size > self.size {
+            self.set_len_locked(size)?;
+        }
+        Ok(())
+    }
+
+    fn set_len_locked(&mut self, new_size: u64) -> Result<()> {
         if new_size > self.size {
             self.check_room_to_grow(new_size)?;
             while self.size < new_size {
                 let n = (new_size - self.size).min(GROW_CHUNK) as usize;
-                self.write_at(self.size, &vec![0u8; n])?;
+                self.write_locked(self.size, &vec![0u8; n])?;
             }
             return Ok(());
         }

@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::format::context::CanonicalPath;
 
 use super::file::{is_dir_record, read_header, EncryptedFile};
-use super::journal::Journal;
+use super::journal::{under_way_at, Journal};
 use super::volume::{Volume, TEMP_PREFIX};
 use crate::format::header::ObjectKind;
 use crate::format::object::DIR_RECORD;
@@ -85,6 +85,10 @@ fn check_file(volume: &Volume, path: &CanonicalPath, deep: bool, repair: bool) -
     let opened = EncryptedFile::open(volume, path, repair);
     let mut file = match opened {
         Ok(f) => f,
+        // Renamed or removed since the walk listed it (a mount is live beside fsck).
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            return out
+        }
         Err(e) => {
             out.push(problem(classify(&e), e.to_string()));
             return out;
@@ -140,6 +144,24 @@ fn check_file(volume: &Volume, path: &CanonicalPath, deep: bool, repair: bool) -
         }
         Err(_) => Vec::new(),
     };
+    // A rename, link or unlink under way on a mount of the store gives or takes names: those
+    // are not stale (looked at again, under the header lock, before a repair).
+    let under_way = |journal: &Option<Journal>| {
+        journal
+            .as_ref()
+            .map(|j| j.live_paths(None))
+            .unwrap_or_default()
+    };
+    let journal = Journal::new(volume, true).ok();
+    let stale: Vec<CanonicalPath> = if stale.is_empty() {
+        stale
+    } else {
+        let live = under_way(&journal);
+        stale
+            .into_iter()
+            .filter(|p| !under_way_at(p, &live))
+            .collect()
+    };
     if stale.is_empty() {
         return out;
     }
@@ -154,9 +176,10 @@ fn check_file(volume: &Volume, path: &CanonicalPath, deep: bool, repair: bool) -
     if repair {
         // The file was opened writable for this: drop the stale names from both slots.
         let fixed = file.update_envelopes(true, |slots| {
+            let live = under_way(&journal);
             let keep: Vec<_> = slots[0]
                 .iter()
-                .filter(|e| names_me(&e.path))
+                .filter(|e| names_me(&e.path) || under_way_at(&e.path, &live))
                 .cloned()
                 .collect();
             Ok((!keep.is_empty()).then_some(keep))
@@ -185,6 +208,10 @@ pub fn check(volume: &Volume, deep: bool, repair: bool) -> Result<Report> {
     }
     let journal = Journal::new(volume, !repair)?;
     for record in journal.pending() {
+        // A rename under way on a mount of the store: not a problem.
+        if record.live {
+            continue;
+        }
         let mut p = match &record.paths {
             Ok(paths) => Problem {
                 path: record.name.clone(),

@@ -139,7 +139,9 @@ impl OpenNode {
             tracing::error!(
                 path = %path,
                 sealed = before,
-                "refusing to write: this open has sealed {before} blocks under the file's key,                  close to the limit of {SEAL_LIMIT} (the AES-GCM random-nonce bound is 2^32);                  copy the file to a new one, or truncate it to zero, to give it a new key"
+                "refusing to write: this open has sealed {before} blocks under the file's key, \
+                 close to the limit of {SEAL_LIMIT} (the AES-GCM random-nonce bound is 2^32); \
+                 copy the file to a new one, or truncate it to zero, to give it a new key"
             );
             return Err(os(
                 format!("{path}: too many blocks sealed under one key; copy the file to renew it"),
@@ -198,6 +200,47 @@ impl OpenNode {
             Instance::Ready(file) => file.size(),
             Instance::Pending { data, .. } => data.len() as u64,
             Instance::Failed { .. } => 0,
+        }
+    }
+
+    /// The plaintext size of the file were its backing file `len` bytes long (a pending
+    /// file's is what it holds).
+    pub fn size_for(&self, len: u64) -> u64 {
+        match &*self.state.read().unwrap() {
+            Instance::Ready(file) => file.size_for(len),
+            Instance::Pending { data, .. } => data.len() as u64,
+            Instance::Failed { .. } => 0,
+        }
+    }
+
+    /// The authenticated attributes this instance holds (whatever name it is at now).
+    pub fn attrs(&self) -> Option<Attrs> {
+        match &*self.state.read().unwrap() {
+            Instance::Ready(file) => Some(file.attrs()),
+            Instance::Pending { attrs, .. } => Some(*attrs),
+            Instance::Failed { .. } => None,
+        }
+    }
+
+    /// Follows a rename another mount made: true if the header on disk now binds `path` (see
+    /// [`EncryptedFile::follow`]).
+    pub fn follow(&self, path: &CanonicalPath) -> bool {
+        match &mut *self.state.write().unwrap() {
+            Instance::Ready(file) => file.follow(path).unwrap_or(false),
+            _ => false,
+        }
+    }
+
+    /// Close-to-open: an open of a file some handle here already holds catches up with what
+    /// other mounts wrote (see [`EncryptedFile::refresh`]). False if this instance can no
+    /// longer be used (the file was renewed or replaced elsewhere): the open needs a new one.
+    pub fn catch_up(&self) -> bool {
+        match &mut *self.state.write().unwrap() {
+            Instance::Ready(file) => match file.refresh() {
+                Ok(_) => true,
+                Err(e) => e.errno() != libc::ESTALE,
+            },
+            _ => true,
         }
     }
 
@@ -276,17 +319,48 @@ impl OpenNode {
         }
     }
 
-    /// Reads from the held data of a pending file, else from the file (never waits).
+    /// Reads from the held data of a pending file, else from the file (never waits). A read
+    /// that reaches this instance's end of file, or fails to authenticate, looks again at the
+    /// file on disk (another mount may have grown it, or been writing it at that moment; see
+    /// [`EncryptedFile::refresh`]) and, if it changed, reads again.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
-        match &*self.state.read().unwrap() {
+        let first = match &*self.state.read().unwrap() {
             Instance::Ready(file) => file.read_at(offset, buf),
-            Instance::Failed { path, reason } => Err(failed(path, reason)),
+            Instance::Failed { path, reason } => return Err(failed(path, reason)),
             Instance::Pending { data, .. } => {
                 let start = (offset as usize).min(data.len());
                 let n = buf.len().min(data.len() - start);
                 buf[..n].copy_from_slice(&data[start..start + n]);
-                Ok(n)
+                return Ok(n);
             }
+        };
+        // Short (this instance's end of file), or failed: cut shorter, or being written, by
+        // another mount (a block shorter than expected, or not flagged as expected).
+        let torn = match &first {
+            Ok(n) if *n == buf.len() => return first,
+            Ok(_) => false,
+            Err(Error::Format { .. } | Error::Io { .. }) => true,
+            Err(_) => return first,
+        };
+        let mut state = self.state.write().unwrap();
+        let Instance::Ready(file) = &mut *state else {
+            return first;
+        };
+        let changed = if torn {
+            // Whatever another mount was writing is complete once its lock is free.
+            let lock = file.data_lock()?;
+            let _held = lock
+                .take(false)
+                .map_err(|e| Error::io(format!("cannot lock {}", file.path()), e))?;
+            file.refresh()?;
+            return file.read_at(offset, buf);
+        } else {
+            file.refresh()?
+        };
+        if changed {
+            file.read_at(offset, buf)
+        } else {
+            first
         }
     }
 
@@ -329,8 +403,7 @@ impl OpenNode {
             |f| {
                 let at = offset.unwrap_or(f.size());
                 self.count_seals(f, at, at + bytes.len() as u64)?;
-                f.write_at(at, bytes)?;
-                Ok(at)
+                f.write(offset, bytes)
             },
         )
     }
@@ -369,10 +442,8 @@ impl OpenNode {
             |f| {
                 if size > f.size() {
                     self.count_seals(f, f.size(), size)?;
-                    f.set_len(size)
-                } else {
-                    Ok(())
                 }
+                f.grow_to(size)
             },
         )
     }

@@ -43,15 +43,20 @@ pub struct Journal {
     next: AtomicU64,
 }
 
-/// A written record; removing it marks the rebind finished.
+/// A written record; removing it marks the rebind finished. While it lives its record stays
+/// locked (see [`MetaDir::write_new_locked`]): the rebind is *live*, and no tidy by any mount
+/// of the store, nor `fsck --repair`, takes its half-done names for stale.
 pub struct Pending<'a> {
     journal: &'a Journal,
     name: String,
+    _live: std::fs::File,
 }
 
 /// A record found in the journal.
 pub struct Record {
     pub name: String,
+    /// Its rebind is under way (on this mount or another): not one a crash left.
+    pub live: bool,
     /// The paths it names, or why it cannot be used (unreadable, not a record, not authentic).
     pub paths: Result<Vec<CanonicalPath>>,
 }
@@ -105,11 +110,25 @@ impl Journal {
             .as_nanos();
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let name = format!("{stamp:032x}-{}-{n}", std::process::id());
-        dir.write_new(&name, &bytes).map_err(io)?;
+        let live = dir.write_new_locked(&name, &bytes).map_err(io)?;
         Ok(Pending {
             journal: self,
             name,
+            _live: live,
         })
+    }
+
+    /// The paths named by the records of rebinds under way now, on any mount of the store
+    /// (but `own`, the caller's): names those rebinds are adding or dropping, which a tidy
+    /// must leave alone.
+    pub fn live_paths(&self, own: Option<&Pending>) -> Vec<CanonicalPath> {
+        let own = own.map(|p| p.name.as_str());
+        self.pending()
+            .into_iter()
+            .filter(|r| r.live && Some(r.name.as_str()) != own)
+            .filter_map(|r| r.paths.ok())
+            .flatten()
+            .collect()
     }
 
     /// Records left by rebinds that did not finish, oldest first, with the paths they name.
@@ -148,26 +167,29 @@ impl Journal {
                             ))
                         })
                     });
-                Record { name, paths }
+                let live = dir.in_use(&name).unwrap_or(false);
+                Record { name, paths, live }
             })
             .collect()
     }
 
-    /// Removes a record whose paths are tidy (only ever one that parsed and authenticated).
+    /// Removes a record whose paths are tidy (only ever one that parsed and authenticated,
+    /// and is not live).
     pub fn remove(&self, record: &Record) {
-        if record.paths.is_ok() {
+        if record.paths.is_ok() && !record.live {
             self.remove_name(&record.name);
         }
     }
 
     /// Removes what a crash left of records being written (names beginning with `.`: never a
-    /// record, see [`MetaDir::write_new`](crate::backing::MetaDir::write_new)). Only at a
-    /// writable mount's start, when none of its own rebinds is under way.
+    /// record, see [`MetaDir::write_new_locked`](crate::backing::MetaDir::write_new_locked));
+    /// one being written now (by another mount of the store) is locked, and stays.
     pub fn remove_unfinished_writes(&self) {
         let Some(dir) = &self.dir else { return };
         let Ok(names) = dir.list() else { return };
         for name in names.into_iter().filter_map(|n| n.into_string().ok()) {
-            if name.starts_with('.') && name.contains(".tmp") {
+            if name.starts_with('.') && name.contains(".tmp") && !dir.in_use(&name).unwrap_or(true)
+            {
                 self.remove_name(&name);
             }
         }
@@ -183,11 +205,25 @@ impl Journal {
 }
 
 impl Pending<'_> {
+    /// Leaves the record as a crash would: in place, no longer live (tests of recovery).
+    pub fn abandon(self) {
+        drop(self._live);
+    }
+
     /// The rebind finished: forget the record. (Not fsynced: should the removal be lost, the
     /// next mount tidies paths that are already tidy.)
     pub fn finish(self) {
         self.journal.remove_name(&self.name);
     }
+}
+
+/// Whether `path` is at or beneath one of `live` (what [`Journal::live_paths`] gives): a name a
+/// rebind under way may be adding or dropping.
+pub fn under_way_at(path: &CanonicalPath, live: &[CanonicalPath]) -> bool {
+    live.iter().any(|dir| {
+        let (p, d) = (path.as_str(), dir.as_str());
+        dir.is_root() || p == d || (p.starts_with(d) && p.as_bytes().get(d.len()) == Some(&b'/'))
+    })
 }
 
 fn encode(mac_key: &DerivedKey, paths: &[CanonicalPath]) -> Vec<u8> {

@@ -33,7 +33,7 @@
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 
-use crate::backing::{Atime, MetaDir};
+use crate::backing::{Atime, DataLock, MetaDir};
 use crate::error::{Error, Result};
 use crate::format::context::CanonicalPath;
 use crate::format::envelope::Envelope;
@@ -53,6 +53,9 @@ const TAG_LEN: usize = 32;
 /// Most bytes a record may have: a path, two numbers and a header of two slots of at most
 /// 1 MiB each.
 const MAX_RECORD: u64 = 3 << 20;
+/// How old a record's temporary file must be to be taken for what a crash left (younger, it
+/// may be another mount's, being written).
+const LEFT_BEHIND: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// How far a renewal goes: all the way, or (tests) up to a simulated crash after a step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -95,6 +98,11 @@ pub fn renew(volume: &Volume, file: &mut EncryptedFile, until: Step) -> Result<(
         .backing_file()
         .try_clone()
         .map_err(io(format!("cannot reopen {path}")))?;
+    // Other mounts' writes wait (data lock first, then the header's: the order every
+    // holder of both takes), and this one starts from the length they left.
+    let data = file.data_lock()?;
+    let _data = data.take(true).map_err(io(format!("cannot lock {path}")))?;
+    file.refresh()?;
     let _lock = volume
         .backing()
         .lock_header(&backing)
@@ -270,9 +278,18 @@ pub fn finish_interrupted(volume: &Volume) -> usize {
     names.sort();
     let mut finished = 0;
     for name in names {
-        // A record's temporary name: the crash came before the record counted.
+        // A record's temporary name: the crash came before the record counted. Or another
+        // mount of the store is writing it right now: only an old one is a crash's.
         if name.starts_with('.') {
-            let _ = dir.unlink(&name);
+            let old = dir
+                .metadata(&name)
+                .ok()
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > LEFT_BEHIND);
+            if old {
+                let _ = dir.unlink(&name);
+            }
             continue;
         }
         let shown = dir.shown().join(&name).display().to_string();
@@ -287,7 +304,10 @@ pub fn finish_interrupted(volume: &Volume) -> usize {
             );
             continue;
         };
-        match finish_one(volume, &record) {
+        // A live renewal on another mount holds the file's locks until it has removed its
+        // record: one gone by the time the locks are ours is finished.
+        let still_there = || dir.metadata(&name).is_ok();
+        match finish_one(volume, &record, still_there) {
             Ok(changed) => {
                 finished += changed as usize;
                 if changed {
@@ -305,7 +325,7 @@ pub fn finish_interrupted(volume: &Volume) -> usize {
 
 /// Gives the file its new header unless its preamble is already the new one (the renewal got
 /// past its last sync). Says whether it changed the file.
-fn finish_one(volume: &Volume, record: &Record) -> Result<bool> {
+fn finish_one(volume: &Volume, record: &Record, still_there: impl Fn() -> bool) -> Result<bool> {
     let path = &record.path;
     let file = match volume.backing().open_file(path, true, Atime::Update) {
         Ok(f) => f,
@@ -318,10 +338,15 @@ fn finish_one(volume: &Volume, record: &Record) -> Result<bool> {
         tracing::warn!(path = %path, "a renewal record names another file than stands there now; dropped");
         return Ok(false);
     }
+    let data = DataLock::new(volume.backing(), &file).map_err(io(format!("cannot lock {path}")))?;
+    let _data = data.take(true).map_err(io(format!("cannot lock {path}")))?;
     let _lock = volume
         .backing()
         .lock_header(&file)
         .map_err(io(format!("cannot lock the header of {path}")))?;
+    if !still_there() {
+        return Ok(false);
+    }
     let mut head = vec![0u8; PREAMBLE_LEN];
     let have = file.read_at(&mut head, 0).unwrap_or(0);
     if have == PREAMBLE_LEN && head == record.bytes[..PREAMBLE_LEN] {

@@ -42,6 +42,10 @@ pub fn kmsfs() -> Command {
     c.env_remove("RUST_LOG")
         .env("AWS_EC2_METADATA_DISABLED", "true")
         .env("KMSFS_STATE_DIR", super::state_dir());
+    // To see what a daemon did in a failing test: KMSFS_TEST_RUST_LOG=kmsfs=debug.
+    if let Ok(filter) = std::env::var("KMSFS_TEST_RUST_LOG") {
+        c.env("RUST_LOG", filter);
+    }
     c
 }
 
@@ -59,13 +63,13 @@ impl Mount {
 
     /// As `new`, with the backing directory on a tmpfs of `tmpfs_bytes` (a disk that fills).
     pub fn new_on(bs: u32, extra: &[&str], tmpfs_bytes: Option<u64>) -> Self {
-        Self::build(bs, extra, tmpfs_bytes, None, &[])
+        Self::build(bs, extra, tmpfs_bytes, None, &[], None)
     }
 
     /// A new volume under the KMS key `key` (an ARN), with `env` (the KMS endpoint, region,
     /// credentials) for init and every mount.
     pub fn new_kms(bs: u32, key: &str, env: &[(&str, &str)]) -> Self {
-        Self::build(bs, &[], None, Some(key), env)
+        Self::build(bs, &[], None, Some(key), env, None)
     }
 
     fn build(
@@ -74,11 +78,12 @@ impl Mount {
         tmpfs_bytes: Option<u64>,
         kms_key: Option<&str>,
         env: &[(&str, &str)],
+        backing_at: Option<PathBuf>,
     ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().canonicalize().unwrap();
         let (backing, mnt, key) = (
-            root.join("backing"),
+            backing_at.unwrap_or_else(|| root.join("backing")),
             root.join("mnt"),
             root.join("keys/master.key"),
         );
@@ -145,12 +150,18 @@ impl Mount {
     /// A second mount of the same backing store on a mountpoint of its own (stopped when
     /// dropped; the store stays this mount's).
     pub fn another(&self) -> Mount {
+        self.another_through(self.backing.clone())
+    }
+
+    /// [`Mount::another`] through `backing`, another view of the same store (the store on a
+    /// network filesystem, mounted there by a second client).
+    pub fn another_through(&self, backing: PathBuf) -> Mount {
         let dir = tempfile::tempdir().unwrap();
         let mnt = dir.path().canonicalize().unwrap().join("mnt");
         std::fs::create_dir(&mnt).unwrap();
         let mut m = Mount {
             dir,
-            backing: self.backing.clone(),
+            backing,
             mnt,
             key: self.key.clone(),
             child: None,
@@ -382,6 +393,108 @@ impl Drop for Mount {
         self.stop();
         for m in self.cleanup_mounts.drain(..) {
             let _ = Command::new("umount").arg("-l").arg(&m).status();
+        }
+    }
+}
+
+/// Several mounts of one backing store, each on its own view of it: the same local directory,
+/// or, when `KMSFS_TEST_SHARED_ROOTS` lists the client mounts of one network filesystem
+/// (scripts/gluster.sh sets up GlusterFS so), a directory on it reached through a different
+/// client for each mount, as hosts sharing the store would. All are unmounted, and the store
+/// removed from the network filesystem, when this drops.
+pub struct Shared {
+    pub mounts: Vec<Mount>,
+    remove: Option<PathBuf>,
+}
+
+/// The client mounts of the network filesystem the shared-storage tests run on, if any.
+/// Under `KMSFS_TEST_SHARED=gluster` they must be there.
+pub fn shared_roots() -> Vec<PathBuf> {
+    let roots: Vec<PathBuf> = std::env::var("KMSFS_TEST_SHARED_ROOTS")
+        .unwrap_or_default()
+        .split(':')
+        .filter(|s| !s.is_empty())
+        .map(PathBuf::from)
+        .collect();
+    if std::env::var("KMSFS_TEST_SHARED").as_deref() == Ok("gluster") {
+        assert!(
+            roots.len() >= 2 && roots.iter().all(|r| mounted(r)),
+            "KMSFS_TEST_SHARED=gluster needs KMSFS_TEST_SHARED_ROOTS: two or more GlusterFS client mounts (scripts/gluster.sh)"
+        );
+    }
+    roots
+}
+
+impl Shared {
+    /// `n` mounts of a new volume (block size `bs`), each with `extra` options.
+    pub fn new(n: usize, bs: u32, extra: &[&str]) -> Shared {
+        let roots = shared_roots();
+        if roots.is_empty() {
+            let first = Mount::new(bs, extra);
+            let mut mounts = vec![];
+            for _ in 1..n {
+                mounts.push(first.another());
+            }
+            mounts.insert(0, first);
+            return Shared {
+                mounts,
+                remove: None,
+            };
+        }
+        let name = format!(
+            "kmsfs-test-{}-{:016x}",
+            std::process::id(),
+            rand::random::<u64>()
+        );
+        let first = Mount::build(bs, extra, None, None, &[], Some(roots[0].join(&name)));
+        let mut shared = Shared {
+            mounts: vec![],
+            remove: Some(roots[0].join(&name)),
+        };
+        for i in 1..n {
+            let m = first.another_through(roots[i % roots.len()].join(&name));
+            shared.mounts.push(m);
+        }
+        shared.mounts.insert(0, first);
+        shared
+    }
+
+    /// Whether the store is on a network filesystem.
+    pub fn networked(&self) -> bool {
+        self.remove.is_some()
+    }
+}
+
+impl std::ops::Index<usize> for Shared {
+    type Output = Mount;
+    fn index(&self, i: usize) -> &Mount {
+        &self.mounts[i]
+    }
+}
+
+impl std::ops::IndexMut<usize> for Shared {
+    fn index_mut(&mut self, i: usize) -> &mut Mount {
+        &mut self.mounts[i]
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        for m in &mut self.mounts {
+            m.stop();
+        }
+        if std::thread::panicking() {
+            for (i, m) in self.mounts.iter().enumerate() {
+                let log = m.log();
+                let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                eprintln!("--- mount {i} log (last 30 lines, newest first):");
+                for line in tail {
+                    eprintln!("{line}");
+                }
+            }
+        }
+        if let Some(dir) = &self.remove {
+            let _ = std::fs::remove_dir_all(dir);
         }
     }
 }

@@ -21,6 +21,15 @@
 //! the short-held tables `nodes`, `open`, `handles`, or a cache's own lock. `open` is held
 //! while a file's instance is opened (two opens of one inode make one instance) and takes no
 //! other table lock meanwhile. An instance's own lock (see [`super::instance`]) comes last.
+//!
+//! Other mounts of the store (on this host or others sharing it), `rewrap` and `fsck` are
+//! ordered by `fcntl` locks on the store (see [`crate::backing`]), each taken after the
+//! in-process locks above and in this order: a rebind's journal record (held from before a
+//! rename's, link's or unlink's first step to after its last, so no tidy takes its half-done
+//! names for stale), then a file's data lock (across each write, truncation or renewal, so
+//! every mount extends from the length on disk), then its header lock (across a header
+//! update). An instance re-reads what another mount may have changed under it (its length,
+//! its header) once it holds the lock that orders the change.
 
 use std::collections::HashMap;
 use std::ffi::{CString, OsStr, OsString};
@@ -327,6 +336,15 @@ impl KmsFs {
         let ino = self.ino_of(meta.ino());
         let ft = meta.file_type();
         self.note_backing_metadata(path, meta);
+        // No header yet: a create on another mount of the store whose key has not arrived
+        // (or one a crash cut short, which fsck reports). Nothing authenticates it, so it is
+        // not there yet; this mount's own such creates answer from their open instance.
+        if ft.is_file() && meta.len() == 0 && self.open_node(ino).is_none() {
+            return Err(os(
+                format!("{path}: no header yet (a create waiting for its key elsewhere)"),
+                libc::ENOENT,
+            ));
+        }
         let (attrs, size) = if ft.is_file() {
             let (attrs, size) = self.object_facts(ino, path, meta, found)?;
             if attrs.kind == ObjectKind::Dir {
@@ -338,6 +356,12 @@ impl KmsFs {
         } else {
             return Err(not_shown(path, kind_name(ft)));
         };
+        Ok(self.attr_with(ino, meta, attrs, size))
+    }
+
+    /// What `stat` reports of `ino` with backing metadata `meta`, authenticated attributes
+    /// `attrs` and plaintext size `size`.
+    fn attr_with(&self, ino: u64, meta: &fs::Metadata, attrs: Attrs, size: u64) -> Attr {
         let time = |s: i64, ns: i64| {
             if s >= 0 {
                 SystemTime::UNIX_EPOCH + std::time::Duration::new(s as u64, ns as u32)
@@ -345,7 +369,7 @@ impl KmsFs {
                 SystemTime::UNIX_EPOCH
             }
         };
-        Ok(Attr {
+        Attr {
             ino,
             size,
             blocks: meta.blocks(),
@@ -359,7 +383,7 @@ impl KmsFs {
             gid: attrs.gid,
             rdev: attrs.rdev as u32,
             blksize: self.volume.config().block_size,
-        })
+        }
     }
 
     /// Logs, once per mount, a backing entry whose own mode or owner is not what kmsfs gives
@@ -434,18 +458,29 @@ impl KmsFs {
     }
 
     pub fn getattr(&self, ino: u64) -> Result<Attr> {
-        match self.path_of(ino) {
-            Ok(path) => self.stat_path(&path),
-            // An open file whose last name is gone (unlinked while open) is still there.
-            Err(e) => {
-                let node = self.open_node(ino).ok_or(e)?;
-                let (path, meta) = (node.path(), node.backing_metadata());
-                let meta = meta.map_err(|e| io_err("cannot stat", &path, e))?;
-                let mut attr = self.attr_from(&path, &meta)?;
-                attr.ino = ino;
-                Ok(attr)
-            }
+        let by_name = self.path_of(ino).and_then(|path| self.stat_path(&path));
+        match by_name {
+            Ok(attr) if attr.ino == ino => Ok(attr),
+            // An open file whose name is gone (unlinked while open here, or renamed or
+            // unlinked by another mount) or names another file now is still there: what its
+            // descriptor and instance say.
+            other => match self.open_node(ino) {
+                Some(node) => self.attr_of_open(ino, &node),
+                None => other,
+            },
         }
+    }
+
+    /// `stat` of an open file from its instance and backing descriptor, by no name.
+    fn attr_of_open(&self, ino: u64, node: &OpenNode) -> Result<Attr> {
+        let path = node.path();
+        let meta = node
+            .backing_metadata()
+            .map_err(|e| io_err("cannot stat", &path, e))?;
+        let attrs = node
+            .attrs()
+            .ok_or_else(|| os(format!("{path}: its key never came"), libc::EIO))?;
+        Ok(self.attr_with(ino, &meta, attrs, node.size_for(meta.len())))
     }
 
     /// The authenticated attributes of a new object of `kind` at `path` made by `caller` with
@@ -951,7 +986,10 @@ impl KmsFs {
         if let Err(e) = bound {
             // Nothing was renamed: drop the envelopes already added (no key call; should
             // that fail too, the record stays for the next mount).
-            if self.tidy_paths(std::slice::from_ref(&from)).is_ok() {
+            if self
+                .tidy_paths(std::slice::from_ref(&from), pending.as_ref())
+                .is_ok()
+            {
                 if let Some(pending) = pending {
                     pending.finish();
                 }
@@ -960,7 +998,10 @@ impl KmsFs {
         }
         // 2. The name changes (over an empty directory: that goes first, record and all).
         if let Err(e) = self.put_side(&to_child) {
-            if self.tidy_paths(std::slice::from_ref(&from)).is_ok() {
+            if self
+                .tidy_paths(std::slice::from_ref(&from), pending.as_ref())
+                .is_ok()
+            {
                 if let Some(pending) = pending {
                     pending.finish();
                 }
@@ -994,7 +1035,7 @@ impl KmsFs {
             header.set_path(&new);
             self.unbind_path(&header, &new, p)
         })?;
-        self.tidy_paths(&replaced_names)?;
+        self.tidy_paths(&replaced_names, pending.as_ref())?;
         if let Some(pending) = pending {
             pending.finish();
         }
@@ -1034,7 +1075,10 @@ impl KmsFs {
             if let Err(e) = linked {
                 // Drop the new envelope if it was added (else the record stays for the next
                 // mount).
-                if self.tidy_paths(std::slice::from_ref(&from)).is_ok() {
+                if self
+                    .tidy_paths(std::slice::from_ref(&from), Some(&pending))
+                    .is_ok()
+                {
                     pending.finish();
                 }
                 return Err(e);
@@ -1168,9 +1212,22 @@ impl KmsFs {
         caller: Caller,
     ) -> Result<(Attr, u64)> {
         self.check_writable()?;
-        let _ns = self.namespace.lock().unwrap();
+        let ns = self.namespace.lock().unwrap();
         let (child, dir) = self.new_child(parent, name)?;
-        let (attr, fh) = self.create_file(&child, dir, mode, caller)?;
+        let (attr, fh) = match self.create_file(&child, dir, mode, caller) {
+            // Another mount of the store made the name since the kernel looked it up: without
+            // O_EXCL, the caller opens what is there (an NFS client's unchecked create does).
+            Err(e) if e.errno() == libc::EEXIST && flags & libc::O_EXCL == 0 => {
+                drop(ns);
+                let attr = self.lookup(parent, name)?;
+                if attr.kind != Kind::File {
+                    return Err(e);
+                }
+                let fh = self.open(attr.ino, flags & !libc::O_CREAT)?;
+                return Ok((attr, fh));
+            }
+            other => other?,
+        };
         if flags & libc::O_APPEND != 0 {
             let h = self.handles.lock().unwrap().remove(&fh).expect("just made");
             let fh2 = self.new_handle(h.ino, h.node.clone(), true, true);
@@ -1190,8 +1247,21 @@ impl KmsFs {
             let mut open = self.open.lock().unwrap();
             match open.get(&ino).and_then(|w| w.upgrade()) {
                 // The open instance is this inode's; it must also be bound to this name (a
-                // hard link made on the store to an open file is not).
-                Some(n) if n.attrs_for(&path).is_some() => n,
+                // hard link made on the store to an open file is not). It catches up with
+                // other mounts' writes; one they renewed is left to its handles.
+                // A name another mount gave it since (a rename) is followed when the header
+                // on disk now binds it. It catches up with other mounts' writes; one they
+                // renewed is left to its handles and opened anew.
+                Some(n) if n.attrs_for(&path).is_some() || n.follow(&path) => {
+                    if n.catch_up() {
+                        n
+                    } else {
+                        let file = self.open_expected(ino, &path)?;
+                        let n = Arc::new(OpenNode::ready(file));
+                        open.insert(ino, Arc::downgrade(&n));
+                        n
+                    }
+                }
                 Some(n) => {
                     return Err(Error::Moved {
                         path: path.to_string(),

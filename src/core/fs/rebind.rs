@@ -9,6 +9,7 @@
 //! one, which must see them, else the backing file, with no data key either way.
 
 use super::*;
+use crate::core::journal::{under_way_at, Pending};
 
 /// Where a file's envelope set is changed: its open instance, which must see the change, or
 /// else the backing file itself. Neither needs the file's data key (the header MAC key is the
@@ -120,22 +121,30 @@ impl KmsFs {
     }
 
     /// Those of `envelopes` whose path still names the file `me` (and any for `also`, a name
-    /// being given to it).
+    /// being given to it), or is at or beneath a path a rebind under way names (on another
+    /// mount of the store, or this one; but `own`, the caller's): that rebind may be about to
+    /// give the file that name, or have just taken it away, and drops what it must itself.
     pub(super) fn live_envelopes(
         &self,
         envelopes: &[Envelope],
         me: &fs::Metadata,
         also: &CanonicalPath,
+        own: Option<&Pending>,
     ) -> Vec<Envelope> {
+        let names_me = |e: &&Envelope| {
+            &e.path == also
+                || self
+                    .store()
+                    .metadata(&e.path)
+                    .is_ok_and(|m| m.ino() == me.ino() && m.dev() == me.dev())
+        };
+        if envelopes.iter().all(|e| names_me(&e)) {
+            return envelopes.to_vec();
+        }
+        let under_way = self.journal.live_paths(own);
         envelopes
             .iter()
-            .filter(|e| {
-                &e.path == also
-                    || self
-                        .store()
-                        .metadata(&e.path)
-                        .is_ok_and(|m| m.ino() == me.ino() && m.dev() == me.dev())
-            })
+            .filter(|e| names_me(e) || under_way_at(&e.path, &under_way))
             .cloned()
             .collect()
     }
@@ -148,13 +157,15 @@ impl KmsFs {
         to: &CanonicalPath,
     ) -> Result<()> {
         // Names this file no longer has (replaced by a rename over them, or a crash between
-        // steps) only take header room: drop their envelopes first.
+        // steps) only take header room: drop their envelopes first. Not those a rebind under
+        // way names, this one's included: a directory rename binds each name of a file with
+        // several beneath it in turn, and the names added first do not exist yet.
         let me = header
             .metadata()
             .map_err(|e| io_err("cannot stat", from, e))?;
         header.update(&self.facts, &self.volume, from, false, |slots| {
             let current = slots[0];
-            let mut envelopes = self.live_envelopes(current, &me, from);
+            let mut envelopes = self.live_envelopes(current, &me, from, None);
             let pruned = envelopes.len() != current.len();
             let mut added = Vec::new();
             for e in envelopes.iter().filter(|e| &e.path == from) {
@@ -182,7 +193,7 @@ impl KmsFs {
     /// Drops the envelopes of names the file at `path` no longer has, in both header slots.
     /// Changes nothing unless an envelope for `path` itself stays. Says whether it changed
     /// the file.
-    pub(super) fn tidy_file(&self, path: &CanonicalPath) -> Result<bool> {
+    pub(super) fn tidy_file(&self, path: &CanonicalPath, own: Option<&Pending>) -> Result<bool> {
         match self.store().metadata(path) {
             Ok(m) if m.is_file() => {}
             _ => return Ok(false),
@@ -196,8 +207,8 @@ impl KmsFs {
             // the dropped name there.
             let stale_in_some_slot = slots
                 .iter()
-                .any(|set| self.live_envelopes(set, &me, path).len() != set.len());
-            let live = self.live_envelopes(slots[0], &me, path);
+                .any(|set| self.live_envelopes(set, &me, path, own).len() != set.len());
+            let live = self.live_envelopes(slots[0], &me, path, own);
             if !stale_in_some_slot || !live.iter().any(|e| &e.path == path) {
                 return Ok(None);
             }
@@ -206,7 +217,12 @@ impl KmsFs {
     }
 
     /// Tidies every file at or beneath each of `paths` that exists; returns how many changed.
-    pub(super) fn tidy_paths(&self, paths: &[CanonicalPath]) -> Result<usize> {
+    /// `own`: the caller's own rebind, if it has one under way.
+    pub(super) fn tidy_paths(
+        &self,
+        paths: &[CanonicalPath],
+        own: Option<&Pending>,
+    ) -> Result<usize> {
         let mut files = Vec::new();
         for p in paths {
             match self.store().metadata(p) {
@@ -219,7 +235,7 @@ impl KmsFs {
         files.dedup();
         let changed = AtomicU64::new(0);
         self.parallel(&files, |p| {
-            if self.tidy_file(p)? {
+            if self.tidy_file(p, own)? {
                 changed.fetch_add(1, Ordering::Relaxed);
             }
             Ok(())
@@ -232,6 +248,14 @@ impl KmsFs {
     pub(super) fn finish_interrupted_rebinds(&self) {
         self.journal.remove_unfinished_writes();
         for record in self.journal.pending() {
+            // Another mount of the store is renaming right now: its record is live.
+            if record.live {
+                tracing::info!(
+                    "a rename is under way on another mount of this store ({}); left to it",
+                    record.name
+                );
+                continue;
+            }
             let paths = match &record.paths {
                 Ok(paths) => paths,
                 Err(e) => {
@@ -242,7 +266,7 @@ impl KmsFs {
                     continue;
                 }
             };
-            match self.tidy_paths(paths) {
+            match self.tidy_paths(paths, None) {
                 Ok(changed) => {
                     tracing::info!(
                         files = changed,

@@ -240,7 +240,8 @@ impl KmsFs {
     ) -> Result<(Attrs, u64)> {
         if let Some(node) = self.open_node(ino) {
             if let Some(attrs) = node.attrs_for(path) {
-                return Ok((attrs, node.size()));
+                // The length on disk, not the instance's: another mount may have written.
+                return Ok((attrs, node.size_for(meta.len())));
             }
         }
         self.header_facts_of(path, meta, found)

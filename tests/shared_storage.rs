@@ -1,0 +1,747 @@
+//! Several mounts of one backing store, as hosts sharing a network filesystem would have:
+//! what one mount does must never leave a file another cannot authenticate, nor lose what
+//! was fsynced. Each test mounts the store two or three times (`--cache-timeout 0`, so each
+//! mount sees the others' changes at once); with `KMSFS_TEST_SHARED_ROOTS` (scripts/test.sh
+//! sets up GlusterFS, scripts/gluster.sh) each mount reaches the store through its own
+//! GlusterFS client, so the same tests run on a real distributed filesystem.
+// Tests play the operator: they look at the store by path on purpose.
+#![allow(clippy::disallowed_methods)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs::{self, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::mount::{fuse_available, kmsfs, Mount, Shared};
+use common::pattern;
+
+const NO_CACHE: &[&str] = &["--cache-timeout", "0"];
+
+/// `kmsfs fsck --deep` of the store: every file authenticates, nothing stale.
+fn assert_fsck_clean(m: &Mount) {
+    let out = kmsfs()
+        .arg("fsck")
+        .arg(&m.backing)
+        .arg("--deep")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "fsck --deep: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn errno(r: std::io::Result<impl Sized>) -> Option<i32> {
+    r.err().map(|e| e.raw_os_error().unwrap_or(-1))
+}
+
+#[test]
+fn open_handles_keep_working_across_another_mounts_rename_and_unlink() {
+    if !fuse_available() {
+        return;
+    }
+    let s = Shared::new(2, 4096, NO_CACHE);
+    fs::write(s[0].p("f"), pattern(10_000, 1)).unwrap();
+    let held = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(s[0].p("f"))
+        .unwrap();
+    // Another mount renames it: the handle reads, writes and syncs as before.
+    fs::rename(s[1].p("f"), s[1].p("g")).unwrap();
+    assert_eq!(errno(fs::metadata(s[0].p("f"))), Some(libc::ENOENT));
+    let mut buf = vec![0u8; 10_000];
+    held.read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!(buf, pattern(10_000, 1));
+    held.write_all_at(b"written after the rename", 20_000)
+        .unwrap();
+    held.sync_all().unwrap();
+    assert_eq!(held.metadata().unwrap().len(), 20_024);
+    let seen = fs::read(s[1].p("g")).unwrap();
+    assert_eq!(seen.len(), 20_024);
+    assert_eq!(&seen[20_000..], b"written after the rename");
+    assert_eq!(&seen[..10_000], &pattern(10_000, 1)[..]);
+    // Opened again here under its new name, with the old handle still open.
+    let again = fs::read(s[0].p("g")).unwrap();
+    assert_eq!(again, seen);
+    // Another mount unlinks it: the handle still reads and writes the file it holds.
+    fs::remove_file(s[1].p("g")).unwrap();
+    assert_eq!(errno(fs::metadata(s[0].p("g"))), Some(libc::ENOENT));
+    held.read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!(buf, pattern(10_000, 1));
+    held.write_all_at(b"and after the unlink", 0).unwrap();
+    held.sync_all().unwrap();
+    let mut head = [0u8; 20];
+    held.read_exact_at(&mut head, 0).unwrap();
+    assert_eq!(&head, b"and after the unlink");
+    drop(held);
+    assert_fsck_clean(&s[0]);
+}
+
+/// Appends from every mount at once, and the case: disjoint blocks of one file, some
+/// past its end, written from two mounts at once. Each extend moves the final-block flag; it
+/// must end on exactly one block, with every acknowledged byte in place.
+#[test]
+fn appends_and_extends_from_several_mounts_keep_every_byte_and_one_final_block() {
+    if !fuse_available() {
+        return;
+    }
+    let s = Shared::new(3, 4096, NO_CACHE);
+    fs::write(s[0].p("log"), b"").unwrap();
+    let record = |mount: usize, i: usize| format!("<{mount}:{i:04}:{}>\n", "x".repeat(37 + i % 50));
+    std::thread::scope(|scope| {
+        for (n, m) in s.mounts.iter().enumerate() {
+            let path = m.p("log");
+            scope.spawn(move || {
+                let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+                for i in 0..300 {
+                    f.write_all(record(n, i).as_bytes()).unwrap();
+                    if i % 50 == 49 {
+                        f.sync_all().unwrap();
+                    }
+                }
+                f.sync_all().unwrap();
+            });
+        }
+    });
+    for m in &s.mounts {
+        let log = String::from_utf8(fs::read(m.p("log")).unwrap()).unwrap();
+        let mut got: Vec<&str> = log.split_inclusive('\n').collect();
+        got.sort();
+        let mut want: Vec<String> = (0..3)
+            .flat_map(|n| (0..300).map(move |i| record(n, i)))
+            .collect();
+        want.sort();
+        assert!(
+            got == want,
+            "every append, once, through {}: {} records, {} expected; {:?}",
+            m.mnt.display(),
+            got.len(),
+            want.len(),
+            got.iter()
+                .filter(|r| !want.iter().any(|w| w == *r))
+                .take(3)
+                .collect::<Vec<_>>()
+        );
+    }
+
+    // A pre-sized 1 MiB file; mount 0 writes the even 4 KiB blocks of 1.5 MiB, mount 1 the
+    // odd ones (so each extends past the other's end), each fsyncing as it goes.
+    let block = |i: usize| pattern(4096, (i % 251) as u8);
+    OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(s[0].p("big"))
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    std::thread::scope(|scope| {
+        for (n, m) in s.mounts[..2].iter().enumerate() {
+            let path = m.p("big");
+            scope.spawn(move || {
+                let f = OpenOptions::new().write(true).open(&path).unwrap();
+                for i in (n..384).step_by(2) {
+                    f.write_all_at(&block(i), (i * 4096) as u64).unwrap();
+                    if i % 16 < 2 {
+                        f.sync_data().unwrap();
+                    }
+                }
+                f.sync_all().unwrap();
+            });
+        }
+    });
+    let got = fs::read(s[2].p("big")).unwrap();
+    assert_eq!(got.len(), 384 * 4096);
+    for i in 0..384 {
+        assert!(got[i * 4096..(i + 1) * 4096] == block(i)[..], "block {i}");
+    }
+    assert_fsck_clean(&s[0]);
+}
+
+#[test]
+fn creates_links_and_renames_from_three_mounts_in_one_directory() {
+    if !fuse_available() {
+        return;
+    }
+    let s = Shared::new(3, 4096, NO_CACHE);
+    fs::create_dir(s[0].p("d")).unwrap();
+    fs::write(s[0].p("d/shared"), b"one file, many names").unwrap();
+    std::thread::scope(|scope| {
+        for (n, m) in s.mounts.iter().enumerate() {
+            scope.spawn(move || {
+                for i in 0..40 {
+                    let name = m.p(&format!("d/m{n}-{i}"));
+                    fs::write(&name, pattern(100 + i, n as u8)).unwrap();
+                    if i % 4 == 0 {
+                        // Renamed back and forth, and linked (a cap of names per file may
+                        // refuse a link: never anything else).
+                        let other = m.p(&format!("d/m{n}-{i}.moved"));
+                        fs::rename(&name, &other).unwrap();
+                        fs::rename(&other, &name).unwrap();
+                        let link = m.p(&format!("d/link{n}"));
+                        let _ = fs::remove_file(&link);
+                        match fs::hard_link(m.p("d/shared"), &link) {
+                            Ok(()) => {}
+                            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EMLINK), "{e}"),
+                        }
+                    }
+                }
+            });
+        }
+    });
+    for m in &s.mounts {
+        for n in 0..3 {
+            for i in 0..40 {
+                let got = fs::read(m.p(&format!("d/m{n}-{i}"))).unwrap();
+                assert_eq!(got, pattern(100 + i, n as u8), "m{n}-{i}");
+            }
+        }
+        assert_eq!(fs::read(m.p("d/shared")).unwrap(), b"one file, many names");
+        let listed = fs::read_dir(m.p("d")).unwrap().count();
+        assert!((121..=124).contains(&listed), "{listed} entries");
+    }
+    assert_fsck_clean(&s[0]);
+}
+
+#[test]
+fn a_directory_renamed_under_a_writer_on_another_mount_keeps_its_data() {
+    if !fuse_available() {
+        return;
+    }
+    let s = Shared::new(2, 4096, NO_CACHE);
+    fs::create_dir(s[0].p("a")).unwrap();
+    for i in 0..20 {
+        fs::write(s[0].p(&format!("a/f{i}")), pattern(5000, i as u8)).unwrap();
+    }
+    // Mount 1 holds every file open and writes to each; mount 0 renames their directory
+    // back and forth meanwhile (each rename rebinds every file beneath it).
+    let held: Vec<fs::File> = (0..20)
+        .map(|i| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(s[1].p(&format!("a/f{i}")))
+                .unwrap()
+        })
+        .collect();
+    std::thread::scope(|scope| {
+        let m0 = &s[0];
+        scope.spawn(move || {
+            for round in 0..10 {
+                let (from, to) = if round % 2 == 0 {
+                    ("a", "b")
+                } else {
+                    ("b", "a")
+                };
+                fs::rename(m0.p(from), m0.p(to)).unwrap();
+            }
+        });
+        for round in 0..5u64 {
+            for (i, f) in held.iter().enumerate() {
+                f.write_all_at(&pattern(3000, (i as u64 + round) as u8), round * 1000)
+                    .unwrap();
+            }
+        }
+        for f in &held {
+            f.sync_all().unwrap();
+        }
+    });
+    drop(held);
+    for i in 0..20usize {
+        let mut want = pattern(5000, i as u8);
+        for round in 0..5usize {
+            let data = pattern(3000, (i + round) as u8);
+            let end = round * 1000 + 3000;
+            if want.len() < end {
+                want.resize(end, 0);
+            }
+            want[round * 1000..end].copy_from_slice(&data);
+        }
+        for m in &s.mounts {
+            assert_eq!(fs::read(m.p(&format!("a/f{i}"))).unwrap(), want, "f{i}");
+        }
+    }
+    assert_fsck_clean(&s[0]);
+}
+
+#[test]
+fn a_truncation_by_another_mount_never_leaves_a_file_that_fails() {
+    if !fuse_available() {
+        return;
+    }
+    let s = Shared::new(2, 4096, NO_CACHE);
+    fs::write(s[0].p("f"), pattern(50_000, 3)).unwrap();
+    let held = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(s[0].p("f"))
+        .unwrap();
+    // Cut shorter elsewhere: the handle sees the new length and writes past it.
+    OpenOptions::new()
+        .write(true)
+        .open(s[1].p("f"))
+        .unwrap()
+        .set_len(10_000)
+        .unwrap();
+    let mut buf = vec![0u8; 50_000];
+    let n = held.read_at(&mut buf, 0).unwrap();
+    assert_eq!(n, 10_000);
+    assert_eq!(&buf[..n], &pattern(10_000, 3)[..]);
+    held.write_all_at(b"tail", 12_000).unwrap();
+    held.sync_all().unwrap();
+    let seen = fs::read(s[1].p("f")).unwrap();
+    assert_eq!(seen.len(), 12_004);
+    assert_eq!(&seen[12_000..], b"tail");
+    // Truncated to zero elsewhere (a new file id and key): the handle's writes fail with
+    // ESTALE, none lands, and the file is what the other mount made it.
+    fs::write(s[1].p("f"), b"the other mount's new content").unwrap();
+    assert_eq!(
+        errno(held.write_all_at(b"stale", 0).and_then(|_| held.sync_all())),
+        Some(libc::ESTALE)
+    );
+    drop(held);
+    assert_eq!(
+        fs::read(s[0].p("f")).unwrap(),
+        b"the other mount's new content"
+    );
+    assert_fsck_clean(&s[0]);
+}
+
+/// A create on a mount whose key service is slow returns before the file's key arrives (see
+/// docs/SEMANTICS.md); until it has, the file is not there for another mount (ENOENT: nothing
+/// authenticates it yet), and afterwards it is, with what was written.
+#[test]
+fn a_file_whose_key_has_not_arrived_shows_elsewhere_once_it_has() {
+    if !fuse_available() {
+        return;
+    }
+    let mut s = Shared::new(2, 4096, NO_CACHE);
+    s[0].stop();
+    s[0].set_env("KMSFS_INJECT_KMS_LATENCY_MS", "1500");
+    s[0].start();
+    // Learn the key service is slow (a moving average), then create without waiting.
+    fs::write(s[0].p("warm"), b"w").unwrap();
+    let started = Instant::now();
+    let mut f = fs::File::create(s[0].p("late")).unwrap();
+    f.write_all(b"written before the key came").unwrap();
+    let pending = started.elapsed() < Duration::from_millis(1000);
+    let meanwhile = fs::read(s[1].p("late"));
+    drop(f);
+    if pending {
+        let e = meanwhile.expect_err("no content before the key arrives");
+        assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{e}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match fs::read(s[1].p("late")) {
+            Ok(data) if !data.is_empty() => {
+                assert_eq!(data, b"written before the key came");
+                break;
+            }
+            _ => assert!(Instant::now() < deadline, "the key never arrived"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        pending,
+        "the create waited for its key: nothing was pending"
+    );
+    assert_fsck_clean(&s[1]);
+}
+
+/// A mount starting while another is part way through a rename (its rebind record live)
+/// must not tidy that rename's half-done names: every file opens at its new name after.
+#[test]
+fn a_mount_starting_beside_a_rename_in_progress_leaves_it_alone() {
+    if !fuse_available() {
+        return;
+    }
+    let mut s = Shared::new(1, 4096, NO_CACHE);
+    fs::create_dir(s[0].p("a")).unwrap();
+    for i in 0..12 {
+        fs::write(s[0].p(&format!("a/f{i}")), pattern(100, i as u8)).unwrap();
+    }
+    s[0].stop();
+    s[0].set_env("KMSFS_INJECT_KMS_LATENCY_MS", "400");
+    s[0].set_extra(&["--cache-timeout", "0", "--kms-concurrency", "1"]);
+    s[0].start();
+    let pending = s[0].backing.join(".kmsfs/pending");
+    let records = || fs::read_dir(&pending).map(|d| d.count()).unwrap_or(0);
+    let mnt = s[0].mnt.clone();
+    let renamer = std::thread::spawn(move || fs::rename(mnt.join("a"), mnt.join("b")));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while records() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the rename never recorded itself"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The control: the rename is under way (its record is there) as the second mount starts.
+    s[0].set_env("RUST_LOG", "kmsfs=info");
+    let second = s[0].another();
+    renamer.join().unwrap().unwrap();
+    assert!(
+        second
+            .log()
+            .contains("a rename is under way on another mount"),
+        "{}",
+        second.log()
+    );
+    for m in [&s[0], &second] {
+        for i in 0..12 {
+            assert_eq!(
+                fs::read(m.p(&format!("b/f{i}"))).unwrap(),
+                pattern(100, i as u8)
+            );
+        }
+    }
+    drop(second);
+    assert_eq!(records(), 0);
+    assert_fsck_clean(&s[0]);
+}
+
+/// `kmsfs rewrap` and `kmsfs fsck --repair` while two mounts write and rename.
+#[test]
+fn rewrap_and_fsck_repair_beside_live_mounts_lose_nothing() {
+    if !fuse_available() {
+        return;
+    }
+    let s = Shared::new(2, 4096, NO_CACHE);
+    for i in 0..60 {
+        fs::write(s[0].p(&format!("f{i}")), pattern(200 + i, 0)).unwrap();
+    }
+    let new_key = s[0].dir.path().join("keys/new.key");
+    let expected = std::thread::scope(|scope| {
+        let workers: Vec<_> = s
+            .mounts
+            .iter()
+            .enumerate()
+            .map(|(n, m)| {
+                scope.spawn(move || {
+                    let mut expected = BTreeMap::new();
+                    for round in 0..4 {
+                        for i in (n..60).step_by(2) {
+                            let (from, to) = (m.p(&format!("f{i}")), m.p(&format!("g{i}")));
+                            let data = pattern(300 + i + round, round as u8 + 1);
+                            fs::write(&from, &data).unwrap();
+                            fs::rename(&from, &to).unwrap();
+                            fs::rename(&to, &from).unwrap();
+                            expected.insert(i, data);
+                        }
+                    }
+                    expected
+                })
+            })
+            .collect();
+        for _ in 0..2 {
+            let out = kmsfs()
+                .arg("fsck")
+                .arg(&s[0].backing)
+                .arg("--repair")
+                .output()
+                .unwrap();
+            // Problems may be reported (a rename in progress looks stale): what counts is
+            // that nothing it repairs breaks a file.
+            let report = String::from_utf8_lossy(&out.stdout);
+            eprintln!("fsck --repair beside the mounts:\n{report}");
+            assert!(
+                out.status.code().is_some_and(|c| c != 2),
+                "{report}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let out = kmsfs()
+            .arg("rewrap")
+            .arg(&s[0].backing)
+            .arg("--to-key")
+            .arg(format!("local:{}", new_key.display()))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut expected = BTreeMap::new();
+        for w in workers {
+            expected.extend(w.join().unwrap());
+        }
+        expected
+    });
+    for m in &s.mounts {
+        for i in 0..60 {
+            assert_eq!(
+                fs::read(m.p(&format!("f{i}"))).unwrap(),
+                expected[&i],
+                "f{i}"
+            );
+        }
+    }
+    assert_fsck_clean(&s[0]);
+}
+
+// The model: random operations through random mounts, checked against a plain directory.
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n.max(1)
+    }
+}
+
+const NAMES: [&str; 7] = ["a", "b", "c", "d/x", "d/y", "e/z", "e/w"];
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write {
+        name: &'static str,
+        offset: u64,
+        len: usize,
+        seed: u8,
+    },
+    Append {
+        name: &'static str,
+        len: usize,
+        seed: u8,
+    },
+    Truncate {
+        name: &'static str,
+        size: u64,
+    },
+    Rename {
+        from: &'static str,
+        to: &'static str,
+    },
+    Link {
+        from: &'static str,
+        to: &'static str,
+    },
+    Unlink {
+        name: &'static str,
+    },
+    RenameDir,
+}
+
+fn random_op(rng: &mut Rng) -> Op {
+    let name = |rng: &mut Rng| NAMES[rng.next(NAMES.len() as u64) as usize];
+    match rng.next(100) {
+        0..=34 => Op::Write {
+            name: name(rng),
+            offset: rng.next(20_000),
+            len: rng.next(6_000) as usize,
+            seed: rng.next(256) as u8,
+        },
+        35..=49 => Op::Append {
+            name: name(rng),
+            len: rng.next(3_000) as usize,
+            seed: rng.next(256) as u8,
+        },
+        50..=59 => Op::Truncate {
+            name: name(rng),
+            size: rng.next(22_000),
+        },
+        60..=74 => Op::Rename {
+            from: name(rng),
+            to: name(rng),
+        },
+        75..=81 => Op::Link {
+            from: name(rng),
+            to: name(rng),
+        },
+        82..=93 => Op::Unlink { name: name(rng) },
+        _ => Op::RenameDir,
+    }
+}
+
+fn apply(root: &Path, op: &Op) -> Result<(), i32> {
+    let p = |n: &str| root.join(n);
+    let errno = |e: std::io::Error| e.raw_os_error().unwrap_or(-1);
+    match op {
+        Op::Write {
+            name,
+            offset,
+            len,
+            seed,
+        } => {
+            let f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(p(name))
+                .map_err(errno)?;
+            f.write_all_at(&pattern(*len, *seed), *offset)
+                .map_err(errno)
+        }
+        Op::Append { name, len, seed } => {
+            let mut f = OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(p(name))
+                .map_err(errno)?;
+            f.write_all(&pattern(*len, *seed)).map_err(errno)
+        }
+        Op::Truncate { name, size } => OpenOptions::new()
+            .write(true)
+            .open(p(name))
+            .and_then(|f| f.set_len(*size))
+            .map_err(errno),
+        Op::Rename { from, to } => fs::rename(p(from), p(to)).map_err(errno),
+        Op::Link { from, to } => fs::hard_link(p(from), p(to)).map_err(errno),
+        Op::Unlink { name } => fs::remove_file(p(name)).map_err(errno),
+        // e and d trade places (through a third name), with everything in them.
+        Op::RenameDir => fs::rename(p("d"), p("t"))
+            .and_then(|_| fs::rename(p("e"), p("d")))
+            .and_then(|_| fs::rename(p("t"), p("e")))
+            .map_err(errno),
+    }
+}
+
+fn snapshot(root: &Path) -> Vec<(String, Option<Vec<u8>>)> {
+    NAMES
+        .iter()
+        .map(|n| (n.to_string(), fs::read(root.join(n)).ok()))
+        .collect()
+}
+
+/// One round: a few operations, each through a random mount and on the reference, in turn;
+/// then every mount appends to a log of its own and to one they share, all at once.
+fn round(s: &Shared, plain: &Path, rng: &mut Rng, seed: u64, r: usize, history: &mut Vec<String>) {
+    for _ in 0..12 {
+        let op = random_op(rng);
+        let through = rng.next(s.mounts.len() as u64) as usize;
+        history.push(format!("{through}: {op:?}"));
+        let got = apply(&s[through].mnt, &op);
+        // The documented limit: a file has at most a few names.
+        if let (Op::Link { .. }, Err(libc::EMLINK)) = (&op, &got) {
+            continue;
+        }
+        let want = apply(plain, &op);
+        let recent: Vec<_> = history.iter().rev().take(8).collect();
+        assert_eq!(
+            got, want,
+            "seed {seed} round {r}: {op:?} through mount {through}; last {recent:?}"
+        );
+    }
+    let lines = |n: usize, r: usize| -> Vec<String> {
+        (0..20)
+            .map(|i| format!("{n} {r} {i} {}\n", "y".repeat(i * 7)))
+            .collect()
+    };
+    std::thread::scope(|scope| {
+        for (n, m) in s.mounts.iter().enumerate() {
+            scope.spawn(move || {
+                let mut own = OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .open(m.p(&format!("log{n}")))
+                    .unwrap();
+                let mut shared = OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .open(m.p("shared-log"))
+                    .unwrap();
+                for line in lines(n, r) {
+                    own.write_all(line.as_bytes()).unwrap();
+                    shared.write_all(line.as_bytes()).unwrap();
+                }
+                shared.sync_all().unwrap();
+            });
+        }
+    });
+    for n in 0..s.mounts.len() {
+        let mut f = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(plain.join(format!("log{n}")))
+            .unwrap();
+        f.write_all(lines(n, r).concat().as_bytes()).unwrap();
+    }
+    // Every mount agrees with the reference, and the shared log holds every line once.
+    let want = snapshot(plain);
+    for (i, m) in s.mounts.iter().enumerate() {
+        let got = snapshot(&m.mnt);
+        if got != want {
+            let diff: Vec<_> = want
+                .iter()
+                .zip(&got)
+                .filter(|(w, g)| w != g)
+                .map(|(w, g)| {
+                    (
+                        w.0.clone(),
+                        w.1.as_ref().map(Vec::len),
+                        g.1.as_ref().map(Vec::len),
+                    )
+                })
+                .collect();
+            panic!("seed {seed} round {r}: mount {i} differs (name, want len, got len): {diff:?}; history {:?}", &history[history.len().saturating_sub(12)..]);
+        }
+        for n in 0..s.mounts.len() {
+            let mut got = String::new();
+            fs::File::open(m.p(&format!("log{n}")))
+                .unwrap()
+                .read_to_string(&mut got)
+                .unwrap();
+            assert_eq!(
+                got,
+                fs::read_to_string(plain.join(format!("log{n}"))).unwrap()
+            );
+        }
+        let log = fs::read_to_string(m.p("shared-log")).unwrap();
+        let mut got: Vec<&str> = log.split_inclusive('\n').collect();
+        got.sort();
+        let mut all: Vec<String> = (0..=r)
+            .flat_map(|r| (0..s.mounts.len()).flat_map(move |n| lines(n, r)))
+            .collect();
+        all.sort();
+        assert_eq!(
+            got, all,
+            "seed {seed} round {r}: the shared log through mount {i}"
+        );
+    }
+}
+
+#[test]
+fn random_operations_through_three_mounts_match_a_reference() {
+    if !fuse_available() {
+        return;
+    }
+    let rounds: usize = std::env::var("KMSFS_MODEL_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(25);
+    let seed: u64 = std::env::var("KMSFS_MODEL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("shared model seed {seed} ({rounds} rounds of 12 operations and 3 x 20 appends)");
+    let s = Shared::new(3, 512, NO_CACHE);
+    let plain_dir = tempfile::tempdir().unwrap();
+    let plain = plain_dir.path();
+    for root in [s[0].mnt.as_path(), plain] {
+        fs::create_dir(root.join("d")).unwrap();
+        fs::create_dir(root.join("e")).unwrap();
+    }
+    let mut rng = Rng(seed | 1);
+    let mut history = Vec::new();
+    for r in 0..rounds {
+        round(&s, plain, &mut rng, seed, r, &mut history);
+    }
+    assert_fsck_clean(&s[0]);
+}
