@@ -1340,6 +1340,16 @@ impl KmsFs {
         if !h.writable {
             return Err(os("not open for writing", libc::EBADF));
         }
+        // The kernel drops a file capability before a write through its page cache; an
+        // `O_APPEND` handle bypasses that cache (see `fuse.rs`), so its writes drop it here,
+        // as Linux does for any write.
+        if h.append {
+            match self.removexattr(h.ino, OsStr::new("security.capability")) {
+                Ok(()) => {}
+                Err(e) if matches!(e.errno(), libc::ENODATA | libc::ENOENT | libc::ESTALE) => {}
+                Err(e) => return Err(e),
+            }
+        }
         let offset = if h.append { None } else { Some(offset) };
         h.node.write_at(offset, data).inspect_err(|e| {
             self.io_errors.fetch_add(1, Ordering::Relaxed);
