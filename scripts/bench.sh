@@ -242,6 +242,7 @@ for round in $(seq 1 "$ROUNDS"); do
         case $fs in
         plain) bench_plain ;;
         gocryptfs) bench_gocryptfs ;;
+        kmsfs-shared) bench_kmsfs-shared ;;
         *) bench_kmsfs "$fs" ;;
         esac
     done

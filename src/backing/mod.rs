@@ -938,21 +938,20 @@ impl Backing {
 
 /// `renameat2(RENAME_NOREPLACE)`, or, on a filesystem without it (GlusterFS's and other FUSE
 /// clients answer EINVAL), the same with what it has: a regular file by `link` (which never
-/// replaces) and `unlink`; a directory by a plain `rename` once nothing is there. The latter
-/// can race with another client making the name at that moment, but a directory kmsfs makes
-/// always holds its record, and a rename never replaces a non-empty directory (ENOTEMPTY,
-/// given as EEXIST here).
+/// replaces) and `unlink`; a directory by a plain `rename` once nothing is there. Mounts of
+/// the store make these under the volume's namespace lock, so no other mount changes the
+/// names meanwhile; and a directory kmsfs makes always holds its record, which a rename never
+/// replaces (ENOTEMPTY, given as EEXIST here).
 fn rename_noreplace<F, T>(from_dir: impl AsFd, from: F, to_dir: impl AsFd, to: T) -> io::Result<()>
 where
     F: rustix::path::Arg + Copy,
     T: rustix::path::Arg + Copy,
 {
-    static UNSUPPORTED: AtomicBool = AtomicBool::new(false);
-    if !UNSUPPORTED.load(Ordering::Relaxed) {
-        match rustix::fs::renameat_with(&from_dir, from, &to_dir, to, RenameFlags::NOREPLACE) {
-            Err(rustix::io::Errno::INVAL) => UNSUPPORTED.store(true, Ordering::Relaxed),
-            other => return Ok(other?),
-        }
+    // Asked every time: EINVAL also means "a directory into itself", which the fallback
+    // refuses the same way.
+    match rustix::fs::renameat_with(&from_dir, from, &to_dir, to, RenameFlags::NOREPLACE) {
+        Err(rustix::io::Errno::INVAL) => {}
+        other => return Ok(other?),
     }
     let st = rustix::fs::statat(&from_dir, from, AtFlags::SYMLINK_NOFOLLOW)?;
     if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory {
@@ -1011,11 +1010,13 @@ pub struct HeaderLock {
 }
 
 /// Which byte range of `.kmsfs/header.lock` a lock takes: inode numbers cut to 61 bits (two
-/// files that share a range only wait for each other), data locks above them.
+/// files that share a range only wait for each other), data locks above them, then the
+/// volume's namespace lock.
 #[derive(Clone, Copy)]
 enum Range {
     Header(u64),
     Data(u64),
+    Namespace,
 }
 
 const INODES: u64 = 1 << 61;
@@ -1024,6 +1025,7 @@ fn lock_range(lock: &File, range: Range, exclusive: bool, wait: bool) -> io::Res
     let at = match range {
         Range::Header(ino) => ino % INODES,
         Range::Data(ino) => INODES + ino % INODES,
+        Range::Namespace => 2 * INODES,
     };
     set_lock(
         lock,
@@ -1091,6 +1093,48 @@ impl DataLock {
         lock_range(&self.file, Range::Data(self.ino), exclusive, true)?;
         Ok(DataGuard { lock: self })
     }
+}
+
+/// The volume's namespace lock, which every mount holds across each change of names on the
+/// store (create, mkdir, symlink, mknod, link, unlink, rmdir, rename): the cross-mount form
+/// of a mount's own namespace mutex, so a rename on one mount never moves, binds or misses an
+/// entry another mount is changing at that moment. One holder per descriptor: the mount
+/// takes it under its own mutex.
+pub struct NamespaceLock {
+    file: File,
+}
+
+impl NamespaceLock {
+    pub fn new(backing: &Backing) -> io::Result<Self> {
+        Ok(NamespaceLock {
+            file: backing.open_locks()?,
+        })
+    }
+
+    /// Takes the lock (waiting for other mounts' changes); [`NamespaceLock::release`] gives it
+    /// back.
+    pub fn take(&self) -> io::Result<()> {
+        lock_range(&self.file, Range::Namespace, true, true)
+    }
+
+    pub fn release(&self) {
+        if let Err(e) = set_lock(&self.file, 2 * INODES, libc::F_UNLCK, false) {
+            tracing::warn!("cannot release the volume's namespace lock: {e}");
+        }
+    }
+}
+
+impl DataLock {
+    /// [`DataLock::take`], the guard owning the lock's descriptor (a lock taken once).
+    pub fn take_owned(self, exclusive: bool) -> io::Result<SettledFile> {
+        lock_range(&self.file, Range::Data(self.ino), exclusive, true)?;
+        Ok(SettledFile { _lock: self })
+    }
+}
+
+/// A file's data lock taken with its own descriptor, released (closed) when dropped.
+pub struct SettledFile {
+    _lock: DataLock,
 }
 
 pub struct DataGuard<'a> {

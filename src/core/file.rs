@@ -15,7 +15,7 @@
 use std::fs::File;
 
 use crate::backing::{Atime, Backing, DataLock};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 
 use crate::error::{Error, Result};
 use crate::format::block::{BlockCipher, Layout, BLOCK_OVERHEAD, NONCE_LEN};
@@ -236,25 +236,67 @@ impl EncryptedFile {
         &self.path
     }
 
-    /// Takes the header on disk if it binds `path` (another mount renamed or linked the file
-    /// there since this instance read it): the same file (id), an authentic slot in force,
-    /// an envelope for `path`; no key call, the content key is the same. Says whether it did.
-    pub fn follow(&mut self, path: &CanonicalPath) -> Result<bool> {
-        let (header, _) = read_header(&self.file, path)?;
+    /// Takes the header slot in force on disk (another mount of the store may have changed
+    /// the file's names, mode or owner since this instance read it): the same file (id), an
+    /// authentic slot; no key call, the content key is the same. A file renewed elsewhere (a
+    /// new file id) is `ESTALE`: this instance can no longer be used.
+    pub fn reload_header(&mut self) -> Result<()> {
+        let (header, _) = read_header(&self.file, &self.path)?;
         if header.preamble != self.preamble {
-            return Ok(false);
+            return Err(self.renewed_elsewhere());
         }
         let authentic = header.authentic(&self.mac_key);
         let Some(&(slot, current)) = authentic.first() else {
-            return Ok(false);
+            return Err(Error::format(
+                &self.path,
+                FormatError::HeaderAuthFailed("no slot with a valid MAC".into()),
+            ));
         };
-        if !current.envelopes.iter().any(|e| &e.path == path) {
-            return Ok(false);
-        }
         self.active_slot = slot;
         self.content = current.clone();
+        Ok(())
+    }
+
+    /// [`EncryptedFile::reload_header`], then answers to `path` if the header binds it (another
+    /// mount renamed or linked the file there). Says whether it does.
+    pub fn follow(&mut self, path: &CanonicalPath) -> Result<bool> {
+        self.reload_header()?;
+        if !self.content.envelopes.iter().any(|e| &e.path == path) {
+            return Ok(false);
+        }
         self.path = path.clone();
         Ok(true)
+    }
+
+    /// Before a header change: [`EncryptedFile::reload_header`], and if the header no longer
+    /// binds this instance's path (another mount renamed the file), the name it binds that is
+    /// this file on the store now.
+    fn find_self(&mut self) -> Result<()> {
+        self.reload_header()?;
+        if self.content.envelopes.iter().any(|e| e.path == self.path) {
+            return Ok(());
+        }
+        let me = self.file.metadata().map_err(|e| self.io_err("stat", e))?;
+        let here = self.content.envelopes.iter().find(|e| {
+            self.backing
+                .metadata(&e.path)
+                .is_ok_and(|m| m.dev() == me.dev() && m.ino() == me.ino())
+        });
+        if let Some(e) = here {
+            self.path = e.path.clone();
+        }
+        Ok(())
+    }
+
+    fn renewed_elsewhere(&self) -> Error {
+        crate::error::os(
+            format!(
+                "{}: truncated to zero (renewed) or replaced by another mount since it was \
+                 opened here; reopen it",
+                self.path
+            ),
+            libc::ESTALE,
+        )
     }
 
     /// Records that the file now lives at `path` (after a rename rebound it).
@@ -425,14 +467,7 @@ impl EncryptedFile {
         let same_file = read.is_ok()
             && Preamble::decode(&head).is_ok_and(|p| p.file_id == self.preamble.file_id);
         if !same_file {
-            return Err(crate::error::os(
-                format!(
-                    "{}: truncated to zero (renewed) or replaced by another mount since it was \
-                     opened here; reopen it",
-                    self.path
-                ),
-                libc::ESTALE,
-            ));
+            return Err(self.renewed_elsewhere());
         }
         let size = self
             .layout
@@ -669,6 +704,7 @@ impl EncryptedFile {
         both_slots: bool,
         change: impl FnOnce(&[&SlotContent]) -> Result<Option<NewSlot>>,
     ) -> Result<bool> {
+        self.find_self()?;
         let mac_key = &self.mac_key;
         let durable = self.durable.load(std::sync::atomic::Ordering::Relaxed);
         let updated = rewrite_slot(

@@ -14,9 +14,10 @@ use std::os::unix::fs::MetadataExt;
 use crate::error::{Error, Result};
 use crate::format::context::CanonicalPath;
 
-use super::file::{is_dir_record, read_header, EncryptedFile};
+use super::file::{is_dir_record, open_backing, read_header, EncryptedFile};
 use super::journal::{under_way_at, Journal};
 use super::volume::{Volume, TEMP_PREFIX};
+use crate::backing::DataLock;
 use crate::format::header::ObjectKind;
 use crate::format::object::DIR_RECORD;
 
@@ -82,7 +83,31 @@ fn check_file(volume: &Volume, path: &CanonicalPath, deep: bool, repair: bool) -
         ));
         return out;
     }
-    let opened = EncryptedFile::open(volume, path, repair);
+    // A mount of the store may be writing or renewing the file right now: what fails to
+    // authenticate is looked at again while no mount changes it (its data lock, shared).
+    let verify = |file: &EncryptedFile| {
+        if deep {
+            file.verify_all()
+        } else {
+            file.verify_last_block()
+        }
+    };
+    let mut settled = None;
+    let mut opened = EncryptedFile::open(volume, path, repair);
+    let first_check = opened.as_ref().map(&verify).map_err(|_| ());
+    let unsettled = matches!(opened, Err(Error::Format { .. } | Error::Io { .. }))
+        || matches!(
+            first_check,
+            Ok(Err(Error::Format { .. } | Error::Io { .. }))
+        );
+    if unsettled {
+        settled = open_backing(volume, path, false).ok().and_then(|f| {
+            DataLock::new(volume.backing(), &f)
+                .and_then(|l| l.take_owned(false))
+                .ok()
+        });
+        opened = EncryptedFile::open(volume, path, repair);
+    }
     let mut file = match opened {
         Ok(f) => f,
         // Renamed or removed since the walk listed it (a mount is live beside fsck).
@@ -111,11 +136,11 @@ fn check_file(volume: &Volume, path: &CanonicalPath, deep: bool, repair: bool) -
         ));
         return out;
     }
-    let check = if deep {
-        file.verify_all()
-    } else {
-        file.verify_last_block()
+    let check = match (unsettled, first_check) {
+        (false, Ok(check)) => check,
+        _ => verify(&file),
     };
+    drop(settled);
     if let Err(e) = check {
         out.push(problem(classify(&e), e.to_string()));
     }

@@ -41,6 +41,35 @@ use super::file::EncryptedFile;
 use super::renew::{self, SEAL_LIMIT};
 use super::volume::Volume;
 
+/// Makes `file` the file its backing file holds now, after another mount renewed it
+/// (truncated it to zero: a new file id and data key): the header is authenticated afresh at
+/// the instance's path and its key unwrapped (one key call), as a local file's handles see a
+/// truncation. Taken while no mount changes the file (its data lock, shared). A file renamed
+/// too since this instance looked stays `ESTALE`: reopen it.
+fn reopen(volume: &Volume, file: &mut EncryptedFile) -> Result<()> {
+    let path = file.path().clone();
+    let lock = file.data_lock()?;
+    let _held = lock
+        .take(false)
+        .map_err(|e| Error::io(format!("cannot lock {path}"), e))?;
+    let backing = file
+        .backing_file()
+        .try_clone()
+        .map_err(|e| Error::io(format!("cannot reopen {path}"), e))?;
+    let fresh = EncryptedFile::from_file(volume, &path, backing).map_err(|e| match e {
+        Error::Moved { .. } => os(
+            format!(
+                "{path}: renewed and renamed by another mount since it was opened here; reopen it"
+            ),
+            libc::ESTALE,
+        ),
+        e => e,
+    })?;
+    tracing::debug!(path = %path, "renewed by another mount: reopened");
+    *file = fresh;
+    Ok(())
+}
+
 /// Most bytes a pending file holds in memory before a write waits for its key.
 pub const PENDING_BYTES: u64 = 1 << 20;
 /// Longest a call (fsync, rename, a large write) waits for a pending file's key before it
@@ -231,17 +260,41 @@ impl OpenNode {
         }
     }
 
-    /// Close-to-open: an open of a file some handle here already holds catches up with what
-    /// other mounts wrote (see [`EncryptedFile::refresh`]). False if this instance can no
-    /// longer be used (the file was renewed or replaced elsewhere): the open needs a new one.
+    /// Catches up with what other mounts of the store did to the file since this instance
+    /// looked: its length (see [`EncryptedFile::refresh`]) and its header (names, mode,
+    /// owner; see [`EncryptedFile::reload_header`]). Close-to-open: every open of a file some
+    /// handle here holds does this, and so does anything that changes or reports its header.
+    /// False if this instance can no longer be used (the file was renewed or replaced
+    /// elsewhere): the caller needs a new one.
     pub fn catch_up(&self) -> bool {
         match &mut *self.state.write().unwrap() {
-            Instance::Ready(file) => match file.refresh() {
-                Ok(_) => true,
+            Instance::Ready(file) => match file.refresh().and_then(|_| file.reload_header()) {
+                Ok(()) => true,
                 Err(e) => e.errno() != libc::ESTALE,
             },
             _ => true,
         }
+    }
+
+    /// Before a change of the header through this instance: if another mount renewed the
+    /// file since, the instance becomes the file it is now ([`reopen`]).
+    pub fn reopen_if_renewed(&self, volume: &Volume) -> Result<()> {
+        if let Instance::Ready(file) = &mut *self.state.write().unwrap() {
+            match file.refresh() {
+                Err(e) if e.errno() == libc::ESTALE => {
+                    reopen(volume, file)?;
+                    self.seals.store(0, Ordering::Relaxed);
+                }
+                Err(e) => return Err(e),
+                Ok(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the file's key has not arrived yet (its header is not on disk).
+    pub fn is_pending(&self) -> bool {
+        matches!(&*self.state.read().unwrap(), Instance::Pending { .. })
     }
 
     pub fn path(&self) -> CanonicalPath {
@@ -323,7 +376,7 @@ impl OpenNode {
     /// that reaches this instance's end of file, or fails to authenticate, looks again at the
     /// file on disk (another mount may have grown it, or been writing it at that moment; see
     /// [`EncryptedFile::refresh`]) and, if it changed, reads again.
-    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
+    pub fn read_at(&self, volume: &Volume, offset: u64, buf: &mut [u8]) -> Result<usize> {
         let first = match &*self.state.read().unwrap() {
             Instance::Ready(file) => file.read_at(offset, buf),
             Instance::Failed { path, reason } => return Err(failed(path, reason)),
@@ -346,21 +399,32 @@ impl OpenNode {
         let Instance::Ready(file) = &mut *state else {
             return first;
         };
-        let changed = if torn {
+        if torn {
             // Whatever another mount was writing is complete once its lock is free.
             let lock = file.data_lock()?;
-            let _held = lock
+            let held = lock
                 .take(false)
                 .map_err(|e| Error::io(format!("cannot lock {}", file.path()), e))?;
-            file.refresh()?;
-            return file.read_at(offset, buf);
-        } else {
-            file.refresh()?
-        };
-        if changed {
-            file.read_at(offset, buf)
-        } else {
-            first
+            match file.refresh() {
+                Ok(_) => return file.read_at(offset, buf),
+                Err(e) if e.errno() == libc::ESTALE => {
+                    drop(held);
+                    reopen(volume, file)?;
+                    self.seals.store(0, Ordering::Relaxed);
+                    return file.read_at(offset, buf);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        match file.refresh() {
+            Ok(true) => file.read_at(offset, buf),
+            Ok(false) => first,
+            Err(e) if e.errno() == libc::ESTALE => {
+                reopen(volume, file)?;
+                self.seals.store(0, Ordering::Relaxed);
+                file.read_at(offset, buf)
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -385,7 +449,7 @@ impl OpenNode {
 
     /// Writes `bytes` at `offset` (None: at the end); a pending file holds them in memory if
     /// they fit. Returns the offset written at.
-    pub fn write_at(&self, offset: Option<u64>, bytes: &[u8]) -> Result<u64> {
+    pub fn write_at(&self, volume: &Volume, offset: Option<u64>, bytes: &[u8]) -> Result<u64> {
         self.change(
             |data| {
                 let at = offset.unwrap_or(data.len() as u64);
@@ -403,7 +467,16 @@ impl OpenNode {
             |f| {
                 let at = offset.unwrap_or(f.size());
                 self.count_seals(f, at, at + bytes.len() as u64)?;
-                f.write(offset, bytes)
+                match f.write(offset, bytes) {
+                    // Renewed by another mount: this handle writes into the file it is now.
+                    Err(e) if e.errno() == libc::ESTALE => {
+                        reopen(volume, f)?;
+                        self.seals.store(0, Ordering::Relaxed);
+                        self.count_seals(f, at, at + bytes.len() as u64)?;
+                        f.write(offset, bytes)
+                    }
+                    other => other,
+                }
             },
         )
     }

@@ -41,6 +41,7 @@ use crate::format::header::PREAMBLE_LEN;
 use crate::format::kdf;
 
 use super::file::{read_header, EncryptedFile};
+use super::journal::{under_way_at, Journal};
 use super::volume::{Volume, META_DIR};
 
 /// Most blocks an open instance seals under one content key before it refuses to write:
@@ -93,7 +94,7 @@ fn record_dir(volume: &Volume, create: bool) -> std::io::Result<MetaDir> {
 /// Renews `file` (open, writable) as an empty file with a new file id and data key, bound to
 /// every path its current envelopes name; stops after `until` (tests simulate a crash so).
 pub fn renew(volume: &Volume, file: &mut EncryptedFile, until: Step) -> Result<()> {
-    let path = file.path().clone();
+    let mut path = file.path().clone();
     let backing = file
         .backing_file()
         .try_clone()
@@ -119,24 +120,52 @@ pub fn renew(volume: &Volume, file: &mut EncryptedFile, until: Step) -> Result<(
         )));
     }
     let authentic = header.authentic(&volume.header_mac_key(&header.preamble.file_id));
+    let me = backing
+        .metadata()
+        .map_err(io(format!("cannot stat {path}")))?;
+    let links_here = |p: &CanonicalPath| {
+        volume
+            .backing()
+            .metadata(p)
+            .is_ok_and(|m| m.dev() == me.dev() && m.ino() == me.ino())
+    };
     let current: Vec<Envelope> = match authentic.first() {
         Some((_, c)) if c.envelopes.iter().any(|e| e.path == path) => c.envelopes.clone(),
-        _ => {
+        // Another mount of the store renamed it since this instance looked: this file's own
+        // header (same file id, its MAC) says where, and the store that it is there.
+        Some((_, c)) => match c.envelopes.iter().find(|e| links_here(&e.path)) {
+            Some(e) => {
+                path = e.path.clone();
+                file.set_path(path.clone());
+                c.envelopes.clone()
+            }
+            None => {
+                return Err(Error::Integrity(format!(
+                    "{path}: no authentic header slot binds it; not renewed"
+                )))
+            }
+        },
+        None => {
             return Err(Error::Integrity(format!(
                 "{path}: no authentic header slot binds it; not renewed"
             )))
         }
     };
-    let me = backing
-        .metadata()
-        .map_err(io(format!("cannot stat {path}")))?;
+    // And names a rename, link or unlink under way (on this mount or another) is giving the
+    // file or taking away: that rebind finishes with what it expects, and its own last step
+    // drops what is stale.
     let mut paths = vec![path.clone()];
+    let mut under_way = None;
     for e in &current {
-        let linked = volume
-            .backing()
-            .metadata(&e.path)
-            .is_ok_and(|m| m.dev() == me.dev() && m.ino() == me.ino());
-        if linked && !paths.contains(&e.path) {
+        let keep = links_here(&e.path) || {
+            let live = under_way.get_or_insert_with(|| {
+                Journal::new(volume, true)
+                    .map(|j| j.live_paths(None))
+                    .unwrap_or_default()
+            });
+            under_way_at(&e.path, live)
+        };
+        if keep && !paths.contains(&e.path) {
             paths.push(e.path.clone());
         }
     }
@@ -352,6 +381,26 @@ fn finish_one(volume: &Volume, record: &Record, still_there: impl Fn() -> bool) 
     if have == PREAMBLE_LEN && head == record.bytes[..PREAMBLE_LEN] {
         return Ok(false);
     }
+    // The new header's body not (all) on disk and the old header still authentic: the renewal
+    // stopped before it changed the file. The file is as it was, with whatever a mount of the
+    // store has written to it since, which finishing the renewal would wipe: drop the record.
+    let body = &record.bytes[PREAMBLE_LEN..];
+    let mut on_disk = vec![0u8; body.len()];
+    let body_landed = file
+        .read_exact_at(&mut on_disk, PREAMBLE_LEN as u64)
+        .is_ok()
+        && on_disk == body;
+    if !body_landed {
+        let untouched = read_header(&file, path).is_ok_and(|(header, _)| {
+            !header
+                .authentic(&volume.header_mac_key(&header.preamble.file_id))
+                .is_empty()
+        });
+        if untouched {
+            tracing::warn!(path = %path, "a renewal was cut short before it changed the file; the file keeps its content");
+            return Ok(false);
+        }
+    }
     apply(&file, &record.bytes, Step::Done).map_err(io(format!("cannot renew {path}")))?;
     Ok(true)
 }
@@ -421,11 +470,13 @@ mod tests {
                 Step::Preamble => assert_eq!(before.unwrap(), b""),
                 Step::Done => unreachable!(),
             }
+            // Stopped before it changed the file: dropped, the file keeps its content.
             let changed = finish_interrupted(&s.volume);
-            assert_eq!(changed, usize::from(until < Step::Preamble), "{until:?}");
+            assert_eq!(changed, usize::from(until == Step::Body), "{until:?}");
             let after = read(&s.volume, "f").unwrap();
-            assert!(after == old || after.is_empty(), "{until:?}");
-            if until != Step::Recorded {
+            if until == Step::Recorded {
+                assert_eq!(after, old);
+            } else {
                 assert!(after.is_empty());
             }
             assert!(record_dir(&s.volume, false)
@@ -470,6 +521,29 @@ mod tests {
 
     /// A record left after the renewal finished (its removal was lost) never undoes what was
     /// written to the file since.
+    /// Found by the red team: a renewal that stopped before it changed the file (an error
+    /// after its record, or a crash) must not wipe what a mount of the store writes to the
+    /// file afterwards, when the next mount starts.
+    #[test]
+    fn a_renewal_record_left_before_the_file_changed_keeps_later_writes() {
+        let s = setup();
+        write(&s.volume, "f", b"old");
+        let mut f = EncryptedFile::open(&s.volume, &path("f"), true).unwrap();
+        renew(&s.volume, &mut f, Step::Recorded).unwrap();
+        drop(f);
+        let mut other = EncryptedFile::open(&s.volume, &path("f"), true).unwrap();
+        other.write_at(0, b"fsynced after the cut").unwrap();
+        other.sync().unwrap();
+        drop(other);
+        assert_eq!(finish_interrupted(&s.volume), 0);
+        assert_eq!(read(&s.volume, "f").unwrap(), b"fsynced after the cut");
+        assert!(record_dir(&s.volume, false)
+            .unwrap()
+            .list()
+            .unwrap()
+            .is_empty());
+    }
+
     #[test]
     fn a_stale_renewal_record_leaves_later_writes_alone() {
         let s = setup();
@@ -512,14 +586,16 @@ mod tests {
         let s = setup();
         write(&s.volume, "f", b"data");
         let node = OpenNode::ready(EncryptedFile::open(&s.volume, &path("f"), true).unwrap());
-        node.write_at(Some(0), b"fine").unwrap();
+        node.write_at(&s.volume, Some(0), b"fine").unwrap();
         node.set_seals(SEAL_LIMIT - 2);
-        let err = node.write_at(Some(0), b"one too many").unwrap_err();
+        let err = node
+            .write_at(&s.volume, Some(0), b"one too many")
+            .unwrap_err();
         assert!(err.to_string().contains("too many blocks sealed"), "{err}");
         assert_eq!(read(&s.volume, "f").unwrap(), b"fine");
         node.set_len(&s.volume, 0).unwrap();
         assert!(node.seals() < 4);
-        node.write_at(Some(0), b"renewed").unwrap();
+        node.write_at(&s.volume, Some(0), b"renewed").unwrap();
         assert_eq!(read(&s.volume, "f").unwrap(), b"renewed");
     }
 }

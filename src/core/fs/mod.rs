@@ -53,7 +53,7 @@ use super::instance::{KeyRequests, OpenNode};
 use super::journal::Journal;
 use super::names::{Listed, StoredChild};
 use super::volume::{is_reserved_name, Volume};
-use crate::backing::{Atime, Backing, Identity};
+use crate::backing::{Atime, Backing, Identity, SettledFile};
 
 mod inodes;
 mod rebind;
@@ -108,6 +108,19 @@ pub struct DirEntry {
     pub name: OsString,
 }
 
+/// The namespace held (see [`KmsFs::namespace`]), until dropped.
+struct NamespaceHeld<'a> {
+    guard: std::sync::MutexGuard<'a, Option<crate::backing::NamespaceLock>>,
+}
+
+impl Drop for NamespaceHeld<'_> {
+    fn drop(&mut self) {
+        if let Some(lock) = self.guard.as_ref() {
+            lock.release();
+        }
+    }
+}
+
 /// Who asks (for ownership of what they create).
 #[derive(Debug, Clone, Copy)]
 pub struct Caller {
@@ -134,7 +147,7 @@ pub struct KmsFs {
     open: Mutex<HashMap<u64, std::sync::Weak<OpenNode>>>,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
-    namespace: Mutex<()>,
+    namespace: Mutex<Option<crate::backing::NamespaceLock>>,
     journal: Journal,
     /// Opens, reads and writes that failed (authentication, key service, backing I/O).
     io_errors: Arc<AtomicU64>,
@@ -147,6 +160,8 @@ pub struct KmsFs {
     noted_backing_metadata: std::sync::atomic::AtomicBool,
     /// Whether an entry whose name kmsfs did not write was found (logged once).
     noted_foreign_name: std::sync::atomic::AtomicBool,
+    /// An empty backing file (no header) was logged.
+    noted_headerless: std::sync::atomic::AtomicBool,
     /// The listing each directory's current pass of replies is cut from (see
     /// [`KmsFs::listing_from`]), until the pass reaches the end. Bounded.
     listings: Mutex<HashMap<u64, Arc<Listing>>>,
@@ -240,6 +255,14 @@ impl KmsFs {
             },
         );
         let journal = Journal::new(&volume, read_only)?;
+        let namespace = if read_only {
+            None
+        } else {
+            Some(
+                crate::backing::NamespaceLock::new(volume.backing())
+                    .map_err(|e| Error::Refused(format!("cannot open the volume's locks: {e}")))?,
+            )
+        };
         let volume = Arc::new(volume);
         let io_errors = Arc::new(AtomicU64::new(0));
         let core = KmsFs {
@@ -252,13 +275,14 @@ impl KmsFs {
             open: Mutex::new(HashMap::new()),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
-            namespace: Mutex::new(()),
+            namespace: Mutex::new(namespace),
             journal,
             io_errors,
             unusable_records: AtomicU64::new(0),
             facts: Facts::default(),
             noted_backing_metadata: std::sync::atomic::AtomicBool::new(false),
             noted_foreign_name: std::sync::atomic::AtomicBool::new(false),
+            noted_headerless: std::sync::atomic::AtomicBool::new(false),
             listings: Mutex::new(HashMap::new()),
             euid: rustix::process::geteuid().as_raw(),
             prefetch: Prefetch {
@@ -306,6 +330,21 @@ impl KmsFs {
     }
 
     /// The backing store: every syscall on it goes through this.
+    /// Holds the namespace: this mount's mutex, then the volume's lock that every mount of
+    /// the store takes across a change of names (see [`crate::backing::NamespaceLock`]).
+    fn namespace(&self) -> Result<NamespaceHeld<'_>> {
+        let held = NamespaceHeld {
+            guard: self.namespace.lock().unwrap(),
+        };
+        if let Some(lock) = held.guard.as_ref() {
+            lock.take().map_err(|e| {
+                tracing::error!("cannot take the volume's namespace lock: {e}");
+                Error::io("cannot take the volume's namespace lock", e)
+            })?;
+        }
+        Ok(held)
+    }
+
     fn store(&self) -> &Backing {
         self.volume.backing()
     }
@@ -340,6 +379,13 @@ impl KmsFs {
         // (or one a crash cut short, which fsck reports). Nothing authenticates it, so it is
         // not there yet; this mount's own such creates answer from their open instance.
         if ft.is_file() && meta.len() == 0 && self.open_node(ino).is_none() {
+            if !self.noted_headerless.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    "{path}: an empty backing file, with no header (a create on another mount \
+                     waiting for its key, one a crash cut short, or a file emptied on the \
+                     store): not shown; kmsfs fsck lists such files (logged once)"
+                );
+            }
             return Err(os(
                 format!("{path}: no header yet (a create waiting for its key elsewhere)"),
                 libc::ENOENT,
@@ -441,7 +487,32 @@ impl KmsFs {
             .store()
             .lookup(path)
             .map_err(|e| io_err("cannot stat", path, e))?;
-        self.attr_of(path, &found.meta, Some(&found))
+        match self.attr_of(path, &found.meta, Some(&found)) {
+            // Another mount may be renewing the file (its header half rewritten): once that
+            // mount's data lock is free, look again.
+            Err(Error::Format { .. } | Error::Io { .. }) if found.meta.is_file() => {
+                let file = found
+                    .open_read()
+                    .map_err(|e| io_err("cannot open", path, e))?;
+                let _settled = self.settled(&file, path)?;
+                self.facts.forget(found.meta.ino());
+                let found = self
+                    .store()
+                    .lookup(path)
+                    .map_err(|e| io_err("cannot stat", path, e))?;
+                self.attr_of(path, &found.meta, Some(&found))
+            }
+            other => other,
+        }
+    }
+
+    /// Waits until no mount of the store is changing the backing `file`'s blocks or header
+    /// (a write, a renewal), and keeps it so while the guard lives (a shared data lock).
+    fn settled(&self, file: &File, path: &CanonicalPath) -> Result<SettledFile> {
+        let lock = crate::backing::DataLock::new(self.store(), file)
+            .map_err(|e| io_err("cannot lock", path, e))?;
+        lock.take_owned(false)
+            .map_err(|e| io_err("cannot lock", path, e))
     }
 
     pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr> {
@@ -473,6 +544,7 @@ impl KmsFs {
 
     /// `stat` of an open file from its instance and backing descriptor, by no name.
     fn attr_of_open(&self, ino: u64, node: &OpenNode) -> Result<Attr> {
+        node.catch_up();
         let path = node.path();
         let meta = node
             .backing_metadata()
@@ -566,6 +638,7 @@ impl KmsFs {
         change: impl Fn(Attrs) -> Option<Attrs>,
     ) -> Result<()> {
         if let Some(node) = self.open_node(ino) {
+            node.reopen_if_renewed(&self.volume)?;
             return node.update_attrs(change).map(|_| ());
         }
         let meta = self
@@ -688,14 +761,21 @@ impl KmsFs {
                     .set_times(&path, &times, Some(expect))
                     .map_err(|e| io_err("cannot set the times of", &path, e))
             };
-            // Not while a pending file's key arrives (it keeps the times it had).
+            // Not while a pending file's key arrives (it keeps the times it had). An open file
+            // another mount renamed or unlinked has its times set through its descriptor.
             let node = self.open_node(ino);
             match node {
-                Some(node) => node.exclusive(set),
+                Some(node) => node.exclusive(|| match set() {
+                    Err(e) if matches!(e.errno(), libc::ENOENT | libc::ESTALE) => node
+                        .with_backing_file(|f| crate::backing::open::set_times(f, &times))
+                        .map_err(|e| io_err("cannot set the times of", &path, e)),
+                    other => other,
+                }),
                 None => set(),
             }?;
         }
-        self.stat_path(&path)
+        // By its name, or (renamed or unlinked by another mount) by its open instance.
+        self.getattr(ino)
     }
 
     /// The shared open instance of `ino`, if some handle (or a pending key request) holds one.
@@ -715,9 +795,14 @@ impl KmsFs {
         path: &CanonicalPath,
         f: impl FnOnce(&mut EncryptedFile) -> Result<T>,
     ) -> Result<T> {
-        let node = self.open_node(ino);
+        // The open instance, caught up with what other mounts did (and answering to `path`,
+        // where another mount renamed it), unless one of them renewed the file since.
+        let node = self.open_node(ino).filter(|n| n.catch_up());
         if let Some(node) = node {
-            return node.with_mut(f);
+            return node.with_mut(|file| {
+                let _ = file.follow(path);
+                f(file)
+            });
         }
         f(&mut self.open_expected(ino, path)?)
     }
@@ -745,7 +830,7 @@ impl KmsFs {
         caller: Caller,
     ) -> Result<Attr> {
         self.check_writable()?;
-        let _ns = self.namespace.lock().unwrap();
+        let _ns = self.namespace()?;
         let (child, dir) = self.new_child(parent, name)?;
         if mode & libc::S_IFMT == libc::S_IFREG {
             let (attr, fh) = self.create_file(&child, dir, mode, caller)?;
@@ -767,7 +852,7 @@ impl KmsFs {
 
     pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, caller: Caller) -> Result<Attr> {
         self.check_writable()?;
-        let _ns = self.namespace.lock().unwrap();
+        let _ns = self.namespace()?;
         let (child, dir) = self.new_child(parent, name)?;
         let path = child.path.clone();
         let attrs = self.new_attrs(
@@ -806,7 +891,7 @@ impl KmsFs {
         caller: Caller,
     ) -> Result<Attr> {
         self.check_writable()?;
-        let _ns = self.namespace.lock().unwrap();
+        let _ns = self.namespace()?;
         let (child, dir) = self.new_child(parent, name)?;
         let target = target.as_os_str().as_bytes();
         if target.is_empty() || target.len() >= libc::PATH_MAX as usize {
@@ -818,7 +903,7 @@ impl KmsFs {
 
     pub fn unlink(&self, parent: u64, name: &OsStr) -> Result<()> {
         self.check_writable()?;
-        let _ns = self.namespace.lock().unwrap();
+        let _ns = self.namespace()?;
         let child = self.child(parent, name)?;
         let path = child.path.clone();
         let store = self.store();
@@ -851,7 +936,7 @@ impl KmsFs {
 
     pub fn rmdir(&self, parent: u64, name: &OsStr) -> Result<()> {
         self.check_writable()?;
-        let _ns = self.namespace.lock().unwrap();
+        let _ns = self.namespace()?;
         let child = self.child(parent, name)?;
         let path = child.path.clone();
         let meta = self
@@ -888,7 +973,7 @@ impl KmsFs {
         noreplace: bool,
     ) -> Result<()> {
         self.check_writable()?;
-        let _ns = self.namespace.lock().unwrap();
+        let _ns = self.namespace()?;
         let from_child = self.child(parent, name)?;
         let (to_child, _) = self.new_child(newparent, newname)?;
         let (from, to) = (from_child.path.clone(), to_child.path.clone());
@@ -1018,9 +1103,22 @@ impl KmsFs {
         } else {
             rustix::fs::RenameFlags::empty()
         };
-        store
-            .rename(&from, &to, flags)
-            .map_err(|e| io_err("cannot rename", &from, e))?;
+        if let Err(e) = store.rename(&from, &to, flags) {
+            // Nothing was renamed: the envelopes added go again, and the new name's side
+            // record unless it is that of an entry already there.
+            if target.is_none() {
+                self.volume.drop_side_record(&to_child.side);
+            }
+            if self
+                .tidy_paths(std::slice::from_ref(&from), pending.as_ref())
+                .is_ok()
+            {
+                if let Some(pending) = pending {
+                    pending.finish();
+                }
+            }
+            return Err(io_err("cannot rename", &from, e));
+        }
         self.volume.drop_side_record(&from_child.side);
         if let Some(m) = &target {
             self.forget_path(self.ino_of(m.ino()), &to);
@@ -1044,7 +1142,7 @@ impl KmsFs {
 
     pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> Result<Attr> {
         self.check_writable()?;
-        let _ns = self.namespace.lock().unwrap();
+        let _ns = self.namespace()?;
         let from = self.path_of(ino)?;
         let (to_child, _) = self.new_child(newparent, newname)?;
         let to = to_child.path.clone();
@@ -1197,7 +1295,11 @@ impl KmsFs {
         let meta = node
             .backing_metadata()
             .map_err(|e| io_err("cannot stat", path, e))?;
-        let attr = self.attr_from(path, &meta)?;
+        // It was just made here: its instance says what its header says.
+        let attrs = node
+            .attrs()
+            .ok_or_else(|| os(format!("{path}: its key never came"), libc::EIO))?;
+        let attr = self.attr_with(ino, &meta, attrs, node.size_for(meta.len()));
         self.remember(attr.ino, path);
         let fh = self.new_handle(attr.ino, node, true, false);
         Ok((attr, fh))
@@ -1212,19 +1314,22 @@ impl KmsFs {
         caller: Caller,
     ) -> Result<(Attr, u64)> {
         self.check_writable()?;
-        let ns = self.namespace.lock().unwrap();
+        let ns = self.namespace()?;
         let (child, dir) = self.new_child(parent, name)?;
         let (attr, fh) = match self.create_file(&child, dir, mode, caller) {
             // Another mount of the store made the name since the kernel looked it up: without
-            // O_EXCL, the caller opens what is there (an NFS client's unchecked create does).
+            // O_EXCL the caller opens what is there, but only through the kernel's own open,
+            // which checks its permissions: ESTALE makes the kernel look the name up again
+            // and open what it finds (what `open(2)` does for a stale name).
             Err(e) if e.errno() == libc::EEXIST && flags & libc::O_EXCL == 0 => {
                 drop(ns);
-                let attr = self.lookup(parent, name)?;
-                if attr.kind != Kind::File {
-                    return Err(e);
-                }
-                let fh = self.open(attr.ino, flags & !libc::O_CREAT)?;
-                return Ok((attr, fh));
+                return Err(os(
+                    format!(
+                        "{}: made by another mount meanwhile; the kernel looks again",
+                        child.path
+                    ),
+                    libc::ESTALE,
+                ));
             }
             other => other?,
         };
@@ -1295,7 +1400,18 @@ impl KmsFs {
             .store()
             .open_file_expecting(path, writable, atime, self.expected(ino))
             .map_err(|e| io_err("cannot open", path, e))?;
-        let file = EncryptedFile::from_file(&self.volume, path, backing)?;
+        let again = backing
+            .try_clone()
+            .map_err(|e| io_err("cannot open", path, e))?;
+        let file = match EncryptedFile::from_file(&self.volume, path, backing) {
+            // Another mount may be renewing it (its header half rewritten, its length
+            // changing): once its data lock is free, look again.
+            Err(Error::Format { .. } | Error::Io { .. }) => {
+                let _settled = self.settled(&again, path)?;
+                EncryptedFile::from_file(&self.volume, path, again)?
+            }
+            other => other?,
+        };
         if file.attrs().kind != ObjectKind::File {
             return Err(os(format!("{path} is not a regular file"), libc::EINVAL));
         }
@@ -1314,10 +1430,13 @@ impl KmsFs {
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
         let h = self.handle(fh)?;
         let mut buf = vec![0u8; size as usize];
-        let n = h.node.read_at(offset, &mut buf).inspect_err(|e| {
-            self.io_errors.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(path = %h.node.path(), "read failed: {e}");
-        })?;
+        let n = h
+            .node
+            .read_at(&self.volume, offset, &mut buf)
+            .inspect_err(|e| {
+                self.io_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(path = %h.node.path(), "read failed: {e}");
+            })?;
         buf.truncate(n);
         Ok(buf)
     }
@@ -1331,6 +1450,7 @@ impl KmsFs {
         }
         // The instance's attributes answer with no syscall: this runs before every write by
         // someone other than root.
+        h.node.reopen_if_renewed(&self.volume)?;
         h.node
             .update_attrs(|a| setid_cleared(a).map(|mode| Attrs { mode, ..a }))
     }
@@ -1351,10 +1471,12 @@ impl KmsFs {
             }
         }
         let offset = if h.append { None } else { Some(offset) };
-        h.node.write_at(offset, data).inspect_err(|e| {
-            self.io_errors.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(path = %h.node.path(), "write failed: {e}");
-        })?;
+        h.node
+            .write_at(&self.volume, offset, data)
+            .inspect_err(|e| {
+                self.io_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(path = %h.node.path(), "write failed: {e}");
+            })?;
         Ok(data.len())
     }
 

@@ -71,9 +71,11 @@ impl HeaderHandle {
         change: impl FnOnce(&[&[Envelope]]) -> Result<Option<Vec<Envelope>>>,
     ) -> Result<bool> {
         match self {
-            HeaderHandle::Open(node) => {
-                node.with_mut(|file| file.update_envelopes(both_slots, change))
-            }
+            // At `path`, where another mount may have renamed it since the instance looked.
+            HeaderHandle::Open(node) => node.with_mut(|file| {
+                let _ = file.follow(path);
+                file.update_envelopes(both_slots, change)
+            }),
             HeaderHandle::Closed(file) => Ok(crate::core::file::update_envelopes(
                 volume.backing(),
                 file,
@@ -105,7 +107,9 @@ pub(super) fn envelope_paths(envelopes: &[Envelope]) -> Vec<CanonicalPath> {
 impl KmsFs {
     /// The handle through which to change the header of the file `ino` at `path`.
     pub(super) fn header_of(&self, ino: u64, path: &CanonicalPath) -> Result<HeaderHandle> {
-        let node = self.open_node(ino);
+        // An instance another mount's renewal left behind is not the file's any more: the
+        // backing file is changed directly then.
+        let node = self.open_node(ino).filter(|n| n.catch_up());
         if let Some(node) = node {
             return Ok(HeaderHandle::Open(node));
         }
@@ -246,6 +250,14 @@ impl KmsFs {
     /// Tidies the names recorded by rebinds a crash cut short (see [`super::journal`]). A
     /// record whose files cannot all be tidied now is kept for the next mount.
     pub(super) fn finish_interrupted_rebinds(&self) {
+        // While no other mount changes names (a rename under way elsewhere finishes first).
+        let _ns = match self.namespace() {
+            Ok(ns) => ns,
+            Err(e) => {
+                tracing::warn!("{e}; interrupted renames (if any) are left for a later mount");
+                return;
+            }
+        };
         self.journal.remove_unfinished_writes();
         for record in self.journal.pending() {
             // Another mount of the store is renaming right now: its record is live.

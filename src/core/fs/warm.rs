@@ -238,9 +238,11 @@ impl KmsFs {
         meta: &fs::Metadata,
         found: Option<&crate::backing::Found>,
     ) -> Result<(Attrs, u64)> {
-        if let Some(node) = self.open_node(ino) {
+        // A file whose key has not arrived has no header yet: its instance says what it will
+        // say. Any other open file is reported from its header on disk, like any file: another
+        // mount of the store may have changed its mode, owner or length since it was opened.
+        if let Some(node) = self.open_node(ino).filter(|n| n.is_pending()) {
             if let Some(attrs) = node.attrs_for(path) {
-                // The length on disk, not the instance's: another mount may have written.
                 return Ok((attrs, node.size_for(meta.len())));
             }
         }
