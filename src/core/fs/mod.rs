@@ -23,8 +23,10 @@
 //! other table lock meanwhile. An instance's own lock (see [`super::instance`]) comes last.
 //!
 //! Other mounts of the store (on this host or others sharing it), `rewrap` and `fsck` are
-//! ordered by `fcntl` locks on the store (see [`crate::backing`]), each taken after the
-//! in-process locks above and in this order: a rebind's journal record (held from before a
+//! ordered by `fcntl` locks on the store (see [`crate::backing`]), in this order: the volume's
+//! namespace lock (taken right after `namespace`, and with it: every change of names is one at
+//! a time across mounts), then, after the in-process locks above, a rebind's journal record
+//! (held from before a
 //! rename's, link's or unlink's first step to after its last, so no tidy takes its half-done
 //! names for stale), then a file's data lock (across each write, truncation or renewal, so
 //! every mount extends from the length on disk), then its header lock (across a header
