@@ -1008,3 +1008,62 @@ fn readers_during_another_mounts_truncations_see_whole_versions() {
     });
     assert_fsck_clean(&s[0]);
 }
+
+/// A mount that is the only one runs without locks; another mount coming while it writes
+/// makes it finish what is under way and lock from then on, and the two then append to one
+/// file with nothing lost (the log lines are the control: the first did run alone).
+#[test]
+fn the_only_mount_runs_unlocked_until_another_comes() {
+    if !fuse_available() {
+        return;
+    }
+    let mut first = Mount::new(4096, &["--cache-timeout", "0"]);
+    first.set_env("RUST_LOG", "kmsfs=info");
+    first.remount();
+    assert!(
+        first.log().contains("the only mount of this store"),
+        "{}",
+        first.log()
+    );
+    let record = |m: usize, i: usize| format!("{m}:{i:05}\n");
+    fs::write(first.p("log"), b"").unwrap();
+    let second = std::thread::scope(|scope| {
+        let path = first.p("log");
+        let writer = scope.spawn(move || {
+            let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+            for i in 0..3000 {
+                f.write_all(record(0, i).as_bytes()).unwrap();
+            }
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        let second = first.another();
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(second.p("log"))
+            .unwrap();
+        for i in 0..1000 {
+            f.write_all(record(1, i).as_bytes()).unwrap();
+        }
+        writer.join().unwrap();
+        second
+    });
+    assert!(
+        first.log().contains("another process uses this store now"),
+        "{}",
+        first.log()
+    );
+    let log = String::from_utf8(fs::read(second.p("log")).unwrap()).unwrap();
+    let mut got: Vec<&str> = log.split_inclusive('\n').collect();
+    got.sort();
+    let mut want: Vec<String> = (0..3000).map(|i| record(0, i)).collect();
+    want.extend((0..1000).map(|i| record(1, i)));
+    want.sort();
+    assert!(
+        got == want,
+        "{} records, {} expected",
+        got.len(),
+        want.len()
+    );
+    drop(second);
+    assert_fsck_clean(&first);
+}

@@ -109,8 +109,15 @@ impl VolumeArgs {
         })
     }
 
+    /// Opens the volume and registers with its locks (a mount running alone turns to
+    /// locking; see `crate::backing::Presence`): best effort, as a reader may not be able
+    /// to create the lock file.
     pub fn open(&self) -> Result<Volume> {
-        Volume::open(&self.backing, &self.open_options(key_options()?)?)
+        let volume = Volume::open(&self.backing, &self.open_options(key_options()?)?)?;
+        if let Err(e) = volume.backing().join(false) {
+            tracing::debug!("not registered with the store's locks: {e}");
+        }
+        Ok(volume)
     }
 }
 

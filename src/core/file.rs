@@ -429,8 +429,10 @@ impl EncryptedFile {
     /// where it wrote.
     pub fn write(&mut self, offset: Option<u64>, data: &[u8]) -> Result<u64> {
         let lock = self.data_lock()?;
-        let _held = lock.take(true).map_err(|e| self.io_err("lock", e))?;
-        self.refresh()?;
+        let held = lock.take(true).map_err(|e| self.io_err("lock", e))?;
+        if held.shared() {
+            self.refresh()?;
+        }
         let at = offset.unwrap_or(self.size);
         self.write_locked(at, data)?;
         Ok(at)
@@ -616,16 +618,20 @@ impl EncryptedFile {
     /// Truncates or extends (with zeros) to `new_size` bytes, under the file's data lock.
     pub fn set_len(&mut self, new_size: u64) -> Result<()> {
         let lock = self.data_lock()?;
-        let _held = lock.take(true).map_err(|e| self.io_err("lock", e))?;
-        self.refresh()?;
+        let held = lock.take(true).map_err(|e| self.io_err("lock", e))?;
+        if held.shared() {
+            self.refresh()?;
+        }
         self.set_len_locked(new_size)
     }
 
     /// Extends the file with zeros to `size` bytes if it is shorter now (`fallocate`).
     pub fn grow_to(&mut self, size: u64) -> Result<()> {
         let lock = self.data_lock()?;
-        let _held = lock.take(true).map_err(|e| self.io_err("lock", e))?;
-        self.refresh()?;
+        let held = lock.take(true).map_err(|e| self.io_err("lock", e))?;
+        if held.shared() {
+            self.refresh()?;
+        }
         if size > self.size {
             self.set_len_locked(size)?;
         }

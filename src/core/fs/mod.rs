@@ -298,6 +298,17 @@ impl KmsFs {
             super::renew::finish_interrupted(&core.volume);
             core.finish_interrupted_rebinds();
         }
+        // The only process using the store: no locks until another comes (see
+        // `crate::backing::Presence`, and `KmsFs::share_when_others_come`).
+        match core.store().join(!read_only) {
+            Ok(true) => tracing::info!("the only mount of this store: locking when another comes"),
+            Ok(false) => tracing::info!("other processes use this store: every change is locked"),
+            Err(e) => {
+                return Err(Error::Refused(format!(
+                    "cannot register with the store's locks: {e}"
+                )))
+            }
+        }
         Ok(core)
     }
 
@@ -332,6 +343,26 @@ impl KmsFs {
     }
 
     /// The backing store: every syscall on it goes through this.
+    /// While this mount runs alone: every 100 ms, looks for another process using the store
+    /// (a mount on this host or another, `rewrap`, `fsck`...), and when one comes, turns to
+    /// locking every change (between two changes of names) and lets it in.
+    pub fn share_when_others_come(self: &Arc<Self>) {
+        if !self.store().runs_alone() {
+            return;
+        }
+        let core = Arc::downgrade(self);
+        std::thread::spawn(move || loop {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            let Some(core) = core.upgrade() else { return };
+            if core.store().others_present() {
+                let _ns = core.namespace.lock().unwrap();
+                core.store().share();
+                tracing::info!("another process uses this store now: every change is locked");
+                return;
+            }
+        });
+    }
+
     /// Holds the namespace: this mount's mutex, then the volume's lock that every mount of
     /// the store takes across a change of names (see [`crate::backing::NamespaceLock`]).
     fn namespace(&self) -> Result<NamespaceHeld<'_>> {

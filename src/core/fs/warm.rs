@@ -241,7 +241,9 @@ impl KmsFs {
         // A file whose key has not arrived has no header yet: its instance says what it will
         // say. Any other open file is reported from its header on disk, like any file: another
         // mount of the store may have changed its mode, owner or length since it was opened.
-        if let Some(node) = self.open_node(ino).filter(|n| n.is_pending()) {
+        // (A mount running alone is the only one that changes anything: its instances are.)
+        let alone = self.store().runs_alone();
+        if let Some(node) = self.open_node(ino).filter(|n| alone || n.is_pending()) {
             if let Some(attrs) = node.attrs_for(path) {
                 return Ok((attrs, node.size_for(meta.len())));
             }
