@@ -221,7 +221,7 @@ fn serve(args: &MountArgs, ready: impl FnOnce()) -> Result<()> {
     core.set_key_prefetch(args.key_prefetch);
     core.set_pending_creates(args.pending_creates);
     let core = Arc::new(core);
-    core.share_when_others_come();
+    core.join_store()?;
     let status_path = super::status::socket_path(&args.mountpoint);
 
     let mut options = vec![

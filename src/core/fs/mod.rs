@@ -298,17 +298,6 @@ impl KmsFs {
             super::renew::finish_interrupted(&core.volume);
             core.finish_interrupted_rebinds();
         }
-        // The only process using the store: no locks until another comes (see
-        // `crate::backing::Presence`, and `KmsFs::share_when_others_come`).
-        match core.store().join(!read_only) {
-            Ok(true) => tracing::info!("the only mount of this store: locking when another comes"),
-            Ok(false) => tracing::info!("other processes use this store: every change is locked"),
-            Err(e) => {
-                return Err(Error::Refused(format!(
-                    "cannot register with the store's locks: {e}"
-                )))
-            }
-        }
         Ok(core)
     }
 
@@ -343,13 +332,22 @@ impl KmsFs {
     }
 
     /// The backing store: every syscall on it goes through this.
-    /// While this mount runs alone: every 100 ms, looks for another process using the store
-    /// (a mount on this host or another, `rewrap`, `fsck`...), and when one comes, turns to
-    /// locking every change (between two changes of names) and lets it in.
-    pub fn share_when_others_come(self: &Arc<Self>) {
-        if !self.store().runs_alone() {
-            return;
+    /// Registers the mount with the store's locks (see [`crate::backing::Presence`]): a
+    /// writable mount that is the only process using the store runs without the locks that
+    /// order its changes with others'. Then, every 100 ms, it looks for another process using
+    /// the store (a mount on this host or another, `rewrap`, `fsck`...), and when one comes,
+    /// turns to locking every change (between two changes of names) and lets it in. A mount
+    /// that does not join (the core in tests) locks every change.
+    pub fn join_store(self: &Arc<Self>) -> Result<()> {
+        let alone = self
+            .store()
+            .join(!self.read_only)
+            .map_err(|e| Error::Refused(format!("cannot register with the store's locks: {e}")))?;
+        if !alone {
+            tracing::info!("other processes use this store: every change is locked");
+            return Ok(());
         }
+        tracing::info!("the only mount of this store: locking when another comes");
         let core = Arc::downgrade(self);
         std::thread::spawn(move || loop {
             std::thread::sleep(std::time::Duration::from_millis(100));
@@ -361,6 +359,7 @@ impl KmsFs {
                 return;
             }
         });
+        Ok(())
     }
 
     /// Holds the namespace: this mount's mutex, then the volume's lock that every mount of
