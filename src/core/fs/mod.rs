@@ -339,10 +339,20 @@ impl KmsFs {
     /// turns to locking every change (between two changes of names) and lets it in. A mount
     /// that does not join (the core in tests) locks every change.
     pub fn join_store(self: &Arc<Self>) -> Result<()> {
-        let alone = self
-            .store()
-            .join(!self.read_only)
-            .map_err(|e| Error::Refused(format!("cannot register with the store's locks: {e}")))?;
+        let alone = match self.store().join(!self.read_only) {
+            Ok(alone) => alone,
+            // A read-only mount of a store it cannot write (no lock file to take) changes
+            // nothing; it only reads as any reader does.
+            Err(e) if self.read_only => {
+                tracing::info!("not registered with the store's locks (read-only): {e}");
+                return Ok(());
+            }
+            Err(e) => {
+                return Err(Error::Refused(format!(
+                    "cannot register with the store's locks: {e}"
+                )))
+            }
+        };
         if !alone {
             tracing::info!("other processes use this store: every change is locked");
             return Ok(());
