@@ -522,10 +522,15 @@ impl OpenNode {
     }
 
     /// Runs `f` (a change of the backing file's timestamps) so that a key arriving at the
-    /// same moment cannot overwrite it with the times it keeps.
-    pub fn exclusive<T>(&self, f: impl FnOnce() -> T) -> T {
-        let _guard = self.state.write().unwrap();
-        f()
+    /// same moment cannot overwrite it with the times it keeps. `f` is given the open backing
+    /// file, as [`with_backing_file`](Self::with_backing_file) would deadlock under the lock.
+    pub fn exclusive<T>(&self, f: impl FnOnce(std::io::Result<&File>) -> T) -> T {
+        let state = self.state.write().unwrap();
+        f(match &*state {
+            Instance::Ready(file) => Ok(file.backing_file()),
+            Instance::Pending { file, .. } => Ok(file),
+            Instance::Failed { .. } => Err(std::io::Error::from_raw_os_error(libc::EIO)),
+        })
     }
 
     /// The answer to a pending file's key request: writes the header and the held data (the

@@ -807,9 +807,9 @@ impl KmsFs {
             // another mount renamed or unlinked has its times set through its descriptor.
             let node = self.open_node(ino);
             match node {
-                Some(node) => node.exclusive(|| match set() {
-                    Err(e) if matches!(e.errno(), libc::ENOENT | libc::ESTALE) => node
-                        .with_backing_file(|f| crate::backing::open::set_times(f, &times))
+                Some(node) => node.exclusive(|backing| match set() {
+                    Err(e) if matches!(e.errno(), libc::ENOENT | libc::ESTALE) => backing
+                        .and_then(|f| crate::backing::open::set_times(f, &times))
                         .map_err(|e| io_err("cannot set the times of", &path, e)),
                     other => other,
                 }),
