@@ -1067,3 +1067,101 @@ fn the_only_mount_runs_unlocked_until_another_comes() {
     drop(second);
     assert_fsck_clean(&first);
 }
+
+/// `open(O_CREAT)` without `O_EXCL` of a name another mount is creating (its key not there
+/// yet) opens that file once it is; with `O_EXCL` it exists. An empty backing file a stopped
+/// mount left (nothing authenticates it, nothing was in it) does not keep the name taken.
+#[test]
+fn a_create_of_a_name_being_created_elsewhere_or_left_unfinished_succeeds() {
+    if !fuse_available() {
+        return;
+    }
+    let mut s = Shared::new(2, 4096, NO_CACHE);
+    s[0].stop();
+    s[0].set_env("KMSFS_INJECT_KMS_LATENCY_MS", "1500");
+    s[0].start();
+    fs::write(s[0].p("warm"), b"w").unwrap();
+    let started = Instant::now();
+    let mut f = fs::File::create(s[0].p("late")).unwrap();
+    f.write_all(b"written before the key came").unwrap();
+    let pending = started.elapsed() < Duration::from_millis(1000);
+    let mut opened = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(s[1].p("late"))
+        .expect("O_CREAT of a name being created elsewhere opens it");
+    let mut seen = Vec::new();
+    opened.read_to_end(&mut seen).unwrap();
+    assert_eq!(seen, b"written before the key came");
+    let excl = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(s[1].p("late"));
+    assert_eq!(errno(excl), Some(libc::EEXIST));
+    drop(f);
+    assert!(
+        pending,
+        "the create waited for its key: nothing was pending"
+    );
+
+    // A create a crash cut short: an empty backing file, no header.
+    for (name, excl) in [("left", false), ("left-excl", true)] {
+        fs::File::create(s[0].b(name)).unwrap();
+        assert_eq!(errno(fs::metadata(s[1].p(name))), Some(libc::ENOENT));
+        let mut made = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .create_new(excl)
+            .truncate(false)
+            .open(s[1].p(name))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        made.write_all(b"made anew").unwrap();
+        drop(made);
+        assert_eq!(fs::read(s[0].p(name)).unwrap(), b"made anew");
+    }
+    assert_fsck_clean(&s[1]);
+}
+
+/// `ftruncate(fd, 0)` renews the file (a new key); on a file whose names are all gone
+/// (unlinked, or replaced by a rename, here or on another mount) it still does, and the
+/// handle goes on writing.
+#[test]
+fn truncating_an_open_file_whose_names_are_gone_renews_it() {
+    if !fuse_available() {
+        return;
+    }
+    let s = Shared::new(2, 4096, NO_CACHE);
+    type Gone = fn(&Shared, &str);
+    let cases: [(&str, Gone); 4] = [
+        ("unlinked-here", |s, n| fs::remove_file(s[0].p(n)).unwrap()),
+        ("unlinked-there", |s, n| fs::remove_file(s[1].p(n)).unwrap()),
+        ("replaced-here", |s, n| {
+            fs::write(s[0].p("other"), b"other").unwrap();
+            fs::rename(s[0].p("other"), s[0].p(n)).unwrap();
+        }),
+        ("replaced-there", |s, n| {
+            fs::write(s[1].p("other"), b"other").unwrap();
+            fs::rename(s[1].p("other"), s[1].p(n)).unwrap();
+        }),
+    ];
+    for (name, gone) in cases {
+        fs::write(s[0].p(name), pattern(9000, 4)).unwrap();
+        let held = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(s[0].p(name))
+            .unwrap();
+        gone(&s, name);
+        held.set_len(0)
+            .unwrap_or_else(|e| panic!("{name}: ftruncate to 0: {e}"));
+        held.write_all_at(b"after", 0).unwrap();
+        held.sync_all().unwrap();
+        let mut back = [0u8; 5];
+        held.read_exact_at(&mut back, 0).unwrap();
+        assert_eq!(&back, b"after", "{name}");
+        assert_eq!(held.metadata().unwrap().len(), 5, "{name}");
+    }
+    assert_fsck_clean(&s[0]);
+}

@@ -1027,6 +1027,8 @@ enum Range {
 }
 
 const INODES: u64 = 1 << 61;
+/// Longest a process waits for a mount running alone to let it in (see [`Presence`]).
+const JOIN_AT_MOST: std::time::Duration = std::time::Duration::from_secs(120);
 
 fn lock_range(lock: &File, range: Range, exclusive: bool, wait: bool) -> io::Result<()> {
     let at = match range {
@@ -1208,24 +1210,66 @@ impl Backing {
     /// `may_run_alone` (a writable mount), runs alone if no other process uses the store.
     /// Says whether it runs alone.
     pub fn join(&self, may_run_alone: bool) -> io::Result<bool> {
+        self.register()?;
+        Ok(may_run_alone && self.try_run_alone()?)
+    }
+
+    /// Registers this process as one using the store, once (see [`Backing::join`]). A process
+    /// that cannot write kmsfs's own directory (a read-only store) registers through a
+    /// read-only descriptor of the lock file, which takes the shared locks this needs.
+    pub fn register(&self) -> io::Result<()> {
         let p = &self.presence;
         let mut held = p.held.lock().unwrap_or_else(|e| e.into_inner());
         if held.is_some() {
-            return Ok(!p.shared.load(Ordering::Acquire));
+            return Ok(());
         }
-        let file = self.open_locks()?;
+        let file = match self.open_locks() {
+            Ok(file) => file,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EROFS | libc::EACCES)) => self
+                .meta_dir(META_DIR, false)?
+                .open_lock_file_read_only(HEADER_LOCKS)?,
+            Err(e) => return Err(e),
+        };
         lock_range(&file, Range::Present, false, true)?;
-        let alone = may_run_alone
-            && lock_range(&file, Range::Alone, true, false).is_ok()
-            && !others_hold(&file, Range::Present)?;
-        if !alone {
-            // Not alone: wait for a mount that is to turn to locking, then let it be.
-            lock_range(&file, Range::Alone, false, true)?;
-            set_lock(&file, 2 * INODES + 2, libc::F_UNLCK, false)?;
+        // Wait for a mount running alone to turn to locking (it looks every 100 ms, then
+        // finishes the change of names under way), then let it be.
+        let started = std::time::Instant::now();
+        while let Err(e) = lock_range(&file, Range::Alone, false, false) {
+            if !matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) {
+                return Err(e);
+            }
+            if started.elapsed() > JOIN_AT_MOST {
+                return Err(io::Error::other(format!(
+                    "a mount of this store running alone did not turn to locking within {} s",
+                    JOIN_AT_MOST.as_secs()
+                )));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        p.shared.store(!alone, Ordering::Release);
+        set_lock(&file, 2 * INODES + 2, libc::F_UNLCK, false)?;
         *held = Some(file);
-        Ok(alone)
+        Ok(())
+    }
+
+    /// Runs alone if no other process uses the store (registered first); says whether.
+    fn try_run_alone(&self) -> io::Result<bool> {
+        let p = &self.presence;
+        let held = p.held.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(file) = held.as_ref() else {
+            return Ok(false);
+        };
+        if !p.shared.load(Ordering::Acquire) {
+            return Ok(true);
+        }
+        if lock_range(file, Range::Alone, true, false).is_err() {
+            return Ok(false);
+        }
+        if others_hold(file, Range::Present)? {
+            set_lock(file, 2 * INODES + 2, libc::F_UNLCK, false)?;
+            return Ok(false);
+        }
+        p.shared.store(false, Ordering::Release);
+        Ok(true)
     }
 
     /// Whether this process runs alone (see [`Presence`]).
@@ -1272,6 +1316,37 @@ fn others_hold(file: &File, range: Range) -> io::Result<bool> {
 }
 
 impl DataLock {
+    /// Takes the lock exclusively until [`DataLock::release`] (or a guard of this lock drops),
+    /// even while running alone: a file created without its header yet holds it, so another
+    /// process can tell that create from one a crash cut short (whose lock is free).
+    pub fn hold(&self) -> io::Result<()> {
+        lock_range(&self.file, Range::Data(self.ino), true, true)
+    }
+
+    /// [`DataLock::take`] without waiting: None if another holds it.
+    pub fn try_take(&self, exclusive: bool) -> io::Result<Option<DataGuard<'_>>> {
+        if let Some(alone) = self.presence.unlocked() {
+            return Ok(Some(DataGuard {
+                lock: self,
+                alone: Some(alone),
+            }));
+        }
+        match lock_range(&self.file, Range::Data(self.ino), exclusive, false) {
+            Ok(()) => Ok(Some(DataGuard {
+                lock: self,
+                alone: None,
+            })),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn release(&self) {
+        if let Err(e) = set_lock(&self.file, INODES + self.ino % INODES, libc::F_UNLCK, false) {
+            tracing::warn!("cannot release a file's data lock: {e}");
+        }
+    }
+
     /// [`DataLock::take`], the guard owning the lock's descriptor (a lock taken once; none
     /// while running alone).
     pub fn take_owned(self, exclusive: bool) -> io::Result<SettledFile> {
@@ -1590,6 +1665,23 @@ impl MetaDir {
 
     /// Opens (creating, mode 0600) the regular file `name` for locking; nothing else there is
     /// accepted.
+    /// The lock file `name`, read-only and not created (see [`Backing::register`]).
+    fn open_lock_file_read_only(&self, name: &str) -> io::Result<File> {
+        let fd = rustix::fs::openat(
+            &self.fd,
+            name,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let file = File::from(fd);
+        check_kind(
+            &file.metadata()?,
+            Want::File,
+            &self.shown.join(name).display(),
+        )?;
+        Ok(file)
+    }
+
     fn open_lock_file(&self, name: &str) -> io::Result<File> {
         let fd = rustix::fs::openat(
             &self.fd,

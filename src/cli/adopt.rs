@@ -21,7 +21,7 @@ pub struct AdoptArgs {
 pub fn run(args: AdoptArgs) -> Result<()> {
     let path = volume_path(&args.path)?;
     let from = volume_path(&args.from)?;
-    let volume = args.volume.open()?;
+    let volume = args.volume.open_to_write()?;
     // Errors name both paths as the user does, not by their stored paths.
     let shown = |e| super::shown_error(&volume, &from, super::shown_error(&volume, &path, e));
     let moved = volume

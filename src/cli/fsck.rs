@@ -23,7 +23,11 @@ pub struct FsckArgs {
 }
 
 pub fn run(args: FsckArgs) -> Result<()> {
-    let volume = args.volume.open()?;
+    let volume = if args.repair {
+        args.volume.open_to_write()?
+    } else {
+        args.volume.open()?
+    };
     let started = std::time::Instant::now();
     let report = fsck::check(&volume, args.deep, args.repair)?;
     let open_problems = report.problems.iter().filter(|p| !p.repaired).count();

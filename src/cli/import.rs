@@ -32,7 +32,7 @@ pub fn run(args: ImportArgs) -> Result<()> {
                 .map_err(|e| Error::io(format!("cannot open {}", args.from.display()), e))?,
         )
     };
-    let volume = args.volume.open()?;
+    let volume = args.volume.open_to_write()?;
     // Owned by whoever imports it, readable by them alone (chmod through a mount to share).
     // Errors name the file as the user does, not by its stored path.
     let size = import(&volume, &path, &mut input).map_err(|e| shown_error(&volume, &path, e))?;

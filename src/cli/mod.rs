@@ -109,14 +109,27 @@ impl VolumeArgs {
         })
     }
 
-    /// Opens the volume and registers with its locks (a mount running alone turns to
-    /// locking; see `crate::backing::Presence`): best effort, as a reader may not be able
-    /// to create the lock file.
+    /// Opens the volume to read it, registered with its locks (a mount running alone turns
+    /// to locking; see `crate::backing::Presence`) if the store lets this user: a reader
+    /// that cannot register is warned that what it reads may be changing.
     pub fn open(&self) -> Result<Volume> {
         let volume = Volume::open(&self.backing, &self.open_options(key_options()?)?)?;
-        if let Err(e) = volume.backing().join(false) {
-            tracing::debug!("not registered with the store's locks: {e}");
+        if let Err(e) = volume.backing().register() {
+            tracing::warn!(
+                "cannot register with the store's locks ({e}): a file a mount is writing \
+                 now may fail to read"
+            );
         }
+        Ok(volume)
+    }
+
+    /// Opens the volume to change it: registered with its locks, or refused.
+    pub fn open_to_write(&self) -> Result<Volume> {
+        let volume = Volume::open(&self.backing, &self.open_options(key_options()?)?)?;
+        volume
+            .backing()
+            .register()
+            .map_err(|e| Error::Refused(format!("cannot register with the store's locks: {e}")))?;
         Ok(volume)
     }
 }

@@ -40,7 +40,7 @@ pub fn run(args: RewrapArgs) -> Result<()> {
         return Err(Error::Usage("--jobs must be at least 1".into()));
     }
     let started = Instant::now();
-    let mut volume = args.volume.open()?;
+    let mut volume = args.volume.open_to_write()?;
     let (to_id, added) = if args.dry_run {
         (
             volume

@@ -438,6 +438,11 @@ impl EncryptedFile {
         Ok(at)
     }
 
+    /// Takes `lock` (opened on this file) as its data lock, if it has none yet.
+    pub(crate) fn use_data_lock(&self, lock: std::sync::Arc<DataLock>) {
+        let _ = self.data_lock.set(lock);
+    }
+
     /// This file's data lock, opened on first use.
     pub(crate) fn data_lock(&self) -> Result<std::sync::Arc<DataLock>> {
         if let Some(lock) = self.data_lock.get() {

@@ -31,6 +31,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
+use crate::backing::DataLock;
 use crate::error::{os, Error, Result};
 use crate::format::context::CanonicalPath;
 use crate::format::envelope::{Envelope, WrappedKey};
@@ -88,6 +89,8 @@ enum Instance {
         attrs: Attrs,
         file: File,
         data: Vec<u8>,
+        /// The file's data lock, held until its header is written (see [`DataLock::hold`]).
+        lock: Option<Arc<DataLock>>,
     },
     /// The data key never came: every later use fails with this reason.
     Failed {
@@ -131,12 +134,20 @@ impl OpenNode {
     }
 
     /// A file just created at `path` (its backing `file` empty) whose key is still to come.
-    pub fn pending(path: CanonicalPath, attrs: Attrs, file: File) -> Self {
+    /// A created file waiting for its key; `lock` is its data lock, held (see
+    /// [`DataLock::hold`]) and released once the header is written or the key never comes.
+    pub fn pending(
+        path: CanonicalPath,
+        attrs: Attrs,
+        file: File,
+        lock: Option<Arc<DataLock>>,
+    ) -> Self {
         Self::with_state(Instance::Pending {
             path,
             attrs,
             file,
             data: Vec::new(),
+            lock,
         })
     }
 
@@ -525,6 +536,8 @@ impl OpenNode {
     /// same moment cannot overwrite it with the times it keeps. `f` is given the open backing
     /// file, as [`with_backing_file`](Self::with_backing_file) would deadlock under the lock.
     pub fn exclusive<T>(&self, f: impl FnOnce(std::io::Result<&File>) -> T) -> T {
+        // A write lock though it only reads: it keeps `complete` out while `f` runs.
+        #[allow(clippy::readonly_write_lock)]
         let state = self.state.write().unwrap();
         f(match &*state {
             Instance::Ready(file) => Ok(file.backing_file()),
@@ -546,21 +559,30 @@ impl OpenNode {
             attrs,
             file,
             data,
+            lock,
         } = &*state
         else {
             return Ok(());
         };
         let path = path.clone();
+        let lock = lock.clone();
         let result = key.and_then(|(dek, wrapped)| {
             let io = |what: &str, e| Error::io(format!("cannot {what} {path}"), e);
             let times = file.metadata().map_err(|e| io("stat", e))?;
             let dup = file.try_clone().map_err(|e| io("reopen", e))?;
             let mut ready =
                 EncryptedFile::create_with_key(volume, &path, dup, &dek, wrapped, *attrs)?;
+            // Its writes take the lock held (one descriptor: never waiting for itself).
+            if let Some(lock) = &lock {
+                ready.use_data_lock(lock.clone());
+            }
             ready.write_at(0, data)?;
             keep_times(ready.backing_file(), &times).map_err(|e| io("set the times of", e))?;
             Ok(ready)
         });
+        if let Some(lock) = &lock {
+            lock.release();
+        }
         let outcome = match result {
             Ok(ready) => {
                 let held = data.len() as u64;

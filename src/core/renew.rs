@@ -139,11 +139,20 @@ pub fn renew(volume: &Volume, file: &mut EncryptedFile, until: Step) -> Result<(
                 file.set_path(path.clone());
                 c.envelopes.clone()
             }
-            None => {
-                return Err(Error::Integrity(format!(
-                    "{path}: no authentic header slot binds it; not renewed"
-                )))
-            }
+            // No name links to it any more (unlinked, or replaced by a rename): renewed
+            // under the names its header gives, for the handles that still hold it.
+            None => match c.envelopes.first() {
+                Some(e) => {
+                    path = e.path.clone();
+                    file.set_path(path.clone());
+                    c.envelopes.clone()
+                }
+                None => {
+                    return Err(Error::Integrity(format!(
+                        "{path}: no authentic header slot binds it; not renewed"
+                    )))
+                }
+            },
         },
         None => {
             return Err(Error::Integrity(format!(

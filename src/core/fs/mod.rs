@@ -123,6 +123,16 @@ impl Drop for NamespaceHeld<'_> {
     }
 }
 
+/// What a create found at its name (see [`KmsFs::unfinished_create`]).
+enum Unfinished {
+    /// Something else: the name is taken.
+    No,
+    /// Another mount's create, its key not there yet: this lock comes free once it is.
+    UnderWay(crate::backing::DataLock),
+    /// An empty file a create cut short left, now removed.
+    LeftByACrash,
+}
+
 /// Who asks (for ownership of what they create).
 #[derive(Debug, Clone, Copy)]
 pub struct Caller {
@@ -295,6 +305,11 @@ impl KmsFs {
             },
         };
         if !read_only {
+            // Registered before anything changes: a mount running alone elsewhere turns to
+            // locking first, so the recovery below is ordered with its changes.
+            core.store().register().map_err(|e| {
+                Error::Refused(format!("cannot register with the store's locks: {e}"))
+            })?;
             super::renew::finish_interrupted(&core.volume);
             core.finish_interrupted_rebinds();
         }
@@ -363,7 +378,7 @@ impl KmsFs {
             std::thread::sleep(std::time::Duration::from_millis(100));
             let Some(core) = core.upgrade() else { return };
             if core.store().others_present() {
-                let _ns = core.namespace.lock().unwrap();
+                let _ns = core.namespace.lock().unwrap_or_else(|e| e.into_inner());
                 core.store().share();
                 tracing::info!("another process uses this store now: every change is locked");
                 return;
@@ -531,8 +546,11 @@ impl KmsFs {
             .map_err(|e| io_err("cannot stat", path, e))?;
         match self.attr_of(path, &found.meta, Some(&found)) {
             // Another mount may be renewing the file (its header half rewritten): once that
-            // mount's data lock is free, look again.
-            Err(Error::Format { .. } | Error::Io { .. }) if found.meta.is_file() => {
+            // mount's data lock is free, look again. Not an empty one: no renewal leaves it
+            // so, and another mount's create holds that lock until its key comes.
+            Err(Error::Format { .. } | Error::Io { .. })
+                if found.meta.is_file() && found.meta.len() > 0 =>
+            {
                 let file = found
                     .open_read()
                     .map_err(|e| io_err("cannot open", path, e))?;
@@ -730,7 +748,15 @@ impl KmsFs {
         kill_setid: bool,
     ) -> Result<Attr> {
         self.check_writable()?;
-        let path = self.path_of(ino)?;
+        // A file open here whose names are all gone (unlinked, or replaced by a rename)
+        // changes through its handle.
+        let path = match self.path_of(ino) {
+            Ok(path) => path,
+            Err(e) => match self.open_node(ino) {
+                Some(node) => node.path(),
+                None => return Err(e),
+            },
+        };
         let expect = self.expected(ino);
         if kill_setid && mode.is_none() {
             self.change_attrs(ino, &path, |a| {
@@ -1306,11 +1332,18 @@ impl KmsFs {
         let Ok(backing_ino) = backing_ino else {
             return Err(os(format!("cannot stat the new {path}"), libc::EIO));
         };
+        // Held until its header is written: other mounts can tell this create, under way,
+        // from one a crash cut short (see `create`). Made under the namespace lock, which
+        // they take to look.
+        let lock = crate::backing::DataLock::new(store, &file)
+            .and_then(|lock| lock.hold().map(|()| Arc::new(lock)))
+            .map_err(|e| remove(io_err("cannot lock", path, e)))?;
         let pending = Arc::new(OpenNode::pending(
             path.clone(),
             attrs,
             file.try_clone()
                 .map_err(|e| remove(io_err("cannot reopen", path, e)))?,
+            Some(lock),
         ));
         if self.key_requests.submit(&pending) {
             return self.open_created(path, pending, backing_ino);
@@ -1358,13 +1391,24 @@ impl KmsFs {
         self.check_writable()?;
         let ns = self.namespace()?;
         let (child, dir) = self.new_child(parent, name)?;
-        let (attr, fh) = match self.create_file(&child, dir, mode, caller) {
+        let made = match self.create_file(&child, dir, mode, caller) {
+            Err(e) if e.errno() == libc::EEXIST => match self.unfinished_create(&child.path)? {
+                Unfinished::LeftByACrash => self.create_file(&child, dir, mode, caller),
+                Unfinished::UnderWay(lock) => {
+                    drop(ns);
+                    self.wait_for_create(&lock, &child.path)?;
+                    Err(e)
+                }
+                Unfinished::No => Err(e),
+            },
+            other => other,
+        };
+        let (attr, fh) = match made {
             // Another mount of the store made the name since the kernel looked it up: without
             // O_EXCL the caller opens what is there, but only through the kernel's own open,
             // which checks its permissions: ESTALE makes the kernel look the name up again
             // and open what it finds (what `open(2)` does for a stale name).
             Err(e) if e.errno() == libc::EEXIST && flags & libc::O_EXCL == 0 => {
-                drop(ns);
                 return Err(os(
                     format!(
                         "{}: made by another mount meanwhile; the kernel looks again",
@@ -1381,6 +1425,70 @@ impl KmsFs {
             return Ok((attr, fh2));
         }
         Ok((attr, fh))
+    }
+
+    /// Whether `path` (where a create found something) holds an empty backing file with no
+    /// header, which the mount does not show: a create under way on another mount, its key
+    /// not there yet (its data lock held: the caller waits for it, without the namespace
+    /// lock), or one a stopped mount left (lock free: nothing in it was ever acknowledged,
+    /// and it would keep the name taken for good: removed). Called under the namespace lock,
+    /// which creates hold until their lock is.
+    fn unfinished_create(&self, path: &CanonicalPath) -> Result<Unfinished> {
+        let store = self.store();
+        let meta = match store.metadata(path) {
+            Ok(meta) if meta.is_file() && meta.len() == 0 => meta,
+            _ => return Ok(Unfinished::No),
+        };
+        let id = Identity::of(&meta);
+        if self.open_node(self.ino_of(id.ino)).is_some() {
+            return Ok(Unfinished::No);
+        }
+        let io = |e| io_err("cannot lock", path, e);
+        let file = store
+            .open_file_expecting(path, false, Atime::Keep, id)
+            .map_err(|e| io_err("cannot open", path, e))?;
+        let lock = crate::backing::DataLock::new(store, &file).map_err(io)?;
+        let Some(free) = lock.try_take(false).map_err(io)? else {
+            return Ok(Unfinished::UnderWay(lock));
+        };
+        if !store
+            .metadata(path)
+            .is_ok_and(|m| m.len() == 0 && Identity::of(&m) == id)
+        {
+            return Ok(Unfinished::No);
+        }
+        store
+            .unlink(path, Some(id))
+            .map_err(|e| io_err("cannot remove", path, e))?;
+        drop(free);
+        tracing::warn!(
+            "{path}: removed an empty backing file with no header, which a create cut short \
+             had left, to create the name anew"
+        );
+        Ok(Unfinished::LeftByACrash)
+    }
+
+    /// Waits (a while: the key service may be down) for another mount's create at `path`
+    /// to get its key and header, which frees its data `lock`.
+    fn wait_for_create(&self, lock: &crate::backing::DataLock, path: &CanonicalPath) -> Result<()> {
+        const AT_MOST: std::time::Duration = std::time::Duration::from_secs(15);
+        let started = std::time::Instant::now();
+        loop {
+            if lock
+                .try_take(false)
+                .map_err(|e| io_err("cannot lock", path, e))?
+                .is_some()
+            {
+                return Ok(());
+            }
+            if started.elapsed() > AT_MOST {
+                return Err(os(
+                    format!("{path}: being created by another mount, whose key has not come"),
+                    libc::EAGAIN,
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 
     pub fn open(&self, ino: u64, flags: i32) -> Result<u64> {
@@ -1448,7 +1556,9 @@ impl KmsFs {
         let file = match EncryptedFile::from_file(&self.volume, path, backing) {
             // Another mount may be renewing it (its header half rewritten, its length
             // changing): once its data lock is free, look again.
-            Err(Error::Format { .. } | Error::Io { .. }) => {
+            Err(Error::Format { .. } | Error::Io { .. })
+                if again.metadata().is_ok_and(|m| m.len() > 0) =>
+            {
                 let _settled = self.settled(&again, path)?;
                 EncryptedFile::from_file(&self.volume, path, again)?
             }
