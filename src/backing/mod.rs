@@ -1663,9 +1663,8 @@ impl MetaDir {
         metadata_of(&fd)
     }
 
-    /// Opens (creating, mode 0600) the regular file `name` for locking; nothing else there is
-    /// accepted.
-    /// The lock file `name`, read-only and not created (see [`Backing::register`]).
+    /// The lock file `name`, read-only and not created (see [`Backing::register`]); nothing
+    /// else there is accepted.
     fn open_lock_file_read_only(&self, name: &str) -> io::Result<File> {
         let fd = rustix::fs::openat(
             &self.fd,
@@ -1682,6 +1681,8 @@ impl MetaDir {
         Ok(file)
     }
 
+    /// Opens (creating, mode 0600) the regular file `name` for locking; nothing else there is
+    /// accepted.
     fn open_lock_file(&self, name: &str) -> io::Result<File> {
         let fd = rustix::fs::openat(
             &self.fd,
@@ -1792,18 +1793,7 @@ impl MetaDir {
 
     /// Whether some process holds the lock [`MetaDir::write_new_locked`] takes on `name`.
     pub fn in_use(&self, name: &str) -> io::Result<bool> {
-        let fd = rustix::fs::openat(
-            &self.fd,
-            name,
-            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
-            Mode::empty(),
-        )?;
-        let file = File::from(fd);
-        check_kind(
-            &file.metadata()?,
-            Want::File,
-            &self.shown.join(name).display(),
-        )?;
+        let file = self.open_lock_file_read_only(name)?;
         let mut range = flock_at(0, 0, libc::F_WRLCK);
         // SAFETY: an open descriptor and a valid `struct flock` for F_OFD_GETLK to fill in.
         if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut range) } != 0 {
