@@ -1027,6 +1027,8 @@ enum Range {
 }
 
 const INODES: u64 = 1 << 61;
+/// Longest a create waits for its new file's data lock (see [`DataLock::hold`]).
+const HOLD_AT_MOST: std::time::Duration = std::time::Duration::from_secs(5);
 /// Longest a process waits for a mount running alone to let it in (see [`Presence`]).
 const JOIN_AT_MOST: std::time::Duration = std::time::Duration::from_secs(120);
 
@@ -1319,8 +1321,24 @@ impl DataLock {
     /// Takes the lock exclusively until [`DataLock::release`] (or a guard of this lock drops),
     /// even while running alone: a file created without its header yet holds it, so another
     /// process can tell that create from one a crash cut short (whose lock is free).
+    /// Nobody else has a reason to hold a new file's lock: one held for long (only the
+    /// store's owner can open the lock file) fails the create rather than stall every change of
+    /// names behind it.
     pub fn hold(&self) -> io::Result<()> {
-        lock_range(&self.file, Range::Data(self.ino), true, true)
+        let started = std::time::Instant::now();
+        loop {
+            match lock_range(&self.file, Range::Data(self.ino), true, false) {
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) => {
+                    if started.elapsed() > HOLD_AT_MOST {
+                        return Err(io::Error::other(
+                            "another process holds the new file's data lock",
+                        ));
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                other => return other,
+            }
+        }
     }
 
     /// [`DataLock::take`] without waiting: None if another holds it.

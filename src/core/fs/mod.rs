@@ -1451,10 +1451,15 @@ impl KmsFs {
         let Some(free) = lock.try_take(false).map_err(io)? else {
             return Ok(Unfinished::UnderWay(lock));
         };
-        if !store
+        // Still empty, asked of the file itself too: a network filesystem may answer a stat
+        // by name from attributes it cached before the lock was free.
+        let mut byte = [0u8; 1];
+        let empty = store
             .metadata(path)
             .is_ok_and(|m| m.len() == 0 && Identity::of(&m) == id)
-        {
+            && file.metadata().is_ok_and(|m| m.len() == 0)
+            && std::os::unix::fs::FileExt::read_at(&file, &mut byte, 0).is_ok_and(|n| n == 0);
+        if !empty {
             return Ok(Unfinished::No);
         }
         store
