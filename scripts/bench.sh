@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Side-by-side benchmark: a plain directory, gocryptfs and kmsfs (local key provider, and the
+# Side-by-side benchmark: a plain directory, gocryptfs, securefs and kmsfs (local key provider, and the
 # same with KMS_LATENCY_MS of injected latency per key call, and the same with plaintext names:
 # "kmsfs-plainnames") on the same disk, in one run; and two kmsfs mounts of one store untarring
 # at once against one after the other ("kmsfs-shared").
 # Workloads (the project's benchmark set): streaming write and read of 512 MiB in 128 KiB blocks (caches dropped
 # between; then once more with only the backing store's cache warm), untar of a generated
 # ~15k-file source-like tree, ls -lR, reading every file,
-# rm -rf, fio random 4 KiB read and write. Prints a table with seconds (or IOPS), the ratio
-# kmsfs/gocryptfs, and the key-service calls kmsfs made per workload.
+# rm -rf, fio random 4 KiB read and write; and the size of the untarred tree on the backing store
+# (allocated and apparent), against plain. Prints a table with seconds (or IOPS), the ratios
+# kmsfs/gocryptfs and kmsfs/best peer (the faster of gocryptfs and securefs on that workload),
+# and the key-service calls kmsfs made per workload.
 #
 # Every workload runs ROUNDS times on every filesystem, the filesystems interleaved (one
 # round runs each of them once, starting with a different one each round), and the table
@@ -17,8 +19,8 @@
 # Environment: ROUNDS (3), STREAM_MIB (512), FILES (15000), FIO_SECONDS (10),
 # KMS_LATENCY_MS (5), KMSFS_BASELINE (the path of another kmsfs binary, e.g. a release build
 # of an earlier commit: run beside the others as "kmsfs-base", for an A/B in the same run),
-# FILESYSTEMS (which of "plain gocryptfs kmsfs kmsfs-latency kmsfs-plainnames kmsfs-shared"
-# to run; all)
+# FILESYSTEMS (which of "plain gocryptfs securefs kmsfs kmsfs-latency kmsfs-plainnames
+# kmsfs-shared" to run; all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
@@ -28,7 +30,7 @@ FIO_SECONDS=${FIO_SECONDS:-10}
 KMS_LATENCY_MS=${KMS_LATENCY_MS:-5}
 
 need=()
-for tool in gocryptfs fio fusermount3 tar python3 bc; do
+for tool in gocryptfs securefs fio fusermount3 tar python3 bc; do
     command -v "$tool" >/dev/null 2>&1 || need+=("$tool")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -145,6 +147,12 @@ run_workloads() { # fs dir
     mkdir -p "$dir/src"
     timed "$fs" "$dir" "untar ${FILES} files" tar -C "$dir/src" -xf "$tarball"
     sync
+    # What the untarred tree takes on the backing store (against plain: the format's overhead).
+    local store
+    store=$(backing_of "$fs")
+    record "$fs" "tree stored, allocated MiB" "$(du -sk "$store" | awk '{printf "%.2f", $1 / 1024}')" "-"
+    record "$fs" "tree stored, apparent MiB" \
+        "$(du -sk --apparent-size "$store" | awk '{printf "%.2f", $1 / 1024}')" "-"
     # A fresh mount for the walks: cold kernel caches and, for kmsfs, a cold key cache (every
     # file read costs a Decrypt, as for a backup job or after a reboot).
     remount_$fs
@@ -159,7 +167,23 @@ run_workloads() { # fs dir
     rm -f "$dir/fio"
 }
 
+# Where a filesystem keeps what its mount shows.
+backing_of() {
+    case $1 in
+    plain) echo "$work/plain/mnt" ;;
+    gocryptfs | securefs) echo "$work/$1/cipher" ;;
+    *) echo "$work/$1/backing" ;;
+    esac
+}
 remount_plain() { :; }
+# securefs with its default format and a fixed password (as gocryptfs: a local secret).
+mount_securefs() {
+    securefs mount -b --pass bench "$work/securefs/cipher" "$work/securefs/mnt" >/dev/null 2>&1
+    for _ in $(seq 100); do mountpoint -q "$work/securefs/mnt" && return 0; sleep 0.05; done
+    echo "scripts/bench.sh: securefs did not mount" >&2
+    return 1
+}
+remount_securefs() { fusermount3 -u "$work/securefs/mnt"; mount_securefs; }
 remount_gocryptfs() {
     fusermount3 -u "$work/gocryptfs/mnt"
     gocryptfs -q -passfile "$work/gocryptfs/pass" "$work/gocryptfs/cipher" "$work/gocryptfs/mnt" 2>/dev/null
@@ -191,6 +215,14 @@ bench_gocryptfs() {
     gocryptfs -q -passfile "$work/gocryptfs/pass" "$work/gocryptfs/cipher" "$work/gocryptfs/mnt" 2>/dev/null
     run_workloads gocryptfs "$work/gocryptfs/mnt"
     fusermount3 -u "$work/gocryptfs/mnt"
+}
+bench_securefs() {
+    mkdir -p "$work/securefs/cipher" "$work/securefs/mnt"
+    [ -f "$work/securefs/cipher/.securefs.json" ] ||
+        securefs create --pass bench "$work/securefs/cipher" >/dev/null 2>&1
+    mount_securefs
+    run_workloads securefs "$work/securefs/mnt"
+    fusermount3 -u "$work/securefs/mnt"
 }
 bench_kmsfs() { # variant: kmsfs (local provider) or kmsfs-latency (the same, slowed down)
     local base=$work/$1
@@ -230,7 +262,7 @@ bench_kmsfs-shared() {
     "$KMSFS" umount "$base/mnt"
 }
 
-read -r -a filesystems <<< "${FILESYSTEMS:-plain gocryptfs kmsfs kmsfs-latency kmsfs-plainnames kmsfs-shared}"
+read -r -a filesystems <<< "${FILESYSTEMS:-plain gocryptfs securefs kmsfs kmsfs-latency kmsfs-plainnames kmsfs-shared}"
 if [ -n "${KMSFS_BASELINE:-}" ]; then
     filesystems+=(kmsfs-base)
 fi
@@ -242,6 +274,7 @@ for round in $(seq 1 "$ROUNDS"); do
         case $fs in
         plain) bench_plain ;;
         gocryptfs) bench_gocryptfs ;;
+        securefs) bench_securefs ;;
         kmsfs-shared) bench_kmsfs-shared ;;
         *) bench_kmsfs "$fs" ;;
         esac
@@ -271,13 +304,28 @@ def ratio(w, fs):
 def per_round(w, fs):
     k, g = data.get((fs, w), {}), data.get(("gocryptfs", w), {})
     return " ".join(f"{ratio_of(w, k[r], g[r]):.2f}" for r in sorted(k) if r in g and k[r] and g[r])
+def best_peer(w):
+    # The faster of gocryptfs and securefs on the workload (the one kmsfs must beat).
+    peers = [(median(p, w), p) for p in ("gocryptfs", "securefs") if median(p, w)]
+    if not peers:
+        return None
+    return (max if "IOPS" in w else min)(peers)[1]
+def ratio_best(w, fs):
+    b, k = best_peer(w), median(fs, w)
+    return f"{ratio_of(w, k, median(b, w)):.2f}" if b and k else "-"
+def per_round_best(w, fs):
+    b = best_peer(w)
+    if not b:
+        return ""
+    k, g = data.get((fs, w), {}), data.get((b, w), {})
+    return " ".join(f"{ratio_of(w, k[r], g[r]):.2f}" for r in sorted(k) if r in g and k[r] and g[r])
 print(f"medians of {rounds} rounds")
-print(f"{'workload':<24} {'plain':>9} {'gocryptfs':>10} {'kmsfs':>9} {'k/g':>6} {'kmsfs+'+lat+'ms':>11} {'k/g':>6}  k/g each round (kmsfs | +latency)  key calls (kmsfs | +latency)")
+print(f"{'workload':<24} {'plain':>9} {'gocryptfs':>10} {'securefs':>9} {'kmsfs':>9} {'k/g':>6} {'k/best':>6} {'kmsfs+'+lat+'ms':>11} {'k/g':>6}  k/best each round  k/g each round (kmsfs | +latency)  key calls (kmsfs | +latency)")
 for w in order:
-    vals = [median(fs, w) for fs in ("plain", "gocryptfs", "kmsfs", "kmsfs-latency")]
+    vals = [median(fs, w) for fs in ("plain", "gocryptfs", "securefs", "kmsfs", "kmsfs-latency")]
     fmt = lambda v: "-" if v is None else (f"{v:.0f}" if "IOPS" in w else f"{v:.2f}")
-    print(f"{w:<24} {fmt(vals[0]):>9} {fmt(vals[1]):>10} {fmt(vals[2]):>9} {ratio(w,'kmsfs'):>6} {fmt(vals[3]):>11} {ratio(w,'kmsfs-latency'):>6}  {per_round(w,'kmsfs')} | {per_round(w,'kmsfs-latency')}  {calls.get(('kmsfs',w),'-')} | {calls.get(('kmsfs-latency',w),'-')}")
-print("times in seconds (lower is better) except IOPS; k/g = kmsfs time / gocryptfs time (for IOPS: gocryptfs IOPS / kmsfs IOPS), so below 1 means kmsfs is faster; k/g is the ratio of the medians")
+    print(f"{w:<24} {fmt(vals[0]):>9} {fmt(vals[1]):>10} {fmt(vals[2]):>9} {fmt(vals[3]):>9} {ratio(w,'kmsfs'):>6} {ratio_best(w,'kmsfs'):>6} {fmt(vals[4]):>11} {ratio(w,'kmsfs-latency'):>6}  {per_round_best(w,'kmsfs')} ({best_peer(w) or '-'})  {per_round(w,'kmsfs')} | {per_round(w,'kmsfs-latency')}  {calls.get(('kmsfs',w),'-')} | {calls.get(('kmsfs-latency',w),'-')}")
+print("times in seconds (lower is better) except IOPS; k/g = kmsfs time / gocryptfs time, k/best = kmsfs time / the best peer's (gocryptfs or securefs, named after each round's ratios); for IOPS the peer's IOPS / kmsfs IOPS; so below 1 means kmsfs is faster; ratios are of the medians")
 if any(fs == "kmsfs-plainnames" for fs, _ in data):
     def en(w):
         k, p = data.get(("kmsfs", w), {}), data.get(("kmsfs-plainnames", w), {})
