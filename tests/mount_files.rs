@@ -325,3 +325,64 @@ fn a_mount_by_root_reads_ahead_one_mib() {
     );
     assert_eq!(fs::read_to_string(&knob).unwrap().trim(), "1024", "{knob}");
 }
+
+/// A key service stuck for 10 s on one file's `Decrypt` holds up that file's open only: a
+/// listing with a stat of every entry (`ls -l`) of its directory, a `stat`, a read of another
+/// open file and a close of another handle each answer within 200 ms meanwhile.
+#[test]
+fn a_key_call_stuck_on_one_file_holds_up_nothing_else() {
+    if !fuse_available() {
+        return;
+    }
+    // No kernel attribute cache: every stat reaches the daemon.
+    let mut m = Mount::new(4096, &["--cache-timeout", "0"]);
+    fs::create_dir(m.p("d")).unwrap();
+    for name in ["slow", "a", "b"] {
+        fs::write(m.p(&format!("d/{name}")), pattern(5000, 7)).unwrap();
+    }
+    let stored = m.stored("d/slow");
+    m.set_env("KMSFS_INJECT_KMS_HANG", &format!("10000:{stored}"));
+    m.remount();
+    let a = fs::File::open(m.p("d/a")).unwrap();
+    let b = fs::File::open(m.p("d/b")).unwrap();
+    let slow = m.p("d/slow");
+    let stuck = std::thread::spawn(move || {
+        let started = std::time::Instant::now();
+        (fs::read(&slow).map(|d| d.len()), started.elapsed())
+    });
+    // The open of `slow` is waiting for its key by now.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let quick = |what: &str, took: std::time::Duration| {
+        assert!(
+            took < std::time::Duration::from_millis(200),
+            "{what} took {took:?} while a key call was stuck"
+        );
+    };
+    let t = std::time::Instant::now();
+    let mut listed = 0;
+    for entry in fs::read_dir(m.p("d")).unwrap() {
+        fs::symlink_metadata(entry.unwrap().path()).unwrap();
+        listed += 1;
+    }
+    assert_eq!(listed, 3);
+    quick("ls -l", t.elapsed());
+    let t = std::time::Instant::now();
+    assert_eq!(fs::metadata(m.p("d/a")).unwrap().len(), 5000);
+    assert_eq!(fs::metadata(m.p("d/slow")).unwrap().len(), 5000);
+    quick("stat", t.elapsed());
+    let t = std::time::Instant::now();
+    let mut buf = vec![0u8; 5000];
+    a.read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!(buf, pattern(5000, 7));
+    quick("a read of another open file", t.elapsed());
+    let t = std::time::Instant::now();
+    drop(b);
+    quick("a close of another handle", t.elapsed());
+    // The stall was real (the positive control): the stuck open took its 10 s.
+    let (read, took) = stuck.join().unwrap();
+    assert_eq!(read.unwrap(), 5000);
+    assert!(
+        took >= std::time::Duration::from_secs(9),
+        "the key call was not held up: {took:?}"
+    );
+}

@@ -147,12 +147,14 @@ pub fn key_options() -> Result<KeyOptions> {
 /// Test and benchmark hooks, never for production: `KMSFS_INJECT_KMS_LATENCY_MS` adds that
 /// much latency to every key-service call (what a remote KMS costs, scripts/bench.sh);
 /// `KMSFS_INJECT_KMS_FAULTS` (see [`Faults::parse`]) throttles, times out or takes down a share
-/// of calls (tests/kms_faults.rs).
+/// of calls (tests/kms_faults.rs); `KMSFS_INJECT_KMS_HANG=MS:TEXT` holds each call whose
+/// encryption context mentions TEXT (a stored path) for MS milliseconds.
 fn injected_faults() -> Result<Option<crate::core::volume::ProviderWrapper>> {
     use crate::keys::fault::{Faults, FaultyProvider};
     let latency = std::env::var("KMSFS_INJECT_KMS_LATENCY_MS").ok();
     let faults = std::env::var("KMSFS_INJECT_KMS_FAULTS").ok();
-    if latency.is_none() && faults.is_none() {
+    let hang = std::env::var("KMSFS_INJECT_KMS_HANG").ok();
+    if latency.is_none() && faults.is_none() && hang.is_none() {
         return Ok(None);
     }
     let mut f = match &faults {
@@ -167,6 +169,17 @@ fn injected_faults() -> Result<Option<crate::core::volume::ProviderWrapper>> {
             ))
         })?;
         f.latency = std::time::Duration::from_millis(ms);
+    }
+    if let Some(spec) = hang {
+        let parsed = spec
+            .split_once(':')
+            .and_then(|(ms, text)| Some((ms.parse::<u64>().ok()?, text)));
+        let Some((ms, text)) = parsed.filter(|(_, text)| !text.is_empty()) else {
+            return Err(Error::Usage(format!(
+                "KMSFS_INJECT_KMS_HANG must be MILLISECONDS:TEXT, not '{spec}'"
+            )));
+        };
+        f.hang = Some((text.to_string(), std::time::Duration::from_millis(ms)));
     }
     tracing::warn!("key-service faults injected for testing: {f:?}");
     Ok(Some(std::sync::Arc::new(move |inner| {

@@ -37,6 +37,9 @@ pub struct Faults {
     /// The service is down (`Unavailable`) from this long after the wrapper was made, for
     /// the second duration: an outage that ends by itself.
     pub outage: Option<(Duration, Duration)>,
+    /// Calls whose encryption context mentions this text (one file's, by its stored path)
+    /// take this long before they are answered: a key service stuck on one call.
+    pub hang: Option<(String, Duration)>,
 }
 
 impl Faults {
@@ -122,7 +125,7 @@ impl FaultyProvider {
     }
 
     /// Applies the faults for `op`; `Err` means the call fails without reaching the provider.
-    fn inject(&self, op: KmsOp, key_id: &str) -> Result<(), KeyError> {
+    fn inject(&self, op: KmsOp, key_id: &str, ctx: &EncryptionContext) -> Result<(), KeyError> {
         let earlier = self.calls[op as usize].fetch_add(1, Ordering::Relaxed);
         let (latency, outcome) = {
             let mut per_op = self.per_op.lock().unwrap();
@@ -155,7 +158,12 @@ impl FaultyProvider {
                     None
                 }
             };
-            (f.latency, outcome)
+            let stuck = f
+                .hang
+                .as_ref()
+                .filter(|(text, _)| format!("{ctx:?}").contains(text.as_str()))
+                .map_or(Duration::ZERO, |(_, long)| *long);
+            (f.latency + stuck, outcome)
         };
         if !latency.is_zero() {
             std::thread::sleep(latency);
@@ -178,7 +186,7 @@ impl KeyProvider for FaultyProvider {
         key_id: &str,
         ctx: &EncryptionContext,
     ) -> Result<(DataKey, WrappedKey), KeyError> {
-        self.inject(KmsOp::GenerateDataKey, key_id)?;
+        self.inject(KmsOp::GenerateDataKey, key_id, ctx)?;
         self.inner.generate_data_key(key_id, ctx)
     }
 
@@ -188,12 +196,12 @@ impl KeyProvider for FaultyProvider {
         key: &DataKey,
         ctx: &EncryptionContext,
     ) -> Result<WrappedKey, KeyError> {
-        self.inject(KmsOp::Encrypt, key_id)?;
+        self.inject(KmsOp::Encrypt, key_id, ctx)?;
         self.inner.encrypt(key_id, key, ctx)
     }
 
     fn decrypt(&self, wrapped: &WrappedKey, ctx: &EncryptionContext) -> Result<DataKey, KeyError> {
-        self.inject(KmsOp::Decrypt, &wrapped.key_id)?;
+        self.inject(KmsOp::Decrypt, &wrapped.key_id, ctx)?;
         self.inner.decrypt(wrapped, ctx)
     }
 
@@ -204,7 +212,7 @@ impl KeyProvider for FaultyProvider {
         to_key_id: &str,
         to_ctx: &EncryptionContext,
     ) -> Result<WrappedKey, KeyError> {
-        self.inject(KmsOp::ReEncrypt, &wrapped.key_id)?;
+        self.inject(KmsOp::ReEncrypt, &wrapped.key_id, from_ctx)?;
         self.inner.re_encrypt(wrapped, from_ctx, to_key_id, to_ctx)
     }
 

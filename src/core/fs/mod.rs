@@ -18,9 +18,11 @@
 //!
 //! Lock order: `namespace` first (held across every namespace change: create, link, unlink,
 //! rename, mkdir, rmdir, so they are serialized; data I/O never takes it), then at most one of
-//! the short-held tables `nodes`, `open`, `handles`, or a cache's own lock. `open` is held
-//! while a file's instance is opened (two opens of one inode make one instance) and takes no
-//! other table lock meanwhile. An instance's own lock (see [`super::instance`]) comes last.
+//! the short-held tables `nodes`, `open`, `handles`, or a cache's own lock. None of these
+//! tables is held across a key-service call: an open makes the file's instance (its `Decrypt`)
+//! without `open` held, then puts it in the table unless another open of the inode did so
+//! meanwhile (then that one is the inode's). An instance's own lock (see
+//! [`super::instance`]) comes last.
 //!
 //! Other mounts of the store (on this host or others sharing it), `rewrap` and `fsck` are
 //! ordered by `fcntl` locks on the store (see [`crate::backing`]), in this order: the volume's
@@ -1503,42 +1505,48 @@ impl KmsFs {
             self.check_writable()?;
         }
         let path = self.path_of(ino)?;
-        let node = {
-            let mut open = self.open.lock().unwrap();
-            match open.get(&ino).and_then(|w| w.upgrade()) {
-                // The open instance is this inode's; it must also be bound to this name (a
-                // hard link made on the store to an open file is not). It catches up with
-                // other mounts' writes; one they renewed is left to its handles.
-                // A name another mount gave it since (a rename) is followed when the header
-                // on disk now binds it. It catches up with other mounts' writes; one they
-                // renewed is left to its handles and opened anew.
-                Some(n) if n.attrs_for(&path).is_some() || n.follow(&path) => {
-                    if n.catch_up() {
-                        n
-                    } else {
-                        let file = self.open_expected(ino, &path)?;
-                        let n = Arc::new(OpenNode::ready(file));
-                        open.insert(ino, Arc::downgrade(&n));
-                        n
-                    }
-                }
-                Some(n) => {
+        let node = loop {
+            // The open instance is this inode's; it must also be bound to this name (a hard
+            // link made on the store to an open file is not). A name another mount gave it
+            // since (a rename) is followed when the header on disk now binds it. It catches
+            // up with other mounts' writes; one they renewed is left to its handles and
+            // opened anew.
+            let seen = self.open_node(ino);
+            if let Some(n) = &seen {
+                if n.attrs_for(&path).is_none() && !n.follow(&path) {
                     return Err(Error::Moved {
                         path: path.to_string(),
                         bound: n.path().to_string(),
-                    })
+                    });
                 }
-                None => {
-                    let file = self.open_expected(ino, &path).inspect_err(|e| {
-                        self.io_errors.fetch_add(1, Ordering::Relaxed);
-                        tracing::error!("open failed: {e}");
-                    })?;
-                    self.prefetch_beside(&path);
-                    let n = Arc::new(OpenNode::ready(file));
-                    open.insert(ino, Arc::downgrade(&n));
-                    n
+                if n.catch_up() {
+                    break n.clone();
                 }
             }
+            // Opened (a key call) without the table of open files held: stat, lookup,
+            // listings, other opens and closes go on meanwhile.
+            let file = self.open_expected(ino, &path).inspect_err(|e| {
+                self.io_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!("open failed: {e}");
+            })?;
+            let fresh = Arc::new(OpenNode::ready(file));
+            let mut open = self.open.lock().unwrap();
+            let now = open.get(&ino).and_then(|w| w.upgrade());
+            let unchanged = match (&now, &seen) {
+                (None, _) => true,
+                (Some(now), Some(seen)) => Arc::ptr_eq(now, seen),
+                (Some(_), None) => false,
+            };
+            if unchanged {
+                open.insert(ino, Arc::downgrade(&fresh));
+                drop(open);
+                if seen.is_none() {
+                    self.prefetch_beside(&path);
+                }
+                break fresh;
+            }
+            // Another open of the inode made its instance meanwhile: that one is the
+            // inode's (this one, never used, is dropped); look at it as above.
         };
         if flags & libc::O_TRUNC != 0 {
             node.set_len(&self.volume, 0)?;
