@@ -155,3 +155,54 @@ fn a_directory_holding_two_names_of_one_file_renames_and_back() {
     m.remount();
     assert_eq!(fs::read(m.p("d/w")).unwrap(), pattern(3000, 9));
 }
+
+/// A key service stuck for 10 s on a rename's `ReEncrypt` (for the new name) holds up the
+/// rename only: the open file being renamed reads meanwhile, within 200 ms (a write waits: the
+/// kernel itself locks the file's inode across a rename), and the handle writes after.
+#[test]
+fn a_renames_stuck_key_call_leaves_the_open_file_readable() {
+    use std::os::unix::fs::FileExt;
+    use std::time::{Duration, Instant};
+    if !fuse_available() {
+        return;
+    }
+    let mut m = Mount::new(4096, &["--cache-timeout", "0"]);
+    fs::write(m.p("f"), pattern(5000, 3)).unwrap();
+    let to = m.stored("g");
+    m.set_env("KMSFS_INJECT_KMS_HANG", &format!("10000:{to}"));
+    m.remount();
+    let held = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.p("f"))
+        .unwrap();
+    let (from, dest) = (m.p("f"), m.p("g"));
+    let renaming = std::thread::spawn(move || {
+        let started = Instant::now();
+        fs::rename(&from, &dest).map(|()| started.elapsed())
+    });
+    // The rename is waiting for its key call by now.
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    let mut buf = vec![0u8; 5000];
+    held.read_exact_at(&mut buf, 0).unwrap();
+    let took = started.elapsed();
+    assert_eq!(buf, pattern(5000, 3));
+    assert!(
+        took < Duration::from_millis(200),
+        "a read took {took:?} while the rename's key call was stuck"
+    );
+    // The stall was real (the positive control): the rename took its 10 s.
+    let renamed_in = renaming.join().unwrap().unwrap();
+    assert!(
+        renamed_in >= Duration::from_secs(9),
+        "the key call was not held up: {renamed_in:?}"
+    );
+    // (Not opened again by its new name: that Decrypt would be held up too.)
+    assert_eq!(fs::metadata(m.p("g")).unwrap().len(), 5000);
+    held.write_all_at(b"meanwhile", 0).unwrap();
+    held.sync_all().unwrap();
+    let mut head = [0u8; 9];
+    held.read_exact_at(&mut head, 0).unwrap();
+    assert_eq!(&head, b"meanwhile");
+}

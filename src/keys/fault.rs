@@ -212,7 +212,12 @@ impl KeyProvider for FaultyProvider {
         to_key_id: &str,
         to_ctx: &EncryptionContext,
     ) -> Result<WrappedKey, KeyError> {
-        self.inject(KmsOp::ReEncrypt, &wrapped.key_id, from_ctx)?;
+        // Held up by either context (a name given, or taken).
+        let held = match &self.default.lock().unwrap().hang {
+            Some((text, _)) if format!("{to_ctx:?}").contains(text.as_str()) => to_ctx,
+            _ => from_ctx,
+        };
+        self.inject(KmsOp::ReEncrypt, &wrapped.key_id, held)?;
         self.inner.re_encrypt(wrapped, from_ctx, to_key_id, to_ctx)
     }
 

@@ -22,7 +22,10 @@
 //! tables is held across a key-service call: an open makes the file's instance (its `Decrypt`)
 //! without `open` held, then puts it in the table unless another open of the inode did so
 //! meanwhile (then that one is the inode's). An instance's own lock (see
-//! [`super::instance`]) comes last.
+//! [`super::instance`]) comes last; a rename or link makes a file's new envelopes (its
+//! `ReEncrypt`s) before it takes that lock or the file's header lock. `namespace` is still held
+//! across the key calls of the change it orders (a directory rename's sweep of every file
+//! beneath it included).
 //!
 //! Other mounts of the store (on this host or others sharing it), `rewrap` and `fsck` are
 //! ordered by `fcntl` locks on the store (see [`crate::backing`]), in this order: the volume's

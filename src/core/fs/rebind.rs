@@ -167,6 +167,22 @@ impl KmsFs {
         let me = header
             .metadata()
             .map_err(|e| io_err("cannot stat", from, e))?;
+        // The new envelopes are made (a ReEncrypt each) before the header is locked (an open
+        // instance's lock stops its reads and writes), from the envelopes in force now; the
+        // update takes them if those are still in force, else (a rewrap meanwhile) makes them.
+        let in_force = header.envelopes(&self.volume, from).unwrap_or_default();
+        let mut made = Vec::new();
+        for e in in_force.iter().filter(|e| &e.path == from) {
+            if !in_force
+                .iter()
+                .any(|o| &o.path == to && o.key.key_id == e.key.key_id)
+            {
+                made.push((
+                    e.key.clone(),
+                    self.volume.rewrap_for_path(&e.key, from, to)?,
+                ));
+            }
+        }
         header.update(&self.facts, &self.volume, from, false, |slots| {
             let current = slots[0];
             let mut envelopes = self.live_envelopes(current, &me, from, None);
@@ -179,7 +195,10 @@ impl KmsFs {
                 {
                     continue;
                 }
-                let key = self.volume.rewrap_for_path(&e.key, from, to)?;
+                let key = match made.iter().find(|(source, _)| *source == e.key) {
+                    Some((_, key)) => key.clone(),
+                    None => self.volume.rewrap_for_path(&e.key, from, to)?,
+                };
                 added.push(Envelope {
                     path: to.clone(),
                     key,
