@@ -133,9 +133,9 @@ impl OpenNode {
         Self::with_state(Instance::Ready(file))
     }
 
-    /// A file just created at `path` (its backing `file` empty) whose key is still to come.
-    /// A created file waiting for its key; `lock` is its data lock, held (see
-    /// [`DataLock::hold`]) and released once the header is written or the key never comes.
+    /// A file just created at `path` (its backing `file` empty) whose key is still to come;
+    /// `lock` is its data lock, held (see [`DataLock::hold`]) and released once the header is
+    /// written or the key never comes.
     pub fn pending(
         path: CanonicalPath,
         attrs: Attrs,
