@@ -58,8 +58,10 @@ up)
     ;;
 down)
     [ -d "$state" ] || exit 0
+    # By the mount table: a client whose process died is still mounted, but not a mountpoint
+    # to mountpoint(1) (ENOTCONN).
     for m in "$state"/client*; do
-        mountpoint -q "$m" 2>/dev/null && umount -l "$m"
+        if grep -qF " $m " /proc/mounts; then umount -l "$m" || true; fi
     done
     if gluster --mode=script volume info "$vol" >/dev/null 2>&1; then
         gluster --mode=script volume stop "$vol" force >/dev/null 2>&1 || true
