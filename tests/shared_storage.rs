@@ -312,6 +312,20 @@ fn a_truncation_by_another_mount_never_leaves_a_file_that_fails() {
     assert_fsck_clean(&s[0]);
 }
 
+/// Mount 0's key service made slow (1.5 s a call), then `late` created there with a write:
+/// the handle, and whether the create returned before its key (the moving average learned the
+/// service is slow from a first create).
+fn create_late_on_a_slow_mount(s: &mut Shared) -> (fs::File, bool) {
+    s[0].stop();
+    s[0].set_env("KMSFS_INJECT_KMS_LATENCY_MS", "1500");
+    s[0].start();
+    fs::write(s[0].p("warm"), b"w").unwrap();
+    let started = Instant::now();
+    let mut f = fs::File::create(s[0].p("late")).unwrap();
+    f.write_all(b"written before the key came").unwrap();
+    (f, started.elapsed() < Duration::from_millis(1000))
+}
+
 /// A create on a mount whose key service is slow returns before the file's key arrives (see
 /// docs/SEMANTICS.md); until it has, the file is not there for another mount (ENOENT: nothing
 /// authenticates it yet), and afterwards it is, with what was written.
@@ -321,15 +335,7 @@ fn a_file_whose_key_has_not_arrived_shows_elsewhere_once_it_has() {
         return;
     }
     let mut s = Shared::new(2, 4096, NO_CACHE);
-    s[0].stop();
-    s[0].set_env("KMSFS_INJECT_KMS_LATENCY_MS", "1500");
-    s[0].start();
-    // Learn the key service is slow (a moving average), then create without waiting.
-    fs::write(s[0].p("warm"), b"w").unwrap();
-    let started = Instant::now();
-    let mut f = fs::File::create(s[0].p("late")).unwrap();
-    f.write_all(b"written before the key came").unwrap();
-    let pending = started.elapsed() < Duration::from_millis(1000);
+    let (f, pending) = create_late_on_a_slow_mount(&mut s);
     let meanwhile = fs::read(s[1].p("late"));
     drop(f);
     if pending {
@@ -1077,14 +1083,7 @@ fn a_create_of_a_name_being_created_elsewhere_or_left_unfinished_succeeds() {
         return;
     }
     let mut s = Shared::new(2, 4096, NO_CACHE);
-    s[0].stop();
-    s[0].set_env("KMSFS_INJECT_KMS_LATENCY_MS", "1500");
-    s[0].start();
-    fs::write(s[0].p("warm"), b"w").unwrap();
-    let started = Instant::now();
-    let mut f = fs::File::create(s[0].p("late")).unwrap();
-    f.write_all(b"written before the key came").unwrap();
-    let pending = started.elapsed() < Duration::from_millis(1000);
+    let (f, pending) = create_late_on_a_slow_mount(&mut s);
     let mut opened = OpenOptions::new()
         .read(true)
         .write(true)

@@ -1052,6 +1052,28 @@ fn lock_range(lock: &File, range: Range, exclusive: bool, wait: bool) -> io::Res
     )
 }
 
+/// [`lock_range`], trying every 10 ms for at most `at_most` (zero: once); false if another
+/// still holds a conflicting lock then. A bounded wait, where `F_OFD_SETLKW` has none.
+fn lock_range_within(
+    lock: &File,
+    range: Range,
+    exclusive: bool,
+    at_most: std::time::Duration,
+) -> io::Result<bool> {
+    let started = std::time::Instant::now();
+    loop {
+        match lock_range(lock, range, exclusive, false) {
+            Ok(()) => return Ok(true),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) => {}
+            Err(e) => return Err(e),
+        }
+        if started.elapsed() >= at_most {
+            return Ok(false);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 /// An `fcntl` lock description: `len` bytes (0: to the end and beyond) from `at`.
 fn flock_at(at: u64, len: u64, kind: i32) -> libc::flock {
     libc::flock {
@@ -1235,18 +1257,11 @@ impl Backing {
         lock_range(&file, Range::Present, false, true)?;
         // Wait for a mount running alone to turn to locking (it looks every 100 ms, then
         // finishes the change of names under way), then let it be.
-        let started = std::time::Instant::now();
-        while let Err(e) = lock_range(&file, Range::Alone, false, false) {
-            if !matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) {
-                return Err(e);
-            }
-            if started.elapsed() > JOIN_AT_MOST {
-                return Err(io::Error::other(format!(
-                    "a mount of this store running alone did not turn to locking within {} s",
-                    JOIN_AT_MOST.as_secs()
-                )));
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
+        if !lock_range_within(&file, Range::Alone, false, JOIN_AT_MOST)? {
+            return Err(io::Error::other(format!(
+                "a mount of this store running alone did not turn to locking within {} s",
+                JOIN_AT_MOST.as_secs()
+            )));
         }
         set_lock(&file, 2 * INODES + 2, libc::F_UNLCK, false)?;
         *held = Some(file);
@@ -1325,38 +1340,33 @@ impl DataLock {
     /// store's owner can open the lock file) fails the create rather than stall every change of
     /// names behind it.
     pub fn hold(&self) -> io::Result<()> {
-        let started = std::time::Instant::now();
-        loop {
-            match lock_range(&self.file, Range::Data(self.ino), true, false) {
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) => {
-                    if started.elapsed() > HOLD_AT_MOST {
-                        return Err(io::Error::other(
-                            "another process holds the new file's data lock",
-                        ));
-                    }
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                }
-                other => return other,
-            }
+        if lock_range_within(&self.file, Range::Data(self.ino), true, HOLD_AT_MOST)? {
+            Ok(())
+        } else {
+            Err(io::Error::other(
+                "another process holds the new file's data lock",
+            ))
         }
     }
 
-    /// [`DataLock::take`] without waiting: None if another holds it.
-    pub fn try_take(&self, exclusive: bool) -> io::Result<Option<DataGuard<'_>>> {
+    /// [`DataLock::take`], waiting at most `at_most` (zero: not at all): None if another
+    /// still holds it then.
+    pub fn take_within(
+        &self,
+        exclusive: bool,
+        at_most: std::time::Duration,
+    ) -> io::Result<Option<DataGuard<'_>>> {
         if let Some(alone) = self.presence.unlocked() {
             return Ok(Some(DataGuard {
                 lock: self,
                 alone: Some(alone),
             }));
         }
-        match lock_range(&self.file, Range::Data(self.ino), exclusive, false) {
-            Ok(()) => Ok(Some(DataGuard {
-                lock: self,
-                alone: None,
-            })),
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) => Ok(None),
-            Err(e) => Err(e),
-        }
+        let taken = lock_range_within(&self.file, Range::Data(self.ino), exclusive, at_most)?;
+        Ok(taken.then_some(DataGuard {
+            lock: self,
+            alone: None,
+        }))
     }
 
     pub fn release(&self) {

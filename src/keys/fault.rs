@@ -125,7 +125,13 @@ impl FaultyProvider {
     }
 
     /// Applies the faults for `op`; `Err` means the call fails without reaching the provider.
-    fn inject(&self, op: KmsOp, key_id: &str, ctx: &EncryptionContext) -> Result<(), KeyError> {
+    /// `contexts`: the call's encryption contexts (a ReEncrypt's two), for `hang`.
+    fn inject(
+        &self,
+        op: KmsOp,
+        key_id: &str,
+        contexts: &[&EncryptionContext],
+    ) -> Result<(), KeyError> {
         let earlier = self.calls[op as usize].fetch_add(1, Ordering::Relaxed);
         let (latency, outcome) = {
             let mut per_op = self.per_op.lock().unwrap();
@@ -161,7 +167,11 @@ impl FaultyProvider {
             let stuck = f
                 .hang
                 .as_ref()
-                .filter(|(text, _)| format!("{ctx:?}").contains(text.as_str()))
+                .filter(|(text, _)| {
+                    contexts
+                        .iter()
+                        .any(|ctx| format!("{ctx:?}").contains(text.as_str()))
+                })
                 .map_or(Duration::ZERO, |(_, long)| *long);
             (f.latency + stuck, outcome)
         };
@@ -186,7 +196,7 @@ impl KeyProvider for FaultyProvider {
         key_id: &str,
         ctx: &EncryptionContext,
     ) -> Result<(DataKey, WrappedKey), KeyError> {
-        self.inject(KmsOp::GenerateDataKey, key_id, ctx)?;
+        self.inject(KmsOp::GenerateDataKey, key_id, &[ctx])?;
         self.inner.generate_data_key(key_id, ctx)
     }
 
@@ -196,12 +206,12 @@ impl KeyProvider for FaultyProvider {
         key: &DataKey,
         ctx: &EncryptionContext,
     ) -> Result<WrappedKey, KeyError> {
-        self.inject(KmsOp::Encrypt, key_id, ctx)?;
+        self.inject(KmsOp::Encrypt, key_id, &[ctx])?;
         self.inner.encrypt(key_id, key, ctx)
     }
 
     fn decrypt(&self, wrapped: &WrappedKey, ctx: &EncryptionContext) -> Result<DataKey, KeyError> {
-        self.inject(KmsOp::Decrypt, &wrapped.key_id, ctx)?;
+        self.inject(KmsOp::Decrypt, &wrapped.key_id, &[ctx])?;
         self.inner.decrypt(wrapped, ctx)
     }
 
@@ -212,12 +222,7 @@ impl KeyProvider for FaultyProvider {
         to_key_id: &str,
         to_ctx: &EncryptionContext,
     ) -> Result<WrappedKey, KeyError> {
-        // Held up by either context (a name given, or taken).
-        let held = match &self.default.lock().unwrap().hang {
-            Some((text, _)) if format!("{to_ctx:?}").contains(text.as_str()) => to_ctx,
-            _ => from_ctx,
-        };
-        self.inject(KmsOp::ReEncrypt, &wrapped.key_id, held)?;
+        self.inject(KmsOp::ReEncrypt, &wrapped.key_id, &[from_ctx, to_ctx])?;
         self.inner.re_encrypt(wrapped, from_ctx, to_key_id, to_ctx)
     }
 

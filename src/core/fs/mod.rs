@@ -1401,7 +1401,18 @@ impl KmsFs {
                 Unfinished::LeftByACrash => self.create_file(&child, dir, mode, caller),
                 Unfinished::UnderWay(lock) => {
                     drop(ns);
-                    self.wait_for_create(&lock, &child.path)?;
+                    // Up to 15 s (the key service may be down) for its key and header.
+                    let wait = std::time::Duration::from_secs(15);
+                    let io = |e| io_err("cannot lock", &child.path, e);
+                    if lock.take_within(false, wait).map_err(io)?.is_none() {
+                        return Err(os(
+                            format!(
+                                "{}: being created by another mount, whose key has not come",
+                                child.path
+                            ),
+                            libc::EAGAIN,
+                        ));
+                    }
                     Err(e)
                 }
                 Unfinished::No => Err(e),
@@ -1453,7 +1464,10 @@ impl KmsFs {
             .open_file_expecting(path, false, Atime::Keep, id)
             .map_err(|e| io_err("cannot open", path, e))?;
         let lock = crate::backing::DataLock::new(store, &file).map_err(io)?;
-        let Some(free) = lock.try_take(false).map_err(io)? else {
+        let Some(free) = lock
+            .take_within(false, std::time::Duration::ZERO)
+            .map_err(io)?
+        else {
             return Ok(Unfinished::UnderWay(lock));
         };
         // Still empty, asked of the file itself too: a network filesystem may answer a stat
@@ -1476,29 +1490,6 @@ impl KmsFs {
              had left, to create the name anew"
         );
         Ok(Unfinished::LeftByACrash)
-    }
-
-    /// Waits (a while: the key service may be down) for another mount's create at `path`
-    /// to get its key and header, which frees its data `lock`.
-    fn wait_for_create(&self, lock: &crate::backing::DataLock, path: &CanonicalPath) -> Result<()> {
-        const AT_MOST: std::time::Duration = std::time::Duration::from_secs(15);
-        let started = std::time::Instant::now();
-        loop {
-            if lock
-                .try_take(false)
-                .map_err(|e| io_err("cannot lock", path, e))?
-                .is_some()
-            {
-                return Ok(());
-            }
-            if started.elapsed() > AT_MOST {
-                return Err(os(
-                    format!("{path}: being created by another mount, whose key has not come"),
-                    libc::EAGAIN,
-                ));
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
     }
 
     pub fn open(&self, ino: u64, flags: i32) -> Result<u64> {
