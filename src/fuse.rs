@@ -415,18 +415,11 @@ impl Filesystem for FuseFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        match self.core.readdir_from(ino.0, offset as usize) {
-            Ok(entries) => {
-                let full = entries
-                    .iter()
-                    .enumerate()
-                    .skip(offset as usize)
-                    .any(|(i, e)| reply.add(INodeNo(e.ino), (i + 1) as u64, kind(e.kind), &e.name));
-                if !full {
-                    self.core.listing_done(ino.0);
-                }
-                reply.ok();
-            }
+        let result = self.core.readdir_from(ino.0, offset as usize, |e, next| {
+            reply.add(INodeNo(e.ino), next, kind(e.kind), &e.name)
+        });
+        match result {
+            Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
     }

@@ -386,3 +386,58 @@ fn a_key_call_stuck_on_one_file_holds_up_nothing_else() {
         "the key call was not held up: {took:?}"
     );
 }
+
+/// A key service stuck for 10 s on a new file's `GenerateDataKey` (a create that waits for its
+/// key: the key service answered fast until then) holds up that create only: creates, a
+/// mkdir, a rename and an unlink elsewhere each answer within 200 ms meanwhile (the key is
+/// generated before the create takes the volume's namespace lock). (Not in the same
+/// directory: the kernel locks a directory across a create in it.)
+#[test]
+fn a_creates_stuck_key_call_holds_up_no_other_change_of_names() {
+    use std::time::{Duration, Instant};
+    if !fuse_available() {
+        return;
+    }
+    let mut m = Mount::new(4096, &["--cache-timeout", "0"]);
+    // (Another directory: the kernel itself locks a directory across a create in it.)
+    fs::create_dir(m.p("d")).unwrap();
+    fs::create_dir(m.p("x")).unwrap();
+    fs::write(m.p("x/old"), b"old").unwrap();
+    let stored = m.stored("d/new");
+    m.set_env("KMSFS_INJECT_KMS_HANG", &format!("10000:{stored}"));
+    m.remount();
+    let new = m.p("d/new");
+    let creating = std::thread::spawn(move || {
+        let started = Instant::now();
+        fs::write(&new, b"new").map(|()| started.elapsed())
+    });
+    // The create is waiting for its key by now.
+    std::thread::sleep(Duration::from_millis(500));
+    let quick = |what: &str, f: &mut dyn FnMut()| {
+        let started = Instant::now();
+        f();
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_millis(200),
+            "{what} took {took:?} while a create's key call was stuck"
+        );
+    };
+    quick("a create", &mut || {
+        fs::write(m.p("x/other"), b"other").unwrap()
+    });
+    quick("a mkdir", &mut || fs::create_dir(m.p("e")).unwrap());
+    quick("a rename", &mut || {
+        fs::rename(m.p("x/old"), m.p("e/old")).unwrap()
+    });
+    quick("an unlink", &mut || {
+        fs::remove_file(m.p("x/other")).unwrap()
+    });
+    // The stall was real (the positive control): the stuck create took its 10 s.
+    let took = creating.join().unwrap().unwrap();
+    assert!(
+        took >= Duration::from_secs(9),
+        "the key call was not held up: {took:?}"
+    );
+    assert_eq!(fs::read(m.p("d/new")).unwrap(), b"new");
+    assert_eq!(fs::read(m.p("e/old")).unwrap(), b"old");
+}

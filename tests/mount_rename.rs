@@ -206,3 +206,101 @@ fn a_renames_stuck_key_call_leaves_the_open_file_readable() {
     held.read_exact_at(&mut head, 0).unwrap();
     assert_eq!(&head, b"meanwhile");
 }
+
+/// A key service stuck for 10 s on one `ReEncrypt` of a directory rename's sweep holds up
+/// that rename only: meanwhile, within 200 ms each, `ls -l` of another directory, `stat` and
+/// reads of an open file elsewhere, `close` of another handle, and creates, renames and
+/// removals elsewhere in the volume (the sweep's key calls are made before the volume's
+/// namespace lock is taken).
+#[test]
+fn a_directory_renames_stuck_key_call_holds_up_nothing_else() {
+    use std::io::Read;
+    use std::os::unix::fs::FileExt;
+    use std::time::{Duration, Instant};
+    if !fuse_available() {
+        return;
+    }
+    let mut m = Mount::new(4096, &["--cache-timeout", "0"]);
+    fs::create_dir_all(m.p("d/sub")).unwrap();
+    fs::create_dir(m.p("x")).unwrap();
+    for i in 0..5 {
+        fs::write(m.p(&format!("d/sub/f{i}")), pattern(3000, i)).unwrap();
+    }
+    fs::write(m.p("d/stuck"), b"stuck").unwrap();
+    fs::write(m.p("x/open"), pattern(5000, 9)).unwrap();
+    fs::write(m.p("x/other"), b"other").unwrap();
+    // The stored name of `stuck` is the same in `d` and, after the rename, in `e` (the
+    // directory keeps its id): the sweep's ReEncrypt for it names it in both contexts.
+    let stuck = m.stored("d/stuck");
+    let stuck = stuck.rsplit('/').next().unwrap().to_string();
+    m.set_env("KMSFS_INJECT_KMS_HANG", &format!("10000:{stuck}"));
+    m.remount();
+    let held = fs::File::open(m.p("x/open")).unwrap();
+    let to_close = fs::File::open(m.p("x/other")).unwrap();
+    let (from, dest) = (m.p("d"), m.p("e"));
+    let renaming = std::thread::spawn(move || {
+        let started = Instant::now();
+        fs::rename(&from, &dest).map(|()| started.elapsed())
+    });
+    // The rename is waiting for its key call by now.
+    std::thread::sleep(Duration::from_millis(500));
+    let quick = |what: &str, f: &mut dyn FnMut()| {
+        let started = Instant::now();
+        f();
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_millis(200),
+            "{what} took {took:?} while a directory rename's key call was stuck"
+        );
+    };
+    quick("ls -l of another directory", &mut || {
+        let out = std::process::Command::new("ls")
+            .arg("-l")
+            .arg(m.p("x"))
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        assert!(String::from_utf8_lossy(&out.stdout).contains("open"));
+    });
+    quick("stat of an open file", &mut || {
+        assert_eq!(fs::metadata(m.p("x/open")).unwrap().len(), 5000);
+    });
+    quick("a read of an open file", &mut || {
+        let mut buf = vec![0u8; 5000];
+        held.read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, pattern(5000, 9));
+    });
+    quick("close of another handle", &mut || {
+        let mut f = to_close.try_clone().unwrap();
+        let mut s = String::new();
+        f.read_to_string(&mut s).unwrap();
+        drop(f);
+    });
+    drop(to_close);
+    quick("a create elsewhere", &mut || {
+        fs::write(m.p("x/new"), b"new").unwrap();
+    });
+    quick("a mkdir elsewhere", &mut || {
+        fs::create_dir(m.p("x/dir")).unwrap()
+    });
+    quick("a rename elsewhere", &mut || {
+        fs::rename(m.p("x/new"), m.p("x/renamed")).unwrap();
+    });
+    quick("an unlink elsewhere", &mut || {
+        fs::remove_file(m.p("x/renamed")).unwrap();
+    });
+    // The stall was real (the positive control): the rename took its 10 s, and did it.
+    let renamed_in = renaming.join().unwrap().unwrap();
+    assert!(
+        renamed_in >= Duration::from_secs(9),
+        "the key call was not held up: {renamed_in:?}"
+    );
+    assert!(!m.p("d").exists());
+    for i in 0..5 {
+        assert_eq!(
+            fs::read(m.p(&format!("e/sub/f{i}"))).unwrap(),
+            pattern(3000, i)
+        );
+    }
+    assert_eq!(fs::read(m.p("e/stuck")).unwrap(), b"stuck");
+}

@@ -22,10 +22,11 @@
 //! tables is held across a key-service call: an open makes the file's instance (its `Decrypt`)
 //! without `open` held, then puts it in the table unless another open of the inode did so
 //! meanwhile (then that one is the inode's). An instance's own lock (see
-//! [`super::instance`]) comes last; a rename or link makes a file's new envelopes (its
-//! `ReEncrypt`s) before it takes that lock or the file's header lock. `namespace` is still held
-//! across the key calls of the change it orders (a directory rename's sweep of every file
-//! beneath it included).
+//! [`super::instance`]) comes last; a rename or link makes the new envelopes of every file it moves (their
+//! `ReEncrypt`s) before it takes `namespace` (see [`KmsFs::premake`]), so neither that lock nor
+//! an instance's nor a header's is held across them; only a file created or rewrapped between
+//! then and the lock gets its envelope made under it. A create's `GenerateDataKey` comes after
+//! `namespace` is released (the pending file holds only its own data lock meanwhile).
 //!
 //! Other mounts of the store (on this host or others sharing it), `rewrap` and `fsck` are
 //! ordered by `fcntl` locks on the store (see [`crate::backing`]), in this order: the volume's
@@ -67,7 +68,7 @@ mod rebind;
 mod warm;
 
 use inodes::Node;
-use rebind::envelope_paths;
+use rebind::{envelope_paths, Premade};
 use warm::{Facts, Prefetch};
 
 pub const ROOT_INO: u64 = 1;
@@ -107,6 +108,13 @@ pub struct Attr {
 
 /// A directory's entries as a reply shows them, each (but `.` and `..`) with its stored path.
 type Listing = Vec<(DirEntry, Option<CanonicalPath>)>;
+
+/// A new file's data key, generated before its create took the namespace lock.
+struct KeyAhead {
+    path: CanonicalPath,
+    dek: crate::secret::DataKey,
+    wrapped: Vec<crate::format::envelope::WrappedKey>,
+}
 
 #[derive(Debug, Clone)]
 pub struct DirEntry {
@@ -903,10 +911,15 @@ impl KmsFs {
         caller: Caller,
     ) -> Result<Attr> {
         self.check_writable()?;
+        let mut ahead = if mode & libc::S_IFMT == libc::S_IFREG {
+            self.key_ahead(parent, name)?
+        } else {
+            None
+        };
         let _ns = self.namespace()?;
         let (child, dir) = self.new_child(parent, name)?;
         if mode & libc::S_IFMT == libc::S_IFREG {
-            let (attr, fh) = self.create_file(&child, dir, mode, caller)?;
+            let (attr, fh) = self.create_file(&child, dir, mode, caller, &mut ahead)?;
             self.release(fh);
             return Ok(attr);
         }
@@ -1046,6 +1059,17 @@ impl KmsFs {
         noreplace: bool,
     ) -> Result<()> {
         self.check_writable()?;
+        // The new envelopes are made first, the volume's names unlocked (see `premake`).
+        let premade = match (self.child(parent, name), self.new_child(newparent, newname)) {
+            // (Not for a rename bound to fail: no key calls for nothing.)
+            (Ok(from), Ok((to, _)))
+                if from.path != to.path
+                    && !(noreplace && self.store().metadata(&to.path).is_ok()) =>
+            {
+                self.premake(&from.path, &to.path)
+            }
+            _ => Premade::default(),
+        };
         let _ns = self.namespace()?;
         let from_child = self.child(parent, name)?;
         let (to_child, _) = self.new_child(newparent, newname)?;
@@ -1121,7 +1145,7 @@ impl KmsFs {
         let bound = self.parallel(&files, |p| {
             let new = Self::moved(p, &from, &to);
             self.header_of(self.ino_at(p), p)
-                .and_then(|h| self.bind_extra_path(&h, p, &new))
+                .and_then(|h| self.bind_extra_path(&h, p, &new, &premade))
                 .map_err(|e| match e {
                     Error::Format {
                         source: crate::format::FormatError::TooLarge(why),
@@ -1215,6 +1239,10 @@ impl KmsFs {
 
     pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> Result<Attr> {
         self.check_writable()?;
+        let premade = match (self.path_of(ino), self.new_child(newparent, newname)) {
+            (Ok(from), Ok((to, _))) => self.premake(&from, &to.path),
+            _ => Premade::default(),
+        };
         let _ns = self.namespace()?;
         let from = self.path_of(ino)?;
         let (to_child, _) = self.new_child(newparent, newname)?;
@@ -1236,7 +1264,7 @@ impl KmsFs {
             let pending = self.journal.begin(&[from.clone(), to.clone()])?;
             let linked = self
                 .header_of(ino, &from)
-                .and_then(|h| self.bind_extra_path(&h, &from, &to))
+                .and_then(|h| self.bind_extra_path(&h, &from, &to, &premade))
                 .and_then(|()| self.put_side(&to_child))
                 .and_then(|()| {
                     self.store()
@@ -1281,7 +1309,38 @@ impl KmsFs {
     /// unnamed (`O_TMPFILE`, or a hidden temporary name where the backing filesystem has
     /// none) in its directory, given its key and header, then linked to its name. A crash can
     /// then never leave a file without a header.
-    fn create_linked(&self, path: &CanonicalPath, attrs: Attrs) -> Result<(EncryptedFile, u64)> {
+    /// The data key of a file about to be created as `parent`/`name`, when the create will
+    /// wait for its key (see [`crate::core::instance::KeyRequests::would_take`]): generated
+    /// now, before the create takes the volume's namespace lock, so that no change of names
+    /// waits for the key service meanwhile. A key service that fails fails the create here,
+    /// the lock never taken.
+    fn key_ahead(&self, parent: u64, name: &OsStr) -> Result<Option<KeyAhead>> {
+        if self.key_requests.would_take() {
+            return Ok(None);
+        }
+        let Ok((child, _)) = self.new_child(parent, name) else {
+            return Ok(None);
+        };
+        let started = std::time::Instant::now();
+        let (dek, wrapped) = self
+            .volume
+            .keyring()
+            .generate(&self.volume.file_context(&child.path))
+            .map_err(|e| Error::key(&child.path, e))?;
+        self.key_requests.answered(started.elapsed());
+        Ok(Some(KeyAhead {
+            path: child.path,
+            dek,
+            wrapped,
+        }))
+    }
+
+    fn create_linked(
+        &self,
+        path: &CanonicalPath,
+        attrs: Attrs,
+        ahead: Option<KeyAhead>,
+    ) -> Result<(EncryptedFile, u64)> {
         let dir = path.parent().unwrap_or_else(CanonicalPath::root);
         let tmp = self
             .store()
@@ -1291,9 +1350,17 @@ impl KmsFs {
             .file()
             .try_clone()
             .map_err(|e| io_err("cannot reopen", path, e))?;
-        let started = std::time::Instant::now();
-        let enc = EncryptedFile::create(&self.volume, path, file, attrs)?;
-        self.key_requests.answered(started.elapsed());
+        let enc = match ahead {
+            Some(k) => {
+                EncryptedFile::create_with_key(&self.volume, path, file, &k.dek, k.wrapped, attrs)?
+            }
+            None => {
+                let started = std::time::Instant::now();
+                let enc = EncryptedFile::create(&self.volume, path, file, attrs)?;
+                self.key_requests.answered(started.elapsed());
+                enc
+            }
+        };
         let ino = enc
             .backing_file()
             .metadata()
@@ -1310,13 +1377,15 @@ impl KmsFs {
         dir: Attrs,
         mode: u32,
         caller: Caller,
+        ahead: &mut Option<KeyAhead>,
     ) -> Result<(Attr, u64)> {
         let path = &child.path;
         let perm = mode & !caller.umask & 0o7777;
         let attrs = self.new_attrs(dir, ObjectKind::File, perm, caller, 0)?;
         self.put_side(child)?;
-        if !self.key_requests.would_take() {
-            let (enc, backing_ino) = self.create_linked(path, attrs)?;
+        let ahead = ahead.take().filter(|k| &k.path == path);
+        if ahead.is_some() || !self.key_requests.would_take() {
+            let (enc, backing_ino) = self.create_linked(path, attrs, ahead)?;
             return self.open_created(path, OpenNode::ready(enc), backing_ino);
         }
         let store = self.store();
@@ -1394,11 +1463,12 @@ impl KmsFs {
         caller: Caller,
     ) -> Result<(Attr, u64)> {
         self.check_writable()?;
+        let mut ahead = self.key_ahead(parent, name)?;
         let ns = self.namespace()?;
         let (child, dir) = self.new_child(parent, name)?;
-        let made = match self.create_file(&child, dir, mode, caller) {
+        let made = match self.create_file(&child, dir, mode, caller, &mut ahead) {
             Err(e) if e.errno() == libc::EEXIST => match self.unfinished_create(&child.path)? {
-                Unfinished::LeftByACrash => self.create_file(&child, dir, mode, caller),
+                Unfinished::LeftByACrash => self.create_file(&child, dir, mode, caller, &mut ahead),
                 Unfinished::UnderWay(lock) => {
                     drop(ns);
                     // Up to 15 s (the key service may be down) for its key and header.
@@ -1672,18 +1742,33 @@ impl KmsFs {
         h.node.grow_to(offset.saturating_add(length))
     }
 
+    /// The whole listing of directory `ino` (for callers outside a mount: tests, tools).
     pub fn readdir(&self, ino: u64) -> Result<Vec<DirEntry>> {
-        self.readdir_from(ino, 0)
+        let mut out = Vec::new();
+        self.readdir_from(ino, 0, |e, _| {
+            out.push(e.clone());
+            false
+        })?;
+        Ok(out)
     }
 
-    /// `readdir` for a reply from entry `offset` on (the whole listing, of which the caller
-    /// skips `offset` entries).
-    pub fn readdir_from(&self, ino: u64, offset: usize) -> Result<Vec<DirEntry>> {
-        Ok(self
-            .listing_from(ino, offset)?
-            .iter()
-            .map(|(e, _)| e.clone())
-            .collect())
+    /// `readdir` for a reply from entry `offset` on: `add` takes an entry and the next
+    /// entry's offset, and says when the reply is full (that entry not taken). The listing is
+    /// not copied: a reply costs what it returns, so a pass over a big directory is linear.
+    pub fn readdir_from(
+        &self,
+        ino: u64,
+        offset: usize,
+        mut add: impl FnMut(&DirEntry, u64) -> bool,
+    ) -> Result<()> {
+        let entries = self.listing_from(ino, offset)?;
+        for (at, (e, _)) in entries.iter().enumerate().skip(offset) {
+            if add(e, at as u64 + 1) {
+                return Ok(());
+            }
+        }
+        self.listing_done(ino);
+        Ok(())
     }
 
     /// The listing a reply from entry `offset` on is cut from: made afresh for the first
@@ -1866,7 +1951,7 @@ impl KmsFs {
     }
 
     /// A pass of `readdir` replies reached the end of directory `ino`: its listing goes.
-    pub fn listing_done(&self, ino: u64) {
+    fn listing_done(&self, ino: u64) {
         self.listings.lock().unwrap().remove(&ino);
     }
 

@@ -10,6 +10,7 @@
 
 use super::*;
 use crate::core::journal::{under_way_at, Pending};
+use crate::format::envelope::WrappedKey;
 
 /// Where a file's envelope set is changed: its open instance, which must see the change, or
 /// else the backing file itself. Neither needs the file's data key (the header MAC key is the
@@ -97,6 +98,38 @@ impl HeaderHandle {
 }
 
 /// The distinct paths a set of envelopes is bound to (the names a file has, or had).
+/// Envelopes a rename or link will add, made before it takes the volume's namespace lock (see
+/// [`KmsFs::premake`]): by (old path, new path), each source envelope's key with the key
+/// wrapped for the new path.
+#[derive(Default)]
+pub(super) struct Premade(Mutex<PremadeKeys>);
+
+type PremadeKeys = HashMap<(CanonicalPath, CanonicalPath), Vec<(WrappedKey, WrappedKey)>>;
+
+impl Premade {
+    fn get(
+        &self,
+        from: &CanonicalPath,
+        to: &CanonicalPath,
+        source: &WrappedKey,
+    ) -> Option<WrappedKey> {
+        let made = self.0.lock().unwrap();
+        made.get(&(from.clone(), to.clone()))?
+            .iter()
+            .find(|(s, _)| s == source)
+            .map(|(_, k)| k.clone())
+    }
+
+    fn put(&self, from: &CanonicalPath, to: &CanonicalPath, source: WrappedKey, made: WrappedKey) {
+        self.0
+            .lock()
+            .unwrap()
+            .entry((from.clone(), to.clone()))
+            .or_default()
+            .push((source, made));
+    }
+}
+
 pub(super) fn envelope_paths(envelopes: &[Envelope]) -> Vec<CanonicalPath> {
     let mut paths: Vec<CanonicalPath> = envelopes.iter().map(|e| e.path.clone()).collect();
     paths.sort();
@@ -153,12 +186,48 @@ impl KmsFs {
             .collect()
     }
 
-    /// Adds to a file an envelope for `to` beside each of its envelopes for `from`.
+    /// The envelopes renaming or linking `from` to `to` will add: one per envelope for the
+    /// file `from`, or for every file beneath the directory `from`, each a `ReEncrypt` made
+    /// now, before the caller takes the volume's namespace lock, so that no change of names
+    /// elsewhere on the volume (on any mount of it) waits for the key service meanwhile.
+    /// Best effort: what is missing when the locked pass comes (a file created or rewrapped
+    /// since, a failed call) that pass makes, or fails on.
+    pub(super) fn premake(&self, from: &CanonicalPath, to: &CanonicalPath) -> Premade {
+        let premade = Premade::default();
+        let files = match self.store().metadata(from) {
+            Ok(m) if m.is_dir() => self.volume.files_beneath(from).unwrap_or_default(),
+            Ok(m) if m.is_file() => vec![from.clone()],
+            _ => Vec::new(),
+        };
+        // (Stops at the first failed call: the locked pass reports it.)
+        let _ = self.parallel(&files, |p| {
+            let new = Self::moved(p, from, to);
+            let Ok(header) = self.header_of(self.ino_at(p), p) else {
+                return Ok(());
+            };
+            let in_force = header.envelopes(&self.volume, p).unwrap_or_default();
+            for e in in_force.iter().filter(|e| &e.path == p) {
+                if !in_force
+                    .iter()
+                    .any(|o| o.path == new && o.key.key_id == e.key.key_id)
+                {
+                    let made = self.volume.rewrap_for_path(&e.key, p, &new)?;
+                    premade.put(p, &new, e.key.clone(), made);
+                }
+            }
+            Ok(())
+        });
+        premade
+    }
+
+    /// Adds to a file an envelope for `to` beside each of its envelopes for `from`, taking
+    /// those `premade` holds rather than making them again.
     pub(super) fn bind_extra_path(
         &self,
         header: &HeaderHandle,
         from: &CanonicalPath,
         to: &CanonicalPath,
+        premade: &Premade,
     ) -> Result<()> {
         // Names this file no longer has (replaced by a rename over them, or a crash between
         // steps) only take header room: drop their envelopes first. Not those a rebind under
@@ -177,10 +246,11 @@ impl KmsFs {
                 .iter()
                 .any(|o| &o.path == to && o.key.key_id == e.key.key_id)
             {
-                made.push((
-                    e.key.clone(),
-                    self.volume.rewrap_for_path(&e.key, from, to)?,
-                ));
+                let key = match premade.get(from, to, &e.key) {
+                    Some(key) => key,
+                    None => self.volume.rewrap_for_path(&e.key, from, to)?,
+                };
+                made.push((e.key.clone(), key));
             }
         }
         header.update(&self.facts, &self.volume, from, false, |slots| {
