@@ -6,7 +6,8 @@
 # Workloads (the project's benchmark set): streaming write and read of 512 MiB in 128 KiB blocks (caches dropped
 # between; then once more with only the backing store's cache warm), untar of a generated
 # ~15k-file source-like tree, ls -lR, reading every file,
-# rm -rf, fio random 4 KiB read and write; and the size of the untarred tree on the backing store
+# rm -rf, fio random 4 KiB read and write, a directory of 100,000 files listed (ls -f, ls -l)
+# with the daemon's peak memory; and the size of the untarred tree on the backing store
 # (allocated and apparent), against plain. Prints a table with seconds (or IOPS), the ratios
 # kmsfs/gocryptfs and kmsfs/best peer (the faster of gocryptfs and securefs on that workload),
 # and the key-service calls kmsfs made per workload.
@@ -16,7 +17,8 @@
 # shows medians: on a shared machine a single run of a workload can be off by 2x.
 #
 # Usage: scripts/bench.sh [WORKDIR]    (default: a new directory under /var/tmp)
-# Environment: ROUNDS (3), STREAM_MIB (512), FILES (15000), FIO_SECONDS (10),
+# Environment: ROUNDS (3), STREAM_MIB (512), FILES (15000), FIO_SECONDS (10), BIGDIR_FILES
+# (100000; 0 skips the big directory),
 # KMS_LATENCY_MS (5), KMSFS_BASELINE (the path of another kmsfs binary, e.g. a release build
 # of an earlier commit: run beside the others as "kmsfs-base", for an A/B in the same run),
 # FILESYSTEMS (which of "plain gocryptfs securefs kmsfs kmsfs-latency kmsfs-plainnames
@@ -27,6 +29,7 @@ ROUNDS=${ROUNDS:-3}
 STREAM_MIB=${STREAM_MIB:-512}
 FILES=${FILES:-15000}
 FIO_SECONDS=${FIO_SECONDS:-10}
+BIGDIR_FILES=${BIGDIR_FILES:-100000}
 KMS_LATENCY_MS=${KMS_LATENCY_MS:-5}
 
 need=()
@@ -165,6 +168,32 @@ run_workloads() { # fs dir
     drop_caches
     record "$fs" "fio randread 4k (IOPS)" "$(fio_iops "$dir/fio" randread)" "-"
     rm -f "$dir/fio"
+    [ "$BIGDIR_FILES" -gt 0 ] || return 0
+    # One directory of BIGDIR_FILES empty files: listed without and with a stat of each entry
+    # (fresh mounts, caches dropped), and the daemon's peak memory after both.
+    mkdir "$dir/big"
+    timed "$fs" "$dir" "big dir: create" sh -c "cd '$dir/big' && seq $BIGDIR_FILES | sed s/^/file/ | xargs touch"
+    remount_$fs
+    drop_caches
+    timed "$fs" "$dir" "big dir: ls -f" sh -c "ls -f '$dir/big' > /dev/null"
+    remount_$fs
+    drop_caches
+    timed "$fs" "$dir" "big dir: ls -l" sh -c "ls -l '$dir/big' > /dev/null"
+    local pid
+    pid=$(daemon_of "$fs")
+    if [ -n "$pid" ]; then
+        record "$fs" "big dir: daemon peak MiB" "$(awk '/VmHWM/ { printf "%.1f", $2 / 1024 }' "/proc/$pid/status")" "-"
+    fi
+    rm -rf "$dir/big"
+}
+
+# The pid of the process serving a filesystem's mount (none for plain).
+daemon_of() {
+    case $1 in
+    plain) ;;
+    gocryptfs | securefs) pgrep -f "$1.*$work/$1/cipher" | head -1 ;;
+    *) pgrep -f "kmsfs mount $work/$1/backing" | head -1 ;;
+    esac
 }
 
 # Where a filesystem keeps what its mount shows.

@@ -373,8 +373,9 @@ fn a_mount_starting_beside_a_rename_in_progress_leaves_it_alone() {
         fs::write(s[0].p(&format!("a/f{i}")), pattern(100, i as u8)).unwrap();
     }
     s[0].stop();
-    s[0].set_env("KMSFS_INJECT_KMS_LATENCY_MS", "400");
-    s[0].set_extra(&["--cache-timeout", "0", "--kms-concurrency", "1"]);
+    // The rename's key calls come before it records itself: it is held part way instead.
+    s[0].set_env("KMSFS_INJECT_REBIND_PAUSE_MS", "4000");
+    s[0].set_extra(&["--cache-timeout", "0"]);
     s[0].start();
     let pending = s[0].backing.join(".kmsfs/pending");
     let records = || fs::read_dir(&pending).map(|d| d.count()).unwrap_or(0);

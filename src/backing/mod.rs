@@ -220,6 +220,11 @@ pub struct Backing {
     walk: AtomicBool,
     /// Whether other processes may be changing the store now (see [`Presence`]).
     presence: std::sync::Arc<Presence>,
+    /// kmsfs's own directory, once checked, for [`Backing::open_locks`]: every write, header
+    /// update and pending create opens the lock file, and checking the directory each time
+    /// cost five syscalls more. (The descriptor keeps naming the directory that was checked,
+    /// whatever is put at its name since.)
+    locks_dir: std::sync::OnceLock<MetaDir>,
 }
 
 impl std::fmt::Debug for Backing {
@@ -242,6 +247,7 @@ impl Backing {
             root_path: root.to_path_buf(),
             walk: AtomicBool::new(false),
             presence: Default::default(),
+            locks_dir: Default::default(),
         })
     }
 
@@ -929,7 +935,13 @@ impl Backing {
 
     /// The lock file whose byte ranges [`Backing::lock_header`] and [`DataLock`] take.
     pub fn open_locks(&self) -> io::Result<File> {
-        self.meta_dir(META_DIR, true)?.open_lock_file(HEADER_LOCKS)
+        if let Some(dir) = self.locks_dir.get() {
+            return dir.open_lock_file(HEADER_LOCKS);
+        }
+        let dir = self.meta_dir(META_DIR, true)?;
+        let file = dir.open_lock_file(HEADER_LOCKS)?;
+        let _ = self.locks_dir.set(dir);
+        Ok(file)
     }
 
     /// kmsfs's own directory `name` at the backing root (see [`MetaDir`]).

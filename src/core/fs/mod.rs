@@ -109,6 +109,18 @@ pub struct Attr {
 /// A directory's entries as a reply shows them, each (but `.` and `..`) with its stored path.
 type Listing = Vec<(DirEntry, Option<CanonicalPath>)>;
 
+/// Test hook, never for production: `KMSFS_INJECT_REBIND_PAUSE_MS` holds each rename that
+/// long once its rebind record is written (the namespace lock held), so a test can act while
+/// a rename is part way (its key calls are made before, see [`KmsFs::premake`]).
+fn pause_for_tests() {
+    if let Some(ms) = std::env::var("KMSFS_INJECT_REBIND_PAUSE_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
+}
+
 /// A new file's data key, generated before its create took the namespace lock.
 struct KeyAhead {
     path: CanonicalPath,
@@ -1141,6 +1153,7 @@ impl KmsFs {
             paths.extend(replaced_names.iter().cloned());
             Some(self.journal.begin(&paths)?)
         };
+        pause_for_tests();
         // 1. Every file gains envelopes for its new path.
         let bound = self.parallel(&files, |p| {
             let new = Self::moved(p, &from, &to);
