@@ -720,6 +720,52 @@ fn a_changed_key_set_is_refused_until_approved_and_rewrap_updates_the_record() {
     assert_eq!(vol.config().trusted_keys.len(), 1);
 }
 
+/// A change of keys made through this host (a rewrap) killed after it wrote the volume's
+/// config and before this host's record followed: the volume still opens (the record named the
+/// keys the change moved to first), and the record follows then. Found by the crash soak
+/// (`kill_9_at_random_moments_loses_no_fsynced_byte_and_fsck_stays_clean`): the next mount
+/// refused the volume.
+#[test]
+fn a_key_change_killed_before_the_record_followed_still_opens() {
+    let v = TestVolume::new(BS);
+    let state = v.dir.path().join("state");
+    drop(open_checked(&v, &[], &state).unwrap());
+    let volume_id = v.reopen().unwrap().config().volume_id;
+    let record_file = state
+        .join("volumes")
+        .join(kmsfs::format::codec::hex(&volume_id));
+    let before = fs::read_to_string(&record_file).unwrap();
+    let mut vol = open_checked(&v, &[], &state).unwrap();
+    vol.add_trusted_key(&KeySpec::Local(v.dir.path().join("new.key")))
+        .unwrap();
+    drop(vol);
+    let after = fs::read_to_string(&record_file).unwrap();
+    assert!(!after.contains("\nnext "), "{after}");
+    // What the kill leaves: the record as before, naming the keys the change moves to.
+    let next: String = after
+        .lines()
+        .filter_map(|l| l.strip_prefix("key "))
+        .map(|k| format!("next {k}\n"))
+        .collect();
+    fs::write(&record_file, format!("{before}{next}")).unwrap();
+    let vol = open_checked(&v, &[], &state).unwrap();
+    assert_eq!(vol.config().trusted_keys.len(), 2);
+    drop(vol);
+    assert_eq!(fs::read_to_string(&record_file).unwrap(), after);
+    // The control: a record that names no change under way refuses the same config.
+    fs::write(&record_file, &before).unwrap();
+    let err = open_checked(&v, &[], &state).unwrap_err().to_string();
+    assert!(err.contains("its trusted keys changed since"), "{err}");
+    // Nor does a change under way to other keys let it in.
+    let other: String = before
+        .lines()
+        .filter_map(|l| l.strip_prefix("key "))
+        .map(|k| format!("next {k}\n"))
+        .collect();
+    fs::write(&record_file, format!("{before}{other}")).unwrap();
+    assert!(open_checked(&v, &[], &state).is_err());
+}
+
 // Issue 15, point 4: truncation to zero renews a file (new file id, data key, commitment).
 
 mod renewal {

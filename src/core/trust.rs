@@ -7,7 +7,9 @@
 //! ids here; every later open reaches only the recorded keys before the config's MAC is
 //! checked, and refuses a config whose trusted keys differ from the record, with one line
 //! saying what changed and how to approve it (`kmsfs trust BACKING`). `rewrap` updates the
-//! record for the change it makes.
+//! record for the change it makes: first recording the keys it moves to (`next`), then writing
+//! the config, then the record in full, so a crash between leaves a config this host still
+//! opens (its `next`, which then becomes the record), never one it refuses.
 //!
 //! One small text file per volume, `<state dir>/volumes/<volume id hex>`, and one per backing
 //! path, `<state dir>/paths/<SHA-256 of the path>` naming the volume recorded there (so a new
@@ -75,6 +77,10 @@ pub struct Record {
     pub backing: PathBuf,
     /// In preference order: the first is the key new data keys are generated under.
     pub keys: Vec<RecordedKey>,
+    /// The keys a change this host's operator is making moves the volume to (empty: none):
+    /// recorded before the volume's config is written, so a crash between the two leaves a
+    /// config the record accepts (see [`Record::accepts`]).
+    pub next: Vec<RecordedKey>,
 }
 
 impl Record {
@@ -92,7 +98,8 @@ impl Record {
         let backing = self.backing.to_string_lossy();
         line(&backing)?;
         out += &format!("backing {backing}\n");
-        for k in &self.keys {
+        let keys = self.keys.iter().map(|k| ("key", k));
+        for (what, k) in keys.chain(self.next.iter().map(|k| ("next", k))) {
             line(&k.id)?;
             if k.id.contains(' ') || k.id.is_empty() {
                 return Err(Error::Refused(format!("cannot record key id {:?}", k.id)));
@@ -101,9 +108,9 @@ impl Record {
                 Some(p) => {
                     let p = p.to_string_lossy();
                     line(&p)?;
-                    out += &format!("key {} {p}\n", k.id);
+                    out += &format!("{what} {} {p}\n", k.id);
                 }
-                None => out += &format!("key {}\n", k.id),
+                None => out += &format!("{what} {}\n", k.id),
             }
         }
         Ok(out)
@@ -113,6 +120,7 @@ impl Record {
         let mut volume_id = None;
         let mut backing = None;
         let mut keys = Vec::new();
+        let mut next = Vec::new();
         for line in text.lines() {
             if line.is_empty() || line.starts_with('#') {
                 continue;
@@ -124,7 +132,7 @@ impl Record {
                     volume_id = Some(bytes.try_into().map_err(|_| "bad volume id")?);
                 }
                 "backing" => backing = Some(PathBuf::from(rest)),
-                "key" => {
+                "key" | "next" => {
                     let (id, path) = match rest.split_once(' ') {
                         Some((id, path)) => (id, Some(PathBuf::from(path))),
                         None => (rest, None),
@@ -132,10 +140,15 @@ impl Record {
                     if id.is_empty() {
                         return Err("empty key id".into());
                     }
-                    keys.push(RecordedKey {
+                    let key = RecordedKey {
                         id: id.to_string(),
                         path,
-                    });
+                    };
+                    if what == "key" {
+                        keys.push(key)
+                    } else {
+                        next.push(key)
+                    }
                 }
                 other => return Err(format!("unknown line '{other}'")),
             }
@@ -145,6 +158,7 @@ impl Record {
                 volume_id,
                 backing,
                 keys,
+                next,
             }),
             _ => Err("incomplete".into()),
         }
@@ -152,6 +166,18 @@ impl Record {
 
     pub fn key_ids(&self) -> Vec<&str> {
         self.keys.iter().map(|k| k.id.as_str()).collect()
+    }
+
+    /// The record as it is once the change under way (`next`) has landed, if `now` (a
+    /// config's trusted key ids) is what it moves to: the operator's own change, cut short by
+    /// a crash after the config was written and before the record followed it.
+    pub fn landed(&self, now: &[&str]) -> Option<Record> {
+        let next: Vec<&str> = self.next.iter().map(|k| k.id.as_str()).collect();
+        (!next.is_empty() && next == now).then(|| Record {
+            keys: self.next.clone(),
+            next: Vec::new(),
+            ..self.clone()
+        })
     }
 }
 
@@ -304,6 +330,7 @@ mod tests {
                     path: p.map(PathBuf::from),
                 })
                 .collect(),
+            next: Vec::new(),
         }
     }
 

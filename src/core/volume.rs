@@ -522,6 +522,7 @@ impl Volume {
             Arc::new(UnavailableKey { reason })
         };
         let mut recorded: Option<Record> = None;
+        let mut landed_change = false;
         if pinned {
             for pin in &options.pin {
                 match pin {
@@ -566,6 +567,14 @@ impl Volume {
                     }
                     recorded = Some(other);
                 }
+            }
+            if let Some(landed) = recorded.as_ref().and_then(|r| {
+                let now: Vec<&str> = claimed.trusted_keys.iter().map(|t| t.id.as_str()).collect();
+                r.landed(&now)
+            }) {
+                // This host's own change, cut short before its record followed: it follows now.
+                recorded = Some(landed);
+                landed_change = true;
             }
             if let Some(rec) = &recorded {
                 let now: Vec<&str> = claimed.trusted_keys.iter().map(|t| t.id.as_str()).collect();
@@ -726,7 +735,7 @@ impl Volume {
                     }
                     // Moved: the record follows it, so another volume put at the old path
                     // is not trusted on first use there.
-                    Some(r) if r.backing != root_abs => store.put(&now)?,
+                    Some(r) if r.backing != root_abs || landed_change => store.put(&now)?,
                     Some(_) => {}
                 }
                 record = Some(store);
@@ -977,23 +986,29 @@ impl Volume {
         let bytes = config
             .encode(&self.config_mac_key)
             .map_err(|e| Error::format(self.root.display(), e))?;
+        let Some(store) = &self.record else {
+            write_config(&self.backing, &bytes)?;
+            self.config = config;
+            return Ok(());
+        };
+        // The change is the operator's own: this host's record follows it. It first names the
+        // keys the change moves to, so a crash before it follows the config leaves a volume
+        // this host still opens (see `Record::landed`).
+        let root_abs = resolve(&self.root)
+            .map_err(|e| Error::io("cannot resolve the backing directory", e))?;
+        let before = store.get(&self.config.volume_id)?;
+        let known: Vec<(String, PathBuf)> = before
+            .iter()
+            .flat_map(|r| &r.keys)
+            .filter_map(|k| k.path.clone().map(|p| (k.id.clone(), p)))
+            .collect();
+        if let Some(mut before) = before {
+            before.next = record_of(&config, &root_abs, &known).keys;
+            store.put(&before)?;
+        }
         write_config(&self.backing, &bytes)?;
         self.config = config;
-        if let Some(store) = &self.record {
-            // The change is the operator's own: this host's record follows it.
-            let root_abs = resolve(&self.root)
-                .map_err(|e| Error::io("cannot resolve the backing directory", e))?;
-            let known: Vec<(String, PathBuf)> = store
-                .get(&self.config.volume_id)?
-                .map(|r| {
-                    r.keys
-                        .into_iter()
-                        .filter_map(|k| k.path.map(|p| (k.id, p)))
-                        .collect()
-                })
-                .unwrap_or_default();
-            store.put(&record_of(&self.config, &root_abs, &known))?;
-        }
+        store.put(&record_of(&self.config, &root_abs, &known))?;
         Ok(())
     }
 
@@ -1253,6 +1268,7 @@ fn record_of(config: &VolumeConfig, root_abs: &Path, known: &[(String, PathBuf)]
                     .map(|p| resolve(&p).unwrap_or(p)),
             })
             .collect(),
+        next: Vec::new(),
     }
 }
 
