@@ -107,6 +107,7 @@ pub struct Keyring {
     cache: KeyCache,
     retry: RetryPolicy,
     limiter: Limiter,
+    concurrency: usize,
     ops: [OpCounters; 5],
 }
 
@@ -127,8 +128,14 @@ impl Keyring {
                 free: Mutex::new(concurrency.max(1)),
                 released: Condvar::new(),
             },
+            concurrency: concurrency.max(1),
             ops: Default::default(),
         })
+    }
+
+    /// Most provider calls in flight at once (what a caller fanning out calls can use).
+    pub fn concurrency(&self) -> usize {
+        self.concurrency
     }
 
     /// Sets how to re-read the trusted keys (see [`KeyReload`]).

@@ -271,8 +271,8 @@ fn io_err(what: &str, path: &CanonicalPath, e: std::io::Error) -> Error {
     Error::io(format!("{what} {path}"), e)
 }
 
-/// Files per directory whose keys a cold open prefetches, by default.
-pub const DEFAULT_PREFETCH: usize = 256;
+/// Files whose keys a prefetch walk fetches ahead of the files opened, by default.
+pub const DEFAULT_PREFETCH: usize = 512;
 /// Files created without waiting for their key that may be pending at once.
 pub const DEFAULT_PENDING: usize = 256;
 
@@ -325,8 +325,9 @@ impl KmsFs {
             prefetch: Prefetch {
                 limit: DEFAULT_PREFETCH,
                 every: std::time::Duration::from_secs(60),
-                recent: Mutex::new(HashMap::new()),
+                recent: Default::default(),
                 jobs: Arc::new(AtomicU64::new(0)),
+                opened: Arc::new(AtomicU64::new(0)),
             },
         };
         if !read_only {

@@ -80,54 +80,165 @@ impl Facts {
     }
 }
 
-/// Key prefetch for a directory being read: when a file is opened cold, the data keys of the
-/// other files in its directory are unwrapped in the background (in parallel, under the
-/// keyring's concurrency limit) into the key cache, so a walk that reads every file waits for
-/// one key-service round trip per directory rather than per file. Bounded: at most `limit`
-/// files per directory, each directory once per `every`, at most `MAX_JOBS` directories at a
-/// time; a walk that only lists (`ls -lR`) never triggers it.
+/// Key prefetch for a walk that reads files (a backup, `grep -r`, `find -exec cat`): when a
+/// file is opened cold, the data keys of the files after it in walk order (the rest of its
+/// directory, then the next directories depth-first, each in listing order, as `find` and
+/// `tar` go) are unwrapped in the background into the key cache, on as many threads as the
+/// keyring lets run at once, so the walk finds its keys there rather than waiting for one
+/// key-service round trip per file. Bounded: at most `limit` files ahead of the files opened
+/// since it started, and it stops when opens stop (for [`Prefetch::STALL`]) or the volume
+/// ends; each directory once per `every`, at most `MAX_JOBS` walks at a time. A walk that only
+/// lists (`ls -lR`) never starts it.
 pub(super) struct Prefetch {
     pub(super) limit: usize,
     pub(super) every: std::time::Duration,
-    pub(super) recent: Mutex<HashMap<CanonicalPath, std::time::Instant>>,
+    pub(super) recent: Arc<Mutex<HashMap<CanonicalPath, std::time::Instant>>>,
     pub(super) jobs: Arc<AtomicU64>,
+    /// Files opened (new instances) on this mount so far: how far the walk has come.
+    pub(super) opened: Arc<AtomicU64>,
 }
 
 impl Prefetch {
     const MAX_JOBS: u64 = 4;
-    const THREADS: usize = 16;
+    /// A walk that opens nothing for this long has ended or gone elsewhere.
+    const STALL: std::time::Duration = std::time::Duration::from_secs(2);
 }
 
-/// Unwraps into the key cache the data keys of up to `limit` regular files in `dir` (other
-/// than `skip`), reading only their headers (without touching access times).
-pub(super) fn prefetch_dir(
+/// Where a prefetch walk is: the directories entered, each with its entries still to visit
+/// (sorted as listings are), deepest last.
+struct WalkOrder<'a> {
+    volume: &'a Volume,
+    stack: Vec<(
+        CanonicalPath,
+        std::collections::VecDeque<crate::backing::Entry>,
+    )>,
+    /// The directory the walk climbs out of next, once the stack is empty.
+    climb: Option<CanonicalPath>,
+}
+
+impl<'a> WalkOrder<'a> {
+    /// The walk from `dir` on: its entries, then what follows it in its parent, and so on up.
+    fn from(volume: &'a Volume, dir: &CanonicalPath) -> Self {
+        let mut walk = WalkOrder {
+            volume,
+            stack: Vec::new(),
+            climb: Some(dir.clone()),
+        };
+        walk.enter(dir, None);
+        walk
+    }
+
+    /// Pushes `dir`'s entries (those after its entry `after`, if any).
+    fn enter(&mut self, dir: &CanonicalPath, after: Option<&CanonicalPath>) {
+        let Ok(mut entries) = self.volume.backing().list_dir(dir, Atime::Keep) else {
+            return;
+        };
+        entries.retain(|e| !self.volume.is_own_name(e.name.as_bytes(), dir.is_root()));
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut entries: std::collections::VecDeque<_> = entries.into();
+        if let Some(after) = after {
+            let at = entries
+                .iter()
+                .position(|e| dir.join(e.name.as_bytes()).ok().as_ref() == Some(after));
+            if let Some(at) = at {
+                entries.drain(..=at);
+            }
+        }
+        self.stack.push((dir.clone(), entries));
+    }
+
+    /// The next file in walk order, and the directory it was found in.
+    fn next_file(&mut self, entered: &mut dyn FnMut(&CanonicalPath)) -> Option<CanonicalPath> {
+        loop {
+            let Some((dir, entries)) = self.stack.last_mut() else {
+                // Out of the start directory's subtree: on with its parent, after it.
+                let from = self.climb.take()?;
+                let parent = from.parent()?;
+                self.enter(&parent, Some(&from));
+                self.climb = Some(parent);
+                continue;
+            };
+            let Some(e) = entries.pop_front() else {
+                self.stack.pop();
+                continue;
+            };
+            let Ok(path) = dir.join(e.name.as_bytes()) else {
+                continue;
+            };
+            match e.kind {
+                libc::DT_DIR => {
+                    entered(&path);
+                    self.enter(&path, None);
+                }
+                libc::DT_REG | libc::DT_UNKNOWN => return Some(path),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Unwraps into the key cache the data keys of the files after `from` (opened cold in
+/// `dir`) in walk order, staying at most `limit` files ahead of the opens counted by
+/// `opened`, until they stop (see [`Prefetch`]). Reads only headers, without touching access
+/// times.
+fn walk_ahead(
     volume: &Volume,
     dir: &CanonicalPath,
-    skip: &CanonicalPath,
+    from: &CanonicalPath,
     limit: usize,
+    opened: &AtomicU64,
+    recent: &Mutex<HashMap<CanonicalPath, std::time::Instant>>,
 ) {
-    let Ok(names) = volume.backing().list_dir(dir, Atime::Keep) else {
-        return;
-    };
-    let mut files: Vec<CanonicalPath> = names
-        .into_iter()
-        .filter(|e| e.kind == libc::DT_REG || e.kind == libc::DT_UNKNOWN)
-        .map(|e| e.name)
-        .filter(|n| !volume.is_own_name(n.as_bytes(), dir.is_root()))
-        .filter_map(|n| dir.join(n.as_bytes()).ok())
-        .filter(|p| p != skip)
-        .collect();
-    files.sort();
-    files.truncate(limit);
-    let next = AtomicU64::new(0);
+    let mut walk = WalkOrder::from(volume, dir);
+    let threads = volume.keyring().concurrency().clamp(1, 64);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<CanonicalPath>(threads);
+    let rx = Mutex::new(rx);
     std::thread::scope(|s| {
-        for _ in 0..Prefetch::THREADS.min(files.len()) {
+        for _ in 0..threads {
             s.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                let Some(p) = files.get(i) else { return };
-                let _ = prefetch_key(volume, p);
+                let next = rx.lock().unwrap().recv();
+                let Ok(p) = next else { return };
+                let _ = prefetch_key(volume, &p);
             });
         }
+        let start = opened.load(Ordering::Relaxed);
+        let (mut sent, mut last_open, mut progress) = (0u64, start, std::time::Instant::now());
+        let mut mark = |d: &CanonicalPath| {
+            recent
+                .lock()
+                .unwrap()
+                .insert(d.clone(), std::time::Instant::now());
+        };
+        while let Some(p) = walk.next_file(&mut mark) {
+            if &p == from {
+                continue;
+            }
+            // Not more than `limit` files ahead of the walk.
+            loop {
+                let now = opened.load(Ordering::Relaxed);
+                if now != last_open {
+                    (last_open, progress) = (now, std::time::Instant::now());
+                }
+                if sent < (now - start) + limit as u64 {
+                    break;
+                }
+                if progress.elapsed() > Prefetch::STALL {
+                    // Directories not gone through are not prefetched: a later open there
+                    // starts a walk again.
+                    let mut recent = recent.lock().unwrap();
+                    for (d, _) in &walk.stack {
+                        recent.remove(d);
+                    }
+                    return drop(tx);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            if tx.send(p).is_err() {
+                return;
+            }
+            sent += 1;
+        }
+        drop(tx);
     });
 }
 
@@ -163,9 +274,11 @@ impl KmsFs {
         self.prefetch.limit = files;
     }
 
-    /// Starts prefetching the keys of the files beside `path` (see [`Prefetch`]).
+    /// Counts an open of `path` (a new instance) and, unless a prefetch walk has been through
+    /// its directory lately, starts one from there (see [`Prefetch`]).
     pub(super) fn prefetch_beside(&self, path: &CanonicalPath) {
         let p = &self.prefetch;
+        p.opened.fetch_add(1, Ordering::Relaxed);
         let Some(dir) = path.parent() else { return };
         if p.limit == 0 || p.jobs.load(Ordering::Relaxed) >= Prefetch::MAX_JOBS {
             return;
@@ -185,12 +298,13 @@ impl KmsFs {
             recent.insert(dir.clone(), now);
         }
         p.jobs.fetch_add(1, Ordering::Relaxed);
-        let (volume, jobs, limit, skip) =
+        let (volume, jobs, limit, from) =
             (self.volume.clone(), p.jobs.clone(), p.limit, path.clone());
+        let (opened, recent) = (p.opened.clone(), p.recent.clone());
         let spawned = std::thread::Builder::new()
             .name("kmsfs-prefetch".into())
             .spawn(move || {
-                prefetch_dir(&volume, &dir, &skip, limit);
+                walk_ahead(&volume, &dir, &from, limit, &opened, &recent);
                 jobs.fetch_sub(1, Ordering::Relaxed);
             });
         if spawned.is_err() {
