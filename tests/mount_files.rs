@@ -12,7 +12,7 @@ use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 
 use common::mount::{fuse_available, Mount};
-use common::pattern;
+use common::{pattern, within_200ms};
 
 #[test]
 fn write_read_and_the_backing_store_is_ciphertext() {
@@ -413,23 +413,15 @@ fn a_creates_stuck_key_call_holds_up_no_other_change_of_names() {
     });
     // The create is waiting for its key by now.
     std::thread::sleep(Duration::from_millis(500));
-    let quick = |what: &str, f: &mut dyn FnMut()| {
-        let started = Instant::now();
-        f();
-        let took = started.elapsed();
-        assert!(
-            took < Duration::from_millis(200),
-            "{what} took {took:?} while a create's key call was stuck"
-        );
-    };
-    quick("a create", &mut || {
+    let stuck = "a create's key call was stuck";
+    within_200ms("a create", stuck, || {
         fs::write(m.p("x/other"), b"other").unwrap()
     });
-    quick("a mkdir", &mut || fs::create_dir(m.p("e")).unwrap());
-    quick("a rename", &mut || {
+    within_200ms("a mkdir", stuck, || fs::create_dir(m.p("e")).unwrap());
+    within_200ms("a rename", stuck, || {
         fs::rename(m.p("x/old"), m.p("e/old")).unwrap()
     });
-    quick("an unlink", &mut || {
+    within_200ms("an unlink", stuck, || {
         fs::remove_file(m.p("x/other")).unwrap()
     });
     // The stall was real (the positive control): the stuck create took its 10 s.

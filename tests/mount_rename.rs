@@ -9,7 +9,7 @@ mod common;
 use std::fs;
 
 use common::mount::{fuse_available, Mount};
-use common::pattern;
+use common::{pattern, within_200ms};
 
 fn renameat2(from: &std::path::Path, to: &std::path::Path, flags: u32) -> std::io::Result<()> {
     let (a, b) = (
@@ -244,16 +244,8 @@ fn a_directory_renames_stuck_key_call_holds_up_nothing_else() {
     });
     // The rename is waiting for its key call by now.
     std::thread::sleep(Duration::from_millis(500));
-    let quick = |what: &str, f: &mut dyn FnMut()| {
-        let started = Instant::now();
-        f();
-        let took = started.elapsed();
-        assert!(
-            took < Duration::from_millis(200),
-            "{what} took {took:?} while a directory rename's key call was stuck"
-        );
-    };
-    quick("ls -l of another directory", &mut || {
+    let held_up = "a directory rename's key call was stuck";
+    within_200ms("ls -l of another directory", held_up, || {
         let out = std::process::Command::new("ls")
             .arg("-l")
             .arg(m.p("x"))
@@ -262,31 +254,31 @@ fn a_directory_renames_stuck_key_call_holds_up_nothing_else() {
         assert!(out.status.success());
         assert!(String::from_utf8_lossy(&out.stdout).contains("open"));
     });
-    quick("stat of an open file", &mut || {
+    within_200ms("stat of an open file", held_up, || {
         assert_eq!(fs::metadata(m.p("x/open")).unwrap().len(), 5000);
     });
-    quick("a read of an open file", &mut || {
+    within_200ms("a read of an open file", held_up, || {
         let mut buf = vec![0u8; 5000];
         held.read_exact_at(&mut buf, 0).unwrap();
         assert_eq!(buf, pattern(5000, 9));
     });
-    quick("close of another handle", &mut || {
+    within_200ms("close of another handle", held_up, || {
         let mut f = to_close.try_clone().unwrap();
         let mut s = String::new();
         f.read_to_string(&mut s).unwrap();
         drop(f);
     });
     drop(to_close);
-    quick("a create elsewhere", &mut || {
+    within_200ms("a create elsewhere", held_up, || {
         fs::write(m.p("x/new"), b"new").unwrap();
     });
-    quick("a mkdir elsewhere", &mut || {
+    within_200ms("a mkdir elsewhere", held_up, || {
         fs::create_dir(m.p("x/dir")).unwrap()
     });
-    quick("a rename elsewhere", &mut || {
+    within_200ms("a rename elsewhere", held_up, || {
         fs::rename(m.p("x/new"), m.p("x/renamed")).unwrap();
     });
-    quick("an unlink elsewhere", &mut || {
+    within_200ms("an unlink elsewhere", held_up, || {
         fs::remove_file(m.p("x/renamed")).unwrap();
     });
     // The stall was real (the positive control): the rename took its 10 s, and did it.

@@ -241,6 +241,18 @@ pub fn attrs(kind: ObjectKind, mode: u32, owner: Option<(u32, u32)>) -> Attrs {
     a
 }
 
+/// Runs `f` (named `what`), failing the test unless it returns within 200 ms while something
+/// else (`stuck`) is held up: what must not wait for a stuck key call.
+pub fn within_200ms(what: &str, stuck: &str, f: impl FnOnce()) {
+    let started = std::time::Instant::now();
+    f();
+    let took = started.elapsed();
+    assert!(
+        took < std::time::Duration::from_millis(200),
+        "{what} took {took:?} while {stuck}"
+    );
+}
+
 pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| ((i * 31 + i / 251) as u8).wrapping_add(seed))
