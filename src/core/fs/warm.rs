@@ -316,7 +316,8 @@ impl KmsFs {
     /// mount, a cold cache), read them on a few threads at once, so the disk sees them in
     /// parallel rather than one per entry as the listing goes.
     pub(super) fn warm_facts(&self, dir: &CanonicalPath, entries: &[crate::backing::Entry]) {
-        const THREADS: usize = 4;
+        // (16: a cold `ls -lR` of the benchmark tree took 1.02 s, against 1.15 s on 4.)
+        const THREADS: usize = 16;
         let files: Vec<CanonicalPath> = entries
             .iter()
             .filter(|e| e.kind == libc::DT_REG)
