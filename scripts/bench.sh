@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark: a plain directory, gocryptfs, securefs and kmsfs (local key provider, and the
-# same with KMS_LATENCY_MS of injected latency per key call, and the same with plaintext names:
-# "kmsfs-plainnames") on the same disk, in one run; and two kmsfs mounts of one store untarring
+# same with KMS_LATENCY_MS of injected latency per key call, the same with plaintext names:
+# "kmsfs-plainnames", and mounted --no-xattrs: "kmsfs-noxattrs", as securefs has none) on the
+# same disk, in one run; and two kmsfs mounts of one store untarring
 # at once against one after the other ("kmsfs-shared").
 # Workloads (the project's benchmark set): streaming write and read of 512 MiB in 128 KiB blocks (caches dropped
 # between; then once more with only the backing store's cache warm), untar of a generated
@@ -22,7 +23,7 @@
 # KMS_LATENCY_MS (5), KMSFS_BASELINE (the path of another kmsfs binary, e.g. a release build
 # of an earlier commit: run beside the others as "kmsfs-base", for an A/B in the same run),
 # FILESYSTEMS (which of "plain gocryptfs securefs kmsfs kmsfs-latency kmsfs-plainnames
-# kmsfs-shared" to run; all)
+# kmsfs-noxattrs kmsfs-shared" to run; all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
@@ -219,7 +220,9 @@ remount_gocryptfs() {
 }
 mount_kmsfs() { # variant
     local base=$work/$1
-    if [ "$1" = kmsfs-latency ]; then
+    if [ "$1" = kmsfs-noxattrs ]; then
+        XDG_CONFIG_HOME=$base/config "$KMSFS" mount --no-xattrs "$base/backing" "$base/mnt"
+    elif [ "$1" = kmsfs-latency ]; then
         XDG_CONFIG_HOME=$base/config KMSFS_INJECT_KMS_LATENCY_MS=$KMS_LATENCY_MS \
             "$KMSFS" mount "$base/backing" "$base/mnt"
     else
@@ -229,6 +232,7 @@ mount_kmsfs() { # variant
 remount_kmsfs() { "$KMSFS" umount "$work/kmsfs/mnt"; mount_kmsfs kmsfs; }
 remount_kmsfs-latency() { "$KMSFS" umount "$work/kmsfs-latency/mnt"; mount_kmsfs kmsfs-latency; }
 remount_kmsfs-base() { "$KMSFS_BASELINE" umount "$work/kmsfs-base/mnt"; mount_kmsfs kmsfs-base; }
+remount_kmsfs-noxattrs() { "$KMSFS" umount "$work/kmsfs-noxattrs/mnt"; mount_kmsfs kmsfs-noxattrs; }
 remount_kmsfs-plainnames() { "$KMSFS" umount "$work/kmsfs-plainnames/mnt"; mount_kmsfs kmsfs-plainnames; }
 
 bench_plain() {
@@ -291,7 +295,7 @@ bench_kmsfs-shared() {
     "$KMSFS" umount "$base/mnt"
 }
 
-read -r -a filesystems <<< "${FILESYSTEMS:-plain gocryptfs securefs kmsfs kmsfs-latency kmsfs-plainnames kmsfs-shared}"
+read -r -a filesystems <<< "${FILESYSTEMS:-plain gocryptfs securefs kmsfs kmsfs-latency kmsfs-plainnames kmsfs-noxattrs kmsfs-shared}"
 if [ -n "${KMSFS_BASELINE:-}" ]; then
     filesystems+=(kmsfs-base)
 fi
@@ -367,6 +371,18 @@ if any(fs == "kmsfs-plainnames" for fs, _ in data):
         fmt = lambda v: "-" if v is None else (f"{v:.0f}" if "IOPS" in w else f"{v:.2f}")
         rat = f"{ratio_of(w, k, p):.2f}" if k and p else "-"
         print(f"{w:<24} {fmt(k):>9} {fmt(p):>9} {rat:>6}  {' '.join(f'{x:.2f}' for x in en(w))}")
+if any(fs == "kmsfs-noxattrs" for fs, _ in data):
+    print()
+    print("Mounted --no-xattrs (no extended attributes, as securefs), against the best peer:")
+    print(f"{'workload':<24} {'kmsfs':>9} {'noxattrs':>9} {'best':>9} {'n/best':>6}  n/best each round")
+    for w in order:
+        k, n, b = median("kmsfs", w), median("kmsfs-noxattrs", w), best_peer(w)
+        fmt = lambda v: "-" if v is None else (f"{v:.0f}" if "IOPS" in w else f"{v:.2f}")
+        bv = median(b, w) if b else None
+        rat = f"{ratio_of(w, n, bv):.2f}" if n and bv else "-"
+        nn, bb = data.get(("kmsfs-noxattrs", w), {}), data.get((b, w), {}) if b else {}
+        each = " ".join(f"{ratio_of(w, nn[r], bb[r]):.2f}" for r in sorted(nn) if r in bb and nn[r] and bb[r])
+        print(f"{w:<24} {fmt(k):>9} {fmt(n):>9} {fmt(bv):>9} {rat:>6}  {each} ({b or '-'})")
 if any(fs == "kmsfs-shared" for fs, _ in data):
     sh = data.get(("kmsfs-shared", "untar x2, both at once"), {}), data.get(("kmsfs-shared", "untar x2, one after the other"), {})
     rs = [r for r in sorted(sh[0]) if r in sh[1]]

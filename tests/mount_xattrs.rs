@@ -189,3 +189,46 @@ fn read_only_mount_reads_but_refuses_changes() {
     assert_eq!(set(&m.p("f"), "user.k", b"w", 0), Err(libc::EROFS));
     assert_eq!(remove(&m.p("f"), "user.k"), Err(libc::EROFS));
 }
+
+/// `--no-xattrs`: every xattr call fails with EOPNOTSUPP and nothing reaches the store (the
+/// kernel stops asking the daemon); the same mount without it serves them (the control).
+#[test]
+fn a_mount_without_xattrs_serves_and_stores_none() {
+    if !fuse_available() {
+        return;
+    }
+    let mut m = Mount::new(4096, &[]);
+    fs::write(m.p("f"), b"data").unwrap();
+    set(&m.p("f"), "user.before", b"1", 0).unwrap();
+    assert_eq!(get(&m.p("f"), "user.before", 16).unwrap(), b"1");
+    let backing_names = |m: &Mount| {
+        let host = m.b("f");
+        xattr_names_on(&host)
+    };
+    let stored = backing_names(&m);
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    m.set_extra(&["--no-xattrs"]);
+    m.remount();
+    for _ in 0..2 {
+        assert_eq!(set(&m.p("f"), "user.after", b"2", 0), Err(libc::EOPNOTSUPP));
+        assert_eq!(get(&m.p("f"), "user.before", 16), Err(libc::EOPNOTSUPP));
+        assert_eq!(remove(&m.p("f"), "user.before"), Err(libc::EOPNOTSUPP));
+    }
+    assert_eq!(fs::read(m.p("f")).unwrap(), b"data");
+    // Nothing changed on the store: the attribute set before is still the only one.
+    assert_eq!(backing_names(&m), stored);
+}
+
+/// The names of the extended attributes of the backing file at `host` (user namespace).
+fn xattr_names_on(host: &Path) -> Vec<Vec<u8>> {
+    let p = c(host);
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: buf has 4096 bytes.
+    let n = unsafe { libc::llistxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    assert!(n >= 0, "{}", std::io::Error::last_os_error());
+    buf[..n as usize]
+        .split(|&b| b == 0)
+        .filter(|s| s.starts_with(b"user."))
+        .map(|s| s.to_vec())
+        .collect()
+}

@@ -64,6 +64,10 @@ pub struct MountArgs {
     /// which is how long another mount's changes may take to show here
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
     pub cache_timeout: Duration,
+    /// Serve no extended attributes (EOPNOTSUPP): `ls -l` and writes then make fewer round
+    /// trips to the daemon
+    #[arg(long)]
+    pub no_xattrs: bool,
 }
 
 #[derive(Debug, Args)]
@@ -220,6 +224,7 @@ fn serve(args: &MountArgs, ready: impl FnOnce()) -> Result<()> {
     let mut core = KmsFs::new(volume, args.read_only)?;
     core.set_key_prefetch(args.key_prefetch);
     core.set_pending_creates(args.pending_creates);
+    core.set_xattrs(!args.no_xattrs);
     let core = Arc::new(core);
     core.join_store()?;
     let status_path = super::status::socket_path(&args.mountpoint);

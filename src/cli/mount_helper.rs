@@ -77,6 +77,7 @@ pub fn translate(args: &[OsString]) -> Result<Vec<OsString>> {
         match (name, value) {
             ("ro", None) => out.push("--read-only".into()),
             ("allow_other", None) => out.push("--allow-other".into()),
+            ("no_xattrs", None) => out.push("--no-xattrs".into()),
             (
                 "key" | "key_cache_entries" | "key_cache_ttl" | "kms_concurrency" | "key_prefetch"
                 | "pending_creates" | "cache_timeout",
@@ -88,7 +89,7 @@ pub fn translate(args: &[OsString]) -> Result<Vec<OsString>> {
             (n, _) if IGNORED.contains(&n) || n.starts_with("x-") || n.starts_with("comment=") => {}
             _ => {
                 return Err(Error::Usage(format!(
-                    "unknown mount option '{o}' (kmsfs takes ro, allow_other, key=KEY, \
+                    "unknown mount option '{o}' (kmsfs takes ro, allow_other, no_xattrs, key=KEY, \
                      key_cache_entries=N, key_cache_ttl=DURATION, kms_concurrency=N, key_prefetch=N, \
                      pending_creates=N, cache_timeout=DURATION)"
                 )))
@@ -132,7 +133,7 @@ mod tests {
                 "-n",
                 "/srv/b",
                 "/mnt/s",
-                "-okey_cache_ttl=10m,kms_concurrency=8"
+                "-okey_cache_ttl=10m,kms_concurrency=8,no_xattrs"
             ])
             .unwrap(),
             [
@@ -142,7 +143,8 @@ mod tests {
                 "--key-cache-ttl",
                 "10m",
                 "--kms-concurrency",
-                "8"
+                "8",
+                "--no-xattrs"
             ]
         );
     }

@@ -204,6 +204,8 @@ pub struct KmsFs {
     listings: Mutex<HashMap<u64, Arc<Listing>>>,
     /// The daemon's effective uid (asked once: a stat checks it).
     euid: u32,
+    /// Extended attributes served (see [`KmsFs::set_xattrs`]).
+    xattrs: bool,
 }
 
 fn dotted(name: &OsStr) -> bool {
@@ -322,6 +324,7 @@ impl KmsFs {
             noted_headerless: std::sync::atomic::AtomicBool::new(false),
             listings: Mutex::new(HashMap::new()),
             euid: rustix::process::geteuid().as_raw(),
+            xattrs: true,
             prefetch: Prefetch {
                 limit: DEFAULT_PREFETCH,
                 every: std::time::Duration::from_secs(60),
@@ -340,6 +343,25 @@ impl KmsFs {
             core.finish_interrupted_rebinds();
         }
         Ok(core)
+    }
+
+    /// Turns extended attributes off: every xattr call answers `ENOSYS`, which the kernel takes
+    /// as "not implemented" and stops asking (callers get `EOPNOTSUPP`). Saves the two round
+    /// trips `ls -l` makes per entry (the SELinux label and ACL probes) and the one before each
+    /// write (the file-capability check).
+    pub fn set_xattrs(&mut self, on: bool) {
+        self.xattrs = on;
+    }
+
+    fn check_xattrs(&self) -> Result<()> {
+        if self.xattrs {
+            Ok(())
+        } else {
+            Err(os(
+                "extended attributes are off on this mount (--no-xattrs)",
+                libc::ENOSYS,
+            ))
+        }
     }
 
     /// Most files created without waiting for their key that may be pending at once (0: every
@@ -2009,6 +2031,7 @@ impl KmsFs {
     }
 
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+        self.check_xattrs()?;
         self.check_writable()?;
         Self::refuse_system_xattr(name)?;
         let path = self.path_of(ino)?;
@@ -2031,6 +2054,7 @@ impl KmsFs {
     /// either way, and `ls -l` asks two per file. `system.*` (ACLs) is never kept for the
     /// user: none is there to read (the backing entry's own are not the user's).
     pub fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> Result<Vec<u8>> {
+        self.check_xattrs()?;
         if name.as_bytes().starts_with(b"system.") {
             return Err(os("no such attribute", libc::ENODATA));
         }
@@ -2061,6 +2085,7 @@ impl KmsFs {
     }
 
     pub fn listxattr(&self, ino: u64, size: u32) -> Result<Vec<u8>> {
+        self.check_xattrs()?;
         let path = self.path_of(ino)?;
         let Some(key) = self.volume.name_key() else {
             return self
@@ -2095,6 +2120,7 @@ impl KmsFs {
     }
 
     pub fn removexattr(&self, ino: u64, name: &OsStr) -> Result<()> {
+        self.check_xattrs()?;
         self.check_writable()?;
         Self::refuse_system_xattr(name)?;
         let path = self.path_of(ino)?;
