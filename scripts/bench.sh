@@ -193,8 +193,9 @@ daemon_of() {
     case $1 in
     plain) ;;
     gocryptfs | securefs) pgrep -f "$1.*$work/$1/cipher" | head -1 ;;
-    *) pgrep -f "kmsfs mount $work/$1/backing" | head -1 ;;
+    *) pgrep -f "kmsfs mount.* $work/$1/backing" | head -1 ;;
     esac
+    return 0
 }
 
 # Where a filesystem keeps what its mount shows.
