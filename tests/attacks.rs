@@ -756,6 +756,16 @@ fn a_key_change_killed_before_the_record_followed_still_opens() {
     fs::write(&record_file, &before).unwrap();
     let err = open_checked(&v, &[], &state).unwrap_err().to_string();
     assert!(err.contains("its trusted keys changed since"), "{err}");
+    // A change killed before it wrote the config: the volume opens under the keys it has, and
+    // the record stops naming the keys that change was moving to.
+    let elsewhere: String = before
+        .lines()
+        .filter_map(|l| l.strip_prefix("key "))
+        .map(|k| format!("next {k}\n"))
+        .collect();
+    fs::write(&record_file, format!("{after}{elsewhere}")).unwrap();
+    drop(open_checked(&v, &[], &state).unwrap());
+    assert_eq!(fs::read_to_string(&record_file).unwrap(), after);
     // Nor does a change under way to other keys let it in.
     let other: String = before
         .lines()

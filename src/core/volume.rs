@@ -735,7 +735,11 @@ impl Volume {
                     }
                     // Moved: the record follows it, so another volume put at the old path
                     // is not trusted on first use there.
-                    Some(r) if r.backing != root_abs || landed_change => store.put(&now)?,
+                    // And a change that did not land (killed before the config was written)
+                    // leaves nothing trusted beyond what the config says.
+                    Some(r) if r.backing != root_abs || landed_change || !r.next.is_empty() => {
+                        store.put(&now)?
+                    }
                     Some(_) => {}
                 }
                 record = Some(store);
@@ -1002,11 +1006,18 @@ impl Volume {
             .flat_map(|r| &r.keys)
             .filter_map(|k| k.path.clone().map(|p| (k.id.clone(), p)))
             .collect();
-        if let Some(mut before) = before {
-            before.next = record_of(&config, &root_abs, &known).keys;
-            store.put(&before)?;
+        if let Some(before) = &before {
+            let mut ahead = before.clone();
+            ahead.next = record_of(&config, &root_abs, &known).keys;
+            store.put(&ahead)?;
         }
-        write_config(&self.backing, &bytes)?;
+        if let Err(e) = write_config(&self.backing, &bytes) {
+            // The change did not land: nor does the host trust what it moved to.
+            if let Some(before) = &before {
+                let _ = store.put(before);
+            }
+            return Err(e);
+        }
         self.config = config;
         store.put(&record_of(&self.config, &root_abs, &known))?;
         Ok(())
