@@ -152,3 +152,48 @@ fn a_walk_through_many_directories_waits_for_about_one_round_trip() {
         "the volume key and every file's once"
     );
 }
+
+/// A walk goes on only as files it fetched are opened: opening one file again and again (a
+/// local user of the mount trying to make it `Decrypt` the whole volume) lets it fetch nothing
+/// more; opening the fetched files does.
+#[test]
+fn only_opening_the_fetched_files_lets_a_walk_go_on() {
+    let files = 40;
+    let v = volume(files);
+    let (core, provider) = slow_core(&v, 10);
+    let dir = core.lookup(ROOT_INO, OsStr::new("dir")).unwrap().ino;
+    let open_close = |name: &str| {
+        let ino = core.lookup(dir, OsStr::new(name)).unwrap().ino;
+        core.release(core.open(ino, libc::O_RDONLY).unwrap());
+    };
+    open_close("f000");
+    std::thread::sleep(LATENCY * 6);
+    for _ in 0..30 {
+        open_close("f000");
+    }
+    std::thread::sleep(LATENCY * 6);
+    assert_eq!(
+        provider.calls(KmsOp::Decrypt),
+        1 + 1 + 10,
+        "volume key, f000, 10 ahead, nothing more"
+    );
+    // The control: opening what was fetched (from the key cache: no call of its own) lets it
+    // fetch as many more.
+    let listed: Vec<String> = core
+        .readdir(dir)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name.into_string().unwrap())
+        .filter(|n| n.starts_with('f') && n != "f000")
+        .collect();
+    let before = provider.calls(KmsOp::Decrypt);
+    for name in listed.iter().take(5) {
+        open_close(name);
+    }
+    std::thread::sleep(LATENCY * 6);
+    assert_eq!(
+        provider.calls(KmsOp::Decrypt),
+        before + 5,
+        "opening 5 fetched files let the walk fetch 5 more"
+    );
+}

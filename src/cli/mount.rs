@@ -53,7 +53,7 @@ pub struct MountArgs {
     #[arg(long, value_name = "N", default_value_t = DEFAULT_CONCURRENCY)]
     pub kms_concurrency: usize,
     /// When a file is opened cold, fetch in the background the keys of the files after it in
-    /// walk order, up to N ahead of the files opened (0: never)
+    /// walk order, up to N fetched and not yet opened (0: never)
     #[arg(long, value_name = "N", default_value_t = crate::core::fs::DEFAULT_PREFETCH)]
     pub key_prefetch: usize,
     /// Let up to N new files at a time return from create before their data key arrives

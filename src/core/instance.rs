@@ -733,6 +733,12 @@ impl KeyRequests {
             && latency != u64::MAX
     }
 
+    /// Whether a create now would be handed to a worker and find room (see [`Self::submit`]):
+    /// otherwise it waits for its key itself.
+    pub fn would_queue(&self) -> bool {
+        self.would_take() && *self.in_flight.0.lock().unwrap() < self.limit
+    }
+
     /// Hands `node`'s key request to a worker; false when the create should wait for its key
     /// itself (see [`Self::would_take`], or too many pending).
     pub fn submit(&self, node: &Arc<OpenNode>) -> bool {

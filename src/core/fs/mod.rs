@@ -330,7 +330,8 @@ impl KmsFs {
                 every: std::time::Duration::from_secs(60),
                 recent: Default::default(),
                 jobs: Arc::new(AtomicU64::new(0)),
-                opened: Arc::new(AtomicU64::new(0)),
+                ahead: Default::default(),
+                reached: Arc::new(AtomicU64::new(0)),
             },
         };
         if !read_only {
@@ -1096,10 +1097,15 @@ impl KmsFs {
         self.check_writable()?;
         // The new envelopes are made first, the volume's names unlocked (see `premake`).
         let premade = match (self.child(parent, name), self.new_child(newparent, newname)) {
-            // (Not for a rename bound to fail: no key calls for nothing.)
+            // Not for a rename bound to fail (over a name taken with noreplace, or over a
+            // directory, which must be empty: checked under the lock, which then makes the
+            // calls itself): no key calls for nothing.
             (Ok(from), Ok((to, _)))
                 if from.path != to.path
-                    && !(noreplace && self.store().metadata(&to.path).is_ok()) =>
+                    && !self
+                        .store()
+                        .metadata(&to.path)
+                        .is_ok_and(|m| noreplace || m.is_dir()) =>
             {
                 self.premake(&from.path, &to.path)
             }
@@ -1275,8 +1281,18 @@ impl KmsFs {
 
     pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> Result<Attr> {
         self.check_writable()?;
+        // (Not for a link bound to fail: a file with all its names, or a name taken.)
+        let bound_to_fail = |from: &CanonicalPath, to: &CanonicalPath| {
+            self.store().metadata(to).is_ok()
+                || self
+                    .store()
+                    .metadata(from)
+                    .is_ok_and(|m| m.nlink() as usize >= MAX_LINKS)
+        };
         let premade = match (self.path_of(ino), self.new_child(newparent, newname)) {
-            (Ok(from), Ok((to, _))) => self.premake(&from, &to.path),
+            (Ok(from), Ok((to, _))) if !bound_to_fail(&from, &to.path) => {
+                self.premake(&from, &to.path)
+            }
             _ => Premade::default(),
         };
         let _ns = self.namespace()?;
@@ -1346,12 +1362,13 @@ impl KmsFs {
     /// none) in its directory, given its key and header, then linked to its name. A crash can
     /// then never leave a file without a header.
     /// The data key of a file about to be created as `parent`/`name`, when the create will
-    /// wait for its key (see [`crate::core::instance::KeyRequests::would_take`]): generated
+    /// wait for its key (see [`crate::core::instance::KeyRequests::would_queue`]): generated
     /// now, before the create takes the volume's namespace lock, so that no change of names
     /// waits for the key service meanwhile. A key service that fails fails the create here,
     /// the lock never taken.
     fn key_ahead(&self, parent: u64, name: &OsStr) -> Result<Option<KeyAhead>> {
-        if self.key_requests.would_take() {
+        // (Also when too many creates are pending already: this one would wait.)
+        if self.key_requests.would_queue() {
             return Ok(None);
         }
         let Ok((child, _)) = self.new_child(parent, name) else {

@@ -85,23 +85,32 @@ impl Facts {
 /// directory, then the next directories depth-first, each in listing order, as `find` and
 /// `tar` go) are unwrapped in the background into the key cache, on as many threads as the
 /// keyring lets run at once, so the walk finds its keys there rather than waiting for one
-/// key-service round trip per file. Bounded: at most `limit` files ahead of the files opened
-/// since it started, and it stops when opens stop (for [`Prefetch::STALL`]) or the volume
-/// ends; each directory once per `every`, at most `MAX_JOBS` walks at a time. A walk that only
-/// lists (`ls -lR`) never starts it.
+/// key-service round trip per file. Bounded: at most `limit` files whose keys were fetched and
+/// that have not been opened since (`ahead`; opening one file again and again, or files
+/// elsewhere, does not let a walk on), and it stops when none of those is opened for
+/// [`Prefetch::STALL`], after `DIRS_PER_WALK` directories, or at the end of the volume; each
+/// directory once per `every`, at most `MAX_JOBS` walks at a time. A walk that only lists
+/// (`ls -lR`) never starts it.
 pub(super) struct Prefetch {
     pub(super) limit: usize,
     pub(super) every: std::time::Duration,
     pub(super) recent: Arc<Mutex<HashMap<CanonicalPath, std::time::Instant>>>,
     pub(super) jobs: Arc<AtomicU64>,
-    /// Files opened (new instances) on this mount so far: how far the walk has come.
-    pub(super) opened: Arc<AtomicU64>,
+    /// Files whose keys a walk fetched, not opened since.
+    pub(super) ahead: Arc<Mutex<std::collections::HashSet<CanonicalPath>>>,
+    /// Opens of files in `ahead` so far: how far the walks have come.
+    pub(super) reached: Arc<AtomicU64>,
 }
 
 impl Prefetch {
     const MAX_JOBS: u64 = 4;
     /// A walk that opens nothing for this long has ended or gone elsewhere.
     const STALL: std::time::Duration = std::time::Duration::from_secs(2);
+    /// Most directories one walk enters (a tree of empty directories costs no key call, but
+    /// listing it all would be work for nothing).
+    const DIRS_PER_WALK: usize = 4096;
+    /// Most directories remembered as gone through.
+    const MAX_RECENT: usize = 16_384;
 }
 
 /// Where a prefetch walk is: the directories entered, each with its entries still to visit
@@ -114,6 +123,8 @@ struct WalkOrder<'a> {
     )>,
     /// The directory the walk climbs out of next, once the stack is empty.
     climb: Option<CanonicalPath>,
+    /// Directories listed so far.
+    entered: usize,
 }
 
 impl<'a> WalkOrder<'a> {
@@ -123,6 +134,7 @@ impl<'a> WalkOrder<'a> {
             volume,
             stack: Vec::new(),
             climb: Some(dir.clone()),
+            entered: 0,
         };
         walk.enter(dir, None);
         walk
@@ -130,6 +142,7 @@ impl<'a> WalkOrder<'a> {
 
     /// Pushes `dir`'s entries (those after its entry `after`, if any).
     fn enter(&mut self, dir: &CanonicalPath, after: Option<&CanonicalPath>) {
+        self.entered += 1;
         let Ok(mut entries) = self.volume.backing().list_dir(dir, Atime::Keep) else {
             return;
         };
@@ -150,6 +163,9 @@ impl<'a> WalkOrder<'a> {
     /// The next file in walk order, and the directory it was found in.
     fn next_file(&mut self, entered: &mut dyn FnMut(&CanonicalPath)) -> Option<CanonicalPath> {
         loop {
+            if self.entered >= Prefetch::DIRS_PER_WALK {
+                return None;
+            }
             let Some((dir, entries)) = self.stack.last_mut() else {
                 // Out of the start directory's subtree: on with its parent, after it.
                 let from = self.climb.take()?;
@@ -178,17 +194,16 @@ impl<'a> WalkOrder<'a> {
 }
 
 /// Unwraps into the key cache the data keys of the files after `from` (opened cold in
-/// `dir`) in walk order, staying at most `limit` files ahead of the opens counted by
-/// `opened`, until they stop (see [`Prefetch`]). Reads only headers, without touching access
-/// times.
+/// `dir`) in walk order, with at most `limit` of them fetched and not yet opened, until the
+/// opens stop (see [`Prefetch`]). Reads only headers, without touching access times.
 fn walk_ahead(
     volume: &Volume,
     dir: &CanonicalPath,
     from: &CanonicalPath,
     limit: usize,
-    opened: &AtomicU64,
-    recent: &Mutex<HashMap<CanonicalPath, std::time::Instant>>,
+    p: &Prefetch,
 ) {
+    let (ahead, reached, recent) = (&*p.ahead, &*p.reached, &*p.recent);
     let mut walk = WalkOrder::from(volume, dir);
     let threads = volume.keyring().concurrency().clamp(1, 64);
     let (tx, rx) = std::sync::mpsc::sync_channel::<CanonicalPath>(threads);
@@ -201,25 +216,26 @@ fn walk_ahead(
                 let _ = prefetch_key(volume, &p);
             });
         }
-        let start = opened.load(Ordering::Relaxed);
-        let (mut sent, mut last_open, mut progress) = (0u64, start, std::time::Instant::now());
+        let mut sent: Vec<CanonicalPath> = Vec::new();
+        let (mut last, mut progress) = (reached.load(Ordering::Relaxed), std::time::Instant::now());
         let mut mark = |d: &CanonicalPath| {
-            recent
-                .lock()
-                .unwrap()
-                .insert(d.clone(), std::time::Instant::now());
+            let mut recent = recent.lock().unwrap();
+            if recent.len() >= Prefetch::MAX_RECENT {
+                recent.clear();
+            }
+            recent.insert(d.clone(), std::time::Instant::now());
         };
-        while let Some(p) = walk.next_file(&mut mark) {
-            if &p == from {
+        'walk: while let Some(file) = walk.next_file(&mut mark) {
+            if &file == from {
                 continue;
             }
-            // Not more than `limit` files ahead of the walk.
+            // Not more than `limit` fetched and not opened yet.
             loop {
-                let now = opened.load(Ordering::Relaxed);
-                if now != last_open {
-                    (last_open, progress) = (now, std::time::Instant::now());
+                let now = reached.load(Ordering::Relaxed);
+                if now != last {
+                    (last, progress) = (now, std::time::Instant::now());
                 }
-                if sent < (now - start) + limit as u64 {
+                if ahead.lock().unwrap().len() < limit {
                     break;
                 }
                 if progress.elapsed() > Prefetch::STALL {
@@ -229,16 +245,22 @@ fn walk_ahead(
                     for (d, _) in &walk.stack {
                         recent.remove(d);
                     }
-                    return drop(tx);
+                    break 'walk;
                 }
                 std::thread::sleep(std::time::Duration::from_millis(2));
             }
-            if tx.send(p).is_err() {
-                return;
+            ahead.lock().unwrap().insert(file.clone());
+            sent.push(file.clone());
+            if tx.send(file).is_err() {
+                break;
             }
-            sent += 1;
         }
         drop(tx);
+        // What this walk fetched and nobody opened leaves the budget.
+        let mut ahead = ahead.lock().unwrap();
+        for f in &sent {
+            ahead.remove(f);
+        }
     });
 }
 
@@ -274,11 +296,14 @@ impl KmsFs {
         self.prefetch.limit = files;
     }
 
-    /// Counts an open of `path` (a new instance) and, unless a prefetch walk has been through
-    /// its directory lately, starts one from there (see [`Prefetch`]).
+    /// Notes an open of `path` (a new instance): a walk's progress if it fetched its key, and
+    /// unless a prefetch walk has been through its directory lately, starts one from there
+    /// (see [`Prefetch`]).
     pub(super) fn prefetch_beside(&self, path: &CanonicalPath) {
         let p = &self.prefetch;
-        p.opened.fetch_add(1, Ordering::Relaxed);
+        if p.ahead.lock().unwrap().remove(path) {
+            p.reached.fetch_add(1, Ordering::Relaxed);
+        }
         let Some(dir) = path.parent() else { return };
         if p.limit == 0 || p.jobs.load(Ordering::Relaxed) >= Prefetch::MAX_JOBS {
             return;
@@ -298,14 +323,20 @@ impl KmsFs {
             recent.insert(dir.clone(), now);
         }
         p.jobs.fetch_add(1, Ordering::Relaxed);
-        let (volume, jobs, limit, from) =
-            (self.volume.clone(), p.jobs.clone(), p.limit, path.clone());
-        let (opened, recent) = (p.opened.clone(), p.recent.clone());
+        let (volume, limit, from) = (self.volume.clone(), p.limit, path.clone());
+        let shared = Prefetch {
+            limit,
+            every: p.every,
+            recent: p.recent.clone(),
+            jobs: p.jobs.clone(),
+            ahead: p.ahead.clone(),
+            reached: p.reached.clone(),
+        };
         let spawned = std::thread::Builder::new()
             .name("kmsfs-prefetch".into())
             .spawn(move || {
-                walk_ahead(&volume, &dir, &from, limit, &opened, &recent);
-                jobs.fetch_sub(1, Ordering::Relaxed);
+                walk_ahead(&volume, &dir, &from, limit, &shared);
+                shared.jobs.fetch_sub(1, Ordering::Relaxed);
             });
         if spawned.is_err() {
             p.jobs.fetch_sub(1, Ordering::Relaxed);
