@@ -720,6 +720,15 @@ fn a_changed_key_set_is_refused_until_approved_and_rewrap_updates_the_record() {
     assert_eq!(vol.config().trusted_keys.len(), 1);
 }
 
+/// The `key` lines of a trust record's text as the `next` lines of a change moving to them.
+fn as_next(record: &str) -> String {
+    record
+        .lines()
+        .filter_map(|l| l.strip_prefix("key "))
+        .map(|k| format!("next {k}\n"))
+        .collect()
+}
+
 /// A change of keys made through this host (a rewrap) killed after it wrote the volume's
 /// config and before this host's record followed: the volume still opens (the record named the
 /// keys the change moved to first), and the record follows then. Found by the crash soak
@@ -742,11 +751,7 @@ fn a_key_change_killed_before_the_record_followed_still_opens() {
     let after = fs::read_to_string(&record_file).unwrap();
     assert!(!after.contains("\nnext "), "{after}");
     // What the kill leaves: the record as before, naming the keys the change moves to.
-    let next: String = after
-        .lines()
-        .filter_map(|l| l.strip_prefix("key "))
-        .map(|k| format!("next {k}\n"))
-        .collect();
+    let next = as_next(&after);
     fs::write(&record_file, format!("{before}{next}")).unwrap();
     let vol = open_checked(&v, &[], &state).unwrap();
     assert_eq!(vol.config().trusted_keys.len(), 2);
@@ -758,20 +763,12 @@ fn a_key_change_killed_before_the_record_followed_still_opens() {
     assert!(err.contains("its trusted keys changed since"), "{err}");
     // A change killed before it wrote the config: the volume opens under the keys it has, and
     // the record stops naming the keys that change was moving to.
-    let elsewhere: String = before
-        .lines()
-        .filter_map(|l| l.strip_prefix("key "))
-        .map(|k| format!("next {k}\n"))
-        .collect();
+    let elsewhere = as_next(&before);
     fs::write(&record_file, format!("{after}{elsewhere}")).unwrap();
     drop(open_checked(&v, &[], &state).unwrap());
     assert_eq!(fs::read_to_string(&record_file).unwrap(), after);
     // Nor does a change under way to other keys let it in.
-    let other: String = before
-        .lines()
-        .filter_map(|l| l.strip_prefix("key "))
-        .map(|k| format!("next {k}\n"))
-        .collect();
+    let other = as_next(&before);
     fs::write(&record_file, format!("{before}{other}")).unwrap();
     assert!(open_checked(&v, &[], &state).is_err());
 }
