@@ -22,11 +22,14 @@
 //! tables is held across a key-service call: an open makes the file's instance (its `Decrypt`)
 //! without `open` held, then puts it in the table unless another open of the inode did so
 //! meanwhile (then that one is the inode's). An instance's own lock (see
-//! [`super::instance`]) comes last; a rename or link makes the new envelopes of every file it moves (their
-//! `ReEncrypt`s) before it takes `namespace` (see [`KmsFs::premake`]), so neither that lock nor
-//! an instance's nor a header's is held across them; only a file created or rewrapped between
-//! then and the lock gets its envelope made under it. A create's `GenerateDataKey` comes after
-//! `namespace` is released (the pending file holds only its own data lock meanwhile).
+//! [`super::instance`]) comes last. A rename or link makes the new envelopes of every file it
+//! moves (their `ReEncrypt`s) before it takes `namespace` (see [`KmsFs::premake`]), so neither
+//! that lock nor an instance's nor a header's is held across them; only a file created or
+//! rewrapped between then and the lock gets its envelope made under it. A create's
+//! `GenerateDataKey` comes before `namespace` is taken when the create waits for its key (see
+//! [`KmsFs::key_ahead`]), else after it is released (the pending file holds only its own data
+//! lock meanwhile); only a create that finds the pending queue filled in between makes it under
+//! the lock. A truncation to zero makes its `GenerateDataKey` under that one file's locks.
 //!
 //! Other mounts of the store (on this host or others sharing it), `rewrap` and `fsck` are
 //! ordered by `fcntl` locks on the store (see [`crate::backing`]), in this order: the volume's
