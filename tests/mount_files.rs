@@ -12,7 +12,7 @@ use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 
 use common::mount::{fuse_available, Mount};
-use common::{pattern, within_200ms};
+use common::{held_up, pattern, within_200ms};
 
 #[test]
 fn write_read_and_the_backing_store_is_ciphertext() {
@@ -346,45 +346,28 @@ fn a_key_call_stuck_on_one_file_holds_up_nothing_else() {
     let a = fs::File::open(m.p("d/a")).unwrap();
     let b = fs::File::open(m.p("d/b")).unwrap();
     let slow = m.p("d/slow");
-    let stuck = std::thread::spawn(move || {
-        let started = std::time::Instant::now();
-        (fs::read(&slow).map(|d| d.len()), started.elapsed())
+    // The open of `slow` waits for its key.
+    let stuck = held_up(move || fs::read(&slow).map(|d| d.len()));
+    let meanwhile = "a key call was stuck";
+    within_200ms("ls -l", meanwhile, || {
+        let mut listed = 0;
+        for entry in fs::read_dir(m.p("d")).unwrap() {
+            fs::symlink_metadata(entry.unwrap().path()).unwrap();
+            listed += 1;
+        }
+        assert_eq!(listed, 3);
     });
-    // The open of `slow` is waiting for its key by now.
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    let quick = |what: &str, took: std::time::Duration| {
-        assert!(
-            took < std::time::Duration::from_millis(200),
-            "{what} took {took:?} while a key call was stuck"
-        );
-    };
-    let t = std::time::Instant::now();
-    let mut listed = 0;
-    for entry in fs::read_dir(m.p("d")).unwrap() {
-        fs::symlink_metadata(entry.unwrap().path()).unwrap();
-        listed += 1;
-    }
-    assert_eq!(listed, 3);
-    quick("ls -l", t.elapsed());
-    let t = std::time::Instant::now();
-    assert_eq!(fs::metadata(m.p("d/a")).unwrap().len(), 5000);
-    assert_eq!(fs::metadata(m.p("d/slow")).unwrap().len(), 5000);
-    quick("stat", t.elapsed());
-    let t = std::time::Instant::now();
-    let mut buf = vec![0u8; 5000];
-    a.read_exact_at(&mut buf, 0).unwrap();
-    assert_eq!(buf, pattern(5000, 7));
-    quick("a read of another open file", t.elapsed());
-    let t = std::time::Instant::now();
-    drop(b);
-    quick("a close of another handle", t.elapsed());
-    // The stall was real (the positive control): the stuck open took its 10 s.
-    let (read, took) = stuck.join().unwrap();
-    assert_eq!(read.unwrap(), 5000);
-    assert!(
-        took >= std::time::Duration::from_secs(9),
-        "the key call was not held up: {took:?}"
-    );
+    within_200ms("stat", meanwhile, || {
+        assert_eq!(fs::metadata(m.p("d/a")).unwrap().len(), 5000);
+        assert_eq!(fs::metadata(m.p("d/slow")).unwrap().len(), 5000);
+    });
+    within_200ms("a read of another open file", meanwhile, || {
+        let mut buf = vec![0u8; 5000];
+        a.read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, pattern(5000, 7));
+    });
+    within_200ms("a close of another handle", meanwhile, || drop(b));
+    assert_eq!(stuck.finish().unwrap(), 5000);
 }
 
 /// A key service stuck for 10 s on a new file's `GenerateDataKey` (a create that waits for its
@@ -394,7 +377,6 @@ fn a_key_call_stuck_on_one_file_holds_up_nothing_else() {
 /// directory: the kernel locks a directory across a create in it.)
 #[test]
 fn a_creates_stuck_key_call_holds_up_no_other_change_of_names() {
-    use std::time::{Duration, Instant};
     if !fuse_available() {
         return;
     }
@@ -407,12 +389,8 @@ fn a_creates_stuck_key_call_holds_up_no_other_change_of_names() {
     m.set_env("KMSFS_INJECT_KMS_HANG", &format!("10000:{stored}"));
     m.remount();
     let new = m.p("d/new");
-    let creating = std::thread::spawn(move || {
-        let started = Instant::now();
-        fs::write(&new, b"new").map(|()| started.elapsed())
-    });
-    // The create is waiting for its key by now.
-    std::thread::sleep(Duration::from_millis(500));
+    // The create waits for its key.
+    let creating = held_up(move || fs::write(&new, b"new"));
     let stuck = "a create's key call was stuck";
     within_200ms("a create", stuck, || {
         fs::write(m.p("x/other"), b"other").unwrap()
@@ -424,12 +402,7 @@ fn a_creates_stuck_key_call_holds_up_no_other_change_of_names() {
     within_200ms("an unlink", stuck, || {
         fs::remove_file(m.p("x/other")).unwrap()
     });
-    // The stall was real (the positive control): the stuck create took its 10 s.
-    let took = creating.join().unwrap().unwrap();
-    assert!(
-        took >= Duration::from_secs(9),
-        "the key call was not held up: {took:?}"
-    );
+    creating.finish().unwrap();
     assert_eq!(fs::read(m.p("d/new")).unwrap(), b"new");
     assert_eq!(fs::read(m.p("e/old")).unwrap(), b"old");
 }

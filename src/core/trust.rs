@@ -79,7 +79,7 @@ pub struct Record {
     pub keys: Vec<RecordedKey>,
     /// The keys a change this host's operator is making moves the volume to (empty: none):
     /// recorded before the volume's config is written, so a crash between the two leaves a
-    /// config the record accepts (see [`Record::accepts`]).
+    /// config the record accepts (see [`Record::landed`]).
     pub next: Vec<RecordedKey>,
 }
 

@@ -568,16 +568,13 @@ impl Volume {
                     recorded = Some(other);
                 }
             }
-            if let Some(landed) = recorded.as_ref().and_then(|r| {
-                let now: Vec<&str> = claimed.trusted_keys.iter().map(|t| t.id.as_str()).collect();
-                r.landed(&now)
-            }) {
+            let now: Vec<&str> = claimed.trusted_keys.iter().map(|t| t.id.as_str()).collect();
+            if let Some(landed) = recorded.as_ref().and_then(|r| r.landed(&now)) {
                 // This host's own change, cut short before its record followed: it follows now.
                 recorded = Some(landed);
                 landed_change = true;
             }
             if let Some(rec) = &recorded {
-                let now: Vec<&str> = claimed.trusted_keys.iter().map(|t| t.id.as_str()).collect();
                 let change = describe_change(&rec.key_ids(), &now);
                 if !approve && !change.is_empty() {
                     return Err(Error::KeyPin(format!(

@@ -241,6 +241,34 @@ pub fn attrs(kind: ObjectKind, mode: u32, owner: Option<(u32, u32)>) -> Attrs {
     a
 }
 
+/// An operation a test holds up on purpose (a key call made to hang 10 s), running on another
+/// thread, timed (see [`held_up`]).
+pub struct HeldUp<T>(std::thread::JoinHandle<(T, std::time::Duration)>);
+
+/// Starts `f` on another thread and returns once it is under way (500 ms on), held up.
+pub fn held_up<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> HeldUp<T> {
+    let running = std::thread::spawn(move || {
+        let started = std::time::Instant::now();
+        let out = f();
+        (out, started.elapsed())
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    HeldUp(running)
+}
+
+impl<T> HeldUp<T> {
+    /// What it returned, once it has: the test fails unless it took 9 s or more (the positive
+    /// control: the stall was real).
+    pub fn finish(self) -> T {
+        let (out, took) = self.0.join().unwrap();
+        assert!(
+            took >= std::time::Duration::from_secs(9),
+            "the key call was not held up: {took:?}"
+        );
+        out
+    }
+}
+
 /// Runs `f` (named `what`), failing the test unless it returns within 200 ms while something
 /// else (`stuck`) is held up: what must not wait for a stuck key call.
 pub fn within_200ms(what: &str, stuck: &str, f: impl FnOnce()) {

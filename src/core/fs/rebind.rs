@@ -97,7 +97,6 @@ impl HeaderHandle {
     }
 }
 
-/// The distinct paths a set of envelopes is bound to (the names a file has, or had).
 /// Envelopes a rename or link will add, made before it takes the volume's namespace lock (see
 /// [`KmsFs::premake`]): by (old path, new path), each source envelope's key with the key
 /// wrapped for the new path.
@@ -130,6 +129,7 @@ impl Premade {
     }
 }
 
+/// The distinct paths a set of envelopes is bound to (the names a file has, or had).
 pub(super) fn envelope_paths(envelopes: &[Envelope]) -> Vec<CanonicalPath> {
     let mut paths: Vec<CanonicalPath> = envelopes.iter().map(|e| e.path.clone()).collect();
     paths.sort();
@@ -206,18 +206,30 @@ impl KmsFs {
                 return Ok(());
             };
             let in_force = header.envelopes(&self.volume, p).unwrap_or_default();
-            for e in in_force.iter().filter(|e| &e.path == p) {
-                if !in_force
-                    .iter()
-                    .any(|o| o.path == new && o.key.key_id == e.key.key_id)
-                {
-                    let made = self.volume.rewrap_for_path(&e.key, p, &new)?;
-                    premade.put(p, &new, e.key.clone(), made);
-                }
-            }
-            Ok(())
+            self.make_missing(&in_force, p, &new, &premade)
         });
         premade
+    }
+
+    /// Makes (a `ReEncrypt` each) into `premade` the envelopes for `to` that a file whose
+    /// envelopes are `in_force` lacks beside its envelopes for `from`, but those it holds.
+    fn make_missing(
+        &self,
+        in_force: &[Envelope],
+        from: &CanonicalPath,
+        to: &CanonicalPath,
+        premade: &Premade,
+    ) -> Result<()> {
+        for e in in_force.iter().filter(|e| &e.path == from) {
+            let bound = in_force
+                .iter()
+                .any(|o| &o.path == to && o.key.key_id == e.key.key_id);
+            if !bound && premade.get(from, to, &e.key).is_none() {
+                let made = self.volume.rewrap_for_path(&e.key, from, to)?;
+                premade.put(from, to, e.key.clone(), made);
+            }
+        }
+        Ok(())
     }
 
     /// Adds to a file an envelope for `to` beside each of its envelopes for `from`, taking
@@ -240,19 +252,7 @@ impl KmsFs {
         // instance's lock stops its reads and writes), from the envelopes in force now; the
         // update takes them if those are still in force, else (a rewrap meanwhile) makes them.
         let in_force = header.envelopes(&self.volume, from).unwrap_or_default();
-        let mut made = Vec::new();
-        for e in in_force.iter().filter(|e| &e.path == from) {
-            if !in_force
-                .iter()
-                .any(|o| &o.path == to && o.key.key_id == e.key.key_id)
-            {
-                let key = match premade.get(from, to, &e.key) {
-                    Some(key) => key,
-                    None => self.volume.rewrap_for_path(&e.key, from, to)?,
-                };
-                made.push((e.key.clone(), key));
-            }
-        }
+        self.make_missing(&in_force, from, to, premade)?;
         header.update(&self.facts, &self.volume, from, false, |slots| {
             let current = slots[0];
             let mut envelopes = self.live_envelopes(current, &me, from, None);
@@ -265,8 +265,8 @@ impl KmsFs {
                 {
                     continue;
                 }
-                let key = match made.iter().find(|(source, _)| *source == e.key) {
-                    Some((_, key)) => key.clone(),
+                let key = match premade.get(from, to, &e.key) {
+                    Some(key) => key,
                     None => self.volume.rewrap_for_path(&e.key, from, to)?,
                 };
                 added.push(Envelope {

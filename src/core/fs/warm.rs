@@ -90,7 +90,8 @@ impl Facts {
 /// elsewhere, does not let a walk on), and it stops when none of those is opened for
 /// [`Prefetch::STALL`], after `DIRS_PER_WALK` directories, or at the end of the volume; each
 /// directory once per `every`, at most `MAX_JOBS` walks at a time. A walk that only lists
-/// (`ls -lR`) never starts it.
+/// (`ls -lR`) never starts it. (Cloned for a walk: its state is shared.)
+#[derive(Clone)]
 pub(super) struct Prefetch {
     pub(super) limit: usize,
     pub(super) every: std::time::Duration,
@@ -160,7 +161,7 @@ impl<'a> WalkOrder<'a> {
         self.stack.push((dir.clone(), entries));
     }
 
-    /// The next file in walk order, and the directory it was found in.
+    /// The next file in walk order (`entered` is told of each directory gone into).
     fn next_file(&mut self, entered: &mut dyn FnMut(&CanonicalPath)) -> Option<CanonicalPath> {
         loop {
             if self.entered >= Prefetch::DIRS_PER_WALK {
@@ -194,15 +195,10 @@ impl<'a> WalkOrder<'a> {
 }
 
 /// Unwraps into the key cache the data keys of the files after `from` (opened cold in
-/// `dir`) in walk order, with at most `limit` of them fetched and not yet opened, until the
+/// `dir`) in walk order, with at most `p.limit` of them fetched and not yet opened, until the
 /// opens stop (see [`Prefetch`]). Reads only headers, without touching access times.
-fn walk_ahead(
-    volume: &Volume,
-    dir: &CanonicalPath,
-    from: &CanonicalPath,
-    limit: usize,
-    p: &Prefetch,
-) {
+fn walk_ahead(volume: &Volume, dir: &CanonicalPath, from: &CanonicalPath, p: &Prefetch) {
+    let limit = p.limit;
     let (ahead, reached, recent) = (&*p.ahead, &*p.reached, &*p.recent);
     let mut walk = WalkOrder::from(volume, dir);
     let threads = volume.keyring().concurrency().clamp(1, 64);
@@ -323,19 +319,11 @@ impl KmsFs {
             recent.insert(dir.clone(), now);
         }
         p.jobs.fetch_add(1, Ordering::Relaxed);
-        let (volume, limit, from) = (self.volume.clone(), p.limit, path.clone());
-        let shared = Prefetch {
-            limit,
-            every: p.every,
-            recent: p.recent.clone(),
-            jobs: p.jobs.clone(),
-            ahead: p.ahead.clone(),
-            reached: p.reached.clone(),
-        };
+        let (volume, from, shared) = (self.volume.clone(), path.clone(), p.clone());
         let spawned = std::thread::Builder::new()
             .name("kmsfs-prefetch".into())
             .spawn(move || {
-                walk_ahead(&volume, &dir, &from, limit, &shared);
+                walk_ahead(&volume, &dir, &from, &shared);
                 shared.jobs.fetch_sub(1, Ordering::Relaxed);
             });
         if spawned.is_err() {
