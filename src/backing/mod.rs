@@ -1587,6 +1587,20 @@ pub mod open {
     pub fn statvfs(file: &File) -> io::Result<rustix::fs::StatVfs> {
         Ok(rustix::fs::fstatvfs(file)?)
     }
+
+    /// Starts writing the dirty pages of `len` bytes at `offset` to the disk, and returns
+    /// without waiting for them (`sync_file_range(SYNC_FILE_RANGE_WRITE)`): no durability is
+    /// promised, only that the disk gets the work early.
+    pub fn start_writeback(file: &File, offset: u64, len: u64) -> io::Result<()> {
+        let (offset, len) = (offset as libc::off64_t, len as libc::off64_t);
+        let flags = libc::SYNC_FILE_RANGE_WRITE;
+        // SAFETY: a plain syscall on a descriptor `file` keeps open; no memory is passed.
+        // (Neither rustix nor nix wraps it.)
+        if unsafe { libc::sync_file_range(file.as_raw_fd(), offset, len, flags) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
 }
 
 /// Most bytes any record kmsfs reads from its own directory may have.
