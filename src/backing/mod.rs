@@ -225,6 +225,33 @@ pub struct Backing {
     /// cost five syscalls more. (The descriptor keeps naming the directory that was checked,
     /// whatever is put at its name since.)
     locks_dir: std::sync::OnceLock<MetaDir>,
+    /// Descriptors of the lock file through which no lock is held, for the next to use.
+    spare_locks: SpareLocks,
+}
+
+/// Descriptors of `.kmsfs/header.lock` no lock is held through: opening one costs an
+/// `openat`, a `stat` and, later, a `close`; a header update takes one and every open file's
+/// data lock holds one. Each is used by one holder at a time (an OFD lock belongs to its
+/// descriptor, so two holders of one would not exclude each other), and goes back only with
+/// no lock held through it.
+#[derive(Default, Clone)]
+struct SpareLocks(std::sync::Arc<std::sync::Mutex<Vec<File>>>);
+
+impl SpareLocks {
+    /// More than the mount's request threads use at once.
+    const KEPT: usize = 64;
+
+    fn take(&self) -> Option<File> {
+        self.0.lock().unwrap().pop()
+    }
+
+    /// Keeps `file`, which holds no lock now.
+    fn put(&self, file: File) {
+        let mut spare = self.0.lock().unwrap();
+        if spare.len() < Self::KEPT {
+            spare.push(file);
+        }
+    }
 }
 
 impl std::fmt::Debug for Backing {
@@ -248,6 +275,7 @@ impl Backing {
             walk: AtomicBool::new(false),
             presence: Default::default(),
             locks_dir: Default::default(),
+            spare_locks: Default::default(),
         })
     }
 
@@ -925,12 +953,29 @@ impl Backing {
     /// number) of `.kmsfs/header.lock`, an `fcntl` open-file-description lock, which network
     /// filesystems (NFS, GlusterFS, CephFS) pass to their server; not a lock on the backing
     /// file itself: anyone who can open a backing file could hold that forever, while kmsfs's
-    /// own directory is reachable only by the user it runs as. Each call opens the lock file
-    /// anew, so two threads of one process exclude each other too.
+    /// own directory is reachable only by the user it runs as. Each holder locks through a
+    /// descriptor of its own (a spare one, see [`SpareLocks`]), so two threads of one
+    /// process exclude each other too.
     pub fn lock_header(&self, file: &File) -> io::Result<HeaderLock> {
-        let lock = self.open_locks()?;
-        lock_range(&lock, Range::Header(file.metadata()?.ino()), true, true)?;
-        Ok(HeaderLock { _file: lock })
+        let ino = file.metadata()?.ino();
+        let lock = self.spare_lock()?;
+        if let Err(e) = lock_range(&lock, Range::Header(ino), true, true) {
+            self.spare_locks.put(lock);
+            return Err(e);
+        }
+        Ok(HeaderLock {
+            file: Some(lock),
+            at: ino,
+            spare: self.spare_locks.clone(),
+        })
+    }
+
+    /// A descriptor of the lock file no lock is held through: a spare one, or a new one.
+    fn spare_lock(&self) -> io::Result<File> {
+        match self.spare_locks.take() {
+            Some(file) => Ok(file),
+            None => self.open_locks(),
+        }
     }
 
     /// The lock file whose byte ranges [`Backing::lock_header`] and [`DataLock`] take.
@@ -1021,7 +1066,22 @@ struct Itself {
 
 /// A header lock held (see [`Backing::lock_header`]); released when dropped.
 pub struct HeaderLock {
-    _file: File,
+    file: Option<File>,
+    /// The inode whose range it holds.
+    at: u64,
+    spare: SpareLocks,
+}
+
+impl Drop for HeaderLock {
+    fn drop(&mut self) {
+        let Some(file) = self.file.take() else {
+            return;
+        };
+        // Released, the descriptor is spare; if the release fails, closing it releases.
+        if unlock_range(&file, Range::Header(self.at)).is_ok() {
+            self.spare.put(file);
+        }
+    }
 }
 
 /// Which byte range of `.kmsfs/header.lock` a lock takes: inode numbers cut to 61 bits (two
@@ -1045,16 +1105,9 @@ const HOLD_AT_MOST: std::time::Duration = std::time::Duration::from_secs(5);
 const JOIN_AT_MOST: std::time::Duration = std::time::Duration::from_secs(120);
 
 fn lock_range(lock: &File, range: Range, exclusive: bool, wait: bool) -> io::Result<()> {
-    let at = match range {
-        Range::Header(ino) => ino % INODES,
-        Range::Data(ino) => INODES + ino % INODES,
-        Range::Namespace => 2 * INODES,
-        Range::Present => 2 * INODES + 1,
-        Range::Alone => 2 * INODES + 2,
-    };
     set_lock(
         lock,
-        at,
+        range_start(range),
         if exclusive {
             libc::F_WRLCK
         } else {
@@ -1062,6 +1115,22 @@ fn lock_range(lock: &File, range: Range, exclusive: bool, wait: bool) -> io::Res
         },
         wait,
     )
+}
+
+/// The byte of the lock file that `range` is.
+fn range_start(range: Range) -> u64 {
+    match range {
+        Range::Header(ino) => ino % INODES,
+        Range::Data(ino) => INODES + ino % INODES,
+        Range::Namespace => 2 * INODES,
+        Range::Present => 2 * INODES + 1,
+        Range::Alone => 2 * INODES + 2,
+    }
+}
+
+/// Releases what [`lock_range`] took.
+fn unlock_range(lock: &File, range: Range) -> io::Result<()> {
+    set_lock(lock, range_start(range), libc::F_UNLCK, false)
 }
 
 /// [`lock_range`], trying every 10 ms for at most `at_most` (zero: once); false if another
@@ -1123,18 +1192,40 @@ fn set_lock(lock: &File, at: u64, kind: i32, wait: bool) -> io::Result<()> {
 /// the lock file between takes (a write is too frequent to reopen it each time); one holder
 /// per descriptor, so the holder serializes its own takes (a file's instance does).
 pub struct DataLock {
-    file: File,
+    file: Option<File>,
     ino: u64,
     presence: std::sync::Arc<Presence>,
+    spare: SpareLocks,
+}
+
+impl Drop for DataLock {
+    /// Released (a lock taken for good, [`DataLock::take_owned`], is held until now), the
+    /// descriptor is spare; if the release fails, closing it releases.
+    fn drop(&mut self) {
+        let Some(file) = self.file.take() else {
+            return;
+        };
+        if unlock_range(&file, Range::Data(self.ino)).is_ok() {
+            self.spare.put(file);
+        }
+    }
 }
 
 impl DataLock {
     pub fn new(backing: &Backing, file: &File) -> io::Result<Self> {
+        let ino = file.metadata()?.ino();
         Ok(DataLock {
-            file: backing.open_locks()?,
-            ino: file.metadata()?.ino(),
+            file: Some(backing.spare_lock()?),
+            ino,
             presence: backing.presence.clone(),
+            spare: backing.spare_locks.clone(),
         })
+    }
+
+    fn file(&self) -> &File {
+        self.file
+            .as_ref()
+            .expect("a data lock has its descriptor until dropped")
     }
 
     /// Takes the lock (shared or exclusive) until the guard drops. A mount that runs alone
@@ -1146,7 +1237,7 @@ impl DataLock {
                 alone: Some(alone),
             });
         }
-        lock_range(&self.file, Range::Data(self.ino), exclusive, true)?;
+        lock_range(self.file(), Range::Data(self.ino), exclusive, true)?;
         Ok(DataGuard {
             lock: self,
             alone: None,
@@ -1352,7 +1443,7 @@ impl DataLock {
     /// store's owner can open the lock file) fails the create rather than stall every change of
     /// names behind it.
     pub fn hold(&self) -> io::Result<()> {
-        if lock_range_within(&self.file, Range::Data(self.ino), true, HOLD_AT_MOST)? {
+        if lock_range_within(self.file(), Range::Data(self.ino), true, HOLD_AT_MOST)? {
             Ok(())
         } else {
             Err(io::Error::other(
@@ -1374,7 +1465,7 @@ impl DataLock {
                 alone: Some(alone),
             }));
         }
-        let taken = lock_range_within(&self.file, Range::Data(self.ino), exclusive, at_most)?;
+        let taken = lock_range_within(self.file(), Range::Data(self.ino), exclusive, at_most)?;
         Ok(taken.then_some(DataGuard {
             lock: self,
             alone: None,
@@ -1382,7 +1473,7 @@ impl DataLock {
     }
 
     pub fn release(&self) {
-        if let Err(e) = set_lock(&self.file, INODES + self.ino % INODES, libc::F_UNLCK, false) {
+        if let Err(e) = unlock_range(self.file(), Range::Data(self.ino)) {
             tracing::warn!("cannot release a file's data lock: {e}");
         }
     }
@@ -1391,7 +1482,7 @@ impl DataLock {
     /// while running alone).
     pub fn take_owned(self, exclusive: bool) -> io::Result<SettledFile> {
         if self.presence.shared.load(Ordering::Acquire) {
-            lock_range(&self.file, Range::Data(self.ino), exclusive, true)?;
+            lock_range(self.file(), Range::Data(self.ino), exclusive, true)?;
         }
         Ok(SettledFile { _lock: self })
     }
@@ -1421,8 +1512,7 @@ impl Drop for DataGuard<'_> {
         if self.alone.is_some() {
             return;
         }
-        let at = INODES + self.lock.ino % INODES;
-        if let Err(e) = set_lock(&self.lock.file, at, libc::F_UNLCK, false) {
+        if let Err(e) = unlock_range(self.lock.file(), Range::Data(self.lock.ino)) {
             tracing::warn!("cannot release a file's data lock: {e}");
         }
     }
@@ -1586,6 +1676,18 @@ pub mod open {
 
     pub fn statvfs(file: &File) -> io::Result<rustix::fs::StatVfs> {
         Ok(rustix::fs::fstatvfs(file)?)
+    }
+
+    /// The attribute `name` of an open file; with `size` 0, a buffer of its length only (as
+    /// [`Backing::get_xattr`]).
+    pub fn get_xattr(file: &File, name: &CStr, size: usize) -> io::Result<Vec<u8>> {
+        if size == 0 {
+            return Ok(vec![0; rustix::fs::fgetxattr_query(file, name)?]);
+        }
+        let mut buf = vec![0u8; size];
+        let n = rustix::fs::fgetxattr(file, name, &mut buf[..])?;
+        buf.truncate(n);
+        Ok(buf)
     }
 
     /// Starts writing the dirty pages of `len` bytes at `offset` to the disk, and returns

@@ -251,7 +251,7 @@ impl EncryptedFile {
     /// authentic slot; no key call, the content key is the same. A file renewed elsewhere (a
     /// new file id) is `ESTALE`: this instance can no longer be used.
     pub fn reload_header(&mut self) -> Result<()> {
-        let (header, _) = read_header(&self.file, &self.path)?;
+        let header = read_header_only(&self.file, &self.path)?;
         if header.preamble != self.preamble {
             return Err(self.renewed_elsewhere());
         }
@@ -278,11 +278,9 @@ impl EncryptedFile {
         Ok(true)
     }
 
-    /// Before a header change: [`EncryptedFile::reload_header`], and if the header no longer
-    /// binds this instance's path (another mount renamed the file), the name it binds that is
-    /// this file on the store now.
-    fn find_self(&mut self) -> Result<()> {
-        self.reload_header()?;
+    /// If the slot in force no longer binds this instance's path (another mount renamed the
+    /// file), takes the name it binds that is this file on the store now.
+    fn follow_own_name(&mut self) -> Result<()> {
         if self.content.envelopes.iter().any(|e| e.path == self.path) {
             return Ok(());
         }
@@ -747,16 +745,38 @@ impl EncryptedFile {
         both_slots: bool,
         change: impl FnOnce(&[&SlotContent]) -> Result<Option<NewSlot>>,
     ) -> Result<bool> {
-        self.find_self()?;
-        let mac_key = &self.mac_key;
+        // One header read, under the lock: the slot in force, and the name this file has now
+        // if another mount renamed it.
+        let backing = self.backing.clone();
+        let _lock = backing
+            .lock_header(&self.file)
+            .map_err(|e| Error::io(format!("cannot lock the header of {}", self.path), e))?;
+        let header = read_header_only(&self.file, &self.path)?;
+        if header.preamble != self.preamble {
+            return Err(self.renewed_elsewhere());
+        }
+        let authentic = header.authentic(&self.mac_key);
+        let Some(&(slot, current)) = authentic.first() else {
+            return Err(Error::format(
+                &self.path,
+                FormatError::HeaderAuthFailed("no slot with a valid MAC".into()),
+            ));
+        };
+        self.active_slot = slot;
+        self.content = current.clone();
+        self.follow_own_name()?;
+        if !current.envelopes.iter().any(|e| e.path == self.path) {
+            return Err(moved(&self.path, &current.envelopes));
+        }
         let durable = self.durable.load(std::sync::atomic::Ordering::Relaxed);
-        let updated = rewrite_slot(
-            &self.backing,
+        let updated = write_slot_change(
             &self.file,
             &self.path,
-            true,
+            &header.preamble,
+            &authentic,
+            slot,
+            &self.mac_key,
             durable,
-            |_| DerivedKey::new(*mac_key.expose()),
             both_slots,
             change,
         )?;
@@ -1111,7 +1131,7 @@ fn rewrite_slot(
     let _lock = backing
         .lock_header(file)
         .map_err(|e| Error::io(format!("cannot lock the header of {path}"), e))?;
-    let (header, _) = read_header(file, path)?;
+    let header = read_header_only(file, path)?;
     let mac_key = mac_key(&header.preamble.file_id);
     let authentic = header.authentic(&mac_key);
     let Some(&(slot, current)) = authentic.first() else {
@@ -1123,6 +1143,35 @@ fn rewrite_slot(
     if bound && !current.envelopes.iter().any(|e| &e.path == path) {
         return Err(moved(path, &current.envelopes));
     }
+    write_slot_change(
+        file,
+        path,
+        &header.preamble,
+        &authentic,
+        slot,
+        &mac_key,
+        durable,
+        both_slots,
+        change,
+    )
+}
+
+/// The second half of [`rewrite_slot`], under the header lock, on the header just read:
+/// `change` given the authentic slots (newest first, `slot` the one in force), and what it
+/// returns written to the other slot (both, with `both_slots`).
+#[allow(clippy::too_many_arguments)]
+fn write_slot_change(
+    file: &File,
+    path: &CanonicalPath,
+    preamble: &Preamble,
+    authentic: &[(usize, &SlotContent)],
+    slot: usize,
+    mac_key: &DerivedKey,
+    durable: bool,
+    both_slots: bool,
+    change: impl FnOnce(&[&SlotContent]) -> Result<Option<NewSlot>>,
+) -> Result<Option<(usize, SlotContent)>> {
+    let current = authentic[0].1;
     let slots: Vec<&SlotContent> = authentic.iter().map(|(_, c)| *c).collect();
     let Some((attrs, envelopes)) = change(&slots)? else {
         return Ok(None);
@@ -1137,9 +1186,8 @@ fn rewrite_slot(
             attrs,
             envelopes: envelopes.clone(),
         };
-        let sealed =
-            seal_slot(&header.preamble, &content, &mac_key).map_err(|e| Error::format(path, e))?;
-        file.write_all_at(&sealed, header.preamble.slot_offset(target))
+        let sealed = seal_slot(preamble, &content, mac_key).map_err(|e| Error::format(path, e))?;
+        file.write_all_at(&sealed, preamble.slot_offset(target))
             .and_then(|_| if durable { file.sync_data() } else { Ok(()) })
             .map_err(|e| Error::io(format!("cannot write the header of {path}"), e))?;
     }
@@ -1156,15 +1204,45 @@ fn rewrite_slot(
 /// Reads and parses the header region of a backing file (no key needed); also returns the
 /// file's length.
 pub fn read_header(file: &File, path: &CanonicalPath) -> Result<(Header, u64)> {
+    let len = file
+        .metadata()
+        .map_err(|e| Error::io(format!("cannot read {path}"), e))?
+        .len();
+    Ok((read_header_only(file, path)?, len))
+}
+
+/// How much of a file a header read takes at first: the preamble says how long the header
+/// is, and most are shorter than this, so one read does.
+const HEADER_READ: usize = 4096;
+
+/// [`read_header`] without the length: one read for most headers, no `stat`.
+pub fn read_header_only(file: &File, path: &CanonicalPath) -> Result<Header> {
     let io = |e| Error::io(format!("cannot read {path}"), e);
-    let len = file.metadata().map_err(io)?.len();
-    let mut pre = vec![0u8; (len as usize).min(crate::format::header::PREAMBLE_LEN)];
-    file.read_exact_at(&mut pre, 0).map_err(io)?;
-    let preamble = Preamble::decode(&pre).map_err(|e| Error::format(path, e))?;
-    let mut head = vec![0u8; preamble.data_offset().min(len) as usize];
-    file.read_exact_at(&mut head, 0).map_err(io)?;
-    let header = Header::parse(&head).map_err(|e| Error::format(path, e))?;
-    Ok((header, len))
+    let mut head = vec![0u8; HEADER_READ];
+    let mut got = read_up_to(file, &mut head, 0).map_err(io)?;
+    let pre = &head[..got.min(crate::format::header::PREAMBLE_LEN)];
+    let preamble = Preamble::decode(pre).map_err(|e| Error::format(path, e))?;
+    let want = usize::try_from(preamble.data_offset()).unwrap_or(usize::MAX);
+    if want > got && got == head.len() {
+        head.resize(want, 0);
+        got += read_up_to(file, &mut head[got..], got as u64).map_err(io)?;
+    }
+    head.truncate(want.min(got));
+    Header::parse(&head).map_err(|e| Error::format(path, e))
+}
+
+/// Reads into `buf` at `offset` until it is full or the file ends; returns how much it read.
+fn read_up_to(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
 }
 
 /// Writes `data` as the file at `path`, atomically: a temporary file in the same backing

@@ -14,7 +14,7 @@ use std::os::unix::fs::MetadataExt;
 use crate::error::{Error, Result};
 use crate::format::context::CanonicalPath;
 
-use super::file::{is_dir_record, open_backing, read_header, EncryptedFile};
+use super::file::{is_dir_record, open_backing, read_header_only, EncryptedFile};
 use super::journal::{under_way_at, Journal};
 use super::volume::{Volume, TEMP_PREFIX};
 use crate::backing::DataLock;
@@ -155,8 +155,8 @@ fn check_file(volume: &Volume, path: &CanonicalPath, deep: bool, repair: bool) -
                 .metadata(p)
                 .is_ok_and(|m| m.ino() == me.ino() && m.dev() == me.dev())
     };
-    let stale: Vec<CanonicalPath> = match read_header(file.backing_file(), path) {
-        Ok((header, _)) => {
+    let stale: Vec<CanonicalPath> = match read_header_only(file.backing_file(), path) {
+        Ok(header) => {
             let mut stale: Vec<CanonicalPath> = header
                 .authentic(&volume.header_mac_key(&header.preamble.file_id))
                 .iter()

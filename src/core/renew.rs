@@ -40,7 +40,7 @@ use crate::format::envelope::Envelope;
 use crate::format::header::PREAMBLE_LEN;
 use crate::format::kdf;
 
-use super::file::{read_header, EncryptedFile};
+use super::file::{read_header_only, EncryptedFile};
 use super::journal::{under_way_at, Journal};
 use super::volume::{Volume, META_DIR};
 
@@ -113,7 +113,7 @@ pub fn renew(volume: &Volume, file: &mut EncryptedFile, until: Step) -> Result<(
     // path, and only names that still link to this inode are carried over. Anything else (a
     // header put in place on the store) is refused: a renewal would bind a new key, and what
     // is written next, to the names another header gave.
-    let (header, _) = read_header(&backing, &path)?;
+    let header = read_header_only(&backing, &path)?;
     if header.preamble.file_id != file.preamble().file_id {
         return Err(Error::Integrity(format!(
             "{path}: the header on the backing store is not the one this file was opened with; not renewed"
@@ -400,7 +400,7 @@ fn finish_one(volume: &Volume, record: &Record, still_there: impl Fn() -> bool) 
         .is_ok()
         && on_disk == body;
     if !body_landed {
-        let untouched = read_header(&file, path).is_ok_and(|(header, _)| {
+        let untouched = read_header_only(&file, path).is_ok_and(|header| {
             !header
                 .authentic(&volume.header_mac_key(&header.preamble.file_id))
                 .is_empty()

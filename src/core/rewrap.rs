@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::format::context::CanonicalPath;
 use crate::format::envelope::Envelope;
 
-use super::file::{read_header, update_envelopes};
+use super::file::{read_header_only, update_envelopes};
 use super::volume::Volume;
 
 /// What happened to one file.
@@ -55,7 +55,7 @@ pub fn rewrap_file(
 ) -> Result<FileOutcome> {
     let file = crate::core::file::open_backing(volume, path, !dry_run)?;
     if dry_run {
-        let (header, _) = read_header(&file, path)?;
+        let header = read_header_only(&file, path)?;
         let authentic = header.authentic(&volume.header_mac_key(&header.preamble.file_id));
         let Some((_, newest)) = authentic.first() else {
             return Err(Error::format(
@@ -191,8 +191,8 @@ pub fn still_under(
     let mut out = Vec::new();
     for path in files {
         let check = crate::core::file::open_backing(volume, path, false)
-            .and_then(|f| read_header(&f, path))
-            .map(|(header, _)| {
+            .and_then(|f| read_header_only(&f, path))
+            .map(|header| {
                 header
                     .authentic(&volume.header_mac_key(&header.preamble.file_id))
                     .iter()

@@ -59,7 +59,7 @@ use crate::format::header::{Attrs, ObjectKind};
 use crate::format::names;
 use crate::format::object::DIR_RECORD;
 
-use super::file::{attrs_change, dir_record, encode_object, read_header, EncryptedFile};
+use super::file::{attrs_change, dir_record, encode_object, read_header_only, EncryptedFile};
 use super::instance::{KeyRequests, OpenNode};
 use super::journal::Journal;
 use super::names::{Listed, StoredChild};
@@ -750,8 +750,16 @@ impl KmsFs {
         change: impl Fn(Attrs) -> Option<Attrs>,
     ) -> Result<()> {
         if let Some(node) = self.open_node(ino) {
-            node.reopen_if_renewed(&self.volume)?;
-            return node.update_attrs(change).map(|_| ());
+            // A renewal by another mount shows in the header read under the lock (ESTALE):
+            // the instance then becomes the file that is there now, and changes that.
+            return match node.update_attrs(&change) {
+                Err(e) if e.errno() == libc::ESTALE => {
+                    node.reopen_if_renewed(&self.volume)?;
+                    node.update_attrs(change)
+                }
+                other => other,
+            }
+            .map(|_| ());
         }
         let meta = self
             .store()
@@ -884,15 +892,38 @@ impl KmsFs {
             // Not while a pending file's key arrives (it keeps the times it had). An open file
             // another mount renamed or unlinked has its times set through its descriptor.
             let node = self.open_node(ino);
+            let by_descriptor = |f: &std::fs::File| {
+                crate::backing::open::set_times(f, &times)
+                    .map_err(|e| io_err("cannot set the times of", &path, e))
+            };
             match node {
-                Some(node) => node.exclusive(|backing| match set() {
-                    Err(e) if matches!(e.errno(), libc::ENOENT | libc::ESTALE) => backing
-                        .and_then(|f| crate::backing::open::set_times(f, &times))
-                        .map_err(|e| io_err("cannot set the times of", &path, e)),
-                    other => other,
+                // Through the descriptor if it holds the inode the kernel means (no name to
+                // resolve); else by name, and through the descriptor if the name is gone.
+                Some(node) => node.exclusive(|backing| match backing {
+                    Ok(f) if f.metadata().is_ok_and(|m| Identity::of(&m) == expect) => {
+                        by_descriptor(f)
+                    }
+                    _ => match set() {
+                        Err(e) if matches!(e.errno(), libc::ENOENT | libc::ESTALE) => backing
+                            .map_err(|e| io_err("cannot set the times of", &path, e))
+                            .and_then(by_descriptor),
+                        other => other,
+                    },
                 }),
                 None => set(),
             }?;
+        }
+        // A change of mode or owner through an open instance read its header under the lock
+        // just now: the reply is its attributes and its descriptor's `stat`, no name to
+        // resolve.
+        if mode.is_some() || uid.is_some() || gid.is_some() {
+            if let Some(node) = self.open_node(ino) {
+                if let (Ok(meta), Some(attrs)) = (node.backing_metadata(), node.attrs()) {
+                    if Identity::of(&meta) == expect {
+                        return Ok(self.attr_with(ino, &meta, attrs, node.size_for(meta.len())));
+                    }
+                }
+            }
         }
         // By its name, or (renamed or unlinked by another mount) by its open instance.
         self.getattr(ino)
@@ -1163,8 +1194,8 @@ impl KmsFs {
             Some(m) if m.is_file() && m.nlink() > 1 => store
                 .open_file(&to, false, Atime::Keep)
                 .ok()
-                .and_then(|f| read_header(&f, &to).ok())
-                .map(|(h, _)| {
+                .and_then(|f| read_header_only(&f, &to).ok())
+                .map(|h| {
                     let mut names: Vec<CanonicalPath> = h
                         .candidates()
                         .iter()
@@ -2080,20 +2111,24 @@ impl KmsFs {
         }
         let path = self.path_of(ino)?;
         let stored = self.stored_xattr(name)?;
+        // An open file's through its descriptor, no name to resolve: the kernel asks for
+        // `security.capability` before the first write to each file.
+        let node = self.open_node(ino);
+        let get = |size| {
+            match &node {
+                Some(node) => {
+                    node.with_backing_file(|f| crate::backing::open::get_xattr(f, &stored, size))
+                }
+                None => self.store().get_xattr(&path, &stored, size, None),
+            }
+            .map_err(|e| io_err("getxattr", &path, e))
+        };
         let Some(key) = self.volume.name_key() else {
-            return self
-                .store()
-                .get_xattr(&path, &stored, size as usize, None)
-                .map_err(|e| io_err("getxattr", &path, e));
+            return get(size as usize);
         };
         let at = stored.to_str().expect("base64url is UTF-8");
         // Its length first: most asks are for attributes that are not there (`ls -l` asks two
         // per file), and a buffer for the largest value would cost a 64 KiB fill each.
-        let get = |size| {
-            self.store()
-                .get_xattr(&path, &stored, size, None)
-                .map_err(|e| io_err("getxattr", &path, e))
-        };
         let len = get(0)?.len();
         let sealed = get(len.clamp(1, XATTR_BUFFER))?;
         let value =

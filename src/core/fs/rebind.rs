@@ -33,7 +33,7 @@ impl HeaderHandle {
         match self {
             HeaderHandle::Open(node) => node.envelopes(),
             HeaderHandle::Closed(file) => {
-                let (header, _) = read_header(file, path)?;
+                let header = read_header_only(file, path)?;
                 let authentic = header.authentic(&volume.header_mac_key(&header.preamble.file_id));
                 Ok(authentic
                     .first()

@@ -266,7 +266,7 @@ pub(super) fn prefetch_key(volume: &Volume, path: &CanonicalPath) -> Result<()> 
         return Ok(());
     }
     let file = crate::core::file::open_backing(volume, path, false)?;
-    let (header, _) = read_header(&file, path)?;
+    let header = read_header_only(&file, path)?;
     let authentic = header.authentic(&volume.header_mac_key(&header.preamble.file_id));
     let Some((_, slot)) = authentic.first() else {
         return Ok(());
