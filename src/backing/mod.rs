@@ -632,6 +632,26 @@ impl Backing {
         self.remove(path, expect, AtFlags::empty())
     }
 
+    /// Unlinks the entry at `path` unless it is a regular file with other names (`nlink` >
+    /// 1), which the caller unlinks itself once it has seen to them; either way returns the
+    /// entry's identity, and whether it was removed. One descriptor of the parent directory
+    /// serves the `lstat` and the unlink.
+    pub fn unlink_unless_linked(&self, path: &CanonicalPath) -> io::Result<(Identity, bool)> {
+        let (dir, name) = self.parent(path)?;
+        let st = rustix::fs::statat(&dir, name.as_c_str(), AtFlags::SYMLINK_NOFOLLOW)?;
+        let id = Identity {
+            dev: st.st_dev,
+            ino: st.st_ino,
+        };
+        let file =
+            rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile;
+        if file && st.st_nlink > 1 {
+            return Ok((id, false));
+        }
+        rustix::fs::unlinkat(&dir, name.as_c_str(), AtFlags::empty())?;
+        Ok((id, true))
+    }
+
     /// Removes the empty directory at `path`, if it is still the inode `expect`.
     pub fn rmdir(&self, path: &CanonicalPath, expect: Option<Identity>) -> io::Result<()> {
         self.remove(path, expect, AtFlags::REMOVEDIR)

@@ -1063,30 +1063,25 @@ impl KmsFs {
         let child = self.child(parent, name)?;
         let path = child.path.clone();
         let store = self.store();
-        let meta = store
-            .metadata(&path)
-            .map_err(|e| io_err("cannot stat", &path, e))?;
-        let me = Some(Identity::of(&meta));
-        if meta.is_file() && meta.nlink() > 1 {
+        let (me, removed) = store
+            .unlink_unless_linked(&path)
+            .map_err(|e| io_err("cannot unlink", &path, e))?;
+        if !removed {
             // Another name keeps the file: unlink, then drop this name's envelopes. The
             // journal names the file's other names, where a tidy would find it.
-            let header = self.header_of(self.ino_of(meta.ino()), &path)?;
+            let header = self.header_of(self.ino_of(me.ino), &path)?;
             let names = envelope_paths(&header.envelopes(&self.volume, &path)?);
             let pending = self.journal.begin(&names)?;
             store
-                .unlink(&path, me)
+                .unlink(&path, Some(me))
                 .map_err(|e| io_err("cannot unlink", &path, e))?;
             self.unbind_path(&header, &path, &path)?;
             pending.finish();
-        } else {
-            store
-                .unlink(&path, me)
-                .map_err(|e| io_err("cannot unlink", &path, e))?;
         }
         self.volume.drop_side_record(&child.side);
-        self.forget_path(self.ino_of(meta.ino()), &path);
+        self.forget_path(self.ino_of(me.ino), &path);
         // What its header said no longer describes whatever reuses the inode number.
-        self.facts.forget(meta.ino());
+        self.facts.forget(me.ino);
         Ok(())
     }
 
