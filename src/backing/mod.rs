@@ -242,12 +242,12 @@ impl SpareLocks {
     const KEPT: usize = 64;
 
     fn take(&self) -> Option<File> {
-        self.0.lock().unwrap().pop()
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).pop()
     }
 
-    /// Keeps `file`, which holds no lock now.
+    /// Keeps `file`, which holds no lock now. (Called from `Drop`: never panics.)
     fn put(&self, file: File) {
-        let mut spare = self.0.lock().unwrap();
+        let mut spare = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if spare.len() < Self::KEPT {
             spare.push(file);
         }
@@ -979,10 +979,9 @@ impl Backing {
     pub fn lock_header(&self, file: &File) -> io::Result<HeaderLock> {
         let ino = file.metadata()?.ino();
         let lock = self.spare_lock()?;
-        if let Err(e) = lock_range(&lock, Range::Header(ino), true, true) {
-            self.spare_locks.put(lock);
-            return Err(e);
-        }
+        // On an error, the descriptor is closed, not kept: on a network filesystem a lock
+        // the server granted may be held through it all the same, and closing releases it.
+        lock_range(&lock, Range::Header(ino), true, true)?;
         Ok(HeaderLock {
             file: Some(lock),
             at: ino,

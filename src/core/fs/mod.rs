@@ -743,23 +743,26 @@ impl KmsFs {
     /// Changes the authenticated attributes of `ino` at `path` (a header slot rewrite, no key
     /// call): through its open instance if it has one, else its backing file or, for a
     /// directory, its record.
+    /// Returns the open instance the change went through, if it went through one.
     fn change_attrs(
         &self,
         ino: u64,
         path: &CanonicalPath,
         change: impl Fn(Attrs) -> Option<Attrs>,
-    ) -> Result<()> {
+    ) -> Result<Option<Arc<OpenNode>>> {
         if let Some(node) = self.open_node(ino) {
             // A renewal by another mount shows in the header read under the lock (ESTALE):
             // the instance then becomes the file that is there now, and changes that.
-            return match node.update_attrs(&change) {
+            match node.update_attrs(&change) {
                 Err(e) if e.errno() == libc::ESTALE => {
                     node.reopen_if_renewed(&self.volume)?;
-                    node.update_attrs(change)
+                    node.update_attrs(change)?;
                 }
-                other => other,
+                other => {
+                    other?;
+                }
             }
-            .map(|_| ());
+            return Ok(Some(node));
         }
         let meta = self
             .store()
@@ -789,7 +792,7 @@ impl KmsFs {
             attrs_change(change),
         );
         self.facts.forget(record_ino);
-        changed.map(|_| ())
+        changed.map(|_| None)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -819,6 +822,12 @@ impl KmsFs {
         };
         let expect = self.expected(ino);
         if kill_setid && mode.is_none() {
+            // An instance that holds no set-id bit changes nothing without reading its header
+            // (see `EncryptedFile::update_attrs`): first catch up with a renewal elsewhere,
+            // whose header may hold some.
+            if let Some(node) = self.open_node(ino) {
+                node.reopen_if_renewed(&self.volume)?;
+            }
             self.change_attrs(ino, &path, |a| {
                 setid_cleared(a).map(|mode| Attrs { mode, ..a })
             })?;
@@ -842,8 +851,9 @@ impl KmsFs {
                 }
             }
         }
+        let mut changed_through = None;
         if mode.is_some() || uid.is_some() || gid.is_some() {
-            self.change_attrs(ino, &path, |a| {
+            changed_through = self.change_attrs(ino, &path, |a| {
                 let mut new = Attrs {
                     mode: mode.map_or(a.mode, |m| m & 0o7777),
                     uid: uid.unwrap_or(a.uid),
@@ -914,14 +924,13 @@ impl KmsFs {
             }?;
         }
         // A change of mode or owner through an open instance read its header under the lock
-        // just now: the reply is its attributes and its descriptor's `stat`, no name to
-        // resolve.
-        if mode.is_some() || uid.is_some() || gid.is_some() {
-            if let Some(node) = self.open_node(ino) {
-                if let (Ok(meta), Some(attrs)) = (node.backing_metadata(), node.attrs()) {
-                    if Identity::of(&meta) == expect {
-                        return Ok(self.attr_with(ino, &meta, attrs, node.size_for(meta.len())));
-                    }
+        // just now: the reply is that instance's attributes and its descriptor's `stat`, no
+        // name to resolve. (Not another instance opened meanwhile: it may have read the
+        // header before the change.)
+        if let Some(node) = changed_through {
+            if let (Ok(meta), Some(attrs)) = (node.backing_metadata(), node.attrs()) {
+                if Identity::of(&meta) == expect {
+                    return Ok(self.attr_with(ino, &meta, attrs, node.size_for(meta.len())));
                 }
             }
         }
@@ -2108,7 +2117,8 @@ impl KmsFs {
         let stored = self.stored_xattr(name)?;
         // An open file's through its descriptor, no name to resolve: the kernel asks for
         // `security.capability` before the first write to each file.
-        let node = self.open_node(ino);
+        // (Not one whose key never came: it has no descriptor to ask.)
+        let node = self.open_node(ino).filter(|n| n.failure().is_none());
         let get = |size| {
             match &node {
                 Some(node) => {
