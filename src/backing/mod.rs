@@ -245,6 +245,16 @@ impl SpareLocks {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).pop()
     }
 
+    /// Releases `range` through `file` (taken from a holder being dropped), then keeps it;
+    /// if the release fails, the descriptor is closed, which releases.
+    fn release(&self, file: Option<File>, range: Range) {
+        if let Some(file) = file {
+            if unlock_range(&file, range).is_ok() {
+                self.put(file);
+            }
+        }
+    }
+
     /// Keeps `file`, which holds no lock now. (Called from `Drop`: never panics.)
     fn put(&self, file: File) {
         let mut spare = self.0.lock().unwrap_or_else(|e| e.into_inner());
@@ -1093,13 +1103,7 @@ pub struct HeaderLock {
 
 impl Drop for HeaderLock {
     fn drop(&mut self) {
-        let Some(file) = self.file.take() else {
-            return;
-        };
-        // Released, the descriptor is spare; if the release fails, closing it releases.
-        if unlock_range(&file, Range::Header(self.at)).is_ok() {
-            self.spare.put(file);
-        }
+        self.spare.release(self.file.take(), Range::Header(self.at));
     }
 }
 
@@ -1218,15 +1222,9 @@ pub struct DataLock {
 }
 
 impl Drop for DataLock {
-    /// Released (a lock taken for good, [`DataLock::take_owned`], is held until now), the
-    /// descriptor is spare; if the release fails, closing it releases.
+    /// A lock taken for good ([`DataLock::take_owned`]) is held until now.
     fn drop(&mut self) {
-        let Some(file) = self.file.take() else {
-            return;
-        };
-        if unlock_range(&file, Range::Data(self.ino)).is_ok() {
-            self.spare.put(file);
-        }
+        self.spare.release(self.file.take(), Range::Data(self.ino));
     }
 }
 

@@ -36,7 +36,10 @@ const GROW_CHUNK: u64 = 1 << 20;
 /// How far a streaming write gets ahead of the backing store's writeback before the daemon
 /// starts it (see [`EncryptedFile::write_behind`]).
 const WRITE_BEHIND: u64 = 8 << 20;
+/// The page size writeback works in: the part of a page still to be rewritten is not
+/// handed to the disk early.
 const PAGE: u64 = 4096;
+
 /// Seals consecutive blocks `(index, plaintext)` (block `final_block` flagged last) into one
 /// buffer. On one thread: sealing runs at 2-3 GB/s, so a 128 KiB write seals in ~50 µs, and
 /// starting a helper thread per request cost more than it saved (a 512 MiB `dd` took 1.8 s
@@ -251,6 +254,15 @@ impl EncryptedFile {
     /// authentic slot; no key call, the content key is the same. A file renewed elsewhere (a
     /// new file id) is `ESTALE`: this instance can no longer be used.
     pub fn reload_header(&mut self) -> Result<()> {
+        self.with_header_now(|_, _, _| Ok(()))
+    }
+
+    /// [`EncryptedFile::reload_header`], then `f` given this instance, the preamble and the
+    /// authentic slots read (newest first).
+    fn with_header_now<T>(
+        &mut self,
+        f: impl FnOnce(&mut Self, &Preamble, &[(usize, &SlotContent)]) -> Result<T>,
+    ) -> Result<T> {
         let header = read_header_only(&self.file, &self.path)?;
         if header.preamble != self.preamble {
             return Err(self.renewed_elsewhere());
@@ -264,7 +276,7 @@ impl EncryptedFile {
         };
         self.active_slot = slot;
         self.content = current.clone();
-        Ok(())
+        f(self, &header.preamble, &authentic)
     }
 
     /// [`EncryptedFile::reload_header`], then answers to `path` if the header binds it (another
@@ -751,35 +763,24 @@ impl EncryptedFile {
         let _lock = backing
             .lock_header(&self.file)
             .map_err(|e| Error::io(format!("cannot lock the header of {}", self.path), e))?;
-        let header = read_header_only(&self.file, &self.path)?;
-        if header.preamble != self.preamble {
-            return Err(self.renewed_elsewhere());
-        }
-        let authentic = header.authentic(&self.mac_key);
-        let Some(&(slot, current)) = authentic.first() else {
-            return Err(Error::format(
-                &self.path,
-                FormatError::HeaderAuthFailed("no slot with a valid MAC".into()),
-            ));
-        };
-        self.active_slot = slot;
-        self.content = current.clone();
-        self.follow_own_name()?;
-        if !current.envelopes.iter().any(|e| e.path == self.path) {
-            return Err(moved(&self.path, &current.envelopes));
-        }
-        let durable = self.durable.load(std::sync::atomic::Ordering::Relaxed);
-        let updated = write_slot_change(
-            &self.file,
-            &self.path,
-            &header.preamble,
-            &authentic,
-            slot,
-            &self.mac_key,
-            durable,
-            both_slots,
-            change,
-        )?;
+        let updated = self.with_header_now(|this, preamble, authentic| {
+            this.follow_own_name()?;
+            let current = authentic[0].1;
+            if !current.envelopes.iter().any(|e| e.path == this.path) {
+                return Err(moved(&this.path, &current.envelopes));
+            }
+            let durable = this.durable.load(std::sync::atomic::Ordering::Relaxed);
+            write_slot_change(
+                &this.file,
+                &this.path,
+                preamble,
+                authentic,
+                &this.mac_key,
+                durable,
+                both_slots,
+                change,
+            )
+        })?;
         let changed = updated.is_some();
         if let Some((slot, content)) = updated {
             self.active_slot = slot;
@@ -1134,7 +1135,7 @@ fn rewrite_slot(
     let header = read_header_only(file, path)?;
     let mac_key = mac_key(&header.preamble.file_id);
     let authentic = header.authentic(&mac_key);
-    let Some(&(slot, current)) = authentic.first() else {
+    let Some(&(_, current)) = authentic.first() else {
         return Err(Error::format(
             path,
             FormatError::HeaderAuthFailed("no slot with a valid MAC".into()),
@@ -1148,7 +1149,6 @@ fn rewrite_slot(
         path,
         &header.preamble,
         &authentic,
-        slot,
         &mac_key,
         durable,
         both_slots,
@@ -1157,21 +1157,20 @@ fn rewrite_slot(
 }
 
 /// The second half of [`rewrite_slot`], under the header lock, on the header just read:
-/// `change` given the authentic slots (newest first, `slot` the one in force), and what it
-/// returns written to the other slot (both, with `both_slots`).
+/// `change` given the authentic slots (newest first: the first is the one in force), and what
+/// it returns written to the other slot (both, with `both_slots`).
 #[allow(clippy::too_many_arguments)]
 fn write_slot_change(
     file: &File,
     path: &CanonicalPath,
     preamble: &Preamble,
     authentic: &[(usize, &SlotContent)],
-    slot: usize,
     mac_key: &DerivedKey,
     durable: bool,
     both_slots: bool,
     change: impl FnOnce(&[&SlotContent]) -> Result<Option<NewSlot>>,
 ) -> Result<Option<(usize, SlotContent)>> {
-    let current = authentic[0].1;
+    let (slot, current) = authentic[0];
     let slots: Vec<&SlotContent> = authentic.iter().map(|(_, c)| *c).collect();
     let Some((attrs, envelopes)) = change(&slots)? else {
         return Ok(None);

@@ -742,8 +742,7 @@ impl KmsFs {
 
     /// Changes the authenticated attributes of `ino` at `path` (a header slot rewrite, no key
     /// call): through its open instance if it has one, else its backing file or, for a
-    /// directory, its record.
-    /// Returns the open instance the change went through, if it went through one.
+    /// directory, its record. Returns the open instance the change went through, if any.
     fn change_attrs(
         &self,
         ino: u64,
