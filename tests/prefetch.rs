@@ -39,6 +39,13 @@ fn volume(files: usize) -> TestVolume {
     v
 }
 
+/// Opens and closes `dir/name` without reading it.
+fn open_close(core: &KmsFs, name: &str) {
+    let dir = core.lookup(ROOT_INO, OsStr::new("dir")).unwrap().ino;
+    let ino = core.lookup(dir, OsStr::new(name)).unwrap().ino;
+    core.release(core.open(ino, libc::O_RDONLY).unwrap());
+}
+
 /// Opens and reads every file of `dir` in name order; returns the time it took.
 fn read_all(core: &KmsFs, files: usize) -> Duration {
     let dir = core.lookup(ROOT_INO, OsStr::new("dir")).unwrap().ino;
@@ -76,9 +83,7 @@ fn prefetch_is_bounded_and_can_be_turned_off() {
     let files = 40;
     let v = volume(files);
     let (core, provider) = slow_core(&v, 10);
-    let dir = core.lookup(ROOT_INO, OsStr::new("dir")).unwrap().ino;
-    let ino = core.lookup(dir, OsStr::new("f000")).unwrap().ino;
-    core.release(core.open(ino, libc::O_RDONLY).unwrap());
+    open_close(&core, "f000");
     std::thread::sleep(LATENCY * 6);
     assert_eq!(
         provider.calls(KmsOp::Decrypt),
@@ -162,10 +167,7 @@ fn only_opening_the_fetched_files_lets_a_walk_go_on() {
     let v = volume(files);
     let (core, provider) = slow_core(&v, 10);
     let dir = core.lookup(ROOT_INO, OsStr::new("dir")).unwrap().ino;
-    let open_close = |name: &str| {
-        let ino = core.lookup(dir, OsStr::new(name)).unwrap().ino;
-        core.release(core.open(ino, libc::O_RDONLY).unwrap());
-    };
+    let open_close = |name: &str| open_close(&core, name);
     open_close("f000");
     std::thread::sleep(LATENCY * 6);
     for _ in 0..30 {

@@ -994,7 +994,7 @@ impl Backing {
         lock_range(&lock, Range::Header(ino), true, true)?;
         Ok(HeaderLock {
             file: Some(lock),
-            at: ino,
+            ino,
             spare: self.spare_locks.clone(),
         })
     }
@@ -1097,13 +1097,14 @@ struct Itself {
 pub struct HeaderLock {
     file: Option<File>,
     /// The inode whose range it holds.
-    at: u64,
+    ino: u64,
     spare: SpareLocks,
 }
 
 impl Drop for HeaderLock {
     fn drop(&mut self) {
-        self.spare.release(self.file.take(), Range::Header(self.at));
+        self.spare
+            .release(self.file.take(), Range::Header(self.ino));
     }
 }
 
