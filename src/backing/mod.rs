@@ -177,6 +177,23 @@ fn metadata_of(fd: &OwnedFd) -> io::Result<Metadata> {
     file.metadata()
 }
 
+/// The relative bytes of the directory holding `path`, and the entry's name in it.
+fn split_name(path: &CanonicalPath) -> io::Result<(Vec<u8>, CString)> {
+    let mut rel = relative(path);
+    let name = match rel.iter().rposition(|&b| b == b'/') {
+        Some(cut) => {
+            let name = rel.split_off(cut + 1);
+            rel.pop();
+            name
+        }
+        None => std::mem::take(&mut rel),
+    };
+    if name.is_empty() {
+        return Err(errno(libc::EINVAL));
+    }
+    Ok((rel, CString::new(name).map_err(|_| errno(libc::EINVAL))?))
+}
+
 /// The relative bytes of a canonical path (empty for the root).
 fn relative(path: &CanonicalPath) -> Vec<u8> {
     path.to_relative_path().into_os_string().into_vec()
@@ -388,21 +405,14 @@ impl Backing {
 
     /// The directory holding `path` (an `O_PATH` descriptor) and the entry's name in it.
     fn parent(&self, path: &CanonicalPath) -> io::Result<(OwnedFd, CString)> {
-        let rel = relative(path);
-        let (dir, name) = match rel.iter().rposition(|&b| b == b'/') {
-            Some(cut) => (&rel[..cut], &rel[cut + 1..]),
-            None => (&b""[..], &rel[..]),
-        };
-        if name.is_empty() {
-            return Err(errno(libc::EINVAL));
-        }
+        let (dir, name) = split_name(path)?;
         let fd = self.resolve_rel(
-            dir,
+            &dir,
             OFlags::PATH | OFlags::DIRECTORY,
             Mode::empty(),
             &format_args!("the directory of {path}"),
         )?;
-        Ok((fd, CString::new(name).map_err(|_| errno(libc::EINVAL))?))
+        Ok((fd, name))
     }
 
     /// An `O_PATH` descriptor of the entry itself (a symlink stays a symlink), with its
@@ -495,6 +505,7 @@ impl Backing {
                     backing: self,
                     file: File::from(fd),
                     named: None,
+                    dir: Some((relative(dir), dirfd)),
                 })
             }
             Err(
@@ -511,6 +522,7 @@ impl Backing {
             backing: self,
             file,
             named: Some(path),
+            dir: None,
         })
     }
 
@@ -1082,6 +1094,19 @@ impl Found {
         check_kind(&self.meta, Want::File, &"the entry")?;
         reopen(&self.fd, false, Atime::Keep)
     }
+
+    /// `lstat` of the entry `name` (one component) in the directory found: one syscall, no
+    /// path resolved from the root again (a directory's stat reads its record this way).
+    pub fn child_metadata(&self, name: &str) -> io::Result<Metadata> {
+        check_kind(&self.meta, Want::Dir, &"the entry")?;
+        if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+            return Err(errno(libc::EINVAL));
+        }
+        // Through the descriptor's /proc link, which reaches exactly this directory; the
+        // entry itself is not followed if it is a symlink.
+        let path = format!("/proc/self/fd/{}/{name}", self.fd.as_raw_fd());
+        std::fs::symlink_metadata(path)
+    }
 }
 
 /// A path-taking call's way to an entry itself (see [`Backing::itself`]); the descriptors
@@ -1543,6 +1568,9 @@ pub struct TemporaryFile<'a> {
     file: File,
     /// Its temporary name, where the filesystem has no unnamed files.
     named: Option<CanonicalPath>,
+    /// The directory an unnamed file was made in (relative bytes, descriptor): its name goes
+    /// there without resolving the directory again.
+    dir: Option<(Vec<u8>, OwnedFd)>,
 }
 
 impl TemporaryFile<'_> {
@@ -1552,15 +1580,23 @@ impl TemporaryFile<'_> {
 
     /// Gives the file the name `path`; an existing entry there is `EEXIST`, never replaced.
     pub fn persist_noclobber(mut self, path: &CanonicalPath) -> io::Result<()> {
-        let (dir, name) = self.backing.parent(path)?;
         match self.named.take() {
             None => {
+                let (dir_rel, name) = split_name(path)?;
+                let resolved;
+                let dir = match &self.dir {
+                    Some((rel, fd)) if *rel == dir_rel => fd,
+                    _ => {
+                        resolved = self.backing.parent(path)?.0;
+                        &resolved
+                    }
+                };
                 let fd = CString::new(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
                     .expect("no NUL");
                 rustix::fs::linkat(
                     CWD,
                     fd.as_c_str(),
-                    &dir,
+                    dir,
                     name.as_c_str(),
                     AtFlags::SYMLINK_FOLLOW,
                 )?;

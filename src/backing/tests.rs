@@ -344,3 +344,29 @@ fn pieces_cut_at_component_boundaries() {
     assert_eq!(parts.join(&b'/'), long.as_bytes());
     assert_eq!(pieces(b"x/y"), vec![&b"x/y"[..]]);
 }
+
+/// A directory's record is looked up in the directory found, never through a symlink planted
+/// in its place: the symlink itself is what `child_metadata` reports (the control: the real
+/// file's metadata is the outside file's when followed, the store's own when not).
+#[test]
+fn a_records_lookup_in_its_directory_reports_a_planted_symlink_not_its_target() {
+    both_resolvers(|b, s| {
+        let found = b.lookup(&p("/d")).unwrap();
+        let real = found.child_metadata("f").unwrap();
+        assert!(real.is_file());
+        assert_eq!(real.ino(), std::fs::metadata(s.store.join("d/f")).unwrap().ino());
+
+        std::os::unix::fs::symlink(s.outside.join("victim"), s.store.join("d/rec")).unwrap();
+        let planted = found.child_metadata("rec").unwrap();
+        assert!(planted.file_type().is_symlink(), "followed the planted symlink");
+        let victim = std::fs::metadata(s.outside.join("victim")).unwrap();
+        assert_ne!(planted.ino(), victim.ino());
+
+        for bad in ["", ".", "..", "f/x", "../outside"] {
+            assert!(found.child_metadata(bad).is_err(), "{bad:?} was looked up");
+        }
+        // Only in a directory.
+        let file = b.lookup(&p("/d/f")).unwrap();
+        assert!(file.child_metadata("x").is_err());
+    });
+}

@@ -64,7 +64,7 @@ impl KmsFs {
     /// another directory would not decrypt here later).
     pub(super) fn new_child(&self, parent: u64, name: &OsStr) -> Result<(StoredChild, Attrs)> {
         let dir = self.path_of(parent)?;
-        let (attrs, id) = self.dir_record_facts(&dir)?;
+        let (attrs, id) = self.dir_record_facts(&dir, None)?;
         let encrypted = self.volume.encrypted_names();
         if encrypted {
             if let Some(node) = self.nodes.lock().unwrap().get_mut(&parent) {
@@ -103,7 +103,7 @@ impl KmsFs {
             return Ok(id);
         }
         // Through the header cache a stat of the directory has just filled.
-        let (_, id) = self.dir_record_facts(dir)?;
+        let (_, id) = self.dir_record_facts(dir, None)?;
         if let Some(node) = self.nodes.lock().unwrap().get_mut(&ino) {
             node.dir_id = Some(id);
         }

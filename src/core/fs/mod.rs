@@ -507,7 +507,7 @@ impl KmsFs {
             }
             (attrs, size)
         } else if ft.is_dir() {
-            (self.dir_attrs(path)?, meta.len())
+            (self.dir_attrs(path, found)?, meta.len())
         } else {
             return Err(not_shown(path, kind_name(ft)));
         };
@@ -569,22 +569,45 @@ impl KmsFs {
     /// A directory's authenticated attributes, from its record (see
     /// [`crate::format::object::DIR_RECORD`]): one that is missing, or is not bound to this
     /// directory, refuses the directory.
-    fn dir_attrs(&self, dir: &CanonicalPath) -> Result<Attrs> {
-        self.dir_record_facts(dir).map(|(attrs, _)| attrs)
+    fn dir_attrs(
+        &self,
+        dir: &CanonicalPath,
+        found: Option<&crate::backing::Found>,
+    ) -> Result<Attrs> {
+        self.dir_record_facts(dir, found).map(|(attrs, _)| attrs)
     }
 
     /// [`KmsFs::dir_attrs`], and the directory's id: its record's file id, which the names
-    /// of its entries are encrypted under.
-    fn dir_record_facts(&self, dir: &CanonicalPath) -> Result<(Attrs, [u8; 16])> {
+    /// of its entries are encrypted under. With the directory `found` (a stat of it), its
+    /// record is looked up in that very directory, not resolved from the root again: one
+    /// syscall where the header cache knows the record (the kernel asks a directory's
+    /// attributes again after every create and unlink in it).
+    fn dir_record_facts(
+        &self,
+        dir: &CanonicalPath,
+        found: Option<&crate::backing::Found>,
+    ) -> Result<(Attrs, [u8; 16])> {
         let record = dir_record(dir);
-        let found = self.store().lookup(&record).map_err(|e| match e.kind() {
+        let missing = |e: std::io::Error| match e.kind() {
             std::io::ErrorKind::NotFound => not_shown(dir, "a directory without its record"),
             _ => io_err("cannot stat", &record, e),
-        })?;
-        if !found.meta.is_file() {
+        };
+        let (meta, record_found) = match found {
+            Some(dir_found) => (
+                dir_found
+                    .child_metadata(crate::format::object::DIR_RECORD)
+                    .map_err(missing)?,
+                None,
+            ),
+            None => {
+                let f = self.store().lookup(&record).map_err(missing)?;
+                (f.meta.clone(), Some(f))
+            }
+        };
+        if !meta.is_file() {
             return Err(not_shown(dir, "a directory whose record is not a file"));
         }
-        let (attrs, _, id) = self.header_facts_of(&record, &found.meta, Some(&found))?;
+        let (attrs, _, id) = self.header_facts_of(&record, &meta, record_found.as_ref())?;
         if attrs.kind != ObjectKind::Dir {
             return Err(not_shown(dir, "a directory whose record is another object"));
         }
@@ -901,6 +924,7 @@ impl KmsFs {
             // Not while a pending file's key arrives (it keeps the times it had). An open file
             // another mount renamed or unlinked has its times set through its descriptor.
             let node = self.open_node(ino);
+            let mut through_descriptor = false;
             let by_descriptor = |f: &std::fs::File| {
                 crate::backing::open::set_times(f, &times)
                     .map_err(|e| io_err("cannot set the times of", &path, e))
@@ -908,8 +932,9 @@ impl KmsFs {
             match node {
                 // Through the descriptor if it holds the inode the kernel means (no name to
                 // resolve); else by name, and through the descriptor if the name is gone.
-                Some(node) => node.exclusive(|backing| match backing {
+                Some(ref node) => node.exclusive(|backing| match backing {
                     Ok(f) if f.metadata().is_ok_and(|m| Identity::of(&m) == expect) => {
+                        through_descriptor = true;
                         by_descriptor(f)
                     }
                     _ => match set() {
@@ -921,11 +946,17 @@ impl KmsFs {
                 }),
                 None => set(),
             }?;
+            // A mount running alone is the only one that changes the file: an instance that
+            // holds it has its attributes as they are (tar sets the times of every file it
+            // writes, through the handle it wrote it with).
+            if through_descriptor && changed_through.is_none() && self.store().runs_alone() {
+                changed_through = node.filter(|n| !n.is_pending());
+            }
         }
         // A change of mode or owner through an open instance read its header under the lock
-        // just now: the reply is that instance's attributes and its descriptor's `stat`, no
-        // name to resolve. (Not another instance opened meanwhile: it may have read the
-        // header before the change.)
+        // just now (or, running alone, times were set through one): the reply is that
+        // instance's attributes and its descriptor's `stat`, no name to resolve. (Not another
+        // instance opened meanwhile: it may have read the header before the change.)
         if let Some(node) = changed_through {
             if let (Ok(meta), Some(attrs)) = (node.backing_metadata(), node.attrs()) {
                 if Identity::of(&meta) == expect {
@@ -1394,10 +1425,6 @@ impl KmsFs {
         fh
     }
 
-    /// A new file that appears on the backing store with its header already written: made
-    /// unnamed (`O_TMPFILE`, or a hidden temporary name where the backing filesystem has
-    /// none) in its directory, given its key and header, then linked to its name. A crash can
-    /// then never leave a file without a header.
     /// The data key of a file about to be created as `parent`/`name`, when the create will
     /// wait for its key (see [`crate::core::instance::KeyRequests::would_queue`]): generated
     /// now, before the create takes the volume's namespace lock, so that no change of names
@@ -1408,7 +1435,9 @@ impl KmsFs {
         if self.key_requests.would_queue() {
             return Ok(None);
         }
-        let Ok((child, _)) = self.new_child(parent, name) else {
+        // Where the name goes by the directory id remembered (no record read): the create
+        // checks the record under the namespace lock, and drops a key made for another path.
+        let Ok(child) = self.child(parent, name) else {
             return Ok(None);
         };
         let started = std::time::Instant::now();
@@ -1425,12 +1454,16 @@ impl KmsFs {
         }))
     }
 
+    /// A new file that appears on the backing store with its header already written: made
+    /// unnamed (`O_TMPFILE`, or a hidden temporary name where the backing filesystem has
+    /// none) in its directory, given its key and header, then linked to its name. A crash can
+    /// then never leave a file without a header.
     fn create_linked(
         &self,
         path: &CanonicalPath,
         attrs: Attrs,
         ahead: Option<KeyAhead>,
-    ) -> Result<(EncryptedFile, u64)> {
+    ) -> Result<EncryptedFile> {
         let dir = path.parent().unwrap_or_else(CanonicalPath::root);
         let tmp = self
             .store()
@@ -1451,14 +1484,9 @@ impl KmsFs {
                 enc
             }
         };
-        let ino = enc
-            .backing_file()
-            .metadata()
-            .map_err(|e| io_err("cannot stat", path, e))?
-            .ino();
         tmp.persist_noclobber(path)
             .map_err(|e| io_err("cannot create", path, e))?;
-        Ok((enc, ino))
+        Ok(enc)
     }
 
     fn create_file(
@@ -1475,8 +1503,8 @@ impl KmsFs {
         self.put_side(child)?;
         let ahead = ahead.take().filter(|k| &k.path == path);
         if ahead.is_some() || !self.key_requests.would_take() {
-            let (enc, backing_ino) = self.create_linked(path, attrs, ahead)?;
-            return self.open_created(path, OpenNode::ready(enc), backing_ino);
+            let enc = self.create_linked(path, attrs, ahead)?;
+            return self.open_created(path, OpenNode::ready(enc));
         }
         let store = self.store();
         let file = store
@@ -1492,10 +1520,9 @@ impl KmsFs {
             }
             e
         };
-        let backing_ino = made.as_ref().map_err(|_| ()).map(|m| m.ino);
-        let Ok(backing_ino) = backing_ino else {
+        if made.is_err() {
             return Err(os(format!("cannot stat the new {path}"), libc::EIO));
-        };
+        }
         // Held until its header is written: other mounts can tell this create, under way,
         // from one a crash cut short (see `create`). Made under the namespace lock, which
         // they take to look.
@@ -1510,30 +1537,29 @@ impl KmsFs {
             Some(lock),
         ));
         if self.key_requests.submit(&pending) {
-            return self.open_created(path, pending, backing_ino);
+            return self.open_created(path, pending);
         }
         let started = std::time::Instant::now();
         let enc = EncryptedFile::create(&self.volume, path, file, attrs).map_err(remove)?;
         self.key_requests.answered(started.elapsed());
-        self.open_created(path, OpenNode::ready(enc), backing_ino)
+        self.open_created(path, OpenNode::ready(enc))
     }
 
-    /// A created file's instance goes in the table (before the first stat: a pending file's
-    /// size is the instance's), then a writable handle.
+    /// A created file's instance goes in the table (before the kernel's first stat: a
+    /// pending file's size is the instance's), then a writable handle.
     fn open_created(
         &self,
         path: &CanonicalPath,
         node: impl Into<Arc<OpenNode>>,
-        backing_ino: u64,
     ) -> Result<(Attr, u64)> {
         let node = node.into();
-        let ino = self.ino_of(backing_ino);
-        self.open.lock().unwrap().insert(ino, Arc::downgrade(&node));
         // The attributes of the file made, from its descriptor (not of whatever its name
         // holds by now).
         let meta = node
             .backing_metadata()
             .map_err(|e| io_err("cannot stat", path, e))?;
+        let ino = self.ino_of(meta.ino());
+        self.open.lock().unwrap().insert(ino, Arc::downgrade(&node));
         // It was just made here: its instance says what its header says.
         let attrs = node
             .attrs()
