@@ -398,7 +398,6 @@ impl KmsFs {
         &self.volume
     }
 
-    /// The backing store: every syscall on it goes through this.
     /// Registers the mount with the store's locks (see [`crate::backing::Presence`]): a
     /// writable mount that is the only process using the store runs without the locks that
     /// order its changes with others'. Then, every 100 ms, it looks for another process using
@@ -454,6 +453,7 @@ impl KmsFs {
         Ok(held)
     }
 
+    /// The backing store: every syscall on it goes through this.
     fn store(&self) -> &Backing {
         self.volume.backing()
     }
