@@ -505,7 +505,6 @@ impl Backing {
                     backing: self,
                     file: File::from(fd),
                     named: None,
-                    dir: Some((relative(dir), dirfd)),
                 })
             }
             Err(
@@ -522,7 +521,6 @@ impl Backing {
             backing: self,
             file,
             named: Some(path),
-            dir: None,
         })
     }
 
@@ -1568,9 +1566,6 @@ pub struct TemporaryFile<'a> {
     file: File,
     /// Its temporary name, where the filesystem has no unnamed files.
     named: Option<CanonicalPath>,
-    /// The directory an unnamed file was made in (relative bytes, descriptor): its name goes
-    /// there without resolving the directory again.
-    dir: Option<(Vec<u8>, OwnedFd)>,
 }
 
 impl TemporaryFile<'_> {
@@ -1582,21 +1577,16 @@ impl TemporaryFile<'_> {
     pub fn persist_noclobber(mut self, path: &CanonicalPath) -> io::Result<()> {
         match self.named.take() {
             None => {
-                let (dir_rel, name) = split_name(path)?;
-                let resolved;
-                let dir = match &self.dir {
-                    Some((rel, fd)) if *rel == dir_rel => fd,
-                    _ => {
-                        resolved = self.backing.parent(path)?.0;
-                        &resolved
-                    }
-                };
+                // Its directory resolved again, beneath the root, not the descriptor it was
+                // made in: a create may wait seconds for its key, long enough for the store
+                // to move that directory out from under the root.
+                let (dir, name) = self.backing.parent(path)?;
                 let fd = CString::new(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
                     .expect("no NUL");
                 rustix::fs::linkat(
                     CWD,
                     fd.as_c_str(),
-                    dir,
+                    &dir,
                     name.as_c_str(),
                     AtFlags::SYMLINK_FOLLOW,
                 )?;

@@ -354,11 +354,17 @@ fn a_records_lookup_in_its_directory_reports_a_planted_symlink_not_its_target() 
         let found = b.lookup(&p("/d")).unwrap();
         let real = found.child_metadata("f").unwrap();
         assert!(real.is_file());
-        assert_eq!(real.ino(), std::fs::metadata(s.store.join("d/f")).unwrap().ino());
+        assert_eq!(
+            real.ino(),
+            std::fs::metadata(s.store.join("d/f")).unwrap().ino()
+        );
 
         std::os::unix::fs::symlink(s.outside.join("victim"), s.store.join("d/rec")).unwrap();
         let planted = found.child_metadata("rec").unwrap();
-        assert!(planted.file_type().is_symlink(), "followed the planted symlink");
+        assert!(
+            planted.file_type().is_symlink(),
+            "followed the planted symlink"
+        );
         let victim = std::fs::metadata(s.outside.join("victim")).unwrap();
         assert_ne!(planted.ino(), victim.ino());
 
@@ -368,5 +374,29 @@ fn a_records_lookup_in_its_directory_reports_a_planted_symlink_not_its_target() 
         // Only in a directory.
         let file = b.lookup(&p("/d/f")).unwrap();
         assert!(file.child_metadata("x").is_err());
+    });
+}
+
+/// A new file gets its name in its directory as resolved beneath the root when it is named,
+/// not through the descriptor it was made with: a store that moves the directory out from
+/// under the root meanwhile (a create may wait seconds for its key) gets no entry made
+/// outside. The control: left in place, the file is named in the store.
+#[test]
+fn a_new_file_is_not_named_in_a_directory_moved_out_of_the_store_meanwhile() {
+    both_resolvers(|b, s| {
+        let tmp = b.new_temporary_file(&p("/e"), 0o600).unwrap();
+        tmp.file().write_all_at(b"kept", 0).unwrap();
+        tmp.persist_noclobber(&p("/e/named")).unwrap();
+        assert_eq!(std::fs::read(s.store.join("e/named")).unwrap(), b"kept");
+
+        let tmp = b.new_temporary_file(&p("/e"), 0o600).unwrap();
+        tmp.file().write_all_at(b"moved", 0).unwrap();
+        std::fs::rename(s.store.join("e"), s.outside.join("e")).unwrap();
+        assert!(tmp.persist_noclobber(&p("/e/escaped")).is_err());
+        assert!(
+            !s.outside.join("e/escaped").exists(),
+            "named outside the store"
+        );
+        assert!(s.outside.join("e/named").exists());
     });
 }

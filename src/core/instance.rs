@@ -638,8 +638,6 @@ fn record_latency(average: &AtomicU64, took: std::time::Duration) {
 }
 
 impl KeyRequests {
-    /// Key requests running at once (each waits on the key service, not the CPU).
-    const WORKERS: usize = 32;
     /// Below this `GenerateDataKey` time (the local provider, a KMS next door) creates wait:
     /// not waiting would cost more than it saves.
     const WAIT_BELOW: std::time::Duration = std::time::Duration::from_millis(1);
@@ -660,7 +658,9 @@ impl KeyRequests {
     fn start(&self) -> mpsc::Sender<Arc<OpenNode>> {
         let (tx, rx) = mpsc::channel::<Arc<OpenNode>>();
         let rx = Arc::new(Mutex::new(rx));
-        for _ in 0..Self::WORKERS {
+        // As many as the keyring lets call the key service at once (each waits on it, not on
+        // the CPU): fewer would leave that room unused while creates queue.
+        for _ in 0..self.volume.keyring().concurrency() {
             let (rx, volume) = (rx.clone(), self.volume.clone());
             let (in_flight, degraded) = (self.in_flight.clone(), self.degraded.clone());
             let (failures, latency) = (self.failures.clone(), self.latency_us.clone());
