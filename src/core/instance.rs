@@ -659,8 +659,14 @@ impl KeyRequests {
         let (tx, rx) = mpsc::channel::<Arc<OpenNode>>();
         let rx = Arc::new(Mutex::new(rx));
         // As many as the keyring lets call the key service at once (each waits on it, not on
-        // the CPU): fewer would leave that room unused while creates queue.
-        for _ in 0..self.volume.keyring().concurrency() {
+        // the CPU): fewer would leave that room unused while creates queue. (Never more
+        // threads than files may be pending.)
+        let workers = self
+            .volume
+            .keyring()
+            .concurrency()
+            .clamp(1, self.limit.max(1));
+        for _ in 0..workers {
             let (rx, volume) = (rx.clone(), self.volume.clone());
             let (in_flight, degraded) = (self.in_flight.clone(), self.degraded.clone());
             let (failures, latency) = (self.failures.clone(), self.latency_us.clone());
