@@ -177,23 +177,6 @@ fn metadata_of(fd: &OwnedFd) -> io::Result<Metadata> {
     file.metadata()
 }
 
-/// The relative bytes of the directory holding `path`, and the entry's name in it.
-fn split_name(path: &CanonicalPath) -> io::Result<(Vec<u8>, CString)> {
-    let mut rel = relative(path);
-    let name = match rel.iter().rposition(|&b| b == b'/') {
-        Some(cut) => {
-            let name = rel.split_off(cut + 1);
-            rel.pop();
-            name
-        }
-        None => std::mem::take(&mut rel),
-    };
-    if name.is_empty() {
-        return Err(errno(libc::EINVAL));
-    }
-    Ok((rel, CString::new(name).map_err(|_| errno(libc::EINVAL))?))
-}
-
 /// The relative bytes of a canonical path (empty for the root).
 fn relative(path: &CanonicalPath) -> Vec<u8> {
     path.to_relative_path().into_os_string().into_vec()
@@ -405,14 +388,21 @@ impl Backing {
 
     /// The directory holding `path` (an `O_PATH` descriptor) and the entry's name in it.
     fn parent(&self, path: &CanonicalPath) -> io::Result<(OwnedFd, CString)> {
-        let (dir, name) = split_name(path)?;
+        let rel = relative(path);
+        let (dir, name) = match rel.iter().rposition(|&b| b == b'/') {
+            Some(cut) => (&rel[..cut], &rel[cut + 1..]),
+            None => (&b""[..], &rel[..]),
+        };
+        if name.is_empty() {
+            return Err(errno(libc::EINVAL));
+        }
         let fd = self.resolve_rel(
-            &dir,
+            dir,
             OFlags::PATH | OFlags::DIRECTORY,
             Mode::empty(),
             &format_args!("the directory of {path}"),
         )?;
-        Ok((fd, name))
+        Ok((fd, CString::new(name).map_err(|_| errno(libc::EINVAL))?))
     }
 
     /// An `O_PATH` descriptor of the entry itself (a symlink stays a symlink), with its
