@@ -36,10 +36,12 @@ up)
     fi
     gluster --mode=script volume create "$vol" "$(hostname):$state/brick" force >/dev/null
     # Settings for kmsfs (docs/OPERATIONS.md): writes reach the server before the lock
-    # that ordered them is released, and no client serves a stale length or block.
+    # that ordered them is released, no client serves a stale length or block, and no
+    # stale record of a hard link's old name makes a later link to it fail.
     for opt in performance.write-behind=off performance.flush-behind=off \
         performance.stat-prefetch=off performance.quick-read=off performance.io-cache=off \
-        performance.read-ahead=off performance.open-behind=off performance.readdir-ahead=off; do
+        performance.read-ahead=off performance.open-behind=off performance.readdir-ahead=off \
+        storage.gfid2path=off; do
         gluster --mode=script volume set "$vol" "${opt%%=*}" "${opt#*=}" >/dev/null
     done
     gluster --mode=script volume start "$vol" >/dev/null
