@@ -114,7 +114,8 @@ impl Error {
                 libc::EACCES
             }
             Error::Format {
-                source: crate::format::FormatError::TooLarge(_),
+                source:
+                    crate::format::FormatError::TooLarge(_) | crate::format::FormatError::NoRoom { .. },
                 ..
             } => libc::EMLINK,
             _ => libc::EIO,

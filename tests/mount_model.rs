@@ -167,16 +167,6 @@ fn run(seed: u64, steps: usize) {
             );
             continue;
         }
-        // And, with plaintext names, a rename or link of a file made under a short path to a
-        // far longer one may not fit its header (ENAMETOOLONG, nothing changed; documented in
-        // docs/SEMANTICS.md). Encrypted, a long name is stored hashed, and always fits.
-        let to_long = match &op {
-            Op::Rename { to, .. } | Op::Link { to, .. } => to.len() > 100,
-            _ => false,
-        };
-        if got == Err(libc::ENAMETOOLONG) && to_long && common::plaintext_names() {
-            continue;
-        }
         let want = apply(&plain, &op);
         let recent: Vec<_> = history.iter().rev().take(8).collect();
         assert_eq!(

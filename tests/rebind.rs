@@ -218,13 +218,10 @@ fn a_record_left_by_a_crash_is_finished_at_the_next_mount() {
     }
 }
 
-#[test]
-fn a_rename_beyond_the_header_room_is_enametoolong_and_changes_nothing() {
-    let v = TestVolume::new(4096);
-    let (core, _) = mount(&v);
-    write(&core, ROOT_INO, "a", b"short name");
-    // The longest name stored as it is with encrypted names (235 bytes on the store; a longer
-    // one is stored as a short `kmsfs.long.` name): 8 deep, far beyond a's header room.
+/// Eight directories of the longest name stored as it is with encrypted names (235 bytes on
+/// the store; a longer one is stored as a short `kmsfs.long.` name): a path far beyond the
+/// header room of a file created at the root.
+fn deep_dir(core: &KmsFs) -> u64 {
     let long = "n".repeat(159);
     let mut dir = ROOT_INO;
     for _ in 0..8 {
@@ -233,6 +230,49 @@ fn a_rename_beyond_the_header_room_is_enametoolong_and_changes_nothing() {
             .unwrap()
             .ino;
     }
+    dir
+}
+
+fn slot_size(host: &std::path::Path) -> u32 {
+    let head = std::fs::read(host).unwrap();
+    u32::from_be_bytes(head[12..16].try_into().unwrap())
+}
+
+#[test]
+fn a_rename_beyond_the_header_room_grows_the_header_and_keeps_the_file() {
+    let v = TestVolume::new(4096);
+    let (core, _) = mount(&v);
+    let data = pattern(50_000, 3);
+    write(&core, ROOT_INO, "a", &data);
+    let before = slot_size(&v.backing_file("a"));
+    let dir = deep_dir(&core);
+    let long = "n".repeat(159);
+    core.rename(ROOT_INO, OsStr::new("a"), dir, OsStr::new(&long), false)
+        .unwrap();
+    drop(core);
+    let at = format!("{long}/{long}/{long}/{long}/{long}/{long}/{long}/{long}/{long}");
+    assert!(slot_size(&v.backing_file(&at)) > before, "grown");
+    assert_eq!(
+        envelope_paths(&v.backing_file(&at)),
+        stored_paths(&v, &[&at])
+    );
+    assert_eq!(pending_records(&v), 0);
+    assert!(std::fs::read_dir(v.backing.join(".kmsfs/renew"))
+        .unwrap()
+        .next()
+        .is_none());
+    assert_eq!(read(&v, &at), data);
+}
+
+#[test]
+fn a_rename_beyond_the_header_room_of_a_file_too_large_to_move_is_enametoolong_and_changes_nothing()
+{
+    let v = TestVolume::new(4096);
+    let (core, _) = mount(&v);
+    let data = pattern(kmsfs::core::renew::MAX_GROW as usize + 1, 5);
+    write(&core, ROOT_INO, "a", &data);
+    let dir = deep_dir(&core);
+    let long = "n".repeat(159);
     let err = core
         .rename(ROOT_INO, OsStr::new("a"), dir, OsStr::new(&long), false)
         .unwrap_err();
@@ -244,7 +284,7 @@ fn a_rename_beyond_the_header_room_is_enametoolong_and_changes_nothing() {
         stored_paths(&v, &["a"])
     );
     assert_eq!(pending_records(&v), 0);
-    assert_eq!(read(&v, "a"), b"short name");
+    assert_eq!(read(&v, "a"), data);
 }
 
 #[test]

@@ -20,42 +20,36 @@ pub fn adopt(volume: &Volume, path: &CanonicalPath, from: &CanonicalPath) -> Res
     }
     let file = crate::core::file::open_backing(volume, path, true)?;
     let mut moved = 0;
-    update_envelopes_of_moved(
-        volume.backing(),
-        &file,
-        path,
-        |id| volume.header_mac_key(id),
-        |slots| {
-            // Checked under the lock, against the slot in force.
-            let current = slots[0];
-            if !current.iter().any(|e| &e.path == from) {
-                // Named as the user knows them (where they still decrypt).
-                let mut bound: Vec<String> =
-                    current.iter().map(|e| volume.shown_path(&e.path)).collect();
-                bound.dedup();
-                return Err(Error::Integrity(format!(
-                    "{} is not bound to {} (it is bound to {}); refusing to adopt",
-                    volume.shown_path(path),
-                    volume.shown_path(from),
-                    bound.join(", ")
-                )));
-            }
-            let mut out: Vec<Envelope> = current
-                .iter()
-                .filter(|e| &e.path != from && &e.path != path)
-                .cloned()
-                .collect();
-            for e in current.iter().filter(|e| &e.path == from) {
-                let key = volume.rewrap_for_path(&e.key, from, path)?;
-                moved += 1;
-                out.push(Envelope {
-                    path: path.clone(),
-                    key,
-                });
-            }
-            Ok(Some(out))
-        },
-    )?;
+    update_envelopes_of_moved(volume, &file, path, |slots| {
+        // Checked under the lock, against the slot in force.
+        let current = slots[0];
+        if !current.iter().any(|e| &e.path == from) {
+            // Named as the user knows them (where they still decrypt).
+            let mut bound: Vec<String> =
+                current.iter().map(|e| volume.shown_path(&e.path)).collect();
+            bound.dedup();
+            return Err(Error::Integrity(format!(
+                "{} is not bound to {} (it is bound to {}); refusing to adopt",
+                volume.shown_path(path),
+                volume.shown_path(from),
+                bound.join(", ")
+            )));
+        }
+        let mut out: Vec<Envelope> = current
+            .iter()
+            .filter(|e| &e.path != from && &e.path != path)
+            .cloned()
+            .collect();
+        for e in current.iter().filter(|e| &e.path == from) {
+            let key = volume.rewrap_for_path(&e.key, from, path)?;
+            moved += 1;
+            out.push(Envelope {
+                path: path.clone(),
+                key,
+            });
+        }
+        Ok(Some(out))
+    })?;
     drop(file);
     // The file now opens where it is (commitment, MAC and final block checked).
     EncryptedFile::open(volume, path, false)?.verify_last_block()?;

@@ -28,6 +28,7 @@ use crate::format::header::{
 use crate::format::{kdf, FormatError};
 use crate::secret::{DataKey, DerivedKey};
 
+use super::renew::Step;
 use super::volume::Volume;
 
 /// Largest plaintext range sealed in one go when growing a file (bounds memory).
@@ -264,6 +265,9 @@ impl EncryptedFile {
         f: impl FnOnce(&mut Self, &Preamble, &[(usize, &SlotContent)]) -> Result<T>,
     ) -> Result<T> {
         let header = read_header_only(&self.file, &self.path)?;
+        if self.grown_to(&header.preamble) {
+            self.take_grown(header.preamble.clone())?;
+        }
         if header.preamble != self.preamble {
             return Err(self.renewed_elsewhere());
         }
@@ -491,10 +495,14 @@ impl EncryptedFile {
             .metadata()
             .map_err(|e| self.io_err("stat", e))?
             .len();
-        let same_file = read.is_ok()
-            && Preamble::decode(&head).is_ok_and(|p| p.file_id == self.preamble.file_id);
-        if !same_file {
+        let now = read.ok().and_then(|_| Preamble::decode(&head).ok());
+        let Some(now) = now.filter(|p| p.file_id == self.preamble.file_id) else {
             return Err(self.renewed_elsewhere());
+        };
+        // Grown by another mount (a rename, link or rewrap there needed header room): the
+        // blocks moved.
+        if self.grown_to(&now) {
+            self.take_grown(now)?;
         }
         let size = self
             .layout
@@ -721,22 +729,29 @@ impl EncryptedFile {
         Ok(())
     }
 
-    /// Replaces the envelope set atomically (see [`update_envelopes`]).
+    /// Replaces the envelope set atomically (see [`update_envelopes`]), in the slot room the
+    /// file has (never grown).
     pub fn replace_envelopes(&mut self, envelopes: Vec<Envelope>) -> Result<()> {
-        self.update_envelopes(false, |_| Ok(Some(envelopes)))
-            .map(|_| ())
+        self.update_slot(
+            None,
+            false,
+            envelope_change(|_| Ok(Some(envelopes.clone()))),
+        )
+        .map(|_| ())
     }
 
     /// Changes the envelope set under the file's advisory lock: `change` sees the set on disk
     /// now (another process, `kmsfs rewrap`, may have changed it since this file was opened)
-    /// and returns the new one, or None to leave it. See [`update_envelopes`]. Says whether
-    /// the header changed.
+    /// and returns the new one, or None to leave it. See [`update_envelopes`]; a set the slots
+    /// cannot hold grows them first ([`super::renew::grow`]; `change` then runs again on
+    /// the header as it is after). Says whether the header changed.
     pub fn update_envelopes(
         &mut self,
+        volume: &Volume,
         both_slots: bool,
-        change: impl FnOnce(&[&[Envelope]]) -> Result<Option<Vec<Envelope>>>,
+        change: impl FnMut(&[&[Envelope]]) -> Result<Option<Vec<Envelope>>>,
     ) -> Result<bool> {
-        self.update_slot(both_slots, envelope_change(change))
+        self.update_slot(Some(volume), both_slots, envelope_change(change))
     }
 
     /// Changes the attributes (mode, owner) under the file's advisory lock: `change` sees
@@ -749,10 +764,65 @@ impl EncryptedFile {
         if change(self.content.attrs).is_none() {
             return Ok(false);
         }
-        self.update_slot(true, attrs_change(change))
+        // (Attributes take the same room whatever they are: never grown.)
+        self.update_slot(None, true, attrs_change(change))
     }
 
+    /// [`Self::update_slot_once`], and if the slots are too small for what `change` returns,
+    /// grows them (with `volume`) and runs it again on the header as it is then.
     fn update_slot(
+        &mut self,
+        volume: Option<&Volume>,
+        both_slots: bool,
+        mut change: impl FnMut(&[&SlotContent]) -> Result<Option<NewSlot>>,
+    ) -> Result<bool> {
+        let mut grown = 0;
+        loop {
+            match self.update_slot_once(both_slots, &mut change) {
+                Err(Error::Format {
+                    source: FormatError::NoRoom { need, .. },
+                    ..
+                }) if volume.is_some() && grown < GROW_TRIES => {
+                    let volume = volume.expect("checked");
+                    let preamble =
+                        super::renew::grow(volume, &self.file, &self.path, need, Step::Done)?;
+                    self.take_grown(preamble)?;
+                    grown += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Takes the preamble of this file grown in place (same file id and key, larger slots:
+    /// its blocks moved), here or by another mount.
+    fn take_grown(&mut self, preamble: Preamble) -> Result<()> {
+        let len = self
+            .file
+            .metadata()
+            .map_err(|e| self.io_err("stat", e))?
+            .len();
+        let layout = preamble.layout();
+        self.size = layout
+            .plaintext_len(len)
+            .map_err(|e| Error::format(&self.path, e))?;
+        self.written_behind = layout.block_offset(layout.block_count(self.size) - 1);
+        self.layout = layout;
+        self.preamble = preamble;
+        Ok(())
+    }
+
+    /// Whether `other` is this file's preamble but for a larger slot size: the file was grown.
+    fn grown_to(&self, other: &Preamble) -> bool {
+        other.slot_size > self.preamble.slot_size
+            && *other
+                == Preamble {
+                    slot_size: other.slot_size,
+                    ..self.preamble.clone()
+                }
+    }
+
+    fn update_slot_once(
         &mut self,
         both_slots: bool,
         change: impl FnOnce(&[&SlotContent]) -> Result<Option<NewSlot>>,
@@ -890,10 +960,10 @@ impl NewObject {
         let mut bytes = loop {
             match encode_new_header(&preamble, &content, &mac_key) {
                 Ok(bytes) => break bytes,
-                Err(FormatError::TooLarge(_))
-                    if preamble.slot_size < crate::format::header::MAX_SLOT_SIZE =>
+                Err(FormatError::NoRoom { need, .. })
+                    if need <= crate::format::header::MAX_SLOT_SIZE =>
                 {
-                    preamble.slot_size += crate::format::header::SLOT_ALIGN;
+                    preamble.slot_size = need;
                 }
                 Err(e) => return Err(Error::format(path, e)),
             }
@@ -1034,9 +1104,9 @@ pub type NewSlot = (Attrs, Vec<Envelope>);
 
 /// A slot change that sees the envelope sets (newest first) and keeps the attributes.
 pub fn envelope_change(
-    change: impl FnOnce(&[&[Envelope]]) -> Result<Option<Vec<Envelope>>>,
-) -> impl FnOnce(&[&SlotContent]) -> Result<Option<NewSlot>> {
-    |slots: &[&SlotContent]| {
+    mut change: impl FnMut(&[&[Envelope]]) -> Result<Option<Vec<Envelope>>>,
+) -> impl FnMut(&[&SlotContent]) -> Result<Option<NewSlot>> {
+    move |slots: &[&SlotContent]| {
         let sets: Vec<&[Envelope]> = slots.iter().map(|c| &c.envelopes[..]).collect();
         Ok(change(&sets)?.map(|envelopes| (slots[0].attrs, envelopes)))
     }
@@ -1044,9 +1114,9 @@ pub fn envelope_change(
 
 /// A slot change that sees the attributes in force and keeps the envelopes.
 pub fn attrs_change(
-    change: impl FnOnce(Attrs) -> Option<Attrs>,
-) -> impl FnOnce(&[&SlotContent]) -> Result<Option<NewSlot>> {
-    |slots: &[&SlotContent]| {
+    mut change: impl FnMut(Attrs) -> Option<Attrs>,
+) -> impl FnMut(&[&SlotContent]) -> Result<Option<NewSlot>> {
+    move |slots: &[&SlotContent]| {
         let current = slots[0];
         Ok(change(current.attrs)
             .filter(|a| *a != current.attrs)
@@ -1056,21 +1126,13 @@ pub fn attrs_change(
 
 /// Changes a file's envelope set with no data key (see [`update_slot`]).
 pub fn update_envelopes(
-    backing: &Backing,
+    volume: &Volume,
     file: &File,
     path: &CanonicalPath,
-    mac_key: impl FnOnce(&[u8; 16]) -> DerivedKey,
     both_slots: bool,
-    change: impl FnOnce(&[&[Envelope]]) -> Result<Option<Vec<Envelope>>>,
+    change: impl FnMut(&[&[Envelope]]) -> Result<Option<Vec<Envelope>>>,
 ) -> Result<Option<(usize, SlotContent)>> {
-    update_slot(
-        backing,
-        file,
-        path,
-        mac_key,
-        both_slots,
-        envelope_change(change),
-    )
+    update_slot(volume, file, path, both_slots, envelope_change(change))
 }
 
 /// Changes an object's slot with no data key: under the file's advisory lock, read the
@@ -1080,60 +1142,74 @@ pub fn update_envelopes(
 /// it counts. With `both_slots` the content is then written over the older slot too (next
 /// generation again), so no slot keeps envelopes that are gone: a rename's dropped name, or a
 /// rewrap's retired key. Returns the slot now in force and its content, or None when `change`
-/// left the slot as it was.
+/// left the slot as it was. Slots too small for what `change` returns are grown first
+/// ([`super::renew::grow`]), and `change` runs again on the header as it is then.
 pub fn update_slot(
-    backing: &Backing,
+    volume: &Volume,
     file: &File,
     path: &CanonicalPath,
-    mac_key: impl FnOnce(&[u8; 16]) -> DerivedKey,
     both_slots: bool,
-    change: impl FnOnce(&[&SlotContent]) -> Result<Option<NewSlot>>,
+    change: impl FnMut(&[&SlotContent]) -> Result<Option<NewSlot>>,
 ) -> Result<Option<(usize, SlotContent)>> {
-    rewrite_slot(backing, file, path, true, true, mac_key, both_slots, change)
+    rewrite_slot(volume, file, path, true, both_slots, change)
 }
 
 /// [`update_envelopes`] of a file whose slot in force does not bind `path` (where it is now):
 /// only for `adopt`, whose `change` checks the path it was bound to.
 pub fn update_envelopes_of_moved(
-    backing: &Backing,
+    volume: &Volume,
     file: &File,
     path: &CanonicalPath,
-    mac_key: impl FnOnce(&[u8; 16]) -> DerivedKey,
-    change: impl FnOnce(&[&[Envelope]]) -> Result<Option<Vec<Envelope>>>,
+    change: impl FnMut(&[&[Envelope]]) -> Result<Option<Vec<Envelope>>>,
 ) -> Result<Option<(usize, SlotContent)>> {
-    rewrite_slot(
-        backing,
-        file,
-        path,
-        false,
-        true,
-        mac_key,
-        true,
-        envelope_change(change),
-    )
+    rewrite_slot(volume, file, path, false, true, envelope_change(change))
 }
+
+/// How many times one header change grows the slots before it gives up (another mount may
+/// add names between a growth and the change that needed it).
+const GROW_TRIES: usize = 3;
 
 /// See [`update_slot`]. With `bound`, the slot in force must bind `path`: the header read is
 /// the one the caller authenticated at that path, not another object's put in its place on
 /// the store (whose slots the volume's MAC key would otherwise re-sign with the caller's
-/// change: a chmod through a user's own file must never write another file's mode). Without
-/// `durable` (a file never synced, so no older slot is on disk to keep), writes are not synced.
-#[allow(clippy::too_many_arguments)]
+/// change: a chmod through a user's own file must never write another file's mode).
 fn rewrite_slot(
-    backing: &Backing,
+    volume: &Volume,
     file: &File,
     path: &CanonicalPath,
     bound: bool,
-    durable: bool,
-    mac_key: impl FnOnce(&[u8; 16]) -> DerivedKey,
+    both_slots: bool,
+    mut change: impl FnMut(&[&SlotContent]) -> Result<Option<NewSlot>>,
+) -> Result<Option<(usize, SlotContent)>> {
+    let mut grown = 0;
+    loop {
+        match rewrite_slot_once(volume, file, path, bound, both_slots, &mut change) {
+            Err(Error::Format {
+                source: FormatError::NoRoom { need, .. },
+                ..
+            }) if grown < GROW_TRIES => {
+                super::renew::grow(volume, file, path, need, Step::Done)?;
+                grown += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+fn rewrite_slot_once(
+    volume: &Volume,
+    file: &File,
+    path: &CanonicalPath,
+    bound: bool,
     both_slots: bool,
     change: impl FnOnce(&[&SlotContent]) -> Result<Option<NewSlot>>,
 ) -> Result<Option<(usize, SlotContent)>> {
-    let _lock = backing
+    let _lock = volume
+        .backing()
         .lock_header(file)
         .map_err(|e| Error::io(format!("cannot lock the header of {path}"), e))?;
     let header = read_header_only(file, path)?;
-    let mac_key = mac_key(&header.preamble.file_id);
+    let mac_key = volume.header_mac_key(&header.preamble.file_id);
     let authentic = header.authentic(&mac_key);
     let Some(&(_, current)) = authentic.first() else {
         return Err(Error::format(
@@ -1150,7 +1226,7 @@ fn rewrite_slot(
         &header.preamble,
         &authentic,
         &mac_key,
-        durable,
+        true,
         both_slots,
         change,
     )

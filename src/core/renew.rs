@@ -27,6 +27,19 @@
 //! or as empty, never as damaged, once a writable mount has started; until then (offline
 //! commands, a read-only mount) a file cut short in steps 2-3 reads as damaged.
 //!
+//! **Growing a header** ([`grow`]) is the other rewrite in place. A file's slots are sized
+//! when it is created, for its first name and some room; a rename to a longer path, a further
+//! hard link or another trusted key can need more. The slots sit between the preamble and the
+//! blocks, so larger slots move every block; a block's associated data (file id, index, last
+//! flag) does not depend on where it is, so blocks move verbatim and the file keeps its id,
+//! key and commitment: only the preamble's slot size and the slots (resealed, their MAC covers
+//! the preamble) change. The same four steps and the same recovery, with `N` the whole grown
+//! file and a record of its own kind (`kmsfs-grow-1`), whose removal is synced (the file's
+//! blocks change afterwards: a record come back would put old content back). A move that
+//! fails part way (a full disk: the file grows by the slots' growth) puts the file back as it
+//! was. A growth moves the whole file through memory, one at a time per process: files
+//! larger than [`MAX_GROW`] are not grown (the change that needed room fails).
+//!
 //! Seal counting: each open instance counts the blocks it seals under its key
 //! ([`SEAL_LIMIT`]), see `super::instance`.
 
@@ -37,8 +50,8 @@ use crate::backing::{Atime, DataLock, MetaDir};
 use crate::error::{Error, Result};
 use crate::format::context::CanonicalPath;
 use crate::format::envelope::Envelope;
-use crate::format::header::PREAMBLE_LEN;
-use crate::format::kdf;
+use crate::format::header::{seal_slot, Preamble, MAX_SLOT_SIZE, PREAMBLE_LEN, SLOT_ALIGN};
+use crate::format::{kdf, FormatError};
 
 use super::file::{read_header_only, EncryptedFile};
 use super::journal::{under_way_at, Journal};
@@ -48,12 +61,19 @@ use super::volume::{Volume, META_DIR};
 /// far below the 2^32 that AES-GCM with random 96-bit nonces allows per key (NIST SP 800-38D).
 pub const SEAL_LIMIT: u64 = 1 << 30;
 
+/// Largest file (backing bytes) whose header [`grow`] moves: the move goes through memory and
+/// a record holding the whole file.
+pub const MAX_GROW: u64 = 32 << 20;
+
 const DIR_NAME: &str = "renew";
 const MAGIC: &[u8] = b"kmsfs-renew-1\0";
+const GROW_MAGIC: &[u8] = b"kmsfs-grow-1\0";
 const TAG_LEN: usize = 32;
-/// Most bytes a record may have: a path, two numbers and a header of two slots of at most
-/// 1 MiB each.
-const MAX_RECORD: u64 = 3 << 20;
+/// Most bytes a record may have: a path, two numbers, an old preamble and a file of at most
+/// [`MAX_GROW`] bytes with a header of two slots of at most 1 MiB each.
+const MAX_RECORD: u64 = MAX_GROW + (3 << 20);
+/// One growth at a time in this process: each holds a copy of its file in memory.
+static GROWING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// How old a record's temporary file must be to be taken for what a crash left (younger, it
 /// may be another mount's, being written).
 const LEFT_BEHIND: std::time::Duration = std::time::Duration::from_secs(600);
@@ -217,7 +237,14 @@ pub fn renew(volume: &Volume, file: &mut EncryptedFile, until: Step) -> Result<(
         meta.ino(),
         crate::format::codec::hex(&renewal.file_id())
     );
-    let record = encode(volume, &path, meta.dev(), meta.ino(), &renewal.bytes);
+    let record = encode(
+        volume,
+        MAGIC,
+        &path,
+        meta.dev(),
+        meta.ino(),
+        &[&renewal.bytes],
+    );
     dir.write_atomic(&name, &record)
         .map_err(io(format!("cannot write the renewal record of {path}")))?;
     if until == Step::Recorded {
@@ -247,13 +274,22 @@ fn apply(file: &File, bytes: &[u8], until: Step) -> std::io::Result<()> {
     file.sync_data()
 }
 
-fn encode(volume: &Volume, path: &CanonicalPath, dev: u64, ino: u64, bytes: &[u8]) -> Vec<u8> {
-    let mut out = MAGIC.to_vec();
+fn encode(
+    volume: &Volume,
+    magic: &[u8],
+    path: &CanonicalPath,
+    dev: u64,
+    ino: u64,
+    parts: &[&[u8]],
+) -> Vec<u8> {
+    let mut out = magic.to_vec();
     out.extend_from_slice(&dev.to_be_bytes());
     out.extend_from_slice(&ino.to_be_bytes());
     out.extend_from_slice(&(path.as_str().len() as u32).to_be_bytes());
     out.extend_from_slice(path.as_str().as_bytes());
-    out.extend_from_slice(bytes);
+    for part in parts {
+        out.extend_from_slice(part);
+    }
     let tag = kdf::hmac(&volume.rebind_record_mac_key(), &[&out]);
     out.extend_from_slice(&tag);
     out
@@ -263,6 +299,8 @@ struct Record {
     dev: u64,
     ino: u64,
     path: CanonicalPath,
+    /// A growth's record (else a renewal's).
+    growth: bool,
     bytes: Vec<u8>,
 }
 
@@ -276,7 +314,10 @@ fn decode(volume: &Volume, record: &[u8]) -> Option<Record> {
     ) {
         return None;
     }
-    let rest = body.strip_prefix(MAGIC)?;
+    let (growth, rest) = match body.strip_prefix(MAGIC) {
+        Some(rest) => (false, rest),
+        None => (true, body.strip_prefix(GROW_MAGIC)?),
+    };
     let num = |b: &[u8]| u64::from_be_bytes(b.try_into().expect("8"));
     let (dev, ino) = (num(rest.get(..8)?), num(rest.get(8..16)?));
     let len = u32::from_be_bytes(rest.get(16..20)?.try_into().ok()?) as usize;
@@ -287,8 +328,121 @@ fn decode(volume: &Volume, record: &[u8]) -> Option<Record> {
         dev,
         ino,
         path,
+        growth,
         bytes,
     })
+}
+
+/// The slot size a header that needs `need` grows to: half as large again as it was, at
+/// least (so a file gaining names one by one is not moved each time), rounded to whole
+/// sectors.
+fn grown_size(old: u32, need: u32) -> u32 {
+    let step = (old + old / 2).div_ceil(SLOT_ALIGN) * SLOT_ALIGN;
+    need.max(step).min(MAX_SLOT_SIZE)
+}
+
+/// Grows the header slots of the file open as `file` at `path` to hold at least `need` bytes
+/// each, moving its blocks (see the module comment); stops after `until` (tests simulate a
+/// crash so). Returns the preamble the file has now: one already large enough (another mount
+/// grew it) is left as it is. Takes the file's data and header locks: the caller holds
+/// neither.
+pub fn grow(
+    volume: &Volume,
+    file: &File,
+    path: &CanonicalPath,
+    need: u32,
+    until: Step,
+) -> Result<Preamble> {
+    let _one = GROWING.lock().unwrap_or_else(|e| e.into_inner());
+    let data = DataLock::new(volume.backing(), file).map_err(io(format!("cannot lock {path}")))?;
+    let _data = data.take(true).map_err(io(format!("cannot lock {path}")))?;
+    let _lock = volume
+        .backing()
+        .lock_header(file)
+        .map_err(io(format!("cannot lock the header of {path}")))?;
+    let header = read_header_only(file, path)?;
+    let old = header.preamble.clone();
+    if old.slot_size >= need {
+        return Ok(old);
+    }
+    let no_room = |why: String| Error::format(path, FormatError::NoRoom { need, why });
+    if need > MAX_SLOT_SIZE {
+        return Err(no_room(format!(
+            "the header would need slots of {need} bytes, past the format's {MAX_SLOT_SIZE}"
+        )));
+    }
+    let mac_key = volume.header_mac_key(&old.file_id);
+    let authentic = header.authentic(&mac_key);
+    if authentic.is_empty() {
+        return Err(Error::format(
+            path,
+            FormatError::HeaderAuthFailed("no slot with a valid MAC".into()),
+        ));
+    }
+    let meta = file.metadata().map_err(io(format!("cannot stat {path}")))?;
+    if meta.len() > MAX_GROW {
+        return Err(no_room(format!(
+            "its header must grow, which moves the whole file, and at {} bytes it is larger \
+             than the {MAX_GROW} bytes kmsfs moves",
+            meta.len()
+        )));
+    }
+    let new = Preamble {
+        slot_size: grown_size(old.slot_size, need),
+        ..old.clone()
+    };
+    let mut bytes = new.encode().to_vec();
+    for slot in 0..2 {
+        match authentic.iter().find(|(i, _)| *i == slot) {
+            Some((_, content)) => bytes
+                .extend(seal_slot(&new, content, &mac_key).map_err(|e| Error::format(path, e))?),
+            // Empty, or damaged: empty now (what a reader would pass over anyway).
+            None => bytes.resize(bytes.len() + new.slot_size as usize, 0),
+        }
+    }
+    let blocks = meta
+        .len()
+        .checked_sub(old.data_offset())
+        .ok_or_else(|| Error::format(path, FormatError::InvalidLength(meta.len())))?;
+    // The file as it is (to put back should the move fail part way), then the grown one.
+    let mut before = vec![0u8; meta.len() as usize];
+    file.read_exact_at(&mut before, 0)
+        .map_err(io(format!("cannot read {path}")))?;
+    bytes.extend_from_slice(&before[(meta.len() - blocks) as usize..]);
+    let dir = record_dir(volume, true).map_err(io(format!(
+        "cannot open the renewal records of the volume for {path}"
+    )))?;
+    let name = format!(
+        "{:016x}-{}-grow",
+        meta.ino(),
+        crate::format::codec::hex(&old.file_id)
+    );
+    let record = encode(volume, GROW_MAGIC, path, meta.dev(), meta.ino(), &[&bytes]);
+    dir.write_atomic(&name, &record)
+        .map_err(io(format!("cannot write the growth record of {path}")))?;
+    if until == Step::Recorded {
+        return Ok(new);
+    }
+    if let Err(e) = apply(file, &bytes, until) {
+        // (A full disk: the file grows by the slots' growth.) Put it back as it was; the
+        // record stays should that fail too.
+        let restored = file
+            .write_all_at(&before[PREAMBLE_LEN..], PREAMBLE_LEN as u64)
+            .and_then(|()| file.set_len(before.len() as u64))
+            .and_then(|()| file.sync_data());
+        if restored.is_ok() {
+            let _ = dir.unlink(&name).and_then(|()| dir.sync());
+        }
+        return Err(Error::io(format!("cannot grow the header of {path}"), e));
+    }
+    if until < Step::Done {
+        return Ok(new);
+    }
+    if let Err(e) = dir.unlink(&name).and_then(|()| dir.sync()) {
+        tracing::warn!("cannot remove the growth record {name}: {e}");
+    }
+    tracing::debug!(path = %path, from = old.slot_size, to = new.slot_size, "header grown");
+    Ok(new)
 }
 
 /// At a writable mount: finishes renewals a crash cut short (see the module comment). A record
@@ -348,10 +502,16 @@ pub fn finish_interrupted(volume: &Volume) -> usize {
         match finish_one(volume, &record, still_there) {
             Ok(changed) => {
                 finished += changed as usize;
-                if changed {
-                    tracing::warn!(path = %record.path, "a renewal was cut short: the file is now empty, as it was being truncated");
+                match (changed, record.growth) {
+                    (true, true) => {
+                        tracing::warn!(path = %record.path, "a header growth was cut short: finished (the file keeps its content)")
+                    }
+                    (true, false) => {
+                        tracing::warn!(path = %record.path, "a renewal was cut short: the file is now empty, as it was being truncated")
+                    }
+                    _ => {}
                 }
-                if let Err(e) = dir.unlink(&name) {
+                if let Err(e) = dir.unlink(&name).and_then(|()| dir.sync()) {
                     tracing::warn!("cannot remove the renewal record {shown}: {e}");
                 }
             }
@@ -406,7 +566,7 @@ fn finish_one(volume: &Volume, record: &Record, still_there: impl Fn() -> bool) 
                 .is_empty()
         });
         if untouched {
-            tracing::warn!(path = %path, "a renewal was cut short before it changed the file; the file keeps its content");
+            tracing::warn!(path = %path, "a renewal or header growth was cut short before it changed the file; the file keeps its content");
             return Ok(false);
         }
     }
@@ -419,6 +579,7 @@ fn finish_one(volume: &Volume, record: &Record, still_there: impl Fn() -> bool) 
 #[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
+    use crate::core::file::open_backing;
     use crate::core::volume::InitOptions;
     use crate::keys::spec::KeySpec;
 
@@ -526,6 +687,89 @@ mod tests {
         assert!(read(&s.volume, "f").is_err());
         assert_eq!(finish_interrupted(&s.volume), 1);
         assert_eq!(read(&s.volume, "f").unwrap(), b"");
+    }
+
+    fn slot_size(v: &Volume, p: &str) -> u32 {
+        let f = open_backing(v, &path(p), false).unwrap();
+        read_header_only(&f, &path(p)).unwrap().preamble.slot_size
+    }
+
+    fn grow_by_a_sector(v: &Volume, p: &str, until: Step) -> Result<Preamble> {
+        let f = open_backing(v, &path(p), true).unwrap();
+        let need = read_header_only(&f, &path(p)).unwrap().preamble.slot_size + 512;
+        grow(v, &f, &path(p), need, until)
+    }
+
+    /// A header growth moves every block behind larger slots; cut short after each step,
+    /// the file reads as it was once a writable mount has recovered, with its slots either
+    /// size, never damaged, and no record is left.
+    #[test]
+    fn a_header_growth_cut_short_at_any_step_keeps_the_content_after_recovery() {
+        let old: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+        for until in [Step::Recorded, Step::Body, Step::Preamble, Step::Done] {
+            let s = setup();
+            write(&s.volume, "f", &old);
+            let before = slot_size(&s.volume, "f");
+            let new = grow_by_a_sector(&s.volume, "f", until).unwrap();
+            assert!(new.slot_size >= before + 512);
+            match until {
+                Step::Recorded => assert_eq!(read(&s.volume, "f").unwrap(), old),
+                // Cut short: damaged until recovery.
+                Step::Body => assert!(read(&s.volume, "f").is_err()),
+                Step::Preamble | Step::Done => assert_eq!(read(&s.volume, "f").unwrap(), old),
+            }
+            let changed = finish_interrupted(&s.volume);
+            assert_eq!(changed, usize::from(until == Step::Body), "{until:?}");
+            assert_eq!(read(&s.volume, "f").unwrap(), old, "{until:?}");
+            let grown = if until == Step::Recorded {
+                before
+            } else {
+                new.slot_size
+            };
+            assert_eq!(slot_size(&s.volume, "f"), grown, "{until:?}");
+            assert!(record_dir(&s.volume, false)
+                .unwrap()
+                .list()
+                .unwrap()
+                .is_empty());
+        }
+    }
+
+    /// A growth that stopped before it moved anything (its record written, then a crash)
+    /// must not put back, at the next mount, the content the file had then: another mount
+    /// of the store may have written to it meanwhile.
+    #[test]
+    fn a_growth_record_left_before_the_file_changed_keeps_later_writes() {
+        let s = setup();
+        write(&s.volume, "f", b"old");
+        grow_by_a_sector(&s.volume, "f", Step::Recorded).unwrap();
+        let mut other = EncryptedFile::open(&s.volume, &path("f"), true).unwrap();
+        other.write_at(0, b"fsynced after the cut").unwrap();
+        other.sync().unwrap();
+        drop(other);
+        assert_eq!(finish_interrupted(&s.volume), 0);
+        assert_eq!(read(&s.volume, "f").unwrap(), b"fsynced after the cut");
+    }
+
+    /// An instance open while another grew the file (another mount: the same file id and
+    /// key, the blocks moved) takes the new layout when it looks again, and writes where the
+    /// blocks are now.
+    #[test]
+    fn an_open_instance_follows_a_growth_elsewhere() {
+        let s = setup();
+        let old = vec![9u8; 2000];
+        write(&s.volume, "f", &old);
+        let mut f = EncryptedFile::open(&s.volume, &path("f"), true).unwrap();
+        let new = grow_by_a_sector(&s.volume, "f", Step::Done).unwrap();
+        assert!(f.read_all().is_err(), "the old layout no longer reads");
+        f.refresh().unwrap();
+        assert_eq!(f.preamble().slot_size, new.slot_size);
+        assert_eq!(f.read_all().unwrap(), old);
+        f.write_at(2000, b"tail").unwrap();
+        drop(f);
+        let mut want = old.clone();
+        want.extend_from_slice(b"tail");
+        assert_eq!(read(&s.volume, "f").unwrap(), want);
     }
 
     /// A record left after the renewal finished (its removal was lost) never undoes what was

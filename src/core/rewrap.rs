@@ -74,44 +74,37 @@ pub fn rewrap_file(
         return Ok(FileOutcome::Rewrapped { envelopes });
     }
     let mut moved = None;
-    update_envelopes(
-        volume.backing(),
-        &file,
-        path,
-        |id| volume.header_mac_key(id),
-        true,
-        |slots| {
-            // Every slot counts: an older one may still hold old-key envelopes after a run
-            // was cut between the two slot writes.
-            if !slots.iter().any(|set| under(set, old)) {
-                return Ok(None);
+    update_envelopes(volume, &file, path, true, |slots| {
+        // Every slot counts: an older one may still hold old-key envelopes after a run
+        // was cut between the two slot writes.
+        if !slots.iter().any(|set| under(set, old)) {
+            return Ok(None);
+        }
+        let current = slots[0];
+        let mut count = 0;
+        let mut out: Vec<Envelope> = current
+            .iter()
+            .filter(|e| !old.contains(&e.key.key_id))
+            .cloned()
+            .collect();
+        for e in current.iter().filter(|e| old.contains(&e.key.key_id)) {
+            if out.iter().any(|o| o.path == e.path && o.key.key_id == to) {
+                continue; // already has its envelope under the new key
             }
-            let current = slots[0];
-            let mut count = 0;
-            let mut out: Vec<Envelope> = current
-                .iter()
-                .filter(|e| !old.contains(&e.key.key_id))
-                .cloned()
-                .collect();
-            for e in current.iter().filter(|e| old.contains(&e.key.key_id)) {
-                if out.iter().any(|o| o.path == e.path && o.key.key_id == to) {
-                    continue; // already has its envelope under the new key
-                }
-                let ctx = volume.file_context(&e.path);
-                let key = volume
-                    .keyring()
-                    .rewrap(&e.key, &ctx, to, &ctx)
-                    .map_err(|err| Error::key(path, err))?;
-                count += 1;
-                out.push(Envelope {
-                    path: e.path.clone(),
-                    key,
-                });
-            }
-            moved = Some(count);
-            Ok(Some(out))
-        },
-    )?;
+            let ctx = volume.file_context(&e.path);
+            let key = volume
+                .keyring()
+                .rewrap(&e.key, &ctx, to, &ctx)
+                .map_err(|err| Error::key(path, err))?;
+            count += 1;
+            out.push(Envelope {
+                path: e.path.clone(),
+                key,
+            });
+        }
+        moved = Some(count);
+        Ok(Some(out))
+    })?;
     Ok(match moved {
         Some(envelopes) => FileOutcome::Rewrapped { envelopes },
         None => FileOutcome::AlreadyDone,

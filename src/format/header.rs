@@ -225,6 +225,13 @@ pub fn slot_size_for(envelopes: &[Envelope]) -> u32 {
     size.min(MAX_SLOT_SIZE)
 }
 
+/// The smallest slot size that holds a body of `body_len` bytes (past `MAX_SLOT_SIZE` when
+/// none does).
+fn slot_size_holding(body_len: usize) -> u32 {
+    let need = (SLOT_PREFIX_LEN + body_len + SLOT_TRAILER_LEN) as u64;
+    u32::try_from(need.div_ceil(SLOT_ALIGN as u64) * SLOT_ALIGN as u64).unwrap_or(u32::MAX)
+}
+
 fn encode_envelopes(envelopes: &[Envelope]) -> Vec<u8> {
     let mut w = Writer::new();
     w.u16(envelopes.len() as u16);
@@ -316,11 +323,14 @@ pub fn seal_slot(
     let body = encode_body(content);
     let slot_size = preamble.slot_size as usize;
     if SLOT_PREFIX_LEN + body.len() + SLOT_TRAILER_LEN > slot_size {
-        return Err(FormatError::TooLarge(format!(
-            "envelopes need {} bytes, the slot holds {}",
-            body.len(),
-            slot_size - SLOT_PREFIX_LEN - SLOT_TRAILER_LEN
-        )));
+        return Err(FormatError::NoRoom {
+            need: slot_size_holding(body.len()),
+            why: format!(
+                "envelopes need {} bytes, the slot holds {}",
+                body.len(),
+                slot_size - SLOT_PREFIX_LEN - SLOT_TRAILER_LEN
+            ),
+        });
     }
     let pre = preamble.encode();
     let mut slot = Vec::with_capacity(slot_size);
@@ -696,7 +706,7 @@ mod tests {
                 },
                 &key
             ),
-            Err(FormatError::TooLarge(_))
+            Err(FormatError::NoRoom { need, .. }) if need > pre.slot_size
         ));
     }
 }

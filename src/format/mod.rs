@@ -46,4 +46,7 @@ pub enum FormatError {
     InvalidPath(String),
     #[error("encoding limit exceeded: {0}")]
     TooLarge(String),
+    /// A header slot too small for what it must hold; `need` is the slot size that holds it.
+    #[error("no header room: {why}")]
+    NoRoom { need: u32, why: String },
 }

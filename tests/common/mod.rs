@@ -200,10 +200,9 @@ impl TestVolume {
             .open_file(&at, true, kmsfs::backing::Atime::Keep)
             .unwrap();
         kmsfs::core::file::update_slot(
-            self.volume.backing(),
+            &self.volume,
             &file,
             &at,
-            |id| self.volume.header_mac_key(id),
             true,
             kmsfs::core::file::attrs_change(|a| Some(Attrs { uid, gid, ..a })),
         )

@@ -75,9 +75,10 @@ use rebind::{envelope_paths, Premade};
 use warm::{Facts, Prefetch};
 
 pub const ROOT_INO: u64 = 1;
-/// Most names one file can have: each costs an envelope per trusted key in its header, whose
-/// slots hold `NAME_ROOM` names (one kept free so a file with every name can still be renamed).
-pub const MAX_LINKS: usize = crate::format::header::NAME_ROOM - 1;
+/// Most names one file can have. Each costs an envelope per trusted key in its header (grown
+/// in place when it needs room, `super::renew::grow`), a truncation to zero of the file one
+/// `ReEncrypt` per name and key, and a header holds at most 256 envelopes.
+pub const MAX_LINKS: usize = 32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -805,14 +806,8 @@ impl KmsFs {
         };
         let file = file.map_err(|e| io_err("cannot open", &at, e))?;
         let record_ino = file.metadata().map(|m| m.ino()).unwrap_or(0);
-        let changed = crate::core::file::update_slot(
-            self.store(),
-            &file,
-            &at,
-            |id| self.volume.header_mac_key(id),
-            true,
-            attrs_change(change),
-        );
+        let changed =
+            crate::core::file::update_slot(&self.volume, &file, &at, true, attrs_change(change));
         self.facts.forget(record_ino);
         changed.map(|_| None)
     }
@@ -1258,14 +1253,15 @@ impl KmsFs {
                 .and_then(|h| self.bind_extra_path(&h, p, &new, &premade))
                 .map_err(|e| match e {
                     Error::Format {
-                        source: crate::format::FormatError::TooLarge(why),
+                        source:
+                            crate::format::FormatError::TooLarge(why)
+                            | crate::format::FormatError::NoRoom { why, .. },
                         ..
                     } => {
                         let e = os(
                             format!(
-                                "{p} has no header room for the name {new} ({why}; headers are \
-                                 sized when a file is created, for names up to a little longer \
-                                 than its first); copy the file there instead"
+                                "{p} has no header room for the name {new} ({why}); copy the \
+                                 file there instead"
                             ),
                             libc::ENAMETOOLONG,
                         );

@@ -51,7 +51,7 @@ impl HeaderHandle {
         volume: &Volume,
         path: &CanonicalPath,
         both_slots: bool,
-        change: impl FnOnce(&[&[Envelope]]) -> Result<Option<Vec<Envelope>>>,
+        change: impl FnMut(&[&[Envelope]]) -> Result<Option<Vec<Envelope>>>,
     ) -> Result<bool> {
         let forget = || {
             if let Ok(m) = self.metadata() {
@@ -69,21 +69,16 @@ impl HeaderHandle {
         volume: &Volume,
         path: &CanonicalPath,
         both_slots: bool,
-        change: impl FnOnce(&[&[Envelope]]) -> Result<Option<Vec<Envelope>>>,
+        change: impl FnMut(&[&[Envelope]]) -> Result<Option<Vec<Envelope>>>,
     ) -> Result<bool> {
         match self {
             // At `path`, where another mount may have renamed it since the instance looked.
             HeaderHandle::Open(node) => node.with_mut(|file| {
                 let _ = file.follow(path);
-                file.update_envelopes(both_slots, change)
+                file.update_envelopes(volume, both_slots, change)
             }),
             HeaderHandle::Closed(file) => Ok(crate::core::file::update_envelopes(
-                volume.backing(),
-                file,
-                path,
-                |id| volume.header_mac_key(id),
-                both_slots,
-                change,
+                volume, file, path, both_slots, change,
             )?
             .is_some()),
         }
