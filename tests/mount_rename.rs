@@ -273,3 +273,52 @@ fn a_directory_renames_stuck_key_call_holds_up_nothing_else() {
     }
     assert_eq!(fs::read(m.p("e/stuck")).unwrap(), b"stuck");
 }
+
+/// A rename to a path far longer than the file's first (its header must grow: every block
+/// moves) while a handle has the file open for writing, and another reads it: the handles go
+/// on where the blocks are now, and nothing written before or after is lost.
+#[test]
+fn open_handles_keep_working_across_a_rename_that_grows_the_header() {
+    if !fuse_available() {
+        return;
+    }
+    use std::io::{Read, Seek, Write};
+    let mut m = Mount::new(4096, &[]);
+    let first = pattern(300_000, 7);
+    let mut writer = fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(m.p("f"))
+        .unwrap();
+    writer.write_all(&first).unwrap();
+    writer.sync_all().unwrap();
+    let mut reader = fs::File::open(m.p("f")).unwrap();
+    // Eight directories of 150-byte names: far beyond the room a header made for "f" keeps.
+    let long = "d".repeat(150);
+    let mut deep = String::new();
+    for _ in 0..8 {
+        deep.push_str(&long);
+        fs::create_dir(m.p(&deep)).unwrap();
+        deep.push('/');
+    }
+    let before = fs::metadata(m.b("f")).unwrap().len();
+    let moved = format!("{deep}f");
+    fs::rename(m.p("f"), m.p(&moved)).unwrap();
+    let after = fs::metadata(m.b(&moved)).unwrap().len();
+    assert!(after > before, "the header grew: {before} -> {after} bytes");
+    let more = pattern(50_000, 8);
+    writer.write_all(&more).unwrap();
+    writer.sync_all().unwrap();
+    let mut got = Vec::new();
+    reader.seek(std::io::SeekFrom::Start(0)).unwrap();
+    reader.read_to_end(&mut got).unwrap();
+    let mut want = first.clone();
+    want.extend_from_slice(&more);
+    assert_eq!(got.len(), want.len());
+    assert!(got == want, "read through the handle opened before the rename");
+    drop((writer, reader));
+    m.remount();
+    assert!(fs::read(m.p(&moved)).unwrap() == want, "after a remount");
+}

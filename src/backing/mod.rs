@@ -1259,6 +1259,11 @@ impl DataLock {
             .expect("a data lock has its descriptor until dropped")
     }
 
+    /// The inode of the file this lock is for.
+    pub fn ino(&self) -> u64 {
+        self.ino
+    }
+
     /// Takes the lock (shared or exclusive) until the guard drops. A mount that runs alone
     /// takes no lock (see [`Presence`]).
     pub fn take(&self, exclusive: bool) -> io::Result<DataGuard<'_>> {

@@ -40,6 +40,8 @@ pub fn adopt(volume: &Volume, path: &CanonicalPath, from: &CanonicalPath) -> Res
             .filter(|e| &e.path != from && &e.path != path)
             .cloned()
             .collect();
+        // (Again from zero should the header have grown and this run twice.)
+        moved = 0;
         for e in current.iter().filter(|e| &e.path == from) {
             let key = volume.rewrap_for_path(&e.key, from, path)?;
             moved += 1;

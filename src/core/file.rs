@@ -85,6 +85,10 @@ pub struct EncryptedFile {
     /// Where the backing store's writeback was last started: see
     /// [`write_behind`](Self::write_behind).
     written_behind: u64,
+    /// [`super::renew::growths`] when this instance last looked at its file's layout: a
+    /// growth since (perhaps of this file, by a rename that did not use this instance) makes
+    /// it look again before it writes.
+    growths_seen: u64,
 }
 
 impl std::fmt::Debug for EncryptedFile {
@@ -145,6 +149,7 @@ impl EncryptedFile {
             content: new.content,
             size: 0,
             written_behind: 0,
+            growths_seen: super::renew::growths(),
             durable: false.into(),
             data_lock: Default::default(),
         })
@@ -158,6 +163,8 @@ impl EncryptedFile {
 
     /// Authenticates an already open backing `file` as the file at `path`.
     pub fn from_file(volume: &Volume, path: &CanonicalPath, file: File) -> Result<Self> {
+        // (Before the header is read: a growth that ends after it counts.)
+        let growths_seen = super::renew::growths();
         let (header, len) = read_header(&file, path)?;
         let preamble = header.preamble.clone();
         let layout = preamble.layout();
@@ -234,6 +241,7 @@ impl EncryptedFile {
                         content: (*content).clone(),
                         size,
                         written_behind: layout.block_offset(layout.block_count(size) - 1),
+                        growths_seen,
                         durable: true.into(),
                         data_lock: Default::default(),
                     });
@@ -454,12 +462,27 @@ impl EncryptedFile {
     pub fn write(&mut self, offset: Option<u64>, data: &[u8]) -> Result<u64> {
         let lock = self.data_lock()?;
         let held = lock.take(true).map_err(|e| self.io_err("lock", e))?;
-        if held.shared() {
-            self.refresh()?;
-        }
+        let _staying = self.catch_up(&lock, held.shared())?;
         let at = offset.unwrap_or(self.size);
         self.write_locked(at, data)?;
         Ok(at)
+    }
+
+    /// Under the data lock: looks at the file again if another process may have changed it
+    /// (`shared`), or a growth in this process may have moved its blocks since this instance
+    /// last looked; returns the guard that keeps any growth of it from starting meanwhile.
+    fn catch_up(
+        &mut self,
+        lock: &DataLock,
+        shared: bool,
+    ) -> Result<std::sync::RwLockReadGuard<'static, ()>> {
+        let staying = super::renew::staying(lock.ino());
+        let growths = super::renew::growths();
+        if shared || growths != self.growths_seen {
+            self.refresh()?;
+            self.growths_seen = growths;
+        }
+        Ok(staying)
     }
 
     /// Takes `lock` (opened on this file) as its data lock, if it has none yet.
@@ -674,9 +697,7 @@ impl EncryptedFile {
     pub fn set_len(&mut self, new_size: u64) -> Result<()> {
         let lock = self.data_lock()?;
         let held = lock.take(true).map_err(|e| self.io_err("lock", e))?;
-        if held.shared() {
-            self.refresh()?;
-        }
+        let _staying = self.catch_up(&lock, held.shared())?;
         self.set_len_locked(new_size)
     }
 
@@ -684,9 +705,7 @@ impl EncryptedFile {
     pub fn grow_to(&mut self, size: u64) -> Result<()> {
         let lock = self.data_lock()?;
         let held = lock.take(true).map_err(|e| self.io_err("lock", e))?;
-        if held.shared() {
-            self.refresh()?;
-        }
+        let _staying = self.catch_up(&lock, held.shared())?;
         if size > self.size {
             self.set_len_locked(size)?;
         }
@@ -784,8 +803,17 @@ impl EncryptedFile {
                     ..
                 }) if volume.is_some() && grown < GROW_TRIES => {
                     let volume = volume.expect("checked");
-                    let preamble =
-                        super::renew::grow(volume, &self.file, &self.path, need, Step::Done)?;
+                    let preamble = super::renew::grow(
+                        volume,
+                        &self.file,
+                        &self.path,
+                        need,
+                        Some(self.preamble.file_id),
+                        Step::Done,
+                    )?;
+                    if !self.grown_to(&preamble) && preamble != self.preamble {
+                        return Err(self.renewed_elsewhere());
+                    }
                     self.take_grown(preamble)?;
                     grown += 1;
                 }
@@ -1188,7 +1216,7 @@ fn rewrite_slot(
                 source: FormatError::NoRoom { need, .. },
                 ..
             }) if grown < GROW_TRIES => {
-                super::renew::grow(volume, file, path, need, Step::Done)?;
+                super::renew::grow(volume, file, path, need, None, Step::Done)?;
                 grown += 1;
             }
             other => return other,

@@ -410,27 +410,27 @@ impl OpenNode {
         let Instance::Ready(file) = &mut *state else {
             return first;
         };
-        if torn {
-            // Whatever another mount was writing is complete once its lock is free.
-            let lock = file.data_lock()?;
-            let held = lock
-                .take(false)
-                .map_err(|e| Error::io(format!("cannot lock {}", file.path()), e))?;
+        if !torn {
             match file.refresh() {
-                Ok(_) => return file.read_at(offset, buf),
-                Err(e) if e.errno() == libc::ESTALE => {
-                    drop(held);
-                    reopen(volume, file)?;
-                    self.seals.store(0, Ordering::Relaxed);
-                    return file.read_at(offset, buf);
-                }
+                Ok(true) => return file.read_at(offset, buf),
+                Ok(false) => return first,
+                // Renewed, or being rewritten in place (grown) at this moment: under the
+                // lock, below.
+                Err(e) if e.errno() == libc::ESTALE => {}
                 Err(e) => return Err(e),
             }
         }
+        // Whatever another mount was writing (or this process moving: a header growth) is
+        // complete once its lock is free.
+        let lock = file.data_lock()?;
+        let held = lock
+            .take(false)
+            .map_err(|e| Error::io(format!("cannot lock {}", file.path()), e))?;
+        let staying = super::renew::staying(lock.ino());
         match file.refresh() {
-            Ok(true) => file.read_at(offset, buf),
-            Ok(false) => first,
+            Ok(_) => file.read_at(offset, buf),
             Err(e) if e.errno() == libc::ESTALE => {
+                drop((staying, held));
                 reopen(volume, file)?;
                 self.seals.store(0, Ordering::Relaxed);
                 file.read_at(offset, buf)

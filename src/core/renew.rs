@@ -6,26 +6,31 @@
 //! `truncate(0)`, which is also how a whole file is usually rewritten) ends that: the file
 //! gets a new identity and no block from before authenticates in it. It costs one
 //! `GenerateDataKey` under the file's path (plus one `Encrypt` per further trusted key, and one
-//! `ReEncrypt` per further name and key for a hard-linked file) and four syncs.
+//! `ReEncrypt` per further name and key for a hard-linked file) and five syncs.
 //!
 //! The backing inode stays (inode numbers are the backing ones, and hard links share it), so
 //! the new header is written in place, which no single write can do: the preamble (file id,
-//! commitment) and the final block are far apart. So, under the file's header lock:
+//! commitment) and the final block are far apart. So, under the file's data and header locks:
 //!
 //! 1. the new file's bytes `N` (preamble, slots, sealed empty final block) are written to a
 //!    renewal record `.kmsfs/renew/<ino>-…` (MACed under the volume's record key, written to a
 //!    temporary name, fsynced, renamed, directory fsynced);
-//! 2. `N` without its preamble is written at offset 64 and the file cut to `N`'s length, then
-//!    fdatasync (the old preamble is still in place: the file reads as damaged for a moment);
-//! 3. `N`'s preamble is written (64 bytes, one sector), then fdatasync;
-//! 4. the record is removed (not synced: a record that comes back is harmless, below).
+//! 2. the marker, `N`'s preamble with the magic `KMFW`, is written at offset 0, then
+//!    fdatasync (the file reads as damaged until step 4);
+//! 3. `N` without its preamble is written at offset 64 and the file cut to `N`'s length, then
+//!    fdatasync;
+//! 4. `N`'s preamble is written (64 bytes, one sector), then fdatasync;
+//! 5. the record is removed (not synced: a record that comes back is harmless, below).
 //!
 //! A crash before 1 completes leaves the file as it was. After it, the next writable mount
-//! finds the record: a file whose preamble is already `N`'s went past step 3, so is complete
-//! (and may have been written since): the record is dropped. Any other file is given `N` again
-//! (steps 2 and 3), so it reads as empty. So after a crash the file reads as its old content
-//! or as empty, never as damaged, once a writable mount has started; until then (offline
-//! commands, a read-only mount) a file cut short in steps 2-3 reads as damaged.
+//! finds the record and decides under the file's locks: a file whose preamble is the record's
+//! marker stopped in steps 2-4 and is given `N` again (steps 3 and 4), so it reads as empty;
+//! any other preamble is `N`'s (done) or the old one (nothing changed: step 3 starts only once
+//! the marker is durable, so no torn write of it can leave the old preamble over a changed
+//! body), and that file, with whatever was written to it since, is left alone. So after a
+//! crash the file reads as its old content or as empty, never as damaged, once a writable
+//! mount has started; until then (offline commands, a read-only mount) a file cut short in
+//! steps 2-4 reads as damaged.
 //!
 //! **Growing a header** ([`grow`]) is the other rewrite in place. A file's slots are sized
 //! when it is created, for its first name and some room; a rename to a longer path, a further
@@ -33,18 +38,23 @@
 //! blocks, so larger slots move every block; a block's associated data (file id, index, last
 //! flag) does not depend on where it is, so blocks move verbatim and the file keeps its id,
 //! key and commitment: only the preamble's slot size and the slots (resealed, their MAC covers
-//! the preamble) change. The same four steps and the same recovery, with `N` the whole grown
-//! file and a record of its own kind (`kmsfs-grow-1`), whose removal is synced (the file's
-//! blocks change afterwards: a record come back would put old content back). A move that
-//! fails part way (a full disk: the file grows by the slots' growth) puts the file back as it
-//! was. A growth moves the whole file through memory, one at a time per process: files
-//! larger than [`MAX_GROW`] are not grown (the change that needed room fails).
+//! the preamble) change. The same steps and the same recovery, with `N` the whole grown file
+//! and a record of its own kind (`kmsfs-grow-1`), whose removal is synced (the file's blocks
+//! change afterwards). A move that fails part way (a full disk: the file grows by the slots'
+//! growth) puts the file back as it was. A growth moves the whole file through memory, one at
+//! a time per process: files larger than [`MAX_GROW`] are not grown (the change that needed
+//! room fails). Instances of the file elsewhere look at its layout again: other mounts under
+//! the data lock, which the growth holds; this process's, which a mount running alone does
+//! not lock, when [`growths`] has moved, and a growth waits for the [`staying`] guards of the
+//! reads and writes under way.
 //!
 //! Seal counting: each open instance counts the blocks it seals under its key
 //! ([`SEAL_LIMIT`]), see `super::instance`.
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{RwLock, RwLockReadGuard};
 
 use crate::backing::{Atime, DataLock, MetaDir};
 use crate::error::{Error, Result};
@@ -68,12 +78,43 @@ pub const MAX_GROW: u64 = 32 << 20;
 const DIR_NAME: &str = "renew";
 const MAGIC: &[u8] = b"kmsfs-renew-1\0";
 const GROW_MAGIC: &[u8] = b"kmsfs-grow-1\0";
+const MARKER_MAGIC: &[u8; 4] = b"KMFW";
 const TAG_LEN: usize = 32;
-/// Most bytes a record may have: a path, two numbers, an old preamble and a file of at most
-/// [`MAX_GROW`] bytes with a header of two slots of at most 1 MiB each.
+/// Most bytes a record may have: a path, two numbers and a file of at most [`MAX_GROW`]
+/// bytes with a header of two slots of at most 1 MiB each.
 const MAX_RECORD: u64 = MAX_GROW + (3 << 20);
 /// One growth at a time in this process: each holds a copy of its file in memory.
 static GROWING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+/// Growths finished in this process: an instance that last looked at its file before the
+/// count moved looks again before it writes ([`EncryptedFile`]'s `write`).
+static GROWTHS: AtomicU64 = AtomicU64::new(0);
+const STRIPES: usize = 64;
+/// Held shared by this process's writes and re-reads of a file, exclusively by a growth of
+/// it (by inode, striped): a mount that runs alone takes no data lock, and an instance opened
+/// while a rename grew the file it had not opened must not write where the blocks were.
+static MOVING: [RwLock<()>; STRIPES] = [const { RwLock::new(()) }; STRIPES];
+
+/// Keeps any growth of file `ino` in this process from starting until dropped (see
+/// [`MOVING`]); taken after the file's data lock.
+pub fn staying(ino: u64) -> RwLockReadGuard<'static, ()> {
+    MOVING[(ino % STRIPES as u64) as usize]
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+}
+
+/// The count of growths finished in this process so far.
+pub fn growths() -> u64 {
+    GROWTHS.load(Ordering::Acquire)
+}
+
+/// Counts a growth as finished when dropped (it may have moved blocks even if it failed).
+struct Counted;
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        GROWTHS.fetch_add(1, Ordering::AcqRel);
+    }
+}
 /// How old a record's temporary file must be to be taken for what a crash left (younger, it
 /// may be another mount's, being written).
 const LEFT_BEHIND: std::time::Duration = std::time::Duration::from_secs(600);
@@ -83,6 +124,8 @@ const LEFT_BEHIND: std::time::Duration = std::time::Duration::from_secs(600);
 pub enum Step {
     /// The record is durable; the file is untouched.
     Recorded,
+    /// The file's preamble is the marker (the file is being rewritten); nothing else changed.
+    Marked,
     /// The body of the new header and its final block are on disk, the old preamble too.
     Body,
     /// The new preamble is on disk; the record is still there.
@@ -262,8 +305,24 @@ pub fn renew(volume: &Volume, file: &mut EncryptedFile, until: Step) -> Result<(
     Ok(())
 }
 
-/// Steps 2 and 3: the new header's body and final block, the length, then the preamble.
+/// The preamble a file has while it is rewritten in place: `N`'s, with the magic `KMFW`.
+/// No reader takes it for a header, and recovery tells from it that the rest of the file may
+/// be half written (see [`finish_one`]).
+fn marker(bytes: &[u8]) -> [u8; PREAMBLE_LEN] {
+    let mut marker: [u8; PREAMBLE_LEN] = bytes[..PREAMBLE_LEN].try_into().expect("64 bytes");
+    marker[..4].copy_from_slice(MARKER_MAGIC);
+    marker
+}
+
+/// Steps 2 to 4: the marker preamble; `N` from offset 64 on and its length; `N`'s preamble;
+/// each made durable before the next. Until the marker is on disk nothing else changed, so a
+/// file with its old preamble after a crash is untouched, however the later writes tore.
 fn apply(file: &File, bytes: &[u8], until: Step) -> std::io::Result<()> {
+    file.write_all_at(&marker(bytes), 0)?;
+    file.sync_data()?;
+    if until == Step::Marked {
+        return Ok(());
+    }
     file.write_all_at(&bytes[PREAMBLE_LEN..], PREAMBLE_LEN as u64)?;
     file.set_len(bytes.len() as u64)?;
     file.sync_data()?;
@@ -296,7 +355,8 @@ fn encode(
 }
 
 struct Record {
-    dev: u64,
+    /// (The record's device number is not read: a network filesystem gives each client
+    /// mount its own.)
     ino: u64,
     path: CanonicalPath,
     /// A growth's record (else a renewal's).
@@ -319,13 +379,12 @@ fn decode(volume: &Volume, record: &[u8]) -> Option<Record> {
         None => (true, body.strip_prefix(GROW_MAGIC)?),
     };
     let num = |b: &[u8]| u64::from_be_bytes(b.try_into().expect("8"));
-    let (dev, ino) = (num(rest.get(..8)?), num(rest.get(8..16)?));
+    let ino = num(rest.get(8..16)?);
     let len = u32::from_be_bytes(rest.get(16..20)?.try_into().ok()?) as usize;
     let path = std::str::from_utf8(rest.get(20..20 + len)?).ok()?;
     let path = CanonicalPath::from_encoded(path).ok()?;
     let bytes = rest.get(20 + len..)?.to_vec();
     (bytes.len() > PREAMBLE_LEN).then_some(Record {
-        dev,
         ino,
         path,
         growth,
@@ -343,25 +402,36 @@ fn grown_size(old: u32, need: u32) -> u32 {
 
 /// Grows the header slots of the file open as `file` at `path` to hold at least `need` bytes
 /// each, moving its blocks (see the module comment); stops after `until` (tests simulate a
-/// crash so). Returns the preamble the file has now: one already large enough (another mount
-/// grew it) is left as it is. Takes the file's data and header locks: the caller holds
-/// neither.
+/// crash so). With `file_id`, only the file with that id is grown (another mount may have
+/// renewed it meanwhile: `ESTALE`). Returns the preamble the file has now: one already large
+/// enough (another mount grew it) is left as it is. Takes the file's data and header locks:
+/// the caller holds neither, nor any file's [`staying`] guard.
 pub fn grow(
     volume: &Volume,
     file: &File,
     path: &CanonicalPath,
     need: u32,
+    file_id: Option<[u8; 16]>,
     until: Step,
 ) -> Result<Preamble> {
     let _one = GROWING.lock().unwrap_or_else(|e| e.into_inner());
     let data = DataLock::new(volume.backing(), file).map_err(io(format!("cannot lock {path}")))?;
     let _data = data.take(true).map_err(io(format!("cannot lock {path}")))?;
+    let _moving = MOVING[(data.ino() % STRIPES as u64) as usize]
+        .write()
+        .unwrap_or_else(|e| e.into_inner());
     let _lock = volume
         .backing()
         .lock_header(file)
         .map_err(io(format!("cannot lock the header of {path}")))?;
     let header = read_header_only(file, path)?;
     let old = header.preamble.clone();
+    if file_id.is_some_and(|id| id != old.file_id) {
+        return Err(crate::error::os(
+            format!("{path} was renewed elsewhere while its header was to grow"),
+            libc::ESTALE,
+        ));
+    }
     if old.slot_size >= need {
         return Ok(old);
     }
@@ -423,14 +493,24 @@ pub fn grow(
     if until == Step::Recorded {
         return Ok(new);
     }
+    let _counted = Counted;
     if let Err(e) = apply(file, &bytes, until) {
-        // (A full disk: the file grows by the slots' growth.) Put it back as it was; the
-        // record stays should that fail too.
-        let restored = file
-            .write_all_at(&before[PREAMBLE_LEN..], PREAMBLE_LEN as u64)
-            .and_then(|()| file.set_len(before.len() as u64))
-            .and_then(|()| file.sync_data());
-        if restored.is_ok() {
+        // (A full disk: the file grows by the slots' growth.) Before `N`'s preamble is in
+        // place, put the file back as it was: its body, then its preamble, each synced (the
+        // marker stays until the body is back, so a crash meanwhile finishes the growth).
+        // After it, the file is grown; the record stays for recovery should a sync have
+        // failed.
+        let mut head = [0u8; PREAMBLE_LEN];
+        let grown = file.read_exact_at(&mut head, 0).is_ok() && head[..] == bytes[..PREAMBLE_LEN];
+        let restored = !grown
+            && file
+                .write_all_at(&before[PREAMBLE_LEN..], PREAMBLE_LEN as u64)
+                .and_then(|()| file.set_len(before.len() as u64))
+                .and_then(|()| file.sync_data())
+                .and_then(|()| file.write_all_at(&before[..PREAMBLE_LEN], 0))
+                .and_then(|()| file.sync_data())
+                .is_ok();
+        if restored {
             let _ = dir.unlink(&name).and_then(|()| dir.sync());
         }
         return Err(Error::io(format!("cannot grow the header of {path}"), e));
@@ -473,13 +553,7 @@ pub fn finish_interrupted(volume: &Volume) -> usize {
         // A record's temporary name: the crash came before the record counted. Or another
         // mount of the store is writing it right now: only an old one is a crash's.
         if name.starts_with('.') {
-            let old = dir
-                .metadata(&name)
-                .ok()
-                .and_then(|m| m.modified().ok())
-                .and_then(|t| t.elapsed().ok())
-                .is_some_and(|age| age > LEFT_BEHIND);
-            if old {
+            if left_behind(&dir, &name) {
                 let _ = dir.unlink(&name);
             }
             continue;
@@ -500,17 +574,21 @@ pub fn finish_interrupted(volume: &Volume) -> usize {
         // record: one gone by the time the locks are ours is finished.
         let still_there = || dir.metadata(&name).is_ok();
         match finish_one(volume, &record, still_there) {
-            Ok(changed) => {
-                finished += changed as usize;
-                match (changed, record.growth) {
-                    (true, true) => {
+            Ok(Finish::Elsewhere) if !left_behind(&dir, &name) => {}
+            Ok(outcome) => {
+                match (&outcome, record.growth) {
+                    (Finish::Finished, true) => {
                         tracing::warn!(path = %record.path, "a header growth was cut short: finished (the file keeps its content)")
                     }
-                    (true, false) => {
+                    (Finish::Finished, false) => {
                         tracing::warn!(path = %record.path, "a renewal was cut short: the file is now empty, as it was being truncated")
+                    }
+                    (Finish::Elsewhere, _) => {
+                        tracing::warn!(path = %record.path, "a renewal or growth record names another file than stands there now; dropped")
                     }
                     _ => {}
                 }
+                finished += usize::from(outcome == Finish::Finished);
                 if let Err(e) = dir.unlink(&name).and_then(|()| dir.sync()) {
                     tracing::warn!("cannot remove the renewal record {shown}: {e}");
                 }
@@ -521,20 +599,33 @@ pub fn finish_interrupted(volume: &Volume) -> usize {
     finished
 }
 
-/// Gives the file its new header unless its preamble is already the new one (the renewal got
-/// past its last sync). Says whether it changed the file.
-fn finish_one(volume: &Volume, record: &Record, still_there: impl Fn() -> bool) -> Result<bool> {
+/// Whether record `name` is old enough to be taken for what a crash left (younger, it may be
+/// another mount's, being written or in use).
+fn left_behind(dir: &MetaDir, name: &str) -> bool {
+    dir.metadata(name)
+        .ok()
+        .and_then(|m| m.modified().ok())
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age > LEFT_BEHIND)
+}
+
+/// Gives the file `N` if its preamble is the marker (the rewrite stopped part way); a file
+/// with `N`'s preamble is done, and one with any other (its old one: the rewrite stopped
+/// before it changed anything, and the file may have been written since) is left alone.
+/// Decided under the file's locks, once a live rewrite on another mount (which holds them
+/// until its record is gone) has finished.
+fn finish_one(volume: &Volume, record: &Record, still_there: impl Fn() -> bool) -> Result<Finish> {
     let path = &record.path;
     let file = match volume.backing().open_file(path, true, Atime::Update) {
         Ok(f) => f,
         // Gone, or no longer a file: nothing to finish.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Finish::Dropped),
         Err(e) => return Err(Error::io(format!("cannot open {path}"), e)),
     };
     let meta = file.metadata().map_err(io(format!("cannot stat {path}")))?;
-    if meta.ino() != record.ino || meta.dev() != record.dev {
-        tracing::warn!(path = %path, "a renewal record names another file than stands there now; dropped");
-        return Ok(false);
+    // (By inode only: a network filesystem gives each client mount its own device number.)
+    if meta.ino() != record.ino {
+        return Ok(Finish::Elsewhere);
     }
     let data = DataLock::new(volume.backing(), &file).map_err(io(format!("cannot lock {path}")))?;
     let _data = data.take(true).map_err(io(format!("cannot lock {path}")))?;
@@ -543,35 +634,31 @@ fn finish_one(volume: &Volume, record: &Record, still_there: impl Fn() -> bool) 
         .lock_header(&file)
         .map_err(io(format!("cannot lock the header of {path}")))?;
     if !still_there() {
-        return Ok(false);
+        return Ok(Finish::Dropped);
     }
-    let mut head = vec![0u8; PREAMBLE_LEN];
+    let mut head = [0u8; PREAMBLE_LEN];
     let have = file.read_at(&mut head, 0).unwrap_or(0);
-    if have == PREAMBLE_LEN && head == record.bytes[..PREAMBLE_LEN] {
-        return Ok(false);
+    if have == PREAMBLE_LEN && head == marker(&record.bytes) {
+        apply(&file, &record.bytes, Step::Done)
+            .map_err(io(format!("cannot finish rewriting {path}")))?;
+        return Ok(Finish::Finished);
     }
-    // The new header's body not (all) on disk and the old header still authentic: the renewal
-    // stopped before it changed the file. The file is as it was, with whatever a mount of the
-    // store has written to it since, which finishing the renewal would wipe: drop the record.
-    let body = &record.bytes[PREAMBLE_LEN..];
-    let mut on_disk = vec![0u8; body.len()];
-    let body_landed = file
-        .read_exact_at(&mut on_disk, PREAMBLE_LEN as u64)
-        .is_ok()
-        && on_disk == body;
-    if !body_landed {
-        let untouched = read_header_only(&file, path).is_ok_and(|header| {
-            !header
-                .authentic(&volume.header_mac_key(&header.preamble.file_id))
-                .is_empty()
-        });
-        if untouched {
-            tracing::warn!(path = %path, "a renewal or header growth was cut short before it changed the file; the file keeps its content");
-            return Ok(false);
-        }
+    if have != PREAMBLE_LEN || head[..] != record.bytes[..PREAMBLE_LEN] {
+        tracing::warn!(path = %path, "a renewal or header growth was cut short before it changed the file; the file keeps its content");
     }
-    apply(&file, &record.bytes, Step::Done).map_err(io(format!("cannot renew {path}")))?;
-    Ok(true)
+    Ok(Finish::Dropped)
+}
+
+/// What [`finish_one`] did with a record.
+#[derive(Debug, PartialEq, Eq)]
+enum Finish {
+    /// The file now has the record's bytes.
+    Finished,
+    /// Nothing to do (done, never started, or the file is gone): the record can go.
+    Dropped,
+    /// Another inode stands at the record's path: the file moved (perhaps while another
+    /// mount's rewrite of it is under way); the record stays until it is old.
+    Elsewhere,
 }
 
 #[cfg(test)]
@@ -625,7 +712,7 @@ mod tests {
     #[test]
     fn a_renewal_cut_short_at_any_step_reads_as_old_or_empty_after_recovery() {
         let old = vec![7u8; 3000];
-        for until in [Step::Recorded, Step::Body, Step::Preamble] {
+        for until in [Step::Recorded, Step::Marked, Step::Body, Step::Preamble] {
             let s = setup();
             write(&s.volume, "f", &old);
             let mut f = EncryptedFile::open(&s.volume, &path("f"), true).unwrap();
@@ -636,13 +723,14 @@ mod tests {
                 // Untouched so far.
                 Step::Recorded => assert_eq!(before.unwrap(), old),
                 // Cut short: damaged until recovery.
-                Step::Body => assert!(before.is_err()),
+                Step::Marked | Step::Body => assert!(before.is_err()),
                 Step::Preamble => assert_eq!(before.unwrap(), b""),
                 Step::Done => unreachable!(),
             }
             // Stopped before it changed the file: dropped, the file keeps its content.
             let changed = finish_interrupted(&s.volume);
-            assert_eq!(changed, usize::from(until == Step::Body), "{until:?}");
+            let cut = matches!(until, Step::Marked | Step::Body);
+            assert_eq!(changed, usize::from(cut), "{until:?}");
             let after = read(&s.volume, "f").unwrap();
             if until == Step::Recorded {
                 assert_eq!(after, old);
@@ -672,7 +760,7 @@ mod tests {
         // The preamble is the new one, so recovery takes the renewal as done: the one state
         // the design rules out (the preamble is written only after the rest is synced).
         assert_eq!(finish_interrupted(&s.volume), 0);
-        // With the old preamble and a torn body, recovery writes the new header.
+        // With the marker in place and a torn body, recovery writes the new header.
         let s = setup();
         write(&s.volume, "f", &old);
         let mut f = EncryptedFile::open(&s.volume, &path("f"), true).unwrap();
@@ -682,6 +770,9 @@ mod tests {
         let record = decode(&s.volume, &dir.read(&name, MAX_RECORD).unwrap()).unwrap();
         f.backing_file()
             .write_all_at(&record.bytes[PREAMBLE_LEN..PREAMBLE_LEN + 300], 64)
+            .unwrap();
+        f.backing_file()
+            .write_all_at(&marker(&record.bytes), 0)
             .unwrap();
         drop(f);
         assert!(read(&s.volume, "f").is_err());
@@ -697,7 +788,7 @@ mod tests {
     fn grow_by_a_sector(v: &Volume, p: &str, until: Step) -> Result<Preamble> {
         let f = open_backing(v, &path(p), true).unwrap();
         let need = read_header_only(&f, &path(p)).unwrap().preamble.slot_size + 512;
-        grow(v, &f, &path(p), need, until)
+        grow(v, &f, &path(p), need, None, until)
     }
 
     /// A header growth moves every block behind larger slots; cut short after each step,
@@ -706,20 +797,27 @@ mod tests {
     #[test]
     fn a_header_growth_cut_short_at_any_step_keeps_the_content_after_recovery() {
         let old: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
-        for until in [Step::Recorded, Step::Body, Step::Preamble, Step::Done] {
+        for until in [
+            Step::Recorded,
+            Step::Marked,
+            Step::Body,
+            Step::Preamble,
+            Step::Done,
+        ] {
             let s = setup();
             write(&s.volume, "f", &old);
             let before = slot_size(&s.volume, "f");
             let new = grow_by_a_sector(&s.volume, "f", until).unwrap();
             assert!(new.slot_size >= before + 512);
+            let cut = matches!(until, Step::Marked | Step::Body);
             match until {
                 Step::Recorded => assert_eq!(read(&s.volume, "f").unwrap(), old),
                 // Cut short: damaged until recovery.
-                Step::Body => assert!(read(&s.volume, "f").is_err()),
+                Step::Marked | Step::Body => assert!(read(&s.volume, "f").is_err()),
                 Step::Preamble | Step::Done => assert_eq!(read(&s.volume, "f").unwrap(), old),
             }
             let changed = finish_interrupted(&s.volume);
-            assert_eq!(changed, usize::from(until == Step::Body), "{until:?}");
+            assert_eq!(changed, usize::from(cut), "{until:?}");
             assert_eq!(read(&s.volume, "f").unwrap(), old, "{until:?}");
             let grown = if until == Step::Recorded {
                 before
@@ -751,25 +849,28 @@ mod tests {
         assert_eq!(read(&s.volume, "f").unwrap(), b"fsynced after the cut");
     }
 
-    /// An instance open while another grew the file (another mount: the same file id and
-    /// key, the blocks moved) takes the new layout when it looks again, and writes where the
-    /// blocks are now.
+    /// An instance open while another grew the file (a rename that did not use it, or
+    /// another mount: the same file id and key, the blocks moved) writes where the blocks are
+    /// now, whether the mount takes data locks (shared) or not (running alone), and reads
+    /// them after a failed read.
     #[test]
     fn an_open_instance_follows_a_growth_elsewhere() {
-        let s = setup();
-        let old = vec![9u8; 2000];
-        write(&s.volume, "f", &old);
-        let mut f = EncryptedFile::open(&s.volume, &path("f"), true).unwrap();
-        let new = grow_by_a_sector(&s.volume, "f", Step::Done).unwrap();
-        assert!(f.read_all().is_err(), "the old layout no longer reads");
-        f.refresh().unwrap();
-        assert_eq!(f.preamble().slot_size, new.slot_size);
-        assert_eq!(f.read_all().unwrap(), old);
-        f.write_at(2000, b"tail").unwrap();
-        drop(f);
-        let mut want = old.clone();
-        want.extend_from_slice(b"tail");
-        assert_eq!(read(&s.volume, "f").unwrap(), want);
+        for alone in [false, true] {
+            let s = setup();
+            if alone {
+                assert!(s.volume.backing().join(true).unwrap(), "runs alone");
+            }
+            let old = vec![9u8; 2000];
+            write(&s.volume, "f", &old);
+            let mut f = EncryptedFile::open(&s.volume, &path("f"), true).unwrap();
+            let new = grow_by_a_sector(&s.volume, "f", Step::Done).unwrap();
+            f.write_at(2000, b"tail").unwrap();
+            assert_eq!(f.preamble().slot_size, new.slot_size, "alone {alone}");
+            drop(f);
+            let mut want = old.clone();
+            want.extend_from_slice(b"tail");
+            assert_eq!(read(&s.volume, "f").unwrap(), want, "alone {alone}");
+        }
     }
 
     /// A record left after the renewal finished (its removal was lost) never undoes what was
