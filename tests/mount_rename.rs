@@ -317,7 +317,10 @@ fn open_handles_keep_working_across_a_rename_that_grows_the_header() {
     let mut want = first.clone();
     want.extend_from_slice(&more);
     assert_eq!(got.len(), want.len());
-    assert!(got == want, "read through the handle opened before the rename");
+    assert!(
+        got == want,
+        "read through the handle opened before the rename"
+    );
     drop((writer, reader));
     m.remount();
     assert!(fs::read(m.p(&moved)).unwrap() == want, "after a remount");

@@ -35,12 +35,14 @@ pub const SLOT_TRAILER_LEN: usize = 48;
 /// Bytes at the start of a slot: generation (8) and body length (4).
 pub const SLOT_PREFIX_LEN: usize = 12;
 pub const SLOT_ALIGN: u32 = 512;
-/// How many names' worth of envelopes a new file's slots hold: a file may have up to
-/// `NAME_ROOM - 1` names (hard links) and still be renamed (a rename holds the new name's
-/// envelopes beside the old ones for a moment).
-pub const NAME_ROOM: usize = 4;
-/// Extra path bytes allowed per envelope, for renames to longer names.
-pub const PATH_SLACK: usize = 32;
+/// How many names' worth of envelopes a new file's slots hold: its name and the one a rename
+/// holds beside it for a moment (or a second name, a hard link). Anything more grows the
+/// header in place (a move of the whole file), so this is a balance: every file pays for
+/// the room it keeps, and only a file gaining names or moving far pays for growth.
+pub const NAME_ROOM: usize = 2;
+/// Extra path bytes allowed per envelope, for renames to longer names: one more directory
+/// level of encrypted names (43 to 54 bytes each) moves no file.
+pub const PATH_SLACK: usize = 64;
 pub const MAX_SLOT_SIZE: u32 = 1 << 20;
 pub const MAX_ENVELOPES: usize = 256;
 const CHECKSUM_LABEL: &[u8] = b"kmsfs/v1 slot checksum";
@@ -534,11 +536,36 @@ mod tests {
         }
     }
 
+    /// The slot sizes docs/FORMAT.md ("Storage overhead") gives a new file, by stored path
+    /// length: a local key (38-byte id, 97-byte wrapped key), an AWS KMS key (~75, ~184) and
+    /// an object under the volume key (12, 81).
+    #[test]
+    fn new_slot_sizes_are_the_documented_ones() {
+        let size = |id_len: usize, wrapped: usize, path_len: usize| {
+            slot_size_for(&[Envelope {
+                path: CanonicalPath::from_user(Path::new(&"x".repeat(path_len - 1))).unwrap(),
+                key: WrappedKey {
+                    key_id: "k".repeat(id_len),
+                    blob: vec![1; wrapped],
+                },
+            }])
+        };
+        assert_eq!(size(38, 97, 266), 1024);
+        assert_eq!(size(38, 97, 267), 1536);
+        assert_eq!(size(38, 97, 522), 1536);
+        assert_eq!(size(75, 184, 142), 1024);
+        assert_eq!(size(75, 184, 143), 1536);
+        assert_eq!(size(75, 184, 398), 1536);
+        assert_eq!(size(12, 81, 52), 512);
+        assert_eq!(size(12, 81, 53), 1024);
+        assert_eq!(size(12, 81, 308), 1024);
+    }
+
     #[test]
     fn header_round_trip() {
         let envs = vec![envelope("a/b")];
         let pre = preamble(&envs);
-        assert_eq!(pre.slot_size, 1024);
+        assert_eq!(pre.slot_size, 512);
         let key = DerivedKey::new([1; 32]);
         let content = SlotContent {
             generation: 1,
@@ -546,7 +573,7 @@ mod tests {
             envelopes: envs,
         };
         let bytes = encode_new_header(&pre, &content, &key).unwrap();
-        assert_eq!(bytes.len(), 64 + 2048);
+        assert_eq!(bytes.len(), 64 + 1024);
         let h = Header::parse(&bytes).unwrap();
         assert_eq!(h.preamble, pre);
         assert_eq!(h.slots[0], SlotState::Sealed(content));
