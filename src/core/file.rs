@@ -273,13 +273,15 @@ impl EncryptedFile {
         f: impl FnOnce(&mut Self, &Preamble, &[(usize, &SlotContent)]) -> Result<T>,
     ) -> Result<T> {
         let header = read_header_only(&self.file, &self.path)?;
-        if self.grown_to(&header.preamble) {
+        let authentic = header.authentic(&self.mac_key);
+        // Grown elsewhere: taken only with a slot that authenticates under the larger size
+        // (the preamble alone is not authenticated).
+        if self.grown_to(&header.preamble) && !authentic.is_empty() {
             self.take_grown(header.preamble.clone())?;
         }
         if header.preamble != self.preamble {
             return Err(self.renewed_elsewhere());
         }
-        let authentic = header.authentic(&self.mac_key);
         let Some(&(slot, current)) = authentic.first() else {
             return Err(Error::format(
                 &self.path,
@@ -468,6 +470,25 @@ impl EncryptedFile {
         Ok(at)
     }
 
+    /// [`Self::refresh`]; if that finds no header of this file (renewed, or being rewritten
+    /// in place at this moment: a growth or renewal here or on another mount), again once
+    /// any rewrite under way has finished (with `locked`, the caller holds the data lock).
+    pub fn refresh_or_wait(&mut self, locked: bool) -> Result<bool> {
+        match self.refresh() {
+            Err(e) if e.errno() == libc::ESTALE => {
+                let lock = self.data_lock()?;
+                let _held = if locked {
+                    None
+                } else {
+                    Some(lock.take(false).map_err(|e| self.io_err("lock", e))?)
+                };
+                let _staying = super::renew::staying(lock.ino());
+                self.refresh()
+            }
+            other => other,
+        }
+    }
+
     /// Under the data lock: looks at the file again if another process may have changed it
     /// (`shared`), or a growth in this process may have moved its blocks since this instance
     /// last looked; returns the guard that keeps any growth of it from starting meanwhile.
@@ -522,10 +543,10 @@ impl EncryptedFile {
         let Some(now) = now.filter(|p| p.file_id == self.preamble.file_id) else {
             return Err(self.renewed_elsewhere());
         };
-        // Grown by another mount (a rename, link or rewrap there needed header room): the
-        // blocks moved.
+        // Grown elsewhere (a rename, link or rewrap needed header room): the blocks moved.
+        // Taken once a slot authenticates under the new size.
         if self.grown_to(&now) {
-            self.take_grown(now)?;
+            self.reload_header()?;
         }
         let size = self
             .layout
@@ -749,28 +770,25 @@ impl EncryptedFile {
     }
 
     /// Replaces the envelope set atomically (see [`update_envelopes`]), in the slot room the
-    /// file has (never grown).
+    /// file has.
     pub fn replace_envelopes(&mut self, envelopes: Vec<Envelope>) -> Result<()> {
-        self.update_slot(
-            None,
-            false,
-            envelope_change(|_| Ok(Some(envelopes.clone()))),
-        )
-        .map(|_| ())
+        self.update_envelopes(false, |_| Ok(Some(envelopes.clone())))
+            .map(|_| ())
     }
 
     /// Changes the envelope set under the file's advisory lock: `change` sees the set on disk
     /// now (another process, `kmsfs rewrap`, may have changed it since this file was opened)
-    /// and returns the new one, or None to leave it. See [`update_envelopes`]; a set the slots
-    /// cannot hold grows them first ([`super::renew::grow`]; `change` then runs again on
-    /// the header as it is after). Says whether the header changed.
+    /// and returns the new one, or None to leave it. See [`update_envelopes`]. A set the slots
+    /// cannot hold fails with `NoRoom` and changes nothing: the caller grows the header
+    /// ([`super::renew::grow`]) holding nothing a writer of this instance waits for (its
+    /// data lock comes before this instance's lock), then calls again. Says whether the
+    /// header changed.
     pub fn update_envelopes(
         &mut self,
-        volume: &Volume,
         both_slots: bool,
         change: impl FnMut(&[&[Envelope]]) -> Result<Option<Vec<Envelope>>>,
     ) -> Result<bool> {
-        self.update_slot(Some(volume), both_slots, envelope_change(change))
+        self.update_slot(both_slots, envelope_change(change))
     }
 
     /// Changes the attributes (mode, owner) under the file's advisory lock: `change` sees
@@ -783,43 +801,8 @@ impl EncryptedFile {
         if change(self.content.attrs).is_none() {
             return Ok(false);
         }
-        // (Attributes take the same room whatever they are: never grown.)
-        self.update_slot(None, true, attrs_change(change))
-    }
-
-    /// [`Self::update_slot_once`], and if the slots are too small for what `change` returns,
-    /// grows them (with `volume`) and runs it again on the header as it is then.
-    fn update_slot(
-        &mut self,
-        volume: Option<&Volume>,
-        both_slots: bool,
-        mut change: impl FnMut(&[&SlotContent]) -> Result<Option<NewSlot>>,
-    ) -> Result<bool> {
-        let mut grown = 0;
-        loop {
-            match self.update_slot_once(both_slots, &mut change) {
-                Err(Error::Format {
-                    source: FormatError::NoRoom { need, .. },
-                    ..
-                }) if volume.is_some() && grown < GROW_TRIES => {
-                    let volume = volume.expect("checked");
-                    let preamble = super::renew::grow(
-                        volume,
-                        &self.file,
-                        &self.path,
-                        need,
-                        Some(self.preamble.file_id),
-                        Step::Done,
-                    )?;
-                    if !self.grown_to(&preamble) && preamble != self.preamble {
-                        return Err(self.renewed_elsewhere());
-                    }
-                    self.take_grown(preamble)?;
-                    grown += 1;
-                }
-                other => return other,
-            }
-        }
+        // (Attributes take the same room whatever they are: never `NoRoom`.)
+        self.update_slot(true, attrs_change(change))
     }
 
     /// Takes the preamble of this file grown in place (same file id and key, larger slots:
@@ -850,7 +833,7 @@ impl EncryptedFile {
                 }
     }
 
-    fn update_slot_once(
+    fn update_slot(
         &mut self,
         both_slots: bool,
         change: impl FnOnce(&[&SlotContent]) -> Result<Option<NewSlot>>,
@@ -1195,7 +1178,7 @@ pub fn update_envelopes_of_moved(
 
 /// How many times one header change grows the slots before it gives up (another mount may
 /// add names between a growth and the change that needed it).
-const GROW_TRIES: usize = 3;
+pub(crate) const GROW_TRIES: usize = 3;
 
 /// See [`update_slot`]. With `bound`, the slot in force must bind `path`: the header read is
 /// the one the caller authenticated at that path, not another object's put in its place on

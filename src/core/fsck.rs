@@ -200,7 +200,7 @@ fn check_file(volume: &Volume, path: &CanonicalPath, deep: bool, repair: bool) -
     );
     if repair {
         // The file was opened writable for this: drop the stale names from both slots.
-        let fixed = file.update_envelopes(volume, true, |slots| {
+        let fixed = file.update_envelopes(true, |slots| {
             let live = under_way(&journal);
             let keep: Vec<_> = slots[0]
                 .iter()

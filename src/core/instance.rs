@@ -279,7 +279,10 @@ impl OpenNode {
     /// elsewhere): the caller needs a new one.
     pub fn catch_up(&self) -> bool {
         match &mut *self.state.write().unwrap() {
-            Instance::Ready(file) => match file.refresh().and_then(|_| file.reload_header()) {
+            Instance::Ready(file) => match file
+                .refresh_or_wait(false)
+                .and_then(|_| file.reload_header())
+            {
                 Ok(()) => true,
                 Err(e) => e.errno() != libc::ESTALE,
             },
@@ -291,7 +294,7 @@ impl OpenNode {
     /// file since, the instance becomes the file it is now ([`reopen`]).
     pub fn reopen_if_renewed(&self, volume: &Volume) -> Result<()> {
         if let Instance::Ready(file) = &mut *self.state.write().unwrap() {
-            match file.refresh() {
+            match file.refresh_or_wait(false) {
                 Err(e) if e.errno() == libc::ESTALE => {
                     reopen(volume, file)?;
                     self.seals.store(0, Ordering::Relaxed);

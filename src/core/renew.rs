@@ -166,7 +166,7 @@ pub fn renew(volume: &Volume, file: &mut EncryptedFile, until: Step) -> Result<(
     // holder of both takes), and this one starts from the length they left.
     let data = file.data_lock()?;
     let _data = data.take(true).map_err(io(format!("cannot lock {path}")))?;
-    file.refresh()?;
+    file.refresh_or_wait(true)?;
     let _lock = volume
         .backing()
         .lock_header(&backing)
@@ -482,10 +482,12 @@ pub fn grow(
     let dir = record_dir(volume, true).map_err(io(format!(
         "cannot open the renewal records of the volume for {path}"
     )))?;
+    // (Each growth of a file has its own name: slot sizes only grow.)
     let name = format!(
-        "{:016x}-{}-grow",
+        "{:016x}-{}-grow-{}",
         meta.ino(),
-        crate::format::codec::hex(&old.file_id)
+        crate::format::codec::hex(&old.file_id),
+        new.slot_size
     );
     let record = encode(volume, GROW_MAGIC, path, meta.dev(), meta.ino(), &[&bytes]);
     dir.write_atomic(&name, &record)

@@ -630,7 +630,10 @@ impl KmsFs {
                 let file = found
                     .open_read()
                     .map_err(|e| io_err("cannot open", path, e))?;
-                let _settled = self.settled(&file, path)?;
+                // Waited for, then let go before looking again: the look may wait for this
+                // mount's instance of the file, whose writer may be waiting for this lock.
+                drop(self.settled(&file, path)?);
+                drop(crate::core::renew::staying(found.meta.ino()));
                 self.facts.forget(found.meta.ino());
                 let found = self
                     .store()

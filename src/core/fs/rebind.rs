@@ -73,10 +73,42 @@ impl HeaderHandle {
     ) -> Result<bool> {
         match self {
             // At `path`, where another mount may have renamed it since the instance looked.
-            HeaderHandle::Open(node) => node.with_mut(|file| {
-                let _ = file.follow(path);
-                file.update_envelopes(volume, both_slots, change)
-            }),
+            // A header to grow is grown outside the instance's lock (a writer of the file
+            // holds that lock and then waits for the data lock, which the growth takes).
+            HeaderHandle::Open(node) => {
+                let mut change = change;
+                let mut grown = 0;
+                loop {
+                    let changed = node.with_mut(|file| {
+                        let _ = file.follow(path);
+                        file.update_envelopes(both_slots, &mut change)
+                    });
+                    match changed {
+                        Err(Error::Format {
+                            source: crate::format::FormatError::NoRoom { need, .. },
+                            ..
+                        }) if grown < crate::core::file::GROW_TRIES => {
+                            let (file, id) = node.with(|f| {
+                                let file = f
+                                    .backing_file()
+                                    .try_clone()
+                                    .map_err(|e| io_err("cannot reopen", path, e))?;
+                                Ok((file, f.preamble().file_id))
+                            })?;
+                            crate::core::renew::grow(
+                                volume,
+                                &file,
+                                path,
+                                need,
+                                Some(id),
+                                crate::core::renew::Step::Done,
+                            )?;
+                            grown += 1;
+                        }
+                        other => return other,
+                    }
+                }
+            }
             HeaderHandle::Closed(file) => Ok(crate::core::file::update_envelopes(
                 volume, file, path, both_slots, change,
             )?
