@@ -470,12 +470,14 @@ impl EncryptedFile {
         Ok(at)
     }
 
-    /// [`Self::refresh`]; if that finds no header of this file (renewed, or being rewritten
-    /// in place at this moment: a growth or renewal here or on another mount), again once
-    /// any rewrite under way has finished (with `locked`, the caller holds the data lock).
+    /// [`Self::refresh`]; if that finds no header of this file, or a damaged one (renewed,
+    /// or being rewritten in place at this moment: a growth or renewal here or on another
+    /// mount), again once any rewrite under way has finished (with `locked`, the caller holds
+    /// the data lock).
     pub fn refresh_or_wait(&mut self, locked: bool) -> Result<bool> {
         match self.refresh() {
-            Err(e) if e.errno() == libc::ESTALE => {
+            // (Renewed, or a marker or torn header: not yet an answer.)
+            Err(Error::Format { .. } | Error::Io { .. }) => {
                 let lock = self.data_lock()?;
                 let _held = if locked {
                     None

@@ -417,13 +417,15 @@ pub fn grow(
     let _one = GROWING.lock().unwrap_or_else(|e| e.into_inner());
     let data = DataLock::new(volume.backing(), file).map_err(io(format!("cannot lock {path}")))?;
     let _data = data.take(true).map_err(io(format!("cannot lock {path}")))?;
-    let _moving = MOVING[(data.ino() % STRIPES as u64) as usize]
-        .write()
-        .unwrap_or_else(|e| e.into_inner());
+    // (The header lock before the stripe: a renewal holds the header lock across key calls,
+    // and the stripe stops this process's writes to 1/64 of all files.)
     let _lock = volume
         .backing()
         .lock_header(file)
         .map_err(io(format!("cannot lock the header of {path}")))?;
+    let _moving = MOVING[(data.ino() % STRIPES as u64) as usize]
+        .write()
+        .unwrap_or_else(|e| e.into_inner());
     let header = read_header_only(file, path)?;
     let old = header.preamble.clone();
     if file_id.is_some_and(|id| id != old.file_id) {

@@ -641,6 +641,24 @@ impl KmsFs {
                     .map_err(|e| io_err("cannot stat", path, e))?;
                 self.attr_of(path, &found.meta, Some(&found))
             }
+            // A directory whose record is being rewritten (a directory rename growing it):
+            // once that is done, look again.
+            Err(Error::Format { .. } | Error::Io { .. }) if found.meta.is_dir() => {
+                let record = dir_record(path);
+                if let Ok(rec) = self.store().lookup(&record) {
+                    let file = rec
+                        .open_read()
+                        .map_err(|e| io_err("cannot open", &record, e))?;
+                    drop(self.settled(&file, &record)?);
+                    drop(crate::core::renew::staying(rec.meta.ino()));
+                    self.facts.forget(rec.meta.ino());
+                }
+                let found = self
+                    .store()
+                    .lookup(path)
+                    .map_err(|e| io_err("cannot stat", path, e))?;
+                self.attr_of(path, &found.meta, Some(&found))
+            }
             other => other,
         }
     }
@@ -1748,10 +1766,14 @@ impl KmsFs {
         let file = match EncryptedFile::from_file(&self.volume, path, backing) {
             // Another mount may be renewing it (its header half rewritten, its length
             // changing): once its data lock is free, look again.
+            // (Waited for, not held: the open makes a key call.)
             Err(Error::Format { .. } | Error::Io { .. })
                 if again.metadata().is_ok_and(|m| m.len() > 0) =>
             {
-                let _settled = self.settled(&again, path)?;
+                drop(self.settled(&again, path)?);
+                if let Ok(m) = again.metadata() {
+                    drop(crate::core::renew::staying(m.ino()));
+                }
                 EncryptedFile::from_file(&self.volume, path, again)?
             }
             other => other?,
