@@ -620,47 +620,37 @@ impl KmsFs {
             .store()
             .lookup(path)
             .map_err(|e| io_err("cannot stat", path, e))?;
-        match self.attr_of(path, &found.meta, Some(&found)) {
-            // Another mount may be renewing the file (its header half rewritten): once that
-            // mount's data lock is free, look again. Not an empty one: no renewal leaves it
-            // so, and another mount's create holds that lock until its key comes.
+        // Another mount may be renewing the file, or this one or another growing its header
+        // (or a directory's record's): once that is done, look again. Not an empty file: no
+        // rewrite leaves it so, and another mount's create holds its lock until its key comes.
+        let (object, at) = match self.attr_of(path, &found.meta, Some(&found)) {
             Err(Error::Format { .. } | Error::Io { .. })
                 if found.meta.is_file() && found.meta.len() > 0 =>
             {
-                let file = found
-                    .open_read()
-                    .map_err(|e| io_err("cannot open", path, e))?;
-                // Waited for, then let go before looking again: the look may wait for this
-                // mount's instance of the file, whose writer may be waiting for this lock.
-                drop(self.settled(&file, path)?);
-                drop(crate::core::renew::staying(found.meta.ino()));
-                self.facts.forget(found.meta.ino());
-                let found = self
-                    .store()
-                    .lookup(path)
-                    .map_err(|e| io_err("cannot stat", path, e))?;
-                self.attr_of(path, &found.meta, Some(&found))
+                (path.clone(), Some(found))
             }
-            // A directory whose record is being rewritten (a directory rename growing it):
-            // once that is done, look again.
             Err(Error::Format { .. } | Error::Io { .. }) if found.meta.is_dir() => {
                 let record = dir_record(path);
-                if let Ok(rec) = self.store().lookup(&record) {
-                    let file = rec
-                        .open_read()
-                        .map_err(|e| io_err("cannot open", &record, e))?;
-                    drop(self.settled(&file, &record)?);
-                    drop(crate::core::renew::staying(rec.meta.ino()));
-                    self.facts.forget(rec.meta.ino());
-                }
-                let found = self
-                    .store()
-                    .lookup(path)
-                    .map_err(|e| io_err("cannot stat", path, e))?;
-                self.attr_of(path, &found.meta, Some(&found))
+                let rec = self.store().lookup(&record).ok();
+                (record, rec)
             }
-            other => other,
+            other => return other,
+        };
+        if let Some(at) = at {
+            let file = at
+                .open_read()
+                .map_err(|e| io_err("cannot open", &object, e))?;
+            // Waited for, then let go before looking again: the look may wait for this
+            // mount's instance of the file, whose writer may be waiting for this lock.
+            drop(self.settled(&file, &object)?);
+            drop(crate::core::renew::staying(at.meta.ino()));
+            self.facts.forget(at.meta.ino());
         }
+        let found = self
+            .store()
+            .lookup(path)
+            .map_err(|e| io_err("cannot stat", path, e))?;
+        self.attr_of(path, &found.meta, Some(&found))
     }
 
     /// Waits until no mount of the store is changing the backing `file`'s blocks or header
