@@ -42,7 +42,7 @@ impl Default for RetryPolicy {
     }
 }
 
-pub const DEFAULT_CONCURRENCY: usize = 32;
+pub const DEFAULT_CONCURRENCY: usize = 64;
 
 /// One trusted key and the provider that serves it.
 #[derive(Clone)]
