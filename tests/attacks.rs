@@ -940,3 +940,100 @@ mod renewal {
         assert_eq!(mixed[2 * bs..], new[2 * bs..]);
     }
 }
+
+/// The kinds a fresh core's listing of `d` gives its entries (writable: it tags what it read
+/// from a header).
+fn listed_kinds(v: &TestVolume) -> Vec<(String, kmsfs::core::fs::Kind)> {
+    use kmsfs::core::fs::{KmsFs, ROOT_INO};
+    let core = KmsFs::new(v.reopen().unwrap(), false).unwrap();
+    let d = core
+        .lookup(ROOT_INO, std::ffi::OsStr::new("d"))
+        .unwrap()
+        .ino;
+    let mut out: Vec<_> = core
+        .readdir(d)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.name != "." && e.name != "..")
+        .map(|e| (e.name.to_string_lossy().into_owned(), e.kind))
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+fn looks_up(v: &TestVolume, name: &str) -> bool {
+    use kmsfs::core::fs::{KmsFs, ROOT_INO};
+    let core = KmsFs::new(v.reopen().unwrap(), true).unwrap();
+    let d = core
+        .lookup(ROOT_INO, std::ffi::OsStr::new("d"))
+        .unwrap()
+        .ino;
+    core.lookup(d, std::ffi::OsStr::new(name)).is_ok()
+}
+
+fn kind_tag_of(p: &std::path::Path) -> Option<Vec<u8>> {
+    let mut v = vec![0u8; 64];
+    let n = rustix::fs::lgetxattr(p, kmsfs::format::kind_tag::XATTR, &mut v[..]).ok()?;
+    v.truncate(n);
+    Some(v)
+}
+
+fn put_kind_tag(p: &std::path::Path, value: &[u8]) {
+    rustix::fs::lsetxattr(
+        p,
+        kmsfs::format::kind_tag::XATTR,
+        value,
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
+}
+
+/// A listing tells a regular backing file's kind from its kind tag without reading its header
+/// (the positive control: a symlink whose header is damaged is still listed as one, and only
+/// its lookup fails), but only from a tag kmsfs made for that very entry: a symlink's tag
+/// copied onto a file, or a tag with its kind byte changed, is ignored and the header read
+/// instead. A stripped tag is made again by the listing that read the header.
+#[test]
+fn a_listing_takes_a_kind_only_from_a_tag_made_for_that_entry() {
+    use kmsfs::core::fs::Kind;
+    use kmsfs::format::header::ObjectKind;
+    let v = TestVolume::new(4096);
+    v.mkdir("d");
+    v.write("d/file", b"data");
+    v.object("d/link", ObjectKind::Symlink, 0o777, 0, b"file");
+    let (file, link) = (v.backing_file("d/file"), v.backing_file("d/link"));
+    let made = vec![
+        ("file".to_string(), Kind::File),
+        ("link".to_string(), Kind::Symlink),
+    ];
+    assert_eq!(listed_kinds(&v), made);
+    let (file_tag, link_tag) = (kind_tag_of(&file).unwrap(), kind_tag_of(&link).unwrap());
+
+    // The tag is what the listing goes by: the header is not even read.
+    let good = v.bytes("d/link");
+    let mut damaged = good.clone();
+    damaged[40] ^= 1;
+    v.put_bytes("d/link", &damaged);
+    assert_eq!(listed_kinds(&v), made);
+    assert!(!looks_up(&v, "link"), "a damaged header is refused");
+    v.put_bytes("d/link", &good);
+    assert!(looks_up(&v, "link"));
+
+    // The symlink's tag on the file, and the file's tag claiming a symlink: the file's header
+    // says what it is.
+    put_kind_tag(&file, &link_tag);
+    assert_eq!(listed_kinds(&v), made);
+    let mut forged = file_tag.clone();
+    forged[0] = ObjectKind::Symlink as u8;
+    put_kind_tag(&file, &forged);
+    assert_eq!(listed_kinds(&v), made);
+    // ...and that listing put the file's own tag back.
+    assert_eq!(kind_tag_of(&file).unwrap(), file_tag);
+
+    // Stripped: read from the header, then tagged again (the damaged header shows it).
+    rustix::fs::lremovexattr(&link, kmsfs::format::kind_tag::XATTR).unwrap();
+    assert_eq!(listed_kinds(&v), made);
+    assert_eq!(kind_tag_of(&link).unwrap(), link_tag);
+    v.put_bytes("d/link", &damaged);
+    assert_eq!(listed_kinds(&v), made);
+}

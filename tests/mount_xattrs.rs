@@ -215,13 +215,54 @@ fn a_mount_without_xattrs_serves_and_stores_none() {
     assert_eq!(xattr_names_on(&m.b("f")), stored);
 }
 
-/// The names of the extended attributes of the backing file at `host` (user namespace).
+/// The names of the extended attributes of the backing file at `host` (user namespace), but
+/// kmsfs's own kind tag.
 fn xattr_names_on(host: &Path) -> Vec<Vec<u8>> {
     let mut buf = vec![0u8; 4096];
     let n = rustix::fs::llistxattr(host, &mut buf[..]).unwrap();
     buf[..n]
         .split(|&b| b == 0)
-        .filter(|s| s.starts_with(b"user."))
+        .filter(|s| s.starts_with(b"user.") && *s != KIND_TAG.as_bytes())
         .map(|s| s.to_vec())
         .collect()
+}
+
+const KIND_TAG: &str = "user.kmsfs.kind";
+
+/// The backing attribute kmsfs tags each object's kind in is not the user's: with plaintext
+/// names (where a user's attribute is stored under its own name) it cannot be read, set,
+/// removed or listed through the mount; with encrypted names a user's attribute of that name
+/// is stored under another. Either way the tag on the store stays as kmsfs wrote it.
+#[test]
+fn the_kind_tag_is_not_a_users_attribute() {
+    if !fuse_available() {
+        return;
+    }
+    let m = Mount::new(4096, &[]);
+    let f = m.p("f");
+    fs::write(&f, b"x").unwrap();
+    let tag = rustix::fs::lgetxattr_query(m.b("f"), KIND_TAG).map(|n| {
+        let mut v = vec![0u8; n];
+        rustix::fs::lgetxattr(m.b("f"), KIND_TAG, &mut v[..]).unwrap();
+        v
+    });
+    let tag = tag.expect("a new file carries its kind tag on the store");
+    assert_eq!(tag.len(), 17);
+    if common::plaintext_names() {
+        assert_eq!(get(&f, KIND_TAG, 64), Err(libc::ENODATA));
+        assert_eq!(set(&f, KIND_TAG, b"forged", 0), Err(libc::EPERM));
+        assert_eq!(remove(&f, KIND_TAG), Err(libc::EPERM));
+        assert!(list(&f).is_empty(), "{:?}", list(&f));
+        // Positive control: another attribute is the user's, and listed.
+        set(&f, "user.kmsfs.other", b"1", 0).unwrap();
+        assert_eq!(list(&f), ["user.kmsfs.other"]);
+    } else {
+        set(&f, KIND_TAG, b"the user's", 0).unwrap();
+        assert_eq!(get(&f, KIND_TAG, 64).unwrap(), b"the user's");
+        assert_eq!(list(&f), [KIND_TAG]);
+        remove(&f, KIND_TAG).unwrap();
+    }
+    let mut after = [0u8; 64];
+    let n = rustix::fs::lgetxattr(m.b("f"), KIND_TAG, &mut after[..]).unwrap();
+    assert_eq!(&after[..n], &tag[..], "the tag on the store changed");
 }

@@ -587,6 +587,22 @@ impl Backing {
         self.write_new_as(path, bytes, false)
     }
 
+    /// [`Backing::write_new`], with `finish` given the file before it has its name (to tag it).
+    pub fn write_new_with(
+        &self,
+        path: &CanonicalPath,
+        bytes: &[u8],
+        finish: impl FnOnce(&File),
+    ) -> io::Result<Metadata> {
+        let dir = path.parent().ok_or_else(|| errno(libc::EEXIST))?;
+        let tmp = self.new_temporary_file(&dir, 0o600)?;
+        tmp.file().write_all_at(bytes, 0)?;
+        finish(tmp.file());
+        let meta = tmp.file().metadata()?;
+        tmp.persist_noclobber(path)?;
+        Ok(meta)
+    }
+
     /// [`Backing::write_new`], with the data on disk before the name appears (`durable`).
     pub fn write_new_as(
         &self,
@@ -1725,6 +1741,30 @@ pub mod open {
         }
         let mut buf = vec![0u8; size];
         let n = rustix::fs::fgetxattr(file, name, &mut buf[..])?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    /// Sets attribute `name` of an open file.
+    pub fn set_xattr(file: &File, name: &CStr, value: &[u8]) -> io::Result<()> {
+        rustix::fs::fsetxattr(file, name, value, rustix::fs::XattrFlags::empty())?;
+        Ok(())
+    }
+
+    /// The attribute `name` of the entry `entry` in the open directory `dir`, not following
+    /// it if it is a symlink, and at most `max` bytes long (longer: `ERANGE`). The entry is
+    /// reached through the directory's descriptor (`/proc/self/fd/N/entry`), so no other
+    /// directory is ever looked in; a symlink there is read as itself.
+    pub fn entry_xattr(dir: &File, entry: &OsStr, name: &CStr, max: usize) -> io::Result<Vec<u8>> {
+        let entry = entry.as_bytes();
+        if entry.is_empty() || entry.contains(&b'/') || entry == b"." || entry == b".." {
+            return Err(errno(libc::EINVAL));
+        }
+        let mut path = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
+        path.extend_from_slice(entry);
+        let path = CString::new(path).map_err(|_| errno(libc::EINVAL))?;
+        let mut buf = vec![0u8; max];
+        let n = rustix::fs::lgetxattr(path.as_c_str(), name, &mut buf[..])?;
         buf.truncate(n);
         Ok(buf)
     }

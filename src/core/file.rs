@@ -1380,6 +1380,7 @@ pub fn write_new_file_as(
     }
     enc.sync()?;
     let size = enc.size();
+    volume.tag_kind(tmp.file(), path, attrs.kind);
     tmp.persist_noclobber(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::AlreadyExists => Error::Refused(format!("{path} already exists")),
         _ => Error::io(format!("cannot create {path}"), e),

@@ -135,6 +135,8 @@ pub struct Volume {
     keyring: Keyring,
     /// Root of the files' header MAC keys (docs/FORMAT.md, "Header slots").
     header_key: crate::secret::DerivedKey,
+    /// The key of the kind tags (see [`crate::format::kind_tag`]).
+    kind_tag_key: crate::secret::DerivedKey,
     /// The key names are encrypted under; None with plaintext names (see [`super::names`]).
     name_key: Option<crate::format::names::NameKey>,
     /// For rewriting the config when the trusted keys change.
@@ -442,6 +444,7 @@ impl Volume {
                 backing: backing.clone(),
                 name_key: name_key(&config, &volume_key),
                 header_key: kdf::volume_header_key(&volume_key, &volume_id),
+                kind_tag_key: kind_tag_key(&volume_key, &volume_id),
                 config_mac_key: kdf::config_mac_key(&volume_key, &volume_id),
                 key_options: options.key_options.clone(),
                 config,
@@ -750,6 +753,7 @@ impl Volume {
             backing,
             name_key: name_key(&config, &volume_key),
             header_key: kdf::volume_header_key(&volume_key, &volume_id),
+            kind_tag_key: kind_tag_key(&volume_key, &volume_id),
             config_mac_key: kdf::config_mac_key(&volume_key, &volume_id),
             key_options: options.key_options.clone(),
             config,
@@ -1047,6 +1051,32 @@ impl Volume {
         kdf::header_mac_key(&self.header_key, file_id)
     }
 
+    /// The tag that tells a listing the kind of the object of `kind` at `path` without its
+    /// header (see [`crate::format::kind_tag`]).
+    pub fn kind_tag(
+        &self,
+        path: &CanonicalPath,
+        kind: ObjectKind,
+    ) -> [u8; crate::format::kind_tag::LEN] {
+        crate::format::kind_tag::tag(&self.kind_tag_key, path, kind)
+    }
+
+    /// The kind a backing file's tag `value` tells for `path`, if it verifies there.
+    pub fn tagged_kind(&self, path: &CanonicalPath, value: &[u8]) -> Option<ObjectKind> {
+        crate::format::kind_tag::verify(&self.kind_tag_key, path, value)
+    }
+
+    /// Tags the backing file `file`, which holds an object of `kind` at `path`, so that a
+    /// listing tells its kind without reading its header. Best effort: a store that keeps no
+    /// user extended attributes keeps no tags, and its listings read headers.
+    pub fn tag_kind(&self, file: &fs::File, path: &CanonicalPath, kind: ObjectKind) {
+        let tag = self.kind_tag(path, kind);
+        if let Err(e) = crate::backing::open::set_xattr(file, crate::format::kind_tag::XATTR, &tag)
+        {
+            tracing::debug!("{path}: no kind tag kept: {e}");
+        }
+    }
+
     /// The key that MACs the volume's rebind records (see [`super::journal`]).
     pub fn rebind_record_mac_key(&self) -> crate::secret::DerivedKey {
         kdf::rebind_record_mac_key(&self.header_key, &self.config.volume_id)
@@ -1175,6 +1205,10 @@ impl Volume {
 }
 
 /// The name key of the volume `config` describes, if its names are encrypted.
+fn kind_tag_key(volume_key: &DataKey, volume_id: &[u8; 16]) -> crate::secret::DerivedKey {
+    kdf::kind_tag_key(&kdf::volume_header_key(volume_key, volume_id), volume_id)
+}
+
 fn name_key(config: &VolumeConfig, volume_key: &DataKey) -> Option<crate::format::names::NameKey> {
     (!config.plaintext_names()).then(|| {
         crate::format::names::NameKey::derive(

@@ -63,7 +63,8 @@ pub enum ObjectKind {
 }
 
 impl ObjectKind {
-    fn from_u8(b: u8) -> Option<Self> {
+    /// The kind numbered `b` in the header (and in a kind tag).
+    pub fn from_byte(b: u8) -> Option<Self> {
         Some(match b {
             1 => ObjectKind::File,
             2 => ObjectKind::Dir,
@@ -107,7 +108,7 @@ impl Attrs {
 
     fn decode(r: &mut Reader) -> Result<Self, String> {
         let kind = r.u8().map_err(|_| "truncated attributes")?;
-        let kind = ObjectKind::from_u8(kind).ok_or(format!("unknown object kind {kind}"))?;
+        let kind = ObjectKind::from_byte(kind).ok_or(format!("unknown object kind {kind}"))?;
         let mode = r.u16().map_err(|_| "truncated attributes")? as u32;
         let uid = r.u32().map_err(|_| "truncated attributes")?;
         let gid = r.u32().map_err(|_| "truncated attributes")?;

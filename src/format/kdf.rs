@@ -74,6 +74,15 @@ pub fn rebind_record_mac_key(volume_header_key: &DerivedKey, volume_id: &[u8; 16
     )
 }
 
+/// The key of the kind tags (docs/FORMAT.md), derived from the volume header key.
+pub fn kind_tag_key(volume_header_key: &DerivedKey, volume_id: &[u8; 16]) -> DerivedKey {
+    expand_bytes(
+        volume_header_key.expose(),
+        volume_id,
+        super::kind_tag::LABEL_KIND_TAG_KEY,
+    )
+}
+
 /// Seals a 32-byte key once: AES-256-GCM with the all-zero nonce under the key
 /// HKDF-SHA256(IKM = `ikm`, salt = `salt`, info = `label`). The key wrap of local master keys
 /// and of volume-wrapped object keys: each wrap has a fresh random 32-byte salt, so each

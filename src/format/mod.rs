@@ -16,6 +16,7 @@ pub mod context;
 pub mod envelope;
 pub mod header;
 pub mod kdf;
+pub mod kind_tag;
 pub mod names;
 pub mod object;
 

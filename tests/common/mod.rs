@@ -182,7 +182,10 @@ impl TestVolume {
         attrs.rdev = rdev;
         let at = self.volume.prepare_entry(&path(p)).unwrap();
         let bytes = kmsfs::core::file::encode_object(&self.volume, &at, attrs, data).unwrap();
-        self.volume.backing().write_new(&at, &bytes).unwrap();
+        self.volume
+            .backing()
+            .write_new_with(&at, &bytes, |f| self.volume.tag_kind(f, &at, kind))
+            .unwrap();
     }
 
     /// Sets the authenticated owner of the object `p` (a directory: its record) as a chown

@@ -110,8 +110,12 @@ pub struct Attr {
     pub blksize: u32,
 }
 
-/// A directory's entries as a reply shows them, each (but `.` and `..`) with its stored path.
-type Listing = Vec<(DirEntry, Option<CanonicalPath>)>;
+/// A directory's entries as a reply shows them, each (but `.` and `..`) with its stored path,
+/// and how far `readdirplus` has read their headers ahead (see [`KmsFs::readdirplus`]).
+struct Listing {
+    entries: Vec<(DirEntry, Option<CanonicalPath>)>,
+    warmed: std::sync::atomic::AtomicUsize,
+}
 
 /// Test hook, never for production: `KMSFS_INJECT_REBIND_PAUSE_MS` holds each rename that
 /// long once its rebind record is written (the namespace lock held), so a test can act while
@@ -269,6 +273,18 @@ impl Kind {
             ObjectKind::Socket => Kind::Socket,
             ObjectKind::CharDevice => Kind::CharDevice,
             ObjectKind::BlockDevice => Kind::BlockDevice,
+        }
+    }
+
+    fn object(self) -> ObjectKind {
+        match self {
+            Kind::File => ObjectKind::File,
+            Kind::Dir => ObjectKind::Dir,
+            Kind::Symlink => ObjectKind::Symlink,
+            Kind::Fifo => ObjectKind::Fifo,
+            Kind::Socket => ObjectKind::Socket,
+            Kind::CharDevice => ObjectKind::CharDevice,
+            Kind::BlockDevice => ObjectKind::BlockDevice,
         }
     }
 }
@@ -747,7 +763,7 @@ impl KmsFs {
         self.put_side(child)?;
         let meta = self
             .store()
-            .write_new(path, &bytes)
+            .write_new_with(path, &bytes, |f| self.volume.tag_kind(f, path, attrs.kind))
             .map_err(|e| io_err("cannot create", path, e))?;
         let attr = self.attr_from(path, &meta)?;
         self.remember(attr.ino, path);
@@ -1491,6 +1507,7 @@ impl KmsFs {
                 enc
             }
         };
+        self.volume.tag_kind(tmp.file(), path, ObjectKind::File);
         tmp.persist_noclobber(path)
             .map_err(|e| io_err("cannot create", path, e))?;
         Ok(enc)
@@ -1530,6 +1547,7 @@ impl KmsFs {
         if made.is_err() {
             return Err(os(format!("cannot stat the new {path}"), libc::EIO));
         }
+        self.volume.tag_kind(&file, path, ObjectKind::File);
         // Held until its header is written: other mounts can tell this create, under way,
         // from one a crash cut short (see `create`). Made under the namespace lock, which
         // they take to look.
@@ -1888,8 +1906,8 @@ impl KmsFs {
         offset: usize,
         mut add: impl FnMut(&DirEntry, u64) -> bool,
     ) -> Result<()> {
-        let entries = self.listing_from(ino, offset)?;
-        for (at, (e, _)) in entries.iter().enumerate().skip(offset) {
+        let listing = self.listing_from(ino, offset)?;
+        for (at, (e, _)) in listing.entries.iter().enumerate().skip(offset) {
             if add(e, at as u64 + 1) {
                 return Ok(());
             }
@@ -1966,14 +1984,17 @@ impl KmsFs {
         } else {
             None
         };
-        // A regular backing file may hold any kind of object: its header says which (read
-        // now, on a few threads, unless remembered).
-        self.warm_facts(&path, &entries);
-        for crate::backing::Entry {
-            name: stored_name,
-            ino,
-            kind: d_type,
-        } in entries
+        // A regular backing file may hold any kind of object: its kind tag or its header
+        // says which.
+        let kinds = self.entry_kinds(&path, &entries);
+        for (
+            crate::backing::Entry {
+                name: stored_name,
+                ino,
+                kind: d_type,
+            },
+            told,
+        ) in entries.into_iter().zip(kinds)
         {
             let Ok(stored) = path.join(stored_name.as_bytes()) else {
                 continue;
@@ -1992,9 +2013,9 @@ impl KmsFs {
                 };
             let kind = match d_type {
                 libc::DT_DIR => Kind::Dir,
-                // Shown as a file when its header could not be read: the lookup that follows
-                // fails, and says why.
-                libc::DT_REG => self.facts.kind(ino, &stored).map_or(Kind::File, Kind::of),
+                // Shown as a file when neither could tell: the lookup that follows fails, and
+                // says why.
+                libc::DT_REG => told.unwrap_or(Kind::File),
                 // The filesystem does not record types: ask.
                 libc::DT_UNKNOWN => match self.stat_path(&stored).ok() {
                     Some(attr) => attr.kind,
@@ -2013,7 +2034,10 @@ impl KmsFs {
                 Some(stored),
             ));
         }
-        Ok(out)
+        Ok(Listing {
+            entries: out,
+            warmed: Default::default(),
+        })
     }
 
     /// Logs, once per mount, a backing entry whose name kmsfs did not write in that directory
@@ -2040,8 +2064,9 @@ impl KmsFs {
         mut add: impl FnMut(&DirEntry, &Attr, bool, u64) -> bool,
     ) -> Result<()> {
         let dir = self.path_of(ino)?;
-        let entries = self.listing_from(ino, offset)?;
-        for (at, (e, stored)) in entries.iter().enumerate().skip(offset) {
+        let listing = self.listing_from(ino, offset)?;
+        self.warm_ahead(&listing, offset);
+        for (at, (e, stored)) in listing.entries.iter().enumerate().skip(offset) {
             let found = match (e.name.as_bytes(), stored) {
                 (b".", None) => self.stat_path(&dir).ok().map(|a| (None, a)),
                 (b"..", None) => self
@@ -2103,6 +2128,14 @@ impl KmsFs {
     }
 
     fn xattr_name(name: &OsStr) -> Result<CString> {
+        // kmsfs's own attribute is not the user's to read or change (with encrypted names,
+        // the user's attributes are stored under other names).
+        if name.as_bytes() == crate::format::kind_tag::XATTR.to_bytes() {
+            return Err(os(
+                "an extended attribute name kmsfs keeps for itself",
+                libc::EPERM,
+            ));
+        }
         // (kept as a C string: the backing module passes it to the kernel as is)
         CString::new(name.as_bytes()).map_err(|_| os("xattr name with NUL", libc::EINVAL))
     }
@@ -2146,7 +2179,11 @@ impl KmsFs {
     /// user: none is there to read (the backing entry's own are not the user's).
     pub fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> Result<Vec<u8>> {
         self.check_xattrs()?;
-        if name.as_bytes().starts_with(b"system.") {
+        // (With plaintext names, kmsfs's own attribute is not the user's either.)
+        if name.as_bytes().starts_with(b"system.")
+            || (self.volume.name_key().is_none()
+                && name.as_bytes() == crate::format::kind_tag::XATTR.to_bytes())
+        {
             return Err(os("no such attribute", libc::ENODATA));
         }
         let path = self.path_of(ino)?;
@@ -2183,12 +2220,7 @@ impl KmsFs {
     pub fn listxattr(&self, ino: u64, size: u32) -> Result<Vec<u8>> {
         self.check_xattrs()?;
         let path = self.path_of(ino)?;
-        let Some(key) = self.volume.name_key() else {
-            return self
-                .store()
-                .list_xattr(&path, size as usize, None)
-                .map_err(|e| io_err("listxattr", &path, e));
-        };
+        let key = self.volume.name_key();
         let list = |size| {
             self.store()
                 .list_xattr(&path, size, None)
@@ -2202,9 +2234,16 @@ impl KmsFs {
         };
         // Only the attributes kmsfs encrypted: what else the backing entry carries (a
         // security label) is the backing filesystem's, not the user's.
+        // (With plaintext names: all but kmsfs's own.)
         let mut out = Vec::new();
         for stored in listed.split(|&b| b == 0).filter(|n| !n.is_empty()) {
-            if let Some(name) = names::decrypt_xattr_name(key, stored) {
+            let name = match key {
+                Some(key) => names::decrypt_xattr_name(key, stored),
+                None => {
+                    (stored != crate::format::kind_tag::XATTR.to_bytes()).then(|| stored.to_vec())
+                }
+            };
+            if let Some(name) = name {
                 out.extend_from_slice(&name);
                 out.push(0);
             }
