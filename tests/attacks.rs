@@ -1016,6 +1016,29 @@ fn a_listing_takes_a_kind_only_from_a_tag_made_for_that_entry() {
     v.put_bytes("d/link", &damaged);
     assert_eq!(listed_kinds(&v), made);
     assert!(!looks_up(&v, "link"), "a damaged header is refused");
+    // ...and `readdirplus` hands the kernel no attributes of a kind only the tag told.
+    {
+        use kmsfs::core::fs::{KmsFs, ROOT_INO};
+        let core = KmsFs::new(v.reopen().unwrap(), true).unwrap();
+        let d = core
+            .lookup(ROOT_INO, std::ffi::OsStr::new("d"))
+            .unwrap()
+            .ino;
+        let mut seen = Vec::new();
+        core.readdirplus(d, 0, |e, a, real, _| {
+            seen.push((e.name.to_string_lossy().into_owned(), e.kind, a.kind, real));
+            false
+        })
+        .unwrap();
+        assert!(
+            seen.contains(&("link".into(), Kind::Symlink, Kind::File, false)),
+            "{seen:?}"
+        );
+        assert!(
+            seen.contains(&("file".into(), Kind::File, Kind::File, true)),
+            "{seen:?}"
+        );
+    }
     v.put_bytes("d/link", &good);
     assert!(looks_up(&v, "link"));
 
@@ -1030,8 +1053,19 @@ fn a_listing_takes_a_kind_only_from_a_tag_made_for_that_entry() {
     // ...and that listing put the file's own tag back.
     assert_eq!(kind_tag_of(&file).unwrap(), file_tag);
 
-    // Stripped: read from the header, then tagged again (the damaged header shows it).
+    // Stripped: read from the header, then tagged again (the damaged header shows it), but
+    // not by a read-only mount.
     rustix::fs::lremovexattr(&link, kmsfs::format::kind_tag::XATTR).unwrap();
+    {
+        use kmsfs::core::fs::{KmsFs, ROOT_INO};
+        let core = KmsFs::new(v.reopen().unwrap(), true).unwrap();
+        let d = core
+            .lookup(ROOT_INO, std::ffi::OsStr::new("d"))
+            .unwrap()
+            .ino;
+        assert_eq!(core.readdir(d).unwrap().len(), 4);
+        assert_eq!(kind_tag_of(&link), None, "a read-only listing wrote a tag");
+    }
     assert_eq!(listed_kinds(&v), made);
     assert_eq!(kind_tag_of(&link).unwrap(), link_tag);
     v.put_bytes("d/link", &damaged);

@@ -1204,11 +1204,12 @@ impl Volume {
     }
 }
 
-/// The name key of the volume `config` describes, if its names are encrypted.
+/// The kind tag key of a volume (docs/FORMAT.md "Kind tags").
 fn kind_tag_key(volume_key: &DataKey, volume_id: &[u8; 16]) -> crate::secret::DerivedKey {
     kdf::kind_tag_key(&kdf::volume_header_key(volume_key, volume_id), volume_id)
 }
 
+/// The name key of the volume `config` describes, if its names are encrypted.
 fn name_key(config: &VolumeConfig, volume_key: &DataKey) -> Option<crate::format::names::NameKey> {
     (!config.plaintext_names()).then(|| {
         crate::format::names::NameKey::derive(

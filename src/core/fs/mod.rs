@@ -2083,10 +2083,18 @@ impl KmsFs {
                 _ => None,
             };
             let real = found.is_some();
+            // An entry whose attributes could not be read goes to the kernel as a plain file
+            // (or directory), never as a kind only its tag told: a node of another type than
+            // one the kernel holds would be marked bad for every open descriptor.
             let (path, attr) = found.unwrap_or_else(|| {
+                let kind = if e.kind == Kind::Dir {
+                    Kind::Dir
+                } else {
+                    Kind::File
+                };
                 (
                     None,
-                    Attr::unknown(e.ino, e.kind, self.volume.config().block_size),
+                    Attr::unknown(e.ino, kind, self.volume.config().block_size),
                 )
             });
             if add(e, &attr, real, at as u64 + 1) {
@@ -2226,11 +2234,17 @@ impl KmsFs {
                 .list_xattr(&path, size, None)
                 .map_err(|e| io_err("listxattr", &path, e))
         };
-        let len = list(0)?.len();
-        let listed = if len == 0 {
-            Vec::new()
-        } else {
-            list(len.min(XATTR_BUFFER))?
+        // (Asked again if the list grew in between: a listing may tag the file meanwhile.)
+        let mut tries = 0;
+        let listed = loop {
+            let len = list(0)?.len();
+            if len == 0 {
+                break Vec::new();
+            }
+            match list((len + 64).min(XATTR_BUFFER)) {
+                Err(e) if e.errno() == libc::ERANGE && tries < 3 => tries += 1,
+                other => break other?,
+            }
         };
         // Only the attributes kmsfs encrypted: what else the backing entry carries (a
         // security label) is the backing filesystem's, not the user's.

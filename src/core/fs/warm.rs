@@ -18,7 +18,14 @@ use crate::format::header::{Attrs, ObjectKind};
 /// entry can only show an earlier authentic state of that object (the rollback docs/SECURITY.md
 /// describes), never something kmsfs did not write. Bounded.
 #[derive(Default)]
-pub(super) struct Facts(Mutex<HashMap<u64, (FactsStamp, HeaderFacts)>>);
+pub(super) struct Facts(
+    Mutex<HashMap<u64, (FactsStamp, HeaderFacts)>>,
+    /// Kinds kind tags told, by backing inode, with a hash of the path the tag verified at:
+    /// a listing again needs no tag read. (An object's kind is its inode's for good, unless
+    /// the store's writer puts another object's content in it: then this shows the earlier,
+    /// authentic kind, as a stale header fact would.)
+    Mutex<HashMap<u64, (u64, ObjectKind)>>,
+);
 
 /// When a remembered header is still the one on disk.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -59,18 +66,38 @@ impl Facts {
     /// the header remembered binds that name (an inode linked elsewhere on the store, a
     /// directory's record above all, tells nothing about this one).
     pub(super) fn kind(&self, ino: u64, path: &CanonicalPath) -> Option<ObjectKind> {
-        self.0
+        let from_header = self
+            .0
             .lock()
             .unwrap()
             .get(&ino)
             .filter(|(_, f)| f.paths.contains(path) && f.attrs.kind != ObjectKind::Dir)
-            .map(|(_, f)| f.attrs.kind)
+            .map(|(_, f)| f.attrs.kind);
+        from_header.or_else(|| {
+            let at = path_hash(path);
+            self.1
+                .lock()
+                .unwrap()
+                .get(&ino)
+                .filter(|(h, _)| *h == at)
+                .map(|(_, k)| *k)
+        })
+    }
+
+    /// Remembers that the kind tag of backing inode `ino` verified as `kind` at `path`.
+    pub(super) fn put_tagged(&self, ino: u64, path: &CanonicalPath, kind: ObjectKind) {
+        let mut map = self.1.lock().unwrap();
+        if map.len() >= Self::MAX {
+            map.clear();
+        }
+        map.insert(ino, (path_hash(path), kind));
     }
 
     /// Forgets what the header of backing inode `ino` said (kmsfs just rewrote it: its change
     /// time may not have moved at the clock's granularity).
     pub(super) fn forget(&self, ino: u64) {
         self.0.lock().unwrap().remove(&ino);
+        self.1.lock().unwrap().remove(&ino);
     }
 
     fn put(&self, ino: u64, stamp: FactsStamp, facts: HeaderFacts) {
@@ -80,6 +107,14 @@ impl Facts {
         }
         map.insert(ino, (stamp, facts));
     }
+}
+
+/// A path's hash, keyed per process (a store's writer cannot aim for a collision).
+fn path_hash(path: &CanonicalPath) -> u64 {
+    use std::hash::BuildHasher;
+    static KEYS: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+        std::sync::OnceLock::new();
+    KEYS.get_or_init(Default::default).hash_one(path.as_str())
 }
 
 /// Key prefetch for a walk that reads files (a backup, `grep -r`, `find -exec cat`): when a
@@ -338,7 +373,8 @@ impl KmsFs {
     /// headers. A listing thus reads no header of a tagged object, which a big directory's
     /// `ls -f` or `find` would otherwise wait for once per entry. An object whose header binds
     /// it here but whose tag did not verify (renamed since, made before tags, stripped) is
-    /// tagged again, unless it has other names (whose listings would take turns retagging it).
+    /// tagged again, unless it has other names (whose listings would take turns retagging it);
+    /// that moves the backing file's change time, as the rename that left the tag stale did.
     pub(super) fn entry_kinds(
         &self,
         dir: &CanonicalPath,
@@ -373,8 +409,11 @@ impl KmsFs {
                 .ok()?;
                 self.volume.tagged_kind(path, &value)
             });
-            for ((at, _), kind) in untold.iter().zip(tagged) {
-                kinds[*at] = kind.map(Kind::of);
+            for ((at, path), kind) in untold.iter().zip(tagged) {
+                if let Some(kind) = kind {
+                    self.facts.put_tagged(entries[*at].ino, path, kind);
+                    kinds[*at] = Some(Kind::of(kind));
+                }
             }
             untold.retain(|(at, _)| kinds[*at].is_none());
         }
@@ -382,11 +421,16 @@ impl KmsFs {
         let read = in_parallel(&untold, |(_, path)| {
             let attr = self.stat_path(path).ok()?;
             if retag && attr.kind != Kind::Dir && attr.nlink == 1 {
+                // On the inode whose header was just read, not whatever was renamed over it
+                // since (which would carry that one's kind for good).
                 let tag = self.volume.kind_tag(path, attr.kind.object());
-                if let Err(e) =
-                    self.store()
-                        .set_xattr(path, crate::format::kind_tag::XATTR, &tag, 0, None)
-                {
+                if let Err(e) = self.store().set_xattr(
+                    path,
+                    crate::format::kind_tag::XATTR,
+                    &tag,
+                    0,
+                    Some(self.expected(attr.ino)),
+                ) {
                     tracing::debug!("{path}: no kind tag kept: {e}");
                 }
             }
@@ -399,15 +443,17 @@ impl KmsFs {
     }
 
     /// Before a `readdirplus` reply from entry `offset` on: the headers of the next entries
-    /// (the reply's and those of the replies after it, up to [`WARM_AHEAD`]) are read on a few
+    /// (the reply's and those of the replies after it, up to 1024) are read on a few
     /// threads at once unless already read, so the disk sees them in parallel rather than one
     /// per entry as the replies go.
     pub(super) fn warm_ahead(&self, listing: &Listing, offset: usize) {
+        // Growing from 64: the first reply of any pass is a `readdirplus` (the kernel's
+        // choice), even for an `ls -f` that then goes on with plain replies.
         const WARM_AHEAD: usize = 1024;
         if offset < listing.warmed.load(Ordering::Relaxed) {
             return;
         }
-        let end = (offset + WARM_AHEAD).min(listing.entries.len());
+        let end = (offset + offset.clamp(64, WARM_AHEAD)).min(listing.entries.len());
         listing.warmed.store(end, Ordering::Relaxed);
         let Some(window) = listing.entries.get(offset..end) else {
             return;
@@ -505,6 +551,8 @@ impl KmsFs {
 /// `f` of each of `items`, in order, on up to 16 threads when there are enough items to pay
 /// for them (header and attribute reads wait on the disk, not the CPU: 16 read a cold `ls -lR`
 /// of the benchmark tree in 1.02 s, 4 in 1.15 s).
+/// (A part no thread could be started for is done here, in turn: a listing never fails for
+/// want of threads.)
 fn in_parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
     const THREADS: usize = 16;
     if items.len() < 2 * THREADS {
@@ -514,11 +562,20 @@ fn in_parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec
     std::thread::scope(|s| {
         let parts: Vec<_> = items
             .chunks(items.len().div_ceil(THREADS))
-            .map(|part| s.spawn(move || part.iter().map(f).collect::<Vec<R>>()))
+            .map(|part| {
+                let spawned = std::thread::Builder::new()
+                    .spawn_scoped(s, move || part.iter().map(f).collect::<Vec<R>>());
+                (part, spawned.ok())
+            })
             .collect();
-        parts
-            .into_iter()
-            .flat_map(|h| h.join().expect("a listing thread panicked"))
-            .collect()
+        let mut out = Vec::with_capacity(items.len());
+        for (part, spawned) in parts {
+            match spawned.map(|h| h.join()) {
+                Some(Ok(done)) => out.extend(done),
+                Some(Err(panic)) => std::panic::resume_unwind(panic),
+                None => out.extend(part.iter().map(f)),
+            }
+        }
+        out
     })
 }
