@@ -587,17 +587,18 @@ impl Backing {
         self.write_new_as(path, bytes, false)
     }
 
-    /// [`Backing::write_new`], with `finish` given the file before it has its name (to tag it).
+    /// [`Backing::write_new`], with `finish` given the file before it has its name (to sync or
+    /// tag it).
     pub fn write_new_with(
         &self,
         path: &CanonicalPath,
         bytes: &[u8],
-        finish: impl FnOnce(&File),
+        finish: impl FnOnce(&File) -> io::Result<()>,
     ) -> io::Result<Metadata> {
         let dir = path.parent().ok_or_else(|| errno(libc::EEXIST))?;
         let tmp = self.new_temporary_file(&dir, 0o600)?;
         tmp.file().write_all_at(bytes, 0)?;
-        finish(tmp.file());
+        finish(tmp.file())?;
         let meta = tmp.file().metadata()?;
         tmp.persist_noclobber(path)?;
         Ok(meta)
@@ -610,15 +611,11 @@ impl Backing {
         bytes: &[u8],
         durable: bool,
     ) -> io::Result<Metadata> {
-        let dir = path.parent().ok_or_else(|| errno(libc::EEXIST))?;
-        let tmp = self.new_temporary_file(&dir, 0o600)?;
-        tmp.file().write_all_at(bytes, 0)?;
-        if durable {
-            tmp.file().sync_data()?;
-        }
-        let meta = tmp.file().metadata()?;
-        tmp.persist_noclobber(path)?;
-        Ok(meta)
+        self.write_new_with(
+            path,
+            bytes,
+            |f| if durable { f.sync_data() } else { Ok(()) },
+        )
     }
 
     pub fn mkdir(&self, path: &CanonicalPath, mode: u32) -> io::Result<()> {

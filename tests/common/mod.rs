@@ -184,7 +184,10 @@ impl TestVolume {
         let bytes = kmsfs::core::file::encode_object(&self.volume, &at, attrs, data).unwrap();
         self.volume
             .backing()
-            .write_new_with(&at, &bytes, |f| self.volume.tag_kind(f, &at, kind))
+            .write_new_with(&at, &bytes, |f| {
+                self.volume.tag_kind(f, &at, kind);
+                Ok(())
+            })
             .unwrap();
     }
 

@@ -763,7 +763,10 @@ impl KmsFs {
         self.put_side(child)?;
         let meta = self
             .store()
-            .write_new_with(path, &bytes, |f| self.volume.tag_kind(f, path, attrs.kind))
+            .write_new_with(path, &bytes, |f| {
+                self.volume.tag_kind(f, path, attrs.kind);
+                Ok(())
+            })
             .map_err(|e| io_err("cannot create", path, e))?;
         let attr = self.attr_from(path, &meta)?;
         self.remember(attr.ino, path);
@@ -2138,7 +2141,7 @@ impl KmsFs {
     fn xattr_name(name: &OsStr) -> Result<CString> {
         // kmsfs's own attribute is not the user's to read or change (with encrypted names,
         // the user's attributes are stored under other names).
-        if name.as_bytes() == crate::format::kind_tag::XATTR.to_bytes() {
+        if is_kind_tag(name.as_bytes()) {
             return Err(os(
                 "an extended attribute name kmsfs keeps for itself",
                 libc::EPERM,
@@ -2189,8 +2192,7 @@ impl KmsFs {
         self.check_xattrs()?;
         // (With plaintext names, kmsfs's own attribute is not the user's either.)
         if name.as_bytes().starts_with(b"system.")
-            || (self.volume.name_key().is_none()
-                && name.as_bytes() == crate::format::kind_tag::XATTR.to_bytes())
+            || (self.volume.name_key().is_none() && is_kind_tag(name.as_bytes()))
         {
             return Err(os("no such attribute", libc::ENODATA));
         }
@@ -2253,9 +2255,7 @@ impl KmsFs {
         for stored in listed.split(|&b| b == 0).filter(|n| !n.is_empty()) {
             let name = match key {
                 Some(key) => names::decrypt_xattr_name(key, stored),
-                None => {
-                    (stored != crate::format::kind_tag::XATTR.to_bytes()).then(|| stored.to_vec())
-                }
+                None => (!is_kind_tag(stored)).then(|| stored.to_vec()),
             };
             if let Some(name) = name {
                 out.extend_from_slice(&name);
@@ -2282,6 +2282,11 @@ impl KmsFs {
 /// Room for any backing attribute value or name list (Linux caps both at 64 KiB), with an
 /// encrypted value's overhead.
 const XATTR_BUFFER: usize = 64 * 1024 + names::XATTR_VALUE_OVERHEAD;
+
+/// Whether a backing attribute name is kmsfs's kind tag (docs/FORMAT.md "Kind tags").
+fn is_kind_tag(name: &[u8]) -> bool {
+    name == crate::format::kind_tag::XATTR.to_bytes()
+}
 
 /// What a write or truncate by someone without `CAP_FSETID` clears (as the kernel does for
 /// local filesystems): set-user-id always, set-group-id when group-executable (without group
