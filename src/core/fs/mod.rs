@@ -110,11 +110,24 @@ pub struct Attr {
     pub blksize: u32,
 }
 
-/// A directory's entries as a reply shows them, each (but `.` and `..`) with its stored path,
-/// and how far `readdirplus` has read their headers ahead (see [`KmsFs::readdirplus`]).
+/// A directory's entries as a reply shows them, and how far `readdirplus` has read their
+/// headers ahead (see [`KmsFs::readdirplus`]).
 struct Listing {
-    entries: Vec<(DirEntry, Option<CanonicalPath>)>,
+    entries: Vec<ListingEntry>,
     warmed: std::sync::atomic::AtomicUsize,
+}
+
+/// One entry of a [`Listing`]: each (but `.` and `..`) with its stored path. The kind of an
+/// object in a regular backing file is told (by its kind tag, else its header) only when a
+/// plain `readdir` reply reaches it, a window at a time: a `readdirplus` reply reads every
+/// entry's header anyway, and needs none.
+struct ListingEntry {
+    entry: DirEntry,
+    stored: Option<CanonicalPath>,
+    /// A regular backing file's inode number and stored name.
+    regular: Option<(u64, OsString)>,
+    /// Its kind once asked: None where neither its tag nor its header could tell.
+    told: std::sync::OnceLock<Option<Kind>>,
 }
 
 /// Test hook, never for production: `KMSFS_INJECT_REBIND_PAUSE_MS` holds each rename that
@@ -1910,8 +1923,23 @@ impl KmsFs {
         mut add: impl FnMut(&DirEntry, u64) -> bool,
     ) -> Result<()> {
         let listing = self.listing_from(ino, offset)?;
-        for (at, (e, _)) in listing.entries.iter().enumerate().skip(offset) {
-            if add(e, at as u64 + 1) {
+        for (at, l) in listing.entries.iter().enumerate().skip(offset) {
+            if l.regular.is_some() && l.told.get().is_none() {
+                self.tell_kinds(&listing, at);
+            }
+            let full = match l.told.get() {
+                // Shown as a file when neither could tell: the lookup that follows fails, and
+                // says why.
+                Some(Some(kind)) if *kind != l.entry.kind => {
+                    let told = DirEntry {
+                        kind: *kind,
+                        ..l.entry.clone()
+                    };
+                    add(&told, at as u64 + 1)
+                }
+                _ => add(&l.entry, at as u64 + 1),
+            };
+            if full {
                 return Ok(());
             }
         }
@@ -1954,24 +1982,17 @@ impl KmsFs {
                 .unwrap_or(ROOT_INO),
             None => ROOT_INO,
         };
-        let mut out = vec![
-            (
-                DirEntry {
-                    ino: self.ino_of(meta.ino()),
-                    kind: Kind::Dir,
-                    name: ".".into(),
-                },
-                None,
-            ),
-            (
-                DirEntry {
-                    ino: parent_ino,
-                    kind: Kind::Dir,
-                    name: "..".into(),
-                },
-                None,
-            ),
-        ];
+        let dot = |ino, name: &str| ListingEntry {
+            entry: DirEntry {
+                ino,
+                kind: Kind::Dir,
+                name: name.into(),
+            },
+            stored: None,
+            regular: None,
+            told: Default::default(),
+        };
+        let mut out = vec![dot(self.ino_of(meta.ino()), "."), dot(parent_ino, "..")];
         let atime = if self.read_only {
             Atime::Keep
         } else {
@@ -1987,17 +2008,11 @@ impl KmsFs {
         } else {
             None
         };
-        // A regular backing file may hold any kind of object: its kind tag or its header
-        // says which.
-        let kinds = self.entry_kinds(&path, &entries);
-        for (
-            crate::backing::Entry {
-                name: stored_name,
-                ino,
-                kind: d_type,
-            },
-            told,
-        ) in entries.into_iter().zip(kinds)
+        for crate::backing::Entry {
+            name: stored_name,
+            ino,
+            kind: d_type,
+        } in entries
         {
             let Ok(stored) = path.join(stored_name.as_bytes()) else {
                 continue;
@@ -2016,9 +2031,9 @@ impl KmsFs {
                 };
             let kind = match d_type {
                 libc::DT_DIR => Kind::Dir,
-                // Shown as a file when neither could tell: the lookup that follows fails, and
-                // says why.
-                libc::DT_REG => told.unwrap_or(Kind::File),
+                // Any kind of object: its kind tag or its header says which, when a reply
+                // needs it (see `ListingEntry`).
+                libc::DT_REG => Kind::File,
                 // The filesystem does not record types: ask.
                 libc::DT_UNKNOWN => match self.stat_path(&stored).ok() {
                     Some(attr) => attr.kind,
@@ -2028,14 +2043,16 @@ impl KmsFs {
                 // listed, so that its lookup fails where it is seen (EIO, logged), never shown.
                 _ => Kind::File,
             };
-            out.push((
-                DirEntry {
+            out.push(ListingEntry {
+                entry: DirEntry {
                     ino: self.ino_of(ino),
                     kind,
                     name,
                 },
-                Some(stored),
-            ));
+                stored: Some(stored),
+                regular: (d_type == libc::DT_REG).then_some((ino, stored_name)),
+                told: Default::default(),
+            });
         }
         Ok(Listing {
             entries: out,
@@ -2069,7 +2086,13 @@ impl KmsFs {
         let dir = self.path_of(ino)?;
         let listing = self.listing_from(ino, offset)?;
         self.warm_ahead(&listing, offset);
-        for (at, (e, stored)) in listing.entries.iter().enumerate().skip(offset) {
+        for (
+            at,
+            ListingEntry {
+                entry: e, stored, ..
+            },
+        ) in listing.entries.iter().enumerate().skip(offset)
+        {
             let found = match (e.name.as_bytes(), stored) {
                 (b".", None) => self.stat_path(&dir).ok().map(|a| (None, a)),
                 (b"..", None) => self

@@ -84,6 +84,16 @@ impl Facts {
         })
     }
 
+    /// Whether what the header of backing inode `ino`, listed as `path`, said is remembered
+    /// (maybe stale: only a stat tells).
+    pub(super) fn knows(&self, ino: u64, path: &CanonicalPath) -> bool {
+        self.0
+            .lock()
+            .unwrap()
+            .get(&ino)
+            .is_some_and(|(_, f)| f.paths.contains(path))
+    }
+
     /// Remembers that the kind tag of backing inode `ino` verified as `kind` at `path`.
     pub(super) fn put_tagged(&self, ino: u64, path: &CanonicalPath, kind: ObjectKind) {
         let mut map = self.1.lock().unwrap();
@@ -368,38 +378,41 @@ impl KmsFs {
         }
     }
 
-    /// The kinds of the regular backing files among `dir`'s `entries` (None for the others,
-    /// and where nothing tells): remembered, else from their kind tags, else from their
-    /// headers. A listing thus reads no header of a tagged object, which a big directory's
+    /// The kinds of the objects in regular backing files of `listing` from entry `from` on,
+    /// a window of them (growing with `from`, so a pass is linear): from what a header said
+    /// (remembered), else a kind tag that verifies for the entry's path, else its header,
+    /// read now. A listing thus reads no header of a tagged object, which a big directory's
     /// `ls -f` or `find` would otherwise wait for once per entry. An object whose header binds
     /// it here but whose tag did not verify (renamed since, made before tags, stripped) is
-    /// tagged again, unless it has other names (whose listings would take turns retagging it);
-    /// that moves the backing file's change time, as the rename that left the tag stale did.
-    pub(super) fn entry_kinds(
-        &self,
-        dir: &CanonicalPath,
-        entries: &[crate::backing::Entry],
-    ) -> Vec<Option<Kind>> {
-        let mut kinds = vec![None; entries.len()];
-        let mut untold: Vec<(usize, CanonicalPath)> = Vec::new();
-        for (at, e) in entries.iter().enumerate() {
-            if e.kind != libc::DT_REG {
-                continue;
-            }
-            let Ok(path) = dir.join(e.name.as_bytes()) else {
+    /// tagged again on a writable mount, unless it has other names (whose listings would take
+    /// turns retagging it); that moves the backing file's change time, as the rename that left
+    /// the tag stale did.
+    pub(super) fn tell_kinds(&self, listing: &Listing, from: usize) {
+        const TELL_AHEAD: usize = 1024;
+        let end = (from + from.clamp(64, TELL_AHEAD)).min(listing.entries.len());
+        let Some(window) = listing.entries.get(from..end) else {
+            return;
+        };
+        let mut untold: Vec<(&ListingEntry, u64, &OsStr, &CanonicalPath)> = Vec::new();
+        for l in window.iter().filter(|l| l.told.get().is_none()) {
+            let (Some((ino, name)), Some(path)) = (&l.regular, &l.stored) else {
                 continue;
             };
-            match self.facts.kind(e.ino, &path) {
-                Some(kind) => kinds[at] = Some(Kind::of(kind)),
-                None => untold.push((at, path)),
+            match self.facts.kind(*ino, path) {
+                Some(kind) => {
+                    let _ = l.told.set(Some(Kind::of(kind)));
+                }
+                None => untold.push((l, *ino, name, path)),
             }
         }
         if untold.is_empty() {
-            return kinds;
+            return;
         }
-        if let Ok(opened) = self.store().open_dir(dir, Atime::Keep) {
-            let tagged = in_parallel(&untold, |(at, path)| {
-                let name = entries[*at].name.as_os_str();
+        let Some(dir) = untold[0].3.parent() else {
+            return;
+        };
+        if let Ok(opened) = self.store().open_dir(&dir, Atime::Keep) {
+            let tagged = in_parallel(&untold, |(_, _, name, path)| {
                 let value = crate::backing::open::entry_xattr(
                     &opened,
                     name,
@@ -409,16 +422,16 @@ impl KmsFs {
                 .ok()?;
                 self.volume.tagged_kind(path, &value)
             });
-            for ((at, path), kind) in untold.iter().zip(tagged) {
+            for ((l, ino, _, path), kind) in untold.iter().zip(tagged) {
                 if let Some(kind) = kind {
-                    self.facts.put_tagged(entries[*at].ino, path, kind);
-                    kinds[*at] = Some(Kind::of(kind));
+                    self.facts.put_tagged(*ino, path, kind);
+                    let _ = l.told.set(Some(Kind::of(kind)));
                 }
             }
-            untold.retain(|(at, _)| kinds[*at].is_none());
+            untold.retain(|(l, ..)| l.told.get().is_none());
         }
         let retag = !self.read_only;
-        let read = in_parallel(&untold, |(_, path)| {
+        let read = in_parallel(&untold, |(_, _, _, path)| {
             let attr = self.stat_path(path).ok()?;
             if retag && attr.kind != Kind::Dir && attr.nlink == 1 {
                 // On the inode whose header was just read, not whatever was renamed over it
@@ -436,10 +449,9 @@ impl KmsFs {
             }
             Some(attr.kind)
         });
-        for ((at, _), kind) in untold.iter().zip(read) {
-            kinds[*at] = kind;
+        for ((l, ..), kind) in untold.iter().zip(read) {
+            let _ = l.told.set(kind);
         }
-        kinds
     }
 
     /// Before a `readdirplus` reply from entry `offset` on: the headers of the next entries
@@ -458,10 +470,14 @@ impl KmsFs {
         let Some(window) = listing.entries.get(offset..end) else {
             return;
         };
+        // Not those whose headers were read before (a walk after `ls -lR`, an `rm -rf`): the
+        // reply's own stat finds them remembered, or reads again one that changed since.
         let objects: Vec<&CanonicalPath> = window
             .iter()
-            .filter(|(e, _)| e.kind != Kind::Dir)
-            .filter_map(|(_, stored)| stored.as_ref())
+            .filter_map(|l| match (&l.regular, &l.stored) {
+                (Some((ino, _)), Some(path)) if !self.facts.knows(*ino, path) => Some(path),
+                _ => None,
+            })
             .collect();
         in_parallel(&objects, |path| {
             let _ = self.stat_path(path);
