@@ -213,6 +213,12 @@ impl CanonicalPath {
         }))
     }
 
+    /// The raw bytes of the last component (None for the root).
+    pub fn file_name(&self) -> Option<Vec<u8>> {
+        let cut = self.0.rfind('/')?;
+        decode_component(self.0.get(cut + 1..).filter(|c| !c.is_empty())?)
+    }
+
     /// The child `name` (raw bytes of one component) of this directory path.
     pub fn join(&self, name: &[u8]) -> Result<Self, FormatError> {
         if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') {
@@ -335,6 +341,9 @@ mod tests {
         assert_eq!(p.to_relative_path().as_os_str().as_bytes(), b"dir/f\xff");
         assert!(p.join(b"..").is_err());
         assert!(p.join(b"a/b").is_err());
+        assert_eq!(p.file_name().unwrap(), b"f\xff");
+        assert_eq!(p.parent().unwrap().file_name().unwrap(), b"dir");
+        assert_eq!(CanonicalPath::root().file_name(), None);
     }
 
     #[test]

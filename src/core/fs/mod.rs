@@ -124,8 +124,8 @@ struct Listing {
 struct ListingEntry {
     entry: DirEntry,
     stored: Option<CanonicalPath>,
-    /// A regular backing file's inode number and stored name.
-    regular: Option<(u64, OsString)>,
+    /// A regular backing file's inode number.
+    regular: Option<u64>,
     /// Its kind once asked: None where neither its tag nor its header could tell.
     told: std::sync::OnceLock<Option<Kind>>,
 }
@@ -2050,7 +2050,7 @@ impl KmsFs {
                     name,
                 },
                 stored: Some(stored),
-                regular: (d_type == libc::DT_REG).then_some((ino, stored_name)),
+                regular: (d_type == libc::DT_REG).then_some(ino),
                 told: Default::default(),
             });
         }

@@ -393,16 +393,19 @@ impl KmsFs {
         let Some(window) = listing.entries.get(from..end) else {
             return;
         };
-        let mut untold: Vec<(&ListingEntry, u64, &OsStr, &CanonicalPath)> = Vec::new();
+        let mut untold: Vec<(&ListingEntry, u64, OsString, &CanonicalPath)> = Vec::new();
         for l in window.iter().filter(|l| l.told.get().is_none()) {
-            let (Some((ino, name)), Some(path)) = (&l.regular, &l.stored) else {
+            let (Some(ino), Some(path)) = (l.regular, &l.stored) else {
                 continue;
             };
-            match self.facts.kind(*ino, path) {
-                Some(kind) => {
+            match (self.facts.kind(ino, path), path.file_name()) {
+                (Some(kind), _) => {
                     let _ = l.told.set(Some(Kind::of(kind)));
                 }
-                None => untold.push((l, *ino, name, path)),
+                (None, Some(name)) => untold.push((l, ino, OsString::from_vec(name), path)),
+                (None, None) => {
+                    let _ = l.told.set(None);
+                }
             }
         }
         if untold.is_empty() {
@@ -475,7 +478,7 @@ impl KmsFs {
         let objects: Vec<&CanonicalPath> = window
             .iter()
             .filter_map(|l| match (&l.regular, &l.stored) {
-                (Some((ino, _)), Some(path)) if !self.facts.knows(*ino, path) => Some(path),
+                (Some(ino), Some(path)) if !self.facts.knows(*ino, path) => Some(path),
                 _ => None,
             })
             .collect();
