@@ -1185,3 +1185,132 @@ fn every_entry_of_a_long_listing_gets_its_kind_in_replies_of_any_size() {
     let link = got.iter().find(|e| e.name == "e0003").unwrap();
     assert_eq!(link.kind, Kind::File);
 }
+
+/// Another user of the mount renames a directory while a pass of replies over it is part way
+/// and makes a new directory of the old name, holding symlinks named like its files: the rest
+/// of the pass lists the renamed directory's own files (their inodes, kinds and attributes),
+/// not the objects now at its old path, in `readdirplus` replies and in plain ones.
+#[test]
+fn a_listing_goes_on_in_its_own_directory_after_that_directory_is_renamed() {
+    use kmsfs::core::fs::{Caller, Kind, KmsFs, ROOT_INO};
+    use std::ffi::OsStr;
+    const CALLER: Caller = Caller {
+        uid: 0,
+        gid: 0,
+        umask: 0o022,
+    };
+    let v = TestVolume::new(4096);
+    let names: Vec<String> = (0..20).map(|i| format!("f{i:02}")).collect();
+    for dir in ["d", "e"] {
+        v.mkdir(dir);
+        for n in &names {
+            v.write(&format!("{dir}/{n}"), b"mine");
+        }
+    }
+    let core = KmsFs::new(v.reopen().unwrap(), false).unwrap();
+    // The attacker's moves: `dir` renamed away, a new `dir` of symlinks named like its files.
+    let swap = |dir: &str| {
+        core.rename(
+            ROOT_INO,
+            OsStr::new(dir),
+            ROOT_INO,
+            OsStr::new(&format!("{dir}-old")),
+            true,
+        )
+        .unwrap();
+        let new = core
+            .mkdir(ROOT_INO, OsStr::new(dir), 0o755, CALLER)
+            .unwrap();
+        for n in &names {
+            let link = core.symlink(new.ino, OsStr::new(n), "/etc/passwd".as_ref(), CALLER);
+            assert_eq!(link.unwrap().kind, Kind::Symlink);
+        }
+        new.ino
+    };
+    let inodes = |dir: u64| -> std::collections::BTreeMap<String, u64> {
+        names
+            .iter()
+            .map(|n| (n.clone(), core.lookup(dir, OsStr::new(n)).unwrap().ino))
+            .collect()
+    };
+
+    // `readdirplus`: five entries (`.`, `..` and three files), the swap, then the rest.
+    let d = core.lookup(ROOT_INO, OsStr::new("d")).unwrap().ino;
+    let mine = inodes(d);
+    let mut taken = 0;
+    let mut rest = Vec::new();
+    core.readdirplus(d, 0, |e, attr, real, _| {
+        taken += 1;
+        if taken > 5 {
+            return true;
+        }
+        if e.name != "." && e.name != ".." {
+            rest.push((
+                e.name.to_string_lossy().into_owned(),
+                attr.ino,
+                attr.kind,
+                real,
+            ));
+        }
+        false
+    })
+    .unwrap();
+    assert_eq!(rest.len(), 3);
+    let new_d = swap("d");
+    core.readdirplus(d, 5, |e, attr, real, _| {
+        rest.push((
+            e.name.to_string_lossy().into_owned(),
+            attr.ino,
+            attr.kind,
+            real,
+        ));
+        false
+    })
+    .unwrap();
+    // (In the order of the stored names, which with encrypted names is not theirs.)
+    rest.sort_by(|a, b| a.0.cmp(&b.0));
+    let want: Vec<_> = names
+        .iter()
+        .map(|n| (n.clone(), mine[n], Kind::File, true))
+        .collect();
+    assert_eq!(rest, want);
+
+    // Plain replies: `.` alone (no kind asked yet), the swap, then the rest, each of its own
+    // kind.
+    let e = core.lookup(ROOT_INO, OsStr::new("e")).unwrap().ino;
+    let mine = inodes(e);
+    let mut taken = 0;
+    core.readdir_from(e, 0, |_, _| {
+        taken += 1;
+        taken > 1
+    })
+    .unwrap();
+    let new_e = swap("e");
+    let mut rest = Vec::new();
+    core.readdir_from(e, 1, |e, _| {
+        if e.name != ".." {
+            rest.push((e.name.to_string_lossy().into_owned(), e.ino, e.kind));
+        }
+        false
+    })
+    .unwrap();
+    rest.sort_by(|a, b| a.0.cmp(&b.0));
+    let want: Vec<_> = names
+        .iter()
+        .map(|n| (n.clone(), mine[n], Kind::File))
+        .collect();
+    assert_eq!(rest, want);
+
+    // Positive control: what is at the old paths now is the attacker's symlinks, and a
+    // listing of it says so.
+    for new in [new_d, new_e] {
+        let kinds: Vec<Kind> = core
+            .readdir(new)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.name != "." && e.name != "..")
+            .map(|e| e.kind)
+            .collect();
+        assert_eq!(kinds, vec![Kind::Symlink; 20]);
+    }
+}

@@ -113,6 +113,8 @@ pub struct Attr {
 /// A directory's entries as a reply shows them, and how far `readdirplus` has read their
 /// headers ahead (see [`KmsFs::readdirplus`]).
 struct Listing {
+    /// Where the directory was when it was listed: its entries' stored paths are under it.
+    dir: CanonicalPath,
     entries: Vec<ListingEntry>,
     warmed: std::sync::atomic::AtomicUsize,
 }
@@ -1951,11 +1953,16 @@ impl KmsFs {
     /// reply (offset 0, as after `opendir` or `rewinddir`), and kept for the replies that go
     /// on from there, so a big directory is listed, sorted and its names decrypted once per
     /// pass rather than once per reply. (What changes during a pass may or may not show in
-    /// it, as POSIX allows.)
+    /// it, as POSIX allows.) Not once the directory (or one above it) was renamed: the kept
+    /// stored paths name where it was, which may hold another directory by now, whose
+    /// objects a reply would show, or stat, as this one's.
     fn listing_from(&self, ino: u64, offset: usize) -> Result<Arc<Listing>> {
         if offset > 0 {
+            let dir = self.path_of(ino)?;
             if let Some(kept) = self.listings.lock().unwrap().get(&ino) {
-                return Ok(kept.clone());
+                if kept.dir == dir {
+                    return Ok(kept.clone());
+                }
             }
         }
         let fresh = Arc::new(self.listing(ino)?);
@@ -2055,6 +2062,7 @@ impl KmsFs {
             });
         }
         Ok(Listing {
+            dir: path,
             entries: out,
             warmed: Default::default(),
         })
@@ -2083,8 +2091,8 @@ impl KmsFs {
         offset: usize,
         mut add: impl FnMut(&DirEntry, &Attr, bool, u64) -> bool,
     ) -> Result<()> {
-        let dir = self.path_of(ino)?;
         let listing = self.listing_from(ino, offset)?;
+        let dir = &listing.dir;
         self.warm_ahead(&listing, offset);
         for (
             at,
@@ -2094,7 +2102,7 @@ impl KmsFs {
         ) in listing.entries.iter().enumerate().skip(offset)
         {
             let found = match (e.name.as_bytes(), stored) {
-                (b".", None) => self.stat_path(&dir).ok().map(|a| (None, a)),
+                (b".", None) => self.stat_path(dir).ok().map(|a| (None, a)),
                 (b"..", None) => self
                     .stat_path(&dir.parent().unwrap_or(dir.clone()))
                     .ok()

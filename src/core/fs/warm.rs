@@ -411,10 +411,7 @@ impl KmsFs {
         if untold.is_empty() {
             return;
         }
-        let Some(dir) = untold[0].3.parent() else {
-            return;
-        };
-        if let Ok(opened) = self.store().open_dir(&dir, Atime::Keep) {
+        if let Ok(opened) = self.store().open_dir(&listing.dir, Atime::Keep) {
             let tagged = in_parallel(&untold, |(_, _, name, path)| {
                 let value = crate::backing::open::entry_xattr(
                     &opened,
