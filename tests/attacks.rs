@@ -1237,36 +1237,27 @@ fn a_listing_goes_on_in_its_own_directory_after_that_directory_is_renamed() {
     // `readdirplus`: five entries (`.`, `..` and three files), the swap, then the rest.
     let d = core.lookup(ROOT_INO, OsStr::new("d")).unwrap().ino;
     let mine = inodes(d);
-    let mut taken = 0;
-    let mut rest = Vec::new();
-    core.readdirplus(d, 0, |e, attr, real, _| {
-        taken += 1;
-        if taken > 5 {
-            return true;
-        }
-        if e.name != "." && e.name != ".." {
-            rest.push((
-                e.name.to_string_lossy().into_owned(),
-                attr.ino,
-                attr.kind,
-                real,
-            ));
-        }
-        false
-    })
-    .unwrap();
+    // Up to `per` entries from `offset` on, `.` and `..` left out.
+    let replies_plus = |offset: usize, per: usize| {
+        let (mut taken, mut got) = (0, Vec::new());
+        core.readdirplus(d, offset, |e, attr, real, _| {
+            taken += 1;
+            if taken > per {
+                return true;
+            }
+            if e.name != "." && e.name != ".." {
+                let name = e.name.to_string_lossy().into_owned();
+                got.push((name, attr.ino, attr.kind, real));
+            }
+            false
+        })
+        .unwrap();
+        got
+    };
+    let mut rest = replies_plus(0, 5);
     assert_eq!(rest.len(), 3);
     let new_d = swap("d");
-    core.readdirplus(d, 5, |e, attr, real, _| {
-        rest.push((
-            e.name.to_string_lossy().into_owned(),
-            attr.ino,
-            attr.kind,
-            real,
-        ));
-        false
-    })
-    .unwrap();
+    rest.extend(replies_plus(5, usize::MAX));
     // (In the order of the stored names, which with encrypted names is not theirs.)
     rest.sort_by(|a, b| a.0.cmp(&b.0));
     let want: Vec<_> = names
