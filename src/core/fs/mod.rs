@@ -1957,15 +1957,15 @@ impl KmsFs {
     /// stored paths name where it was, which may hold another directory by now, whose
     /// objects a reply would show, or stat, as this one's.
     fn listing_from(&self, ino: u64, offset: usize) -> Result<Arc<Listing>> {
+        let dir = self.path_of(ino)?;
         if offset > 0 {
-            let dir = self.path_of(ino)?;
             if let Some(kept) = self.listings.lock().unwrap().get(&ino) {
                 if kept.dir == dir {
                     return Ok(kept.clone());
                 }
             }
         }
-        let fresh = Arc::new(self.listing(ino)?);
+        let fresh = Arc::new(self.listing(ino, dir)?);
         let mut kept = self.listings.lock().unwrap();
         if kept.len() >= 16 {
             kept.clear();
@@ -1974,10 +1974,9 @@ impl KmsFs {
         Ok(fresh)
     }
 
-    /// The entries of directory `ino` with their plaintext names, each (but `.` and `..`)
-    /// with its stored path.
-    fn listing(&self, ino: u64) -> Result<Listing> {
-        let path = self.path_of(ino)?;
+    /// The entries of directory `ino`, now at `path`, with their plaintext names, each (but
+    /// `.` and `..`) with its stored path.
+    fn listing(&self, ino: u64, path: CanonicalPath) -> Result<Listing> {
         let store = self.store();
         let meta = store
             .metadata(&path)
