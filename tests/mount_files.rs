@@ -326,6 +326,78 @@ fn a_mount_by_root_reads_ahead_one_mib() {
     assert_eq!(fs::read_to_string(&knob).unwrap().trim(), "1024", "{knob}");
 }
 
+/// The kernel holds callers to the authenticated modes (`default_permissions`) on a mount
+/// others can reach; a mount root makes without `--allow-other` serves root alone, which they
+/// would not hold back but for a missing execute bit, and that is still refused there.
+#[test]
+fn permissions_are_checked_wherever_they_bind_someone() {
+    if !fuse_available() {
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: a mount by root is what this is about");
+        return;
+    }
+    let kernel_checks = |m: &Mount| {
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let line = mountinfo
+            .lines()
+            .find(|l| l.split(' ').nth(4) == m.mnt.to_str())
+            .expect("the mount is listed");
+        line.contains("default_permissions")
+    };
+    let access = |p: &std::path::Path, mode: i32| {
+        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid C string.
+        unsafe { libc::access(c.as_ptr(), mode) == 0 }
+    };
+
+    let root_only = Mount::new(4096, &[]);
+    assert!(!kernel_checks(&root_only));
+    let script = root_only.p("script");
+    fs::write(&script, "#!/bin/sh\nexit 0\n").unwrap();
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o644)).unwrap();
+    // No execute bit: refused, by access(2) and by exec, as root is on a local disk.
+    assert!(!access(&script, libc::X_OK));
+    assert!(access(&script, libc::R_OK | libc::W_OK));
+    let err = std::process::Command::new(&script).status().unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied);
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o744)).unwrap();
+    assert!(access(&script, libc::X_OK));
+    assert!(std::process::Command::new(&script)
+        .status()
+        .unwrap()
+        .success());
+    // Root reads a file of mode 0 and writes a read-only one, as on a local disk.
+    fs::write(root_only.p("locked"), "x").unwrap();
+    fs::set_permissions(root_only.p("locked"), fs::Permissions::from_mode(0o400)).unwrap();
+    fs::write(root_only.p("locked"), "y").unwrap();
+    fs::set_permissions(root_only.p("locked"), fs::Permissions::from_mode(0o000)).unwrap();
+    assert_eq!(fs::read(root_only.p("locked")).unwrap(), b"y");
+
+    let shared = Mount::new(4096, &["--allow-other"]);
+    assert!(kernel_checks(&shared));
+    fs::set_permissions(shared.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    for (name, mode) in [("private", 0o600), ("public", 0o644)] {
+        fs::write(shared.p(name), "secret").unwrap();
+        fs::set_permissions(shared.p(name), fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let cat_as_nobody = |name: &str| {
+        std::process::Command::new("cat")
+            .arg(shared.p(name))
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap()
+    };
+    let private = cat_as_nobody("private");
+    assert!(!private.status.success());
+    assert!(String::from_utf8_lossy(&private.stderr).contains("Permission denied"));
+    // Positive control: the same user reads what its mode lets them.
+    assert_eq!(cat_as_nobody("public").stdout, b"secret");
+}
+
 /// A key service stuck for 10 s on one file's `Decrypt` holds up that file's open only: a
 /// listing with a stat of every entry (`ls -l`) of its directory, a `stat`, a read of another
 /// open file and a close of another handle each answer within 200 ms meanwhile.

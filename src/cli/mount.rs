@@ -111,6 +111,18 @@ fn mount_device(canon: &Path) -> Option<String> {
         .and_then(|l| l.split(' ').nth(2).map(str::to_owned))
 }
 
+/// Whether the kernel checks each access against the modes and owners the mount reports
+/// (`default_permissions`). Always with `--allow-other`: other users are held to them. A mount
+/// a non-root user makes for themselves keeps them too, so their own modes bind them (a
+/// read-only file stays read-only). Only root's processes reach a mount root makes without
+/// `--allow-other` (the kernel lets nobody else in), and the kernel lets root past every mode
+/// bit but a missing execute bit on a file, which it checks either way (`access(2)` is
+/// answered by [`crate::core::fs::KmsFs::access`]); there the check would cost a `GETATTR`
+/// of the parent directory after every create or unlink in it and enforce nothing.
+fn kernel_checks_permissions(allow_other: bool) -> bool {
+    allow_other || !rustix::process::geteuid().is_root()
+}
+
 /// Readahead for the mount, in KiB. The kernel gives a FUSE mount 128 KiB (and caps what
 /// `FUSE_INIT` may ask for at that), so a streaming read is mostly one 128 KiB request in
 /// flight at a time. 1 MiB, the largest request the daemon takes, read 512 MiB in 0.49-0.58 s
@@ -232,10 +244,12 @@ fn serve(args: &MountArgs, ready: impl FnOnce()) -> Result<()> {
     let mut options = vec![
         fuser::MountOption::FSName(format!("kmsfs:{}", backing.display())),
         fuser::MountOption::Subtype("kmsfs".into()),
-        fuser::MountOption::DefaultPermissions,
         fuser::MountOption::NoDev,
         fuser::MountOption::NoSuid,
     ];
+    if kernel_checks_permissions(args.allow_other) {
+        options.push(fuser::MountOption::DefaultPermissions);
+    }
     if args.read_only {
         options.push(fuser::MountOption::RO);
     }

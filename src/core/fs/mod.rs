@@ -720,6 +720,18 @@ impl KmsFs {
         }
     }
 
+    /// `access(2)` on a mount made without `default_permissions` (root's own, see the mount
+    /// command), where only root's processes reach the daemon: what the kernel would answer
+    /// root with it, i.e. everything but execute permission on a non-directory that has no
+    /// execute bit (`mask` holds `X_OK` and the like).
+    pub fn access(&self, ino: u64, mask: i32) -> Result<()> {
+        let attr = self.getattr(ino)?;
+        if mask & libc::X_OK != 0 && attr.kind != Kind::Dir && attr.perm & 0o111 == 0 {
+            return Err(os("no execute permission", libc::EACCES));
+        }
+        Ok(())
+    }
+
     /// `stat` of an open file from its instance and backing descriptor, by no name.
     fn attr_of_open(&self, ino: u64, node: &OpenNode) -> Result<Attr> {
         node.catch_up();
