@@ -184,8 +184,13 @@ impl Filesystem for FuseFs {
     }
 
     // Asked only where the mount has no `default_permissions` (see the mount command).
-    fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        empty(reply, self.core.access(ino.0, mask.bits()));
+    fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        empty(
+            reply,
+            self.core
+                .access(req.uid(), ino.0, mask.bits())
+                .map_err(noted),
+        );
     }
 
     fn setattr(

@@ -113,14 +113,28 @@ fn mount_device(canon: &Path) -> Option<String> {
 
 /// Whether the kernel checks each access against the modes and owners the mount reports
 /// (`default_permissions`). Always with `--allow-other`: other users are held to them. A mount
-/// a non-root user makes for themselves keeps them too, so their own modes bind them (a
-/// read-only file stays read-only). Only root's processes reach a mount root makes without
-/// `--allow-other` (the kernel lets nobody else in), and the kernel lets root past every mode
-/// bit but a missing execute bit on a file, which it checks either way (`access(2)` is
-/// answered by [`crate::core::fs::KmsFs::access`]); there the check would cost a `GETATTR`
-/// of the parent directory after every create or unlink in it and enforce nothing.
+/// any other user makes for themselves keeps them too (root of a user namespace included), so
+/// their own modes bind them (a read-only file stays read-only). Only root's processes reach
+/// a mount the host's root makes without `--allow-other` (the kernel lets in no other uid or
+/// group), and the kernel lets root past every mode bit but a missing execute bit on a file,
+/// which it checks either way (`access(2)` is answered by [`crate::core::fs::KmsFs::access`]);
+/// there the check would cost a `GETATTR` of the parent directory after every create or
+/// unlink in it and enforce nothing.
 fn kernel_checks_permissions(allow_other: bool) -> bool {
-    allow_other || !rustix::process::geteuid().is_root()
+    allow_other || !runs_as_host_root()
+}
+
+/// Real and effective uid 0 in the host's user namespace. Root of another user namespace
+/// (`unshare -U`, rootless containers) is an ordinary user outside it.
+fn runs_as_host_root() -> bool {
+    rustix::process::getuid().is_root()
+        && rustix::process::geteuid().is_root()
+        && std::fs::read_to_string("/proc/self/uid_map").is_ok_and(|map| is_identity_map(&map))
+}
+
+/// The uid map of the initial user namespace: every uid is itself.
+fn is_identity_map(map: &str) -> bool {
+    map.split_whitespace().eq(["0", "0", "4294967295"])
 }
 
 /// Readahead for the mount, in KiB. The kernel gives a FUSE mount 128 KiB (and caps what
@@ -546,4 +560,18 @@ fn unmount_path(mp: &Path, lazy: bool) -> Result<()> {
         format!("cannot unmount {}", mp.display()),
         std::io::Error::last_os_error(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_identity_map;
+
+    #[test]
+    fn only_the_hosts_uid_map_makes_root_the_hosts_root() {
+        assert!(is_identity_map("         0          0 4294967295\n"));
+        // `unshare -Ur` by uid 1000, and a rootless container's range.
+        assert!(!is_identity_map("         0       1000          1\n"));
+        assert!(!is_identity_map("         0     100000      65536\n"));
+        assert!(!is_identity_map(""));
+    }
 }

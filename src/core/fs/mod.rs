@@ -723,9 +723,16 @@ impl KmsFs {
     /// `access(2)` on a mount made without `default_permissions` (root's own, see the mount
     /// command), where only root's processes reach the daemon: what the kernel would answer
     /// root with it, i.e. everything but execute permission on a non-directory that has no
-    /// execute bit (`mask` holds `X_OK` and the like).
-    pub fn access(&self, ino: u64, mask: i32) -> Result<()> {
+    /// execute bit (`mask` holds `X_OK` and the like). Anyone else (a root process acting
+    /// with another filesystem uid) is refused.
+    pub fn access(&self, caller_uid: u32, ino: u64, mask: i32) -> Result<()> {
+        if caller_uid != 0 {
+            return Err(os("only root uses this mount", libc::EACCES));
+        }
         let attr = self.getattr(ino)?;
+        if attr.ino != ino {
+            return Err(os("the inode is no longer at its name", libc::ESTALE));
+        }
         if mask & libc::X_OK != 0 && attr.kind != Kind::Dir && attr.perm & 0o111 == 0 {
             return Err(os("no execute permission", libc::EACCES));
         }
