@@ -1118,6 +1118,10 @@ fn a_create_of_a_name_being_created_elsewhere_or_left_unfinished_succeeds() {
             .open(s[1].p(name))
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         made.write_all(b"made anew").unwrap();
+        // On a loaded machine even the local provider can be slow enough for this create to
+        // return before its key (docs/SEMANTICS.md): until then the other mount shows no
+        // file. fsync waits for the key and the data.
+        made.sync_all().unwrap();
         drop(made);
         assert_eq!(fs::read(s[0].p(name)).unwrap(), b"made anew");
     }

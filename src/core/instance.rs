@@ -641,8 +641,9 @@ fn record_latency(average: &AtomicU64, took: std::time::Duration) {
 }
 
 impl KeyRequests {
-    /// Below this `GenerateDataKey` time (the local provider, a KMS next door) creates wait:
-    /// not waiting would cost more than it saves.
+    /// Below this `GenerateDataKey` time (a KMS next door) creates wait: not waiting would
+    /// cost more than it saves. The local provider is always waited for: a loaded machine
+    /// can make it this slow now and then, and a pending create is not shown elsewhere.
     const WAIT_BELOW: std::time::Duration = std::time::Duration::from_millis(1);
 
     /// `limit`: most files pending at once (0: every create waits for its key).
@@ -733,10 +734,11 @@ impl KeyRequests {
     }
 
     /// Whether a create now would be handed to a worker rather than wait for its key: not
-    /// when pending creates are off, the key service is failing or answers fast.
+    /// when pending creates are off, the key service is failing, answers fast or in process.
     pub fn would_take(&self) -> bool {
         let latency = self.latency_us.load(Ordering::Relaxed);
         self.limit > 0
+            && !self.volume.keyring().answers_in_process()
             && !self.degraded.load(Ordering::Relaxed)
             && latency >= Self::WAIT_BELOW.as_micros() as u64
             && latency != u64::MAX

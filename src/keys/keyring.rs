@@ -143,6 +143,11 @@ impl Keyring {
         self.reload = Some(reload);
     }
 
+    /// Whether every trusted key is answered in this process (the local provider).
+    pub fn answers_in_process(&self) -> bool {
+        self.keys().iter().all(|k| k.provider.answers_in_process())
+    }
+
     fn keys(&self) -> Arc<Vec<TrustedProvider>> {
         self.keys.read().unwrap().clone()
     }
@@ -516,6 +521,36 @@ mod tests {
             })
             .collect();
         Keyring::new(keys, cache, fast_retry(), 4).unwrap()
+    }
+
+    /// A loaded machine once made the local provider slow enough for creates to stop waiting
+    /// for their keys (and for other mounts not to see them yet): it must say it answers in
+    /// process, and a stand-in for a remote service must not.
+    #[test]
+    fn only_the_local_provider_answers_in_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys: Vec<LocalKey> = (0..2)
+            .map(|i| LocalKey::create(&dir.path().join(format!("k{i}"))).unwrap())
+            .collect();
+        let ids: Vec<String> = keys.iter().map(|k| k.id().to_string()).collect();
+        let local: Arc<dyn KeyProvider> = Arc::new(LocalProvider::new(keys));
+        let remote: Arc<dyn KeyProvider> = Arc::new(FaultyProvider::new(local.clone(), 7));
+        let with = |providers: [Arc<dyn KeyProvider>; 2]| {
+            let keys = providers
+                .into_iter()
+                .zip(&ids)
+                .map(|(provider, id)| TrustedProvider {
+                    key_id: id.clone(),
+                    provider,
+                })
+                .collect();
+            Keyring::new(keys, CacheConfig::default(), fast_retry(), 4)
+                .unwrap()
+                .answers_in_process()
+        };
+        assert!(with([local.clone(), local.clone()]));
+        assert!(!with([local.clone(), remote.clone()]));
+        assert!(!with([remote.clone(), remote]));
     }
 
     #[test]

@@ -223,6 +223,10 @@ impl LocalProvider {
 }
 
 impl KeyProvider for LocalProvider {
+    fn answers_in_process(&self) -> bool {
+        true
+    }
+
     fn generate_data_key(
         &self,
         key_id: &str,

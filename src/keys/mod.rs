@@ -176,6 +176,13 @@ pub trait KeyProvider: Send + Sync {
     /// Whether `re_encrypt` can move a key wrapped under `from_key` to `to_key` inside the
     /// provider (without the data key passing through kmsfs's memory).
     fn can_re_encrypt(&self, from_key: &str, to_key: &str) -> bool;
+
+    /// Whether calls are answered in this process (no network, microseconds): creates then
+    /// always wait for their keys, however loaded the machine (see
+    /// [`crate::core::instance::KeyRequests`]).
+    fn answers_in_process(&self) -> bool {
+        false
+    }
 }
 
 /// Stands in for a trusted key that cannot be reached (a missing local key file), so calls
@@ -196,6 +203,10 @@ impl UnavailableKey {
 }
 
 impl KeyProvider for UnavailableKey {
+    fn answers_in_process(&self) -> bool {
+        true
+    }
+
     fn generate_data_key(
         &self,
         key_id: &str,

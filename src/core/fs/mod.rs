@@ -1522,7 +1522,7 @@ impl KmsFs {
         &self,
         path: &CanonicalPath,
         attrs: Attrs,
-        ahead: Option<KeyAhead>,
+        ahead: Option<&KeyAhead>,
     ) -> Result<EncryptedFile> {
         let dir = path.parent().unwrap_or_else(CanonicalPath::root);
         let tmp = self
@@ -1534,9 +1534,14 @@ impl KmsFs {
             .try_clone()
             .map_err(|e| io_err("cannot reopen", path, e))?;
         let enc = match ahead {
-            Some(k) => {
-                EncryptedFile::create_with_key(&self.volume, path, file, &k.dek, k.wrapped, attrs)?
-            }
+            Some(k) => EncryptedFile::create_with_key(
+                &self.volume,
+                path,
+                file,
+                &k.dek,
+                k.wrapped.clone(),
+                attrs,
+            )?,
             None => {
                 let started = std::time::Instant::now();
                 let enc = EncryptedFile::create(&self.volume, path, file, attrs)?;
@@ -1562,9 +1567,12 @@ impl KmsFs {
         let perm = mode & !caller.umask & 0o7777;
         let attrs = self.new_attrs(dir, ObjectKind::File, perm, caller, 0)?;
         self.put_side(child)?;
-        let ahead = ahead.take().filter(|k| &k.path == path);
-        if ahead.is_some() || !self.key_requests.would_take() {
-            let enc = self.create_linked(path, attrs, ahead)?;
+        // Kept until the create succeeds: one that finds an empty file a crash left there
+        // removes it and tries again with the same key, not one made under the lock.
+        let key = ahead.as_ref().filter(|k| &k.path == path);
+        if key.is_some() || !self.key_requests.would_take() {
+            let enc = self.create_linked(path, attrs, key)?;
+            *ahead = None;
             return self.open_created(path, OpenNode::ready(enc));
         }
         let store = self.store();
