@@ -1128,6 +1128,44 @@ fn a_create_of_a_name_being_created_elsewhere_or_left_unfinished_succeeds() {
     assert_fsck_clean(&s[1]);
 }
 
+/// A directory renamed on one mount while another mount is creating a file in it, that
+/// file's key not there yet: the rename waits for it (until then its header would bind the
+/// old path) and moves it with the rest. An empty file a crash left in it (no header, no
+/// envelope to move) moves as it is: it used to fail the rename with EIO.
+#[test]
+fn a_directory_rename_waits_for_a_create_under_way_in_it_and_moves_what_a_crash_left() {
+    if !fuse_available() {
+        return;
+    }
+    let mut s = Shared::new(2, 4096, NO_CACHE);
+    fs::create_dir(s[0].p("d")).unwrap();
+    fs::write(s[0].p("d/before"), b"before").unwrap();
+    fs::File::create(s[0].b("d/left")).unwrap();
+    s[0].stop();
+    s[0].set_env("KMSFS_INJECT_KMS_LATENCY_MS", "1500");
+    s[0].start();
+    fs::write(s[0].p("warm"), b"w").unwrap();
+    let started = Instant::now();
+    let mut f = fs::File::create(s[0].p("d/late")).unwrap();
+    f.write_all(b"written before the key came").unwrap();
+    let pending = started.elapsed() < Duration::from_millis(1000);
+    fs::rename(s[1].p("d"), s[1].p("e")).expect("the rename waits for the create under way");
+    drop(f);
+    for m in [&s[1], &s[0]] {
+        assert_eq!(
+            fs::read(m.p("e/late")).unwrap(),
+            b"written before the key came"
+        );
+        assert_eq!(fs::read(m.p("e/before")).unwrap(), b"before");
+        assert_eq!(errno(fs::metadata(m.p("e/left"))), Some(libc::ENOENT));
+        assert_eq!(errno(fs::metadata(m.p("d"))), Some(libc::ENOENT));
+    }
+    assert!(
+        pending,
+        "the create waited for its key: nothing was pending"
+    );
+}
+
 /// `ftruncate(fd, 0)` renews the file (a new key); on a file whose names are all gone
 /// (unlinked, or replaced by a rename, here or on another mount) it still does, and the
 /// handle goes on writing.

@@ -1275,7 +1275,7 @@ impl KmsFs {
             _ => None,
         };
         let files = if meta.is_dir() {
-            self.volume.files_beneath(&from)?
+            self.without_unfinished_creates(self.volume.files_beneath(&from)?)?
         } else if meta.is_file() {
             vec![from.clone()]
         } else {

@@ -310,12 +310,59 @@ impl KmsFs {
         Ok(())
     }
 
+    /// `files`, beneath a directory being renamed, without the empty backing files with no
+    /// header: a create a crash cut short, which has no envelope to move (nothing in it was
+    /// ever acknowledged: it moves as it is). One another mount is making (its data lock
+    /// held) is waited for, at most 15 s and under the namespace lock, as this mount's own
+    /// pending files are: its header binds the old path once its key comes, and must move.
+    pub(super) fn without_unfinished_creates(
+        &self,
+        files: Vec<CanonicalPath>,
+    ) -> Result<Vec<CanonicalPath>> {
+        let mut kept = Vec::with_capacity(files.len());
+        for path in files {
+            if !self.left_unfinished(&path)? {
+                kept.push(path);
+            }
+        }
+        Ok(kept)
+    }
+
+    /// Whether `path` is an empty backing file with no header that no create is making
+    /// (waiting for one another mount is making; see [`Self::without_unfinished_creates`]).
+    fn left_unfinished(&self, path: &CanonicalPath) -> Result<bool> {
+        let store = self.store();
+        let meta = match store.metadata(path) {
+            Ok(m) if m.is_file() && m.len() == 0 => m,
+            _ => return Ok(false),
+        };
+        let id = Identity::of(&meta);
+        // This mount's own pending file: its instance waits for its key.
+        if self.open_node(self.ino_of(id.ino)).is_some() {
+            return Ok(false);
+        }
+        let io = |e| io_err("cannot lock", path, e);
+        let file = store
+            .open_file_expecting(path, false, Atime::Keep, id)
+            .map_err(|e| io_err("cannot open", path, e))?;
+        let lock = crate::backing::DataLock::new(store, &file).map_err(io)?;
+        let wait = std::time::Duration::from_secs(15);
+        let Some(_free) = lock.take_within(false, wait).map_err(io)? else {
+            return Err(os(
+                format!("{path}: being created by another mount, whose key has not come"),
+                libc::EAGAIN,
+            ));
+        };
+        Ok(file.metadata().is_ok_and(|m| m.len() == 0))
+    }
+
     /// Drops the envelopes of names the file at `path` no longer has, in both header slots.
     /// Changes nothing unless an envelope for `path` itself stays. Says whether it changed
     /// the file.
     pub(super) fn tidy_file(&self, path: &CanonicalPath, own: Option<&Pending>) -> Result<bool> {
         match self.store().metadata(path) {
-            Ok(m) if m.is_file() => {}
+            // (Not an empty backing file: it has no header, so no envelope to tidy.)
+            Ok(m) if m.is_file() && m.len() > 0 => {}
             _ => return Ok(false),
         }
         let header = self.header_of(self.ino_at(path), path)?;
