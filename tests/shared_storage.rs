@@ -312,16 +312,16 @@ fn a_truncation_by_another_mount_never_leaves_a_file_that_fails() {
     assert_fsck_clean(&s[0]);
 }
 
-/// Mount 0's key service made slow (1.5 s a call), then `late` created there with a write:
+/// Mount 0's key service made slow (1.5 s a call), then `name` created there with a write:
 /// the handle, and whether the create returned before its key (the moving average learned the
 /// service is slow from a first create).
-fn create_late_on_a_slow_mount(s: &mut Shared) -> (fs::File, bool) {
+fn create_late_on_a_slow_mount(s: &mut Shared, name: &str) -> (fs::File, bool) {
     s[0].stop();
     s[0].set_env("KMSFS_INJECT_KMS_LATENCY_MS", "1500");
     s[0].start();
     fs::write(s[0].p("warm"), b"w").unwrap();
     let started = Instant::now();
-    let mut f = fs::File::create(s[0].p("late")).unwrap();
+    let mut f = fs::File::create(s[0].p(name)).unwrap();
     f.write_all(b"written before the key came").unwrap();
     (f, started.elapsed() < Duration::from_millis(1000))
 }
@@ -335,7 +335,7 @@ fn a_file_whose_key_has_not_arrived_shows_elsewhere_once_it_has() {
         return;
     }
     let mut s = Shared::new(2, 4096, NO_CACHE);
-    let (f, pending) = create_late_on_a_slow_mount(&mut s);
+    let (f, pending) = create_late_on_a_slow_mount(&mut s, "late");
     let meanwhile = fs::read(s[1].p("late"));
     drop(f);
     if pending {
@@ -1084,7 +1084,7 @@ fn a_create_of_a_name_being_created_elsewhere_or_left_unfinished_succeeds() {
         return;
     }
     let mut s = Shared::new(2, 4096, NO_CACHE);
-    let (f, pending) = create_late_on_a_slow_mount(&mut s);
+    let (f, pending) = create_late_on_a_slow_mount(&mut s, "late");
     let mut opened = OpenOptions::new()
         .read(true)
         .write(true)
@@ -1141,14 +1141,7 @@ fn a_directory_rename_waits_for_a_create_under_way_in_it_and_moves_what_a_crash_
     fs::create_dir(s[0].p("d")).unwrap();
     fs::write(s[0].p("d/before"), b"before").unwrap();
     fs::File::create(s[0].b("d/left")).unwrap();
-    s[0].stop();
-    s[0].set_env("KMSFS_INJECT_KMS_LATENCY_MS", "1500");
-    s[0].start();
-    fs::write(s[0].p("warm"), b"w").unwrap();
-    let started = Instant::now();
-    let mut f = fs::File::create(s[0].p("d/late")).unwrap();
-    f.write_all(b"written before the key came").unwrap();
-    let pending = started.elapsed() < Duration::from_millis(1000);
+    let (f, pending) = create_late_on_a_slow_mount(&mut s, "d/late");
     fs::rename(s[1].p("d"), s[1].p("e")).expect("the rename waits for the create under way");
     drop(f);
     for m in [&s[1], &s[0]] {
