@@ -1130,8 +1130,9 @@ fn a_create_of_a_name_being_created_elsewhere_or_left_unfinished_succeeds() {
 
 /// A directory renamed on one mount while another mount is creating a file in it, that
 /// file's key not there yet: the rename waits for it (until then its header would bind the
-/// old path) and moves it with the rest. An empty file a crash left in it (no header, no
-/// envelope to move) moves as it is: it used to fail the rename with EIO.
+/// old path) and moves it with the rest, other changes of names going on meanwhile. An empty
+/// file a crash left in it (no header, no envelope to move) moves as it is: it used to fail
+/// the rename with EIO.
 #[test]
 fn a_directory_rename_waits_for_a_create_under_way_in_it_and_moves_what_a_crash_left() {
     if !fuse_available() {
@@ -1142,7 +1143,27 @@ fn a_directory_rename_waits_for_a_create_under_way_in_it_and_moves_what_a_crash_
     fs::write(s[0].p("d/before"), b"before").unwrap();
     fs::File::create(s[0].b("d/left")).unwrap();
     let (f, pending) = create_late_on_a_slow_mount(&mut s, "d/late");
-    fs::rename(s[1].p("d"), s[1].p("e")).expect("the rename waits for the create under way");
+    // While it waits, other changes of names go on: it does not hold the volume's lock.
+    let (renamed, meanwhile) = std::thread::scope(|scope| {
+        let rename = scope.spawn(|| fs::rename(s[1].p("d"), s[1].p("e")));
+        std::thread::sleep(Duration::from_millis(200));
+        let started = Instant::now();
+        // (On the other mount: this one's kernel holds the directory the rename is in, and
+        // a lookup there waits for it.)
+        fs::write(s[0].p("meanwhile"), b"m").unwrap();
+        let took = started.elapsed();
+        assert!(
+            !rename.is_finished(),
+            "the rename did not wait (the key came within {:?})",
+            started.elapsed()
+        );
+        (rename.join().unwrap(), took)
+    });
+    renamed.expect("the rename waits for the create under way");
+    assert!(
+        meanwhile < Duration::from_millis(500),
+        "a create on the other mount waited {meanwhile:?} for the rename"
+    );
     drop(f);
     for m in [&s[1], &s[0]] {
         assert_eq!(

@@ -29,7 +29,9 @@
 //! `GenerateDataKey` comes before `namespace` is taken when the create waits for its key (see
 //! [`KmsFs::key_ahead`]), else after it is released (the pending file holds only its own data
 //! lock meanwhile); only a create that finds the pending queue filled in between makes it under
-//! the lock. A truncation to zero makes its `GenerateDataKey` under that one file's locks.
+//! the lock. A truncation to zero makes its `GenerateDataKey` under that one file's locks. A
+//! directory rename that finds another mount creating a file beneath it (that file's data
+//! lock held until its key comes) waits for it with `namespace` released, then starts again.
 //!
 //! Other mounts of the store (on this host or others sharing it), `rewrap` and `fsck` are
 //! ordered by `fcntl` locks on the store (see [`crate::backing`]), in this order: the volume's
@@ -177,8 +179,30 @@ enum Unfinished {
     No,
     /// Another mount's create, its key not there yet: this lock comes free once it is.
     UnderWay(crate::backing::DataLock),
-    /// An empty file a create cut short left, now removed.
+    /// An empty file a create cut short left (removed by a create, which takes its name).
     LeftByACrash,
+}
+
+/// The files beneath a directory a rename moves (see [`KmsFs::without_unfinished_creates`]).
+enum Beneath {
+    Files(Vec<CanonicalPath>),
+    /// One of them another mount is creating: the rename waits for this lock.
+    BeingCreated {
+        path: CanonicalPath,
+        lock: crate::backing::DataLock,
+    },
+}
+
+/// Whether the backing file `file`, found empty at `path` as `id`, still is: asked of the
+/// name, of the file, and by a read, since a network filesystem may answer a stat from
+/// attributes it cached before another client wrote (its lock just taken).
+fn still_empty(store: &Backing, path: &CanonicalPath, file: &File, id: Identity) -> bool {
+    let mut byte = [0u8; 1];
+    store
+        .metadata(path)
+        .is_ok_and(|m| m.len() == 0 && Identity::of(&m) == id)
+        && file.metadata().is_ok_and(|m| m.len() == 0)
+        && std::os::unix::fs::FileExt::read_at(file, &mut byte, 0).is_ok_and(|n| n == 0)
 }
 
 /// Who asks (for ownership of what they create).
@@ -1221,6 +1245,21 @@ impl KmsFs {
         newname: &OsStr,
         noreplace: bool,
     ) -> Result<()> {
+        self.rename_or_wait(parent, name, newparent, newname, noreplace, true)
+    }
+
+    /// `rename`; with `may_wait`, a directory rename that finds another mount creating a
+    /// file beneath it waits for that create (at most 15 s, the volume's names unlocked
+    /// meanwhile), then starts again, without waiting a second time.
+    fn rename_or_wait(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        noreplace: bool,
+        may_wait: bool,
+    ) -> Result<()> {
         self.check_writable()?;
         // The new envelopes are made first, the volume's names unlocked (see `premake`).
         let premade = match (self.child(parent, name), self.new_child(newparent, newname)) {
@@ -1238,7 +1277,7 @@ impl KmsFs {
             }
             _ => Premade::default(),
         };
-        let _ns = self.namespace()?;
+        let ns = self.namespace()?;
         let from_child = self.child(parent, name)?;
         let (to_child, _) = self.new_child(newparent, newname)?;
         let (from, to) = (from_child.path.clone(), to_child.path.clone());
@@ -1275,7 +1314,23 @@ impl KmsFs {
             _ => None,
         };
         let files = if meta.is_dir() {
-            self.without_unfinished_creates(self.volume.files_beneath(&from)?)?
+            match self.without_unfinished_creates(self.volume.files_beneath(&from)?)? {
+                Beneath::Files(files) => files,
+                Beneath::BeingCreated { path, lock } => {
+                    drop(ns);
+                    let wait = std::time::Duration::from_secs(if may_wait { 15 } else { 0 });
+                    let io = |e| io_err("cannot lock", &path, e);
+                    if lock.take_within(false, wait).map_err(io)?.is_none() {
+                        return Err(os(
+                            format!(
+                                "{path}: being created by another mount, whose key has not come"
+                            ),
+                            libc::EAGAIN,
+                        ));
+                    }
+                    return self.rename_or_wait(parent, name, newparent, newname, noreplace, false);
+                }
+            }
         } else if meta.is_file() {
             vec![from.clone()]
         } else {
@@ -1726,15 +1781,7 @@ impl KmsFs {
         else {
             return Ok(Unfinished::UnderWay(lock));
         };
-        // Still empty, asked of the file itself too: a network filesystem may answer a stat
-        // by name from attributes it cached before the lock was free.
-        let mut byte = [0u8; 1];
-        let empty = store
-            .metadata(path)
-            .is_ok_and(|m| m.len() == 0 && Identity::of(&m) == id)
-            && file.metadata().is_ok_and(|m| m.len() == 0)
-            && std::os::unix::fs::FileExt::read_at(&file, &mut byte, 0).is_ok_and(|n| n == 0);
-        if !empty {
+        if !still_empty(store, path, &file, id) {
             return Ok(Unfinished::No);
         }
         store

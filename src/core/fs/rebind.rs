@@ -313,47 +313,52 @@ impl KmsFs {
     /// `files`, beneath a directory being renamed, without the empty backing files with no
     /// header: a create a crash cut short, which has no envelope to move (nothing in it was
     /// ever acknowledged: it moves as it is). One another mount is making (its data lock
-    /// held) is waited for, at most 15 s and under the namespace lock, as this mount's own
-    /// pending files are: its header binds the old path once its key comes, and must move.
-    pub(super) fn without_unfinished_creates(
-        &self,
-        files: Vec<CanonicalPath>,
-    ) -> Result<Vec<CanonicalPath>> {
+    /// held) is not left out: its header binds the old path once its key comes, and must
+    /// move; the rename waits for it, the namespace lock released (see `rename_or_wait`).
+    pub(super) fn without_unfinished_creates(&self, files: Vec<CanonicalPath>) -> Result<Beneath> {
         let mut kept = Vec::with_capacity(files.len());
         for path in files {
-            if !self.left_unfinished(&path)? {
-                kept.push(path);
+            match self.unfinished(&path)? {
+                Unfinished::No => kept.push(path),
+                Unfinished::LeftByACrash => {}
+                Unfinished::UnderWay(lock) => return Ok(Beneath::BeingCreated { path, lock }),
             }
         }
-        Ok(kept)
+        Ok(Beneath::Files(kept))
     }
 
-    /// Whether `path` is an empty backing file with no header that no create is making
-    /// (waiting for one another mount is making; see [`Self::without_unfinished_creates`]).
-    fn left_unfinished(&self, path: &CanonicalPath) -> Result<bool> {
+    /// Whether `path` is an empty backing file with no header, and whether a create is
+    /// making it (another mount's: this mount's own pending files' instances wait for their
+    /// keys). Asked of the name and of the file itself, and read: a network filesystem may
+    /// answer a stat from attributes it cached before the creator wrote.
+    fn unfinished(&self, path: &CanonicalPath) -> Result<Unfinished> {
         let store = self.store();
         let meta = match store.metadata(path) {
             Ok(m) if m.is_file() && m.len() == 0 => m,
-            _ => return Ok(false),
+            _ => return Ok(Unfinished::No),
         };
         let id = Identity::of(&meta);
-        // This mount's own pending file: its instance waits for its key.
         if self.open_node(self.ino_of(id.ino)).is_some() {
-            return Ok(false);
+            return Ok(Unfinished::No);
         }
-        let io = |e| io_err("cannot lock", path, e);
         let file = store
             .open_file_expecting(path, false, Atime::Keep, id)
             .map_err(|e| io_err("cannot open", path, e))?;
+        let io = |e| io_err("cannot lock", path, e);
         let lock = crate::backing::DataLock::new(store, &file).map_err(io)?;
-        let wait = std::time::Duration::from_secs(15);
-        let Some(_free) = lock.take_within(false, wait).map_err(io)? else {
-            return Err(os(
-                format!("{path}: being created by another mount, whose key has not come"),
-                libc::EAGAIN,
-            ));
+        let Some(free) = lock
+            .take_within(false, std::time::Duration::ZERO)
+            .map_err(io)?
+        else {
+            return Ok(Unfinished::UnderWay(lock));
         };
-        Ok(file.metadata().is_ok_and(|m| m.len() == 0))
+        let empty = still_empty(store, path, &file, id);
+        drop(free);
+        Ok(if empty {
+            Unfinished::LeftByACrash
+        } else {
+            Unfinished::No
+        })
     }
 
     /// Drops the envelopes of names the file at `path` no longer has, in both header slots.
