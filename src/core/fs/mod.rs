@@ -173,7 +173,7 @@ impl Drop for NamespaceHeld<'_> {
     }
 }
 
-/// What a create found at its name (see [`KmsFs::unfinished_create`]).
+/// What a create or a directory rename found (see [`KmsFs::unfinished`]).
 enum Unfinished {
     /// Something else: the name is taken.
     No,
@@ -191,18 +191,6 @@ enum Beneath {
         path: CanonicalPath,
         lock: crate::backing::DataLock,
     },
-}
-
-/// Whether the backing file `file`, found empty at `path` as `id`, still is: asked of the
-/// name, of the file, and by a read, since a network filesystem may answer a stat from
-/// attributes it cached before another client wrote (its lock just taken).
-fn still_empty(store: &Backing, path: &CanonicalPath, file: &File, id: Identity) -> bool {
-    let mut byte = [0u8; 1];
-    store
-        .metadata(path)
-        .is_ok_and(|m| m.len() == 0 && Identity::of(&m) == id)
-        && file.metadata().is_ok_and(|m| m.len() == 0)
-        && std::os::unix::fs::FileExt::read_at(file, &mut byte, 0).is_ok_and(|n| n == 0)
 }
 
 /// Who asks (for ownership of what they create).
@@ -1761,38 +1749,18 @@ impl KmsFs {
     /// and it would keep the name taken for good: removed). Called under the namespace lock,
     /// which creates hold until their lock is.
     fn unfinished_create(&self, path: &CanonicalPath) -> Result<Unfinished> {
-        let store = self.store();
-        let meta = match store.metadata(path) {
-            Ok(meta) if meta.is_file() && meta.len() == 0 => meta,
-            _ => return Ok(Unfinished::No),
-        };
-        let id = Identity::of(&meta);
-        if self.open_node(self.ino_of(id.ino)).is_some() {
-            return Ok(Unfinished::No);
+        let found = self.unfinished(path, |id| {
+            self.store()
+                .unlink(path, Some(id))
+                .map_err(|e| io_err("cannot remove", path, e))
+        })?;
+        if matches!(found, Unfinished::LeftByACrash) {
+            tracing::warn!(
+                "{path}: removed an empty backing file with no header, which a create cut \
+                 short had left, to create the name anew"
+            );
         }
-        let io = |e| io_err("cannot lock", path, e);
-        let file = store
-            .open_file_expecting(path, false, Atime::Keep, id)
-            .map_err(|e| io_err("cannot open", path, e))?;
-        let lock = crate::backing::DataLock::new(store, &file).map_err(io)?;
-        let Some(free) = lock
-            .take_within(false, std::time::Duration::ZERO)
-            .map_err(io)?
-        else {
-            return Ok(Unfinished::UnderWay(lock));
-        };
-        if !still_empty(store, path, &file, id) {
-            return Ok(Unfinished::No);
-        }
-        store
-            .unlink(path, Some(id))
-            .map_err(|e| io_err("cannot remove", path, e))?;
-        drop(free);
-        tracing::warn!(
-            "{path}: removed an empty backing file with no header, which a create cut short \
-             had left, to create the name anew"
-        );
-        Ok(Unfinished::LeftByACrash)
+        Ok(found)
     }
 
     pub fn open(&self, ino: u64, flags: i32) -> Result<u64> {

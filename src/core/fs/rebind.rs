@@ -318,7 +318,7 @@ impl KmsFs {
     pub(super) fn without_unfinished_creates(&self, files: Vec<CanonicalPath>) -> Result<Beneath> {
         let mut kept = Vec::with_capacity(files.len());
         for path in files {
-            match self.unfinished(&path)? {
+            match self.unfinished(&path, |_| Ok(()))? {
                 Unfinished::No => kept.push(path),
                 Unfinished::LeftByACrash => {}
                 Unfinished::UnderWay(lock) => return Ok(Beneath::BeingCreated { path, lock }),
@@ -329,9 +329,13 @@ impl KmsFs {
 
     /// Whether `path` is an empty backing file with no header, and whether a create is
     /// making it (another mount's: this mount's own pending files' instances wait for their
-    /// keys). Asked of the name and of the file itself, and read: a network filesystem may
-    /// answer a stat from attributes it cached before the creator wrote.
-    fn unfinished(&self, path: &CanonicalPath) -> Result<Unfinished> {
+    /// keys); `left`, given its identity, runs on one a crash left, while no create can
+    /// take it. Called under the namespace lock, which creates hold until their lock is.
+    pub(super) fn unfinished(
+        &self,
+        path: &CanonicalPath,
+        left: impl FnOnce(Identity) -> Result<()>,
+    ) -> Result<Unfinished> {
         let store = self.store();
         let meta = match store.metadata(path) {
             Ok(m) if m.is_file() && m.len() == 0 => m,
@@ -352,13 +356,20 @@ impl KmsFs {
         else {
             return Ok(Unfinished::UnderWay(lock));
         };
-        let empty = still_empty(store, path, &file, id);
+        // Still empty, asked of the name, the file and by a read: a network filesystem may
+        // answer a stat from attributes it cached before another client wrote.
+        let mut byte = [0u8; 1];
+        let empty = store
+            .metadata(path)
+            .is_ok_and(|m| m.len() == 0 && Identity::of(&m) == id)
+            && file.metadata().is_ok_and(|m| m.len() == 0)
+            && std::os::unix::fs::FileExt::read_at(&file, &mut byte, 0).is_ok_and(|n| n == 0);
+        if !empty {
+            return Ok(Unfinished::No);
+        }
+        left(id)?;
         drop(free);
-        Ok(if empty {
-            Unfinished::LeftByACrash
-        } else {
-            Unfinished::No
-        })
+        Ok(Unfinished::LeftByACrash)
     }
 
     /// Drops the envelopes of names the file at `path` no longer has, in both header slots.
