@@ -16,7 +16,9 @@ use kmsfs::core::fs::{KmsFs, ROOT_INO};
 use kmsfs::keys::fault::{Faults, FaultyProvider};
 use kmsfs::keys::KmsOp;
 
-const LATENCY: Duration = Duration::from_millis(30);
+/// Long enough that round trips, not the machine, decide the times: on a slow disk the walk
+/// below took 0.65-1 s at 30 ms a call and as long at 100 ms.
+const LATENCY: Duration = Duration::from_millis(100);
 
 /// A fresh core (cold key cache) whose key service answers after `LATENCY`.
 fn slow_core(v: &TestVolume, prefetch: usize) -> (KmsFs, Arc<FaultyProvider>) {
